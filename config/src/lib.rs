@@ -1,0 +1,46 @@
+//! lb-config: kakehi's configuration file, read and checked once, then immutable.
+//!
+//! Reading is two-stage. `file.rs` mirrors the TOML with serde structs that refuse unknown keys
+//! and keep every value's span; `validate.rs` fills in defaults, parses addresses, durations,
+//! hostnames and regexes, checks that the pieces fit together, and produces the [`Config`] in
+//! `model.rs` that the rest of kakehi consumes. Every refusal is one [`ConfigError`] naming the
+//! file, the line and column, the field and what is allowed. Relative paths in the file
+//! (certificates, the command socket, an access log file) are relative to the file's directory.
+//! This crate opens no socket and reads no file but the config itself: whether a certificate
+//! exists or a port is free is for the process that uses them to find out.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod file;
+pub mod model;
+mod routes;
+mod validate;
+
+use std::path::Path;
+
+pub use error::{ConfigError, Location};
+pub use model::*;
+
+/// Where `lbd` listens for `lbctl` when the file sets no `command_socket`.
+pub const DEFAULT_COMMAND_SOCKET: &str = "/run/kakehi/lbd.sock";
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+        file: path.to_path_buf(),
+        error,
+    })?;
+    parse_str(&text, path)
+}
+
+/// Validates `text` as a config file that lives at `source`.
+///
+/// `source` names the file in error messages, and relative paths inside `text` are resolved
+/// against its directory (itself made absolute against the current directory). The file at
+/// `source` is not read and need not exist.
+pub fn parse_str(text: &str, source: &Path) -> Result<Config, ConfigError> {
+    let parsed: file::FileConfig =
+        toml::from_str(text).map_err(|e| error::from_toml(source, text, &e))?;
+    validate::validate(parsed, text, source)
+}

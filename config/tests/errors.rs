@@ -1,0 +1,525 @@
+//! Every refusal names the file, the line, the field and what is allowed.
+//!
+//! Each test writes a small config as a list of lines (line N is element N-1), so the expected
+//! line number can be read off the test itself. The checks are on the `Display` string an
+//! operator sees, plus the structured accessors other crates may use.
+
+// Integration tests are compiled with cfg(test); saying so lets clippy.toml's test allowances
+// (unwrap, panic, indexing) cover the helpers too, not only the #[test] functions.
+#![cfg(test)]
+
+use std::path::Path;
+
+use lb_config::{parse_str, ConfigError};
+
+const FILE: &str = "/srv/kakehi/lb.toml";
+
+fn error(lines: &[&str]) -> ConfigError {
+    let text = lines.join("\n");
+    match parse_str(&text, Path::new(FILE)) {
+        Ok(config) => panic!("expected an error, got {config:#?}"),
+        Err(e) => e,
+    }
+}
+
+/// Asserts the error's `Display` is `FILE:LINE:COL: FIELD: ...PHRASE...`.
+#[track_caller]
+fn check(lines: &[&str], line: usize, field: &str, phrase: &str) -> String {
+    let e = error(lines);
+    let shown = e.to_string();
+    assert!(
+        shown.starts_with(&format!("{FILE}:{line}:")),
+        "wrong file or line ({line} expected): {shown}"
+    );
+    assert!(
+        shown.contains(&format!(": {field}: ")),
+        "field {field} missing: {shown}"
+    );
+    assert!(shown.contains(phrase), "phrase {phrase:?} missing: {shown}");
+    assert_eq!(e.file(), Path::new(FILE));
+    assert_eq!(e.location().map(|l| l.line), Some(line));
+    assert_eq!(e.field(), Some(field));
+    shown
+}
+
+const LISTENER: &str = "[[listeners]]\naddress = \"127.0.0.1:8080\"";
+
+#[test]
+fn unknown_keys_carry_line_and_column() {
+    let shown = check(
+        &["workers = 1", "wokers = 2"],
+        2,
+        "wokers",
+        "unknown field `wokers`",
+    );
+    assert!(shown.starts_with(&format!("{FILE}:2:1: ")), "{shown}");
+    check(
+        &[
+            "[[listeners]]",
+            "address = \"127.0.0.1:80\"",
+            "protcol = \"http\"",
+        ],
+        3,
+        "listeners[0].protcol",
+        "expected one of `address`, `protocol`",
+    );
+    let shown = check(
+        &[
+            "[clusters.app]",
+            "backends = [ { address = \"127.0.0.1:9001\" },",
+            "  { address = \"127.0.0.1:9002\", wieght = 2 } ]",
+        ],
+        3,
+        "clusters.app.backends[1].wieght",
+        "unknown field `wieght`",
+    );
+    assert!(shown.starts_with(&format!("{FILE}:3:33: ")), "{shown}");
+    check(
+        &["[timeouts]", "conect = \"1s\""],
+        2,
+        "timeouts.conect",
+        "unknown field",
+    );
+}
+
+#[test]
+fn serde_shape_errors_name_the_field() {
+    check(
+        &[LISTENER, "protocol = \"htp\""],
+        3,
+        "listeners[0].protocol",
+        "unknown variant `htp`, expected one of `http`, `https`, `tcp`",
+    );
+    check(&["workers = \"two\""], 1, "workers", "expected an integer");
+    check(
+        &["[clusters.app]", "backends = [ { weight = 2 } ]"],
+        2,
+        "clusters.app.backends[0].address",
+        "missing field `address`",
+    );
+    check(
+        &["steering_policy = \"random\""],
+        1,
+        "steering_policy",
+        "`flow-hash`, `least-connections`, `power-of-two`",
+    );
+}
+
+#[test]
+fn syntax_errors_have_a_line_but_no_field() {
+    let e = error(&["workers = 1", "max_connections = = 3"]);
+    let shown = e.to_string();
+    assert!(shown.starts_with(&format!("{FILE}:2:")), "{shown}");
+    assert_eq!(e.field(), None);
+}
+
+#[test]
+fn bad_socket_addresses() {
+    check(
+        &["[[listeners]]", "address = \"localhost:8080\""],
+        2,
+        "listeners[0].address",
+        "expected IP:PORT such as 127.0.0.1:8080",
+    );
+    check(
+        &[
+            LISTENER,
+            "[clusters.app]",
+            "backends = [ { address = \"127.0.0.1:9001\" }, { address = \"127.0.0.1\" } ]",
+        ],
+        4,
+        "clusters.app.backends[1].address",
+        "expected IP:PORT such as 127.0.0.1:8080",
+    );
+    check(
+        &["[metrics]", "address = \"9100\""],
+        2,
+        "metrics.address",
+        "expected IP:PORT",
+    );
+}
+
+#[test]
+fn frontend_without_a_listener_lists_the_listeners() {
+    check(
+        &[
+            LISTENER,
+            "[[listeners]]",
+            "address = \"127.0.0.1:8443\"",
+            "protocol = \"https\"",
+            "certificates = [ { certificate = \"c.pem\", key = \"k.pem\" } ]",
+            "[clusters.app]",
+            "backends = [ { address = \"127.0.0.1:9001\" } ]",
+            "frontends = [",
+            "  { address = \"127.0.0.1:8080\" },",
+            "  { address = \"127.0.0.1:9999\" },",
+            "]",
+        ],
+        11,
+        "clusters.app.frontends[1].address",
+        "no listener has address 127.0.0.1:9999 (the listeners are 127.0.0.1:8080, 127.0.0.1:8443)",
+    );
+}
+
+#[test]
+fn frontend_on_a_listener_of_the_wrong_protocol() {
+    check(
+        &[
+            "[[listeners]]",
+            "address = \"127.0.0.1:5432\"",
+            "protocol = \"tcp\"",
+            "[clusters.app]",
+            "frontends = [ { address = \"127.0.0.1:5432\" } ]",
+            "backends = [ { address = \"127.0.0.1:9001\" } ]",
+        ],
+        5,
+        "clusters.app.frontends[0].address",
+        "the listener 127.0.0.1:5432 is tcp, but this is an http cluster",
+    );
+    check(
+        &[
+            LISTENER,
+            "[clusters.db]",
+            "protocol = \"tcp\"",
+            "frontends = [ { address = \"127.0.0.1:8080\" } ]",
+            "backends = [ { address = \"127.0.0.1:9001\" } ]",
+        ],
+        5,
+        "clusters.db.frontends[0].address",
+        "is http, but this is a tcp cluster: its frontends need a tcp listener",
+    );
+}
+
+#[test]
+fn clusters_need_backends() {
+    check(
+        &[
+            LISTENER,
+            "",
+            "[clusters.app]",
+            "load_balancing = \"random\"",
+        ],
+        4,
+        "clusters.app.backends",
+        "cluster app has no backends",
+    );
+    check(
+        &[LISTENER, "[clusters.app]", "backends = []"],
+        4,
+        "clusters.app.backends",
+        "has no backends",
+    );
+}
+
+#[test]
+fn duplicate_listener_addresses() {
+    check(
+        &[
+            LISTENER,
+            "",
+            "[[listeners]]",
+            "address = \"127.0.0.1:8080\"",
+        ],
+        5,
+        "listeners[1].address",
+        "127.0.0.1:8080 is already the address of listeners[0] (line 2)",
+    );
+}
+
+#[test]
+fn duplicate_backend_addresses() {
+    check(
+        &[
+            "[clusters.app]",
+            "backends = [",
+            "  { address = \"127.0.0.1:9001\" },",
+            "  { address = \"127.0.0.1:9001\", weight = 2 },",
+            "]",
+        ],
+        4,
+        "clusters.app.backends[1].address",
+        "127.0.0.1:9001 is already clusters.app.backends[0]",
+    );
+}
+
+#[test]
+fn bad_regexes_include_the_regex_message() {
+    check(
+        &[
+            LISTENER,
+            "[clusters.app]",
+            "backends = [ { address = \"127.0.0.1:9001\" } ]",
+            "frontends = [ { address = \"127.0.0.1:8080\", path = \"/(a\", path_type = \"regex\" } ]",
+        ],
+        5,
+        "clusters.app.frontends[0].path",
+        "\"/(a\" is not a valid regex: unclosed group",
+    );
+    check(
+        &[
+            LISTENER,
+            "[clusters.app]",
+            "backends = [ { address = \"127.0.0.1:9001\" } ]",
+            "frontends = [ { address = \"127.0.0.1:8080\", hostname = \"~[a-\" } ]",
+        ],
+        5,
+        "clusters.app.frontends[0].hostname",
+        "is not a valid regex",
+    );
+}
+
+#[test]
+fn certificates_belong_to_https_listeners() {
+    check(
+        &[
+            LISTENER,
+            "[[listeners]]",
+            "address = \"127.0.0.1:8443\"",
+            "protocol = \"https\"",
+        ],
+        3,
+        "listeners[1].certificates",
+        "an https listener needs at least one certificate",
+    );
+    check(
+        &[
+            LISTENER,
+            "certificates = [ { certificate = \"c.pem\", key = \"k.pem\" } ]",
+        ],
+        3,
+        "listeners[0].certificates",
+        "certificates only apply to https listeners and this one is http",
+    );
+}
+
+#[test]
+fn durations_must_parse_and_be_positive() {
+    check(
+        &["[timeouts]", "connect = \"5\""],
+        2,
+        "timeouts.connect",
+        "\"5\" is not a duration",
+    );
+    check(
+        &["[timeouts]", "front_idle = \"0s\""],
+        2,
+        "timeouts.front_idle",
+        "a duration must be greater than zero",
+    );
+    check(
+        &[
+            "[clusters.app]",
+            "backends = [ { address = \"127.0.0.1:9001\" } ]",
+            "health_check = { interval = \"5 parsecs\" }",
+        ],
+        3,
+        "clusters.app.health_check.interval",
+        "expected a number and a unit such as \"500ms\"",
+    );
+    check(
+        &[
+            "[clusters.app]",
+            "backends = [ { address = \"127.0.0.1:9001\" } ]",
+            "health_check = { interval = \"1s\", timeout = \"2s\" }",
+        ],
+        3,
+        "clusters.app.health_check.timeout",
+        "is longer than the interval",
+    );
+}
+
+#[test]
+fn numbers_out_of_range() {
+    check(
+        &[
+            "[clusters.app]",
+            "backends = [ { address = \"127.0.0.1:9001\", weight = 1001 } ]",
+        ],
+        2,
+        "clusters.app.backends[0].weight",
+        "1001 is out of range: allowed 1 to 1000",
+    );
+    check(
+        &["workers = 65"],
+        1,
+        "workers",
+        "65 is out of range: allowed 1 to 64",
+    );
+    check(&["workers = 0"], 1, "workers", "allowed 1 to 64");
+    check(
+        &["max_connections = -1"],
+        1,
+        "max_connections",
+        "allowed 1 to",
+    );
+    check(
+        &["buffer_size = 100"],
+        1,
+        "buffer_size",
+        "allowed 4096 to 1048576",
+    );
+}
+
+#[test]
+fn identical_frontends_in_two_clusters() {
+    let shown = check(
+        &[
+            LISTENER,
+            "[clusters.api]",
+            "backends = [ { address = \"127.0.0.1:9001\" } ]",
+            "frontends = [ { address = \"127.0.0.1:8080\", hostname = \"App.Example.com\", path = \"/api\" } ]",
+            "[clusters.web]",
+            "backends = [ { address = \"127.0.0.1:9002\" } ]",
+            "frontends = [",
+            "  { address = \"127.0.0.1:8080\", hostname = \"app.example.com\", path = \"/\" },",
+            "  { address = \"127.0.0.1:8080\", hostname = \"app.example.com\", path = \"/api\", path_type = \"prefix\" },",
+            "]",
+        ],
+        10,
+        "clusters.web.frontends[1]",
+        "identical to clusters.api.frontends[0] (line 5)",
+    );
+    assert!(
+        shown.contains("a request could not tell them apart"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn frontends_that_differ_only_in_method_are_distinct() {
+    let text = [
+        LISTENER,
+        "[clusters.app]",
+        "backends = [ { address = \"127.0.0.1:9001\" } ]",
+        "frontends = [ { address = \"127.0.0.1:8080\", method = \"GET\" }, { address = \"127.0.0.1:8080\", method = \"POST\" } ]",
+    ]
+    .join("\n");
+    parse_str(&text, Path::new(FILE)).unwrap();
+}
+
+#[test]
+fn hostnames_paths_and_methods() {
+    let route = |frontend: &str| {
+        vec![
+            LISTENER.to_owned(),
+            "[clusters.app]".to_owned(),
+            "backends = [ { address = \"127.0.0.1:9001\" } ]".to_owned(),
+            format!("frontends = [ {{ address = \"127.0.0.1:8080\", {frontend} }} ]"),
+        ]
+    };
+    let cases = [
+        (
+            "hostname = \"app.example.com:8080\"",
+            "hostname",
+            "a hostname has no port here",
+        ),
+        (
+            "hostname = \"app_1.example.com\"",
+            "hostname",
+            "only letters, digits, '-' and '.'",
+        ),
+        ("hostname = \"a.*.com\"", "hostname", "'*' is only allowed"),
+        ("hostname = \"*.\"", "hostname", "it is empty"),
+        ("path = \"api\"", "path", "it must start with '/'"),
+        ("path = \"/a?b=1\"", "path", "the query and fragment"),
+        (
+            "path_type = \"regex\"",
+            "path",
+            "needs a path holding the regex",
+        ),
+        ("method = \"GE T\"", "method", "is not an HTTP method"),
+        ("method = \"\"", "method", "is not an HTTP method"),
+    ];
+    for (frontend, key, phrase) in cases {
+        let lines = route(frontend);
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        check(
+            &lines,
+            5,
+            &format!("clusters.app.frontends[0].{key}"),
+            phrase,
+        );
+    }
+}
+
+#[test]
+fn tcp_frontends_take_no_http_rules() {
+    check(
+        &[
+            "[[listeners]]",
+            "address = \"127.0.0.1:5432\"",
+            "protocol = \"tcp\"",
+            "[clusters.db]",
+            "protocol = \"tcp\"",
+            "backends = [ { address = \"127.0.0.1:15432\" } ]",
+            "frontends = [ { address = \"127.0.0.1:5432\", path = \"/\" } ]",
+        ],
+        7,
+        "clusters.db.frontends[0].path",
+        "path only applies to http clusters",
+    );
+}
+
+#[test]
+fn other_checks() {
+    check(
+        &[LISTENER, "[metrics]", "address = \"127.0.0.1:8080\""],
+        4,
+        "metrics.address",
+        "also a listener's address",
+    );
+    check(
+        &[
+            "[clusters.\"my app\"]",
+            "backends = [ { address = \"127.0.0.1:9001\" } ]",
+        ],
+        1,
+        "clusters.\"my app\"",
+        "a cluster name is 1 to 64 letters, digits, '-' or '_'",
+    );
+    check(
+        &[
+            "[clusters.app]",
+            "backends = [ { address = \"127.0.0.1:0\" } ]",
+        ],
+        2,
+        "clusters.app.backends[0].address",
+        "has port 0",
+    );
+    check(
+        &[&format!("command_socket = \"/{}\"", "s".repeat(120))],
+        1,
+        "command_socket",
+        "at most 107",
+    );
+    check(
+        &["[access_log]", "target = \"\""],
+        2,
+        "access_log.target",
+        "expected \"stdout\", \"off\" or a file path",
+    );
+    check(
+        &[
+            "[clusters.app]",
+            "backends = [ { address = \"127.0.0.1:9001\" } ]",
+            "health_check = { path = \"health\" }",
+        ],
+        3,
+        "clusters.app.health_check.path",
+        "does not start with '/'",
+    );
+    check(&["user = \"\""], 1, "user", "is not an account name");
+}
+
+#[test]
+fn an_unreadable_file_is_named() {
+    let missing = Path::new("/nonexistent/kakehi/lb.toml");
+    let e = lb_config::load(missing).unwrap_err();
+    assert!(matches!(e, ConfigError::Read { .. }));
+    let shown = e.to_string();
+    assert!(
+        shown.starts_with("/nonexistent/kakehi/lb.toml: cannot read the config file: "),
+        "{shown}"
+    );
+    assert_eq!(e.file(), missing);
+}

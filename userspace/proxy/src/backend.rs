@@ -1,0 +1,68 @@
+//! Idle backend connections kept alive between requests, per backend address.
+//!
+//! A connection goes back here when its response ended cleanly and the backend did not ask to
+//! close. Before reuse it is checked with a non-blocking peek (a closed or chatty connection is
+//! dropped), and connections older than the idle limit are pruned.
+
+use mio::net::TcpStream;
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+pub struct IdlePool {
+    conns: HashMap<SocketAddr, Vec<(TcpStream, Instant)>>,
+    per_backend: usize,
+    max_idle: Duration,
+}
+
+impl IdlePool {
+    pub fn new(per_backend: usize, max_idle: Duration) -> IdlePool {
+        IdlePool {
+            conns: HashMap::new(),
+            per_backend,
+            max_idle,
+        }
+    }
+
+    /// A live idle connection to `addr`, most recently used first.
+    pub fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<TcpStream> {
+        let list = self.conns.get_mut(&addr)?;
+        while let Some((stream, since)) = list.pop() {
+            if now.saturating_duration_since(since) >= self.max_idle {
+                continue;
+            }
+            let mut probe = [0u8; 1];
+            match stream.peek(&mut probe) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Some(stream),
+                // Closed (Ok(0)), sent unsolicited bytes (Ok(n)), or failed: not reusable.
+                _ => continue,
+            }
+        }
+        None
+    }
+
+    /// Keeps `stream` for reuse; drops it when the backend already has enough idle ones.
+    pub fn put(&mut self, addr: SocketAddr, stream: TcpStream, now: Instant) {
+        let list = self.conns.entry(addr).or_default();
+        if list.len() < self.per_backend {
+            list.push((stream, now));
+        }
+    }
+
+    /// Drops connections idle for longer than the limit.
+    pub fn prune(&mut self, now: Instant) {
+        let max_idle = self.max_idle;
+        for list in self.conns.values_mut() {
+            list.retain(|(_, since)| now.saturating_duration_since(*since) < max_idle);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

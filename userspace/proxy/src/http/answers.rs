@@ -1,0 +1,110 @@
+//! Default answers: the small, complete HTTP responses kakehi sends itself (400, 404, 408, 413,
+//! 414, 431, 502, 503, 504). Each carries a tiny HTML body, `Connection: close` unless the
+//! session keeps the connection, and the request id when one was assigned.
+
+/// A default answer kakehi can send instead of a backend's response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    BadRequest,
+    NotFound,
+    RequestTimeout,
+    PayloadTooLarge,
+    UriTooLong,
+    HeaderTooLarge,
+    BadGateway,
+    ServiceUnavailable,
+    GatewayTimeout,
+}
+
+impl Answer {
+    pub fn status(self) -> u16 {
+        match self {
+            Answer::BadRequest => 400,
+            Answer::NotFound => 404,
+            Answer::RequestTimeout => 408,
+            Answer::PayloadTooLarge => 413,
+            Answer::UriTooLong => 414,
+            Answer::HeaderTooLarge => 431,
+            Answer::BadGateway => 502,
+            Answer::ServiceUnavailable => 503,
+            Answer::GatewayTimeout => 504,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Answer::BadRequest => "Bad Request",
+            Answer::NotFound => "Not Found",
+            Answer::RequestTimeout => "Request Timeout",
+            Answer::PayloadTooLarge => "Content Too Large",
+            Answer::UriTooLong => "URI Too Long",
+            Answer::HeaderTooLarge => "Request Header Fields Too Large",
+            Answer::BadGateway => "Bad Gateway",
+            Answer::ServiceUnavailable => "Service Unavailable",
+            Answer::GatewayTimeout => "Gateway Timeout",
+        }
+    }
+
+    fn detail(self) -> &'static str {
+        match self {
+            Answer::BadRequest => "The request could not be understood.",
+            Answer::NotFound => "No service is configured for this host and path.",
+            Answer::RequestTimeout => "The request was not received in time.",
+            Answer::PayloadTooLarge => "The request body is too large.",
+            Answer::UriTooLong => "The request target is too long.",
+            Answer::HeaderTooLarge => "The request header is too large.",
+            Answer::BadGateway => "The backend could not be reached or sent an invalid answer.",
+            Answer::ServiceUnavailable => "No backend is available to serve this request.",
+            Answer::GatewayTimeout => "The backend did not answer in time.",
+        }
+    }
+
+    /// The full response bytes. `keep_alive` false adds `Connection: close`.
+    pub fn render(self, request_id: &str, keep_alive: bool) -> Vec<u8> {
+        let status = self.status();
+        let reason = self.reason();
+        let body = format!(
+            "<!DOCTYPE html><html><head><title>{status} {reason}</title></head>\
+             <body><h1>{status} {reason}</h1><p>{}</p><hr><p>kakehi</p></body></html>\n",
+            self.detail()
+        );
+        let mut out = format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: text/html; charset=utf-8\r\n\
+             Content-Length: {}\r\nCache-Control: no-cache\r\n",
+            body.len()
+        );
+        if !request_id.is_empty() {
+            out.push_str("X-Request-Id: ");
+            out.push_str(request_id);
+            out.push_str("\r\n");
+        }
+        if !keep_alive {
+            out.push_str("Connection: close\r\n");
+        }
+        out.push_str("\r\n");
+        out.push_str(&body);
+        out.into_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn well_formed() {
+        let bytes = Answer::GatewayTimeout.render("abc", false);
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(text.starts_with("HTTP/1.1 504 Gateway Timeout\r\n"));
+        assert!(text.contains("X-Request-Id: abc\r\n"));
+        assert!(text.contains("Connection: close\r\n"));
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(len, body.len());
+    }
+}

@@ -1,0 +1,405 @@
+//! HTTP/1.1 message handling on top of kawa, without sockets (sans-io).
+//!
+//! kawa parses a message in place into blocks; this module adds what a reverse proxy needs at
+//! the moment a header is complete (`on_headers`): the request-smuggling checks kawa leaves to
+//! its user (Content-Length together with Transfer-Encoding, several Host headers, a Host that
+//! contradicts an absolute-form target, a missing Host), hop-by-hop headers removed as RFC 9110
+//! §7.6.1 says, the forwarding headers added (X-Forwarded-For/-Proto/-Port, Forwarded,
+//! X-Request-Id), and the facts the session needs to keep or close each connection.
+//! `session.rs` moves the bytes; `answers.rs` holds kakehi's own responses.
+
+pub mod answers;
+
+use kawa::{AsBuffer, Block, BodySize, Kawa, Pair, ParsingPhase, StatusLine, Store, Version};
+use std::net::SocketAddr;
+
+/// What the proxy learnt from a request head, kept for routing, the response and the log.
+/// The strings are reused from one request to the next.
+#[derive(Debug, Default, Clone)]
+pub struct RequestInfo {
+    pub method: String,
+    /// Host without port, lower-case (from the Host header or an absolute-form target).
+    pub authority: String,
+    /// The request target as sent (origin-form path and query).
+    pub target: String,
+    pub version_10: bool,
+    /// The client asked to close after this request (or spoke HTTP/1.0 without keep-alive).
+    pub close: bool,
+    /// The client asked for a protocol upgrade (WebSocket).
+    pub upgrade: bool,
+    pub expect_continue: bool,
+    pub is_head: bool,
+    /// Why the head was refused, when it was.
+    pub refused: Option<&'static str>,
+}
+
+impl RequestInfo {
+    pub fn clear(&mut self) {
+        self.method.clear();
+        self.authority.clear();
+        self.target.clear();
+        self.version_10 = false;
+        self.close = false;
+        self.upgrade = false;
+        self.expect_continue = false;
+        self.is_head = false;
+        self.refused = None;
+    }
+}
+
+/// The connection-level facts of the listener a request came in on.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub client: SocketAddr,
+    pub listener: SocketAddr,
+    pub https: bool,
+}
+
+/// kawa callbacks for a request head.
+pub struct RequestCallbacks<'a> {
+    pub peer: Peer,
+    pub request_id: &'a str,
+    pub info: &'a mut RequestInfo,
+}
+
+/// The bytes of a kawa store; an elided or empty store gives an empty slice (kawa's own
+/// `Store::data` panics on `Store::Empty`, which elided headers hold).
+fn bytes<'a>(store: &'a Store, buf: &'a [u8]) -> &'a [u8] {
+    store.data_opt(buf).unwrap_or_default()
+}
+
+fn eq(a: &[u8], b: &[u8]) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// Comma-separated tokens of a header value, trimmed.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy Proxy-Connection.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    [
+        &b"connection"[..],
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"upgrade",
+    ]
+    .iter()
+    .any(|h| eq(name, h))
+}
+
+/// Headers kakehi sets itself and so removes from what the client sent.
+fn is_forwarding_header(name: &[u8]) -> bool {
+    [
+        &b"x-forwarded-proto"[..],
+        b"x-forwarded-port",
+        b"x-forwarded-host",
+        b"x-request-id",
+    ]
+    .iter()
+    .any(|h| eq(name, h))
+}
+
+/// Checks over the raw head that kawa's representation no longer shows (it elides a
+/// Content-Length that a Transfer-Encoding overrides, and every Host header).
+fn check_raw_head(raw: &[u8]) -> Result<(usize, &[u8]), &'static str> {
+    let mut hosts = 0;
+    let mut host_value: &[u8] = &[];
+    let mut content_length = false;
+    let mut transfer_encoding = false;
+    // Skip the request line; kawa already checked it and every line's CRLF.
+    for line in raw.split(|&b| b == b'\n').skip(1) {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let name = line.get(..colon).unwrap_or_default();
+        if eq(name, b"host") {
+            hosts += 1;
+            host_value = line.get(colon + 1..).unwrap_or_default().trim_ascii();
+        } else if eq(name, b"content-length") {
+            content_length = true;
+        } else if eq(name, b"transfer-encoding") {
+            transfer_encoding = true;
+        }
+    }
+    if content_length && transfer_encoding {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    if hosts > 1 {
+        return Err("several Host headers");
+    }
+    Ok((hosts, host_value))
+}
+
+fn refuse<T: AsBuffer>(kawa: &mut Kawa<T>, info: &mut RequestInfo, why: &'static str) {
+    info.refused = Some(why);
+    kawa.parsing_phase.error(why.into());
+}
+
+impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
+    fn on_headers(&mut self, kawa: &mut Kawa<T>) {
+        let info = &mut *self.info;
+        let buf = kawa.storage.buffer();
+        let raw = buf
+            .get(kawa.storage.start..kawa.storage.head)
+            .unwrap_or_default();
+        let (host_headers, host_value) = match check_raw_head(raw) {
+            Ok(found) => found,
+            Err(why) => return refuse(kawa, info, why),
+        };
+
+        let StatusLine::Request {
+            version,
+            method,
+            uri,
+            authority,
+            path,
+        } = &kawa.detached.status_line
+        else {
+            return refuse(kawa, info, "no request line");
+        };
+        info.version_10 = matches!(version, Version::V10);
+        let method = bytes(method, buf);
+        info.method.push_str(&String::from_utf8_lossy(method));
+        info.is_head = eq(method, b"HEAD");
+        if eq(method, b"CONNECT") {
+            return refuse(kawa, info, "CONNECT is not supported");
+        }
+        let uri = bytes(uri, buf);
+        let absolute_form = !uri.starts_with(b"/") && uri != b"*";
+        if absolute_form && host_headers == 1 {
+            // RFC 9112 §3.2.2: the target's authority wins; a Host that disagrees is a
+            // request built to confuse one hop or the other.
+            if !eq(host_value, bytes(authority, buf)) {
+                return refuse(kawa, info, "absolute-form target and Host disagree");
+            }
+        }
+        if host_headers == 0 && !info.version_10 {
+            return refuse(kawa, info, "missing Host header");
+        }
+        let authority = bytes(authority, buf);
+        if authority.is_empty() && !info.version_10 {
+            return refuse(kawa, info, "empty Host header");
+        }
+        let missing_authority = authority.is_empty();
+        if authority
+            .iter()
+            .any(|&b| b <= b' ' || b == b'/' || b == b'@')
+        {
+            return refuse(kawa, info, "invalid Host header");
+        }
+        info.authority
+            .push_str(&crate::router::normalize_host(authority));
+        info.target
+            .push_str(&String::from_utf8_lossy(bytes(path, buf)));
+        if missing_authority {
+            // HTTP/1.0 without Host: name the listener, so the backend still gets a Host line
+            // (kawa cannot write an empty one).
+            if let StatusLine::Request { authority, .. } = &mut kawa.detached.status_line {
+                *authority = Store::from_string(self.peer.listener.to_string());
+            }
+        }
+
+        // Connection tokens, hop-by-hop removal and the headers kakehi replaces.
+        let mut upgrade_token = false;
+        let mut keep_alive_token = false;
+        let mut close_token = false;
+        let mut connection_named: Vec<Vec<u8>> = Vec::new();
+        let mut has_upgrade_header = false;
+        let mut prior_xff: Option<String> = None;
+        let mut prior_forwarded: Option<String> = None;
+        for block in kawa.blocks.iter() {
+            if let Block::Header(Pair { key, val }) = block {
+                let name = bytes(key, buf);
+                let value = bytes(val, buf);
+                if eq(name, b"connection") {
+                    for t in tokens(value) {
+                        if eq(t, b"close") {
+                            close_token = true;
+                        } else if eq(t, b"keep-alive") {
+                            keep_alive_token = true;
+                        } else if eq(t, b"upgrade") {
+                            upgrade_token = true;
+                        } else {
+                            connection_named.push(t.to_ascii_lowercase());
+                        }
+                    }
+                } else if eq(name, b"upgrade") {
+                    has_upgrade_header = true;
+                } else if eq(name, b"expect") && eq(value, b"100-continue") {
+                    info.expect_continue = true;
+                } else if eq(name, b"x-forwarded-for") {
+                    let v = String::from_utf8_lossy(value);
+                    prior_xff = Some(match prior_xff {
+                        Some(p) => format!("{p}, {v}"),
+                        None => v.into_owned(),
+                    });
+                } else if eq(name, b"forwarded") {
+                    let v = String::from_utf8_lossy(value);
+                    prior_forwarded = Some(match prior_forwarded {
+                        Some(p) => format!("{p}, {v}"),
+                        None => v.into_owned(),
+                    });
+                }
+            }
+        }
+        info.upgrade = upgrade_token && has_upgrade_header && kawa.body_size != BodySize::Chunked;
+        info.close = close_token || (info.version_10 && !keep_alive_token);
+
+        let upgrade = info.upgrade;
+        for block in kawa.blocks.iter_mut() {
+            if let Block::Header(pair) = block {
+                let name = bytes(&pair.key, buf);
+                let keep_for_upgrade = upgrade && eq(name, b"upgrade");
+                let drop = (is_hop_by_hop(name) && !keep_for_upgrade)
+                    || is_forwarding_header(name)
+                    || eq(name, b"x-forwarded-for")
+                    || eq(name, b"forwarded")
+                    || connection_named.iter().any(|n| eq(name, n));
+                if drop {
+                    pair.elide();
+                }
+            }
+        }
+
+        let client_ip = self.peer.client.ip();
+        let proto: &'static [u8] = if self.peer.https { b"https" } else { b"http" };
+        let xff = match prior_xff {
+            Some(p) => format!("{p}, {client_ip}"),
+            None => client_ip.to_string(),
+        };
+        let for_node = match self.peer.client {
+            SocketAddr::V4(a) => a.ip().to_string(),
+            SocketAddr::V6(a) => format!("\"[{}]\"", a.ip()),
+        };
+        let host_part = if info.authority.is_empty() {
+            String::new()
+        } else {
+            format!(";host={}", info.authority)
+        };
+        let element = format!(
+            "for={for_node};proto={}{host_part}",
+            if self.peer.https { "https" } else { "http" }
+        );
+        let forwarded = match prior_forwarded {
+            Some(p) => format!("{p}, {element}"),
+            None => element,
+        };
+        let port = self.peer.listener.port().to_string();
+        let mut add = |key: &'static [u8], val: Store| {
+            kawa.blocks.push_back(Block::Header(Pair {
+                key: Store::Static(key),
+                val,
+            }));
+        };
+        add(b"X-Forwarded-For", Store::from_string(xff));
+        add(b"X-Forwarded-Proto", Store::Static(proto));
+        add(b"X-Forwarded-Port", Store::from_string(port));
+        add(b"Forwarded", Store::from_string(forwarded));
+        add(
+            b"X-Request-Id",
+            Store::from_slice(self.request_id.as_bytes()),
+        );
+        if upgrade {
+            add(b"Connection", Store::Static(b"Upgrade"));
+        } else if info.version_10 {
+            add(b"Connection", Store::Static(b"keep-alive"));
+        }
+    }
+}
+
+/// What the proxy learnt from a response head.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ResponseInfo {
+    pub status: u16,
+    /// The backend will close after this response (or framed it by closing).
+    pub backend_close: bool,
+    /// The body ends when the backend closes: the client connection cannot be reused either.
+    pub close_delimited: bool,
+    /// 101: the connection becomes a byte pipe.
+    pub switching: bool,
+    /// 1xx other than 101: another response head follows.
+    pub interim: bool,
+}
+
+/// kawa callbacks for a response head.
+pub struct ResponseCallbacks<'a> {
+    pub request: &'a RequestInfo,
+    /// The proxy will close the client connection after this response.
+    pub close_front: bool,
+    pub request_id: &'a str,
+    pub info: &'a mut ResponseInfo,
+}
+
+impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for ResponseCallbacks<'_> {
+    fn on_headers(&mut self, kawa: &mut Kawa<T>) {
+        let buf = kawa.storage.buffer();
+        let (code, version_10) = match &kawa.detached.status_line {
+            StatusLine::Response { code, version, .. } => (*code, matches!(version, Version::V10)),
+            _ => (0, false),
+        };
+        let info = &mut *self.info;
+        info.status = code;
+        info.switching = code == 101 && self.request.upgrade;
+        info.interim = (100..200).contains(&code) && !info.switching;
+        if code == 101 && !self.request.upgrade {
+            // A 101 nobody asked for cannot be honoured: treat it as a broken backend.
+            kawa.parsing_phase.error("unsolicited 101".into());
+            return;
+        }
+
+        let mut close_token = false;
+        let mut keep_alive_token = false;
+        for block in kawa.blocks.iter_mut() {
+            if let Block::Header(pair) = block {
+                let name = bytes(&pair.key, buf);
+                if eq(name, b"connection") {
+                    for t in tokens(bytes(&pair.val, buf)) {
+                        close_token |= eq(t, b"close");
+                        keep_alive_token |= eq(t, b"keep-alive");
+                    }
+                }
+                let keep = info.switching && (eq(name, b"upgrade") || eq(name, b"connection"));
+                if is_hop_by_hop(name) && !keep {
+                    pair.elide();
+                }
+            }
+        }
+        info.backend_close = close_token || (version_10 && !keep_alive_token);
+
+        if self.request.is_head && !info.interim && !info.switching {
+            kawa.body_size = BodySize::Length(0);
+            kawa.parsing_phase = ParsingPhase::Terminated;
+        }
+        info.close_delimited = kawa.body_size == BodySize::Empty && !kawa.is_terminated();
+        if info.close_delimited {
+            info.backend_close = true;
+        }
+        if info.interim || info.switching {
+            return;
+        }
+        kawa.blocks.push_back(Block::Header(Pair {
+            key: Store::Static(b"X-Request-Id"),
+            val: Store::from_slice(self.request_id.as_bytes()),
+        }));
+        if self.close_front || info.close_delimited {
+            kawa.blocks.push_back(Block::Header(Pair {
+                key: Store::Static(b"Connection"),
+                val: Store::Static(b"close"),
+            }));
+        } else if self.request.version_10 {
+            kawa.blocks.push_back(Block::Header(Pair {
+                key: Store::Static(b"Connection"),
+                val: Store::Static(b"keep-alive"),
+            }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,212 @@
+//! Sans-io tests of request and response heads: smuggling vectors, hop-by-hop removal and the
+//! forwarding headers, with kawa driven directly over a buffer (no sockets).
+
+use super::*;
+use crate::pool::BufferPool;
+use kawa::{Buffer, Kind};
+
+fn peer() -> Peer {
+    Peer {
+        client: "192.0.2.7:5555".parse().unwrap(),
+        listener: "127.0.0.1:8080".parse().unwrap(),
+        https: false,
+    }
+}
+
+/// Parses `input` as one request; returns the info and the bytes that would go to a backend.
+fn request(input: &[u8]) -> (RequestInfo, Result<String, String>) {
+    let mut pool = BufferPool::new(16384, 1, 1);
+    let mut k = Kawa::new(Kind::Request, Buffer::new(pool.checkout().unwrap()));
+    let n = input.len().min(k.storage.space().len());
+    k.storage.space()[..n].copy_from_slice(&input[..n]);
+    k.storage.fill(n);
+    let mut info = RequestInfo::default();
+    let mut cb = RequestCallbacks {
+        peer: peer(),
+        request_id: "rid1",
+        info: &mut info,
+    };
+    kawa::h1::parse(&mut k, &mut cb);
+    if k.is_error() {
+        let why = info.refused.unwrap_or("kawa parse error").to_string();
+        return (info, Err(why));
+    }
+    k.prepare(&mut kawa::h1::BlockConverter);
+    let out: Vec<u8> = k
+        .as_io_slice()
+        .iter()
+        .flat_map(|s| s.iter().copied())
+        .collect();
+    (info, Ok(String::from_utf8_lossy(&out).into_owned()))
+}
+
+#[test]
+fn forwards_with_headers_added_and_hop_by_hop_removed() {
+    let (info, out) = request(
+        b"GET /a?b=1 HTTP/1.1\r\nHost: App.Example.com:8080\r\nConnection: keep-alive, X-Secret\r\n\
+          X-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nX-Forwarded-For: 10.0.0.1\r\n\
+          X-Request-Id: forged\r\nUser-Agent: t\r\n\r\n",
+    );
+    let out = out.unwrap();
+    assert_eq!(info.method, "GET");
+    assert_eq!(info.authority, "app.example.com");
+    assert_eq!(info.target, "/a?b=1");
+    assert!(!info.close);
+    assert!(
+        out.starts_with("GET /a?b=1 HTTP/1.1\r\nHost: App.Example.com:8080\r\n"),
+        "{out}"
+    );
+    for gone in ["Connection:", "X-Secret", "Keep-Alive", "TE:", "forged"] {
+        assert!(!out.contains(gone), "{gone} still in {out}");
+    }
+    assert!(out.contains("User-Agent: t\r\n"));
+    assert!(out.contains("X-Forwarded-For: 10.0.0.1, 192.0.2.7\r\n"));
+    assert!(out.contains("X-Forwarded-Proto: http\r\n"));
+    assert!(out.contains("X-Forwarded-Port: 8080\r\n"));
+    assert!(out.contains("Forwarded: for=192.0.2.7;proto=http;host=app.example.com\r\n"));
+    assert!(out.contains("X-Request-Id: rid1\r\n"));
+    assert!(out.ends_with("\r\n\r\n"));
+}
+
+#[test]
+fn smuggling_vectors_are_refused() {
+    let cases: &[(&str, &[u8])] = &[
+        (
+            "CL+TE",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ),
+        (
+            "TE+CL",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
+        ),
+        (
+            "two different CL",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n",
+        ),
+        (
+            "CL list",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4, 5\r\n\r\n",
+        ),
+        ("CL sign", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +4\r\n\r\n"),
+        (
+            "TE not chunked last",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+        ),
+        (
+            "obs-fold",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n",
+        ),
+        ("bare LF in header", b"GET / HTTP/1.1\r\nHost: a\nX: y\r\n\r\n"),
+        ("bare LF request line", b"GET / HTTP/1.1\nHost: a\r\n\r\n"),
+        (
+            "space before colon",
+            b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+        ),
+        ("invalid name", b"GET / HTTP/1.1\r\nHost: a\r\nX(y): z\r\n\r\n"),
+        ("two hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+        ("no host", b"GET / HTTP/1.1\r\nX: y\r\n\r\n"),
+        (
+            "absolute-form vs Host",
+            b"GET http://evil.example/ HTTP/1.1\r\nHost: good.example\r\n\r\n",
+        ),
+        ("CONNECT", b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n"),
+        ("bad version", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"),
+        ("NUL in value", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n\r\n"),
+    ];
+    for (name, input) in cases {
+        let (_, out) = request(input);
+        assert!(out.is_err(), "{name} was accepted: {out:?}");
+    }
+}
+
+#[test]
+fn absolute_form_with_matching_host_is_accepted() {
+    let (info, out) = request(b"GET http://a.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n");
+    let out = out.unwrap();
+    assert_eq!(info.authority, "a.example");
+    assert!(
+        out.starts_with("GET /x HTTP/1.1\r\nHost: a.example\r\n")
+            || out.contains("Host: a.example")
+    );
+}
+
+#[test]
+fn bad_chunk_sizes_are_refused() {
+    for body in [
+        &b"zz\r\n"[..],
+        b"-1\r\n",
+        b"fffffffffffffffffff\r\nx",
+        b"4 \r\nabcd\r\n",
+    ] {
+        let mut input =
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        input.extend_from_slice(body);
+        let (_, out) = request(&input);
+        assert!(out.is_err(), "{:?} accepted", String::from_utf8_lossy(body));
+    }
+}
+
+#[test]
+fn connection_semantics() {
+    let (info, _) = request(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    assert!(info.close);
+    let (info, _) = request(b"GET / HTTP/1.0\r\n\r\n");
+    assert!(info.close && info.version_10);
+    let (info, out) = request(b"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n");
+    assert!(!info.close);
+    assert!(out.unwrap().contains("Connection: keep-alive\r\n"));
+    let (info, out) = request(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    );
+    let out = out.unwrap();
+    assert!(info.upgrade);
+    assert!(out.contains("Upgrade: websocket\r\n") && out.contains("Connection: Upgrade\r\n"));
+    let (info, _) =
+        request(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
+    assert!(info.expect_continue);
+}
+
+fn response(req: &RequestInfo, input: &[u8]) -> (ResponseInfo, Kawa<crate::pool::PoolBuf>) {
+    let mut pool = BufferPool::new(16384, 1, 1);
+    let mut k = Kawa::new(Kind::Response, Buffer::new(pool.checkout().unwrap()));
+    let n = input.len();
+    k.storage.space()[..n].copy_from_slice(input);
+    k.storage.fill(n);
+    let mut info = ResponseInfo::default();
+    let mut cb = ResponseCallbacks {
+        request: req,
+        close_front: false,
+        request_id: "rid",
+        info: &mut info,
+    };
+    kawa::h1::parse(&mut k, &mut cb);
+    (info, k)
+}
+
+#[test]
+fn response_heads() {
+    let get = RequestInfo::default();
+    let (info, k) = response(
+        &get,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+    );
+    assert!(info.backend_close && !info.close_delimited);
+    assert!(k.is_terminated());
+    let (info, k) = response(&get, b"HTTP/1.1 200 OK\r\n\r\npartial");
+    assert!(info.close_delimited && !k.is_terminated());
+    let head = RequestInfo {
+        is_head: true,
+        ..RequestInfo::default()
+    };
+    let (info, k) = response(&head, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n");
+    assert!(k.is_terminated() && !info.close_delimited);
+    let (info, k) = response(&get, b"HTTP/1.1 100 Continue\r\n\r\n");
+    assert!(info.interim && k.is_terminated());
+    let (_, k) = response(&get, b"HTTP/1.1 101 Switching Protocols\r\n\r\n");
+    assert!(k.is_error(), "unsolicited 101 must be refused");
+    let (_, k) = response(
+        &get,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    );
+    assert!(k.is_error());
+}

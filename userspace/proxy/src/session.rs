@@ -1,0 +1,994 @@
+//! One client connection and the backend connection serving its current request.
+//!
+//! A session is a small state machine driven by readiness: `drive` makes every step it can
+//! (read, parse, route, connect, write, in both directions) until nothing moves, then computes
+//! its next deadline. Requests on one connection are served one after the other, so pipelined
+//! requests are answered in order; bodies stream through two fixed buffers (kawa parses in
+//! place and forwards as soon as bytes are parsed), so a body of any size uses the same memory.
+//! The worker (`worker.rs`) owns the sockets' registration, the slab and the timers.
+
+use crate::accesslog::Record;
+use crate::balancer::Tried;
+use crate::http::answers::Answer;
+use crate::http::{Peer, RequestCallbacks, RequestInfo, ResponseCallbacks, ResponseInfo};
+use crate::pool::PoolBuf;
+use crate::worker::Cx;
+use kawa::{Kawa, ParsingPhase};
+use mio::net::TcpStream;
+use mio::{Interest, Token};
+use std::io::{ErrorKind, IoSlice, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// How long a closing connection may keep draining what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+/// Steps one `drive` call may take before yielding to other sessions.
+const MAX_STEPS: usize = 256;
+/// Connect attempts for one request (the first one and the retries).
+const MAX_ATTEMPTS: u32 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Waiting for the first byte of a request.
+    Idle,
+    /// Part of a request head received.
+    ReadingHead,
+    /// The head is routed; the backend connection is being established.
+    Connecting,
+    /// Request and response flowing.
+    Forwarding,
+    /// After a 101: raw bytes both ways.
+    Pipe,
+    /// Writing one of kakehi's own answers.
+    Answering,
+    /// Write side shut; reading and discarding until the client closes, for a short while.
+    Lingering,
+}
+
+/// What the worker should do with the session after `drive`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Close,
+}
+
+enum Step {
+    Progress,
+    Blocked,
+    Close,
+}
+
+struct BackConn {
+    stream: TcpStream,
+    cluster: usize,
+    backend: usize,
+    address: SocketAddr,
+    connected: bool,
+    readable: bool,
+    writable: bool,
+    eof: bool,
+}
+
+/// One request's progress, for the log and for decisions about reuse.
+#[derive(Default)]
+struct Exchange {
+    started: Option<Instant>,
+    backend_ready: Option<Instant>,
+    first_response_byte: Option<Instant>,
+    cluster: Option<usize>,
+    tried: Tried,
+    attempts: u32,
+    bytes_in: u64,
+    bytes_out: u64,
+    /// Bytes of the response already written to the client.
+    response_sent: bool,
+    error: Option<&'static str>,
+}
+
+pub struct Session {
+    pub id: u64,
+    key: usize,
+    front: TcpStream,
+    peer: Peer,
+    listener: usize,
+    front_kawa: Kawa<PoolBuf>,
+    back_kawa: Kawa<PoolBuf>,
+    front_readable: bool,
+    front_writable: bool,
+    front_eof: bool,
+    back: Option<BackConn>,
+    state: State,
+    req: RequestInfo,
+    resp: ResponseInfo,
+    request_id: String,
+    ex: Exchange,
+    answer: Vec<u8>,
+    answer_sent: usize,
+    answer_close: bool,
+    /// When the current state's clock started (accept, first head byte, last progress...).
+    since: Instant,
+    pub deadline: Instant,
+    /// The earliest timer entry the worker holds for this session.
+    pub scheduled: Option<Instant>,
+}
+
+pub fn front_token(key: usize) -> Token {
+    Token(key << 1)
+}
+
+pub fn back_token(key: usize) -> Token {
+    Token((key << 1) | 1)
+}
+
+fn would_block(e: &std::io::Error) -> bool {
+    e.kind() == ErrorKind::WouldBlock
+}
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        key: usize,
+        front: TcpStream,
+        peer: Peer,
+        listener: usize,
+        front_buf: PoolBuf,
+        back_buf: PoolBuf,
+        now: Instant,
+    ) -> Session {
+        Session {
+            id,
+            key,
+            front,
+            peer,
+            listener,
+            front_kawa: Kawa::new(kawa::Kind::Request, kawa::Buffer::new(front_buf)),
+            back_kawa: Kawa::new(kawa::Kind::Response, kawa::Buffer::new(back_buf)),
+            front_readable: false,
+            front_writable: false,
+            front_eof: false,
+            back: None,
+            state: State::Idle,
+            req: RequestInfo::default(),
+            resp: ResponseInfo::default(),
+            request_id: String::new(),
+            ex: Exchange::default(),
+            answer: Vec::new(),
+            answer_sent: 0,
+            answer_close: false,
+            since: now,
+            deadline: now,
+            scheduled: None,
+        }
+    }
+
+    pub fn front_stream(&mut self) -> &mut TcpStream {
+        &mut self.front
+    }
+
+    /// Records readiness from an event on the front (client) socket.
+    pub fn front_event(&mut self, readable: bool, writable: bool) {
+        self.front_readable |= readable;
+        self.front_writable |= writable;
+    }
+
+    /// Records readiness from an event on the back (backend) socket.
+    pub fn back_event(&mut self, readable: bool, writable: bool) {
+        if let Some(back) = self.back.as_mut() {
+            back.readable |= readable;
+            back.writable |= writable;
+        }
+    }
+
+    /// Idle between requests: the worker may close it at once when draining.
+    pub fn is_idle(&self) -> bool {
+        self.state == State::Idle && self.front_kawa.storage.is_empty()
+    }
+
+    /// Gives the buffers back and forgets the backend (the worker deregisters the sockets).
+    pub fn close(self, cx: &mut Cx) {
+        let Session {
+            mut back,
+            front_kawa,
+            back_kawa,
+            mut front,
+            ..
+        } = self;
+        if let Some(b) = back.as_mut() {
+            let _ = cx.registry.deregister(&mut b.stream);
+            if let Some(c) = cx.clusters.get_mut(b.cluster) {
+                c.release(b.backend);
+            }
+        }
+        let _ = cx.registry.deregister(&mut front);
+        cx.pool.checkin(front_kawa.storage.buffer);
+        cx.pool.checkin(back_kawa.storage.buffer);
+    }
+
+    /// Makes every step possible now.
+    pub fn drive(&mut self, cx: &mut Cx) -> Flow {
+        for _ in 0..MAX_STEPS {
+            let step = match self.state {
+                State::Idle | State::ReadingHead => self.read_head(cx),
+                State::Connecting => self.finish_connect(cx),
+                State::Forwarding => self.forward(cx),
+                State::Pipe => self.pipe(cx),
+                State::Answering => self.write_answer(cx),
+                State::Lingering => self.linger(),
+            };
+            match step {
+                Step::Progress => continue,
+                Step::Blocked => break,
+                Step::Close => return Flow::Close,
+            }
+        }
+        self.deadline = self.compute_deadline(cx);
+        Flow::Continue
+    }
+
+    fn compute_deadline(&self, cx: &Cx) -> Instant {
+        let t = &cx.timeouts;
+        let span = match self.state {
+            State::Idle => t.front_idle,
+            State::ReadingHead => t.request_header,
+            State::Connecting => t.connect,
+            State::Forwarding => t.back_idle,
+            State::Pipe => t.front_idle.max(t.back_idle),
+            State::Answering => t.back_idle,
+            State::Lingering => LINGER,
+        };
+        self.since + span
+    }
+
+    /// The deadline passed: what the state calls for.
+    pub fn timeout(&mut self, cx: &mut Cx) -> Flow {
+        match self.state {
+            State::Idle | State::Pipe | State::Answering | State::Lingering => Flow::Close,
+            State::ReadingHead => {
+                self.ex.error = Some("request header timeout");
+                self.start_answer(cx, Answer::RequestTimeout, true);
+                self.drive(cx)
+            }
+            State::Connecting => {
+                self.ex.error = Some("connect timeout");
+                self.drop_backend(cx);
+                self.connect_next(cx, Answer::GatewayTimeout);
+                self.drive(cx)
+            }
+            State::Forwarding => {
+                if self.ex.response_sent {
+                    self.ex.error = Some("backend timeout mid-response");
+                    self.log(cx, self.resp.status);
+                    return Flow::Close;
+                }
+                self.ex.error = Some("backend response timeout");
+                self.drop_backend(cx);
+                self.start_answer(cx, Answer::GatewayTimeout, true);
+                self.drive(cx)
+            }
+        }
+    }
+
+    // ---- request head ----------------------------------------------------------------------
+
+    fn read_head(&mut self, cx: &mut Cx) -> Step {
+        let pending = !self.front_kawa.storage.unparsed_data().is_empty();
+        if !pending && self.state == State::Idle && cx.draining {
+            return Step::Close;
+        }
+        let mut read_any = false;
+        let mut read_bytes = 0;
+        if !self.front_eof {
+            match self.read_front() {
+                ReadOutcome::Data(n) => {
+                    read_any = true;
+                    read_bytes = n as u64;
+                }
+                ReadOutcome::Blocked | ReadOutcome::Full => {}
+                ReadOutcome::Eof if pending => {}
+                ReadOutcome::Eof | ReadOutcome::Error => return Step::Close,
+            }
+        }
+        let pipelined = pending && self.state == State::Idle;
+        if !read_any && !pipelined {
+            // Nothing new to parse (a partial head waits for more bytes).
+            return if self.front_eof {
+                Step::Close
+            } else {
+                Step::Blocked
+            };
+        }
+        if self.state == State::Idle {
+            self.state = State::ReadingHead;
+            self.since = cx.now;
+            self.ex = Exchange {
+                started: Some(cx.now),
+                bytes_in: read_bytes,
+                ..Exchange::default()
+            };
+            cx.next_request_id(&mut self.request_id);
+        }
+        let mut callbacks = RequestCallbacks {
+            peer: self.peer,
+            request_id: &self.request_id,
+            info: &mut self.req,
+        };
+        kawa::h1::parse(&mut self.front_kawa, &mut callbacks);
+        if self.front_kawa.is_error() {
+            self.ex.error = Some(self.req.refused.unwrap_or("malformed request"));
+            self.start_answer(cx, Answer::BadRequest, true);
+            return Step::Progress;
+        }
+        if !self.front_kawa.is_main_phase() {
+            if self.front_kawa.storage.available_space() == 0 {
+                let answer = if self.front_kawa.parsing_phase == ParsingPhase::StatusLine {
+                    Answer::UriTooLong
+                } else {
+                    Answer::HeaderTooLarge
+                };
+                self.ex.error = Some("request head larger than the buffer");
+                self.start_answer(cx, answer, true);
+                return Step::Progress;
+            }
+            return if read_any {
+                Step::Progress
+            } else {
+                Step::Blocked
+            };
+        }
+        // A complete head: route it.
+        let router = cx.routers.get(self.listener);
+        let cluster = router.and_then(|r| {
+            r.lookup(
+                self.req.authority.as_bytes(),
+                self.req.target.as_bytes(),
+                self.req.method.as_bytes(),
+            )
+        });
+        let Some(cluster) = cluster else {
+            self.ex.error = Some("no route");
+            // The body (if any) is not read: the connection cannot be reused after it.
+            let close = !self.front_kawa.is_terminated() || self.req.close;
+            self.start_answer(cx, Answer::NotFound, close);
+            return Step::Progress;
+        };
+        self.ex.cluster = Some(cluster);
+        self.connect_next(cx, Answer::ServiceUnavailable);
+        Step::Progress
+    }
+
+    // ---- backend connection ----------------------------------------------------------------
+
+    /// Connects to the next backend of the request's cluster, or answers `fallback` (503 when
+    /// nothing was tried, 502 after failed attempts unless the caller says otherwise).
+    fn connect_next(&mut self, cx: &mut Cx, fallback: Answer) {
+        let Some(cluster_idx) = self.ex.cluster else {
+            self.start_answer(cx, Answer::BadGateway, true);
+            return;
+        };
+        while self.ex.attempts < MAX_ATTEMPTS {
+            let Some(cluster) = cx.clusters.get_mut(cluster_idx) else {
+                break;
+            };
+            let Some(backend) = cluster.pick(self.ex.tried, &mut cx.rng) else {
+                break;
+            };
+            self.ex.tried.insert(backend);
+            self.ex.attempts += 1;
+            let Some(address) = cluster.address(backend) else {
+                break;
+            };
+            let (stream, connected) = match cx.idle.take(address, cx.now) {
+                Some(s) => (s, true),
+                None => match TcpStream::connect(address) {
+                    Ok(s) => (s, false),
+                    Err(e) => {
+                        log::warn!("connect to {address} failed: {e}");
+                        continue;
+                    }
+                },
+            };
+            let mut back = BackConn {
+                stream,
+                cluster: cluster_idx,
+                backend,
+                address,
+                connected,
+                readable: connected,
+                writable: connected,
+                eof: false,
+            };
+            if cx
+                .registry
+                .register(
+                    &mut back.stream,
+                    back_token(self.key),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .is_err()
+            {
+                continue;
+            }
+            cluster.acquire(backend);
+            self.back = Some(back);
+            self.since = cx.now;
+            if connected {
+                self.backend_ready(cx);
+            } else {
+                self.state = State::Connecting;
+            }
+            return;
+        }
+        let answer = if self.ex.attempts == 0 {
+            self.ex.error.get_or_insert("no backend available");
+            Answer::ServiceUnavailable
+        } else {
+            self.ex.error.get_or_insert("backend connect failed");
+            if fallback == Answer::ServiceUnavailable {
+                Answer::BadGateway
+            } else {
+                fallback
+            }
+        };
+        self.start_answer(cx, answer, true);
+    }
+
+    fn backend_ready(&mut self, cx: &mut Cx) {
+        self.state = State::Forwarding;
+        self.since = cx.now;
+        self.ex.backend_ready = Some(cx.now);
+        self.resp = ResponseInfo::default();
+    }
+
+    fn finish_connect(&mut self, cx: &mut Cx) -> Step {
+        let Some(back) = self.back.as_mut() else {
+            self.start_answer(cx, Answer::BadGateway, true);
+            return Step::Progress;
+        };
+        if !back.writable && !back.readable {
+            return Step::Blocked;
+        }
+        let failed = match back.stream.take_error() {
+            Ok(Some(_)) | Err(_) => true,
+            Ok(None) => match back.stream.peer_addr() {
+                Ok(_) => false,
+                Err(e) if e.kind() == ErrorKind::NotConnected => {
+                    back.writable = false;
+                    back.readable = false;
+                    return Step::Blocked;
+                }
+                Err(_) => true,
+            },
+        };
+        if failed {
+            log::warn!("connect to {} failed", back.address);
+            self.drop_backend(cx);
+            self.connect_next(cx, Answer::BadGateway);
+            return Step::Progress;
+        }
+        back.connected = true;
+        self.backend_ready(cx);
+        Step::Progress
+    }
+
+    /// Forgets the backend connection without reusing it.
+    fn drop_backend(&mut self, cx: &mut Cx) {
+        if let Some(mut b) = self.back.take() {
+            let _ = cx.registry.deregister(&mut b.stream);
+            if let Some(c) = cx.clusters.get_mut(b.cluster) {
+                c.release(b.backend);
+            }
+        }
+    }
+
+    // ---- forwarding ------------------------------------------------------------------------
+
+    fn forward(&mut self, cx: &mut Cx) -> Step {
+        let mut progress = false;
+
+        // Client -> backend.
+        if !self.front_kawa.is_terminated() && !self.front_eof {
+            match self.read_front() {
+                ReadOutcome::Data(_) => {
+                    progress = true;
+                    kawa::h1::parse(&mut self.front_kawa, &mut kawa::h1::NoCallbacks);
+                    if self.front_kawa.is_error() {
+                        self.ex.error = Some("malformed request body");
+                        return self.fail_exchange(cx, Answer::BadRequest);
+                    }
+                }
+                ReadOutcome::Eof => {
+                    self.ex.error = Some("client closed before the request ended");
+                    self.log(cx, 499);
+                    return Step::Close;
+                }
+                ReadOutcome::Error => return Step::Close,
+                ReadOutcome::Blocked | ReadOutcome::Full => {}
+            }
+        }
+        match self.write_kawa_to_back() {
+            WriteOutcome::Wrote(_) => progress = true,
+            WriteOutcome::Blocked | WriteOutcome::Nothing => {}
+            WriteOutcome::Error => {
+                if !self.ex.response_sent && self.back_kawa.storage.is_empty() {
+                    self.ex.error = Some("backend closed while sending the request");
+                    return self.fail_exchange(cx, Answer::BadGateway);
+                }
+                // The backend may have answered early and closed: keep reading its answer.
+            }
+        }
+
+        // Backend -> client.
+        if let Some(back) = self.back.as_mut() {
+            if !back.eof && !self.back_kawa.is_terminated() {
+                match read_into(&mut back.stream, &mut back.readable, &mut self.back_kawa) {
+                    ReadOutcome::Data(_) => {
+                        progress = true;
+                        self.ex.first_response_byte.get_or_insert(cx.now);
+                        let mut callbacks = ResponseCallbacks {
+                            request: &self.req,
+                            close_front: self.req.close || cx.draining,
+                            request_id: &self.request_id,
+                            info: &mut self.resp,
+                        };
+                        kawa::h1::parse(&mut self.back_kawa, &mut callbacks);
+                        if self.back_kawa.is_error() {
+                            self.ex.error = Some("malformed response");
+                            return self.fail_exchange(cx, Answer::BadGateway);
+                        }
+                    }
+                    ReadOutcome::Eof => {
+                        back.eof = true;
+                        progress = true;
+                        if self.resp.close_delimited
+                            && self.back_kawa.parsing_phase == ParsingPhase::Body
+                        {
+                            self.back_kawa.parsing_phase = ParsingPhase::Terminated;
+                        } else if !self.ex.response_sent && !self.back_kawa.is_main_phase() {
+                            self.ex.error = Some("backend closed without answering");
+                            return self.fail_exchange(cx, Answer::BadGateway);
+                        } else {
+                            self.ex.error = Some("backend closed mid-response");
+                        }
+                    }
+                    ReadOutcome::Error => {
+                        if !self.ex.response_sent {
+                            self.ex.error = Some("backend connection error");
+                            return self.fail_exchange(cx, Answer::BadGateway);
+                        }
+                        self.ex.error = Some("backend connection error mid-response");
+                        self.log(cx, self.resp.status);
+                        return Step::Close;
+                    }
+                    ReadOutcome::Blocked | ReadOutcome::Full => {}
+                }
+            }
+        }
+        if self.back_kawa.is_main_phase() {
+            match write_kawa(
+                &mut self.front,
+                &mut self.front_writable,
+                &mut self.back_kawa,
+            ) {
+                WriteOutcome::Wrote(n) => {
+                    progress = true;
+                    self.ex.response_sent = true;
+                    self.ex.bytes_out += n as u64;
+                }
+                WriteOutcome::Error => {
+                    self.ex.error = Some("client connection error");
+                    self.log(cx, self.resp.status);
+                    return Step::Close;
+                }
+                WriteOutcome::Blocked | WriteOutcome::Nothing => {}
+            }
+        }
+
+        // A response fully delivered?
+        if self.back_kawa.is_terminated() && self.back_kawa.is_completed() {
+            if self.resp.interim {
+                // 100 Continue and friends: the real response follows.
+                self.back_kawa.clear();
+                self.resp = ResponseInfo::default();
+                return Step::Progress;
+            }
+            if self.resp.switching {
+                self.log(cx, 101);
+                self.state = State::Pipe;
+                self.since = cx.now;
+                return Step::Progress;
+            }
+            return self.finish_exchange(cx);
+        }
+        if self.back.as_ref().is_some_and(|b| b.eof) && !self.back_kawa.is_terminated() {
+            // Backend gone mid-response: what was sent is all the client gets.
+            self.log(cx, self.resp.status);
+            return Step::Close;
+        }
+        if progress {
+            self.since = cx.now;
+            Step::Progress
+        } else {
+            Step::Blocked
+        }
+    }
+
+    fn write_kawa_to_back(&mut self) -> WriteOutcome {
+        let Some(back) = self.back.as_mut() else {
+            return WriteOutcome::Nothing;
+        };
+        if !self.front_kawa.is_main_phase() {
+            return WriteOutcome::Nothing;
+        }
+        write_kawa(&mut back.stream, &mut back.writable, &mut self.front_kawa)
+    }
+
+    /// The exchange failed before the client saw any response byte: answer it ourselves.
+    fn fail_exchange(&mut self, cx: &mut Cx, answer: Answer) -> Step {
+        self.drop_backend(cx);
+        self.start_answer(cx, answer, true);
+        Step::Progress
+    }
+
+    /// The response is delivered: log, recycle the backend connection, and either wait for the
+    /// next request on this connection or close it.
+    fn finish_exchange(&mut self, cx: &mut Cx) -> Step {
+        let request_done = self.front_kawa.is_terminated() && self.front_kawa.is_completed();
+        self.log(cx, self.resp.status);
+        if let Some(mut back) = self.back.take() {
+            if let Some(c) = cx.clusters.get_mut(back.cluster) {
+                c.release(back.backend);
+            }
+            let _ = cx.registry.deregister(&mut back.stream);
+            let reusable = request_done
+                && !self.resp.backend_close
+                && !back.eof
+                && self.back_kawa.storage.is_empty();
+            if reusable {
+                cx.idle.put(back.address, back.stream, cx.now);
+            }
+        }
+        let keep = request_done
+            && !self.req.close
+            && !self.resp.close_delimited
+            && !self.front_eof
+            && !cx.draining;
+        if !keep {
+            return self.start_linger();
+        }
+        self.reset_for_next_request(cx);
+        Step::Progress
+    }
+
+    fn reset_for_next_request(&mut self, cx: &mut Cx) {
+        self.front_kawa.clear();
+        self.back_kawa.clear();
+        self.back_kawa.storage.clear();
+        if self.front_kawa.storage.should_shift() {
+            let amount = self.front_kawa.storage.shift();
+            self.front_kawa.push_left(amount as u32);
+        }
+        self.req.clear();
+        self.resp = ResponseInfo::default();
+        self.request_id.clear();
+        self.state = State::Idle;
+        self.since = cx.now;
+    }
+
+    // ---- WebSocket / Upgrade pipe ----------------------------------------------------------
+
+    fn pipe(&mut self, cx: &mut Cx) -> Step {
+        let Some(back) = self.back.as_mut() else {
+            return Step::Close;
+        };
+        let mut progress = false;
+        // client -> backend
+        if !self.front_eof {
+            match read_raw(
+                &mut self.front,
+                &mut self.front_readable,
+                &mut self.front_kawa,
+            ) {
+                ReadOutcome::Data(_) => progress = true,
+                ReadOutcome::Eof => {
+                    self.front_eof = true;
+                    progress = true;
+                }
+                ReadOutcome::Error => return Step::Close,
+                ReadOutcome::Blocked | ReadOutcome::Full => {}
+            }
+        }
+        match write_raw(&mut back.stream, &mut back.writable, &mut self.front_kawa) {
+            WriteOutcome::Wrote(_) => progress = true,
+            WriteOutcome::Error => return Step::Close,
+            WriteOutcome::Blocked | WriteOutcome::Nothing => {}
+        }
+        if self.front_eof && self.front_kawa.storage.is_empty() {
+            let _ = back.stream.shutdown(Shutdown::Write);
+        }
+        // backend -> client
+        if !back.eof {
+            match read_raw(&mut back.stream, &mut back.readable, &mut self.back_kawa) {
+                ReadOutcome::Data(_) => progress = true,
+                ReadOutcome::Eof => {
+                    back.eof = true;
+                    progress = true;
+                }
+                ReadOutcome::Error => return Step::Close,
+                ReadOutcome::Blocked | ReadOutcome::Full => {}
+            }
+        }
+        match write_raw(
+            &mut self.front,
+            &mut self.front_writable,
+            &mut self.back_kawa,
+        ) {
+            WriteOutcome::Wrote(n) => {
+                progress = true;
+                self.ex.bytes_out += n as u64;
+            }
+            WriteOutcome::Error => return Step::Close,
+            WriteOutcome::Blocked | WriteOutcome::Nothing => {}
+        }
+        if back.eof && self.back_kawa.storage.is_empty() {
+            let _ = self.front.shutdown(Shutdown::Write);
+            if self.front_eof {
+                return Step::Close;
+            }
+        }
+        if progress {
+            self.since = cx.now;
+            Step::Progress
+        } else {
+            Step::Blocked
+        }
+    }
+
+    // ---- kakehi's own answers and closing --------------------------------------------------
+
+    fn start_answer(&mut self, cx: &mut Cx, answer: Answer, close: bool) {
+        self.drop_backend(cx);
+        if self.request_id.is_empty() {
+            cx.next_request_id(&mut self.request_id);
+        }
+        let close = close || self.req.close || cx.draining;
+        self.answer = answer.render(&self.request_id, !close);
+        self.answer_sent = 0;
+        self.answer_close = close;
+        self.ex.bytes_out += self.answer.len() as u64;
+        self.state = State::Answering;
+        self.since = cx.now;
+        self.log(cx, answer.status());
+    }
+
+    fn write_answer(&mut self, cx: &mut Cx) -> Step {
+        while self.answer_sent < self.answer.len() {
+            if !self.front_writable {
+                return Step::Blocked;
+            }
+            let rest = self.answer.get(self.answer_sent..).unwrap_or_default();
+            match self.front.write(rest) {
+                Ok(0) => return Step::Close,
+                Ok(n) => self.answer_sent += n,
+                Err(e) if would_block(&e) => {
+                    self.front_writable = false;
+                    return Step::Blocked;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return Step::Close,
+            }
+        }
+        if self.answer_close {
+            return self.start_linger();
+        }
+        // Kept alive: the request was read whole (see read_head); drop its parsed blocks and
+        // keep what follows it (a pipelined request).
+        self.front_kawa.blocks.clear();
+        self.front_kawa.out.clear();
+        self.front_kawa.storage.start = self.front_kawa.storage.head;
+        self.reset_for_next_request(cx);
+        Step::Progress
+    }
+
+    fn start_linger(&mut self) -> Step {
+        let _ = self.front.shutdown(Shutdown::Write);
+        self.state = State::Lingering;
+        Step::Progress
+    }
+
+    fn linger(&mut self) -> Step {
+        let mut scratch = [0u8; 4096];
+        loop {
+            if !self.front_readable {
+                return Step::Blocked;
+            }
+            match self.front.read(&mut scratch) {
+                Ok(0) => return Step::Close,
+                Ok(_) => {}
+                Err(e) if would_block(&e) => {
+                    self.front_readable = false;
+                    return Step::Blocked;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return Step::Close,
+            }
+        }
+    }
+
+    // ---- helpers ---------------------------------------------------------------------------
+
+    fn read_front(&mut self) -> ReadOutcome {
+        let out = read_into(
+            &mut self.front,
+            &mut self.front_readable,
+            &mut self.front_kawa,
+        );
+        match out {
+            ReadOutcome::Data(n) => self.ex.bytes_in += n as u64,
+            ReadOutcome::Eof => self.front_eof = true,
+            _ => {}
+        }
+        out
+    }
+
+    fn log(&mut self, cx: &mut Cx, status: u16) {
+        if !cx.log.enabled() {
+            return;
+        }
+        let (cluster, backend) = match self.ex.cluster {
+            Some(c) => {
+                let state = cx.clusters.get(c);
+                let backend = self.back.as_ref().map(|b| b.address);
+                (state.map_or("", |s| s.name.as_str()), backend)
+            }
+            None => ("", None),
+        };
+        let now = cx.now;
+        let record = Record {
+            request_id: &self.request_id,
+            client: self.peer.client,
+            listener: self.peer.listener,
+            cluster,
+            backend,
+            method: &self.req.method,
+            host: &self.req.authority,
+            path: &self.req.target,
+            status,
+            bytes_in: self.ex.bytes_in,
+            bytes_out: self.ex.bytes_out,
+            duration: self
+                .ex
+                .started
+                .map_or(Duration::ZERO, |s| now.saturating_duration_since(s)),
+            backend_time: self
+                .ex
+                .backend_ready
+                .zip(self.ex.first_response_byte)
+                .map(|(a, b)| b.saturating_duration_since(a)),
+            error: self.ex.error,
+        };
+        cx.log.log(&record);
+    }
+}
+
+enum ReadOutcome {
+    Data(usize),
+    Blocked,
+    /// No room left in the buffer: wait for the other side to drain it.
+    Full,
+    Eof,
+    Error,
+}
+
+enum WriteOutcome {
+    Wrote(usize),
+    Nothing,
+    Blocked,
+    Error,
+}
+
+/// Reads what the socket has into the kawa buffer, as far as it has room.
+fn read_into(stream: &mut TcpStream, readable: &mut bool, kawa: &mut Kawa<PoolBuf>) -> ReadOutcome {
+    if !*readable {
+        return ReadOutcome::Blocked;
+    }
+    if kawa.storage.available_space() == 0 {
+        // Shifting moves parsed bytes: only safe while no block points into the buffer.
+        if kawa.blocks.is_empty() && kawa.storage.start > 0 {
+            let amount = kawa.storage.shift();
+            kawa.push_left(amount as u32);
+        }
+        if kawa.storage.available_space() == 0 {
+            return ReadOutcome::Full;
+        }
+    }
+    loop {
+        match stream.read(kawa.storage.space()) {
+            Ok(0) => return ReadOutcome::Eof,
+            Ok(n) => {
+                kawa.storage.fill(n);
+                return ReadOutcome::Data(n);
+            }
+            Err(e) if would_block(&e) => {
+                *readable = false;
+                return ReadOutcome::Blocked;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return ReadOutcome::Error,
+        }
+    }
+}
+
+/// Converts parsed blocks to HTTP/1.1 bytes and writes as much as the socket takes.
+fn write_kawa(
+    stream: &mut TcpStream,
+    writable: &mut bool,
+    kawa: &mut Kawa<PoolBuf>,
+) -> WriteOutcome {
+    kawa.prepare(&mut kawa::h1::BlockConverter);
+    if kawa.out.is_empty() {
+        // Still let kawa release what it no longer references.
+        kawa.consume(0);
+        return WriteOutcome::Nothing;
+    }
+    if !*writable {
+        return WriteOutcome::Blocked;
+    }
+    loop {
+        let slices: Vec<IoSlice<'_>> = kawa.as_io_slice();
+        match stream.write_vectored(&slices) {
+            Ok(0) => return WriteOutcome::Error,
+            Ok(n) => {
+                drop(slices);
+                kawa.consume(n);
+                return WriteOutcome::Wrote(n);
+            }
+            Err(e) if would_block(&e) => {
+                *writable = false;
+                return WriteOutcome::Blocked;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return WriteOutcome::Error,
+        }
+    }
+}
+
+/// Pipe mode: read raw bytes into the buffer (no parsing).
+fn read_raw(stream: &mut TcpStream, readable: &mut bool, kawa: &mut Kawa<PoolBuf>) -> ReadOutcome {
+    kawa.blocks.clear();
+    kawa.out.clear();
+    read_into(stream, readable, kawa)
+}
+
+/// Pipe mode: write the raw bytes held in the buffer.
+fn write_raw(
+    stream: &mut TcpStream,
+    writable: &mut bool,
+    kawa: &mut Kawa<PoolBuf>,
+) -> WriteOutcome {
+    if kawa.storage.is_empty() {
+        return WriteOutcome::Nothing;
+    }
+    if !*writable {
+        return WriteOutcome::Blocked;
+    }
+    loop {
+        match stream.write(kawa.storage.data()) {
+            Ok(0) => return WriteOutcome::Error,
+            Ok(n) => {
+                kawa.storage.consume(n);
+                kawa.storage.head = kawa.storage.start;
+                if kawa.storage.is_empty() {
+                    kawa.storage.clear();
+                }
+                return WriteOutcome::Wrote(n);
+            }
+            Err(e) if would_block(&e) => {
+                *writable = false;
+                return WriteOutcome::Blocked;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return WriteOutcome::Error,
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The worker's event loop: one mio `Poll`, the listeners, a slab of sessions and their timers.
+//!
+//! Single-threaded and lock-free: everything a session needs besides its own sockets lives in
+//! [`Cx`] (balancers, routers, buffer pool, idle backend connections, access log), borrowed
+//! for the duration of one step. New connections over `max_connections`, or when the buffer
+//! pool is exhausted, are closed at once instead of costing memory. On stop the worker stops
+//! accepting, lets in-flight requests finish (closing each connection after its response), and
+//! returns when no session is left or the drain deadline passes.
+
+use crate::accesslog::AccessLog;
+use crate::backend::IdlePool;
+use crate::balancer::{ClusterState, Rng};
+use crate::http::Peer;
+use crate::pool::BufferPool;
+use crate::router::Router;
+use crate::session::{front_token, Flow, Session};
+use crate::timer::Timers;
+use lb_config::{Config, ListenerProtocol, Timeouts};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Registry, Token};
+use slab::Slab;
+use std::fmt::Write as _;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Tokens at and above this value are listeners; below, sessions (key << 1 | side).
+const LISTENER_BASE: usize = usize::MAX / 2;
+/// Idle backend connections kept per backend address.
+const IDLE_PER_BACKEND: usize = 128;
+/// How long a stopping worker waits for in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Buffers allocated up front (two per connection).
+const PREALLOCATED_BUFFERS: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot create the event loop: {0}")]
+    Poll(#[source] std::io::Error),
+    #[error("listener {address}: {source}")]
+    Listener {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listener {address}: protocol {protocol:?} is not supported by this worker yet")]
+    Unsupported {
+        address: SocketAddr,
+        protocol: ListenerProtocol,
+    },
+    #[error("no listener in the config at index {0}")]
+    NoSuchListener(usize),
+    #[error("cannot open the access log: {0}")]
+    AccessLog(#[source] std::io::Error),
+    #[error("event loop failed: {0}")]
+    Loop(#[source] std::io::Error),
+}
+
+/// Everything a session may use while it takes a step, apart from its own sockets.
+pub struct Cx {
+    pub registry: Registry,
+    pub clusters: Vec<ClusterState>,
+    /// One per listener of the worker, by listener index.
+    pub routers: Vec<Router>,
+    pub pool: BufferPool,
+    pub idle: IdlePool,
+    pub log: AccessLog,
+    pub rng: Rng,
+    pub timeouts: Timeouts,
+    pub now: Instant,
+    pub draining: bool,
+    id_prefix: u32,
+    requests: u64,
+}
+
+impl Cx {
+    /// A fresh request id: 8 hex digits for the worker, 16 for the request.
+    pub fn next_request_id(&mut self, out: &mut String) {
+        self.requests += 1;
+        out.clear();
+        let _ = write!(out, "{:08x}{:016x}", self.id_prefix, self.requests);
+    }
+}
+
+struct ListenerEntry {
+    socket: TcpListener,
+    address: SocketAddr,
+    https: bool,
+}
+
+/// One worker: accepts on its listeners and proxies until told to stop.
+pub struct Worker {
+    poll: Poll,
+    cx: Cx,
+    sessions: Slab<Session>,
+    listeners: Vec<ListenerEntry>,
+    timers: Timers,
+    max_connections: usize,
+    next_session_id: u64,
+    last_prune: Instant,
+}
+
+impl Worker {
+    /// A worker over already-bound listeners: each is given with the index of its entry in
+    /// `config.listeners` (its routes are that entry's frontends, whatever port it got).
+    pub fn new(
+        config: &Config,
+        listeners: Vec<(usize, std::net::TcpListener)>,
+    ) -> Result<Worker, WorkerError> {
+        let poll = Poll::new().map_err(WorkerError::Poll)?;
+        let registry = poll.registry().try_clone().map_err(WorkerError::Poll)?;
+        let mut entries = Vec::new();
+        let mut routers = Vec::new();
+        for (i, (index, std_listener)) in listeners.into_iter().enumerate() {
+            let spec = config
+                .listeners
+                .get(index)
+                .ok_or(WorkerError::NoSuchListener(index))?;
+            if spec.protocol != ListenerProtocol::Http {
+                return Err(WorkerError::Unsupported {
+                    address: spec.address,
+                    protocol: spec.protocol,
+                });
+            }
+            let listener_err = |source| WorkerError::Listener {
+                address: spec.address,
+                source,
+            };
+            std_listener.set_nonblocking(true).map_err(listener_err)?;
+            let address = std_listener.local_addr().map_err(listener_err)?;
+            let mut socket = TcpListener::from_std(std_listener);
+            poll.registry()
+                .register(&mut socket, Token(LISTENER_BASE + i), Interest::READABLE)
+                .map_err(listener_err)?;
+            routers.push(Router::for_listener(config, spec.address));
+            entries.push(ListenerEntry {
+                socket,
+                address,
+                https: spec.protocol == ListenerProtocol::Https,
+            });
+        }
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()).rotate_left(32);
+        let mut rng = Rng::new(seed);
+        let max_buffers = config.max_connections.saturating_mul(2);
+        let now = Instant::now();
+        let cx = Cx {
+            registry,
+            clusters: config.clusters.iter().map(ClusterState::new).collect(),
+            routers,
+            pool: BufferPool::new(
+                config.buffer_size,
+                PREALLOCATED_BUFFERS.min(max_buffers),
+                max_buffers,
+            ),
+            idle: IdlePool::new(IDLE_PER_BACKEND, config.timeouts.back_idle),
+            log: AccessLog::new(&config.access_log).map_err(WorkerError::AccessLog)?,
+            id_prefix: rng.next_u64() as u32,
+            rng,
+            timeouts: config.timeouts,
+            now,
+            draining: false,
+            requests: 0,
+        };
+        Ok(Worker {
+            poll,
+            cx,
+            sessions: Slab::with_capacity(config.max_connections.min(4096)),
+            listeners: entries,
+            timers: Timers::default(),
+            max_connections: config.max_connections,
+            next_session_id: 0,
+            last_prune: now,
+        })
+    }
+
+    /// The addresses the worker actually listens on (useful when bound to port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.address).collect()
+    }
+
+    /// Runs until `stop` is set, then drains and returns.
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<(), WorkerError> {
+        let mut events = Events::with_capacity(1024);
+        let mut touched: Vec<usize> = Vec::with_capacity(1024);
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            let mut wait = Duration::from_millis(500);
+            if let Some(next) = self.timers.next_deadline() {
+                wait = wait.min(next.saturating_duration_since(now) + Duration::from_millis(1));
+            }
+            if drain_deadline.is_some() {
+                wait = wait.min(Duration::from_millis(50));
+            }
+            match self.poll.poll(&mut events, Some(wait)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(WorkerError::Loop(e)),
+            }
+            self.cx.now = Instant::now();
+
+            touched.clear();
+            for event in events.iter() {
+                let token = event.token().0;
+                if token >= LISTENER_BASE {
+                    self.accept(token - LISTENER_BASE, &mut touched);
+                    continue;
+                }
+                let key = token >> 1;
+                let Some(session) = self.sessions.get_mut(key) else {
+                    continue;
+                };
+                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+                if token & 1 == 0 {
+                    session.front_event(readable, writable);
+                } else {
+                    session.back_event(readable, writable);
+                }
+                touched.push(key);
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            for &key in &touched {
+                self.drive(key);
+            }
+            self.fire_timers();
+
+            if self.cx.now.saturating_duration_since(self.last_prune) >= Duration::from_secs(1) {
+                self.cx.idle.prune(self.cx.now);
+                self.last_prune = self.cx.now;
+            }
+            self.cx.log.flush();
+
+            if stop.load(Ordering::Relaxed) && drain_deadline.is_none() {
+                drain_deadline = Some(self.cx.now + DRAIN_TIMEOUT);
+                self.begin_drain();
+            }
+            if let Some(deadline) = drain_deadline {
+                if self.sessions.is_empty() || self.cx.now >= deadline {
+                    log::info!(
+                        "worker stopped ({} connections left at the deadline)",
+                        self.sessions.len()
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Stops accepting and closes connections that have no request in flight.
+    fn begin_drain(&mut self) {
+        self.cx.draining = true;
+        for l in &mut self.listeners {
+            let _ = self.poll.registry().deregister(&mut l.socket);
+        }
+        // Closing the listeners leaves new connections to the kernel (refused once no socket
+        // listens); the supervisor keeps its own copy when it must hand them over.
+        self.listeners.clear();
+        let idle: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.is_idle())
+            .map(|(k, _)| k)
+            .collect();
+        for key in idle {
+            self.close_session(key);
+        }
+    }
+
+    fn accept(&mut self, index: usize, touched: &mut Vec<usize>) {
+        loop {
+            let Some(entry) = self.listeners.get_mut(index) else {
+                return;
+            };
+            let (stream, client) = match entry.socket.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: leave the rest in the queue and try again later.
+                    log::warn!("accept on {} failed: {e}", entry.address);
+                    return;
+                }
+            };
+            let listener_addr = entry.address;
+            let https = entry.https;
+            if self.sessions.len() >= self.max_connections {
+                log::debug!("refusing {client}: max_connections reached");
+                drop(stream);
+                continue;
+            }
+            let Some(front_buf) = self.cx.pool.checkout() else {
+                drop(stream);
+                continue;
+            };
+            let Some(back_buf) = self.cx.pool.checkout() else {
+                self.cx.pool.checkin(front_buf);
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let entry = self.sessions.vacant_entry();
+            let key = entry.key();
+            self.next_session_id += 1;
+            let mut session = Session::new(
+                self.next_session_id,
+                key,
+                stream,
+                Peer {
+                    client,
+                    listener: listener_addr,
+                    https,
+                },
+                index,
+                front_buf,
+                back_buf,
+                self.cx.now,
+            );
+            if self
+                .cx
+                .registry
+                .register(
+                    session.front_stream(),
+                    front_token(key),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .is_err()
+            {
+                session.close(&mut self.cx);
+                continue;
+            }
+            entry.insert(session);
+            touched.push(key);
+        }
+    }
+
+    fn drive(&mut self, key: usize) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        match session.drive(&mut self.cx) {
+            Flow::Close => self.close_session(key),
+            Flow::Continue => self.schedule(key),
+        }
+    }
+
+    fn schedule(&mut self, key: usize) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let deadline = session.deadline;
+        if session.scheduled.is_none_or(|at| deadline < at) {
+            self.timers.schedule(deadline, key, session.id);
+            session.scheduled = Some(deadline);
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = self.cx.now;
+        while let Some((_, key, id)) = self.timers.pop_due(now) {
+            let Some(session) = self.sessions.get_mut(key) else {
+                continue;
+            };
+            if session.id != id {
+                continue;
+            }
+            session.scheduled = None;
+            if session.deadline <= now {
+                match session.timeout(&mut self.cx) {
+                    Flow::Close => {
+                        self.close_session(key);
+                        continue;
+                    }
+                    Flow::Continue => {}
+                }
+            }
+            self.schedule(key);
+        }
+    }
+
+    fn close_session(&mut self, key: usize) {
+        if let Some(session) = self.sessions.try_remove(key) {
+            session.close(&mut self.cx);
+        }
+    }
+
+    /// Live client connections.
+    pub fn connections(&self) -> usize {
+        self.sessions.len()
+    }
+}

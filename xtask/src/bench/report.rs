@@ -1,0 +1,250 @@
+//! The benchmark's figures: one run's sample from wrk's JSON line and /proc, the median of
+//! several runs, the printed table with kakehi's ratios, and the same as JSON.
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+/// One measured run of one proxy in one scenario.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    pub requests: u64,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Proxy-tree CPU time per request, in microseconds.
+    pub cpu_us_per_req: f64,
+    /// Peak resident set of the proxy tree, KiB.
+    pub peak_rss_kib: u64,
+    /// Socket errors, timeouts and non-2xx/3xx answers, as wrk counts them.
+    pub errors: u64,
+}
+
+impl Sample {
+    /// Builds a sample from wrk's `WRK_JSON` line and the proxy's CPU ticks over the run.
+    pub fn from_wrk(
+        output: &str,
+        cpu_ticks: u64,
+        ticks_per_second: u64,
+        peak_rss_kib: u64,
+    ) -> Result<Self> {
+        let line = output
+            .lines()
+            .find_map(|line| line.strip_prefix("WRK_JSON "))
+            .context("wrk printed no WRK_JSON line (see target/bench/logs/wrk.log)")?;
+        let wrk: Value = serde_json::from_str(line).context("parsing wrk's JSON line")?;
+        let field = |name: &str| wrk[name].as_f64().unwrap_or(0.0);
+        let requests = wrk["requests"].as_u64().unwrap_or(0);
+        if requests == 0 {
+            bail!("wrk completed no request");
+        }
+        let seconds = field("duration_us") / 1e6;
+        let cpu_seconds = cpu_ticks as f64 / ticks_per_second as f64;
+        let errors = [
+            "connect_errors",
+            "read_errors",
+            "write_errors",
+            "status_errors",
+            "timeouts",
+        ]
+        .iter()
+        .map(|name| wrk[name].as_u64().unwrap_or(0))
+        .sum();
+        Ok(Self {
+            requests,
+            rps: if seconds > 0.0 {
+                requests as f64 / seconds
+            } else {
+                0.0
+            },
+            p50_ms: field("p50_us") / 1e3,
+            p99_ms: field("p99_us") / 1e3,
+            cpu_us_per_req: cpu_seconds * 1e6 / requests as f64,
+            peak_rss_kib,
+            errors,
+        })
+    }
+
+    /// CPU-seconds spent by the proxy per 10,000 requests.
+    pub fn cpu_s_per_10k(&self) -> f64 {
+        self.cpu_us_per_req * 1e4 / 1e6
+    }
+
+    pub fn to_json(self) -> Value {
+        json!({
+            "requests": self.requests,
+            "rps": round(self.rps, 1),
+            "p50_ms": round(self.p50_ms, 3),
+            "p99_ms": round(self.p99_ms, 3),
+            "cpu_us_per_req": round(self.cpu_us_per_req, 2),
+            "cpu_s_per_10k_req": round(self.cpu_s_per_10k(), 4),
+            "peak_rss_kib": self.peak_rss_kib,
+            "errors": self.errors,
+        })
+    }
+}
+
+/// The median of each figure on its own (not the sample of the median run).
+pub fn median(samples: &[Sample]) -> Option<Sample> {
+    if samples.is_empty() {
+        return None;
+    }
+    let of = |get: &dyn Fn(&Sample) -> f64| {
+        let mut values: Vec<f64> = samples.iter().map(get).collect();
+        values.sort_by(f64::total_cmp);
+        let mid = values.len() / 2;
+        if mid * 2 == values.len() {
+            (values[mid - 1] + values[mid]) / 2.0
+        } else {
+            values[mid]
+        }
+    };
+    Some(Sample {
+        requests: of(&|s| s.requests as f64) as u64,
+        rps: of(&|s| s.rps),
+        p50_ms: of(&|s| s.p50_ms),
+        p99_ms: of(&|s| s.p99_ms),
+        cpu_us_per_req: of(&|s| s.cpu_us_per_req),
+        peak_rss_kib: of(&|s| s.peak_rss_kib as f64) as u64,
+        errors: samples.iter().map(|s| s.errors).sum(),
+    })
+}
+
+/// kakehi's figures divided by another proxy's.
+pub fn ratios(kakehi: &Sample, other: &Sample) -> Value {
+    let ratio = |a: f64, b: f64| {
+        if b > 0.0 {
+            json!(round(a / b, 3))
+        } else {
+            Value::Null
+        }
+    };
+    json!({
+        "rps": ratio(kakehi.rps, other.rps),
+        "p50_ms": ratio(kakehi.p50_ms, other.p50_ms),
+        "p99_ms": ratio(kakehi.p99_ms, other.p99_ms),
+        "cpu_us_per_req": ratio(kakehi.cpu_us_per_req, other.cpu_us_per_req),
+        "peak_rss_kib": ratio(kakehi.peak_rss_kib as f64, other.peak_rss_kib as f64),
+    })
+}
+
+fn round(value: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (value * scale).round() / scale
+}
+
+/// The table's header line.
+pub fn header() -> String {
+    format!(
+        "  {:<9} {:>10} {:>8} {:>8} {:>8} {:>10} {:>9} {:>7}",
+        "proxy", "req/s", "p50 ms", "p99 ms", "µs/req", "CPU-s/10k", "RSS MiB", "errors"
+    )
+}
+
+/// One proxy's line of the table.
+pub fn row(proxy: &str, sample: &Sample) -> String {
+    format!(
+        "  {:<9} {:>10.0} {:>8.2} {:>8.2} {:>8.1} {:>10.3} {:>9.1} {:>7}",
+        proxy,
+        sample.rps,
+        sample.p50_ms,
+        sample.p99_ms,
+        sample.cpu_us_per_req,
+        sample.cpu_s_per_10k(),
+        sample.peak_rss_kib as f64 / 1024.0,
+        sample.errors
+    )
+}
+
+/// "kakehi/nginx: req/s 1.10×, µs/req 0.80× (goal ≤ 0.65×), p99 0.90×, RSS 0.50×".
+pub fn ratio_line(other: &str, kakehi: &Sample, theirs: &Sample) -> String {
+    let r = |a: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.2}×", a / b)
+        } else {
+            "n/a".into()
+        }
+    };
+    let goal = if other == "nginx" {
+        " (goal ≤ 0.65×)"
+    } else {
+        ""
+    };
+    format!(
+        "  kakehi/{other}: req/s {}, µs/req {}{goal}, p50 {}, p99 {}, RSS {}",
+        r(kakehi.rps, theirs.rps),
+        r(kakehi.cpu_us_per_req, theirs.cpu_us_per_req),
+        r(kakehi.p50_ms, theirs.p50_ms),
+        r(kakehi.p99_ms, theirs.p99_ms),
+        r(kakehi.peak_rss_kib as f64, theirs.peak_rss_kib as f64),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WRK: &str = "Running 1s test @ http://127.0.0.1:1/\n\
+        WRK_JSON {\"requests\":20000,\"duration_us\":2000000,\"bytes\":1,\"connect_errors\":0,\
+        \"read_errors\":1,\"write_errors\":0,\"status_errors\":2,\"timeouts\":0,\"p50_us\":1500,\
+        \"p90_us\":2000,\"p99_us\":4000,\"max_us\":9000,\"mean_us\":1600.0}\n";
+
+    #[test]
+    fn a_sample_comes_from_wrk_and_proc() {
+        // 50 ticks at 100 Hz = 0.5 s of CPU for 20,000 requests = 25 µs each.
+        let sample = Sample::from_wrk(WRK, 50, 100, 4096).unwrap();
+        assert_eq!(sample.requests, 20000);
+        assert!((sample.rps - 10000.0).abs() < 1e-6);
+        assert!((sample.p50_ms - 1.5).abs() < 1e-9);
+        assert!((sample.p99_ms - 4.0).abs() < 1e-9);
+        assert!((sample.cpu_us_per_req - 25.0).abs() < 1e-9);
+        assert!((sample.cpu_s_per_10k() - 0.25).abs() < 1e-9);
+        assert_eq!(sample.errors, 3);
+    }
+
+    #[test]
+    fn no_json_line_or_no_request_is_an_error() {
+        assert!(Sample::from_wrk("Running 1s test\n", 1, 100, 1).is_err());
+        let none = WRK.replace("\"requests\":20000", "\"requests\":0");
+        assert!(Sample::from_wrk(&none, 1, 100, 1).is_err());
+    }
+
+    #[test]
+    fn median_is_taken_figure_by_figure() {
+        let base = Sample::from_wrk(WRK, 50, 100, 4096).unwrap();
+        let samples = [
+            Sample {
+                rps: 3.0,
+                p99_ms: 9.0,
+                ..base
+            },
+            Sample {
+                rps: 1.0,
+                p99_ms: 1.0,
+                ..base
+            },
+            Sample {
+                rps: 2.0,
+                p99_ms: 5.0,
+                ..base
+            },
+        ];
+        let m = median(&samples).unwrap();
+        assert_eq!((m.rps, m.p99_ms), (2.0, 5.0));
+        let even = median(&samples[..2]).unwrap();
+        assert_eq!(even.rps, 2.0);
+        assert!(median(&[]).is_none());
+    }
+
+    #[test]
+    fn ratios_divide_kakehi_by_the_other() {
+        let base = Sample::from_wrk(WRK, 50, 100, 4096).unwrap();
+        let other = Sample {
+            cpu_us_per_req: 50.0,
+            ..base
+        };
+        let value = ratios(&base, &other);
+        assert_eq!(value["cpu_us_per_req"].as_f64(), Some(0.5));
+        assert_eq!(value["rps"].as_f64(), Some(1.0));
+        assert!(ratio_line("nginx", &base, &other).contains("µs/req 0.50× (goal ≤ 0.65×)"));
+    }
+}

@@ -1,0 +1,89 @@
+//! `cargo xtask`: the developer's and CI's entry point to kakehi.
+//!
+//! It owns the commands that a new user and CI run — `setup` (system prerequisites), `run`
+//! (the quickstart demo), `test` (every gate CI applies) and `bench` (kakehi against nginx and
+//! HAProxy). It is not the data path: the proxy lives in `lbd` and `lb-proxy`, and nothing here
+//! is linked into them. Each command lives in its own module; process handling that several
+//! commands share (signals, children stopped by pid, ports) lives in `procs`.
+
+// xtask is a developer tool, not the data path: a broken invariant here may panic with a
+// message instead of threading an error through, so the workspace's data-path lints are relaxed.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod bench;
+mod procs;
+mod run;
+mod setup;
+mod test;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "kakehi developer commands", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the system prerequisites (apt packages), idempotently. Needs root.
+    Setup,
+    /// Serve the quickstart: two demo origins and lbd on config/examples/quickstart.toml.
+    #[command(visible_alias = "demo")]
+    Run(run::Args),
+    /// Run every gate CI runs: fmt, clippy, the whole test suite.
+    Test,
+    /// Benchmark kakehi against nginx and HAProxy on this machine (not a test).
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = procs::Signals::install().and_then(|signals| match cli.command {
+        Command::Setup => setup::setup(&signals, &setup::ALL).map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => run::run(&signals, &args),
+        Command::Test => test::test(&signals).map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => bench::bench(&signals, &args).map(|()| ExitCode::SUCCESS),
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (the parent of this crate), whatever the current directory is.
+fn root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::fs::canonicalize(&manifest).unwrap_or(manifest);
+    manifest
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` when set, else `<root>/target`.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                root().join(dir)
+            }
+        }
+        None => root().join("target"),
+    }
+}

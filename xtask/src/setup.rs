@@ -1,0 +1,241 @@
+//! `cargo xtask setup`: the system prerequisites, installed idempotently.
+//!
+//! Owns the list of Debian packages the project's commands need and the one way they are
+//! installed (as root, no stdin, a private apt archive directory, services kept from starting).
+//! A second run checks with `dpkg-query` and does nothing. `run`, `test` and `bench` call
+//! `setup` with the subset they need. The eBPF toolchain (bpf-linker built against Debian's
+//! LLVM 22) will be installed here too: see `ebpf_toolchain`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::procs::{self, Signals};
+
+/// Everything `cargo xtask setup` installs.
+pub const ALL: [&str; 4] = ["curl", "wrk", "nginx", "haproxy"];
+/// What `cargo xtask run` needs (for the curl commands it prints).
+pub const RUN: [&str; 1] = ["curl"];
+/// What the test suite uses: curl and wrk drive the end-to-end tests.
+pub const TEST: [&str; 2] = ["curl", "wrk"];
+/// What `cargo xtask bench` needs: the load generator and the proxies to compare with.
+pub const BENCH: [&str; 4] = ["curl", "wrk", "nginx", "haproxy"];
+
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+/// `cargo xtask setup` and what `run`, `test` and `bench` call first.
+pub fn setup(signals: &Signals, packages: &[&str]) -> Result<()> {
+    let started = Instant::now();
+    let missing = missing_packages(packages)?;
+    if missing.is_empty() {
+        println!(
+            "xtask setup: nothing to do, already installed: {}",
+            packages.join(" ")
+        );
+    } else {
+        install(signals, &missing)?;
+        let missing_refs: Vec<&str> = missing.iter().map(String::as_str).collect();
+        let still = missing_packages(&missing_refs)?;
+        if !still.is_empty() {
+            bail!(
+                "apt-get finished but these packages are still not installed: {}",
+                still.join(" ")
+            );
+        }
+        println!(
+            "xtask setup: installed {} in {:.1}s",
+            missing.join(" "),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    ebpf_toolchain(signals)
+}
+
+/// The eBPF toolchain. Nothing to install yet: the steering program is not built so far.
+///
+/// When it is, this installs (idempotently, checking first): Debian's `rustc-web`,
+/// `cargo-web`, `libstd-rust-web-dev-bpf` and `llvm-22-dev` through `install`, then
+/// `cargo install bpf-linker --version 0.13.0 --no-default-features --features llvm-22` with
+/// `LLVM_PREFIX` and `LLVM_SYS_221_PREFIX` set to /usr/lib/llvm-22 (see DESIGN.md, "The eBPF
+/// toolchain").
+fn ebpf_toolchain(_signals: &Signals) -> Result<()> {
+    Ok(())
+}
+
+/// The packages of `packages` that dpkg does not report as "install ok installed".
+pub fn missing_packages(packages: &[&str]) -> Result<Vec<String>> {
+    let output = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${Status}\\n"])
+        .args(packages)
+        .stdin(Stdio::null())
+        .output();
+    let output = match output {
+        Ok(output) => output,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => bail!(
+            "dpkg-query not found: setup supports Debian and Ubuntu (apt) only; \
+             install these yourself: {}",
+            packages.join(" ")
+        ),
+        Err(error) => return Err(error).context("running dpkg-query"),
+    };
+    // dpkg-query exits 1 when a package is unknown to dpkg; the packages it lists are still
+    // reported on stdout, so the exit status is not needed.
+    Ok(parse_missing(
+        &String::from_utf8_lossy(&output.stdout),
+        packages,
+    ))
+}
+
+fn parse_missing(dpkg_output: &str, packages: &[&str]) -> Vec<String> {
+    let installed: Vec<&str> = dpkg_output
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .filter(|(_, status)| status.trim() == "install ok installed")
+        // Multi-arch packages are listed as name:arch.
+        .map(|(name, _)| name.split(':').next().unwrap_or(name))
+        .collect();
+    packages
+        .iter()
+        .filter(|package| !installed.contains(package))
+        .map(|package| (*package).to_string())
+        .collect()
+}
+
+fn apt_install_line(packages: &[String]) -> String {
+    format!(
+        "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+         --no-install-recommends {}",
+        packages.join(" ")
+    )
+}
+
+fn install(signals: &Signals, packages: &[String]) -> Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!(
+            "missing packages: {}. Installing them needs root; run as root:\n    {}\n\
+             or run `cargo xtask setup` as root",
+            packages.join(" "),
+            apt_install_line(packages)
+        );
+    }
+    let archives = crate::target_dir().join("apt-archives");
+    std::fs::create_dir_all(archives.join("partial"))
+        .with_context(|| format!("creating {}", archives.join("partial").display()))?;
+    println!("xtask setup: installing {}", packages.join(" "));
+
+    // Keep the packages' services from starting (nginx would take port 80): policy-rc.d
+    // exiting 101 tells invoke-rc.d "not allowed". Removed afterwards if we created it.
+    let _policy = PolicyRcD::deny_service_starts(Path::new(POLICY_RC_D))?;
+
+    procs::run_step(
+        signals,
+        Command::new("apt-get")
+            .args(["-q", "-o", "DPkg::Lock::Timeout=120", "update"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    let mut archives_dir = archives.into_os_string();
+    archives_dir.push("/");
+    let mut archives_opt = std::ffi::OsString::from("Dir::Cache::Archives=");
+    archives_opt.push(&archives_dir);
+    procs::run_step(
+        signals,
+        Command::new("apt-get")
+            .args(["-q", "install", "-y", "--no-install-recommends"])
+            .args(["-o", "DPkg::Lock::Timeout=120", "-o"])
+            .arg(archives_opt)
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    remove_debs(Path::new(&archives_dir));
+    Ok(())
+}
+
+/// The downloaded .deb files are not needed once installed.
+fn remove_debs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|ext| ext == "deb") {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A `/usr/sbin/policy-rc.d` that denies every service start, removed on drop when we wrote it.
+struct PolicyRcD {
+    created: Option<PathBuf>,
+}
+
+impl PolicyRcD {
+    fn deny_service_starts(path: &Path) -> Result<Self> {
+        if path.exists() {
+            println!("xtask setup: keeping the existing {}", path.display());
+            return Ok(Self { created: None });
+        }
+        let script =
+            "#!/bin/sh\n# Written by `cargo xtask setup` while it installs packages.\nexit 101\n";
+        std::fs::write(path, script).with_context(|| format!("writing {}", path.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {} executable", path.display()))?;
+        Ok(Self {
+            created: Some(path.to_path_buf()),
+        })
+    }
+}
+
+impl Drop for PolicyRcD {
+    fn drop(&mut self) {
+        if let Some(path) = &self.created {
+            if let Err(error) = std::fs::remove_file(path) {
+                eprintln!("xtask setup: could not remove {}: {error}", path.display());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_are_the_packages_not_fully_installed() {
+        let out = "curl install ok installed\nnginx deinstall ok config-files\n\
+                   libc6:amd64 install ok installed\n";
+        let missing = parse_missing(out, &["curl", "wrk", "nginx", "libc6"]);
+        assert_eq!(missing, ["wrk", "nginx"]);
+    }
+
+    #[test]
+    fn policy_rc_d_is_removed_only_when_we_wrote_it() {
+        let dir = std::env::temp_dir().join(format!("xtask-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("policy-rc.d");
+        {
+            let _guard = PolicyRcD::deny_service_starts(&path).unwrap();
+            let script = std::fs::read_to_string(&path).unwrap();
+            assert!(script.starts_with("#!/bin/sh") && script.contains("exit 101"));
+        }
+        assert!(!path.exists(), "ours is removed");
+        std::fs::write(&path, "#!/bin/sh\nexit 0\n").unwrap();
+        drop(PolicyRcD::deny_service_starts(&path).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "#!/bin/sh\nexit 0\n"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_root_hint_names_every_package() {
+        let line = apt_install_line(&["wrk".into(), "nginx".into()]);
+        assert!(
+            line.ends_with("--no-install-recommends wrk nginx"),
+            "{line}"
+        );
+    }
+}
