@@ -28,6 +28,7 @@ pub(crate) struct FileConfig {
     pub user: Option<SpannedStr>,
     pub group: Option<SpannedStr>,
     pub buffer_size: Option<SpannedInt>,
+    pub max_request_body: Option<SpannedInt>,
     pub timeouts: Option<FileTimeouts>,
     pub access_log: Option<FileAccessLog>,
     pub metrics: Option<FileMetrics>,

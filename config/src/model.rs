@@ -24,6 +24,9 @@ pub struct Config {
     pub group: Option<String>,
     /// Size of one I/O buffer (each proxied connection uses two). Default 16 KiB.
     pub buffer_size: usize,
+    /// Largest request body accepted, in bytes (`max_request_body`); 0 = no limit. Over it
+    /// the client gets 413.
+    pub max_request_body: u64,
     pub timeouts: Timeouts,
     pub access_log: AccessLog,
     pub metrics: Option<Metrics>,

@@ -69,6 +69,12 @@ pub(crate) fn validate(file: FileConfig, text: &str, source: &Path) -> Result<Co
         16_384,
         4_096..=1_048_576,
     )?;
+    let max_request_body = c.int(
+        file.max_request_body.as_ref(),
+        "max_request_body",
+        0u64,
+        0..=i64::MAX,
+    )?;
     let timeouts = c.timeouts(file.timeouts.unwrap_or_default())?;
     let access_log = c.access_log(file.access_log.unwrap_or_default())?;
     let listeners = c.listeners(&file.listeners)?;
@@ -98,6 +104,7 @@ pub(crate) fn validate(file: FileConfig, text: &str, source: &Path) -> Result<Co
         user,
         group,
         buffer_size,
+        max_request_body,
         timeouts,
         access_log,
         metrics,

@@ -76,10 +76,14 @@ struct Exchange {
     backend_ready: Option<Instant>,
     first_response_byte: Option<Instant>,
     cluster: Option<usize>,
+    /// The backend last tried or used, for the log.
+    backend: Option<SocketAddr>,
     tried: Tried,
     attempts: u32,
     bytes_in: u64,
     bytes_out: u64,
+    /// Request body bytes parsed so far.
+    body_bytes: u64,
     /// Bytes of the response already written to the client.
     response_sent: bool,
     error: Option<&'static str>,
@@ -336,7 +340,7 @@ impl Session {
                 Step::Blocked
             };
         }
-        // A complete head: route it.
+        // A complete head: route it, then check the declared body size.
         let router = cx.routers.get(self.listener);
         let cluster = router.and_then(|r| {
             r.lookup(
@@ -353,8 +357,41 @@ impl Session {
             return Step::Progress;
         };
         self.ex.cluster = Some(cluster);
+        if self.body_too_large(cx) {
+            self.ex.error = Some("request body over max_request_body");
+            self.start_answer(cx, Answer::PayloadTooLarge, true);
+            return Step::Progress;
+        }
         self.connect_next(cx, Answer::ServiceUnavailable);
         Step::Progress
+    }
+
+    /// Compares the request body with the limit. A declared Content-Length over the limit is
+    /// refused before any byte of it is read; a chunked body is counted block by block just
+    /// before its blocks are converted and sent (each block is seen once).
+    fn body_too_large(&mut self, cx: &Cx) -> bool {
+        let limit = cx.max_request_body;
+        if limit == 0 {
+            return false;
+        }
+        if let kawa::BodySize::Length(n) = self.front_kawa.body_size {
+            return n as u64 > limit;
+        }
+        if self.back.is_none() {
+            // Counted once, just before the blocks are converted and sent (see forward).
+            return false;
+        }
+        let parsed: usize = self
+            .front_kawa
+            .blocks
+            .iter()
+            .map(|b| match b {
+                kawa::Block::Chunk(c) => c.data.len(),
+                _ => 0,
+            })
+            .sum();
+        self.ex.body_bytes += parsed as u64;
+        self.ex.body_bytes > limit
     }
 
     // ---- backend connection ----------------------------------------------------------------
@@ -410,6 +447,7 @@ impl Session {
                 continue;
             }
             cluster.acquire(backend);
+            self.ex.backend = Some(address);
             self.back = Some(back);
             self.since = cx.now;
             if connected {
@@ -505,6 +543,14 @@ impl Session {
                 ReadOutcome::Error => return Step::Close,
                 ReadOutcome::Blocked | ReadOutcome::Full => {}
             }
+        }
+        if self.body_too_large(cx) {
+            self.ex.error = Some("request body over max_request_body");
+            if self.ex.response_sent {
+                self.log(cx, 413);
+                return Step::Close;
+            }
+            return self.fail_exchange(cx, Answer::PayloadTooLarge);
         }
         match self.write_kawa_to_back() {
             WriteOutcome::Wrote(_) => progress = true,
@@ -835,14 +881,12 @@ impl Session {
         if !cx.log.enabled() {
             return;
         }
-        let (cluster, backend) = match self.ex.cluster {
-            Some(c) => {
-                let state = cx.clusters.get(c);
-                let backend = self.back.as_ref().map(|b| b.address);
-                (state.map_or("", |s| s.name.as_str()), backend)
-            }
-            None => ("", None),
-        };
+        let cluster = self
+            .ex
+            .cluster
+            .and_then(|c| cx.clusters.get(c))
+            .map_or("", |s| s.name.as_str());
+        let backend = self.ex.backend;
         let now = cx.now;
         let record = Record {
             request_id: &self.request_id,

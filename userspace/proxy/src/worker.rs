@@ -68,6 +68,8 @@ pub struct Cx {
     pub log: AccessLog,
     pub rng: Rng,
     pub timeouts: Timeouts,
+    /// Largest request body accepted (0: no limit).
+    pub max_request_body: u64,
     pub now: Instant,
     pub draining: bool,
     id_prefix: u32,
@@ -161,6 +163,7 @@ impl Worker {
             id_prefix: rng.next_u64() as u32,
             rng,
             timeouts: config.timeouts,
+            max_request_body: config.max_request_body,
             now,
             draining: false,
             requests: 0,
