@@ -27,7 +27,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "kakehi developer commands", version)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "kakehi developer commands",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,7 +40,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install the system prerequisites (apt packages), idempotently. Needs root.
+    /// Install the system prerequisites (apt packages), idempotently; root if any is missing.
     Setup,
     /// Serve the quickstart: two demo origins and lbd on config/examples/quickstart.toml.
     #[command(visible_alias = "demo")]

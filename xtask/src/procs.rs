@@ -6,8 +6,9 @@
 //! SIGTERM then SIGKILL (`Proc`, `Group`, both stopping on drop), CPU pinning and ports.
 //! It does not know what the children are: the commands decide that.
 //!
-//! Every child gets `PR_SET_PDEATHSIG = SIGTERM`, so even a SIGKILLed xtask leaves no proxy
-//! or origin holding a port behind it. This is the only module with `unsafe` (one `pre_exec`).
+//! Every child starts with the default signal mask (std would pass ours on) and
+//! `PR_SET_PDEATHSIG = SIGTERM`, so even a SIGKILLed xtask leaves no proxy or origin holding a
+//! port behind it. Children are started through `run_step`, `Proc` or `output`, never bare. This is the only module with `unsafe` (one `pre_exec`).
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -111,10 +112,13 @@ fn prepare(cmd: &mut Command, options: SpawnOptions) -> Result<()> {
     if options.own_group {
         cmd.process_group(0);
     }
-    // SAFETY: the closure runs between fork and exec and only makes three syscalls
-    // (prctl, getppid, sched_setaffinity) through nix: no allocation, no lock, no unwinding.
+    // SAFETY: the closure runs between fork and exec and only makes four syscalls
+    // (sigprocmask, prctl, getppid, sched_setaffinity) through nix: no allocation, no lock, no
+    // unwinding.
     unsafe {
         cmd.pre_exec(move || {
+            // std passes the signal mask on to the child: unblock what `Signals` blocked.
+            SigSet::empty().thread_set_mask()?;
             nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
             if getppid() != parent {
                 // xtask died before prctl took effect.
@@ -127,6 +131,13 @@ fn prepare(cmd: &mut Command, options: SpawnOptions) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// `cmd.output()` for a short command (a query, a version, a check): its stdin is empty, and
+/// it gets the same signal mask and parent-death signal as every other child.
+pub fn output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    prepare(cmd, SpawnOptions::default()).map_err(std::io::Error::other)?;
+    cmd.stdin(Stdio::null()).output()
 }
 
 /// A program name for messages: the file name of the command's program.
@@ -405,6 +416,15 @@ mod tests {
         assert_eq!(ports.len(), 3);
         assert!(ports[0] != ports[1] && ports[1] != ports[2] && ports[0] != ports[2]);
         assert!(port_free(SocketAddr::from(([127, 0, 0, 1], ports[0]))));
+    }
+
+    #[test]
+    fn children_start_with_no_signal_blocked() {
+        // Blocks SIGINT/SIGTERM/SIGCHLD on this test's thread, as xtask's main does.
+        let _signals = Signals::install().unwrap();
+        let out = output(Command::new("grep").args(["SigBlk", "/proc/self/status"])).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.trim(), "SigBlk:\t0000000000000000");
     }
 
     #[test]

@@ -114,7 +114,8 @@ pub fn run(signals: &Signals, args: &Args) -> Result<ExitCode> {
             return Ok(ExitCode::from(if code == 0 { 1 } else { code }));
         }
         if let Some(signal) = signals.wait(Duration::from_millis(500))? {
-            println!("\nxtask run: {signal}: stopping lbd and the origins");
+            let what = if demo { "lbd and the origins" } else { "lbd" };
+            println!("\nxtask run: {signal}: stopping {what}");
             stop_in_order(&mut group);
             return Ok(ExitCode::SUCCESS);
         }
@@ -147,6 +148,9 @@ fn print_banner(root: &Path, config: &Path, listeners: &[SocketAddr], demo: bool
         println!("  curl -H 'Host: localhost' {base}/        # again: origin two (round robin)");
         println!("  curl -H 'Host: localhost' {base}/api/x   # cluster api: always origin two");
         println!("  curl -i -H 'Host: unknown.example' {base}/   # no frontend matches: 404");
+        println!(
+            "  curl -H 'Host: localhost' {base}/headers # what the origin received (X-Forwarded-*)"
+        );
         println!(
             "  curl -s -o /dev/null -w '%{{http_code}} %{{size_download}}\\n' \
              -H 'Host: localhost' {base}/bytes/100000"

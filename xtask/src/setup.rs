@@ -7,7 +7,7 @@
 //! LLVM 22) will be installed here too: see `ebpf_toolchain`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -66,11 +66,11 @@ fn ebpf_toolchain(_signals: &Signals) -> Result<()> {
 
 /// The packages of `packages` that dpkg does not report as "install ok installed".
 pub fn missing_packages(packages: &[&str]) -> Result<Vec<String>> {
-    let output = Command::new("dpkg-query")
-        .args(["-W", "-f=${Package} ${Status}\\n"])
-        .args(packages)
-        .stdin(Stdio::null())
-        .output();
+    let output = procs::output(
+        Command::new("dpkg-query")
+            .args(["-W", "-f=${Package} ${Status}\\n"])
+            .args(packages),
+    );
     let output = match output {
         Ok(output) => output,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => bail!(
@@ -111,7 +111,9 @@ fn apt_install_line(packages: &[String]) -> String {
     )
 }
 
-fn install(signals: &Signals, packages: &[String]) -> Result<()> {
+/// Installs `packages` with apt, as root: the one way the project installs Debian packages
+/// (the eBPF toolchain's packages belong here too). Without root it fails with the line to run.
+pub fn install(signals: &Signals, packages: &[String]) -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!(
             "missing packages: {}. Installing them needs root; run as root:\n    {}\n\

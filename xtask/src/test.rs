@@ -62,13 +62,12 @@ fn fuzz_smoke(_signals: &Signals, root: &Path) -> Result<Option<String>> {
     if !root.join("fuzz").is_dir() {
         return Ok(None);
     }
-    let available = Command::new("cargo")
-        .args(["fuzz", "--version"])
-        .current_dir(root)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
+    let available = procs::output(
+        Command::new("cargo")
+            .args(["fuzz", "--version"])
+            .current_dir(root),
+    )
+    .is_ok_and(|output| output.status.success());
     if !available {
         println!(
             "\nxtask test: fuzz/ exists but `cargo fuzz` is not installed: fuzz smoke skipped"

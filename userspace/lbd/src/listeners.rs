@@ -3,21 +3,10 @@
 //! non-blocking, with a deep accept backlog.
 
 use anyhow::Context as _;
-use lb_config::Config;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::{SocketAddr, TcpListener};
 
 const BACKLOG: i32 = 4096;
-
-/// One socket per listener of the config, with its index in `config.listeners`.
-pub fn bind_all(config: &Config) -> anyhow::Result<Vec<(usize, TcpListener)>> {
-    config
-        .listeners
-        .iter()
-        .enumerate()
-        .map(|(i, l)| bind(l.address).map(|s| (i, s)))
-        .collect()
-}
 
 pub fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
     let what = || format!("listener {address}");

@@ -1,34 +1,45 @@
 //! `lbd`, the kakehi load balancer daemon.
 //!
-//! Today it reads and validates the config, binds every listener, and runs one worker event
-//! loop (lb-proxy) in the foreground until SIGTERM or SIGINT, after which it drains and exits
-//! 0. The supervisor with several sandboxed workers and eBPF steering builds on the same
-//! pieces: `listeners.rs` binds, lb-proxy's `Worker` serves.
+//! `lbd --config FILE` validates the config, binds every listener and supervises `workers`
+//! sandboxed worker processes (supervisor.rs) until SIGTERM or SIGINT, after which it drains
+//! and exits 0. `lbd --config FILE --check` only validates. `lbd worker` is the worker
+//! process's own entry (worker_main.rs), started by the supervisor, not by people.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+mod fds;
 mod listeners;
 mod logger;
+mod sandbox;
+mod supervisor;
+mod worker_main;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(name = "lbd", version, about = "kakehi load balancer daemon")]
 struct Args {
     /// The configuration file (TOML).
     #[arg(short, long, value_name = "FILE")]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Validate the configuration and exit: 0 when valid, 1 otherwise.
     #[arg(long)]
     check: bool,
     /// Log level for lbd's own messages (error, warn, info, debug).
-    #[arg(long, default_value = "info", value_parser = parse_level)]
+    #[arg(long, default_value = "info", value_parser = parse_level, global = true)]
     log_level: log::LevelFilter,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// A worker process (started by lbd itself).
+    #[command(hide = true)]
+    Worker(worker_main::WorkerArgs),
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -39,7 +50,11 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     logger::init(args.log_level);
-    match run(&args) {
+    let result = match &args.command {
+        Some(Cmd::Worker(worker)) => worker_main::run(worker),
+        None => run(&args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lbd: {e:#}");
@@ -49,29 +64,28 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
+    let Some(path) = args.config.as_deref() else {
+        anyhow::bail!("no configuration: use lbd --config FILE");
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read the config file", path.display()))?;
     // ConfigError already names the file, line, field and cause: print it once.
-    let config = lb_config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = lb_config::parse_str(&text, path).map_err(|e| anyhow::anyhow!("{e}"))?;
     if args.check {
-        println!("{}: configuration is valid", args.config.display());
+        println!("{}: configuration is valid", path.display());
         return Ok(());
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(&stop))
-            .context("installing the signal handlers")?;
-    }
-    let bound = listeners::bind_all(&config)?;
-    let mut worker = lb_proxy::Worker::new(&config, bound)?;
-    for addr in worker.local_addrs() {
+    let mut supervisor = supervisor::Supervisor::new(config, &text, path, args.log_level)?;
+    for addr in supervisor.addresses() {
         log::info!("listening on {addr}");
     }
     log::info!(
         "lbd {} serving {} (pid {})",
         env!("CARGO_PKG_VERSION"),
-        args.config.display(),
+        path.display(),
         std::process::id()
     );
-    worker.run(&stop)?;
+    supervisor.run()?;
     log::info!("lbd stopped");
     Ok(())
 }

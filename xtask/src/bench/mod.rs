@@ -11,9 +11,10 @@
 mod configs;
 mod procfs;
 mod report;
+mod start;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -22,9 +23,6 @@ use serde_json::{json, Value};
 use crate::procs::{self, Proc, Signals, SpawnOptions};
 use report::Sample;
 
-const NGINX: &str = "/usr/sbin/nginx";
-const HAPROXY: &str = "/usr/sbin/haproxy";
-const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the machine may stay busy before a round starts anyway (with a warning).
 const IDLE_WAIT: Duration = Duration::from_secs(30);
 const IDLE_BELOW: f64 = 0.15;
@@ -195,19 +193,20 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
 
     let ports = procs::free_ports(1 + kinds.len())?;
     let origin_port = ports[0];
-    let _origin = start_origin(signals, &plan, origin_port)?;
-    verify(origin_port).context("the origin nginx does not serve its files")?;
+    let _origin = start::start_origin(signals, &plan, origin_port)?;
+    start::verify(origin_port).context("the origin nginx does not serve its files")?;
 
     let mut proxies: Vec<Proxy> = Vec::new();
     for (&kind, &port) in kinds.iter().zip(&ports[1..]) {
         if failed.iter().any(|(k, _)| *k == kind) {
             continue;
         }
-        let started = start_proxy(signals, &plan, kind, port, origin_port, &args.haproxy_reuse)
-            .and_then(|proxy| {
-                verify(proxy.port)?;
-                Ok(proxy)
-            });
+        let started =
+            start::start_proxy(signals, &plan, kind, port, origin_port, &args.haproxy_reuse)
+                .and_then(|proxy| {
+                    start::verify(proxy.port)?;
+                    Ok(proxy)
+                });
         match started {
             Ok(proxy) => {
                 println!("xtask bench: {} ready on 127.0.0.1:{port}", kind.name());
@@ -253,7 +252,7 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); proxies.len()]; scenarios.len()];
     let mut notes: Vec<String> = Vec::new();
     for run in 1..=plan.runs {
-        wait_until_idle(signals, &mut notes)?;
+        wait_until_idle(signals, run, &mut notes)?;
         for (s, scenario) in scenarios.iter().enumerate() {
             for (p, proxy) in proxies.iter_mut().enumerate() {
                 let name = proxy.kind.name();
@@ -306,176 +305,8 @@ fn wrk_seconds(duration: Duration) -> u64 {
     duration.as_secs().max(1)
 }
 
-/// A fresh directory for one program's generated files.
-fn program_dir(plan: &Plan, name: &str) -> Result<PathBuf> {
-    let dir = plan.dir.join(name);
-    for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-        std::fs::create_dir_all(dir.join("tmp").join(sub))
-            .with_context(|| format!("creating {}", dir.display()))?;
-    }
-    Ok(dir)
-}
-
-fn nginx_command(dir: &Path) -> Command {
-    let mut cmd = Command::new(NGINX);
-    cmd.arg("-p")
-        .arg(format!("{}/", dir.display()))
-        .arg("-e")
-        .arg(dir.join("error.log"))
-        .arg("-c")
-        .arg(dir.join("nginx.conf"));
-    cmd
-}
-
-fn start_origin(signals: &Signals, plan: &Plan, port: u16) -> Result<Proc> {
-    let dir = program_dir(plan, "origin")?;
-    configs::origin_documents(&dir)?;
-    std::fs::write(dir.join("nginx.conf"), configs::origin_nginx(&dir, port))?;
-    let log = plan.dir.join("logs").join("origin.log");
-    let mut proc = Proc::spawn_logged("origin nginx", &mut nginx_command(&dir), plan.client, &log)?;
-    let addr = ([127, 0, 0, 1], port).into();
-    procs::wait_for_accept(
-        signals,
-        addr,
-        START_TIMEOUT,
-        std::slice::from_mut(&mut proc),
-    )
-    .with_context(|| format!("the origin nginx did not start; {}", log_tail(&log)))?;
-    Ok(proc)
-}
-
-fn start_proxy(
-    signals: &Signals,
-    plan: &Plan,
-    kind: ProxyKind,
-    port: u16,
-    origin: u16,
-    haproxy_reuse: &str,
-) -> Result<Proxy> {
-    let name = kind.name();
-    let dir = program_dir(plan, name)?;
-    let log = plan.dir.join("logs").join(format!("{name}.log"));
-    let (mut cmd, settings, version) = match kind {
-        ProxyKind::Kakehi => {
-            let config = dir.join("lbd.toml");
-            std::fs::write(&config, configs::kakehi(&dir, port, origin))?;
-            let _ = std::fs::remove_file(dir.join("lbd.sock"));
-            let lbd = crate::target_dir().join("release").join("lbd");
-            let check = Command::new(&lbd)
-                .arg("--config")
-                .arg(&config)
-                .arg("--check")
-                .stdin(Stdio::null())
-                .output()
-                .with_context(|| format!("running {}", lbd.display()))?;
-            if !check.status.success() {
-                bail!(
-                    "`lbd --config {} --check` refused the bench config: {}",
-                    config.display(),
-                    String::from_utf8_lossy(&check.stderr).trim()
-                );
-            }
-            let mut cmd = Command::new(lbd);
-            cmd.arg("--config").arg(&config);
-            (cmd, configs::KAKEHI_SETTINGS.to_string(), String::new())
-        }
-        ProxyKind::Nginx => {
-            std::fs::write(
-                dir.join("nginx.conf"),
-                configs::nginx_proxy(&dir, port, origin),
-            )?;
-            let version = version_of(Command::new(NGINX).arg("-v"));
-            (
-                nginx_command(&dir),
-                configs::NGINX_SETTINGS.to_string(),
-                version,
-            )
-        }
-        ProxyKind::Haproxy => {
-            let config = dir.join("haproxy.cfg");
-            std::fs::write(&config, configs::haproxy(port, origin, haproxy_reuse))?;
-            let mut cmd = Command::new(HAPROXY);
-            cmd.arg("-db").arg("-f").arg(&config);
-            let version = version_of(Command::new(HAPROXY).arg("-v"));
-            (cmd, configs::haproxy_settings(haproxy_reuse), version)
-        }
-    };
-    let mut proc = Proc::spawn_logged(name, &mut cmd, plan.proxy, &log)?;
-    let addr = ([127, 0, 0, 1], port).into();
-    procs::wait_for_accept(
-        signals,
-        addr,
-        START_TIMEOUT,
-        std::slice::from_mut(&mut proc),
-    )
-    .with_context(|| log_tail(&log))?;
-    Ok(Proxy {
-        kind,
-        port,
-        proc,
-        settings,
-        version,
-        rss_per_run: true,
-    })
-}
-
-/// The first line a program prints about its version, from stdout or stderr.
-fn version_of(cmd: &mut Command) -> String {
-    let Ok(output) = cmd.stdin(Stdio::null()).output() else {
-        return String::new();
-    };
-    let text = [output.stdout, output.stderr].concat();
-    String::from_utf8_lossy(&text)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string()
-}
-
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(5)..].join("\n    ");
-    if tail.is_empty() {
-        format!("{} is empty", log.display())
-    } else {
-        format!("last lines of {}:\n    {tail}", log.display())
-    }
-}
-
-/// `GET /` answers 200 with the origin's small body, `GET /bytes/65536` 200 with 64 KiB.
-fn verify(port: u16) -> Result<()> {
-    let checks = [
-        ("/", Some(configs::SMALL_BODY), configs::SMALL_BODY.len()),
-        ("/bytes/65536", None, configs::LARGE_SIZE),
-    ];
-    for (path, body, size) in checks {
-        let url = format!("http://127.0.0.1:{port}{path}");
-        let output = Command::new("curl")
-            .args(["-sS", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}"])
-            .arg(&url)
-            .stdin(Stdio::null())
-            .output()
-            .context("running curl")?;
-        let text = String::from_utf8_lossy(&output.stdout);
-        let (got, status) = text.rsplit_once('\n').unwrap_or(("", &text));
-        if !output.status.success() || status != "200" || got.len() != size {
-            bail!(
-                "GET {url}: expected 200 with {size} bytes, got status {status:?} with {} bytes {}",
-                got.len(),
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        if body.is_some_and(|body| body != got) {
-            bail!("GET {url}: expected the body {body:?}, got {got:?}");
-        }
-    }
-    Ok(())
-}
-
 /// Waits (bounded) for the machine to be idle before a round, as DESIGN.md asks.
-fn wait_until_idle(signals: &Signals, notes: &mut Vec<String>) -> Result<()> {
+fn wait_until_idle(signals: &Signals, round: usize, notes: &mut Vec<String>) -> Result<()> {
     let deadline = Instant::now() + IDLE_WAIT;
     let mut said = false;
     loop {
@@ -490,7 +321,7 @@ fn wait_until_idle(signals: &Signals, notes: &mut Vec<String>) -> Result<()> {
         }
         if Instant::now() >= deadline {
             let note = format!(
-                "the machine stayed {:.0}% busy for {}s before a round: figures may swing",
+                "round {round}: the machine stayed {:.0}% busy for {}s: its figures may swing",
                 busy * 100.0,
                 IDLE_WAIT.as_secs()
             );
@@ -564,7 +395,7 @@ fn measure(
         return Ok(Err(anyhow::anyhow!(
             "wrk failed ({}); {}",
             procs::describe(status),
-            log_tail(&log)
+            start::log_tail(&log)
         )));
     }
     let output = std::fs::read_to_string(&log).unwrap_or_default();
@@ -648,12 +479,9 @@ fn summarize(
     }
     println!();
     for proxy in proxies {
-        println!(
-            "  {:<9} {} {}",
-            proxy.kind.name(),
-            proxy.version,
-            proxy.settings
-        );
+        // "HAProxy version 2.6.12 2023/01/01 - https://haproxy.org/": keep what precedes " - ".
+        let version = proxy.version.split(" - ").next().unwrap_or_default();
+        println!("  {:<9} {version}: {}", proxy.kind.name(), proxy.settings);
     }
     for (kind, reason) in failed {
         println!(

@@ -1,0 +1,222 @@
+//! The supervisor: lbd's main process. It binds every listener once per worker (one
+//! SO_REUSEPORT group per listener address), starts `workers` worker processes (`lbd worker`,
+//! fork+exec of the same binary) with their sockets and the config, restarts a worker that
+//! exits or is killed on the very same sockets, and on SIGTERM or SIGINT asks every worker to
+//! drain, waits for them, and exits 0.
+//!
+//! The supervisor keeps its own copy of every listening socket, so a worker's death closes
+//! none of them: connections waiting in a dead worker's accept queue stay there until its
+//! replacement accepts them.
+
+use crate::fds;
+use crate::listeners;
+use anyhow::Context as _;
+use lb_config::Config;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// How long workers get to finish in-flight requests on shutdown (their own drain deadline
+/// is shorter; this is the supervisor's last word before SIGKILL).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+/// A worker that dies sooner than this after its start is restarted with a growing delay.
+const STABLE_AFTER: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+struct Slot {
+    pid: Option<Pid>,
+    started: Instant,
+    backoff: Duration,
+    start_at: Option<Instant>,
+}
+
+pub struct Supervisor {
+    config: Config,
+    source: PathBuf,
+    config_file: File,
+    /// `sockets[listener][worker]`: all sockets of one listener share its reuseport group.
+    sockets: Vec<Vec<TcpListener>>,
+    slots: Vec<Slot>,
+    exe: PathBuf,
+    log_level: log::LevelFilter,
+}
+
+impl Supervisor {
+    /// Binds every listener for every worker. Nothing is started yet.
+    pub fn new(
+        config: Config,
+        config_text: &str,
+        source: &Path,
+        log_level: log::LevelFilter,
+    ) -> anyhow::Result<Supervisor> {
+        let mut sockets = Vec::new();
+        for listener in &config.listeners {
+            let group = (0..config.workers)
+                .map(|_| listeners::bind(listener.address))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            sockets.push(group);
+        }
+        let config_file = fds::memfd_with(config_text)?;
+        let exe = std::env::current_exe().context("locating the lbd binary for workers")?;
+        let slots = (0..config.workers)
+            .map(|_| Slot {
+                pid: None,
+                started: Instant::now(),
+                backoff: Duration::from_millis(100),
+                start_at: Some(Instant::now()),
+            })
+            .collect();
+        Ok(Supervisor {
+            config,
+            source: source.to_path_buf(),
+            config_file,
+            sockets,
+            slots,
+            exe,
+            log_level,
+        })
+    }
+
+    pub fn addresses(&self) -> Vec<std::net::SocketAddr> {
+        self.config.listeners.iter().map(|l| l.address).collect()
+    }
+
+    /// Runs until SIGTERM/SIGINT, then drains the workers and returns.
+    pub fn run(&mut self) -> anyhow::Result<()> {
+        let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGCHLD])
+            .context("installing the signal handlers")?;
+        loop {
+            let mut stop = false;
+            for signal in signals.pending() {
+                if signal == SIGTERM || signal == SIGINT {
+                    stop = true;
+                }
+            }
+            self.reap(false);
+            if stop {
+                return self.shutdown();
+            }
+            self.start_due()?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn start_due(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        for index in 0..self.slots.len() {
+            let due = self
+                .slots
+                .get(index)
+                .is_some_and(|s| s.pid.is_none() && s.start_at.is_some_and(|t| t <= now));
+            if due {
+                self.spawn(index)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self, index: usize) -> anyhow::Result<()> {
+        let mut command = Command::new(&self.exe);
+        command
+            .arg("--log-level")
+            .arg(self.log_level.as_str())
+            .arg("worker")
+            .arg("--index")
+            .arg(index.to_string())
+            .arg("--source")
+            .arg(&self.source)
+            .arg("--config-fd")
+            .arg(fds::raw(&self.config_file).to_string());
+        let mut inherited = vec![fds::raw(&self.config_file)];
+        for group in &self.sockets {
+            let socket = group
+                .get(index)
+                .context("internal: no socket for this worker")?;
+            command
+                .arg("--listener-fd")
+                .arg(fds::raw(socket).to_string());
+            inherited.push(fds::raw(socket));
+        }
+        fds::inherit_fds(&mut command, inherited);
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting worker {index} ({})", self.exe.display()))?;
+        let pid = Pid::from_raw(child.id() as i32);
+        // The child is reaped with waitpid in `reap`; the handle is not needed.
+        drop(child);
+        if let Some(slot) = self.slots.get_mut(index) {
+            slot.pid = Some(pid);
+            slot.started = Instant::now();
+            slot.start_at = None;
+        }
+        log::info!("worker {index} started (pid {pid})");
+        Ok(())
+    }
+
+    /// Collects exited workers; unless `stopping`, schedules their restart.
+    fn reap(&mut self, stopping: bool) {
+        loop {
+            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(status) => status,
+            };
+            let (pid, how) = match status {
+                WaitStatus::Exited(pid, code) => (pid, format!("exited with status {code}")),
+                WaitStatus::Signaled(pid, signal, _) => (pid, format!("was killed by {signal}")),
+                _ => continue,
+            };
+            let Some((index, slot)) = self
+                .slots
+                .iter_mut()
+                .enumerate()
+                .find(|(_, s)| s.pid == Some(pid))
+            else {
+                continue;
+            };
+            slot.pid = None;
+            if stopping {
+                log::info!("worker {index} (pid {pid}) {how}");
+                continue;
+            }
+            let lived = slot.started.elapsed();
+            if lived >= STABLE_AFTER {
+                slot.backoff = Duration::from_millis(100);
+                slot.start_at = Some(Instant::now());
+            } else {
+                slot.start_at = Some(Instant::now() + slot.backoff);
+                slot.backoff = (slot.backoff * 2).min(MAX_BACKOFF);
+            }
+            log::warn!(
+                "worker {index} (pid {pid}) {how} after {lived:?}; restarting it on the same sockets"
+            );
+        }
+    }
+
+    fn shutdown(&mut self) -> anyhow::Result<()> {
+        log::info!("stopping: draining {} workers", self.slots.len());
+        for slot in &self.slots {
+            if let Some(pid) = slot.pid {
+                let _ = kill(pid, Signal::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while self.slots.iter().any(|s| s.pid.is_some()) && Instant::now() < deadline {
+            self.reap(true);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for slot in &mut self.slots {
+            if let Some(pid) = slot.pid.take() {
+                log::warn!("worker pid {pid} did not stop in time: killing it");
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+            }
+        }
+        Ok(())
+    }
+}
