@@ -75,6 +75,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         println!("{}: configuration is valid", path.display());
         return Ok(());
     }
+    let mut signals = supervisor::Supervisor::signals()?;
     let mut supervisor = supervisor::Supervisor::new(config, &text, path, args.log_level)?;
     for addr in supervisor.addresses() {
         log::info!("listening on {addr}");
@@ -85,7 +86,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         path.display(),
         std::process::id()
     );
-    supervisor.run()?;
+    supervisor.run(&mut signals)?;
     log::info!("lbd stopped");
     Ok(())
 }

@@ -98,7 +98,7 @@ const POLICY: &[Allowed] = &[
     // Descriptor flags: only the non-blocking and close-on-exec flags.
     Allowed {
         nr: libc::SYS_ioctl,
-        only: &[(1, libc::FIONBIO as u64)],
+        only: &[(1, libc::FIONBIO)],
         why: "set a socket non-blocking",
     },
     Allowed {
@@ -252,7 +252,7 @@ mod tests {
     use super::*;
 
     /// Forks; the child installs the filter and makes one syscall; returns how it ended.
-    fn in_sandboxed_child(syscall: impl FnOnce() -> libc::c_long) -> nix::sys::wait::WaitStatus {
+    fn in_sandboxed_child(syscall: fn() -> libc::c_long) -> nix::sys::wait::WaitStatus {
         let filter = compile_filter().unwrap();
         // SAFETY: the child only installs the filter (a prctl and a seccomp syscall on
         // memory prepared before the fork), makes one raw syscall and calls _exit.
@@ -278,35 +278,28 @@ mod tests {
     fn forbidden_syscalls_kill_the_process() {
         use nix::sys::signal::Signal;
         use nix::sys::wait::WaitStatus;
-        let forbidden: [(&str, Box<dyn FnOnce() -> libc::c_long>); 4] = [
-            // SAFETY: raw syscalls with valid (or null, rejected) arguments.
-            (
-                "openat",
-                Box::new(|| unsafe {
-                    libc::syscall(libc::SYS_openat, libc::AT_FDCWD, c"/etc/passwd".as_ptr(), 0)
-                }),
-            ),
-            // SAFETY: as above.
-            (
-                "execve",
-                Box::new(|| unsafe {
-                    libc::syscall(libc::SYS_execve, c"/bin/true".as_ptr(), 0, 0)
-                }),
-            ),
-            // SAFETY: as above; AF_UNIX is outside the allowed families.
-            (
-                "socket(AF_UNIX)",
-                Box::new(|| unsafe {
-                    libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0)
-                }),
-            ),
-            // SAFETY: as above; a ptrace request on ourselves.
-            (
-                "ptrace",
-                Box::new(|| unsafe {
-                    libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0)
-                }),
-            ),
+        fn openat() -> libc::c_long {
+            // SAFETY: a raw syscall with a valid C string path.
+            unsafe { libc::syscall(libc::SYS_openat, libc::AT_FDCWD, c"/etc/passwd".as_ptr(), 0) }
+        }
+        fn execve() -> libc::c_long {
+            // SAFETY: a raw syscall with a valid path and null argv/envp (rejected or killed).
+            unsafe { libc::syscall(libc::SYS_execve, c"/bin/true".as_ptr(), 0, 0) }
+        }
+        fn unix_socket() -> libc::c_long {
+            // SAFETY: a raw syscall with plain integer arguments; AF_UNIX is not allowed.
+            unsafe { libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0) }
+        }
+        fn ptrace() -> libc::c_long {
+            // SAFETY: a raw syscall with plain integer arguments.
+            unsafe { libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0) }
+        }
+        type Call = fn() -> libc::c_long;
+        let forbidden: [(&str, Call); 4] = [
+            ("openat", openat),
+            ("execve", execve),
+            ("socket(AF_UNIX)", unix_socket),
+            ("ptrace", ptrace),
         ];
         for (name, call) in forbidden {
             match in_sandboxed_child(call) {
@@ -319,13 +312,17 @@ mod tests {
     #[test]
     fn allowed_syscalls_work() {
         use nix::sys::wait::WaitStatus;
-        // SAFETY: getpid has no arguments.
-        let status = in_sandboxed_child(|| unsafe { libc::syscall(libc::SYS_getpid) });
+        fn getpid() -> libc::c_long {
+            // SAFETY: getpid has no arguments.
+            unsafe { libc::syscall(libc::SYS_getpid) }
+        }
+        fn inet_socket() -> libc::c_long {
+            // SAFETY: plain integer arguments; the fd leaks into the exiting child only.
+            unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) }
+        }
+        let status = in_sandboxed_child(getpid);
         assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
-        // SAFETY: an AF_INET socket is allowed (the fd leaks into the exiting child only).
-        let status = in_sandboxed_child(|| unsafe {
-            libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0)
-        });
+        let status = in_sandboxed_child(inet_socket);
         assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
     }
 }

@@ -87,10 +87,15 @@ impl Supervisor {
         self.config.listeners.iter().map(|l| l.address).collect()
     }
 
+    /// The supervisor's signals, to install before anything is bound: a SIGTERM that
+    /// arrives while lbd starts must stop it cleanly, not kill it.
+    pub fn signals() -> anyhow::Result<signal_hook::iterator::Signals> {
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGCHLD])
+            .context("installing the signal handlers")
+    }
+
     /// Runs until SIGTERM/SIGINT, then drains the workers and returns.
-    pub fn run(&mut self) -> anyhow::Result<()> {
-        let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGCHLD])
-            .context("installing the signal handlers")?;
+    pub fn run(&mut self, signals: &mut signal_hook::iterator::Signals) -> anyhow::Result<()> {
         loop {
             let mut stop = false;
             for signal in signals.pending() {
@@ -200,6 +205,9 @@ impl Supervisor {
 
     fn shutdown(&mut self) -> anyhow::Result<()> {
         log::info!("stopping: draining {} workers", self.slots.len());
+        // Close our copies of the listening sockets: once the workers close theirs, new
+        // connections are refused by the kernel instead of queueing for nobody.
+        self.sockets.clear();
         for slot in &self.slots {
             if let Some(pid) = slot.pid {
                 let _ = kill(pid, Signal::SIGTERM);

@@ -258,6 +258,15 @@ impl Worker {
     /// Stops accepting and closes connections that have no request in flight.
     fn begin_drain(&mut self) {
         self.cx.draining = true;
+        // Take what already waits in the accept queues: those clients completed their
+        // handshake and are served (with `Connection: close`) rather than reset.
+        let mut touched = Vec::new();
+        for index in 0..self.listeners.len() {
+            self.accept(index, &mut touched);
+        }
+        for key in touched {
+            self.drive(key);
+        }
         for l in &mut self.listeners {
             let _ = self.poll.registry().deregister(&mut l.socket);
         }

@@ -1,0 +1,111 @@
+//! Backends that cannot be reached, through a real `lbd`: a cluster whose only backend refuses
+//! connections gets kakehi's own 5xx with an HTML body, a cluster with one live and one dead
+//! backend serves every request (the failed connect is retried on the other), a cluster with
+//! every backend down answers 5xx on every request, and a backend that dies between requests
+//! (its idle kept-alive connections now closed) does not cost the client a failed request.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use common::{get, one_cluster, Client, ClosedPort, Lbd};
+use lb_testkit::Origin;
+
+#[test]
+fn only_backend_down_is_5xx_with_html() {
+    let dead = ClosedPort::new();
+    let addr = dead.addr;
+    let lbd = Lbd::start(|l| one_cluster("", l, &[addr]));
+    let resp = get(lbd.addr(), "localhost", "/");
+    resp.assert_html_answer(&[502, 503]);
+    assert!(resp.header("x-request-id").is_some_and(|v| !v.is_empty()));
+    // And again on a kept-alive connection, if the answer allows it.
+    let mut c = Client::connect(lbd.addr());
+    for _ in 0..3 {
+        let resp = c.get("localhost", "/again");
+        resp.assert_html_answer(&[502, 503]);
+        if resp.closes() {
+            c.assert_closed();
+            break;
+        }
+    }
+}
+
+#[test]
+fn one_of_two_backends_down_every_request_succeeds() {
+    let dead = ClosedPort::new();
+    let live = Origin::start("live");
+    let addrs = [dead.addr, live.addr()];
+    let lbd = Lbd::start(|l| one_cluster("", l, &addrs));
+    for i in 0..20 {
+        let resp = get(lbd.addr(), "localhost", &format!("/r{i}"));
+        assert_eq!(
+            resp.status,
+            200,
+            "request {i}: {} {:?}",
+            resp.status,
+            resp.text()
+        );
+    }
+    // A request with a body is retried too (nothing of it reached the dead backend).
+    let mut c = Client::connect(lbd.addr());
+    for i in 0..4 {
+        c.send(
+            format!("POST /digest HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n\r\nx{i:02}")
+                .as_bytes(),
+        );
+        let resp = c.response();
+        assert_eq!(resp.status, 200, "POST {i}: {:?}", resp.text());
+        assert_eq!(
+            resp.text(),
+            common::digest_line(format!("x{i:02}").as_bytes())
+        );
+    }
+    assert_eq!(live.requests().len(), 24);
+}
+
+#[test]
+fn all_backends_down_is_5xx() {
+    let (d1, d2, d3) = (ClosedPort::new(), ClosedPort::new(), ClosedPort::new());
+    let addrs = [d1.addr, d2.addr, d3.addr];
+    let lbd = Lbd::start(|l| one_cluster("", l, &addrs));
+    for i in 0..5 {
+        let resp = get(lbd.addr(), "localhost", &format!("/r{i}"));
+        resp.assert_html_answer(&[502, 503]);
+    }
+}
+
+#[test]
+fn backend_dying_between_requests_is_retried() {
+    let a = Origin::start("a");
+    let b = Origin::start("b");
+    let addrs = [a.addr(), b.addr()];
+    let lbd = Lbd::start(|l| one_cluster("", l, &addrs));
+    // Warm up: both backends now have idle kept-alive connections in the proxy's pool.
+    for i in 0..10 {
+        assert_eq!(
+            get(lbd.addr(), "localhost", &format!("/warm{i}")).status,
+            200
+        );
+    }
+    assert_eq!(a.requests().len(), 5);
+    // `a` goes away: its pooled connections are closed and its port refuses.
+    a.stop();
+    for i in 0..10 {
+        let resp = get(lbd.addr(), "localhost", &format!("/after{i}"));
+        assert_eq!(
+            resp.status,
+            200,
+            "request {i} after a backend died: {} {:?}",
+            resp.status,
+            resp.text()
+        );
+        assert_eq!(resp.header("x-origin"), Some("b"));
+    }
+    assert_eq!(b.requests().len(), 15);
+}

@@ -1,0 +1,445 @@
+//! Request smuggling and malformed heads through a real `lbd`: every ambiguous or malformed
+//! request must get kakehi's own 400, the connection must be closed right after it, and not one
+//! byte may reach the origin (no recorded request, zero raw bytes received). Also the size
+//! limits of the head with `buffer_size = 4096`: an oversized request line gets 414, oversized
+//! headers 431. Each case runs on a fresh connection; the variants of one vector are all
+//! tried before the test fails, so a failure lists every variant that got through.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{holds_for, one_cluster, Client, Lbd};
+use lb_testkit::Origin;
+
+struct Setup {
+    origin: Origin,
+    lbd: Lbd,
+}
+
+fn setup() -> Setup {
+    let origin = Origin::start("o");
+    let addr = origin.addr();
+    let lbd = Lbd::start(|l| one_cluster("buffer_size = 4096\n", l, &[addr]));
+    Setup { origin, lbd }
+}
+
+/// Sends `raw` in one write; expects `status` from kakehi itself, then a close, and nothing at
+/// the origin. Returns a description of what went wrong, if anything.
+fn refused(s: &Setup, raw: &[u8], status: u16) -> Result<(), String> {
+    let before_bytes = s.origin.raw_bytes_received();
+    let before_reqs = s.origin.requests().len();
+    let mut c = Client::connect(s.lbd.addr());
+    c.send(raw);
+    let resp = c
+        .try_response_to(false)
+        .map_err(|e| format!("no response: {e}"))?;
+    let mut problems = Vec::new();
+    if resp.status != status {
+        problems.push(format!(
+            "status {} {} (body {:?}), expected {status}",
+            resp.status,
+            resp.reason,
+            resp.text()
+        ));
+    } else if !resp.text().to_ascii_lowercase().contains("<html") {
+        problems.push(format!("the {status} has no HTML body: {:?}", resp.text()));
+    }
+    if resp.header("x-origin").is_some() {
+        problems.push("the answer came from the origin".to_owned());
+    }
+    // The connection must be closed right after the refusal (the proxy shuts its side down
+    // at once; 3 s is only the bound on a wrong answer).
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        use std::io::Read;
+        match c.reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => rest.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => {
+                problems.push(format!(
+                    "the connection was not closed after the {status}: {e}"
+                ));
+                break;
+            }
+        }
+    }
+    if !rest.is_empty() {
+        problems.push(format!(
+            "bytes after the {status}: {:?}",
+            String::from_utf8_lossy(&rest)
+        ));
+    }
+    // Nothing reached the origin (and nothing arrives a moment later).
+    let clean = holds_for(Duration::from_millis(100), || {
+        s.origin.raw_bytes_received() == before_bytes && s.origin.requests().len() == before_reqs
+    });
+    if !clean {
+        problems.push(format!(
+            "the origin received {} bytes: {:?}",
+            s.origin.raw_bytes_received() - before_bytes,
+            s.origin.requests().get(before_reqs..)
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Runs every variant; fails listing each variant that was not refused cleanly.
+fn all_refused(variants: &[(&str, &[u8])], status: u16) {
+    let s = setup();
+    let failures: Vec<String> = variants
+        .iter()
+        .filter_map(|(name, raw)| {
+            refused(&s, raw, status)
+                .err()
+                .map(|why| format!("  {name} {:?}: {why}", String::from_utf8_lossy(raw)))
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} variants were not refused with {status} + close + nothing at the origin:\n{}",
+        failures.len(),
+        variants.len(),
+        failures.join("\n")
+    );
+    assert_eq!(
+        s.origin.raw_bytes_received(),
+        0,
+        "the origin received bytes"
+    );
+    assert!(s.origin.requests().is_empty());
+}
+
+#[test]
+fn content_length_and_transfer_encoding_together() {
+    all_refused(
+        &[
+            (
+                "CL then TE",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "TE then CL",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\
+                  Content-Length: 5\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "CL: 0 with TE",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "mixed case names",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\ncontent-LENGTH: 5\r\n\
+                  transfer-encoding: CHUNKED\r\n\r\n0\r\n\r\n",
+            ),
+        ],
+        400,
+    );
+}
+
+#[test]
+fn two_different_content_lengths() {
+    all_refused(
+        &[
+            (
+                "two lines",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+            ),
+            (
+                "one line, two values",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5, 6\r\n\r\nhello!",
+            ),
+            (
+                "sign",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: +5\r\n\r\nhello",
+            ),
+            (
+                "not a number",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5x\r\n\r\nhello",
+            ),
+        ],
+        400,
+    );
+}
+
+#[test]
+fn bad_chunk_size() {
+    all_refused(
+        &[
+            (
+                "not hex",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            ),
+            (
+                "negative",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
+            ),
+            (
+                "overflowing",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  10000000000000000000000000\r\nhello\r\n0\r\n\r\n",
+            ),
+            (
+                "0x prefix",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+            ),
+        ],
+        400,
+    );
+}
+
+#[test]
+fn transfer_encoding_not_ending_in_chunked() {
+    all_refused(
+        &[
+            (
+                "gzip only",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+            ),
+            (
+                "chunked then identity",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "xchunked",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+            ),
+        ],
+        400,
+    );
+}
+
+#[test]
+fn obs_fold() {
+    all_refused(
+        &[
+            (
+                "space",
+                b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Foo: bar\r\n baz\r\n\r\n",
+            ),
+            (
+                "tab",
+                b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Foo: bar\r\n\tbaz\r\n\r\n",
+            ),
+            (
+                "folded Transfer-Encoding",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n",
+            ),
+        ],
+        400,
+    );
+}
+
+#[test]
+fn bare_lf_in_the_head() {
+    all_refused(
+        &[
+            (
+                "between headers",
+                b"GET / HTTP/1.1\r\nHost: localhost\nX-Foo: bar\r\n\r\n",
+            ),
+            (
+                "after the request line",
+                b"GET / HTTP/1.1\nHost: localhost\r\n\r\n",
+            ),
+            ("everywhere", b"GET / HTTP/1.1\nHost: localhost\n\n"),
+            (
+                "bare CR",
+                b"GET / HTTP/1.1\r\nHost: localhost\rX-Foo: bar\r\n\r\n",
+            ),
+        ],
+        400,
+    );
+}
+
+#[test]
+fn invalid_header_name() {
+    all_refused(
+        &[
+            (
+                "space inside",
+                b"GET / HTTP/1.1\r\nHost: localhost\r\nX Foo: bar\r\n\r\n",
+            ),
+            (
+                "space before colon",
+                b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Foo : bar\r\n\r\n",
+            ),
+            (
+                "space before colon on Transfer-Encoding",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "parenthesis",
+                b"GET / HTTP/1.1\r\nHost: localhost\r\nX(y): z\r\n\r\n",
+            ),
+            (
+                "empty name",
+                b"GET / HTTP/1.1\r\nHost: localhost\r\n: z\r\n\r\n",
+            ),
+            ("no colon", b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Foo\r\n\r\n"),
+            (
+                "NUL in the name",
+                b"GET / HTTP/1.1\r\nHost: localhost\r\nX-F\0o: bar\r\n\r\n",
+            ),
+        ],
+        400,
+    );
+}
+
+#[test]
+fn absolute_form_with_a_disagreeing_host() {
+    all_refused(
+        &[
+            (
+                "other host",
+                b"GET http://evil.example/ HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            ),
+            (
+                "other port",
+                b"GET http://localhost:1/ HTTP/1.1\r\nHost: localhost:2\r\n\r\n",
+            ),
+        ],
+        400,
+    );
+}
+
+#[test]
+fn two_host_headers() {
+    all_refused(
+        &[
+            (
+                "different",
+                b"GET / HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n\r\n",
+            ),
+            (
+                "identical",
+                b"GET / HTTP/1.1\r\nHost: localhost\r\nHost: localhost\r\n\r\n",
+            ),
+            (
+                "different case",
+                b"GET / HTTP/1.1\r\nHost: localhost\r\nhOST: evil.example\r\n\r\n",
+            ),
+        ],
+        400,
+    );
+}
+
+#[test]
+fn missing_host_on_http11() {
+    all_refused(
+        &[
+            ("no Host", b"GET / HTTP/1.1\r\nX-Foo: bar\r\n\r\n"),
+            ("empty Host", b"GET / HTTP/1.1\r\nHost:\r\n\r\n"),
+        ],
+        400,
+    );
+}
+
+#[test]
+fn malformed_request_lines() {
+    all_refused(
+        &[
+            (
+                "unknown version",
+                b"GET / HTTP/9.9\r\nHost: localhost\r\n\r\n",
+            ),
+            ("no version", b"GET /\r\nHost: localhost\r\n\r\n"),
+            (
+                "space in target",
+                b"GET /a b HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            ),
+        ],
+        400,
+    );
+}
+
+#[test]
+fn the_absolute_form_that_agrees_is_served() {
+    // The counterpart of the refusals above: a well-formed absolute-form request passes.
+    let s = setup();
+    let mut c = Client::connect(s.lbd.addr());
+    c.send(b"GET http://localhost/abs HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let resp = c.response();
+    assert_eq!(resp.status, 200, "{:?}", resp.text());
+    let reqs = s.origin.requests();
+    assert_eq!(reqs.len(), 1);
+    assert!(reqs[0].target.ends_with("/abs"), "{:?}", reqs[0].target);
+}
+
+#[test]
+fn oversized_request_line_is_414() {
+    let s = setup();
+    let long = format!(
+        "GET /{} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        "a".repeat(5000)
+    );
+    let result = refused(&s, long.as_bytes(), 414);
+    assert!(
+        result.is_ok(),
+        "5000-byte target with buffer_size 4096: {}",
+        result.unwrap_err()
+    );
+}
+
+#[test]
+fn oversized_headers_are_431() {
+    let s = setup();
+    let mut raw = String::from("GET / HTTP/1.1\r\nHost: localhost\r\n");
+    for i in 0..100 {
+        raw.push_str(&format!("X-Filler-{i}: {}\r\n", "v".repeat(60)));
+    }
+    raw.push_str("\r\n");
+    let result = refused(&s, raw.as_bytes(), 431);
+    assert!(
+        result.is_ok(),
+        "7 KiB of headers with buffer_size 4096: {}",
+        result.unwrap_err()
+    );
+    // One single huge header too.
+    let raw = format!(
+        "GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "v".repeat(6000)
+    );
+    let result = refused(&s, raw.as_bytes(), 431);
+    assert!(
+        result.is_ok(),
+        "one 6000-byte header: {}",
+        result.unwrap_err()
+    );
+}
+
+#[test]
+fn head_just_under_the_buffer_is_served() {
+    let s = setup();
+    let mut c = Client::connect(s.lbd.addr());
+    let raw = format!(
+        "GET / HTTP/1.1\r\nHost: localhost\r\nX-Fill: {}\r\n\r\n",
+        "v".repeat(3000)
+    );
+    c.send(raw.as_bytes());
+    let resp = c.response();
+    assert_eq!(
+        resp.status,
+        200,
+        "a 3 KiB head with buffer_size 4096: {:?}",
+        resp.text()
+    );
+}
