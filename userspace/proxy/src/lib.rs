@@ -16,4 +16,4 @@ pub mod session;
 pub mod timer;
 pub mod worker;
 
-pub use worker::{Worker, WorkerError};
+pub use worker::{LiveGauge, Worker, WorkerError};

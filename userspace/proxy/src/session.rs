@@ -415,7 +415,7 @@ impl Session {
             let Some(address) = cluster.address(backend) else {
                 break;
             };
-            let (stream, connected) = match cx.idle.take(address, cx.now) {
+            let (stream, reused) = match cx.idle.take(address, cx.now) {
                 Some(s) => (s, true),
                 None => match TcpStream::connect(address) {
                     Ok(s) => (s, false),
@@ -430,22 +430,22 @@ impl Session {
                 cluster: cluster_idx,
                 backend,
                 address,
-                connected,
-                readable: connected,
-                writable: connected,
+                connected: reused,
+                readable: reused,
+                writable: reused,
                 eof: false,
             };
-            if cx
-                .registry
-                .register(
-                    &mut back.stream,
-                    back_token(self.key),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .is_err()
-            {
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            let token = back_token(self.key);
+            let registered = if reused {
+                cx.registry.reregister(&mut back.stream, token, interest)
+            } else {
+                cx.registry.register(&mut back.stream, token, interest)
+            };
+            if registered.is_err() {
                 continue;
             }
+            let connected = reused;
             cluster.acquire(backend);
             self.ex.backend = Some(address);
             self.back = Some(back);
@@ -685,13 +685,17 @@ impl Session {
             if let Some(c) = cx.clusters.get_mut(back.cluster) {
                 c.release(back.backend);
             }
-            let _ = cx.registry.deregister(&mut back.stream);
             let reusable = request_done
                 && !self.resp.backend_close
                 && !back.eof
                 && self.back_kawa.storage.is_empty();
             if reusable {
+                // It stays registered with this session's token: a stray event on an idle
+                // connection only sets a readiness flag that the next read clears. Reuse
+                // re-registers it under the new owner's token (one syscall, not two).
                 cx.idle.put(back.address, back.stream, cx.now);
+            } else {
+                let _ = cx.registry.deregister(&mut back.stream);
             }
         }
         let keep = request_done
@@ -947,10 +951,16 @@ fn read_into(stream: &mut TcpStream, readable: &mut bool, kawa: &mut Kawa<PoolBu
         }
     }
     loop {
+        let room = kawa.storage.available_space();
         match stream.read(kawa.storage.space()) {
             Ok(0) => return ReadOutcome::Eof,
             Ok(n) => {
                 kawa.storage.fill(n);
+                if n < room {
+                    // A short read drained the socket: with edge-triggered readiness the next
+                    // bytes bring a new event, so skip the read that would say EAGAIN.
+                    *readable = false;
+                }
                 return ReadOutcome::Data(n);
             }
             Err(e) if would_block(&e) => {

@@ -91,6 +91,13 @@ struct ListenerEntry {
     https: bool,
 }
 
+/// Where a worker publishes its live connection count for whoever steers connections to it
+/// (the eBPF steering program reads it from shared memory). Called once per event-loop turn
+/// when the count changed.
+pub trait LiveGauge {
+    fn publish(&mut self, live: u32);
+}
+
 /// One worker: accepts on its listeners and proxies until told to stop.
 pub struct Worker {
     poll: Poll,
@@ -101,6 +108,8 @@ pub struct Worker {
     max_connections: usize,
     next_session_id: u64,
     last_prune: Instant,
+    gauge: Option<Box<dyn LiveGauge>>,
+    published: Option<u32>,
 }
 
 impl Worker {
@@ -177,7 +186,26 @@ impl Worker {
             max_connections: config.max_connections,
             next_session_id: 0,
             last_prune: now,
+            gauge: None,
+            published: None,
         })
+    }
+
+    /// Publishes the live connection count to `gauge` from now on.
+    pub fn set_gauge(&mut self, gauge: Box<dyn LiveGauge>) {
+        self.gauge = Some(gauge);
+        self.published = None;
+        self.publish_live();
+    }
+
+    fn publish_live(&mut self) {
+        let live = u32::try_from(self.sessions.len()).unwrap_or(u32::MAX);
+        if self.published != Some(live) {
+            if let Some(gauge) = self.gauge.as_mut() {
+                gauge.publish(live);
+                self.published = Some(live);
+            }
+        }
     }
 
     /// The addresses the worker actually listens on (useful when bound to port 0).
@@ -238,6 +266,7 @@ impl Worker {
                 self.last_prune = self.cx.now;
             }
             self.cx.log.flush();
+            self.publish_live();
 
             if stop.load(Ordering::Relaxed) && drain_deadline.is_none() {
                 drain_deadline = Some(self.cx.now + DRAIN_TIMEOUT);
