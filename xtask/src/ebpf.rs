@@ -6,7 +6,7 @@
 //! installs check first, so a second run is a fast no-op. It also owns `build-ebpf`: build the
 //! program the way `cargo build` does (lbd's build script, through aya-build), find the object
 //! in the build script's OUT_DIR, prove that the kernel's verifier accepts it (lbd's
-//! `steering_load` test loads it with lbd's own loader inside a fresh network namespace), and
+//! `steering` test loads it with lbd's own loader inside a fresh network namespace), and
 //! print its path, size and instruction count. The program itself, its loader and its tests
 //! live in `ebpf/` and `userspace/lbd`; the wiring of these functions into the command line is
 //! `main.rs`'s.
@@ -80,12 +80,6 @@ pub fn install_toolchain() -> Result<()> {
     Ok(())
 }
 
-/// True when every part of the toolchain is present (nothing to install).
-pub fn toolchain_installed() -> bool {
-    missing_packages(&APT_PACKAGES).is_ok_and(|missing| missing.is_empty())
-        && bpf_linker_version().as_deref() == Some(BPF_LINKER_VERSION)
-}
-
 /// `cargo xtask build-ebpf`: installs the toolchain if missing, builds the program through
 /// lbd's build script (the path `cargo build` takes), loads it into the kernel with lbd's
 /// loader in a fresh network namespace, and prints the object's path, size and instruction
@@ -119,7 +113,7 @@ pub fn build_ebpf() -> Result<()> {
             "-p",
             "lbd",
             "--test",
-            "steering_load",
+            "steering",
             "--",
             "--exact",
             "verifier_accepts_the_program",
@@ -127,7 +121,7 @@ pub fn build_ebpf() -> Result<()> {
         .env("KAKEHI_EBPF_LOAD_REPORT", &report)
         .stdin(Stdio::null())
         .status()
-        .context("running cargo test -p lbd --test steering_load")?;
+        .context("running cargo test -p lbd --test steering")?;
     if !status.success() {
         bail!(
             "loading {} into the kernel failed ({status}); the test's output above has the \
@@ -175,6 +169,7 @@ fn build_lbd(root: &Path) -> Result<PathBuf> {
 fn lbd_out_dir(json_lines: &str) -> Option<PathBuf> {
     json_lines
         .lines()
+        .rev()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|msg| msg["reason"] == "build-script-executed")
         .filter(|msg| {
@@ -182,8 +177,7 @@ fn lbd_out_dir(json_lines: &str) -> Option<PathBuf> {
             // "path+file:///…/userspace/lbd#0.1.0" (cargo >= 1.77) or "lbd 0.1.0 (path+…)".
             id.contains("/userspace/lbd#") || id.starts_with("lbd ")
         })
-        .filter_map(|msg| msg["out_dir"].as_str().map(PathBuf::from))
-        .last()
+        .find_map(|msg| msg["out_dir"].as_str().map(PathBuf::from))
 }
 
 /// The executable program sections of an ELF64 little-endian BPF object, with their
@@ -394,10 +388,7 @@ mod tests {
 {"reason":"build-script-executed","package_id":"registry+https://github.com/rust-lang/crates.io-index#libc@0.2.1","out_dir":"/t/libc"}
 {"reason":"build-script-executed","package_id":"path+file:///w/userspace/lbd#0.1.0","out_dir":"/t/build/lbd-1/out"}
 {"reason":"build-finished","success":true}"#;
-        assert_eq!(
-            lbd_out_dir(json),
-            Some(PathBuf::from("/t/build/lbd-1/out"))
-        );
+        assert_eq!(lbd_out_dir(json), Some(PathBuf::from("/t/build/lbd-1/out")));
         assert_eq!(lbd_out_dir("{\"reason\":\"build-finished\"}"), None);
     }
 

@@ -16,6 +16,7 @@
 )]
 
 mod bench;
+mod ebpf;
 mod procs;
 mod run;
 mod setup;
@@ -49,6 +50,9 @@ enum Command {
     Test,
     /// Benchmark kakehi against nginx and HAProxy on this machine (not a test).
     Bench(bench::Args),
+    /// Build the eBPF steering program as `cargo build` does, load it into the kernel (in a
+    /// fresh network namespace) to prove the verifier accepts it, and print its size.
+    BuildEbpf,
 }
 
 fn main() -> ExitCode {
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&signals, &args),
         Command::Test => test::test(&signals).map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::bench(&signals, &args).map(|()| ExitCode::SUCCESS),
+        Command::BuildEbpf => ebpf::build_ebpf().map(|()| ExitCode::SUCCESS),
     });
     match result {
         Ok(code) => code,

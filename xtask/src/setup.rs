@@ -4,7 +4,7 @@
 //! installed (as root, no stdin, a private apt archive directory, services kept from starting).
 //! A second run checks with `dpkg-query` and does nothing. `run`, `test` and `bench` call
 //! `setup` with the subset they need. The eBPF toolchain (bpf-linker built against Debian's
-//! LLVM 22) will be installed here too: see `ebpf_toolchain`.
+//! LLVM 22) is installed here too: see `ebpf_toolchain`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -53,15 +53,11 @@ pub fn setup(signals: &Signals, packages: &[&str]) -> Result<()> {
     ebpf_toolchain(signals)
 }
 
-/// The eBPF toolchain. Nothing to install yet: the steering program is not built so far.
-///
-/// When it is, this installs (idempotently, checking first): Debian's `rustc-web`,
-/// `cargo-web`, `libstd-rust-web-dev-bpf` and `llvm-22-dev` through `install`, then
-/// `cargo install bpf-linker --version 0.13.0 --no-default-features --features llvm-22` with
-/// `LLVM_PREFIX` and `LLVM_SYS_221_PREFIX` set to /usr/lib/llvm-22 (see DESIGN.md, "The eBPF
-/// toolchain").
+/// The eBPF toolchain that lbd's build script needs to build the steering program: Debian's
+/// rustc-web with its prebuilt BPF `core`, LLVM 22 and bpf-linker 0.13.0 built against it
+/// (see `ebpf.rs` and DESIGN.md, "The eBPF toolchain"). Checks first; a no-op when present.
 fn ebpf_toolchain(_signals: &Signals) -> Result<()> {
-    Ok(())
+    crate::ebpf::install_toolchain()
 }
 
 /// The packages of `packages` that dpkg does not report as "install ok installed".

@@ -11,6 +11,8 @@ mod fds;
 mod listeners;
 mod logger;
 mod sandbox;
+#[allow(dead_code)] // Used by the supervisor soon; tested by tests/steering.rs.
+mod steering;
 mod supervisor;
 mod worker_main;
 
