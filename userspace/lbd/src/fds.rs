@@ -86,6 +86,20 @@ pub fn file_from_fd(fd: RawFd) -> Result<File, FdError> {
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
+/// Takes ownership of an inherited fd of any kind (checked to be open).
+pub fn owned_from_fd(fd: RawFd) -> Result<OwnedFd, FdError> {
+    // SAFETY: fcntl(F_GETFD) only reads the descriptor flags; it fails on a closed fd.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        return Err(FdError::Io {
+            fd,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: the fd is open (checked above), was inherited for this purpose and nothing
+    // else in this process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// A sealed-by-convention in-memory file with `text`, to hand the config to workers.
 pub fn memfd_with(text: &str) -> Result<File, FdError> {
     let fd =

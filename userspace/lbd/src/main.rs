@@ -11,7 +11,7 @@ mod fds;
 mod listeners;
 mod logger;
 mod sandbox;
-#[allow(dead_code)] // Used by the supervisor soon; tested by tests/steering.rs.
+#[allow(dead_code)] // The fd handoff of `lbctl upgrade` and tests/steering.rs use the rest.
 mod steering;
 mod supervisor;
 mod worker_main;

@@ -10,8 +10,10 @@
 
 use crate::fds;
 use crate::listeners;
+use crate::steering::Steering;
 use anyhow::Context as _;
-use lb_config::Config;
+use lb_config::{Config, SteeringPolicy};
+use lb_ebpf_common::{counter, Policy, WorkerState};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -42,6 +44,8 @@ pub struct Supervisor {
     config_file: File,
     /// `sockets[listener][worker]`: all sockets of one listener share its reuseport group.
     sockets: Vec<Vec<TcpListener>>,
+    /// With `steering = "ebpf"`: the program of each listener's group, by listener index.
+    steering: Vec<Steering>,
     slots: Vec<Slot>,
     exe: PathBuf,
     log_level: log::LevelFilter,
@@ -62,6 +66,10 @@ impl Supervisor {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             sockets.push(group);
         }
+        let steering = match config.steering {
+            lb_config::Steering::Kernel => Vec::new(),
+            lb_config::Steering::Ebpf => load_steering(&config, &sockets)?,
+        };
         let config_file = fds::memfd_with(config_text)?;
         let exe = std::env::current_exe().context("locating the lbd binary for workers")?;
         let slots = (0..config.workers)
@@ -77,6 +85,7 @@ impl Supervisor {
             source: source.to_path_buf(),
             config_file,
             sockets,
+            steering,
             slots,
             exe,
             log_level,
@@ -148,6 +157,11 @@ impl Supervisor {
                 .arg(fds::raw(socket).to_string());
             inherited.push(fds::raw(socket));
         }
+        for steering in &self.steering {
+            let fd = fds::raw(&steering.workers_fd()?);
+            command.arg("--workers-map-fd").arg(fd.to_string());
+            inherited.push(fd);
+        }
         fds::inherit_fds(&mut command, inherited);
         let child = command
             .spawn()
@@ -160,6 +174,9 @@ impl Supervisor {
             slot.started = Instant::now();
             slot.start_at = None;
         }
+        // Connections steered to it wait in its socket's queue until it accepts.
+        let limit = u32::try_from(self.config.max_connections).unwrap_or(u32::MAX);
+        self.set_worker_state(index, WorkerState::active(limit));
         log::info!("worker {index} started (pid {pid})");
         Ok(())
     }
@@ -176,19 +193,22 @@ impl Supervisor {
                 WaitStatus::Signaled(pid, signal, _) => (pid, format!("was killed by {signal}")),
                 _ => continue,
             };
-            let Some((index, slot)) = self
-                .slots
-                .iter_mut()
-                .enumerate()
-                .find(|(_, s)| s.pid == Some(pid))
-            else {
+            let Some(index) = self.slots.iter().position(|s| s.pid == Some(pid)) else {
                 continue;
             };
-            slot.pid = None;
             if stopping {
+                if let Some(slot) = self.slots.get_mut(index) {
+                    slot.pid = None;
+                }
                 log::info!("worker {index} (pid {pid}) {how}");
                 continue;
             }
+            // Until its replacement runs, new connections go to the other workers.
+            self.set_worker_state(index, WorkerState::default());
+            let Some(slot) = self.slots.get_mut(index) else {
+                continue;
+            };
+            slot.pid = None;
             let lived = slot.started.elapsed();
             if lived >= STABLE_AFTER {
                 slot.backoff = Duration::from_millis(100);
@@ -203,8 +223,46 @@ impl Supervisor {
         }
     }
 
+    fn set_worker_state(&mut self, index: usize, state: WorkerState) {
+        let Ok(index) = u32::try_from(index) else {
+            return;
+        };
+        for (listener, steering) in self.steering.iter_mut().enumerate() {
+            if let Err(e) = steering.set_worker_state(index, state) {
+                log::error!("listener {listener}: cannot set worker {index}'s steering state: {e}");
+            }
+        }
+    }
+
+    /// The kernel program's decisions and drops, per listener, in lbd's log.
+    fn log_counters(&self) {
+        for (steering, listener) in self.steering.iter().zip(&self.config.listeners) {
+            let Ok(counters) = steering.counters() else {
+                continue;
+            };
+            let get = |i: u32| counters.get(i as usize).copied().unwrap_or(0);
+            let decisions: Vec<String> = (0..self.slots.len() as u32)
+                .map(|w| get(counter::DECISIONS + w).to_string())
+                .collect();
+            log::info!(
+                "steering {}: decisions per worker [{}], dropped all-full {}, dropped no-worker {}, select failed {}",
+                listener.address,
+                decisions.join(", "),
+                get(counter::DROPS_ALL_FULL),
+                get(counter::DROPS_NO_WORKER),
+                get(counter::SELECT_FAILED)
+            );
+        }
+    }
+
     fn shutdown(&mut self) -> anyhow::Result<()> {
         log::info!("stopping: draining {} workers", self.slots.len());
+        // No worker takes new connections any more: the program refuses them in the kernel.
+        for index in 0..self.slots.len() {
+            let limit = u32::try_from(self.config.max_connections).unwrap_or(u32::MAX);
+            self.set_worker_state(index, WorkerState::active(limit).draining());
+        }
+        self.log_counters();
         // Close our copies of the listening sockets: once the workers close theirs, new
         // connections are refused by the kernel instead of queueing for nobody.
         self.sockets.clear();
@@ -227,4 +285,41 @@ impl Supervisor {
         }
         Ok(())
     }
+}
+
+/// Loads one steering program per listener group, fills its socket slots (worker i's socket
+/// of that listener in slot i) and attaches it. Workers stay inactive until they start.
+fn load_steering(config: &Config, sockets: &[Vec<TcpListener>]) -> anyhow::Result<Vec<Steering>> {
+    let policy = match config.steering_policy {
+        SteeringPolicy::FlowHash => Policy::FlowHash,
+        SteeringPolicy::LeastConnections => Policy::LeastConnections,
+        SteeringPolicy::PowerOfTwo => Policy::PowerOfTwo,
+    };
+    let workers = u32::try_from(config.workers).context("too many workers")?;
+    let mut out = Vec::new();
+    for (listener, group) in config.listeners.iter().zip(sockets) {
+        let what = || {
+            format!(
+                "listener {}: eBPF steering (steering = \"ebpf\"; \"kernel\" uses plain reuseport hashing)",
+                listener.address
+            )
+        };
+        let mut steering = Steering::load(policy, workers).with_context(what)?;
+        for (index, socket) in group.iter().enumerate() {
+            let index = u32::try_from(index).context("too many workers")?;
+            steering
+                .set_worker_socket(index, socket)
+                .with_context(what)?;
+        }
+        let first = group.first().context("a listener without sockets")?;
+        steering.attach(first).with_context(what)?;
+        log::info!(
+            "listener {}: eBPF steering attached ({:?}, {} workers)",
+            listener.address,
+            policy,
+            workers
+        );
+        out.push(steering);
+    }
+    Ok(out)
 }

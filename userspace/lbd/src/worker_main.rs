@@ -24,6 +24,26 @@ pub struct WorkerArgs {
     /// Inherited listening sockets, one per listener, in config order.
     #[arg(long = "listener-fd")]
     pub listener_fds: Vec<i32>,
+    /// Inherited WORKERS maps of the eBPF steering programs (one per listener), where this
+    /// worker publishes its live connection count.
+    #[arg(long = "workers-map-fd")]
+    pub workers_map_fds: Vec<i32>,
+}
+
+/// Publishes the live count into every steering program's WORKERS map (shared memory).
+struct SteeringGauge {
+    maps: Vec<lb_ebpf_common::mmap::WorkerStates>,
+    index: u32,
+}
+
+impl lb_proxy::LiveGauge for SteeringGauge {
+    fn publish(&mut self, live: u32) {
+        for map in &self.maps {
+            if let Some(slot) = map.live(self.index) {
+                slot.store(live, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
@@ -42,7 +62,23 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("installing the signal handlers")?;
     }
+    // Mapped now: the sandbox forbids mmap of anything but anonymous memory... in spirit;
+    // the mapping itself outlives the fds, which are closed here.
+    let mut maps = Vec::new();
+    for &fd in &args.workers_map_fds {
+        let owned = fds::owned_from_fd(fd)?;
+        maps.push(
+            lb_ebpf_common::mmap::WorkerStates::map(std::os::fd::AsFd::as_fd(&owned))
+                .with_context(|| format!("mapping the steering WORKERS map (fd {fd})"))?,
+        );
+    }
     let mut worker = lb_proxy::Worker::new(&config, listeners)?;
+    if !maps.is_empty() {
+        worker.set_gauge(Box::new(SteeringGauge {
+            maps,
+            index: u32::try_from(args.index).context("worker index")?,
+        }));
+    }
     sandbox::enter(config.user.as_deref(), config.group.as_deref())
         .context("entering the sandbox")?;
     log::info!("worker {} sandboxed and serving", args.index);

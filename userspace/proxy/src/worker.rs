@@ -239,6 +239,9 @@ impl Worker {
                 let token = event.token().0;
                 if token >= LISTENER_BASE {
                     self.accept(token - LISTENER_BASE, &mut touched);
+                    // Publish at once: the steering program counts this worker's load for
+                    // the very next connection.
+                    self.publish_live();
                     continue;
                 }
                 let key = token >> 1;
