@@ -30,6 +30,8 @@ pub enum SandboxError {
     Capabilities(#[source] caps::errors::CapsError),
     #[error("cannot build the seccomp filter: {0}")]
     Filter(String),
+    #[error("the supervisor exited while this worker was starting")]
+    SupervisorGone,
     #[error("cannot install the seccomp filter: {0}")]
     Install(#[source] seccompiler::Error),
 }
@@ -189,8 +191,22 @@ pub fn compile_filter() -> Result<BpfProgram, SandboxError> {
 /// Switches identity, drops capabilities, sets no_new_privs and installs the filter.
 pub fn enter(user: Option<&str>, group: Option<&str>) -> Result<(), SandboxError> {
     let filter = compile_filter()?;
+    let supervisor = nix::unistd::getppid();
+    // The bounding set first: shrinking it needs CAP_SETPCAP, which setuid takes away.
+    drop_bounding_set()?;
     switch_identity(user, group)?;
-    drop_capabilities()?;
+    clear_capabilities()?;
+    // A uid/gid change clears the parent-death signal set before exec: set it again, then
+    // make sure the supervisor did not die in between (we would not be told).
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(|source| {
+        SandboxError::Identity {
+            what: "the parent-death signal".into(),
+            source,
+        }
+    })?;
+    if nix::unistd::getppid() != supervisor {
+        return Err(SandboxError::SupervisorGone);
+    }
     // seccompiler sets PR_SET_NO_NEW_PRIVS itself before installing the filter.
     seccompiler::apply_filter(&filter).map_err(SandboxError::Install)
 }
@@ -227,7 +243,7 @@ fn switch_identity(user: Option<&str>, group: Option<&str>) -> Result<(), Sandbo
     Ok(())
 }
 
-fn drop_capabilities() -> Result<(), SandboxError> {
+fn drop_bounding_set() -> Result<(), SandboxError> {
     // The bounding set can only shrink with CAP_SETPCAP; without it there is nothing the
     // process could regain anyway once permitted is empty and no_new_privs is set.
     if caps::has_cap(None, CapSet::Effective, caps::Capability::CAP_SETPCAP).unwrap_or(false) {
@@ -235,6 +251,10 @@ fn drop_capabilities() -> Result<(), SandboxError> {
             caps::drop(None, CapSet::Bounding, cap).map_err(SandboxError::Capabilities)?;
         }
     }
+    Ok(())
+}
+
+fn clear_capabilities() -> Result<(), SandboxError> {
     for set in [
         CapSet::Ambient,
         CapSet::Inheritable,

@@ -1080,3 +1080,215 @@ pub fn field<'a>(fields: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())
 }
+
+// ---- the supervisor and its workers: /proc readings, readiness from the log ----------------
+
+impl Lbd {
+    /// Like [`Lbd::start`], but without connecting to the listener to see it ready: `lbd` is
+    /// ready when `ready(stderr)` holds (10 s at most). For tests that account for every
+    /// connection the listener ever receives (the eBPF steering counters), which the readiness
+    /// probe of [`Lbd::start`] would add to.
+    pub fn start_until(config: impl Fn(SocketAddr) -> String, ready: impl Fn(&str) -> bool) -> Lbd {
+        let dir = TempDir::new("lbd");
+        let socket = dir.path().join("lbd.sock");
+        for attempt in 0..START_ATTEMPTS {
+            let addrs = vec![free_addr()];
+            let text = format!(
+                "command_socket = \"{}\"\n{}",
+                socket.display(),
+                config(addrs[0])
+            );
+            let config_path = dir.write("lbd.toml", &text);
+            let stdout = dir.path().join(format!("stdout.{attempt}.log"));
+            let stderr = dir.path().join(format!("stderr.{attempt}.log"));
+            let mut child = Command::new(lbd_bin())
+                .arg("--config")
+                .arg(&config_path)
+                .stdin(Stdio::null())
+                .stdout(File::create(&stdout).unwrap())
+                .stderr(File::create(&stderr).unwrap())
+                .spawn()
+                .expect("spawn lbd");
+            let mut exited = None;
+            let up = wait_until(START_DEADLINE, || {
+                if let Some(status) = child.try_wait().expect("wait(lbd)") {
+                    exited = Some(status);
+                    return true;
+                }
+                ready(&fs::read_to_string(&stderr).unwrap_or_default())
+            });
+            let err = fs::read_to_string(&stderr).unwrap_or_default();
+            if let Some(status) = exited {
+                let taken = err.contains("cannot bind") || err.contains("Address already in use");
+                if taken && attempt + 1 < START_ATTEMPTS {
+                    continue;
+                }
+                panic!("lbd exited at start ({status}):\n{err}\nconfig:\n{text}");
+            }
+            if !up {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("lbd was not ready within {START_DEADLINE:?}:\n{err}\nconfig:\n{text}");
+            }
+            return Lbd {
+                child,
+                status: None,
+                addrs,
+                config_path,
+                config_text: text,
+                stdout,
+                stderr,
+                dir,
+            };
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// The live (not zombie) worker processes: the direct children of `lbd`.
+    pub fn workers(&self) -> Vec<i32> {
+        live_children(self.pid())
+    }
+}
+
+/// A readiness test for [`Lbd::start_until`]: the supervisor logged the start of workers
+/// `0..n` (after which the steering program counts them active) and each of them logged that
+/// it is sandboxed and serving.
+pub fn workers_ready(n: usize) -> impl Fn(&str) -> bool {
+    move |log: &str| {
+        (0..n).all(|i| {
+            log.contains(&format!("worker {i} started (pid "))
+                && log.contains(&format!("worker {i} sandboxed and serving"))
+        })
+    }
+}
+
+/// `/proc/PID/stat` split after the command name: `[state, ppid, ...]`; None when gone.
+fn proc_stat_tail(pid: i32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The direct children of `pid` that are alive (neither zombies nor dead), by scanning the
+/// parent pid of every `/proc/*/stat`.
+pub fn live_children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Some(tail) = proc_stat_tail(child) else {
+            continue;
+        };
+        let state = tail.first().map(String::as_str).unwrap_or("?");
+        let ppid = tail.get(1).and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(pid) && state != "Z" && state != "X" {
+            out.push(child);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Whether `pid` exists and is not a zombie.
+pub fn process_alive(pid: i32) -> bool {
+    proc_stat_tail(pid)
+        .and_then(|t| t.first().cloned())
+        .is_some_and(|s| s != "Z" && s != "X")
+}
+
+/// The value of the `key:` line of `/proc/PID/status` (trimmed); None when gone.
+pub fn proc_status(pid: i32, key: &str) -> Option<String> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let prefix = format!("{key}:");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(|v| v.trim().to_owned())
+}
+
+/// The `--index N` of a worker's command line.
+pub fn worker_index(pid: i32) -> Option<usize> {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let at = args.iter().position(|a| *a == b"--index")?;
+    std::str::from_utf8(args.get(at + 1)?).ok()?.parse().ok()
+}
+
+/// The inodes of the sockets among `pid`'s open descriptors (`socket:[INODE]` links).
+pub fn socket_inodes(pid: i32) -> HashSet<u64> {
+    let mut out = HashSet::new();
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Ok(target) = fs::read_link(entry.path()) else {
+            continue;
+        };
+        let inode = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.parse().ok());
+        if let Some(inode) = inode {
+            out.insert(inode);
+        }
+    }
+    out
+}
+
+/// One IPv4 TCP socket of `/proc/PID/net/tcp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The kernel's state number: 0x01 established, 0x0A listen...
+    pub state: u8,
+    pub inode: u64,
+}
+
+pub const TCP_ESTABLISHED: u8 = 0x01;
+pub const TCP_LISTEN: u8 = 0x0A;
+
+/// The IPv4 TCP sockets of the network namespace `pid` is in (`/proc/PID/net/tcp`: a test
+/// thread that moved into a namespace of its own must name a process inside it, since
+/// `/proc/net` follows the main thread's namespace).
+pub fn tcp_sockets(pid: i32) -> Vec<TcpSocket> {
+    fn addr(hex: &str) -> Option<SocketAddr> {
+        let (ip, port) = hex.split_once(':')?;
+        let ip = u32::from_str_radix(ip, 16).ok()?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        // The kernel prints the address's in-memory (network order) bytes as a native u32.
+        let ip = std::net::Ipv4Addr::from(ip.to_ne_bytes());
+        Some(SocketAddr::new(ip.into(), port))
+    }
+    let text = fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            Some(TcpSocket {
+                local: addr(f.get(1)?)?,
+                remote: addr(f.get(2)?)?,
+                state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+                inode: f.get(9)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The inodes of the sockets listening on `addr`, in the namespace of `pid`.
+pub fn listening_inodes(pid: i32, addr: SocketAddr) -> HashSet<u64> {
+    tcp_sockets(pid)
+        .into_iter()
+        .filter(|s| s.state == TCP_LISTEN && s.local == addr)
+        .map(|s| s.inode)
+        .collect()
+}

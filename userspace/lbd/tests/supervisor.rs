@@ -1,0 +1,521 @@
+//! The supervisor and its sandboxed workers, seen from outside: the real `lbd` binary with
+//! kernel steering (plain SO_REUSEPORT hashing, no eBPF), its worker processes found as its
+//! children in /proc, and their sandbox read back from `/proc/PID/status`. A worker killed
+//! with SIGKILL under wrk load is replaced within a second on the very same listening socket
+//! (the `socket:[INODE]` its descriptors point to) without a failed request; a worker that
+//! keeps dying is restarted with a growing delay; SIGTERM stops everything and exits 0; with
+//! `user = "nobody"` the workers run as uid 65534.
+//!
+//! Every process a test starts is stopped by pid (the harness's `Lbd`, the wrk child); every
+//! wait has a deadline.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    get, listening_inodes, one_cluster, proc_status, process_alive, socket_inodes, wait_until,
+    worker_index, Lbd,
+};
+use lb_testkit::Origin;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// How long a set of workers may take to be started and sandboxed.
+const WORKERS_UP: Duration = Duration::from_secs(10);
+
+fn start(workers: usize, top: &str, origin: SocketAddr) -> Lbd {
+    let top = format!("workers = {workers}\n{top}");
+    Lbd::start(|l| one_cluster(&top, l, &[origin]))
+}
+
+/// Whether the worker has entered its sandbox (the seccomp filter is the last step).
+fn sandboxed(pid: i32) -> bool {
+    proc_status(pid, "Seccomp").as_deref() == Some("2")
+}
+
+/// Waits until `lbd` has exactly `n` live worker children, all sandboxed; returns them.
+fn wait_workers(lbd: &Lbd, n: usize) -> Vec<i32> {
+    let mut workers = Vec::new();
+    let up = wait_until(WORKERS_UP, || {
+        workers = lbd.workers();
+        workers.len() == n && workers.iter().all(|&w| sandboxed(w))
+    });
+    assert!(
+        up,
+        "expected {n} sandboxed workers under lbd (pid {}), found {:?} (Seccomp {:?})",
+        lbd.pid(),
+        workers,
+        workers
+            .iter()
+            .map(|&w| proc_status(w, "Seccomp"))
+            .collect::<Vec<_>>()
+    );
+    workers
+}
+
+/// The listening socket of `lbd`'s listener that `worker` holds (exactly one).
+fn listener_inode(lbd: &Lbd, worker: i32) -> u64 {
+    let listening = listening_inodes(lbd.pid(), lbd.addr());
+    assert!(
+        !listening.is_empty(),
+        "no socket listens on {} in /proc/{}/net/tcp",
+        lbd.addr(),
+        lbd.pid()
+    );
+    let held: Vec<u64> = socket_inodes(worker)
+        .intersection(&listening)
+        .copied()
+        .collect();
+    assert_eq!(
+        held.len(),
+        1,
+        "worker {worker} should hold exactly one of the listening sockets {listening:?}, \
+         holds {held:?}"
+    );
+    held[0]
+}
+
+fn assert_serves(lbd: &Lbd, requests: usize) {
+    for n in 0..requests {
+        let resp = get(lbd.addr(), "localhost", &format!("/serve/{n}"));
+        assert_eq!(resp.status, 200, "request {n}: {:?}", resp.text());
+    }
+}
+
+/// The sandbox as /proc shows it: seccomp filter mode, no_new_privs, no capability at all.
+fn assert_sandboxed(pid: i32) {
+    let field = |k: &str| {
+        proc_status(pid, k).unwrap_or_else(|| panic!("worker {pid}: no {k} in /proc status"))
+    };
+    assert_eq!(field("Seccomp"), "2", "worker {pid}: Seccomp");
+    assert_eq!(field("NoNewPrivs"), "1", "worker {pid}: NoNewPrivs");
+    for cap in ["CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"] {
+        assert_eq!(field(cap), "0000000000000000", "worker {pid}: {cap}");
+    }
+}
+
+#[test]
+fn four_workers_are_sandboxed_children_and_serve() {
+    let origin = Origin::start("o");
+    let lbd = start(4, "", origin.addr());
+    let workers = wait_workers(&lbd, 4);
+    let mut indexes = Vec::new();
+    let mut inodes = HashSet::new();
+    for &w in &workers {
+        assert_sandboxed(w);
+        indexes.push(worker_index(w).expect("a worker's --index"));
+        inodes.insert(listener_inode(&lbd, w));
+    }
+    indexes.sort_unstable();
+    assert_eq!(indexes, [0, 1, 2, 3], "worker indexes");
+    assert_eq!(
+        inodes.len(),
+        4,
+        "one listening socket per worker: {inodes:?}"
+    );
+    // The supervisor keeps a copy of every worker's socket.
+    let kept = socket_inodes(lbd.pid());
+    assert!(
+        inodes.is_subset(&kept),
+        "lbd holds {kept:?}, workers {inodes:?}"
+    );
+    // The supervisor itself is not sandboxed (it must fork, exec, load programs).
+    assert_eq!(proc_status(lbd.pid(), "Seccomp").as_deref(), Some("0"));
+    assert_serves(&lbd, 40);
+    println!("workers {workers:?} on listening sockets {inodes:?}");
+}
+
+// ---- wrk ------------------------------------------------------------------------------------
+
+/// wrk's summary.
+#[derive(Debug, Default, Clone, Copy)]
+struct WrkSummary {
+    requests: u64,
+    connect_errors: u64,
+    read_errors: u64,
+    write_errors: u64,
+    timeouts: u64,
+    non_2xx: u64,
+}
+
+fn parse_wrk(out: &str) -> WrkSummary {
+    let mut s = WrkSummary::default();
+    let number = |t: &str| -> u64 {
+        t.trim()
+            .trim_end_matches(',')
+            .parse()
+            .unwrap_or_else(|_| panic!("a number in wrk's output: {t:?}\n{out}"))
+    };
+    let mut saw_requests = false;
+    for line in out.lines() {
+        let line = line.trim();
+        if let Some((n, _)) = line.split_once(" requests in ") {
+            s.requests = number(n);
+            saw_requests = true;
+        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
+            // `connect A, read B, write C, timeout D`
+            for part in rest.split(',') {
+                let mut kv = part.split_whitespace();
+                let (Some(k), Some(v)) = (kv.next(), kv.next()) else {
+                    continue;
+                };
+                let v = number(v);
+                match k {
+                    "connect" => s.connect_errors = v,
+                    "read" => s.read_errors = v,
+                    "write" => s.write_errors = v,
+                    "timeout" => s.timeouts = v,
+                    _ => {}
+                }
+            }
+        } else if let Some(n) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            s.non_2xx = number(n);
+        }
+    }
+    assert!(saw_requests, "no request count in wrk's output:\n{out}");
+    s
+}
+
+/// wrk against `url`, running as a child process stopped by pid if it overstays.
+struct Wrk {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl Wrk {
+    fn start(url: &str, connections: u32, seconds: u32, dir: &std::path::Path) -> Wrk {
+        let out = dir.join("wrk.out");
+        let child = Command::new("/usr/bin/wrk")
+            .args([
+                "-t1",
+                &format!("-c{connections}"),
+                &format!("-d{seconds}s"),
+                "--timeout",
+                "3s",
+                url,
+            ])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("this test needs wrk at /usr/bin/wrk (apt-get install wrk): {e}")
+            });
+        Wrk { child, out }
+    }
+
+    fn finish(mut self, deadline: Duration) -> (WrkSummary, String) {
+        let child = &mut self.child;
+        let done = wait_until(deadline, || child.try_wait().unwrap().is_some());
+        if !done {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+            let _ = self.child.wait();
+            panic!("wrk did not finish within {deadline:?}");
+        }
+        let status = self.child.wait().unwrap();
+        let out = std::fs::read_to_string(&self.out).unwrap_or_default();
+        assert!(status.success(), "wrk failed ({status}):\n{out}");
+        (parse_wrk(&out), out)
+    }
+}
+
+impl Drop for Wrk {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits for a live, sandboxed child of `lbd` that is not in `known`; returns it and how long
+/// after `since` it was first seen (as a child, sandboxed or not).
+fn wait_new_worker(lbd: &Lbd, known: &HashSet<i32>, since: Instant) -> (i32, Duration) {
+    let mut seen: Option<(i32, Duration)> = None;
+    let found = wait_until(Duration::from_secs(10), || {
+        if seen.is_none() {
+            seen = lbd
+                .workers()
+                .into_iter()
+                .find(|w| !known.contains(w))
+                .map(|w| (w, since.elapsed()));
+        }
+        seen.is_some_and(|(w, _)| sandboxed(w))
+    });
+    assert!(
+        found,
+        "no new sandboxed worker within 10 s (seen: {seen:?}); lbd stderr:\n{}",
+        lbd.stderr()
+    );
+    seen.unwrap()
+}
+
+/// The first 8 hex digits of a request id: the prefix of the worker process that served it.
+fn access_log_prefixes(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let fields = common::parse_logfmt(l);
+            common::field(&fields, "request_id").map(|id| id.chars().take(8).collect())
+        })
+        .collect()
+}
+
+#[test]
+fn a_worker_killed_under_load_is_replaced_within_a_second_on_the_same_socket() {
+    const CONNECTIONS: u32 = 20;
+    let origin = Origin::start("o");
+    let lbd = start(4, "", origin.addr());
+    let workers = wait_workers(&lbd, 4);
+    let inodes: HashMap<i32, u64> = workers
+        .iter()
+        .map(|&w| (w, listener_inode(&lbd, w)))
+        .collect();
+
+    let url = format!("http://{}/", lbd.addr());
+    let wrk = Wrk::start(&url, CONNECTIONS, 4, lbd.dir().path());
+    std::thread::sleep(Duration::from_millis(1500));
+    let victim = workers[1];
+    let victim_inode = inodes[&victim];
+    let victim_index = worker_index(victim).unwrap();
+    let killed_at = Instant::now();
+    kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    let known: HashSet<i32> = workers.iter().copied().collect();
+    let (replacement, after) = wait_new_worker(&lbd, &known, killed_at);
+    let sandboxed_after = killed_at.elapsed();
+    let (summary, out) = wrk.finish(Duration::from_secs(15));
+    println!("{out}");
+    println!(
+        "killed worker {victim} (index {victim_index}, socket:[{victim_inode}]); replacement \
+         {replacement} seen after {after:?}, sandboxed after {sandboxed_after:?}"
+    );
+    println!("wrk: {summary:?}");
+
+    assert!(
+        after < Duration::from_secs(1),
+        "the replacement appeared {after:?} after the kill"
+    );
+    assert!(!process_alive(victim), "the killed worker is still there");
+    assert_eq!(worker_index(replacement), Some(victim_index));
+    assert_eq!(
+        listener_inode(&lbd, replacement),
+        victim_inode,
+        "the replacement must take over the dead worker's listening socket"
+    );
+    let now: HashSet<i32> = wait_workers(&lbd, 4).into_iter().collect();
+    let expected: HashSet<i32> = workers
+        .iter()
+        .copied()
+        .filter(|&w| w != victim)
+        .chain([replacement])
+        .collect();
+    assert_eq!(now, expected, "the other workers are untouched");
+    assert_sandboxed(replacement);
+
+    assert!(summary.requests > 1000, "too little load: {summary:?}");
+    assert_eq!(
+        summary.non_2xx, 0,
+        "non-2xx answers under the kill: {summary:?}"
+    );
+    assert_eq!(summary.connect_errors, 0, "{summary:?}");
+    assert_eq!(summary.timeouts, 0, "{summary:?}");
+    // Only connections the killed worker had accepted may fail: at most wrk's connections.
+    assert!(
+        summary.read_errors + summary.write_errors <= u64::from(CONNECTIONS),
+        "more socket errors than connections inside the dead worker: {summary:?}"
+    );
+
+    // The replacement serves: over 200 new connections (kernel hashing over 4 sockets), the
+    // access log shows the request-id prefixes of 4 processes, none of them the dead one's
+    // (which could not log any more).
+    let before = lbd.stdout().lines().count();
+    assert_serves(&lbd, 200);
+    let lines = lbd.wait_stdout_lines(before + 200);
+    let prefixes: HashSet<String> = access_log_prefixes(&lines[before..]).into_iter().collect();
+    assert_eq!(
+        prefixes.len(),
+        4,
+        "4 workers should share 200 new connections: request-id prefixes {prefixes:?}"
+    );
+    let stderr = lbd.stderr();
+    assert!(
+        stderr.contains(&format!("(pid {victim}) was killed by SIGKILL")),
+        "lbd should log the death:\n{stderr}"
+    );
+}
+
+#[test]
+fn a_worker_that_keeps_dying_is_restarted_with_back_off() {
+    let origin = Origin::start("o");
+    let mut lbd = start(2, "", origin.addr());
+    let workers = wait_workers(&lbd, 2);
+    let mut known: HashSet<i32> = workers.iter().copied().collect();
+    let victim = workers[0];
+    let index = worker_index(victim).unwrap();
+    let inode = listener_inode(&lbd, victim);
+    // A worker that lived longer than a second is restarted at once; the test wants that
+    // first restart to be the prompt one.
+    std::thread::sleep(Duration::from_millis(1200));
+
+    let mut current = victim;
+    let mut gaps = Vec::new();
+    for round in 0..3 {
+        let at = Instant::now();
+        kill(Pid::from_raw(current), Signal::SIGKILL).unwrap();
+        let (next, gap) = wait_new_worker(&lbd, &known, at);
+        assert_eq!(worker_index(next), Some(index), "round {round}");
+        assert_eq!(
+            listener_inode(&lbd, next),
+            inode,
+            "round {round}: same socket"
+        );
+        known.insert(next);
+        gaps.push(gap);
+        current = next;
+    }
+    println!("worker {index}: replacement delays after 3 quick kills: {gaps:?}");
+    assert!(gaps[0] < Duration::from_secs(1), "{gaps:?}");
+    // It lived less than a second each time: 100 ms, then 200 ms before the restart.
+    assert!(
+        gaps[1] >= Duration::from_millis(100),
+        "no back-off: {gaps:?}"
+    );
+    assert!(
+        gaps[2] >= Duration::from_millis(200),
+        "no growing back-off: {gaps:?}"
+    );
+    assert!(gaps[2] > gaps[1], "the back-off should grow: {gaps:?}");
+    assert!(gaps[2] < Duration::from_secs(3), "{gaps:?}");
+
+    assert!(lbd.wait_exit(Duration::ZERO).is_none(), "lbd died");
+    let now = wait_workers(&lbd, 2);
+    assert!(now.contains(&current), "{now:?} vs {current}");
+    assert!(
+        now.contains(&workers[1]),
+        "the other worker was touched: {now:?}"
+    );
+    assert_serves(&lbd, 20);
+    let restarts = lbd
+        .stderr()
+        .lines()
+        .filter(|l| {
+            l.contains(&format!("worker {index} (pid "))
+                && l.contains("was killed by SIGKILL")
+                && l.contains("restarting it on the same sockets")
+        })
+        .count();
+    assert_eq!(restarts, 3, "stderr:\n{}", lbd.stderr());
+    let status = lbd.shutdown();
+    assert_eq!(status.code(), Some(0), "lbd after the restarts: {status}");
+}
+
+#[test]
+fn sigterm_stops_every_worker_and_exits_0() {
+    let origin = Origin::start("o");
+    let mut lbd = start(4, "", origin.addr());
+    let workers = wait_workers(&lbd, 4);
+    assert_serves(&lbd, 8);
+    let at = Instant::now();
+    lbd.signal(Signal::SIGTERM);
+    let status = lbd.wait_exit(Duration::from_secs(10));
+    let took = at.elapsed();
+    let status = status.expect("lbd did not exit within 10 s of SIGTERM");
+    println!("lbd exited {status} {took:?} after SIGTERM");
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
+    for &w in &workers {
+        assert!(!process_alive(w), "worker {w} outlived lbd");
+    }
+    let stderr = lbd.stderr();
+    assert!(stderr.contains("stopping: draining 4 workers"), "{stderr}");
+    for &w in &workers {
+        assert!(
+            stderr.contains(&format!("(pid {w}) exited with status 0")),
+            "worker {w} should drain and exit 0:\n{stderr}"
+        );
+    }
+    assert!(
+        !stderr.contains("did not stop in time"),
+        "a worker had to be killed:\n{stderr}"
+    );
+}
+
+#[test]
+fn workers_run_as_the_configured_user_and_serve() {
+    let origin = Origin::start("o");
+    let lbd = start(2, "user = \"nobody\"", origin.addr());
+    let workers = wait_workers(&lbd, 2);
+    for &w in &workers {
+        let uid = proc_status(w, "Uid").unwrap();
+        let gid = proc_status(w, "Gid").unwrap();
+        let groups = proc_status(w, "Groups").unwrap();
+        println!("worker {w}: Uid {uid:?} Gid {gid:?} Groups {groups:?}");
+        assert_eq!(
+            uid.split_whitespace().collect::<Vec<_>>(),
+            ["65534"; 4],
+            "worker {w}: real, effective, saved and filesystem uid"
+        );
+        assert_eq!(
+            gid.split_whitespace().collect::<Vec<_>>(),
+            ["65534"; 4],
+            "worker {w}: the gid of nobody"
+        );
+        assert_eq!(groups, "65534", "worker {w}: supplementary groups");
+    }
+    let uid = proc_status(lbd.pid(), "Uid").unwrap();
+    assert!(
+        uid.starts_with('0'),
+        "the supervisor keeps its identity: {uid:?}"
+    );
+    assert_serves(&lbd, 40);
+    // The same sandbox as root's workers: nothing left in any capability set, bounding
+    // included.
+    for &w in &workers {
+        assert_sandboxed(w);
+    }
+}
+
+/// SIGKILL of the supervisor (no drain possible): its workers must not live on, serving
+/// with nobody to restart or stop them. Checked with and without a `user` switch.
+#[test]
+fn workers_do_not_outlive_a_killed_supervisor() {
+    let origin = Origin::start("o");
+    let mut outcomes = Vec::new();
+    for top in ["", "user = \"nobody\""] {
+        let mut lbd = start(2, top, origin.addr());
+        let workers = wait_workers(&lbd, 2);
+        lbd.signal(Signal::SIGKILL);
+        assert!(lbd.wait_exit(Duration::from_secs(5)).is_some());
+        let gone = wait_until(Duration::from_secs(3), || {
+            workers.iter().all(|&w| !process_alive(w))
+        });
+        let left: Vec<i32> = workers
+            .iter()
+            .copied()
+            .filter(|&w| process_alive(w))
+            .collect();
+        // Clean up what this test started, by pid.
+        for &w in &left {
+            let _ = kill(Pid::from_raw(w), Signal::SIGKILL);
+        }
+        println!("config {top:?}: workers still alive 3 s after SIGKILL of lbd: {left:?}");
+        outcomes.push((top, gone, left));
+    }
+    for (top, gone, left) in &outcomes {
+        assert!(
+            gone,
+            "with config {top:?}, workers {left:?} were still running 3 s after the \
+             supervisor was killed: {outcomes:?}"
+        );
+    }
+}
