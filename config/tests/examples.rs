@@ -24,7 +24,9 @@ fn addr(s: &str) -> SocketAddr {
 #[test]
 fn quickstart_parses() {
     let config = load(&examples().join("quickstart.toml")).unwrap();
-    assert_eq!(config.workers, 1);
+    assert_eq!(config.workers, 2);
+    assert_eq!(config.steering, Steering::Ebpf);
+    assert_eq!(config.steering_policy, SteeringPolicy::LeastConnections);
     assert_eq!(
         config.command_socket,
         Path::new("/tmp/kakehi-quickstart.sock")

@@ -46,6 +46,10 @@ impl lb_proxy::LiveGauge for SteeringGauge {
     }
 }
 
+/// Environment variable for tests: a worker that sees it makes one forbidden syscall right
+/// after entering its sandbox (and must die by SIGSYS).
+pub const SECCOMP_PROBE: &str = "KAKEHI_TEST_SECCOMP_PROBE";
+
 pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
     let file = fds::file_from_fd(args.config_fd)?;
     let text = fds::read_all(&file).context("reading the config handed by the supervisor")?;
@@ -82,6 +86,13 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
     sandbox::enter(config.user.as_deref(), config.group.as_deref())
         .context("entering the sandbox")?;
     log::info!("worker {} sandboxed and serving", args.index);
+    if std::env::var_os(SECCOMP_PROBE).is_some() {
+        // Test-only: prove that the filter is on in a real worker. The open below is not in
+        // the allowlist, so the kernel kills this process with SIGSYS before it returns.
+        log::warn!("{SECCOMP_PROBE} is set: making a forbidden syscall");
+        let _ = std::fs::File::open("/etc/hostname");
+        anyhow::bail!("the forbidden syscall was allowed: the sandbox is not enforcing");
+    }
     worker.run(&stop)?;
     Ok(())
 }

@@ -519,3 +519,61 @@ fn workers_do_not_outlive_a_killed_supervisor() {
         );
     }
 }
+
+/// A forbidden syscall made from a real worker (the test-only `KAKEHI_TEST_SECCOMP_PROBE`
+/// hook opens a file right after the sandbox goes on) kills that worker with SIGSYS, and the
+/// supervisor says so and restarts it.
+#[test]
+fn a_forbidden_syscall_in_a_real_worker_kills_it_by_sigsys() {
+    let dir = std::env::temp_dir().join(format!("kakehi-seccomp-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join("lbd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "workers = 1\ncommand_socket = \"{}/lbd.sock\"\n[access_log]\ntarget = \"off\"\n\
+             [[listeners]]\naddress = \"127.0.0.1:{port}\"\n[clusters.c]\n\
+             frontends = [{{ address = \"127.0.0.1:{port}\" }}]\n\
+             backends = [{{ address = \"127.0.0.1:9\" }}]\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let stderr_path = dir.join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lbd"))
+        .arg("--config")
+        .arg(&config)
+        .env("KAKEHI_TEST_SECCOMP_PROBE", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = Pid::from_raw(child.id() as i32);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut log = String::new();
+    while Instant::now() < deadline {
+        log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        if log.contains("was killed by SIGSYS") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(pid, Signal::SIGTERM);
+    let status = child.wait().unwrap();
+    assert!(
+        log.contains("making a forbidden syscall") && log.contains("was killed by SIGSYS"),
+        "no worker death by SIGSYS in lbd's log:\n{log}"
+    );
+    assert!(
+        !log.contains("the sandbox is not enforcing"),
+        "the forbidden syscall returned:\n{log}"
+    );
+    assert!(log.contains("restarting it on the same sockets"), "{log}");
+    assert!(status.success(), "lbd exit: {status:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
