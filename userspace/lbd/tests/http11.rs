@@ -571,3 +571,31 @@ fn echo_streams_a_body_back() {
     assert_eq!(check.len, data.len() as u64);
     assert_eq!(check.first_mismatch, None);
 }
+
+#[test]
+fn half_close_after_pipelined_requests_still_gets_every_answer() {
+    // A client may pipeline its requests and shut its write side at once (`nc -N` does):
+    // every request it sent is answered, then the connection closes.
+    use std::io::{Read, Write};
+    let origin = Origin::start("o");
+    let lbd = proxy(&origin);
+    let mut s = std::net::TcpStream::connect(lbd.addr()).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    s.write_all(
+        b"GET /1 HTTP/1.1\r\nHost: localhost\r\n\r\nGET /2 HTTP/1.1\r\nHost: localhost\r\n\r\n\
+          GET /3 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 3, "{text}");
+    for path in ["/1", "/2", "/3"] {
+        assert!(
+            text.contains(&format!("GET {path}\n")),
+            "{path} missing in {text}"
+        );
+    }
+}

@@ -66,6 +66,8 @@ struct BackConn {
     connected: bool,
     readable: bool,
     writable: bool,
+    /// The backend shut its write side (seen in an event).
+    hup: bool,
     eof: bool,
 }
 
@@ -100,6 +102,8 @@ pub struct Session {
     front_readable: bool,
     front_writable: bool,
     front_eof: bool,
+    /// The client shut its write side (seen in an event): a short read is not the end.
+    front_hup: bool,
     back: Option<BackConn>,
     state: State,
     req: RequestInfo,
@@ -109,6 +113,8 @@ pub struct Session {
     answer: Vec<u8>,
     answer_sent: usize,
     answer_close: bool,
+    /// The response being parsed tells the client the connection closes after it.
+    close_front_after: bool,
     /// When the current state's clock started (accept, first head byte, last progress...).
     since: Instant,
     pub deadline: Instant,
@@ -151,6 +157,7 @@ impl Session {
             front_readable: false,
             front_writable: false,
             front_eof: false,
+            front_hup: false,
             back: None,
             state: State::Idle,
             req: RequestInfo::default(),
@@ -160,6 +167,7 @@ impl Session {
             answer: Vec::new(),
             answer_sent: 0,
             answer_close: false,
+            close_front_after: false,
             since: now,
             deadline: now,
             scheduled: None,
@@ -170,17 +178,20 @@ impl Session {
         &mut self.front
     }
 
-    /// Records readiness from an event on the front (client) socket.
-    pub fn front_event(&mut self, readable: bool, writable: bool) {
+    /// Records readiness from an event on the front (client) socket. `read_closed`: the
+    /// peer shut its write side, so reads must go on until they return 0.
+    pub fn front_event(&mut self, readable: bool, writable: bool, read_closed: bool) {
         self.front_readable |= readable;
         self.front_writable |= writable;
+        self.front_hup |= read_closed;
     }
 
     /// Records readiness from an event on the back (backend) socket.
-    pub fn back_event(&mut self, readable: bool, writable: bool) {
+    pub fn back_event(&mut self, readable: bool, writable: bool, read_closed: bool) {
         if let Some(back) = self.back.as_mut() {
             back.readable |= readable;
             back.writable |= writable;
+            back.hup |= read_closed;
         }
     }
 
@@ -433,6 +444,7 @@ impl Session {
                 connected: reused,
                 readable: reused,
                 writable: reused,
+                hup: false,
                 eof: false,
             };
             let interest = Interest::READABLE | Interest::WRITABLE;
@@ -567,17 +579,17 @@ impl Session {
         // Backend -> client.
         if let Some(back) = self.back.as_mut() {
             if !back.eof && !self.back_kawa.is_terminated() {
-                match read_into(&mut back.stream, &mut back.readable, &mut self.back_kawa) {
+                match read_into(
+                    &mut back.stream,
+                    &mut back.readable,
+                    back.hup,
+                    &mut self.back_kawa,
+                ) {
                     ReadOutcome::Data(_) => {
                         progress = true;
                         self.ex.first_response_byte.get_or_insert(cx.now);
-                        let mut callbacks = ResponseCallbacks {
-                            request: &self.req,
-                            close_front: self.req.close || cx.draining,
-                            request_id: &self.request_id,
-                            info: &mut self.resp,
-                        };
-                        kawa::h1::parse(&mut self.back_kawa, &mut callbacks);
+                        self.close_front_after = self.req.close || cx.draining;
+                        self.parse_response();
                         if self.back_kawa.is_error() {
                             self.ex.error = Some("malformed response");
                             return self.fail_exchange(cx, Answer::BadGateway);
@@ -633,9 +645,16 @@ impl Session {
         // A response fully delivered?
         if self.back_kawa.is_terminated() && self.back_kawa.is_completed() {
             if self.resp.interim {
-                // 100 Continue and friends: the real response follows.
+                // 100 Continue and friends: the real response follows, maybe already read.
                 self.back_kawa.clear();
                 self.resp = ResponseInfo::default();
+                if !self.back_kawa.storage.unparsed_data().is_empty() {
+                    self.parse_response();
+                    if self.back_kawa.is_error() {
+                        self.ex.error = Some("malformed response");
+                        return self.fail_exchange(cx, Answer::BadGateway);
+                    }
+                }
                 return Step::Progress;
             }
             if self.resp.switching {
@@ -657,6 +676,16 @@ impl Session {
         } else {
             Step::Blocked
         }
+    }
+
+    fn parse_response(&mut self) {
+        let mut callbacks = ResponseCallbacks {
+            request: &self.req,
+            close_front: self.close_front_after,
+            request_id: &self.request_id,
+            info: &mut self.resp,
+        };
+        kawa::h1::parse(&mut self.back_kawa, &mut callbacks);
     }
 
     fn write_kawa_to_back(&mut self) -> WriteOutcome {
@@ -698,10 +727,12 @@ impl Session {
                 let _ = cx.registry.deregister(&mut back.stream);
             }
         }
+        // A client that half-closed after pipelining still gets the requests it sent.
+        let more_buffered = !self.front_kawa.storage.unparsed_data().is_empty();
         let keep = request_done
             && !self.req.close
             && !self.resp.close_delimited
-            && !self.front_eof
+            && (!self.front_eof || more_buffered)
             && !cx.draining;
         if !keep {
             return self.start_linger();
@@ -737,6 +768,7 @@ impl Session {
             match read_raw(
                 &mut self.front,
                 &mut self.front_readable,
+                self.front_hup,
                 &mut self.front_kawa,
             ) {
                 ReadOutcome::Data(_) => progress = true,
@@ -758,7 +790,12 @@ impl Session {
         }
         // backend -> client
         if !back.eof {
-            match read_raw(&mut back.stream, &mut back.readable, &mut self.back_kawa) {
+            match read_raw(
+                &mut back.stream,
+                &mut back.readable,
+                back.hup,
+                &mut self.back_kawa,
+            ) {
                 ReadOutcome::Data(_) => progress = true,
                 ReadOutcome::Eof => {
                     back.eof = true;
@@ -871,6 +908,7 @@ impl Session {
         let out = read_into(
             &mut self.front,
             &mut self.front_readable,
+            self.front_hup,
             &mut self.front_kawa,
         );
         match out {
@@ -936,7 +974,12 @@ enum WriteOutcome {
 }
 
 /// Reads what the socket has into the kawa buffer, as far as it has room.
-fn read_into(stream: &mut TcpStream, readable: &mut bool, kawa: &mut Kawa<PoolBuf>) -> ReadOutcome {
+fn read_into(
+    stream: &mut TcpStream,
+    readable: &mut bool,
+    hup: bool,
+    kawa: &mut Kawa<PoolBuf>,
+) -> ReadOutcome {
     if !*readable {
         return ReadOutcome::Blocked;
     }
@@ -956,9 +999,11 @@ fn read_into(stream: &mut TcpStream, readable: &mut bool, kawa: &mut Kawa<PoolBu
             Ok(0) => return ReadOutcome::Eof,
             Ok(n) => {
                 kawa.storage.fill(n);
-                if n < room {
+                if n < room && !hup {
                     // A short read drained the socket: with edge-triggered readiness the next
-                    // bytes bring a new event, so skip the read that would say EAGAIN.
+                    // bytes bring a new event, so skip the read that would say EAGAIN. Not
+                    // after a hang-up, which came in an event already consumed: the next read
+                    // must see the end of the stream.
                     *readable = false;
                 }
                 return ReadOutcome::Data(n);
@@ -979,7 +1024,7 @@ fn write_kawa(
     writable: &mut bool,
     kawa: &mut Kawa<PoolBuf>,
 ) -> WriteOutcome {
-    kawa.prepare(&mut kawa::h1::BlockConverter);
+    crate::http::prepare(kawa);
     if kawa.out.is_empty() {
         // Still let kawa release what it no longer references.
         kawa.consume(0);
@@ -1008,10 +1053,15 @@ fn write_kawa(
 }
 
 /// Pipe mode: read raw bytes into the buffer (no parsing).
-fn read_raw(stream: &mut TcpStream, readable: &mut bool, kawa: &mut Kawa<PoolBuf>) -> ReadOutcome {
+fn read_raw(
+    stream: &mut TcpStream,
+    readable: &mut bool,
+    hup: bool,
+    kawa: &mut Kawa<PoolBuf>,
+) -> ReadOutcome {
     kawa.blocks.clear();
     kawa.out.clear();
-    read_into(stream, readable, kawa)
+    read_into(stream, readable, hup, kawa)
 }
 
 /// Pipe mode: write the raw bytes held in the buffer.

@@ -250,10 +250,11 @@ impl Worker {
                 };
                 let readable = event.is_readable() || event.is_read_closed() || event.is_error();
                 let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+                let closed = event.is_read_closed();
                 if token & 1 == 0 {
-                    session.front_event(readable, writable);
+                    session.front_event(readable, writable, closed);
                 } else {
-                    session.back_event(readable, writable);
+                    session.back_event(readable, writable, closed);
                 }
                 touched.push(key);
             }

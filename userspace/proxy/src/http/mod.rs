@@ -9,9 +9,41 @@
 //! `session.rs` moves the bytes; `answers.rs` holds kakehi's own responses.
 
 pub mod answers;
+pub mod sansio;
 
 use kawa::{AsBuffer, Block, BodySize, Kawa, Pair, ParsingPhase, StatusLine, Store, Version};
 use std::net::SocketAddr;
+
+/// Converts the parsed blocks to HTTP/1.1 output, keeping kawa's invariant that the slices
+/// in `out` point into the buffer in increasing order.
+///
+/// kawa frees buffer space up to the first slice in `out` (`Kawa::consume`) and shifts all
+/// of them by the same amount (`push_left`); both assume the first slice is the leftmost.
+/// Its H1 converter breaks that for a Host moved into the request line (a Host header after
+/// other headers, or an absolute-form target) and for cookies gathered from Cookie headers
+/// that are apart: after a partial write, `consume` then underflows (a panic in debug builds,
+/// freed bytes still referenced in release builds). Any slice that starts before one already
+/// in `out` is copied out of the buffer here, so the invariant holds whatever the input.
+pub fn prepare<T: AsBuffer>(kawa: &mut Kawa<T>) {
+    kawa.prepare(&mut kawa::h1::BlockConverter);
+    let buf = kawa.storage.buffer();
+    let mut high = 0u32;
+    for block in kawa.out.iter_mut() {
+        let kawa::OutBlock::Store(store) = block else {
+            continue;
+        };
+        let start = match store {
+            Store::Slice(slice) | Store::Detached(slice) => slice.start,
+            _ => continue,
+        };
+        if start < high {
+            let owned = std::mem::replace(store, Store::Empty).capture(buf);
+            *store = owned;
+        } else {
+            high = start;
+        }
+    }
+}
 
 /// What the proxy learnt from a request head, kept for routing, the response and the log.
 /// The strings are reused from one request to the next.
@@ -118,6 +150,9 @@ fn check_raw_head(raw: &[u8]) -> Result<(usize, &[u8]), &'static str> {
             continue;
         };
         let name = line.get(..colon).unwrap_or_default();
+        if name.is_empty() {
+            return Err("empty header name");
+        }
         if eq(name, b"host") {
             hosts += 1;
             host_value = line.get(colon + 1..).unwrap_or_default().trim_ascii();
