@@ -167,6 +167,9 @@ pub(crate) struct FileBackend {
     pub address: SpannedStr,
     pub weight: Option<SpannedInt>,
     pub backup: Option<bool>,
+    /// `draining = true`: the backend receives no new requests; those in flight finish. Set by
+    /// `lbctl backend drain` and kept by `state save` (`state::BackendDef::draining`).
+    pub draining: Option<bool>,
 }
 
 /// A cluster's `health_check`; no `path` means a TCP connect check.

@@ -14,7 +14,9 @@
 mod error;
 mod file;
 pub mod model;
+pub mod protocol;
 mod routes;
+pub mod state;
 mod validate;
 
 use std::path::Path;

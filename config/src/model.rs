@@ -174,6 +174,8 @@ pub struct Backend {
     pub weight: u32,
     /// Used only when no non-backup backend is available.
     pub backup: bool,
+    /// Receives no new requests; those in flight finish (`lbctl backend drain`).
+    pub draining: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -483,6 +483,7 @@ impl Checker<'_> {
                     1..=1000,
                 )?,
                 backup: b.backup.unwrap_or(false),
+                draining: b.draining.unwrap_or(false),
             });
         }
         Ok(out)

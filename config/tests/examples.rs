@@ -201,7 +201,8 @@ target = "off"
         Backend {
             address: addr("127.0.0.1:9001"),
             weight: 1,
-            backup: false
+            backup: false,
+            draining: false,
         }
     );
     assert_eq!(

@@ -7,9 +7,12 @@
 
 #![deny(unsafe_code)]
 
+#[allow(dead_code)] // The socket handoff of `lbctl upgrade` uses the rest.
+mod command;
 mod fds;
 mod listeners;
 mod logger;
+mod runtime;
 mod sandbox;
 #[allow(dead_code)] // The fd handoff of `lbctl upgrade` and tests/steering.rs use the rest.
 mod steering;
@@ -77,8 +80,18 @@ fn run(args: &Args) -> anyhow::Result<()> {
         println!("{}: configuration is valid", path.display());
         return Ok(());
     }
+    // Workers re-validate configurations inside their sandbox, where no path can be made
+    // absolute (no getcwd): hand them an absolute one.
+    let path = &std::fs::canonicalize(path)
+        .with_context(|| format!("{}: cannot resolve the path", path.display()))?;
+    let state = lb_config::state::State::from_toml(&text, path)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .with_absolute_paths(path);
     let mut signals = supervisor::Supervisor::signals()?;
-    let mut supervisor = supervisor::Supervisor::new(config, &text, path, args.log_level)?;
+    let commands =
+        command::CommandServer::bind(&config.command_socket, command::default_allowed_uids())
+            .with_context(|| format!("command socket {}", config.command_socket.display()))?;
+    let mut supervisor = supervisor::Supervisor::new(config, state, path, args.log_level)?;
     for addr in supervisor.addresses() {
         log::info!("listening on {addr}");
     }
@@ -88,7 +101,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
         path.display(),
         std::process::id()
     );
-    supervisor.run(&mut signals)?;
+    let result = supervisor.run(&mut signals, &commands);
+    commands.stop();
+    result?;
     log::info!("lbd stopped");
     Ok(())
 }

@@ -8,10 +8,12 @@
 //! none of them: connections waiting in a dead worker's accept queue stay there until its
 //! replacement accepts them.
 
+use crate::command::CommandServer;
 use crate::fds;
 use crate::listeners;
 use crate::steering::Steering;
 use anyhow::Context as _;
+use lb_config::state::State;
 use lb_config::{Config, SteeringPolicy};
 use lb_ebpf_common::{counter, Policy, WorkerState};
 use nix::sys::signal::{kill, Signal};
@@ -20,6 +22,7 @@ use nix::unistd::Pid;
 use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
 use std::fs::File;
 use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -36,11 +39,18 @@ struct Slot {
     started: Instant,
     backoff: Duration,
     start_at: Option<Instant>,
+    /// The supervisor's end of the worker's channel (configuration updates).
+    channel: Option<UnixStream>,
+    restarts: u64,
 }
 
 pub struct Supervisor {
     config: Config,
+    /// The running configuration as a document: the file plus every lbctl change since.
+    state: State,
     source: PathBuf,
+    started: Instant,
+    stop: Option<bool>,
     config_file: File,
     /// `sockets[listener][worker]`: all sockets of one listener share its reuseport group.
     sockets: Vec<Vec<TcpListener>>,
@@ -55,10 +65,11 @@ impl Supervisor {
     /// Binds every listener for every worker. Nothing is started yet.
     pub fn new(
         config: Config,
-        config_text: &str,
+        state: State,
         source: &Path,
         log_level: log::LevelFilter,
     ) -> anyhow::Result<Supervisor> {
+        let config_text = state.to_toml();
         let mut sockets = Vec::new();
         for listener in &config.listeners {
             let group = (0..config.workers)
@@ -70,7 +81,7 @@ impl Supervisor {
             lb_config::Steering::Kernel => Vec::new(),
             lb_config::Steering::Ebpf => load_steering(&config, &sockets)?,
         };
-        let config_file = fds::memfd_with(config_text)?;
+        let config_file = fds::memfd_with(&config_text)?;
         let exe = std::env::current_exe().context("locating the lbd binary for workers")?;
         let slots = (0..config.workers)
             .map(|_| Slot {
@@ -78,11 +89,16 @@ impl Supervisor {
                 started: Instant::now(),
                 backoff: Duration::from_millis(100),
                 start_at: Some(Instant::now()),
+                channel: None,
+                restarts: 0,
             })
             .collect();
         Ok(Supervisor {
             config,
+            state,
             source: source.to_path_buf(),
+            started: Instant::now(),
+            stop: None,
             config_file,
             sockets,
             steering,
@@ -103,22 +119,143 @@ impl Supervisor {
             .context("installing the signal handlers")
     }
 
-    /// Runs until SIGTERM/SIGINT, then drains the workers and returns.
-    pub fn run(&mut self, signals: &mut signal_hook::iterator::Signals) -> anyhow::Result<()> {
+    /// Runs until SIGTERM/SIGINT or `lbctl shutdown`, then drains the workers and returns.
+    /// Requests on the command socket are answered between the checks.
+    pub fn run(
+        &mut self,
+        signals: &mut signal_hook::iterator::Signals,
+        commands: &CommandServer,
+    ) -> anyhow::Result<()> {
         loop {
-            let mut stop = false;
             for signal in signals.pending() {
                 if signal == SIGTERM || signal == SIGINT {
-                    stop = true;
+                    self.stop.get_or_insert(false);
                 }
             }
             self.reap(false);
-            if stop {
-                return self.shutdown();
+            if let Some(hard) = self.stop {
+                return self.shutdown(hard);
             }
             self.start_due()?;
-            std::thread::sleep(Duration::from_millis(20));
+            commands.poll_timeout(self, Duration::from_millis(20));
         }
+    }
+
+    pub(crate) fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn source(&self) -> &Path {
+        &self.source
+    }
+
+    pub(crate) fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub(crate) fn request_stop(&mut self, hard: bool) {
+        self.stop = Some(hard);
+    }
+
+    /// The running workers' channels: (index, pid, channel).
+    pub(crate) fn channels(&mut self) -> Vec<(usize, u32, &mut UnixStream)> {
+        self.slots
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let pid = s.pid?.as_raw() as u32;
+                s.channel.as_mut().map(|c| (i, pid, c))
+            })
+            .collect()
+    }
+
+    pub(crate) fn channel(&mut self, index: usize) -> Option<&mut UnixStream> {
+        self.slots.get_mut(index).and_then(|s| s.channel.as_mut())
+    }
+
+    /// Every worker slot: pid, state, live connections (known with eBPF steering), restarts.
+    pub(crate) fn worker_rows(&self) -> Vec<lb_config::protocol::WorkerStatus> {
+        use lb_config::protocol::WorkerState as Row;
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let state = match (s.pid, self.stop.is_some()) {
+                    (Some(_), true) => Row::Draining,
+                    (Some(_), false) => Row::Running,
+                    (None, true) => Row::Stopped,
+                    (None, false) => Row::Restarting,
+                };
+                let live = self.steering.iter().try_fold(0u64, |sum, st| {
+                    st.worker_state(i as u32)
+                        .ok()
+                        .map(|w| sum + u64::from(w.live))
+                });
+                lb_config::protocol::WorkerStatus {
+                    index: i,
+                    pid: s.pid.map(|p| p.as_raw() as u32),
+                    state,
+                    connections: if self.steering.is_empty() { None } else { live },
+                    restarts: s.restarts,
+                }
+            })
+            .collect()
+    }
+
+    /// Steering decisions and drops as metric samples.
+    pub(crate) fn samples(&self) -> Vec<lb_config::protocol::Sample> {
+        let mut out = Vec::new();
+        for (steering, listener) in self.steering.iter().zip(&self.config.listeners) {
+            let Ok(counters) = steering.counters() else {
+                continue;
+            };
+            let get = |i: u32| counters.get(i as usize).copied().unwrap_or(0) as f64;
+            let sample =
+                |name: &str, labels: &[(&str, String)], value: f64| lb_config::protocol::Sample {
+                    name: name.into(),
+                    labels: labels
+                        .iter()
+                        .map(|(k, v)| ((*k).to_string(), v.clone()))
+                        .collect(),
+                    value,
+                };
+            let address = listener.address.to_string();
+            for w in 0..self.slots.len() as u32 {
+                out.push(sample(
+                    "kakehi_steering_decisions_total",
+                    &[("listener", address.clone()), ("worker", w.to_string())],
+                    get(counter::DECISIONS + w),
+                ));
+            }
+            for (reason, index) in [
+                ("all_full", counter::DROPS_ALL_FULL),
+                ("no_worker", counter::DROPS_NO_WORKER),
+            ] {
+                out.push(sample(
+                    "kakehi_steering_drops_total",
+                    &[("listener", address.clone()), ("reason", reason.into())],
+                    get(index),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Makes `state` the running state; workers started from now on get its text.
+    pub(crate) fn replace_state(
+        &mut self,
+        state: State,
+        config: Config,
+        text: &str,
+    ) -> anyhow::Result<()> {
+        self.config_file = fds::memfd_with(text)?;
+        self.state = state;
+        self.config = config;
+        Ok(())
     }
 
     fn start_due(&mut self) -> anyhow::Result<()> {
@@ -147,7 +284,11 @@ impl Supervisor {
             .arg(&self.source)
             .arg("--config-fd")
             .arg(fds::raw(&self.config_file).to_string());
-        let mut inherited = vec![fds::raw(&self.config_file)];
+        let (ours, theirs) = UnixStream::pair().context("creating the worker's channel")?;
+        command
+            .arg("--channel-fd")
+            .arg(fds::raw(&theirs).to_string());
+        let mut inherited = vec![fds::raw(&self.config_file), fds::raw(&theirs)];
         for group in &self.sockets {
             let socket = group
                 .get(index)
@@ -169,7 +310,9 @@ impl Supervisor {
         let pid = Pid::from_raw(child.id() as i32);
         // The child is reaped with waitpid in `reap`; the handle is not needed.
         drop(child);
+        drop(theirs);
         if let Some(slot) = self.slots.get_mut(index) {
+            slot.channel = Some(ours);
             slot.pid = Some(pid);
             slot.started = Instant::now();
             slot.start_at = None;
@@ -199,6 +342,7 @@ impl Supervisor {
             if stopping {
                 if let Some(slot) = self.slots.get_mut(index) {
                     slot.pid = None;
+                    slot.channel = None;
                 }
                 log::info!("worker {index} (pid {pid}) {how}");
                 continue;
@@ -209,6 +353,8 @@ impl Supervisor {
                 continue;
             };
             slot.pid = None;
+            slot.channel = None;
+            slot.restarts += 1;
             let lived = slot.started.elapsed();
             if lived >= STABLE_AFTER {
                 slot.backoff = Duration::from_millis(100);
@@ -255,7 +401,7 @@ impl Supervisor {
         }
     }
 
-    fn shutdown(&mut self) -> anyhow::Result<()> {
+    fn shutdown(&mut self, hard: bool) -> anyhow::Result<()> {
         log::info!("stopping: draining {} workers", self.slots.len());
         // No worker takes new connections any more: the program refuses them in the kernel.
         for index in 0..self.slots.len() {
@@ -266,9 +412,14 @@ impl Supervisor {
         // Close our copies of the listening sockets: once the workers close theirs, new
         // connections are refused by the kernel instead of queueing for nobody.
         self.sockets.clear();
+        let signal = if hard {
+            Signal::SIGKILL
+        } else {
+            Signal::SIGTERM
+        };
         for slot in &self.slots {
             if let Some(pid) = slot.pid {
-                let _ = kill(pid, Signal::SIGTERM);
+                let _ = kill(pid, signal);
             }
         }
         let deadline = Instant::now() + SHUTDOWN_GRACE;

@@ -24,6 +24,9 @@ pub struct WorkerArgs {
     /// Inherited listening sockets, one per listener, in config order.
     #[arg(long = "listener-fd")]
     pub listener_fds: Vec<i32>,
+    /// Inherited channel to the supervisor (configuration updates).
+    #[arg(long)]
+    pub channel_fd: Option<i32>,
     /// Inherited WORKERS maps of the eBPF steering programs (one per listener), where this
     /// worker publishes its live connection count.
     #[arg(long = "workers-map-fd")]
@@ -77,6 +80,10 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
         );
     }
     let mut worker = lb_proxy::Worker::new(&config, listeners)?;
+    if let Some(fd) = args.channel_fd {
+        let channel = std::os::unix::net::UnixStream::from(fds::owned_from_fd(fd)?);
+        worker.set_control(channel, args.source.clone())?;
+    }
     if !maps.is_empty() {
         worker.set_gauge(Box::new(SteeringGauge {
             maps,

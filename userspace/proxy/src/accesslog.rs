@@ -55,6 +55,10 @@ impl AccessLog {
         })
     }
 
+    pub fn set_format(&mut self, format: LogFormat) {
+        self.format = format;
+    }
+
     pub fn enabled(&self) -> bool {
         self.sink.is_some()
     }

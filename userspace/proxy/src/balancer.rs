@@ -40,6 +40,8 @@ pub struct BackendState {
     pub backup: bool,
     /// Requests this worker has in flight to the backend.
     pub active: u32,
+    /// Gets no new requests.
+    pub draining: bool,
     current_weight: i64,
 }
 
@@ -83,6 +85,7 @@ impl ClusterState {
                     weight: b.weight.max(1),
                     backup: b.backup,
                     active: 0,
+                    draining: b.draining,
                     current_weight: 0,
                 })
                 .collect(),
@@ -99,7 +102,7 @@ impl ClusterState {
         self.backends
             .iter()
             .enumerate()
-            .filter(move |(i, b)| b.backup == backup && !tried.contains(*i))
+            .filter(move |(i, b)| b.backup == backup && !b.draining && !tried.contains(*i))
             .map(|(i, _)| i)
     }
 
@@ -123,7 +126,7 @@ impl ClusterState {
         let mut best: Option<usize> = None;
         let mut best_weight = i64::MIN;
         for (i, b) in self.backends.iter_mut().enumerate() {
-            if b.backup != backup || tried.contains(i) {
+            if b.backup != backup || b.draining || tried.contains(i) {
                 continue;
             }
             b.current_weight += i64::from(b.weight);
@@ -205,6 +208,7 @@ mod tests {
                     address: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
                     weight,
                     backup,
+                    draining: false,
                 })
                 .collect(),
             health_check: None,

@@ -8,7 +8,7 @@
 //! The worker (`worker.rs`) owns the sockets' registration, the slab and the timers.
 
 use crate::accesslog::Record;
-use crate::balancer::Tried;
+use crate::balancer::{ClusterState, Tried};
 use crate::http::answers::Answer;
 use crate::http::{Peer, RequestCallbacks, RequestInfo, ResponseCallbacks, ResponseInfo};
 use crate::pool::PoolBuf;
@@ -198,6 +198,27 @@ impl Session {
     /// Idle between requests: the worker may close it at once when draining.
     pub fn is_idle(&self) -> bool {
         self.state == State::Idle && self.front_kawa.storage.is_empty()
+    }
+
+    /// After a configuration change: point the request's cluster and backend at their new
+    /// positions (by cluster name and backend address), or at nothing when they were removed
+    /// (the exchange in flight finishes; it just no longer counts for balancing).
+    pub fn remap_clusters(&mut self, old: &[ClusterState], new: &[ClusterState]) {
+        let cluster_of = |c: usize| {
+            old.get(c)
+                .and_then(|oc| new.iter().position(|nc| nc.name == oc.name))
+        };
+        self.ex.cluster = self.ex.cluster.and_then(cluster_of);
+        self.ex.tried = Tried::default();
+        if let Some(back) = self.back.as_mut() {
+            let address = back.address;
+            let found = cluster_of(back.cluster).and_then(|c| {
+                new.get(c)
+                    .and_then(|nc| nc.backends.iter().position(|b| b.address == address))
+                    .map(|b| (c, b))
+            });
+            (back.cluster, back.backend) = found.unwrap_or((usize::MAX, usize::MAX));
+        }
     }
 
     /// Gives the buffers back and forgets the backend (the worker deregisters the sockets).

@@ -91,6 +91,22 @@ struct ListenerEntry {
     https: bool,
 }
 
+/// The channel from the supervisor: length-prefixed frames (u32 big-endian length, then the
+/// bytes). Each frame it sends is a whole new configuration (TOML text); the worker answers
+/// each with one frame, `ok` or `error: WHY`. When the supervisor goes away (EOF) the worker
+/// drains and stops.
+struct Control {
+    stream: mio::net::UnixStream,
+    source: std::path::PathBuf,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    closed: bool,
+}
+
+/// Largest frame the control channel accepts (a configuration).
+const MAX_CONTROL_FRAME: usize = 16 << 20;
+const CONTROL_TOKEN: Token = Token(usize::MAX);
+
 /// Where a worker publishes its live connection count for whoever steers connections to it
 /// (the eBPF steering program reads it from shared memory). Called once per event-loop turn
 /// when the count changed.
@@ -110,6 +126,11 @@ pub struct Worker {
     last_prune: Instant,
     gauge: Option<Box<dyn LiveGauge>>,
     published: Option<u32>,
+    control: Option<Control>,
+    /// For each listener of the worker, its index in the config's listeners.
+    listener_specs: Vec<usize>,
+    access_log: lb_config::AccessLog,
+    buffer_size: usize,
 }
 
 impl Worker {
@@ -123,7 +144,9 @@ impl Worker {
         let registry = poll.registry().try_clone().map_err(WorkerError::Poll)?;
         let mut entries = Vec::new();
         let mut routers = Vec::new();
+        let mut listener_specs = Vec::new();
         for (i, (index, std_listener)) in listeners.into_iter().enumerate() {
+            listener_specs.push(index);
             let spec = config
                 .listeners
                 .get(index)
@@ -188,7 +211,155 @@ impl Worker {
             last_prune: now,
             gauge: None,
             published: None,
+            control: None,
+            listener_specs,
+            access_log: config.access_log.clone(),
+            buffer_size: config.buffer_size,
         })
+    }
+
+    /// Takes configuration changes from the supervisor on `stream` (see [`Control`]);
+    /// `source` is the config file's path, for resolving relative paths.
+    pub fn set_control(
+        &mut self,
+        stream: std::os::unix::net::UnixStream,
+        source: std::path::PathBuf,
+    ) -> Result<(), WorkerError> {
+        stream.set_nonblocking(true).map_err(WorkerError::Poll)?;
+        let mut stream = mio::net::UnixStream::from_std(stream);
+        self.poll
+            .registry()
+            .register(
+                &mut stream,
+                CONTROL_TOKEN,
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .map_err(WorkerError::Poll)?;
+        self.control = Some(Control {
+            stream,
+            source,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            closed: false,
+        });
+        Ok(())
+    }
+
+    /// Applies a new configuration to the running worker: clusters, backends (their live
+    /// request counts carried over by address), routes, timeouts and limits. Connections in
+    /// flight finish where they were sent. What needs other resources than the worker has
+    /// inside its sandbox (listeners, the access log target, the buffer size) is refused.
+    pub fn reconfigure(&mut self, config: &Config) -> Result<(), String> {
+        let specs: Option<Vec<&lb_config::Listener>> = self
+            .listener_specs
+            .iter()
+            .map(|&i| config.listeners.get(i))
+            .collect();
+        let Some(specs) = specs else {
+            return Err("the listeners changed: that needs new sockets from the supervisor".into());
+        };
+        if config.listeners.len() != self.listener_specs.len() {
+            return Err("the listeners changed: that needs new sockets from the supervisor".into());
+        }
+        if config.access_log.target != self.access_log.target {
+            return Err(
+                "access_log.target cannot change at runtime (the worker opens no files)".into(),
+            );
+        }
+        if config.buffer_size != self.buffer_size {
+            return Err("buffer_size cannot change at runtime".into());
+        }
+        let mut clusters: Vec<ClusterState> =
+            config.clusters.iter().map(ClusterState::new).collect();
+        for cluster in &mut clusters {
+            let Some(old) = self.cx.clusters.iter().find(|o| o.name == cluster.name) else {
+                continue;
+            };
+            for backend in &mut cluster.backends {
+                if let Some(ob) = old.backends.iter().find(|b| b.address == backend.address) {
+                    backend.active = ob.active;
+                }
+            }
+        }
+        let old = std::mem::replace(&mut self.cx.clusters, clusters);
+        for (_, session) in self.sessions.iter_mut() {
+            session.remap_clusters(&old, &self.cx.clusters);
+        }
+        self.cx.routers = specs
+            .iter()
+            .map(|spec| Router::for_listener(config, spec.address))
+            .collect();
+        self.cx.timeouts = config.timeouts;
+        self.cx.max_request_body = config.max_request_body;
+        self.cx.log.set_format(config.access_log.format);
+        self.access_log = config.access_log.clone();
+        self.max_connections = config.max_connections;
+        Ok(())
+    }
+
+    /// Reads and answers what the supervisor sent.
+    fn serve_control(&mut self) {
+        let Some(mut control) = self.control.take() else {
+            return;
+        };
+        let mut chunk = [0u8; 16384];
+        loop {
+            match std::io::Read::read(&mut control.stream, &mut chunk) {
+                Ok(0) => {
+                    control.closed = true;
+                    break;
+                }
+                Ok(n) => control
+                    .inbuf
+                    .extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    control.closed = true;
+                    break;
+                }
+            }
+        }
+        while let Some(len_bytes) = control.inbuf.get(..4) {
+            let len = u32::from_be_bytes([
+                len_bytes.first().copied().unwrap_or(0),
+                len_bytes.get(1).copied().unwrap_or(0),
+                len_bytes.get(2).copied().unwrap_or(0),
+                len_bytes.get(3).copied().unwrap_or(0),
+            ]) as usize;
+            if len > MAX_CONTROL_FRAME {
+                control.closed = true;
+                break;
+            }
+            let Some(frame) = control.inbuf.get(4..4 + len) else {
+                break;
+            };
+            let text = String::from_utf8_lossy(frame).into_owned();
+            control.inbuf.drain(..4 + len);
+            let answer = match lb_config::parse_str(&text, &control.source) {
+                Ok(config) => match self.reconfigure(&config) {
+                    Ok(()) => "ok".to_string(),
+                    Err(e) => format!("error: {e}"),
+                },
+                Err(e) => format!("error: {e}"),
+            };
+            log::info!("configuration update: {answer}");
+            control
+                .outbuf
+                .extend_from_slice(&(answer.len() as u32).to_be_bytes());
+            control.outbuf.extend_from_slice(answer.as_bytes());
+        }
+        while !control.outbuf.is_empty() {
+            match std::io::Write::write(&mut control.stream, &control.outbuf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    control.outbuf.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        self.control = Some(control);
     }
 
     /// Publishes the live connection count to `gauge` from now on.
@@ -237,6 +408,10 @@ impl Worker {
             touched.clear();
             for event in events.iter() {
                 let token = event.token().0;
+                if event.token() == CONTROL_TOKEN {
+                    self.serve_control();
+                    continue;
+                }
                 if token >= LISTENER_BASE {
                     self.accept(token - LISTENER_BASE, &mut touched);
                     // Publish at once: the steering program counts this worker's load for
@@ -272,7 +447,8 @@ impl Worker {
             self.cx.log.flush();
             self.publish_live();
 
-            if stop.load(Ordering::Relaxed) && drain_deadline.is_none() {
+            let orphaned = self.control.as_ref().is_some_and(|c| c.closed);
+            if (stop.load(Ordering::Relaxed) || orphaned) && drain_deadline.is_none() {
                 drain_deadline = Some(self.cx.now + DRAIN_TIMEOUT);
                 self.begin_drain();
             }

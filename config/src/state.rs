@@ -1,0 +1,777 @@
+//! The running state: the config file's document, changed at runtime by lbctl.
+//!
+//! [`State`] holds the whole configuration in the same shape as the TOML file, key for key, as
+//! plain values (no spans): it serializes to TOML (`state save`, `state dump`) and to JSON (the
+//! command protocol) and back, and it is equal in content to the file it was read from. There is
+//! exactly one validator: [`State::validate`] writes the state as TOML and hands it to
+//! [`crate::parse_str`], the function `lbd --check` and `lbctl config check` use.
+//!
+//! Every runtime change is an [`Edit`]. [`State::apply`] checks the edit against the current
+//! state first (unknown cluster, backend already there, frontend already served elsewhere...),
+//! then validates the whole resulting state, and returns a new `State` or a [`StateError`]; the
+//! old state is never touched, so a refused change changes nothing. [`diff`] (`state/diff.rs`)
+//! lists what differs between two states (what `lbctl reload` reports). Applying a state to
+//! processes is the supervisor's business, not this module's.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{self, ConfigError};
+use crate::model::Config;
+
+mod diff;
+pub use diff::{diff, Change};
+
+/// An enum written in the file as one of a fixed set of words.
+macro_rules! word_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $word:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $word)] $variant),+
+        }
+
+        impl $name {
+            /// Every value, in the order the file's documentation lists them.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The word the file uses.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $word),+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, String> {
+                Self::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| {
+                        let words: Vec<&str> = Self::ALL.iter().map(|v| v.as_str()).collect();
+                        format!("{s:?} is not allowed: expected {}", words.join(" | "))
+                    })
+            }
+        }
+    };
+}
+
+word_enum!(
+    /// `steering`.
+    SteeringDef { Ebpf = "ebpf", Kernel = "kernel" }
+);
+word_enum!(
+    /// `steering_policy`.
+    SteeringPolicyDef {
+        FlowHash = "flow-hash",
+        LeastConnections = "least-connections",
+        PowerOfTwo = "power-of-two",
+    }
+);
+word_enum!(
+    /// `access_log.format`.
+    LogFormatDef { Logfmt = "logfmt", Json = "json" }
+);
+word_enum!(
+    /// A listener's `protocol`.
+    ListenerProtocolDef { Http = "http", Https = "https", Tcp = "tcp" }
+);
+word_enum!(
+    /// A cluster's `protocol`.
+    ClusterProtocolDef { Http = "http", Tcp = "tcp" }
+);
+word_enum!(
+    /// A cluster's `load_balancing`.
+    LoadBalancingDef {
+        RoundRobin = "round-robin",
+        Random = "random",
+        LeastConnections = "least-connections",
+        PowerOfTwo = "power-of-two",
+    }
+);
+word_enum!(
+    /// A frontend's `path_type`.
+    PathTypeDef { Prefix = "prefix", Exact = "exact", Regex = "regex" }
+);
+
+/// The whole configuration, as the file writes it. A key absent from the file is `None` (or an
+/// empty list) here, and is written back absent: defaults are the validator's business.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_socket: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steering: Option<SteeringDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steering_policy: Option<SteeringPolicyDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buffer_size: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_request_body: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<TimeoutsDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLogDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsDef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<ListenerDef>,
+    /// By name, the order the file's tables are read in.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub clusters: BTreeMap<String, ClusterDef>,
+}
+
+/// `[timeouts]`: durations as written ("500ms", "5s", "1m").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsDef {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_header: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub front_idle: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub back_idle: Option<String>,
+}
+
+/// `[access_log]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogDef {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<LogFormatDef>,
+    /// "stdout", "off", or a file path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsDef {
+    pub address: String,
+}
+
+/// One `[[listeners]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerDef {
+    pub address: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<ListenerProtocolDef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificateDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accept_proxy: Option<bool>,
+}
+
+/// `{ certificate = "...", key = "..." }` in a listener's `certificates`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateDef {
+    pub certificate: String,
+    pub key: String,
+}
+
+/// One `[clusters.NAME]` table (the name is its key in [`State::clusters`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterDef {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<ClusterProtocolDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_balancing: Option<LoadBalancingDef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frontends: Vec<FrontendDef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_proxy: Option<bool>,
+}
+
+/// One entry of a cluster's `frontends`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrontendDef {
+    /// The listener's `IP:PORT`.
+    pub address: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_type: Option<PathTypeDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+/// One entry of a cluster's `backends`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendDef {
+    pub address: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<bool>,
+    /// `draining = true`: the backend receives no new requests; those in flight finish.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draining: Option<bool>,
+}
+
+/// A cluster's `health_check`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckDef {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rise: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fall: Option<i64>,
+}
+
+/// One runtime change to a [`State`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Edit {
+    AddCluster {
+        name: String,
+        cluster: ClusterDef,
+    },
+    RemoveCluster {
+        name: String,
+    },
+    AddBackend {
+        cluster: String,
+        backend: BackendDef,
+    },
+    RemoveBackend {
+        cluster: String,
+        address: String,
+    },
+    /// Marks the backend `draining = true` (already draining: no change).
+    DrainBackend {
+        cluster: String,
+        address: String,
+    },
+    AddFrontend {
+        cluster: String,
+        frontend: FrontendDef,
+    },
+    /// Removes the frontend with the same route (address, hostname, path, path_type, method).
+    RemoveFrontend {
+        cluster: String,
+        frontend: FrontendDef,
+    },
+    AddListener {
+        listener: ListenerDef,
+    },
+    RemoveListener {
+        address: String,
+    },
+}
+
+/// Why an edit was refused. The `Display` is one line an operator can act on; it never names a
+/// line number, since the state being edited is not a file anyone wrote.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("there is no cluster named {name:?} ({known})")]
+    UnknownCluster { name: String, known: String },
+    #[error("cluster {name:?} already exists: remove it first, or add its frontends and backends one by one")]
+    ClusterExists { name: String },
+    #[error("cluster {cluster:?} has no backend {address} ({known})")]
+    UnknownBackend {
+        cluster: String,
+        address: String,
+        known: String,
+    },
+    #[error("cluster {cluster:?} already has the backend {address}: remove it first to change it")]
+    BackendExists { cluster: String, address: String },
+    #[error("{address} is the last backend of cluster {cluster:?}: a cluster needs one; add another first, or remove the cluster")]
+    LastBackend { cluster: String, address: String },
+    #[error("cluster {cluster:?} has no frontend {frontend}")]
+    UnknownFrontend { cluster: String, frontend: String },
+    #[error("the frontend {frontend} already exists in cluster {owner:?}: a request could not tell them apart")]
+    FrontendExists { owner: String, frontend: String },
+    #[error("there is no listener on {address} ({known})")]
+    UnknownListener { address: String, known: String },
+    #[error("there is already a listener on {address}")]
+    ListenerExists { address: String },
+    #[error("the listener {address} still serves frontends of {clusters}: remove those first")]
+    ListenerInUse { address: String, clusters: String },
+    /// The edit fits, but the resulting configuration does not pass validation.
+    #[error("{}", render_invalid(field.as_deref(), message))]
+    Invalid {
+        field: Option<String>,
+        message: String,
+    },
+}
+
+fn render_invalid(field: Option<&str>, message: &str) -> String {
+    match field {
+        Some(field) => format!("{field}: {message}"),
+        None => message.to_owned(),
+    }
+}
+
+impl StateError {
+    /// A validation failure of a state built at runtime: the field and message, without the
+    /// file name and line (they would point into generated text).
+    pub fn invalid(error: ConfigError) -> StateError {
+        match error {
+            ConfigError::Invalid { field, message, .. } => StateError::Invalid { field, message },
+            other => StateError::Invalid {
+                field: None,
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+impl State {
+    /// Reads `text`, the config file at `source`, after checking it with the validator.
+    pub fn from_toml(text: &str, source: &Path) -> Result<State, ConfigError> {
+        crate::parse_str(text, source)?;
+        toml::from_str(text).map_err(|e| error::from_toml(source, text, &e))
+    }
+
+    /// Reads and checks the config file at `path`.
+    pub fn load(path: &Path) -> Result<State, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            file: path.to_path_buf(),
+            error,
+        })?;
+        State::from_toml(&text, path)
+    }
+
+    /// The state as a config file. Reading it back gives an equal `State`.
+    pub fn to_toml(&self) -> String {
+        // Every field is a string, a bool, an i64, a list or a string-keyed table of those, all
+        // of which TOML writes; an error here would be a bug, and the text then fails validation
+        // with the reason instead of being silently empty.
+        toml::to_string(self)
+            .unwrap_or_else(|e| format!("# internal error: cannot write the state: {e}\n"))
+    }
+
+    /// Checks the whole state with the file validator, as if it were the file at `source`
+    /// (relative paths resolve against its directory; errors name it).
+    pub fn validate(&self, source: &Path) -> Result<Config, ConfigError> {
+        crate::parse_str(&self.to_toml(), source)
+    }
+
+    /// The same state with every relative path (command socket, access log file, certificates)
+    /// joined to the directory of `source`, made absolute against the current directory: then
+    /// the state means the same wherever it is saved.
+    pub fn with_absolute_paths(&self, source: &Path) -> State {
+        let absolute = std::path::absolute(source).unwrap_or_else(|_| source.to_path_buf());
+        let base = absolute.parent().map(Path::to_path_buf).unwrap_or_default();
+        let fix = |p: &mut String| {
+            if !p.trim().is_empty() && Path::new(p.as_str()).is_relative() {
+                *p = base.join(p.as_str()).to_string_lossy().into_owned();
+            }
+        };
+        let mut out = self.clone();
+        if let Some(socket) = &mut out.command_socket {
+            fix(socket);
+        }
+        if let Some(target) = out.access_log.as_mut().and_then(|a| a.target.as_mut()) {
+            if target != "stdout" && target != "off" {
+                fix(target);
+            }
+        }
+        for cert in out.listeners.iter_mut().flat_map(|l| &mut l.certificates) {
+            fix(&mut cert.certificate);
+            fix(&mut cert.key);
+        }
+        out
+    }
+
+    /// The state with `edit` applied, checked against the whole state as if it were the file at
+    /// `source`. `self` is left as it was, whatever the outcome.
+    pub fn apply(&self, edit: &Edit, source: &Path) -> Result<State, StateError> {
+        let mut next = self.clone();
+        next.edit_in_place(edit)?;
+        next.validate(source).map_err(StateError::invalid)?;
+        Ok(next)
+    }
+
+    pub fn add_cluster(
+        &self,
+        name: &str,
+        cluster: ClusterDef,
+        source: &Path,
+    ) -> Result<State, StateError> {
+        let name = name.to_owned();
+        self.apply(&Edit::AddCluster { name, cluster }, source)
+    }
+
+    pub fn remove_cluster(&self, name: &str, source: &Path) -> Result<State, StateError> {
+        let name = name.to_owned();
+        self.apply(&Edit::RemoveCluster { name }, source)
+    }
+
+    pub fn add_backend(
+        &self,
+        cluster: &str,
+        backend: BackendDef,
+        source: &Path,
+    ) -> Result<State, StateError> {
+        let cluster = cluster.to_owned();
+        self.apply(&Edit::AddBackend { cluster, backend }, source)
+    }
+
+    pub fn remove_backend(
+        &self,
+        cluster: &str,
+        address: &str,
+        source: &Path,
+    ) -> Result<State, StateError> {
+        let (cluster, address) = (cluster.to_owned(), address.to_owned());
+        self.apply(&Edit::RemoveBackend { cluster, address }, source)
+    }
+
+    pub fn drain_backend(
+        &self,
+        cluster: &str,
+        address: &str,
+        source: &Path,
+    ) -> Result<State, StateError> {
+        let (cluster, address) = (cluster.to_owned(), address.to_owned());
+        self.apply(&Edit::DrainBackend { cluster, address }, source)
+    }
+
+    pub fn add_frontend(
+        &self,
+        cluster: &str,
+        frontend: FrontendDef,
+        source: &Path,
+    ) -> Result<State, StateError> {
+        let cluster = cluster.to_owned();
+        self.apply(&Edit::AddFrontend { cluster, frontend }, source)
+    }
+
+    pub fn remove_frontend(
+        &self,
+        cluster: &str,
+        frontend: FrontendDef,
+        source: &Path,
+    ) -> Result<State, StateError> {
+        let cluster = cluster.to_owned();
+        self.apply(&Edit::RemoveFrontend { cluster, frontend }, source)
+    }
+
+    pub fn add_listener(&self, listener: ListenerDef, source: &Path) -> Result<State, StateError> {
+        self.apply(&Edit::AddListener { listener }, source)
+    }
+
+    pub fn remove_listener(&self, address: &str, source: &Path) -> Result<State, StateError> {
+        let address = address.to_owned();
+        self.apply(&Edit::RemoveListener { address }, source)
+    }
+
+    /// One line per cluster, for `lbctl cluster list`.
+    pub fn cluster_summaries(&self) -> Vec<ClusterSummary> {
+        self.clusters
+            .iter()
+            .map(|(name, c)| ClusterSummary {
+                name: name.clone(),
+                protocol: c.protocol.unwrap_or(ClusterProtocolDef::Http),
+                load_balancing: c.load_balancing.unwrap_or(LoadBalancingDef::RoundRobin),
+                frontends: c.frontends.len(),
+                backends: c.backends.len(),
+                draining: c.backends.iter().filter(|b| b.is_draining()).count(),
+            })
+            .collect()
+    }
+
+    /// The pre-checks that give an edit its own clear refusal; the whole-state validation
+    /// follows in `apply`.
+    fn edit_in_place(&mut self, edit: &Edit) -> Result<(), StateError> {
+        match edit {
+            Edit::AddCluster { name, cluster } => {
+                if self.clusters.contains_key(name) {
+                    return Err(StateError::ClusterExists { name: name.clone() });
+                }
+                for frontend in &cluster.frontends {
+                    self.refuse_duplicate_frontend(frontend)?;
+                }
+                self.clusters.insert(name.clone(), cluster.clone());
+            }
+            Edit::RemoveCluster { name } => {
+                self.cluster_mut(name)?;
+                self.clusters.remove(name);
+            }
+            Edit::AddBackend { cluster, backend } => {
+                let c = self.cluster_mut(cluster)?;
+                if c.backends
+                    .iter()
+                    .any(|b| same_address(&b.address, &backend.address))
+                {
+                    return Err(StateError::BackendExists {
+                        cluster: cluster.clone(),
+                        address: backend.address.clone(),
+                    });
+                }
+                c.backends.push(backend.clone());
+            }
+            Edit::RemoveBackend { cluster, address } => {
+                let c = self.cluster_mut(cluster)?;
+                let i = backend_index(c, cluster, address)?;
+                if c.backends.len() == 1 {
+                    return Err(StateError::LastBackend {
+                        cluster: cluster.clone(),
+                        address: address.clone(),
+                    });
+                }
+                c.backends.remove(i);
+            }
+            Edit::DrainBackend { cluster, address } => {
+                let c = self.cluster_mut(cluster)?;
+                let i = backend_index(c, cluster, address)?;
+                if let Some(b) = c.backends.get_mut(i) {
+                    b.draining = Some(true);
+                }
+            }
+            Edit::AddFrontend { cluster, frontend } => {
+                self.cluster_mut(cluster)?;
+                self.refuse_duplicate_frontend(frontend)?;
+                self.cluster_mut(cluster)?.frontends.push(frontend.clone());
+            }
+            Edit::RemoveFrontend { cluster, frontend } => {
+                let c = self.cluster_mut(cluster)?;
+                let Some(i) = c.frontends.iter().position(|f| f.same_route(frontend)) else {
+                    return Err(StateError::UnknownFrontend {
+                        cluster: cluster.clone(),
+                        frontend: frontend.to_string(),
+                    });
+                };
+                c.frontends.remove(i);
+            }
+            Edit::AddListener { listener } => {
+                if self
+                    .listeners
+                    .iter()
+                    .any(|l| same_address(&l.address, &listener.address))
+                {
+                    return Err(StateError::ListenerExists {
+                        address: listener.address.clone(),
+                    });
+                }
+                self.listeners.push(listener.clone());
+            }
+            Edit::RemoveListener { address } => {
+                let Some(i) = self
+                    .listeners
+                    .iter()
+                    .position(|l| same_address(&l.address, address))
+                else {
+                    let known = known_list(self.listeners.iter().map(|l| l.address.as_str()));
+                    return Err(StateError::UnknownListener {
+                        address: address.clone(),
+                        known: format!("listeners: {known}"),
+                    });
+                };
+                let users: Vec<&str> = self
+                    .clusters
+                    .iter()
+                    .filter(|(_, c)| {
+                        c.frontends
+                            .iter()
+                            .any(|f| same_address(&f.address, address))
+                    })
+                    .map(|(name, _)| name.as_str())
+                    .collect();
+                if !users.is_empty() {
+                    return Err(StateError::ListenerInUse {
+                        address: address.clone(),
+                        clusters: format!("cluster {}", users.join(", ")),
+                    });
+                }
+                self.listeners.remove(i);
+            }
+        }
+        Ok(())
+    }
+
+    fn cluster_mut(&mut self, name: &str) -> Result<&mut ClusterDef, StateError> {
+        let known = known_list(self.clusters.keys().map(String::as_str));
+        self.clusters
+            .get_mut(name)
+            .ok_or_else(|| StateError::UnknownCluster {
+                name: name.to_owned(),
+                known: format!("clusters: {known}"),
+            })
+    }
+
+    fn refuse_duplicate_frontend(&self, frontend: &FrontendDef) -> Result<(), StateError> {
+        for (owner, cluster) in &self.clusters {
+            if cluster.frontends.iter().any(|f| f.same_route(frontend)) {
+                return Err(StateError::FrontendExists {
+                    owner: owner.clone(),
+                    frontend: frontend.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn backend_index(c: &ClusterDef, cluster: &str, address: &str) -> Result<usize, StateError> {
+    c.backends
+        .iter()
+        .position(|b| same_address(&b.address, address))
+        .ok_or_else(|| StateError::UnknownBackend {
+            cluster: cluster.to_owned(),
+            address: address.to_owned(),
+            known: format!(
+                "backends: {}",
+                known_list(c.backends.iter().map(|b| b.address.as_str()))
+            ),
+        })
+}
+
+/// At most ten names, for an error message.
+fn known_list<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<&str> = names.collect();
+    match names.len() {
+        0 => "none".to_owned(),
+        n if n <= 10 => names.join(", "),
+        n => format!(
+            "{} and {} more",
+            names.get(..10).unwrap_or_default().join(", "),
+            n - 10
+        ),
+    }
+}
+
+/// Two addresses as the validator sees them: parsed when both parse, else the text.
+fn same_address(a: &str, b: &str) -> bool {
+    match (
+        a.trim().parse::<SocketAddr>(),
+        b.trim().parse::<SocketAddr>(),
+    ) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a.trim() == b.trim(),
+    }
+}
+
+/// The address as a key that two spellings of the same socket address share.
+fn address_key(a: &str) -> String {
+    a.trim()
+        .parse::<SocketAddr>()
+        .map_or_else(|_| a.trim().to_owned(), |s| s.to_string())
+}
+
+impl BackendDef {
+    /// A backend at `address` with the file's defaults.
+    pub fn new(address: impl Into<String>) -> BackendDef {
+        BackendDef {
+            address: address.into(),
+            ..BackendDef::default()
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.unwrap_or(false)
+    }
+}
+
+impl FrontendDef {
+    /// Whether `other` is the same route: what the validator would call identical (the same
+    /// listener, hostname ignoring case, path and path type with their defaults, method
+    /// ignoring case).
+    pub fn same_route(&self, other: &FrontendDef) -> bool {
+        let host = |f: &FrontendDef| f.hostname.as_deref().map(|h| h.trim().to_ascii_lowercase());
+        let path_type = |f: &FrontendDef| f.path_type.unwrap_or(PathTypeDef::Prefix);
+        let path = |f: &FrontendDef| f.path.clone().unwrap_or_else(|| "/".to_owned());
+        let method = |f: &FrontendDef| f.method.as_deref().map(|m| m.trim().to_ascii_uppercase());
+        same_address(&self.address, &other.address)
+            && host(self) == host(other)
+            && path_type(self) == path_type(other)
+            && path(self) == path(other)
+            && method(self) == method(other)
+    }
+}
+
+impl fmt::Display for FrontendDef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.address)?;
+        if let Some(h) = &self.hostname {
+            write!(f, " hostname={h}")?;
+        }
+        if let Some(p) = &self.path {
+            write!(f, " path={p}")?;
+        }
+        if let Some(t) = self.path_type {
+            write!(f, " path_type={t}")?;
+        }
+        if let Some(m) = &self.method {
+            write!(f, " method={m}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for BackendDef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.address)?;
+        if let Some(w) = self.weight {
+            write!(f, " weight={w}")?;
+        }
+        if self.backup == Some(true) {
+            write!(f, " backup")?;
+        }
+        if self.is_draining() {
+            write!(f, " draining")?;
+        }
+        Ok(())
+    }
+}
+
+/// One cluster in `lbctl cluster list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSummary {
+    pub name: String,
+    pub protocol: ClusterProtocolDef,
+    pub load_balancing: LoadBalancingDef,
+    pub frontends: usize,
+    pub backends: usize,
+    /// Backends marked `draining`.
+    pub draining: usize,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,616 @@
+//! lbctl's command line: the clap definitions, and their translation into protocol verbs.
+//!
+//! This module owns the spelling of every verb and option (the contract in DESIGN.md) and turns
+//! a parsed command into a [`Verb`]; relative paths become absolute here, since lbd does not
+//! share lbctl's directory. Talking to lbd is `client.rs`; printing is `render.rs`.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use lb_config::protocol::Verb;
+use lb_config::state::{
+    CertificateDef, ClusterDef, ClusterProtocolDef, FrontendDef, ListenerDef, ListenerProtocolDef,
+    LoadBalancingDef, PathTypeDef,
+};
+
+/// Talks to a running lbd over its command socket.
+///
+/// Exit status: 0 success; 1 refused by lbd (or an invalid file for `config check`); 2 usage
+/// error; 3 cannot reach lbd.
+#[derive(Parser, Debug)]
+#[command(name = "lbctl", version)]
+pub struct Cli {
+    /// lbd's config file: the command socket is its `command_socket`.
+    #[arg(
+        short,
+        long,
+        value_name = "FILE",
+        global = true,
+        conflicts_with = "socket"
+    )]
+    pub config: Option<PathBuf>,
+    /// The command socket (default: /run/kakehi/lbd.sock, or the config file's).
+    #[arg(short, long, value_name = "PATH", global = true)]
+    pub socket: Option<PathBuf>,
+    /// Machine-readable output (JSON) instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Seconds to wait for lbd's answer.
+    #[arg(long, value_name = "SECS", default_value_t = 60, global = true)]
+    pub timeout: u64,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generation, workers (pid, state, connections) and listeners.
+    Status,
+    /// Replace the running lbd with a new binary, without dropping a connection.
+    Upgrade {
+        /// The new lbd (default: the running binary's path).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// Restart only the workers, on the same main process.
+        #[arg(long)]
+        workers_only: bool,
+    },
+    /// Stop lbd: workers finish their requests first, unless --hard.
+    Shutdown {
+        /// Stop at once, dropping requests in flight.
+        #[arg(long)]
+        hard: bool,
+    },
+    /// The running configuration.
+    #[command(subcommand)]
+    State(StateCmd),
+    /// Clusters: a set of backends and the frontends that lead to it.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// A cluster's servers: add, remove, drain.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Routes from a listener (host, path, method) to a cluster.
+    #[command(subcommand)]
+    Frontend(FrontendCmd),
+    /// Listening addresses.
+    #[command(subcommand)]
+    Listener(ListenerCmd),
+    /// TLS certificates of https listeners.
+    #[command(subcommand)]
+    Certificate(CertificateCmd),
+    /// Counters and gauges of lbd and its workers.
+    Metrics,
+    /// Apply the difference between lbd's config file and the running state.
+    Reload,
+    /// Check a config file, without lbd.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StateCmd {
+    /// Print the running state (as a config file; JSON with --json).
+    Dump,
+    /// Have lbd write the running state to FILE, as a config file.
+    Save { file: PathBuf },
+    /// Have lbd replace the running state with the config file FILE.
+    Load { file: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// One line per cluster.
+    List,
+    /// Add a cluster; give it frontends with `frontend add`.
+    Add(ClusterAddArgs),
+    /// Remove a cluster, its frontends and backends.
+    Remove {
+        /// The cluster's name.
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ClusterAddArgs {
+    /// The cluster's name: letters, digits, '-' and '_'.
+    pub name: String,
+    /// http | tcp (default http).
+    #[arg(long)]
+    pub protocol: Option<ClusterProtocolDef>,
+    /// round-robin | random | least-connections | power-of-two (default round-robin).
+    #[arg(long)]
+    pub load_balancing: Option<LoadBalancingDef>,
+    /// A backend IP:PORT; repeat for several. A cluster needs at least one.
+    #[arg(long = "backend", value_name = "ADDR", required = true)]
+    pub backends: Vec<String>,
+    /// Send a PROXY protocol v2 header to the backends.
+    #[arg(long)]
+    pub send_proxy: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackendCmd {
+    /// Add a backend to a cluster.
+    Add(BackendAddArgs),
+    /// Remove a backend; its requests in flight finish.
+    Remove(BackendRef),
+    /// Send the backend no new requests; those in flight finish.
+    Drain(BackendRef),
+}
+
+#[derive(Args, Debug)]
+pub struct BackendAddArgs {
+    #[command(flatten)]
+    pub backend: BackendRef,
+    /// Relative share of the traffic, 1 to 1000 (default 1).
+    #[arg(long)]
+    pub weight: Option<u32>,
+    /// Use it only when no other backend is available.
+    #[arg(long)]
+    pub backup: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BackendRef {
+    /// The cluster's name.
+    #[arg(long, value_name = "NAME")]
+    pub cluster: String,
+    /// The backend's IP:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub address: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FrontendCmd {
+    /// Route requests to a cluster.
+    Add(FrontendArgs),
+    /// Remove the route with exactly these address, hostname, path, path type and method.
+    Remove(FrontendArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FrontendArgs {
+    /// The cluster's name.
+    #[arg(long, value_name = "NAME")]
+    pub cluster: String,
+    /// The listener's IP:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub address: String,
+    /// app.example.com, *.example.com or ~regex (default: any host).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Matched against the request path (default "/").
+    #[arg(long)]
+    pub path: Option<String>,
+    /// prefix | exact | regex (default prefix).
+    #[arg(long)]
+    pub path_type: Option<PathTypeDef>,
+    /// e.g. GET (default: any method).
+    #[arg(long)]
+    pub method: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ListenerCmd {
+    /// Listen on a new address.
+    Add(ListenerAddArgs),
+    /// Stop listening on an address (no frontend may use it).
+    Remove {
+        /// The listener's IP:PORT.
+        #[arg(long, value_name = "ADDR")]
+        address: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ListenerAddArgs {
+    /// IP:PORT to listen on.
+    #[arg(long, value_name = "ADDR")]
+    pub address: String,
+    /// http | https | tcp (default http).
+    #[arg(long)]
+    pub protocol: Option<ListenerProtocolDef>,
+    /// Expect a PROXY protocol header from clients.
+    #[arg(long)]
+    pub accept_proxy: bool,
+    /// For https: the certificate chain (PEM); needs --key.
+    #[arg(long, value_name = "PATH", requires = "key")]
+    pub certificate: Option<PathBuf>,
+    /// For https: the private key (PEM); needs --certificate.
+    #[arg(long, value_name = "PATH", requires = "certificate")]
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertificateCmd {
+    /// Add a certificate to an https listener.
+    Add {
+        /// The listener's IP:PORT.
+        #[arg(long, value_name = "ADDR")]
+        address: String,
+        #[arg(long, value_name = "PATH")]
+        certificate: PathBuf,
+        #[arg(long, value_name = "PATH")]
+        key: PathBuf,
+    },
+    /// Replace a listener's certificate with another.
+    Replace {
+        #[arg(long, value_name = "ADDR")]
+        address: String,
+        /// The certificate file being replaced.
+        #[arg(long, value_name = "PATH")]
+        old_certificate: PathBuf,
+        #[arg(long, value_name = "PATH")]
+        certificate: PathBuf,
+        #[arg(long, value_name = "PATH")]
+        key: PathBuf,
+    },
+    /// Remove a certificate from a listener.
+    Remove {
+        #[arg(long, value_name = "ADDR")]
+        address: String,
+        #[arg(long, value_name = "PATH")]
+        certificate: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// Validate FILE with lbd's own validator: exit 0 when valid, 1 otherwise.
+    Check { file: PathBuf },
+}
+
+/// `path` made absolute against lbctl's current directory.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn absolute_text(path: &Path) -> String {
+    absolute(path).to_string_lossy().into_owned()
+}
+
+impl Command {
+    /// The request for lbd; None for a command lbctl runs itself (`config check`).
+    pub fn verb(&self) -> Option<Verb> {
+        Some(match self {
+            Command::Status => Verb::Status,
+            Command::Upgrade {
+                binary,
+                workers_only,
+            } => Verb::Upgrade {
+                binary: binary.as_deref().map(absolute),
+                workers_only: *workers_only,
+            },
+            Command::Shutdown { hard } => Verb::Shutdown { hard: *hard },
+            Command::State(StateCmd::Dump) => Verb::StateDump,
+            Command::State(StateCmd::Save { file }) => Verb::StateSave {
+                path: absolute(file),
+            },
+            Command::State(StateCmd::Load { file }) => Verb::StateLoad {
+                path: absolute(file),
+            },
+            Command::Cluster(ClusterCmd::List) => Verb::ClusterList,
+            Command::Cluster(ClusterCmd::Add(add)) => Verb::ClusterAdd {
+                name: add.name.clone(),
+                cluster: ClusterDef {
+                    protocol: add.protocol,
+                    load_balancing: add.load_balancing,
+                    frontends: Vec::new(),
+                    backends: add
+                        .backends
+                        .iter()
+                        .map(lb_config::state::BackendDef::new)
+                        .collect(),
+                    health_check: None,
+                    send_proxy: add.send_proxy.then_some(true),
+                },
+            },
+            Command::Cluster(ClusterCmd::Remove { name }) => {
+                Verb::ClusterRemove { name: name.clone() }
+            }
+            Command::Backend(BackendCmd::Add(add)) => Verb::BackendAdd {
+                cluster: add.backend.cluster.clone(),
+                address: add.backend.address.clone(),
+                weight: add.weight,
+                backup: add.backup,
+            },
+            Command::Backend(BackendCmd::Remove(b)) => Verb::BackendRemove {
+                cluster: b.cluster.clone(),
+                address: b.address.clone(),
+            },
+            Command::Backend(BackendCmd::Drain(b)) => Verb::BackendDrain {
+                cluster: b.cluster.clone(),
+                address: b.address.clone(),
+            },
+            Command::Frontend(FrontendCmd::Add(f)) => Verb::FrontendAdd {
+                cluster: f.cluster.clone(),
+                frontend: f.frontend(),
+            },
+            Command::Frontend(FrontendCmd::Remove(f)) => Verb::FrontendRemove {
+                cluster: f.cluster.clone(),
+                frontend: f.frontend(),
+            },
+            Command::Listener(ListenerCmd::Add(l)) => Verb::ListenerAdd {
+                listener: ListenerDef {
+                    address: l.address.clone(),
+                    protocol: l.protocol,
+                    certificates: match (&l.certificate, &l.key) {
+                        (Some(certificate), Some(key)) => vec![CertificateDef {
+                            certificate: absolute_text(certificate),
+                            key: absolute_text(key),
+                        }],
+                        _ => Vec::new(),
+                    },
+                    accept_proxy: l.accept_proxy.then_some(true),
+                },
+            },
+            Command::Listener(ListenerCmd::Remove { address }) => Verb::ListenerRemove {
+                address: address.clone(),
+            },
+            Command::Certificate(CertificateCmd::Add {
+                address,
+                certificate,
+                key,
+            }) => Verb::CertificateAdd {
+                address: address.clone(),
+                certificate: CertificateDef {
+                    certificate: absolute_text(certificate),
+                    key: absolute_text(key),
+                },
+            },
+            Command::Certificate(CertificateCmd::Replace {
+                address,
+                old_certificate,
+                certificate,
+                key,
+            }) => Verb::CertificateReplace {
+                address: address.clone(),
+                old_certificate: absolute_text(old_certificate),
+                certificate: CertificateDef {
+                    certificate: absolute_text(certificate),
+                    key: absolute_text(key),
+                },
+            },
+            Command::Certificate(CertificateCmd::Remove {
+                address,
+                certificate,
+            }) => Verb::CertificateRemove {
+                address: address.clone(),
+                certificate: absolute_text(certificate),
+            },
+            Command::Metrics => Verb::Metrics,
+            Command::Reload => Verb::Reload,
+            Command::Config(ConfigCmd::Check { .. }) => return None,
+        })
+    }
+}
+
+impl FrontendArgs {
+    fn frontend(&self) -> FrontendDef {
+        FrontendDef {
+            address: self.address.clone(),
+            hostname: self.hostname.clone(),
+            path: self.path.clone(),
+            path_type: self.path_type,
+            method: self.method.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_config::state::BackendDef;
+
+    fn verb(args: &[&str]) -> Verb {
+        let cli = Cli::try_parse_from(std::iter::once("lbctl").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        cli.command.verb().unwrap()
+    }
+
+    fn usage_error(args: &[&str]) -> String {
+        Cli::try_parse_from(std::iter::once("lbctl").chain(args.iter().copied()))
+            .err()
+            .unwrap_or_else(|| panic!("{args:?} parsed"))
+            .to_string()
+    }
+
+    #[test]
+    fn the_contract_verbs_parse() {
+        assert_eq!(verb(&["status"]), Verb::Status);
+        assert_eq!(verb(&["metrics"]), Verb::Metrics);
+        assert_eq!(verb(&["reload"]), Verb::Reload);
+        assert_eq!(verb(&["shutdown"]), Verb::Shutdown { hard: false });
+        assert_eq!(verb(&["shutdown", "--hard"]), Verb::Shutdown { hard: true });
+        assert_eq!(
+            verb(&["upgrade", "--binary", "/opt/lbd", "--workers-only"]),
+            Verb::Upgrade {
+                binary: Some("/opt/lbd".into()),
+                workers_only: true
+            }
+        );
+        assert_eq!(verb(&["state", "dump"]), Verb::StateDump);
+        assert_eq!(verb(&["cluster", "list"]), Verb::ClusterList);
+        assert_eq!(
+            verb(&["cluster", "remove", "app"]),
+            Verb::ClusterRemove { name: "app".into() }
+        );
+    }
+
+    #[test]
+    fn state_paths_become_absolute() {
+        let Verb::StateSave { path } = verb(&["state", "save", "saved.toml"]) else {
+            panic!()
+        };
+        assert!(path.is_absolute(), "{}", path.display());
+        assert!(path.ends_with("saved.toml"));
+        let Verb::StateLoad { path } = verb(&["state", "load", "/etc/kakehi/lb.toml"]) else {
+            panic!()
+        };
+        assert_eq!(path, Path::new("/etc/kakehi/lb.toml"));
+    }
+
+    #[test]
+    fn backend_verbs_take_cluster_and_address() {
+        assert_eq!(
+            verb(&[
+                "backend",
+                "add",
+                "--cluster",
+                "app",
+                "--address",
+                "127.0.0.1:9003",
+                "--weight",
+                "2",
+                "--backup"
+            ]),
+            Verb::BackendAdd {
+                cluster: "app".into(),
+                address: "127.0.0.1:9003".into(),
+                weight: Some(2),
+                backup: true
+            }
+        );
+        assert_eq!(
+            verb(&[
+                "backend",
+                "drain",
+                "--cluster",
+                "app",
+                "--address",
+                "1.2.3.4:80"
+            ]),
+            Verb::BackendDrain {
+                cluster: "app".into(),
+                address: "1.2.3.4:80".into()
+            }
+        );
+        let e = usage_error(&["backend", "remove", "--address", "1.2.3.4:80"]);
+        assert!(e.contains("--cluster <NAME>"), "{e}");
+        let e = usage_error(&[
+            "backend",
+            "drain",
+            "--cluster",
+            "a",
+            "--address",
+            "b",
+            "--weight",
+            "2",
+        ]);
+        assert!(e.contains("--weight"), "{e}");
+        let e = usage_error(&[
+            "backend",
+            "add",
+            "--cluster",
+            "a",
+            "--address",
+            "b",
+            "--weight",
+            "lots",
+        ]);
+        assert!(e.contains("lots"), "{e}");
+    }
+
+    #[test]
+    fn frontend_listener_and_cluster_definitions() {
+        assert_eq!(
+            verb(&[
+                "frontend",
+                "add",
+                "--cluster",
+                "app",
+                "--address",
+                "127.0.0.1:8080",
+                "--hostname",
+                "*.example.com",
+                "--path",
+                "/api",
+                "--path-type",
+                "exact",
+                "--method",
+                "GET"
+            ]),
+            Verb::FrontendAdd {
+                cluster: "app".into(),
+                frontend: FrontendDef {
+                    address: "127.0.0.1:8080".into(),
+                    hostname: Some("*.example.com".into()),
+                    path: Some("/api".into()),
+                    path_type: Some(PathTypeDef::Exact),
+                    method: Some("GET".into()),
+                }
+            }
+        );
+        let e = usage_error(&[
+            "frontend",
+            "add",
+            "--cluster",
+            "a",
+            "--address",
+            "b",
+            "--path-type",
+            "glob",
+        ]);
+        assert!(e.contains("expected prefix | exact | regex"), "{e}");
+
+        assert_eq!(
+            verb(&["listener", "add", "--address", "127.0.0.1:8081"]),
+            Verb::ListenerAdd {
+                listener: ListenerDef {
+                    address: "127.0.0.1:8081".into(),
+                    protocol: None,
+                    certificates: vec![],
+                    accept_proxy: None,
+                }
+            }
+        );
+        let e = usage_error(&[
+            "listener",
+            "add",
+            "--address",
+            "a",
+            "--certificate",
+            "c.pem",
+        ]);
+        assert!(e.contains("--key"), "{e}");
+
+        assert_eq!(
+            verb(&[
+                "cluster",
+                "add",
+                "web",
+                "--load-balancing",
+                "least-connections",
+                "--backend",
+                "127.0.0.1:9100",
+                "--backend",
+                "127.0.0.1:9101"
+            ]),
+            Verb::ClusterAdd {
+                name: "web".into(),
+                cluster: ClusterDef {
+                    load_balancing: Some(LoadBalancingDef::LeastConnections),
+                    backends: vec![
+                        BackendDef::new("127.0.0.1:9100"),
+                        BackendDef::new("127.0.0.1:9101")
+                    ],
+                    ..ClusterDef::default()
+                }
+            }
+        );
+        let e = usage_error(&["cluster", "add", "web"]);
+        assert!(e.contains("--backend <ADDR>"), "{e}");
+    }
+
+    #[test]
+    fn global_options_go_anywhere_and_config_excludes_socket() {
+        let cli = Cli::try_parse_from(["lbctl", "status", "--json", "--socket", "/tmp/s"]).unwrap();
+        assert!(cli.json);
+        assert_eq!(cli.socket.as_deref(), Some(Path::new("/tmp/s")));
+        let e = usage_error(&["--config", "a.toml", "--socket", "/tmp/s", "status"]);
+        assert!(e.contains("cannot be used with"), "{e}");
+        let cli = Cli::try_parse_from(["lbctl", "config", "check", "lb.toml"]).unwrap();
+        assert!(cli.command.verb().is_none());
+    }
+}
