@@ -1,12 +1,15 @@
 //! `cargo xtask bench`: kakehi against nginx and HAProxy, on this machine, in the same run.
 //!
 //! Owns the benchmark's procedure (DESIGN.md, "Measuring speed"): one shared nginx origin
-//! serving static files; each proxy with one worker/thread, keep-alive to the origin, pinned
-//! alone on the second CPU while wrk (`-t1`) and the origin share the first; each proxy checked
-//! to answer 200 with the origin's body before it is measured; runs interleaved across proxies
-//! and repeated, medians reported, with kakehi's ratios to the others. The steadiest figure is
-//! the proxy's CPU time per request. It is a benchmark, not a test: nothing here passes or
-//! fails on a number. Every process it starts is stopped by pid, on error too (drop guards).
+//! serving static files; each proxy with one worker/thread (`--workers N`: N of them, and
+//! kakehi steering connections with eBPF, least connections), keep-alive to the origin; with
+//! one worker each proxy is pinned alone on the second CPU while wrk (`-t1`) and the origin
+//! share the first, with more the proxy may run on every CPU while wrk and the origin stay on
+//! the first; each proxy checked to answer 200 with the origin's body before it is measured;
+//! runs interleaved across proxies and repeated, medians reported, with kakehi's ratios to the
+//! others. The steadiest figure is the proxy's CPU time per request, over its whole process
+//! tree. It is a benchmark, not a test: nothing here passes or fails on a number. Every
+//! process it starts is stopped by pid, on error too (drop guards).
 
 mod configs;
 mod procfs;
@@ -67,6 +70,11 @@ pub struct Args {
     /// as nginx's upstream keepalive and kakehi do; "safe" is HAProxy's own default.
     #[arg(long, default_value = "always", value_parser = ["always", "aggressive", "safe", "never"])]
     haproxy_reuse: String,
+    /// Workers (threads for HAProxy) per proxy; the origin keeps one. Above 1, kakehi steers
+    /// connections with eBPF (least connections) and each proxy may run on every CPU, while wrk
+    /// and the origin stay on the first.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    workers: u32,
 }
 
 struct Scenario {
@@ -122,6 +130,8 @@ struct Proxy {
 /// Where things run and for how long.
 struct Plan {
     dir: PathBuf,
+    /// Workers (or threads) per proxy.
+    workers: u32,
     duration: Duration,
     runs: usize,
     warmup: bool,
@@ -147,9 +157,11 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
         .into_iter()
         .filter(|kind| args.proxies.is_empty() || args.proxies.contains(kind))
         .collect();
-    let (client_cpu, proxy_cpu) = cpus();
+    let allowed = allowed_cpus();
+    let pinning = Pinning::new(&allowed, args.workers);
     let plan = Plan {
         dir: crate::target_dir().join("bench"),
+        workers: args.workers,
         duration: args.duration.unwrap_or(if args.quick {
             Duration::from_secs(3)
         } else {
@@ -158,14 +170,22 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
         runs: args.runs.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
         warmup: !args.quick,
         client: SpawnOptions {
-            cpu: client_cpu,
+            cpu: pinning.client,
             own_group: true,
         },
         proxy: SpawnOptions {
-            cpu: proxy_cpu,
+            cpu: pinning.proxy,
             own_group: true,
         },
     };
+    let mut notes: Vec<String> = Vec::new();
+    if !allowed.is_empty() && plan.workers as usize > allowed.len() {
+        notes.push(format!(
+            "--workers {} is more than the {} CPU(s) available: workers share CPUs",
+            plan.workers,
+            allowed.len()
+        ));
+    }
 
     crate::setup::setup(signals, &crate::setup::BENCH)?;
     std::fs::create_dir_all(plan.dir.join("logs"))
@@ -228,16 +248,14 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
         );
     }
 
-    let pinning = match (client_cpu, proxy_cpu) {
-        (Some(c), Some(p)) => format!("wrk -t1 and the origin on cpu{c}, each proxy on cpu{p}"),
-        _ => "not pinned: fewer than 2 CPUs available".to_string(),
-    };
     println!(
-        "xtask bench: {} scenario(s) × {} proxies × {} run(s) of {}s; {pinning}",
+        "xtask bench: {} scenario(s) × {} proxies × {} run(s) of {}s; {} worker(s) per proxy; {}",
         scenarios.len(),
         proxies.len(),
         plan.runs,
-        wrk_seconds(plan.duration)
+        wrk_seconds(plan.duration),
+        plan.workers,
+        pinning.text
     );
 
     if plan.warmup {
@@ -250,7 +268,6 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
     }
 
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); proxies.len()]; scenarios.len()];
-    let mut notes: Vec<String> = Vec::new();
     for run in 1..=plan.runs {
         wait_until_idle(signals, run, &mut notes)?;
         for (s, scenario) in scenarios.iter().enumerate() {
@@ -288,17 +305,79 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// The first two CPUs this process may run on: (client, proxy).
-fn cpus() -> (Option<usize>, Option<usize>) {
+/// The CPUs this process may run on, in order; empty when they cannot be read.
+fn allowed_cpus() -> Vec<usize> {
     let Ok(set) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
-        return (None, None);
+        return Vec::new();
     };
-    let mut allowed =
-        (0..nix::sched::CpuSet::count()).filter(|&cpu| set.is_set(cpu).unwrap_or(false));
-    match (allowed.next(), allowed.next()) {
-        (Some(client), Some(proxy)) => (Some(client), Some(proxy)),
-        _ => (None, None),
+    (0..nix::sched::CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect()
+}
+
+/// Where wrk, the origin and each proxy run.
+#[derive(Debug, PartialEq, Eq)]
+struct Pinning {
+    /// wrk and the origin: the first allowed CPU.
+    client: Option<usize>,
+    /// Each proxy: the second allowed CPU with one worker; `None` (not pinned: it inherits
+    /// every CPU xtask may use) with more, or with fewer than 2 CPUs.
+    proxy: Option<usize>,
+    /// The CPUs a proxy may run on, for results.json; empty when nothing is pinned.
+    proxy_cpus: Vec<usize>,
+    /// The same in words, for the terminal and results.json.
+    text: String,
+}
+
+impl Pinning {
+    fn new(allowed: &[usize], workers: u32) -> Self {
+        match allowed {
+            [client, proxy, ..] if workers <= 1 => Self {
+                client: Some(*client),
+                proxy: Some(*proxy),
+                proxy_cpus: vec![*proxy],
+                text: format!("wrk -t1 and the origin on cpu{client}, each proxy on cpu{proxy}"),
+            },
+            [client, _, ..] => Self {
+                client: Some(*client),
+                proxy: None,
+                proxy_cpus: allowed.to_vec(),
+                text: format!(
+                    "wrk -t1 and the origin on cpu{client}; each proxy ({workers} workers) on \
+                     every CPU (cpus {}, not pinned), so it shares cpu{client} with them",
+                    cpu_list(allowed)
+                ),
+            },
+            _ => Self {
+                client: None,
+                proxy: None,
+                proxy_cpus: Vec::new(),
+                text: "not pinned: fewer than 2 CPUs available".to_string(),
+            },
+        }
     }
+}
+
+/// "0-3,6,8-9", as taskset writes a CPU list.
+fn cpu_list(cpus: &[usize]) -> String {
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for &cpu in cpus {
+        match ranges.last_mut() {
+            Some((_, last)) if *last + 1 == cpu => *last = cpu,
+            _ => ranges.push((cpu, cpu)),
+        }
+    }
+    ranges
+        .iter()
+        .map(|&(first, last)| {
+            if first == last {
+                first.to_string()
+            } else {
+                format!("{first}-{last}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn wrk_seconds(duration: Duration) -> u64 {
@@ -415,11 +494,13 @@ fn summarize(
     failed: &[(ProxyKind, String)],
     samples: &[Vec<Vec<Sample>>],
     notes: &[String],
-    pinning: &str,
+    pinning: &Pinning,
 ) -> Value {
     println!(
-        "\nkakehi benchmark: median of {} run(s) of {}s; proxy CPU = utime+stime of its process \
-         tree over the run, per request; RSS = peak VmHWM of the tree",
+        "\nkakehi benchmark: {} worker(s) per proxy; median of {} run(s) of {}s; proxy CPU = \
+         utime+stime of its whole process tree (every worker and thread) over the run, per \
+         request; RSS = peak VmHWM of the tree",
+        plan.workers,
         plan.runs,
         wrk_seconds(plan.duration)
     );
@@ -490,6 +571,7 @@ fn summarize(
             reason.replace('\n', "\n    ")
         );
     }
+    println!("  pinning:  {}", pinning.text);
     let mut notes = notes.to_vec();
     for proxy in proxies.iter().filter(|p| !p.rss_per_run) {
         notes.push(format!(
@@ -521,11 +603,59 @@ fn summarize(
             .map_or(0, |d| d.as_secs()),
         "duration_s": wrk_seconds(plan.duration),
         "runs": plan.runs,
-        "pinning": pinning,
+        "workers": plan.workers,
+        "pinning": pinning.text,
+        "cpus": {
+            "load_generator_and_origin": pinning.client,
+            "proxy": pinning.proxy_cpus,
+            "proxy_pinned_alone": pinning.proxy.is_some(),
+        },
         "load_generator": "wrk -t1 (Debian)",
         "origin": "nginx, 1 worker, static files",
         "proxies": proxy_json,
         "scenarios": scenario_json,
         "notes": notes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_worker_pins_the_proxy_alone_on_the_second_cpu() {
+        let pinning = Pinning::new(&[0, 1, 2, 3], 1);
+        assert_eq!((pinning.client, pinning.proxy), (Some(0), Some(1)));
+        assert_eq!(pinning.proxy_cpus, [1]);
+        assert_eq!(
+            pinning.text,
+            "wrk -t1 and the origin on cpu0, each proxy on cpu1"
+        );
+    }
+
+    #[test]
+    fn several_workers_let_the_proxy_use_every_cpu() {
+        let pinning = Pinning::new(&[0, 1, 2, 3], 4);
+        assert_eq!((pinning.client, pinning.proxy), (Some(0), None));
+        assert_eq!(pinning.proxy_cpus, [0, 1, 2, 3]);
+        assert!(pinning.text.starts_with("wrk -t1 and the origin on cpu0; "));
+        assert!(pinning.text.contains("(cpus 0-3, not pinned)"));
+    }
+
+    #[test]
+    fn fewer_than_two_cpus_pin_nothing() {
+        for workers in [1, 2] {
+            let pinning = Pinning::new(&[3], workers);
+            assert_eq!((pinning.client, pinning.proxy), (None, None));
+            assert!(pinning.proxy_cpus.is_empty());
+        }
+    }
+
+    #[test]
+    fn cpu_lists_read_as_taskset_writes_them() {
+        assert_eq!(cpu_list(&[0, 1]), "0-1");
+        assert_eq!(cpu_list(&[0, 1, 2, 3, 6, 8, 9]), "0-3,6,8-9");
+        assert_eq!(cpu_list(&[5]), "5");
+        assert_eq!(cpu_list(&[]), "");
+    }
 }

@@ -1,6 +1,7 @@
 //! Starting the benchmark's programs and checking them: the shared origin (nginx serving
-//! static files) and each proxy under test, from the configs `configs` writes, each pinned
-//! where `Plan` says and watched until it accepts; then `verify` checks the answers.
+//! static files) and each proxy under test, from the configs `configs` writes (with
+//! `Plan::workers` workers or threads), each pinned where `Plan` says and watched until it
+//! accepts; then `verify` checks the answers.
 //! What is measured, and how, is `bench`'s business.
 
 use std::path::{Path, PathBuf};
@@ -68,7 +69,7 @@ pub fn start_proxy(
     let (mut cmd, settings, version) = match kind {
         ProxyKind::Kakehi => {
             let config = dir.join("lbd.toml");
-            std::fs::write(&config, configs::kakehi(&dir, port, origin))?;
+            std::fs::write(&config, configs::kakehi(&dir, port, origin, plan.workers))?;
             let _ = std::fs::remove_file(dir.join("lbd.sock"));
             let lbd = crate::target_dir().join("release").join("lbd");
             let check = procs::output(
@@ -88,27 +89,34 @@ pub fn start_proxy(
             let version = version_of(Command::new(&lbd).arg("--version"));
             let mut cmd = Command::new(lbd);
             cmd.arg("--config").arg(&config);
-            (cmd, configs::KAKEHI_SETTINGS.to_string(), version)
+            (cmd, configs::kakehi_settings(plan.workers), version)
         }
         ProxyKind::Nginx => {
             std::fs::write(
                 dir.join("nginx.conf"),
-                configs::nginx_proxy(&dir, port, origin),
+                configs::nginx_proxy(&dir, port, origin, plan.workers),
             )?;
             let version = version_of(Command::new(NGINX).arg("-v"));
             (
                 nginx_command(&dir),
-                configs::NGINX_SETTINGS.to_string(),
+                configs::nginx_settings(plan.workers),
                 version,
             )
         }
         ProxyKind::Haproxy => {
             let config = dir.join("haproxy.cfg");
-            std::fs::write(&config, configs::haproxy(port, origin, haproxy_reuse))?;
+            std::fs::write(
+                &config,
+                configs::haproxy(port, origin, haproxy_reuse, plan.workers),
+            )?;
             let mut cmd = Command::new(HAPROXY);
             cmd.arg("-db").arg("-f").arg(&config);
             let version = version_of(Command::new(HAPROXY).arg("-v"));
-            (cmd, configs::haproxy_settings(haproxy_reuse), version)
+            (
+                cmd,
+                configs::haproxy_settings(plan.workers, haproxy_reuse),
+                version,
+            )
         }
     };
     let mut proc = Proc::spawn_logged(name, &mut cmd, plan.proxy, &log)?;
