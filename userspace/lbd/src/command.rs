@@ -130,13 +130,11 @@ pub fn not_supported_yet(verb: &Verb) -> Option<String> {
     match verb {
         Verb::CertificateAdd { .. }
         | Verb::CertificateReplace { .. }
-        | Verb::CertificateRemove { .. } => Some(format!(
-            "{}: not supported yet: TLS listeners arrive with the TLS issue",
-            verb.name()
-        )),
+        | Verb::CertificateRemove { .. } => {
+            Some("not supported yet: TLS listeners arrive with the TLS issue".to_owned())
+        }
         Verb::Upgrade { .. } => Some(
-            "upgrade: not supported yet: zero-downtime upgrades arrive with the upgrade issue"
-                .to_owned(),
+            "not supported yet: zero-downtime upgrades arrive with the upgrade issue".to_owned(),
         ),
         _ => None,
     }

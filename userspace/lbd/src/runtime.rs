@@ -99,6 +99,10 @@ impl Supervisor {
                 config.buffer_size == self.config().buffer_size,
             ),
             (
+                "command_socket",
+                config.command_socket == self.config().command_socket,
+            ),
+            (
                 "access_log.target",
                 config.access_log.target == self.config().access_log.target,
             ),
@@ -118,6 +122,7 @@ impl Supervisor {
         }
         let text = new.to_toml();
         let workers = self.push_to_workers(&text);
+        self.update_steering(&config);
         self.replace_state(new, config, &text)
             .map_err(|e| format!("the change was applied but not recorded: {e}"))?;
         Ok(Payload::Applied(Applied { changes, workers }))

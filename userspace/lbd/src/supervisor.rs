@@ -245,6 +245,31 @@ impl Supervisor {
         out
     }
 
+    /// Carries a new steering policy and connection limit into the eBPF programs.
+    pub(crate) fn update_steering(&mut self, config: &Config) {
+        let policy = policy_of(config.steering_policy);
+        let limit = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
+        for (listener, steering) in self.steering.iter_mut().enumerate() {
+            if let Err(e) = steering.set_policy(policy) {
+                log::error!("listener {listener}: cannot set the steering policy: {e}");
+            }
+            for (index, slot) in self.slots.iter().enumerate() {
+                let Ok(index) = u32::try_from(index) else {
+                    continue;
+                };
+                if slot.pid.is_none() {
+                    continue;
+                }
+                // Keep the live count the worker publishes; only the limit changes.
+                let live = steering.worker_state(index).map(|w| w.live).unwrap_or(0);
+                let state = WorkerState::active(limit).with_live(live);
+                if let Err(e) = steering.set_worker_state(index, state) {
+                    log::error!("listener {listener}: cannot set worker {index}'s limit: {e}");
+                }
+            }
+        }
+    }
+
     /// Makes `state` the running state; workers started from now on get its text.
     pub(crate) fn replace_state(
         &mut self,
@@ -441,11 +466,7 @@ impl Supervisor {
 /// Loads one steering program per listener group, fills its socket slots (worker i's socket
 /// of that listener in slot i) and attaches it. Workers stay inactive until they start.
 fn load_steering(config: &Config, sockets: &[Vec<TcpListener>]) -> anyhow::Result<Vec<Steering>> {
-    let policy = match config.steering_policy {
-        SteeringPolicy::FlowHash => Policy::FlowHash,
-        SteeringPolicy::LeastConnections => Policy::LeastConnections,
-        SteeringPolicy::PowerOfTwo => Policy::PowerOfTwo,
-    };
+    let policy = policy_of(config.steering_policy);
     let workers = u32::try_from(config.workers).context("too many workers")?;
     let mut out = Vec::new();
     for (listener, group) in config.listeners.iter().zip(sockets) {
@@ -473,4 +494,12 @@ fn load_steering(config: &Config, sockets: &[Vec<TcpListener>]) -> anyhow::Resul
         out.push(steering);
     }
     Ok(out)
+}
+
+fn policy_of(policy: SteeringPolicy) -> Policy {
+    match policy {
+        SteeringPolicy::FlowHash => Policy::FlowHash,
+        SteeringPolicy::LeastConnections => Policy::LeastConnections,
+        SteeringPolicy::PowerOfTwo => Policy::PowerOfTwo,
+    }
 }

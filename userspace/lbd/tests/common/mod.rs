@@ -1292,3 +1292,50 @@ pub fn listening_inodes(pid: i32, addr: SocketAddr) -> HashSet<u64> {
         .map(|s| s.inode)
         .collect()
 }
+
+// ---- lbd from a config file written elsewhere -----------------------------------------------
+
+impl Lbd {
+    /// Starts `lbd --config CONFIG_PATH` on a config file the test wrote itself (a saved state,
+    /// say), whose listeners are `addrs` and whose `command_socket` it chose. No retry on a
+    /// taken port: the addresses are the file's. Its stdout and stderr go to a new temp dir.
+    pub fn start_file(config_path: &Path, addrs: Vec<SocketAddr>) -> Lbd {
+        let dir = TempDir::new("lbd-file");
+        let text = fs::read_to_string(config_path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", config_path.display()));
+        let stdout = dir.path().join("stdout.log");
+        let stderr = dir.path().join("stderr.log");
+        let mut child = Command::new(lbd_bin())
+            .arg("--config")
+            .arg(config_path)
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout).unwrap())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn lbd");
+        match wait_ready(&mut child, &addrs) {
+            Start::Ready => Lbd {
+                child,
+                status: None,
+                addrs,
+                config_path: config_path.to_path_buf(),
+                config_text: text,
+                stdout,
+                stderr,
+                dir,
+            },
+            Start::Exited(status) => {
+                let err = fs::read_to_string(&stderr).unwrap_or_default();
+                panic!("lbd exited at start ({status}):\n{err}\nconfig:\n{text}");
+            }
+            Start::TimedOut => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let err = fs::read_to_string(&stderr).unwrap_or_default();
+                panic!(
+                    "lbd did not accept on {addrs:?} within {START_DEADLINE:?}:\n{err}\nconfig:\n{text}"
+                );
+            }
+        }
+    }
+}
