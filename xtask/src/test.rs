@@ -1,7 +1,7 @@
 //! `cargo xtask test`: every gate CI applies, in the order CI applies them.
 //!
 //! Owns the list and order of the gates: setup, `cargo fmt --check`, clippy with warnings
-//! denied, the whole workspace's tests, and (later) a short fuzz smoke run. Each step streams
+//! denied, the whole workspace's tests, and a short fuzz smoke run. Each step streams
 //! its output; the first failure stops the run with a non-zero exit. What the tests check is
 //! the crates' business.
 
@@ -55,25 +55,46 @@ pub fn test(signals: &Signals) -> Result<()> {
     Ok(())
 }
 
-/// The fuzz smoke run's place. Runs only when `fuzz/` exists and `cargo fuzz` is installed;
-/// never required. The run itself (each target for a few seconds on its kept corpus) is added
-/// with the first fuzz target.
-fn fuzz_smoke(_signals: &Signals, root: &Path) -> Result<Option<String>> {
+/// The fuzz smoke run (`fuzz/smoke.sh`): replays every kept regression, then runs each target
+/// for a few seconds from its seed corpus; a crash fails the gate. It needs a nightly toolchain
+/// (libFuzzer's instrumentation) and cargo-fuzz: cargo-fuzz is installed from crates.io when
+/// missing; without a nightly toolchain the run is skipped and says so.
+fn fuzz_smoke(signals: &Signals, root: &Path) -> Result<Option<String>> {
     if !root.join("fuzz").is_dir() {
         return Ok(None);
     }
-    let available = procs::output(
+    let succeeds = |cmd: &mut Command| procs::output(cmd).is_ok_and(|o| o.status.success());
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        println!("\nxtask test: no nightly toolchain for libFuzzer: fuzz smoke skipped");
+        return Ok(Some("fuzz skipped (no nightly)".into()));
+    }
+    if !succeeds(
         Command::new("cargo")
             .args(["fuzz", "--version"])
             .current_dir(root),
-    )
-    .is_ok_and(|output| output.status.success());
-    if !available {
-        println!(
-            "\nxtask test: fuzz/ exists but `cargo fuzz` is not installed: fuzz smoke skipped"
-        );
-        return Ok(Some("fuzz skipped".into()));
+    ) {
+        println!("\nxtask test: cargo install cargo-fuzz --locked");
+        procs::run_step(
+            signals,
+            Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]),
+        )
+        .context("installing cargo-fuzz")?;
     }
-    println!("\nxtask test: fuzz smoke run not defined yet: skipped");
-    Ok(Some("fuzz skipped".into()))
+    let step_started = Instant::now();
+    println!("\nxtask test: fuzz/smoke.sh {FUZZ_SECONDS}");
+    procs::run_step(
+        signals,
+        Command::new("bash")
+            .arg(root.join("fuzz/smoke.sh"))
+            .arg(FUZZ_SECONDS)
+            .current_dir(root),
+    )
+    .context("step `fuzz` failed: a fuzz target crashed (the input is in fuzz/artifacts/)")?;
+    Ok(Some(format!(
+        "fuzz {:.0}s",
+        step_started.elapsed().as_secs_f64()
+    )))
 }
+
+/// Seconds each fuzz target runs in the smoke run.
+const FUZZ_SECONDS: &str = "15";

@@ -719,8 +719,14 @@ impl Session {
         write_kawa(&mut back.stream, &mut back.writable, &mut self.front_kawa)
     }
 
-    /// The exchange failed before the client saw any response byte: answer it ourselves.
+    /// The exchange failed: answer it ourselves if the client saw no response byte yet,
+    /// otherwise cut the connection (an answer appended to a partial response would be
+    /// read as part of it).
     fn fail_exchange(&mut self, cx: &mut Cx, answer: Answer) -> Step {
+        if self.ex.response_sent {
+            self.log(cx, self.resp.status);
+            return Step::Close;
+        }
         self.drop_backend(cx);
         self.start_answer(cx, answer, true);
         Step::Progress
@@ -766,7 +772,9 @@ impl Session {
         self.front_kawa.clear();
         self.back_kawa.clear();
         self.back_kawa.storage.clear();
-        if self.front_kawa.storage.should_shift() {
+        // Between requests no block points into the buffer: move what is left to its start,
+        // so that the next head has the whole buffer however TCP split the bytes.
+        if self.front_kawa.storage.start > 0 {
             let amount = self.front_kawa.storage.shift();
             self.front_kawa.push_left(amount as u32);
         }

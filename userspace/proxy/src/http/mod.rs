@@ -32,15 +32,17 @@ pub fn prepare<T: AsBuffer>(kawa: &mut Kawa<T>) {
         let kawa::OutBlock::Store(store) = block else {
             continue;
         };
-        let start = match store {
-            Store::Slice(slice) | Store::Detached(slice) => slice.start,
+        let (start, len) = match store {
+            Store::Slice(slice) | Store::Detached(slice) => (slice.start, slice.len),
             _ => continue,
         };
+        // Compared with the end of what is already queued: a slice inside an earlier one
+        // (an absolute-form target's authority inside the target) is out of order too.
         if start < high {
             let owned = std::mem::replace(store, Store::Empty).capture(buf);
             *store = owned;
         } else {
-            high = start;
+            high = start.saturating_add(len);
         }
     }
 }
