@@ -729,7 +729,10 @@ mod tests {
         .unwrap();
         let (id, e, _, _, _) = refused(&bytes);
         assert_eq!(id, 3);
-        assert!(e.starts_with("not supported yet: zero-downtime upgrades"), "{e}");
+        assert!(
+            e.starts_with("not supported yet: zero-downtime upgrades"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -97,11 +97,24 @@ const POLICY: &[Allowed] = &[
     ),
     allow(libc::SYS_writev, "vectored writes of parsed HTTP blocks"),
     allow(libc::SYS_sendto, "send on sockets"),
-    // Descriptor flags: only the non-blocking and close-on-exec flags.
+    allow(
+        libc::SYS_splice,
+        "TCP passthrough moves bytes socket -> pipe -> socket without copying them",
+    ),
+    allow(
+        libc::SYS_pipe2,
+        "pipes for splice, one per bulk direction of a TCP passthrough connection (pooled)",
+    ),
+    // Descriptor flags: only the non-blocking and close-on-exec flags, and pipe sizes.
     Allowed {
         nr: libc::SYS_ioctl,
         only: &[(1, libc::FIONBIO)],
         why: "set a socket non-blocking",
+    },
+    Allowed {
+        nr: libc::SYS_fcntl,
+        only: &[(1, libc::F_SETPIPE_SZ as u64)],
+        why: "grow a TCP passthrough pipe: larger splices cost half the CPU per byte",
     },
     Allowed {
         nr: libc::SYS_fcntl,

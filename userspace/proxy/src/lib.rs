@@ -3,16 +3,27 @@
 //! A [`Worker`] runs one single-threaded mio event loop over already-bound listeners: it
 //! accepts connections, parses HTTP/1.1 with kawa (`http`), routes each request to a cluster
 //! (`router`), picks a backend (`balancer`), and streams bytes both ways through two pooled
-//! buffers per connection (`session`, `pool`). It never links aya or clap: binding sockets,
-//! sandboxing and supervision belong to `lbd`.
+//! buffers per connection (`session`, `pool`). On `tcp` listeners it forwards bytes instead
+//! (`tcp`), to the cluster its frontends name (`tcp_routes`), optionally chosen by the TLS
+//! server name read from the ClientHello (`sni`), with PROXY protocol headers accepted from a
+//! load balancer in front and sent to backends (`proxy_protocol`), zero-copy through pipes
+//! (`splice`). It never links aya or clap: binding sockets, sandboxing and supervision belong
+//! to `lbd`.
+
+#![forbid(unsafe_code)]
 
 pub mod accesslog;
 pub mod backend;
 pub mod balancer;
 pub mod http;
 pub mod pool;
+pub mod proxy_protocol;
 pub mod router;
 pub mod session;
+pub mod sni;
+pub mod splice;
+pub mod tcp;
+pub mod tcp_routes;
 pub mod timer;
 pub mod worker;
 

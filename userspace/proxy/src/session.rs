@@ -115,6 +115,8 @@ pub struct Session {
     answer_close: bool,
     /// The response being parsed tells the client the connection closes after it.
     close_front_after: bool,
+    /// The last drive hit MAX_STEPS (see `yielded`).
+    yielded: bool,
     /// When the current state's clock started (accept, first head byte, last progress...).
     since: Instant,
     pub deadline: Instant,
@@ -168,6 +170,7 @@ impl Session {
             answer_sent: 0,
             answer_close: false,
             close_front_after: false,
+            yielded: false,
             since: now,
             deadline: now,
             scheduled: None,
@@ -193,6 +196,12 @@ impl Session {
             back.writable |= writable;
             back.hup |= read_closed;
         }
+    }
+
+    /// The last `drive` stopped at its step cap with work left: the worker drives it again
+    /// at its next turn, since bytes already waiting bring no new edge-triggered event.
+    pub fn yielded(&self) -> bool {
+        self.yielded
     }
 
     /// Idle between requests: the worker may close it at once when draining.
@@ -243,6 +252,7 @@ impl Session {
 
     /// Makes every step possible now.
     pub fn drive(&mut self, cx: &mut Cx) -> Flow {
+        self.yielded = true;
         for _ in 0..MAX_STEPS {
             let step = match self.state {
                 State::Idle | State::ReadingHead => self.read_head(cx),
@@ -254,7 +264,10 @@ impl Session {
             };
             match step {
                 Step::Progress => continue,
-                Step::Blocked => break,
+                Step::Blocked => {
+                    self.yielded = false;
+                    break;
+                }
                 Step::Close => return Flow::Close,
             }
         }

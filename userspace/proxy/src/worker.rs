@@ -1,5 +1,8 @@
 //! The worker's event loop: one mio `Poll`, the listeners, a slab of sessions and their timers.
 //!
+//! A session is an HTTP one (`session.rs`) on an `http` listener or a TCP passthrough one
+//! (`tcp.rs`) on a `tcp` listener; the slab holds either, as a [`Conn`].
+//!
 //! Single-threaded and lock-free: everything a session needs besides its own sockets lives in
 //! [`Cx`] (balancers, routers, buffer pool, idle backend connections, access log), borrowed
 //! for the duration of one step. New connections over `max_connections`, or when the buffer
@@ -14,6 +17,9 @@ use crate::http::Peer;
 use crate::pool::BufferPool;
 use crate::router::Router;
 use crate::session::{front_token, Flow, Session};
+use crate::splice::{PipePool, PIPE_SIZE};
+use crate::tcp::TcpSession;
+use crate::tcp_routes::TcpRoutes;
 use crate::timer::Timers;
 use lb_config::{Config, ListenerProtocol, Timeouts};
 use mio::net::TcpListener;
@@ -28,11 +34,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// Tokens at and above this value are listeners; below, sessions (key << 1 | side).
 const LISTENER_BASE: usize = usize::MAX / 2;
 /// Idle backend connections kept per backend address.
-const IDLE_PER_BACKEND: usize = 128;
+const IDLE_PER_BACKEND: usize = 512;
 /// How long a stopping worker waits for in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Buffers allocated up front (two per connection).
 const PREALLOCATED_BUFFERS: usize = 256;
+/// Empty pipes kept for the next TCP passthrough connections (each counts against the
+/// user's pipe memory even when idle: see splice.rs).
+const IDLE_PIPES: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -63,7 +72,11 @@ pub struct Cx {
     pub clusters: Vec<ClusterState>,
     /// One per listener of the worker, by listener index.
     pub routers: Vec<Router>,
+    /// One per listener of the worker, by listener index (empty for http listeners).
+    pub tcp_routes: Vec<TcpRoutes>,
     pub pool: BufferPool,
+    /// Pipes for splice(2) in TCP passthrough.
+    pub pipes: PipePool,
     pub idle: IdlePool,
     pub log: AccessLog,
     pub rng: Rng,
@@ -88,7 +101,97 @@ impl Cx {
 struct ListenerEntry {
     socket: TcpListener,
     address: SocketAddr,
-    https: bool,
+    protocol: ListenerProtocol,
+}
+
+/// One client connection: an HTTP session or a TCP passthrough one.
+// The slab stores sessions inline: a TCP session in an HTTP-sized slot wastes a few hundred
+// bytes, where boxing would cost every HTTP connection an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Conn {
+    Http(Session),
+    Tcp(TcpSession),
+}
+
+impl Conn {
+    fn id(&self) -> u64 {
+        match self {
+            Conn::Http(s) => s.id,
+            Conn::Tcp(s) => s.id,
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        match self {
+            Conn::Http(s) => s.deadline,
+            Conn::Tcp(s) => s.deadline,
+        }
+    }
+
+    fn scheduled(&mut self) -> &mut Option<Instant> {
+        match self {
+            Conn::Http(s) => &mut s.scheduled,
+            Conn::Tcp(s) => &mut s.scheduled,
+        }
+    }
+
+    fn front_event(&mut self, readable: bool, writable: bool, read_closed: bool) {
+        match self {
+            Conn::Http(s) => s.front_event(readable, writable, read_closed),
+            Conn::Tcp(s) => s.front_event(readable, writable, read_closed),
+        }
+    }
+
+    fn back_event(&mut self, readable: bool, writable: bool, read_closed: bool) {
+        match self {
+            Conn::Http(s) => s.back_event(readable, writable, read_closed),
+            Conn::Tcp(s) => s.back_event(readable, writable, read_closed),
+        }
+    }
+
+    /// Stopped at its step cap with work left: drive it again without waiting for an event
+    /// (edge-triggered readiness brings none for bytes already there).
+    fn yielded(&self) -> bool {
+        match self {
+            Conn::Http(s) => s.yielded(),
+            Conn::Tcp(s) => s.yielded(),
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        match self {
+            Conn::Http(s) => s.is_idle(),
+            Conn::Tcp(s) => s.is_idle(),
+        }
+    }
+
+    fn remap_clusters(&mut self, old: &[ClusterState], new: &[ClusterState]) {
+        match self {
+            Conn::Http(s) => s.remap_clusters(old, new),
+            Conn::Tcp(s) => s.remap_clusters(old, new),
+        }
+    }
+
+    fn drive(&mut self, cx: &mut Cx) -> Flow {
+        match self {
+            Conn::Http(s) => s.drive(cx),
+            Conn::Tcp(s) => s.drive(cx),
+        }
+    }
+
+    fn timeout(&mut self, cx: &mut Cx) -> Flow {
+        match self {
+            Conn::Http(s) => s.timeout(cx),
+            Conn::Tcp(s) => s.timeout(cx),
+        }
+    }
+
+    fn close(self, cx: &mut Cx) {
+        match self {
+            Conn::Http(s) => s.close(cx),
+            Conn::Tcp(s) => s.close(cx),
+        }
+    }
 }
 
 /// The channel from the supervisor: length-prefixed frames (u32 big-endian length, then the
@@ -118,7 +221,7 @@ pub trait LiveGauge {
 pub struct Worker {
     poll: Poll,
     cx: Cx,
-    sessions: Slab<Session>,
+    sessions: Slab<Conn>,
     listeners: Vec<ListenerEntry>,
     timers: Timers,
     max_connections: usize,
@@ -127,10 +230,13 @@ pub struct Worker {
     gauge: Option<Box<dyn LiveGauge>>,
     published: Option<u32>,
     control: Option<Control>,
-    /// For each listener of the worker, its index in the config's listeners.
-    listener_specs: Vec<usize>,
+    /// For each listener of the worker, its index in the config's listeners and the protocol
+    /// it serves (a change of either needs new sockets from the supervisor).
+    listener_specs: Vec<(usize, ListenerProtocol)>,
     access_log: lb_config::AccessLog,
     buffer_size: usize,
+    /// Sessions to drive again at the next turn (see [`Conn::yielded`]).
+    again: Vec<usize>,
 }
 
 impl Worker {
@@ -144,14 +250,15 @@ impl Worker {
         let registry = poll.registry().try_clone().map_err(WorkerError::Poll)?;
         let mut entries = Vec::new();
         let mut routers = Vec::new();
+        let mut tcp_routes = Vec::new();
         let mut listener_specs = Vec::new();
         for (i, (index, std_listener)) in listeners.into_iter().enumerate() {
-            listener_specs.push(index);
             let spec = config
                 .listeners
                 .get(index)
                 .ok_or(WorkerError::NoSuchListener(index))?;
-            if spec.protocol != ListenerProtocol::Http {
+            listener_specs.push((index, spec.protocol));
+            if spec.protocol == ListenerProtocol::Https {
                 return Err(WorkerError::Unsupported {
                     address: spec.address,
                     protocol: spec.protocol,
@@ -168,10 +275,11 @@ impl Worker {
                 .register(&mut socket, Token(LISTENER_BASE + i), Interest::READABLE)
                 .map_err(listener_err)?;
             routers.push(Router::for_listener(config, spec.address));
+            tcp_routes.push(TcpRoutes::for_listener(config, spec.address));
             entries.push(ListenerEntry {
                 socket,
                 address,
-                https: spec.protocol == ListenerProtocol::Https,
+                protocol: spec.protocol,
             });
         }
         let seed = SystemTime::now()
@@ -185,11 +293,13 @@ impl Worker {
             registry,
             clusters: config.clusters.iter().map(ClusterState::new).collect(),
             routers,
+            tcp_routes,
             pool: BufferPool::new(
                 config.buffer_size,
                 PREALLOCATED_BUFFERS.min(max_buffers),
                 max_buffers,
             ),
+            pipes: PipePool::new(IDLE_PIPES, PIPE_SIZE),
             idle: IdlePool::new(IDLE_PER_BACKEND, config.timeouts.back_idle),
             log: AccessLog::new(&config.access_log).map_err(WorkerError::AccessLog)?,
             id_prefix: rng.next_u64() as u32,
@@ -215,6 +325,7 @@ impl Worker {
             listener_specs,
             access_log: config.access_log.clone(),
             buffer_size: config.buffer_size,
+            again: Vec::new(),
         })
     }
 
@@ -253,7 +364,7 @@ impl Worker {
         let specs: Option<Vec<&lb_config::Listener>> = self
             .listener_specs
             .iter()
-            .map(|&i| config.listeners.get(i))
+            .map(|&(i, protocol)| config.listeners.get(i).filter(|l| l.protocol == protocol))
             .collect();
         let Some(specs) = specs else {
             return Err("the listeners changed: that needs new sockets from the supervisor".into());
@@ -288,6 +399,10 @@ impl Worker {
         self.cx.routers = specs
             .iter()
             .map(|spec| Router::for_listener(config, spec.address))
+            .collect();
+        self.cx.tcp_routes = specs
+            .iter()
+            .map(|spec| TcpRoutes::for_listener(config, spec.address))
             .collect();
         self.cx.timeouts = config.timeouts;
         self.cx.max_request_body = config.max_request_body;
@@ -398,6 +513,9 @@ impl Worker {
             if drain_deadline.is_some() {
                 wait = wait.min(Duration::from_millis(50));
             }
+            if !self.again.is_empty() {
+                wait = Duration::ZERO;
+            }
             match self.poll.poll(&mut events, Some(wait)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -433,6 +551,7 @@ impl Worker {
                 }
                 touched.push(key);
             }
+            touched.append(&mut self.again);
             touched.sort_unstable();
             touched.dedup();
             for &key in &touched {
@@ -509,7 +628,7 @@ impl Worker {
                 }
             };
             let listener_addr = entry.address;
-            let https = entry.https;
+            let protocol = entry.protocol;
             if self.sessions.len() >= self.max_connections {
                 log::debug!("refusing {client}: max_connections reached");
                 drop(stream);
@@ -528,25 +647,49 @@ impl Worker {
             let entry = self.sessions.vacant_entry();
             let key = entry.key();
             self.next_session_id += 1;
-            let mut session = Session::new(
-                self.next_session_id,
-                key,
-                stream,
-                Peer {
+            let mut session = if protocol == ListenerProtocol::Tcp {
+                let accept_proxy = self
+                    .cx
+                    .tcp_routes
+                    .get(index)
+                    .is_some_and(TcpRoutes::accept_proxy);
+                Conn::Tcp(TcpSession::new(
+                    self.next_session_id,
+                    key,
+                    stream,
                     client,
-                    listener: listener_addr,
-                    https,
-                },
-                index,
-                front_buf,
-                back_buf,
-                self.cx.now,
-            );
+                    listener_addr,
+                    index,
+                    accept_proxy,
+                    front_buf,
+                    back_buf,
+                    self.cx.now,
+                ))
+            } else {
+                Conn::Http(Session::new(
+                    self.next_session_id,
+                    key,
+                    stream,
+                    Peer {
+                        client,
+                        listener: listener_addr,
+                        https: protocol == ListenerProtocol::Https,
+                    },
+                    index,
+                    front_buf,
+                    back_buf,
+                    self.cx.now,
+                ))
+            };
+            let front = match &mut session {
+                Conn::Http(s) => s.front_stream(),
+                Conn::Tcp(s) => s.front_stream(),
+            };
             if self
                 .cx
                 .registry
                 .register(
-                    session.front_stream(),
+                    front,
                     front_token(key),
                     Interest::READABLE | Interest::WRITABLE,
                 )
@@ -574,10 +717,15 @@ impl Worker {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        let deadline = session.deadline;
-        if session.scheduled.is_none_or(|at| deadline < at) {
-            self.timers.schedule(deadline, key, session.id);
-            session.scheduled = Some(deadline);
+        if session.yielded() {
+            self.again.push(key);
+        }
+        let deadline = session.deadline();
+        let id = session.id();
+        let scheduled = session.scheduled();
+        if scheduled.is_none_or(|at| deadline < at) {
+            self.timers.schedule(deadline, key, id);
+            *scheduled = Some(deadline);
         }
     }
 
@@ -587,11 +735,11 @@ impl Worker {
             let Some(session) = self.sessions.get_mut(key) else {
                 continue;
             };
-            if session.id != id {
+            if session.id() != id {
                 continue;
             }
-            session.scheduled = None;
-            if session.deadline <= now {
+            *session.scheduled() = None;
+            if session.deadline() <= now {
                 match session.timeout(&mut self.cx) {
                     Flow::Close => {
                         self.close_session(key);
@@ -613,5 +761,36 @@ impl Worker {
     /// Live client connections.
     pub fn connections(&self) -> usize {
         self.sessions.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(protocol: &str, backends: &str) -> Config {
+        let text = format!(
+            "[[listeners]]\naddress = \"127.0.0.1:1\"\nprotocol = \"{protocol}\"\n\n\
+             [clusters.c]\nprotocol = \"{}\"\nfrontends = [{{ address = \"127.0.0.1:1\" }}]\n\
+             backends = [{backends}]\n\n[access_log]\ntarget = \"off\"\n",
+            if protocol == "tcp" { "tcp" } else { "http" }
+        );
+        lb_config::parse_str(&text, std::path::Path::new("t.toml")).unwrap()
+    }
+
+    #[test]
+    fn reconfigure_keeps_tcp_listeners_and_refuses_a_protocol_change() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let one = "{ address = \"127.0.0.1:2\" }";
+        let two = "{ address = \"127.0.0.1:2\" }, { address = \"127.0.0.1:3\" }";
+        let mut worker = Worker::new(&config("tcp", one), vec![(0, listener)]).unwrap();
+        assert!(worker.cx.tcp_routes[0].lookup(None).is_some());
+        worker.reconfigure(&config("tcp", two)).unwrap();
+        assert_eq!(worker.cx.clusters[0].backends.len(), 2);
+        assert!(worker.cx.tcp_routes[0].lookup(None).is_some());
+        let e = worker.reconfigure(&config("http", two)).unwrap_err();
+        assert!(e.contains("listeners changed"), "{e}");
+        // Refused: nothing changed.
+        assert!(worker.cx.tcp_routes[0].lookup(None).is_some());
     }
 }
