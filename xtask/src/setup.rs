@@ -15,11 +15,12 @@ use anyhow::{bail, Context, Result};
 use crate::procs::{self, Signals};
 
 /// Everything `cargo xtask setup` installs.
-pub const ALL: [&str; 4] = ["curl", "wrk", "nginx", "haproxy"];
+pub const ALL: [&str; 5] = ["curl", "wrk", "nginx", "haproxy", "openssl"];
 /// What `cargo xtask run` needs (for the curl commands it prints).
 pub const RUN: [&str; 1] = ["curl"];
-/// What the test suite uses: curl and wrk drive the end-to-end tests.
-pub const TEST: [&str; 2] = ["curl", "wrk"];
+/// What the test suite uses: curl and wrk drive the end-to-end tests, openssl the TLS origins
+/// of the TCP passthrough tests.
+pub const TEST: [&str; 3] = ["curl", "wrk", "openssl"];
 /// What `cargo xtask bench` needs: the load generator and the proxies to compare with.
 pub const BENCH: [&str; 4] = ["curl", "wrk", "nginx", "haproxy"];
 
