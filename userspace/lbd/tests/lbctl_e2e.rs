@@ -26,6 +26,8 @@
 
 mod common;
 
+use common::{parse_wrk, WrkSummary};
+
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
@@ -337,57 +339,6 @@ fn join_all(handles: Vec<JoinHandle<(Response, Instant)>>) -> Vec<(Response, Ins
 }
 
 // ---- wrk ------------------------------------------------------------------------------------
-
-/// wrk's summary.
-#[derive(Debug, Default, Clone, Copy)]
-struct WrkSummary {
-    requests: u64,
-    connect_errors: u64,
-    read_errors: u64,
-    write_errors: u64,
-    timeouts: u64,
-    non_2xx: u64,
-}
-
-/// Reads wrk's output. Without a Lua script it prints "Socket errors: ..." and "Non-2xx or 3xx
-/// responses: N" only when there are some.
-fn parse_wrk(out: &str) -> WrkSummary {
-    let mut s = WrkSummary::default();
-    let number = |t: &str| -> u64 {
-        t.trim()
-            .trim_end_matches(',')
-            .parse()
-            .unwrap_or_else(|_| panic!("a number in wrk's output: {t:?}\n{out}"))
-    };
-    let mut saw_requests = false;
-    for line in out.lines() {
-        let line = line.trim();
-        if let Some((n, _)) = line.split_once(" requests in ") {
-            s.requests = number(n);
-            saw_requests = true;
-        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
-            // `connect A, read B, write C, timeout D`
-            for part in rest.split(',') {
-                let mut kv = part.split_whitespace();
-                let (Some(k), Some(v)) = (kv.next(), kv.next()) else {
-                    continue;
-                };
-                let v = number(v);
-                match k {
-                    "connect" => s.connect_errors = v,
-                    "read" => s.read_errors = v,
-                    "write" => s.write_errors = v,
-                    "timeout" => s.timeouts = v,
-                    _ => {}
-                }
-            }
-        } else if let Some(n) = line.strip_prefix("Non-2xx or 3xx responses:") {
-            s.non_2xx = number(n);
-        }
-    }
-    assert!(saw_requests, "no request count in wrk's output:\n{out}");
-    s
-}
 
 /// wrk against `url`, a child process killed by pid if it overstays or the test fails.
 struct Wrk {

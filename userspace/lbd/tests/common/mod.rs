@@ -1339,3 +1339,56 @@ impl Lbd {
         }
     }
 }
+
+// ---- wrk ------------------------------------------------------------------------------------
+
+/// wrk's summary.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WrkSummary {
+    pub requests: u64,
+    pub connect_errors: u64,
+    pub read_errors: u64,
+    pub write_errors: u64,
+    pub timeouts: u64,
+    pub non_2xx: u64,
+}
+
+/// Reads wrk's output. Without a Lua script it prints "Socket errors: ..." and "Non-2xx or 3xx
+/// responses: N" only when there are some.
+pub fn parse_wrk(out: &str) -> WrkSummary {
+    let mut s = WrkSummary::default();
+    let number = |t: &str| -> u64 {
+        t.trim()
+            .trim_end_matches(',')
+            .parse()
+            .unwrap_or_else(|_| panic!("a number in wrk's output: {t:?}\n{out}"))
+    };
+    let mut saw_requests = false;
+    for line in out.lines() {
+        let line = line.trim();
+        if let Some((n, _)) = line.split_once(" requests in ") {
+            s.requests = number(n);
+            saw_requests = true;
+        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
+            // `connect A, read B, write C, timeout D`
+            for part in rest.split(',') {
+                let mut kv = part.split_whitespace();
+                let (Some(k), Some(v)) = (kv.next(), kv.next()) else {
+                    continue;
+                };
+                let v = number(v);
+                match k {
+                    "connect" => s.connect_errors = v,
+                    "read" => s.read_errors = v,
+                    "write" => s.write_errors = v,
+                    "timeout" => s.timeouts = v,
+                    _ => {}
+                }
+            }
+        } else if let Some(n) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            s.non_2xx = number(n);
+        }
+    }
+    assert!(saw_requests, "no request count in wrk's output:\n{out}");
+    s
+}
