@@ -109,3 +109,51 @@ fn backend_dying_between_requests_is_retried() {
     }
     assert_eq!(b.requests().len(), 15);
 }
+
+/// A backend whose response head does not fit in `buffer_size` gets a 502 at once, not
+/// after the backend timeout.
+#[test]
+fn a_response_head_larger_than_the_buffer_is_a_prompt_502() {
+    use std::io::{Read, Write};
+    let origin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin_addr = origin.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = origin.accept().unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut request = [0u8; 4096];
+        let _ = conn.read(&mut request);
+        let mut head = b"HTTP/1.1 200 OK\r\nX-Big: ".to_vec();
+        head.extend(std::iter::repeat_n(b'a', 20_000));
+        head.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
+        let _ = conn.write_all(&head);
+        // Hold the connection open: only the proxy's own check can end the exchange.
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    });
+    let lbd = Lbd::start(|l| {
+        one_cluster(
+            "buffer_size = 4096\n[timeouts]\nback_idle = \"30s\"\n",
+            l,
+            &[origin_addr],
+        )
+    });
+    let mut c = Client::connect(lbd.addr());
+    c.send(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let resp = c.response();
+    assert_eq!(resp.status, 502, "{:?}", resp.text());
+    server.join().unwrap();
+    // The origin still held its connection open when the 502 was sent: the reason is the
+    // head's size, not the origin closing or the 30 s timeout.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut log = lbd.stdout();
+    while !log.contains("response head larger than the buffer")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        log = lbd.stdout();
+    }
+    assert!(
+        log.contains("error=\"response head larger than the buffer\""),
+        "{log}"
+    );
+}

@@ -628,6 +628,14 @@ impl Session {
                             self.ex.error = Some("malformed response");
                             return self.fail_exchange(cx, Answer::BadGateway);
                         }
+                        if !self.back_kawa.is_main_phase()
+                            && self.back_kawa.storage.available_space() == 0
+                        {
+                            // The buffer is full and the head still incomplete: it can never
+                            // fit, so answer now rather than at the backend timeout.
+                            self.ex.error = Some("response head larger than the buffer");
+                            return self.fail_exchange(cx, Answer::BadGateway);
+                        }
                     }
                     ReadOutcome::Eof => {
                         back.eof = true;
