@@ -26,7 +26,7 @@
 
 mod common;
 
-use common::{parse_wrk, WrkSummary};
+use common::Wrk;
 
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
@@ -340,62 +340,6 @@ fn join_all(handles: Vec<JoinHandle<(Response, Instant)>>) -> Vec<(Response, Ins
 
 // ---- wrk ------------------------------------------------------------------------------------
 
-/// wrk against `url`, a child process killed by pid if it overstays or the test fails.
-struct Wrk {
-    child: std::process::Child,
-    out: PathBuf,
-}
-
-impl Wrk {
-    fn start(url: &str, connections: u32, seconds: u32, dir: &Path) -> Wrk {
-        let out = dir.join("wrk.out");
-        let child = Command::new("/usr/bin/wrk")
-            .args([
-                "-t1",
-                &format!("-c{connections}"),
-                &format!("-d{seconds}s"),
-                "--timeout",
-                "5s",
-                url,
-            ])
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&out).unwrap())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("this test needs wrk at /usr/bin/wrk (apt-get install wrk): {e}")
-            });
-        Wrk { child, out }
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn finish(mut self, deadline: Duration) -> (WrkSummary, String) {
-        let child = &mut self.child;
-        let done = wait_until(deadline, || child.try_wait().unwrap().is_some());
-        if !done {
-            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-            let _ = self.child.wait();
-            panic!("wrk did not finish within {deadline:?}");
-        }
-        let status = self.child.wait().unwrap();
-        let out = fs::read_to_string(&self.out).unwrap_or_default();
-        assert!(status.success(), "wrk failed ({status}):\n{out}");
-        (parse_wrk(&out), out)
-    }
-}
-
-impl Drop for Wrk {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
-}
-
 // ---- raw frames on the command socket -------------------------------------------------------
 
 fn raw_connect(socket: &Path) -> UnixStream {
@@ -487,7 +431,7 @@ fn changes_under_wrk_load_fail_no_request() {
     let l = lbd.addr();
     let host = l.to_string();
 
-    let mut wrk = Wrk::start(&format!("http://{l}/"), 10, 12, lbd.dir().path());
+    let mut wrk = Wrk::start(&format!("http://{l}/"), 10, 12, "5s", lbd.dir().path());
     let wrk_started = Instant::now();
     assert!(
         grows(&a, Duration::from_secs(5)),

@@ -18,7 +18,7 @@
 
 mod common;
 
-use common::{parse_wrk, WrkSummary};
+use common::Wrk;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -140,58 +140,6 @@ fn four_workers_are_sandboxed_children_and_serve() {
 
 // ---- wrk ------------------------------------------------------------------------------------
 
-/// wrk against `url`, running as a child process stopped by pid if it overstays.
-struct Wrk {
-    child: std::process::Child,
-    out: std::path::PathBuf,
-}
-
-impl Wrk {
-    fn start(url: &str, connections: u32, seconds: u32, dir: &std::path::Path) -> Wrk {
-        let out = dir.join("wrk.out");
-        let child = Command::new("/usr/bin/wrk")
-            .args([
-                "-t1",
-                &format!("-c{connections}"),
-                &format!("-d{seconds}s"),
-                "--timeout",
-                "3s",
-                url,
-            ])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("this test needs wrk at /usr/bin/wrk (apt-get install wrk): {e}")
-            });
-        Wrk { child, out }
-    }
-
-    fn finish(mut self, deadline: Duration) -> (WrkSummary, String) {
-        let child = &mut self.child;
-        let done = wait_until(deadline, || child.try_wait().unwrap().is_some());
-        if !done {
-            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-            let _ = self.child.wait();
-            panic!("wrk did not finish within {deadline:?}");
-        }
-        let status = self.child.wait().unwrap();
-        let out = std::fs::read_to_string(&self.out).unwrap_or_default();
-        assert!(status.success(), "wrk failed ({status}):\n{out}");
-        (parse_wrk(&out), out)
-    }
-}
-
-impl Drop for Wrk {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// Waits for a live, sandboxed child of `lbd` that is not in `known`; returns it and how long
 /// after `since` it was first seen (as a child, sandboxed or not).
 fn wait_new_worker(lbd: &Lbd, known: &HashSet<i32>, since: Instant) -> (i32, Duration) {
@@ -237,7 +185,7 @@ fn a_worker_killed_under_load_is_replaced_within_a_second_on_the_same_socket() {
         .collect();
 
     let url = format!("http://{}/", lbd.addr());
-    let wrk = Wrk::start(&url, CONNECTIONS, 4, lbd.dir().path());
+    let wrk = Wrk::start(&url, CONNECTIONS, 4, "3s", lbd.dir().path());
     std::thread::sleep(Duration::from_millis(1500));
     let victim = workers[1];
     let victim_inode = inodes[&victim];

@@ -1392,3 +1392,60 @@ pub fn parse_wrk(out: &str) -> WrkSummary {
     assert!(saw_requests, "no request count in wrk's output:\n{out}");
     s
 }
+
+/// wrk against `url`, a child process killed by pid if it overstays or the test fails.
+pub struct Wrk {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl Wrk {
+    /// `wrk -t1 -cN -dSs --timeout T URL`, its output kept in `dir/wrk.out`.
+    pub fn start(url: &str, connections: u32, seconds: u32, timeout: &str, dir: &Path) -> Wrk {
+        let out = dir.join("wrk.out");
+        let child = Command::new("/usr/bin/wrk")
+            .args([
+                "-t1",
+                &format!("-c{connections}"),
+                &format!("-d{seconds}s"),
+                "--timeout",
+                timeout,
+                url,
+            ])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("this test needs wrk at /usr/bin/wrk (apt-get install wrk): {e}")
+            });
+        Wrk { child, out }
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn finish(mut self, deadline: Duration) -> (WrkSummary, String) {
+        let child = &mut self.child;
+        let done = wait_until(deadline, || child.try_wait().unwrap().is_some());
+        if !done {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+            let _ = self.child.wait();
+            panic!("wrk did not finish within {deadline:?}");
+        }
+        let status = self.child.wait().unwrap();
+        let out = fs::read_to_string(&self.out).unwrap_or_default();
+        assert!(status.success(), "wrk failed ({status}):\n{out}");
+        (parse_wrk(&out), out)
+    }
+}
+
+impl Drop for Wrk {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
