@@ -105,12 +105,16 @@ pub(crate) enum FileListenerProtocol {
     Tcp,
 }
 
-/// `{ certificate = "...", key = "..." }` inside a listener's `certificates`.
+/// `{ certificate = "...", key = "..." }` inside a listener's `certificates`: files, or the
+/// PEM text itself in `certificate_pem` / `key_pem` (which wins when both are given: the
+/// running state keeps the text, since a sandboxed worker cannot open files).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FileCertificate {
-    pub certificate: SpannedStr,
-    pub key: SpannedStr,
+    pub certificate: Option<SpannedStr>,
+    pub key: Option<SpannedStr>,
+    pub certificate_pem: Option<SpannedStr>,
+    pub key_pem: Option<SpannedStr>,
 }
 
 /// One `[clusters.NAME]` table.
@@ -150,6 +154,8 @@ pub(crate) struct FileFrontend {
     pub path: Option<SpannedStr>,
     pub path_type: Option<Spanned<FilePathType>>,
     pub method: Option<SpannedStr>,
+    /// On an http listener: answer 301 to the same URL in https instead of proxying.
+    pub redirect_https: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]

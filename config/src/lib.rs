@@ -6,11 +6,16 @@
 //! `model.rs` that the rest of kakehi consumes. Every refusal is one [`ConfigError`] naming the
 //! file, the line and column, the field and what is allowed. Relative paths in the file
 //! (certificates, the command socket, an access log file) are relative to the file's directory.
-//! This crate opens no socket and reads no file but the config itself: whether a certificate
-//! exists or a port is free is for the process that uses them to find out.
+//! This crate opens no socket. Besides the config itself it reads the certificate files an
+//! https listener names, and checks them (`certs.rs`: the key matches, not expired), so that
+//! `lbd --check`, lbd's start and every runtime change refuse a bad certificate with its
+//! reason; the running state then carries the PEM text itself, since workers validate the
+//! configurations they receive inside a sandbox that opens no file. Whether a port is free is
+//! for the process that binds it to find out.
 
 #![forbid(unsafe_code)]
 
+pub mod certs;
 mod error;
 mod file;
 pub mod model;

@@ -93,18 +93,45 @@ pub enum ListenerProtocol {
     Tcp,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertificatePaths {
-    pub certificate: PathBuf,
-    pub key: PathBuf,
+/// A checked certificate of an https listener (see `certs.rs`): its chain parses, its key
+/// matches the leaf, and it was within its validity period when it was admitted.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Certificate {
+    /// The chain, the server's certificate first (DER).
+    pub chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// The private key (DER).
+    pub key: rustls_pki_types::PrivateKeyDer<'static>,
+    /// The server names SNI selects it by, lower-case: the DNS subject alternative names
+    /// (else the common name); a wildcard is kept as `*.example.com`.
+    pub names: Vec<String>,
+    /// End of the leaf's validity, seconds since the Unix epoch.
+    pub not_after: i64,
+    /// SHA-256 of the leaf, lower-case hex.
+    pub fingerprint: String,
+    /// The file it was read from (or that lbctl named), when known.
+    pub path: Option<PathBuf>,
+}
+
+impl Clone for Certificate {
+    fn clone(&self) -> Certificate {
+        Certificate {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            names: self.names.clone(),
+            not_after: self.not_after,
+            fingerprint: self.fingerprint.clone(),
+            path: self.path.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listener {
     pub address: SocketAddr,
     pub protocol: ListenerProtocol,
-    /// Only for `https` listeners; paths resolved relative to the config file.
-    pub certificates: Vec<CertificatePaths>,
+    /// Only for `https` listeners, in the file's order: the first one is the default (served
+    /// when no name matches the client's SNI, or when it sends none).
+    pub certificates: Vec<Certificate>,
     pub accept_proxy: bool,
 }
 
@@ -141,6 +168,9 @@ pub struct Frontend {
     pub path: PathMatch,
     /// Upper-case method name, e.g. "GET"; None matches any method.
     pub method: Option<String>,
+    /// `redirect_https = true` (http listeners only): the request is answered with a 301 to
+    /// the same host and target in https, and never reaches the cluster.
+    pub redirect_https: bool,
 }
 
 /// How a frontend matches the request's host (port removed, compared case-insensitively).

@@ -105,13 +105,14 @@ pub enum Verb {
         address: String,
         certificate: CertificateDef,
     },
-    /// Replaces the listener's certificate whose file is `old_certificate`.
+    /// Replaces the listener's certificate that `old_certificate` names: its file, its SHA-256
+    /// fingerprint or one of its server names.
     CertificateReplace {
         address: String,
         old_certificate: String,
         certificate: CertificateDef,
     },
-    /// Removes the listener's certificate whose file is `certificate`.
+    /// Removes the listener's certificate that `certificate` names (file, fingerprint, name).
     CertificateRemove {
         address: String,
         certificate: String,
@@ -185,6 +186,29 @@ impl Verb {
             }
             Verb::ListenerAdd { listener } => Edit::AddListener { listener },
             Verb::ListenerRemove { address } => Edit::RemoveListener { address },
+            Verb::CertificateAdd {
+                address,
+                certificate,
+            } => Edit::AddCertificate {
+                address,
+                certificate,
+            },
+            Verb::CertificateReplace {
+                address,
+                old_certificate,
+                certificate,
+            } => Edit::ReplaceCertificate {
+                address,
+                old: old_certificate,
+                certificate,
+            },
+            Verb::CertificateRemove {
+                address,
+                certificate,
+            } => Edit::RemoveCertificate {
+                address,
+                certificate,
+            },
             _ => return None,
         })
     }

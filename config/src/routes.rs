@@ -95,12 +95,30 @@ impl<'c, 'a> FrontendChecker<'c, 'a> {
         }
         let line = self.c.line(frontend.span().start);
         self.seen.insert(key, (field.to_owned(), line));
+        let redirect_https = match &f.redirect_https {
+            Some(r) if *r.get_ref() => {
+                let on_http = self
+                    .listeners
+                    .iter()
+                    .any(|l| l.address == address && l.protocol == ListenerProtocol::Http);
+                if !on_http {
+                    return Err(self.c.err(
+                        r.span(),
+                        &format!("{field}.redirect_https"),
+                        "redirect_https only applies to frontends of http listeners (it sends plain-HTTP clients to https)",
+                    ));
+                }
+                true
+            }
+            _ => false,
+        };
 
         Ok(Frontend {
             address,
             hostname,
             path,
             method,
+            redirect_https,
         })
     }
 

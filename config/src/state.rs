@@ -190,12 +190,99 @@ pub struct ListenerDef {
     pub accept_proxy: Option<bool>,
 }
 
-/// `{ certificate = "...", key = "..." }` in a listener's `certificates`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `{ certificate = "...", key = "..." }` in a listener's `certificates`: the files, and once
+/// read, their PEM text (`certificate_pem`, `key_pem`), which is what counts. The running state
+/// always carries the text ([`State::from_toml`] reads the files): workers check the
+/// configurations they receive inside a sandbox that opens no file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateDef {
-    pub certificate: String,
-    pub key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate_pem: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_pem: Option<String>,
+}
+
+impl CertificateDef {
+    /// Checks the certificate (PEM text, else the files) as a new one: parsed, key matching,
+    /// within its validity period now.
+    pub fn admit(&self) -> Result<crate::Certificate, String> {
+        let read = |pem: &Option<String>, path: &Option<String>, what: &str| match (pem, path) {
+            (Some(pem), _) => Ok(pem.clone()),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the {what} {path}: {e}")),
+            (None, None) => Err(format!("no {what} given")),
+        };
+        let chain = read(&self.certificate_pem, &self.certificate, "certificate")?;
+        let key = read(&self.key_pem, &self.key, "key")?;
+        let path = self.certificate.as_ref().map(std::path::PathBuf::from);
+        crate::certs::check(&chain, &key, path, Some(crate::certs::unix_now()))
+    }
+
+    /// Parses a certificate of the running state (no expiry check: it was admitted earlier).
+    fn admit_running(&self) -> Result<crate::Certificate, String> {
+        let (Some(chain), Some(key)) = (&self.certificate_pem, &self.key_pem) else {
+            return Err("not read in".into());
+        };
+        let path = self.certificate.as_ref().map(std::path::PathBuf::from);
+        crate::certs::check(chain, key, path, None)
+    }
+
+    /// The same certificate with its files' text read in (no change when the text is there).
+    pub fn inlined(&self) -> std::io::Result<CertificateDef> {
+        let mut out = self.clone();
+        if out.certificate_pem.is_none() {
+            if let Some(path) = &self.certificate {
+                out.certificate_pem = Some(std::fs::read_to_string(path)?);
+            }
+        }
+        if out.key_pem.is_none() {
+            if let Some(path) = &self.key {
+                out.key_pem = Some(std::fs::read_to_string(path)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One line naming it without its text (never the key): its file, and the SHA-256 of its
+    /// leaf certificate, for diffs and listings.
+    pub fn summary(&self) -> String {
+        let fingerprint = self
+            .certificate_pem
+            .as_deref()
+            .and_then(|pem| {
+                use rustls::pki_types::pem::PemObject;
+                rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+                    .next()
+                    .and_then(Result::ok)
+            })
+            .map(|der| crate::certs::fingerprint(der.as_ref()));
+        match (&self.certificate, fingerprint) {
+            (Some(path), Some(f)) => format!("{path} (sha256 {f})"),
+            (None, Some(f)) => format!("sha256 {f}"),
+            (Some(path), None) => path.clone(),
+            (None, None) => "(unreadable certificate)".to_owned(),
+        }
+    }
+}
+
+impl ListenerDef {
+    /// The listener with each certificate replaced by its [`CertificateDef::summary`] (in
+    /// `certificate`), for diffs and listings that must not print keys.
+    pub fn summarized(&self) -> ListenerDef {
+        let mut out = self.clone();
+        for cert in &mut out.certificates {
+            *cert = CertificateDef {
+                certificate: Some(cert.summary()),
+                ..CertificateDef::default()
+            };
+        }
+        out
+    }
 }
 
 /// One `[clusters.NAME]` table (the name is its key in [`State::clusters`]).
@@ -230,6 +317,9 @@ pub struct FrontendDef {
     pub path_type: Option<PathTypeDef>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
+    /// On an http listener: 301 to the same URL in https.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect_https: Option<bool>,
 }
 
 /// One entry of a cluster's `backends`.
@@ -301,6 +391,23 @@ pub enum Edit {
     RemoveListener {
         address: String,
     },
+    /// Adds a certificate to an https listener (checked first: see [`CertificateDef::admit`]).
+    AddCertificate {
+        address: String,
+        certificate: CertificateDef,
+    },
+    /// Replaces the certificate that `old` selects (its file, its SHA-256 fingerprint or one
+    /// of its names) in place: a default certificate stays the default.
+    ReplaceCertificate {
+        address: String,
+        old: String,
+        certificate: CertificateDef,
+    },
+    /// Removes the certificate that `certificate` selects; the listener keeps at least one.
+    RemoveCertificate {
+        address: String,
+        certificate: String,
+    },
 }
 
 /// Why an edit was refused. The `Display` is one line an operator can act on; it never names a
@@ -331,6 +438,26 @@ pub enum StateError {
     ListenerExists { address: String },
     #[error("the listener {address} still serves frontends of {clusters}: remove those first")]
     ListenerInUse { address: String, clusters: String },
+    #[error("the listener {address} is {protocol}: certificates belong to https listeners")]
+    NotHttps { address: String, protocol: String },
+    #[error("certificate refused: {reason}")]
+    BadCertificate { reason: String },
+    #[error("the listener {address} already has this certificate ({summary})")]
+    CertificateExists { address: String, summary: String },
+    #[error("the listener {address} has no certificate {selector:?} ({known}): name one by its file, its SHA-256 fingerprint or a server name")]
+    UnknownCertificate {
+        address: String,
+        selector: String,
+        known: String,
+    },
+    #[error("{selector:?} selects {count} certificates of {address}: name one by its file or fingerprint")]
+    AmbiguousCertificate {
+        address: String,
+        selector: String,
+        count: usize,
+    },
+    #[error("that is the last certificate of the https listener {address}: add another first")]
+    LastCertificate { address: String },
     /// The edit fits, but the resulting configuration does not pass validation.
     #[error("{}", render_invalid(field.as_deref(), message))]
     Invalid {
@@ -362,9 +489,25 @@ impl StateError {
 
 impl State {
     /// Reads `text`, the config file at `source`, after checking it with the validator.
+    ///
+    /// Certificate files are read in (see [`CertificateDef`]), relative to `source`: the state
+    /// carries their text from then on.
     pub fn from_toml(text: &str, source: &Path) -> Result<State, ConfigError> {
         crate::parse_str(text, source)?;
-        toml::from_str(text).map_err(|e| error::from_toml(source, text, &e))
+        let mut state: State =
+            toml::from_str(text).map_err(|e| error::from_toml(source, text, &e))?;
+        let absolute = state.with_absolute_paths(source);
+        for (listener, resolved) in state.listeners.iter_mut().zip(&absolute.listeners) {
+            for (cert, resolved) in listener.certificates.iter_mut().zip(&resolved.certificates) {
+                let inlined = resolved.inlined().map_err(|error| ConfigError::Read {
+                    file: resolved.certificate.clone().unwrap_or_default().into(),
+                    error,
+                })?;
+                cert.certificate_pem = inlined.certificate_pem;
+                cert.key_pem = inlined.key_pem;
+            }
+        }
+        Ok(state)
     }
 
     /// Reads and checks the config file at `path`.
@@ -412,8 +555,8 @@ impl State {
             }
         }
         for cert in out.listeners.iter_mut().flat_map(|l| &mut l.certificates) {
-            fix(&mut cert.certificate);
-            fix(&mut cert.key);
+            cert.certificate.as_mut().map(fix);
+            cert.key.as_mut().map(fix);
         }
         out
     }
@@ -591,6 +734,63 @@ impl State {
                 }
                 self.listeners.push(listener.clone());
             }
+            Edit::AddCertificate {
+                address,
+                certificate,
+            } => {
+                let admitted = certificate
+                    .admit()
+                    .map_err(|reason| StateError::BadCertificate { reason })?;
+                let certificate =
+                    certificate
+                        .inlined()
+                        .map_err(|e| StateError::BadCertificate {
+                            reason: e.to_string(),
+                        })?;
+                let listener = self.https_listener(address)?;
+                if let Some(same) = listener.certificates.iter().find(|c| {
+                    c.admit_running()
+                        .is_ok_and(|c| c.fingerprint == admitted.fingerprint)
+                }) {
+                    return Err(StateError::CertificateExists {
+                        address: address.clone(),
+                        summary: same.summary(),
+                    });
+                }
+                listener.certificates.push(certificate);
+            }
+            Edit::ReplaceCertificate {
+                address,
+                old,
+                certificate,
+            } => {
+                let i = self.certificate_index(address, old)?;
+                certificate
+                    .admit()
+                    .map_err(|reason| StateError::BadCertificate { reason })?;
+                let certificate =
+                    certificate
+                        .inlined()
+                        .map_err(|e| StateError::BadCertificate {
+                            reason: e.to_string(),
+                        })?;
+                if let Some(slot) = self.https_listener(address)?.certificates.get_mut(i) {
+                    *slot = certificate;
+                }
+            }
+            Edit::RemoveCertificate {
+                address,
+                certificate,
+            } => {
+                let i = self.certificate_index(address, certificate)?;
+                let listener = self.https_listener(address)?;
+                if listener.certificates.len() == 1 {
+                    return Err(StateError::LastCertificate {
+                        address: address.clone(),
+                    });
+                }
+                listener.certificates.remove(i);
+            }
             Edit::RemoveListener { address } => {
                 let Some(i) = self
                     .listeners
@@ -623,6 +823,67 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// The https listener at `address`, or why there is none.
+    fn https_listener(&mut self, address: &str) -> Result<&mut ListenerDef, StateError> {
+        let known = known_list(self.listeners.iter().map(|l| l.address.as_str()));
+        let Some(listener) = self
+            .listeners
+            .iter_mut()
+            .find(|l| same_address(&l.address, address))
+        else {
+            return Err(StateError::UnknownListener {
+                address: address.to_owned(),
+                known: format!("listeners: {known}"),
+            });
+        };
+        let protocol = listener.protocol.unwrap_or(ListenerProtocolDef::Http);
+        if protocol != ListenerProtocolDef::Https {
+            return Err(StateError::NotHttps {
+                address: address.to_owned(),
+                protocol: protocol.to_string(),
+            });
+        }
+        Ok(listener)
+    }
+
+    /// The position of the one certificate of the https listener at `address` that
+    /// `selector` designates (see [`crate::certs::selects`]).
+    fn certificate_index(&mut self, address: &str, selector: &str) -> Result<usize, StateError> {
+        let listener = self.https_listener(address)?;
+        let matching: Vec<usize> = listener
+            .certificates
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                c.certificate.as_deref() == Some(selector.trim())
+                    || c.admit_running()
+                        .is_ok_and(|c| crate::certs::selects(&c, selector))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        match matching.as_slice() {
+            [i] => Ok(*i),
+            [] => Err(StateError::UnknownCertificate {
+                address: address.to_owned(),
+                selector: selector.to_owned(),
+                known: known_list(
+                    listener
+                        .certificates
+                        .iter()
+                        .map(|c| c.summary())
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .map(String::as_str),
+                ),
+            }),
+            many => Err(StateError::AmbiguousCertificate {
+                address: address.to_owned(),
+                selector: selector.to_owned(),
+                count: many.len(),
+            }),
+        }
     }
 
     fn cluster_mut(&mut self, name: &str) -> Result<&mut ClusterDef, StateError> {

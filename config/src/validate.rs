@@ -4,8 +4,9 @@
 //! listener addresses are unique, an https listener has certificates, every cluster has
 //! backends, backend addresses are unique within a cluster. Frontends (hostnames, paths, methods,
 //! their listener and their uniqueness) are checked in `routes.rs`. The first failed check is
-//! returned as a `ConfigError` pointing at the offending value's line. Nothing here touches the
-//! filesystem or the network: relative paths are only joined to the config file's directory.
+//! returned as a `ConfigError` pointing at the offending value's line. The only files read are
+//! the certificates and keys an https listener names by path (checked by `certs.rs`); relative
+//! paths are joined to the config file's directory. Nothing here touches the network.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -22,7 +23,7 @@ use crate::file::{
     FileSteeringPolicy, FileTimeouts, SpannedInt, SpannedStr,
 };
 use crate::model::{
-    AccessLog, Backend, CertificatePaths, Cluster, ClusterProtocol, Config, HealthCheck, Listener,
+    AccessLog, Backend, Certificate, Cluster, ClusterProtocol, Config, HealthCheck, Listener,
     ListenerProtocol, LoadBalancing, LogFormat, LogTarget, Metrics, Steering, SteeringPolicy,
     Timeouts,
 };
@@ -335,7 +336,7 @@ impl Checker<'_> {
         listener: &Spanned<FileListener>,
         field: &str,
         protocol: ListenerProtocol,
-    ) -> Result<Vec<CertificatePaths>> {
+    ) -> Result<Vec<Certificate>> {
         let field = format!("{field}.certificates");
         let certs: &[Spanned<FileCertificate>] = match &listener.get_ref().certificates {
             Some(c) => c.get_ref(),
@@ -364,17 +365,69 @@ impl Checker<'_> {
                 format!("certificates only apply to https listeners and this one is {name}: set protocol = \"https\" or remove them"),
             ));
         }
-        certs
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let c = c.get_ref();
-                Ok(CertificatePaths {
-                    certificate: self.path(&c.certificate, &format!("{field}[{i}].certificate"))?,
-                    key: self.path(&c.key, &format!("{field}[{i}].key"))?,
+        let mut out: Vec<Certificate> = Vec::with_capacity(certs.len());
+        for (i, item) in certs.iter().enumerate() {
+            let field = format!("{field}[{i}]");
+            let cert = self.certificate(item, &field)?;
+            if let Some(j) = out.iter().position(|o| o.fingerprint == cert.fingerprint) {
+                return Err(self.err(
+                    item.span(),
+                    &field,
+                    format!("the same certificate as certificates[{j}]: list it once"),
+                ));
+            }
+            out.push(cert);
+        }
+        Ok(out)
+    }
+
+    /// Reads (when given by path) and checks one certificate and its key. Files are checked
+    /// for expiry; PEM text given inline is the running state's, admitted earlier (a
+    /// certificate that expires while lbd runs must not stop a worker from restarting).
+    fn certificate(&self, item: &Spanned<FileCertificate>, field: &str) -> Result<Certificate> {
+        let c = item.get_ref();
+        let path = |value: &Option<SpannedStr>, key: &str| -> Result<Option<PathBuf>> {
+            value
+                .as_ref()
+                .map(|v| self.path(v, &format!("{field}.{key}")))
+                .transpose()
+        };
+        let cert_path = path(&c.certificate, "certificate")?;
+        let key_path = path(&c.key, "key")?;
+        let read = |value: &Option<SpannedStr>,
+                    path: &Option<PathBuf>,
+                    key: &str|
+         -> Result<(String, bool)> {
+            if let Some(pem) = value {
+                return Ok((pem.get_ref().clone(), false));
+            }
+            let Some(path) = path else {
+                return Err(self.err(
+                    item.span(),
+                    field,
+                    format!(
+                        "{key} is missing: {{ certificate = \"site.pem\", key = \"site.key\" }}"
+                    ),
+                ));
+            };
+            std::fs::read_to_string(path)
+                .map(|text| (text, true))
+                .map_err(|e| {
+                    self.err(
+                        item.span(),
+                        &format!("{field}.{key}"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
                 })
-            })
-            .collect()
+        };
+        let (chain, chain_from_file) = read(&c.certificate_pem, &cert_path, "certificate")?;
+        let (key, key_from_file) = read(&c.key_pem, &key_path, "key")?;
+        let now = (chain_from_file || key_from_file).then(crate::certs::unix_now);
+        let shown = cert_path
+            .as_ref()
+            .map_or_else(|| "the certificate".to_owned(), |p| p.display().to_string());
+        crate::certs::check(&chain, &key, cert_path.clone(), now)
+            .map_err(|e| self.err(item.span(), field, format!("{shown}: {e}")))
     }
 
     fn clusters(

@@ -44,6 +44,78 @@ fn check(lines: &[&str], line: usize, field: &str, phrase: &str) -> String {
 
 const LISTENER: &str = "[[listeners]]\naddress = \"127.0.0.1:8080\"";
 
+/// The example certificate files, by absolute path.
+fn example(name: &str) -> String {
+    format!("{}/examples/certs/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `certificates = [ ... ]` with the example site certificate.
+fn site_certificates() -> String {
+    format!(
+        "certificates = [ {{ certificate = \"{}\", key = \"{}\" }} ]",
+        example("site.pem"),
+        example("site.key")
+    )
+}
+
+#[test]
+fn bad_certificates_are_refused_with_their_reason() {
+    let https = |cert: &str, key: &str| {
+        format!("certificates = [ {{ certificate = \"{cert}\", key = \"{key}\" }} ]")
+    };
+    let lines = |certs: String| {
+        vec![
+            "[[listeners]]".to_owned(),
+            "address = \"127.0.0.1:8443\"".to_owned(),
+            "protocol = \"https\"".to_owned(),
+            certs,
+        ]
+    };
+    let cases = [
+        (
+            https("/nonexistent/c.pem", &example("site.key")),
+            "listeners[0].certificates[0].certificate",
+            "cannot read /nonexistent/c.pem",
+        ),
+        (
+            https(&example("site.pem"), &example("other.key")),
+            "listeners[0].certificates[0]",
+            "the private key does not match the certificate's public key",
+        ),
+        (
+            https(&example("README.md"), &example("site.key")),
+            "listeners[0].certificates[0]",
+            "no certificate found",
+        ),
+        (
+            https(&example("site.pem"), &example("site.pem")),
+            "listeners[0].certificates[0]",
+            "no usable private key",
+        ),
+        (
+            format!(
+                "certificates = [ {{ certificate = \"{}\", key = \"{}\" }}, {{ certificate = \"{}\", key = \"{}\" }} ]",
+                example("site.pem"),
+                example("site.key"),
+                example("site.pem"),
+                example("site.key")
+            ),
+            "listeners[0].certificates[1]",
+            "the same certificate as certificates[0]",
+        ),
+        (
+            "certificates = [ { key_pem = \"x\" } ]".to_owned(),
+            "listeners[0].certificates[0]",
+            "certificate is missing",
+        ),
+    ];
+    for (certs, field, phrase) in cases {
+        let lines = lines(certs);
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        check(&lines, 4, field, phrase);
+    }
+}
+
 #[test]
 fn unknown_keys_carry_line_and_column() {
     let shown = check(
@@ -147,7 +219,7 @@ fn frontend_without_a_listener_lists_the_listeners() {
             "[[listeners]]",
             "address = \"127.0.0.1:8443\"",
             "protocol = \"https\"",
-            "certificates = [ { certificate = \"c.pem\", key = \"k.pem\" } ]",
+            &site_certificates(),
             "[clusters.app]",
             "backends = [ { address = \"127.0.0.1:9001\" } ]",
             "frontends = [",

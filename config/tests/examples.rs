@@ -86,17 +86,23 @@ fn full_example_sets_every_key() {
 
     let https = &config.listeners[1];
     assert_eq!(https.protocol, ListenerProtocol::Https);
+    let site = &https.certificates[0];
     assert_eq!(
-        https.certificates[0],
-        CertificatePaths {
-            certificate: dir.join("certs/site.pem"),
-            key: dir.join("certs/site.key"),
-        }
+        site.path.as_deref(),
+        Some(dir.join("certs/site.pem").as_path())
     );
+    assert_eq!(site.names, ["site.example.com", "www.site.example.com"]);
+    assert_eq!(site.fingerprint.len(), 64);
+    assert!(site.not_after > 4_000_000_000, "valid for a century");
+    let other = &https.certificates[1];
+    assert_eq!(other.names, ["*.other.example.com"]);
     assert_eq!(
-        https.certificates[1].certificate,
-        Path::new("/etc/kakehi/other.pem")
+        other.path.as_deref(),
+        Some(dir.join("certs/other.pem").as_path())
     );
+    let secure = config.clusters[0].frontends.last().unwrap();
+    assert!(secure.redirect_https);
+    assert!(!config.clusters[0].frontends[0].redirect_https);
     assert!(config.listeners[2].accept_proxy);
 
     let app = &config.clusters[0];
@@ -227,25 +233,32 @@ target = "../log/access.log"
 [[listeners]]
 address = "127.0.0.1:8443"
 protocol = "https"
-certificates = [ { certificate = "certs/a.pem", key = "/abs/a.key" } ]
+certificates = [ { certificate = "certs/site.pem", key = "KEY" } ]
 "#;
-    let config = parse_str(text, Path::new("/etc/kakehi/lb.toml")).unwrap();
+    // The certificate is read (and checked), so it must exist: the example ones do.
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let key = examples.join("certs/site.key");
+    let text = text.replace("KEY", key.to_str().unwrap());
+    let config = parse_str(&text, &examples.join("lb.toml")).unwrap();
     let cert = &config.listeners[0].certificates[0];
-    assert_eq!(cert.certificate, Path::new("/etc/kakehi/certs/a.pem"));
-    assert_eq!(cert.key, Path::new("/abs/a.key"));
-    assert_eq!(config.command_socket, Path::new("/etc/kakehi/run/lbd.sock"));
+    assert_eq!(
+        cert.path.as_deref(),
+        Some(examples.join("certs/site.pem").as_path())
+    );
+    assert_eq!(config.command_socket, examples.join("run/lbd.sock"));
     assert_eq!(
         config.access_log.target,
-        LogTarget::File(PathBuf::from("/etc/kakehi/../log/access.log"))
+        LogTarget::File(examples.join("../log/access.log"))
     );
 
     // A relative config path is made absolute against the current directory first.
-    let config = parse_str(text, Path::new("conf/lb.toml")).unwrap();
     let cwd = std::env::current_dir().unwrap();
-    assert_eq!(config.source, cwd.join("conf/lb.toml"));
+    let relative = examples.strip_prefix(&cwd).unwrap().join("lb.toml");
+    let config = parse_str(&text, &relative).unwrap();
+    assert_eq!(config.source, cwd.join(&relative));
     assert_eq!(
-        config.listeners[0].certificates[0].certificate,
-        cwd.join("conf/certs/a.pem")
+        config.listeners[0].certificates[0].path.as_deref(),
+        Some(examples.join("certs/site.pem").as_path())
     );
 }
 

@@ -189,6 +189,9 @@ pub struct FrontendArgs {
     /// e.g. GET (default: any method).
     #[arg(long)]
     pub method: Option<String>,
+    /// On an http listener: answer 301 to the same URL in https instead of proxying.
+    #[arg(long)]
+    pub redirect_https: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -238,9 +241,9 @@ pub enum CertificateCmd {
     Replace {
         #[arg(long, value_name = "ADDR")]
         address: String,
-        /// The certificate file being replaced.
-        #[arg(long, value_name = "PATH")]
-        old_certificate: PathBuf,
+        /// The certificate being replaced: its file, its SHA-256 fingerprint or a server name.
+        #[arg(long, value_name = "PATH|SHA256|NAME")]
+        old_certificate: String,
         #[arg(long, value_name = "PATH")]
         certificate: PathBuf,
         #[arg(long, value_name = "PATH")]
@@ -250,8 +253,9 @@ pub enum CertificateCmd {
     Remove {
         #[arg(long, value_name = "ADDR")]
         address: String,
-        #[arg(long, value_name = "PATH")]
-        certificate: PathBuf,
+        /// Its file, its SHA-256 fingerprint or a server name.
+        #[arg(long, value_name = "PATH|SHA256|NAME")]
+        certificate: String,
     },
 }
 
@@ -268,6 +272,16 @@ fn absolute(path: &Path) -> PathBuf {
 
 fn absolute_text(path: &Path) -> String {
     absolute(path).to_string_lossy().into_owned()
+}
+
+/// A certificate selector: an existing file is sent as its absolute path; anything else (a
+/// fingerprint, a server name, a path lbd knows) as written.
+fn selector(text: &str) -> String {
+    if Path::new(text).exists() {
+        absolute_text(Path::new(text))
+    } else {
+        text.to_owned()
+    }
 }
 
 impl Command {
@@ -337,8 +351,9 @@ impl Command {
                     protocol: l.protocol,
                     certificates: match (&l.certificate, &l.key) {
                         (Some(certificate), Some(key)) => vec![CertificateDef {
-                            certificate: absolute_text(certificate),
-                            key: absolute_text(key),
+                            certificate: Some(absolute_text(certificate)),
+                            key: Some(absolute_text(key)),
+                            ..CertificateDef::default()
                         }],
                         _ => Vec::new(),
                     },
@@ -355,8 +370,9 @@ impl Command {
             }) => Verb::CertificateAdd {
                 address: address.clone(),
                 certificate: CertificateDef {
-                    certificate: absolute_text(certificate),
-                    key: absolute_text(key),
+                    certificate: Some(absolute_text(certificate)),
+                    key: Some(absolute_text(key)),
+                    ..CertificateDef::default()
                 },
             },
             Command::Certificate(CertificateCmd::Replace {
@@ -366,10 +382,11 @@ impl Command {
                 key,
             }) => Verb::CertificateReplace {
                 address: address.clone(),
-                old_certificate: absolute_text(old_certificate),
+                old_certificate: selector(old_certificate),
                 certificate: CertificateDef {
-                    certificate: absolute_text(certificate),
-                    key: absolute_text(key),
+                    certificate: Some(absolute_text(certificate)),
+                    key: Some(absolute_text(key)),
+                    ..CertificateDef::default()
                 },
             },
             Command::Certificate(CertificateCmd::Remove {
@@ -377,7 +394,7 @@ impl Command {
                 certificate,
             }) => Verb::CertificateRemove {
                 address: address.clone(),
-                certificate: absolute_text(certificate),
+                certificate: selector(certificate),
             },
             Command::Metrics => Verb::Metrics,
             Command::Reload => Verb::Reload,
@@ -394,6 +411,7 @@ impl FrontendArgs {
             path: self.path.clone(),
             path_type: self.path_type,
             method: self.method.clone(),
+            redirect_https: self.redirect_https.then_some(true),
         }
     }
 }
@@ -539,6 +557,7 @@ mod tests {
                     path: Some("/api".into()),
                     path_type: Some(PathTypeDef::Exact),
                     method: Some("GET".into()),
+                    redirect_https: None,
                 }
             }
         );

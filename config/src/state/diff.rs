@@ -162,8 +162,8 @@ pub fn diff(old: &State, new: &State) -> Vec<Change> {
                 address: listener.address.clone(),
             }),
             Some(before) => {
-                let mut before = leaves(before);
-                let mut after = leaves(listener);
+                let mut before = leaves(&before.summarized());
+                let mut after = leaves(&listener.summarized());
                 // A respelling of the same address is not a change.
                 before.remove("address");
                 after.remove("address");

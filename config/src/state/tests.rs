@@ -63,7 +63,15 @@ fn the_examples_round_trip_through_toml_and_json() {
     let (path, text) = example("full.toml");
     let state = State::from_toml(&text, &path).unwrap();
     let app = &state.clusters["app"];
-    assert_eq!(app.frontends.len(), 4);
+    assert_eq!(app.frontends.len(), 5);
+    // Certificate files are read in: the state carries their text.
+    let site = &state.listeners[1].certificates[0];
+    assert!(site
+        .certificate_pem
+        .as_deref()
+        .unwrap()
+        .starts_with("-----BEGIN CERTIFICATE-----"));
+    assert!(site.key_pem.is_some());
     assert_eq!(app.backends[1].weight, Some(3));
     assert_eq!(
         app.health_check.as_ref().unwrap().interval.as_deref(),
@@ -413,4 +421,156 @@ fn changes_serialize_with_a_tag() {
     let json = serde_json::to_string(&c).unwrap();
     assert_eq!(json, r#"{"change":"cluster_added","name":"web"}"#);
     assert_eq!(serde_json::from_str::<Change>(&json).unwrap(), c);
+}
+
+fn cert_file(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/certs")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn cert_def(cert: &str, key: &str) -> CertificateDef {
+    CertificateDef {
+        certificate: Some(cert_file(cert)),
+        key: Some(cert_file(key)),
+        ..CertificateDef::default()
+    }
+}
+
+fn https_state() -> State {
+    let text = format!(
+        "[[listeners]]\naddress = \"127.0.0.1:8443\"\nprotocol = \"https\"\n\
+         certificates = [ {{ certificate = \"{}\", key = \"{}\" }} ]\n\n\
+         [[listeners]]\naddress = \"127.0.0.1:8080\"\n",
+        cert_file("site.pem"),
+        cert_file("site.key")
+    );
+    State::from_toml(&text, source()).unwrap()
+}
+
+#[test]
+fn certificates_are_added_replaced_and_removed() {
+    let state = https_state();
+    let add = Edit::AddCertificate {
+        address: "127.0.0.1:8443".into(),
+        certificate: cert_def("other.pem", "other.key"),
+    };
+    let two = state.apply(&add, source()).unwrap();
+    assert_eq!(two.listeners[0].certificates.len(), 2);
+    let config = two.validate(source()).unwrap();
+    assert_eq!(
+        config.listeners[0].certificates[1].names,
+        ["*.other.example.com"]
+    );
+    // The same one again: refused.
+    let e = two.apply(&add, source()).unwrap_err();
+    assert!(
+        e.to_string().contains("already has this certificate"),
+        "{e}"
+    );
+
+    // Replaced in place by a server name; the default stays first.
+    let replace = Edit::ReplaceCertificate {
+        address: "127.0.0.1:8443".into(),
+        old: "x.other.example.com".into(),
+        certificate: cert_def("other.pem", "other.key"),
+    };
+    let e = two.apply(&replace, source()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("no certificate \"x.other.example.com\""),
+        "{e}"
+    );
+    let replace = Edit::ReplaceCertificate {
+        address: "127.0.0.1:8443".into(),
+        old: "*.other.example.com".into(),
+        certificate: cert_def("other.pem", "other.key"),
+    };
+    let replaced = two.apply(&replace, source()).unwrap();
+    assert_eq!(replaced, two, "the same certificate in the same place");
+
+    // Removed by file; the last one stays.
+    let remove = |selector: &str| Edit::RemoveCertificate {
+        address: "127.0.0.1:8443".into(),
+        certificate: selector.into(),
+    };
+    let one = two
+        .apply(&remove(&cert_file("other.pem")), source())
+        .unwrap();
+    assert_eq!(one, state);
+    let fingerprint = state.validate(source()).unwrap().listeners[0].certificates[0]
+        .fingerprint
+        .clone();
+    let e = one.apply(&remove(&fingerprint), source()).unwrap_err();
+    assert!(e.to_string().contains("last certificate"), "{e}");
+}
+
+#[test]
+fn bad_certificate_edits_are_refused_and_change_nothing() {
+    let state = https_state();
+    let before = state.clone();
+    let cases = [
+        (
+            Edit::AddCertificate {
+                address: "127.0.0.1:8443".into(),
+                certificate: cert_def("site.pem", "other.key"),
+            },
+            "does not match",
+        ),
+        (
+            Edit::AddCertificate {
+                address: "127.0.0.1:8443".into(),
+                certificate: cert_def("README.md", "other.key"),
+            },
+            "no certificate found",
+        ),
+        (
+            Edit::AddCertificate {
+                address: "127.0.0.1:8080".into(),
+                certificate: cert_def("other.pem", "other.key"),
+            },
+            "is http: certificates belong to https listeners",
+        ),
+        (
+            Edit::AddCertificate {
+                address: "127.0.0.1:9999".into(),
+                certificate: cert_def("other.pem", "other.key"),
+            },
+            "there is no listener on 127.0.0.1:9999",
+        ),
+        (
+            Edit::ReplaceCertificate {
+                address: "127.0.0.1:8443".into(),
+                old: "site.example.com".into(),
+                certificate: cert_def("other.pem", "site.key"),
+            },
+            "does not match",
+        ),
+    ];
+    for (edit, phrase) in cases {
+        let e = state.apply(&edit, source()).unwrap_err();
+        assert!(e.to_string().contains(phrase), "{edit:?}: {e}");
+        assert_eq!(state, before);
+    }
+}
+
+#[test]
+fn a_certificate_change_is_one_line_without_the_key() {
+    let state = https_state();
+    let add = Edit::AddCertificate {
+        address: "127.0.0.1:8443".into(),
+        certificate: cert_def("other.pem", "other.key"),
+    };
+    let two = state.apply(&add, source()).unwrap();
+    let changes = diff(&state, &two);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    let line = changes[0].to_string();
+    assert!(
+        line.starts_with("~ listener 127.0.0.1:8443: certificates"),
+        "{line}"
+    );
+    assert!(line.contains("other.pem (sha256 "), "{line}");
+    assert!(!line.contains("PRIVATE KEY"), "{line}");
 }

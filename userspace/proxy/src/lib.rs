@@ -7,7 +7,7 @@
 //! (`tcp`), to the cluster its frontends name (`tcp_routes`), optionally chosen by the TLS
 //! server name read from the ClientHello (`sni`), with PROXY protocol headers accepted from a
 //! load balancer in front and sent to backends (`proxy_protocol`), zero-copy through pipes
-//! (`splice`). It never links aya or clap: binding sockets, sandboxing and supervision belong
+//! (`splice`). On https listeners it terminates TLS with rustls (`tls`). It never links aya or clap: binding sockets, sandboxing and supervision belong
 //! to `lbd`.
 
 #![forbid(unsafe_code)]
@@ -25,6 +25,7 @@ pub mod splice;
 pub mod tcp;
 pub mod tcp_routes;
 pub mod timer;
+pub mod tls;
 pub mod worker;
 
 pub use worker::{LiveGauge, Worker, WorkerError};

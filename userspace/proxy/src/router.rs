@@ -15,6 +15,8 @@ struct Route {
     path: PathMatch,
     method: Option<String>,
     cluster: usize,
+    /// Answer a 301 to https instead of proxying (`redirect_https`).
+    redirect_https: bool,
 }
 
 impl Route {
@@ -86,6 +88,7 @@ impl Router {
                         path: f.path.clone(),
                         method: f.method.clone(),
                         cluster,
+                        redirect_https: f.redirect_https,
                     })
             })
             .collect();
@@ -96,13 +99,24 @@ impl Router {
     /// The cluster for a request. `authority` is the Host header or the request target's
     /// authority (port and case ignored); `target` is the request target (query ignored).
     pub fn lookup(&self, authority: &[u8], target: &[u8], method: &[u8]) -> Option<usize> {
+        self.lookup_route(authority, target, method)
+            .map(|(cluster, _)| cluster)
+    }
+
+    /// The cluster for a request, and whether its frontend redirects to https instead.
+    pub fn lookup_route(
+        &self,
+        authority: &[u8],
+        target: &[u8],
+        method: &[u8],
+    ) -> Option<(usize, bool)> {
         let host = normalize_host(authority);
         let path = path_of(target);
         let path = std::str::from_utf8(path).ok()?;
         self.routes
             .iter()
             .find(|r| r.matches(&host, path, method))
-            .map(|r| r.cluster)
+            .map(|r| (r.cluster, r.redirect_https))
     }
 
     pub fn is_empty(&self) -> bool {

@@ -12,6 +12,7 @@ use crate::balancer::{ClusterState, Tried};
 use crate::http::answers::Answer;
 use crate::http::{Peer, RequestCallbacks, RequestInfo, ResponseCallbacks, ResponseInfo};
 use crate::pool::PoolBuf;
+use crate::tls::Front;
 use crate::worker::Cx;
 use kawa::{Kawa, ParsingPhase};
 use mio::net::TcpStream;
@@ -94,7 +95,7 @@ struct Exchange {
 pub struct Session {
     pub id: u64,
     key: usize,
-    front: TcpStream,
+    front: Front,
     peer: Peer,
     listener: usize,
     front_kawa: Kawa<PoolBuf>,
@@ -141,7 +142,7 @@ impl Session {
     pub fn new(
         id: u64,
         key: usize,
-        front: TcpStream,
+        front: Front,
         peer: Peer,
         listener: usize,
         front_buf: PoolBuf,
@@ -178,7 +179,7 @@ impl Session {
     }
 
     pub fn front_stream(&mut self) -> &mut TcpStream {
-        &mut self.front
+        self.front.stream_mut()
     }
 
     /// Records readiness from an event on the front (client) socket. `read_closed`: the
@@ -245,7 +246,7 @@ impl Session {
                 c.release(b.backend);
             }
         }
-        let _ = cx.registry.deregister(&mut front);
+        let _ = cx.registry.deregister(front.stream_mut());
         cx.pool.checkin(front_kawa.storage.buffer);
         cx.pool.checkin(back_kawa.storage.buffer);
     }
@@ -254,6 +255,9 @@ impl Session {
     pub fn drive(&mut self, cx: &mut Cx) -> Flow {
         self.yielded = true;
         for _ in 0..MAX_STEPS {
+            if !self.flush_front() {
+                return Flow::Close;
+            }
             let step = match self.state {
                 State::Idle | State::ReadingHead => self.read_head(cx),
                 State::Connecting => self.finish_connect(cx),
@@ -278,6 +282,8 @@ impl Session {
     fn compute_deadline(&self, cx: &Cx) -> Instant {
         let t = &cx.timeouts;
         let span = match self.state {
+            // A TLS handshake gets the time a request head gets.
+            State::Idle if self.front.handshaking() => t.request_header,
             State::Idle => t.front_idle,
             State::ReadingHead => t.request_header,
             State::Connecting => t.connect,
@@ -322,7 +328,7 @@ impl Session {
 
     fn read_head(&mut self, cx: &mut Cx) -> Step {
         let pending = !self.front_kawa.storage.unparsed_data().is_empty();
-        if !pending && self.state == State::Idle && cx.draining {
+        if !pending && self.state == State::Idle && cx.close_idle {
             return Step::Close;
         }
         let mut read_any = false;
@@ -335,6 +341,18 @@ impl Session {
                 }
                 ReadOutcome::Blocked | ReadOutcome::Full => {}
                 ReadOutcome::Eof if pending => {}
+                ReadOutcome::Error if self.front.refused_plain_http() => {
+                    // Answered in clear by the TLS layer; log it and close gently.
+                    cx.next_request_id(&mut self.request_id);
+                    self.ex = Exchange {
+                        started: Some(cx.now),
+                        error: Some("plain HTTP sent to the TLS port"),
+                        bytes_out: crate::http::answers::PLAIN_HTTP_TO_TLS.len() as u64,
+                        ..Exchange::default()
+                    };
+                    self.log(cx, 400);
+                    return self.start_linger();
+                }
                 ReadOutcome::Eof | ReadOutcome::Error => return Step::Close,
             }
         }
@@ -387,13 +405,21 @@ impl Session {
         }
         // A complete head: route it, then check the declared body size.
         let router = cx.routers.get(self.listener);
-        let cluster = router.and_then(|r| {
-            r.lookup(
+        let route = router.and_then(|r| {
+            r.lookup_route(
                 self.req.authority.as_bytes(),
                 self.req.target.as_bytes(),
                 self.req.method.as_bytes(),
             )
         });
+        if let Some((cluster, true)) = route {
+            self.ex.cluster = Some(cluster);
+            self.ex.error = Some("redirect to https");
+            let close = !self.front_kawa.is_terminated() || self.req.close;
+            self.start_redirect(cx, close);
+            return Step::Progress;
+        }
+        let cluster = route.map(|(cluster, _)| cluster);
         let Some(cluster) = cluster else {
             self.ex.error = Some("no route");
             // The body (if any) is not read: the connection cannot be reused after it.
@@ -868,7 +894,7 @@ impl Session {
             WriteOutcome::Blocked | WriteOutcome::Nothing => {}
         }
         if back.eof && self.back_kawa.storage.is_empty() {
-            let _ = self.front.shutdown(Shutdown::Write);
+            self.front.shutdown_write();
             if self.front_eof {
                 return Step::Close;
             }
@@ -884,18 +910,46 @@ impl Session {
     // ---- kakehi's own answers and closing --------------------------------------------------
 
     fn start_answer(&mut self, cx: &mut Cx, answer: Answer, close: bool) {
+        self.start_answer_with(cx, answer.status(), close, |id, keep| {
+            answer.render(id, keep)
+        });
+    }
+
+    /// 301 to the same host and target in https (a frontend with `redirect_https`).
+    fn start_redirect(&mut self, cx: &mut Cx, close: bool) {
+        let host = crate::router::normalize_host(self.req.authority.as_bytes());
+        let target = self.req.target.as_str();
+        // An absolute-form target keeps only its path and query.
+        let path = match target.split_once("://") {
+            Some((_, rest)) => rest.find('/').and_then(|i| rest.get(i..)).unwrap_or("/"),
+            None if target.starts_with('/') => target,
+            None => "/",
+        };
+        let location = format!("https://{host}{path}");
+        self.start_answer_with(cx, 301, close, |id, keep| {
+            crate::http::answers::render_redirect(&location, id, keep)
+        });
+    }
+
+    fn start_answer_with(
+        &mut self,
+        cx: &mut Cx,
+        status: u16,
+        close: bool,
+        render: impl FnOnce(&str, bool) -> Vec<u8>,
+    ) {
         self.drop_backend(cx);
         if self.request_id.is_empty() {
             cx.next_request_id(&mut self.request_id);
         }
         let close = close || self.req.close || cx.draining;
-        self.answer = answer.render(&self.request_id, !close);
+        self.answer = render(&self.request_id, !close);
         self.answer_sent = 0;
         self.answer_close = close;
         self.ex.bytes_out += self.answer.len() as u64;
         self.state = State::Answering;
         self.since = cx.now;
-        self.log(cx, answer.status());
+        self.log(cx, status);
     }
 
     fn write_answer(&mut self, cx: &mut Cx) -> Step {
@@ -928,9 +982,25 @@ impl Session {
     }
 
     fn start_linger(&mut self) -> Step {
-        let _ = self.front.shutdown(Shutdown::Write);
+        self.front.shutdown_write();
         self.state = State::Lingering;
         Step::Progress
+    }
+
+    /// Writes what TLS still holds for the client when the socket takes it; false when the
+    /// connection failed.
+    fn flush_front(&mut self) -> bool {
+        if !self.front_writable || !self.front.has_pending() {
+            return true;
+        }
+        match self.front.flush_pending() {
+            Ok(()) => true,
+            Err(e) if would_block(&e) => {
+                self.front_writable = false;
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     fn linger(&mut self) -> Step {
@@ -939,7 +1009,7 @@ impl Session {
             if !self.front_readable {
                 return Step::Blocked;
             }
-            match self.front.read(&mut scratch) {
+            match self.front.discard(&mut scratch) {
                 Ok(0) => return Step::Close,
                 Ok(_) => {}
                 Err(e) if would_block(&e) => {
@@ -1025,7 +1095,7 @@ enum WriteOutcome {
 
 /// Reads what the socket has into the kawa buffer, as far as it has room.
 fn read_into(
-    stream: &mut TcpStream,
+    stream: &mut impl Read,
     readable: &mut bool,
     hup: bool,
     kawa: &mut Kawa<PoolBuf>,
@@ -1070,7 +1140,7 @@ fn read_into(
 
 /// Converts parsed blocks to HTTP/1.1 bytes and writes as much as the socket takes.
 fn write_kawa(
-    stream: &mut TcpStream,
+    stream: &mut impl Write,
     writable: &mut bool,
     kawa: &mut Kawa<PoolBuf>,
 ) -> WriteOutcome {
@@ -1104,7 +1174,7 @@ fn write_kawa(
 
 /// Pipe mode: read raw bytes into the buffer (no parsing).
 fn read_raw(
-    stream: &mut TcpStream,
+    stream: &mut impl Read,
     readable: &mut bool,
     hup: bool,
     kawa: &mut Kawa<PoolBuf>,
@@ -1116,7 +1186,7 @@ fn read_raw(
 
 /// Pipe mode: write the raw bytes held in the buffer.
 fn write_raw(
-    stream: &mut TcpStream,
+    stream: &mut impl Write,
     writable: &mut bool,
     kawa: &mut Kawa<PoolBuf>,
 ) -> WriteOutcome {

@@ -21,6 +21,7 @@ use crate::splice::{PipePool, PIPE_SIZE};
 use crate::tcp::TcpSession;
 use crate::tcp_routes::TcpRoutes;
 use crate::timer::Timers;
+use crate::tls::{Front, TlsContext};
 use lb_config::{Config, ListenerProtocol, Timeouts};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Registry, Token};
@@ -29,6 +30,7 @@ use std::fmt::Write as _;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Tokens at and above this value are listeners; below, sessions (key << 1 | side).
@@ -37,6 +39,9 @@ const LISTENER_BASE: usize = usize::MAX / 2;
 const IDLE_PER_BACKEND: usize = 512;
 /// How long a stopping worker waits for in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a draining worker leaves idle keep-alive connections open (see
+/// [`Cx::close_idle`]); clients with a request in flight get their answer and a close.
+const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
 /// Buffers allocated up front (two per connection).
 const PREALLOCATED_BUFFERS: usize = 256;
 /// Empty pipes kept for the next TCP passthrough connections (each counts against the
@@ -53,10 +58,11 @@ pub enum WorkerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("listener {address}: protocol {protocol:?} is not supported by this worker yet")]
-    Unsupported {
+    #[error("listener {address}: {source}")]
+    Tls {
         address: SocketAddr,
-        protocol: ListenerProtocol,
+        #[source]
+        source: crate::tls::TlsError,
     },
     #[error("no listener in the config at index {0}")]
     NoSuchListener(usize),
@@ -74,6 +80,9 @@ pub struct Cx {
     pub routers: Vec<Router>,
     /// One per listener of the worker, by listener index (empty for http listeners).
     pub tcp_routes: Vec<TcpRoutes>,
+    /// One per listener of the worker, by listener index: the TLS configuration of an https
+    /// listener (new connections take the current one; established ones keep theirs).
+    pub tls: Vec<Option<Arc<rustls::ServerConfig>>>,
     pub pool: BufferPool,
     /// Pipes for splice(2) in TCP passthrough.
     pub pipes: PipePool,
@@ -85,6 +94,11 @@ pub struct Cx {
     pub max_request_body: u64,
     pub now: Instant,
     pub draining: bool,
+    /// Set [`DRAIN_IDLE_GRACE`] after the drain began: connections idle between requests
+    /// are closed from then on. Before, an idle keep-alive connection is left open, so that
+    /// a request the client is sending right now is answered (with `Connection: close`)
+    /// instead of meeting a closed socket.
+    pub close_idle: bool,
     id_prefix: u32,
     requests: u64,
 }
@@ -228,7 +242,6 @@ pub struct Worker {
     next_session_id: u64,
     last_prune: Instant,
     gauge: Option<Box<dyn LiveGauge>>,
-    published: Option<u32>,
     control: Option<Control>,
     /// For each listener of the worker, its index in the config's listeners and the protocol
     /// it serves (a change of either needs new sockets from the supervisor).
@@ -237,6 +250,18 @@ pub struct Worker {
     buffer_size: usize,
     /// Sessions to drive again at the next turn (see [`Conn::yielded`]).
     again: Vec<usize>,
+    tls_context: TlsContext,
+}
+
+/// The TLS configuration of an https listener; None for the others.
+fn tls_config(
+    context: &TlsContext,
+    spec: &lb_config::Listener,
+) -> Result<Option<Arc<rustls::ServerConfig>>, crate::tls::TlsError> {
+    if spec.protocol != ListenerProtocol::Https {
+        return Ok(None);
+    }
+    context.server_config(&spec.certificates).map(Some)
 }
 
 impl Worker {
@@ -251,19 +276,26 @@ impl Worker {
         let mut entries = Vec::new();
         let mut routers = Vec::new();
         let mut tcp_routes = Vec::new();
+        let mut tls = Vec::new();
         let mut listener_specs = Vec::new();
+        // Created up front, before the sandbox: the ticket keys need randomness, and the
+        // crypto library initialises itself on first use.
+        let tls_context = TlsContext::new().map_err(|source| WorkerError::Tls {
+            address: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
         for (i, (index, std_listener)) in listeners.into_iter().enumerate() {
             let spec = config
                 .listeners
                 .get(index)
                 .ok_or(WorkerError::NoSuchListener(index))?;
             listener_specs.push((index, spec.protocol));
-            if spec.protocol == ListenerProtocol::Https {
-                return Err(WorkerError::Unsupported {
+            tls.push(
+                tls_config(&tls_context, spec).map_err(|source| WorkerError::Tls {
                     address: spec.address,
-                    protocol: spec.protocol,
-                });
-            }
+                    source,
+                })?,
+            );
             let listener_err = |source| WorkerError::Listener {
                 address: spec.address,
                 source,
@@ -294,6 +326,7 @@ impl Worker {
             clusters: config.clusters.iter().map(ClusterState::new).collect(),
             routers,
             tcp_routes,
+            tls,
             pool: BufferPool::new(
                 config.buffer_size,
                 PREALLOCATED_BUFFERS.min(max_buffers),
@@ -308,6 +341,7 @@ impl Worker {
             max_request_body: config.max_request_body,
             now,
             draining: false,
+            close_idle: false,
             requests: 0,
         };
         Ok(Worker {
@@ -320,12 +354,12 @@ impl Worker {
             next_session_id: 0,
             last_prune: now,
             gauge: None,
-            published: None,
             control: None,
             listener_specs,
             access_log: config.access_log.clone(),
             buffer_size: config.buffer_size,
             again: Vec::new(),
+            tls_context,
         })
     }
 
@@ -380,6 +414,11 @@ impl Worker {
         if config.buffer_size != self.buffer_size {
             return Err("buffer_size cannot change at runtime".into());
         }
+        let tls = specs
+            .iter()
+            .map(|spec| tls_config(&self.tls_context, spec))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
         let mut clusters: Vec<ClusterState> =
             config.clusters.iter().map(ClusterState::new).collect();
         for cluster in &mut clusters {
@@ -404,6 +443,7 @@ impl Worker {
             .iter()
             .map(|spec| TcpRoutes::for_listener(config, spec.address))
             .collect();
+        self.cx.tls = tls;
         self.cx.timeouts = config.timeouts;
         self.cx.max_request_body = config.max_request_body;
         self.cx.log.set_format(config.access_log.format);
@@ -480,17 +520,15 @@ impl Worker {
     /// Publishes the live connection count to `gauge` from now on.
     pub fn set_gauge(&mut self, gauge: Box<dyn LiveGauge>) {
         self.gauge = Some(gauge);
-        self.published = None;
         self.publish_live();
     }
 
     fn publish_live(&mut self) {
         let live = u32::try_from(self.sessions.len()).unwrap_or(u32::MAX);
-        if self.published != Some(live) {
-            if let Some(gauge) = self.gauge.as_mut() {
-                gauge.publish(live);
-                self.published = Some(live);
-            }
+        // Stored on every turn of the loop, not only on a change: after an upgrade the
+        // previous generation's worker of this slot may have left its own count there.
+        if let Some(gauge) = self.gauge.as_mut() {
+            gauge.publish(live);
         }
     }
 
@@ -572,6 +610,11 @@ impl Worker {
                 self.begin_drain();
             }
             if let Some(deadline) = drain_deadline {
+                let grace_over = self.cx.now + DRAIN_TIMEOUT >= deadline + DRAIN_IDLE_GRACE;
+                if grace_over && !self.cx.close_idle {
+                    self.cx.close_idle = true;
+                    self.close_idle_sessions();
+                }
                 if self.sessions.is_empty() || self.cx.now >= deadline {
                     log::info!(
                         "worker stopped ({} connections left at the deadline)",
@@ -583,7 +626,8 @@ impl Worker {
         }
     }
 
-    /// Stops accepting and closes connections that have no request in flight.
+    /// Stops accepting; connections finish their requests and close (idle ones after
+    /// [`DRAIN_IDLE_GRACE`]).
     fn begin_drain(&mut self) {
         self.cx.draining = true;
         // Take what already waits in the accept queues: those clients completed their
@@ -601,6 +645,13 @@ impl Worker {
         // Closing the listeners leaves new connections to the kernel (refused once no socket
         // listens); the supervisor keeps its own copy when it must hand them over.
         self.listeners.clear();
+        // The slot's live count belongs to whoever accepts on it next (after an upgrade, the
+        // next generation's worker): stop publishing ours.
+        self.gauge = None;
+    }
+
+    /// Closes the connections that have no request in flight (after the drain's grace).
+    fn close_idle_sessions(&mut self) {
         let idle: Vec<usize> = self
             .sessions
             .iter()
@@ -666,10 +717,22 @@ impl Worker {
                     self.cx.now,
                 ))
             } else {
+                let front = match self.cx.tls.get(index).and_then(Option::as_ref) {
+                    None => Front::Plain(stream),
+                    Some(config) => match Front::tls(stream, config) {
+                        Ok(front) => front,
+                        Err(e) => {
+                            log::warn!("TLS connection from {client} refused: {e}");
+                            self.cx.pool.checkin(front_buf);
+                            self.cx.pool.checkin(back_buf);
+                            continue;
+                        }
+                    },
+                };
                 Conn::Http(Session::new(
                     self.next_session_id,
                     key,
-                    stream,
+                    front,
                     Peer {
                         client,
                         listener: listener_addr,

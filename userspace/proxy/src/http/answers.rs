@@ -16,6 +16,29 @@ pub enum Answer {
     GatewayTimeout,
 }
 
+/// A 301 to `location` (an http frontend with `redirect_https`). `keep_alive` false adds
+/// `Connection: close`.
+pub fn render_redirect(location: &str, request_id: &str, keep_alive: bool) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 301 Moved Permanently\r\nLocation: {location}\r\nContent-Length: 0\r\n\
+         Cache-Control: no-cache\r\n"
+    );
+    if !request_id.is_empty() {
+        out.push_str("X-Request-Id: ");
+        out.push_str(request_id);
+        out.push_str("\r\n");
+    }
+    if !keep_alive {
+        out.push_str("Connection: close\r\n");
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
+}
+
+/// The answer to plain HTTP sent to a TLS port (written in clear, before any TLS).
+pub const PLAIN_HTTP_TO_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n\
+Content-Length: 53\r\nConnection: close\r\n\r\nThis port speaks HTTPS: use an https:// URL instead.\n";
+
 impl Answer {
     pub fn status(self) -> u16 {
         match self {
@@ -90,6 +113,25 @@ impl Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_http_answer_has_the_right_length() {
+        let text = std::str::from_utf8(PLAIN_HTTP_TO_TLS).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn redirect_names_its_location() {
+        let text = String::from_utf8(render_redirect("https://a.test/x?y", "id", true)).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 301 Moved Permanently\r\nLocation: https://a.test/x?y\r\n")
+        );
+        assert!(!text.contains("Connection: close"));
+    }
 
     #[test]
     fn well_formed() {

@@ -1,0 +1,446 @@
+//! TLS termination for https listeners, with rustls.
+//!
+//! [`TlsContext`] is the worker's: one session ticket key set and one session cache, kept for
+//! the worker's life, so that a configuration change (a certificate added or replaced) keeps
+//! resumption working. From it, [`TlsContext::server_config`] builds the rustls configuration
+//! of one listener: its certificates behind an SNI resolver ([`SniResolver`]: exact names, then
+//! `*.wildcard` names one label deep, then the listener's first certificate), TLS 1.2 and 1.3,
+//! ALPN `http/1.1`. A new configuration only reaches new connections: established ones keep the
+//! `Arc` of the one they started with, so replacing a certificate never cuts them.
+//!
+//! [`Front`] is a session's client side, plain or TLS, behind `Read`/`Write`; the session
+//! (`session.rs`) drives it like a socket, plus [`Front::flush_pending`] for TLS bytes that the
+//! socket could not take yet. Plain HTTP sent to a TLS port gets a clear-text 400.
+
+use crate::http::answers::PLAIN_HTTP_TO_TLS;
+use lb_config::Certificate;
+use mio::net::TcpStream;
+use rustls::server::{ClientHello, ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::sign::CertifiedKey;
+use rustls::{ServerConfig, ServerConnection};
+use std::collections::HashMap;
+use std::io::{self, ErrorKind, IoSlice, Read, Write};
+use std::net::Shutdown;
+use std::sync::Arc;
+
+/// TLS 1.2 sessions kept for resumption by session id, per worker.
+const SESSION_CACHE: usize = 20_000;
+/// Plaintext rustls may hold for the client before `write` pushes back (bounded memory).
+const SEND_BUFFER_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot create the session ticket keys: {0}")]
+    Ticketer(#[source] rustls::Error),
+    #[error("certificate {name}: {source}")]
+    Key {
+        name: String,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("cannot build the TLS configuration: {0}")]
+    Config(#[source] rustls::Error),
+    #[error("an https listener needs a certificate")]
+    NoCertificate,
+}
+
+/// What every https listener of a worker shares: the crypto provider, the ticket keys (rotated
+/// by rustls every 6 hours) and the TLS 1.2 session cache.
+pub struct TlsContext {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    ticketer: Arc<dyn ProducesTickets>,
+    cache: Arc<ServerSessionMemoryCache>,
+}
+
+impl TlsContext {
+    /// Needs randomness (the ticket keys): create it before the sandbox.
+    pub fn new() -> Result<TlsContext, TlsError> {
+        Ok(TlsContext {
+            provider: Arc::new(lb_config::certs::provider()),
+            ticketer: rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Ticketer)?,
+            cache: ServerSessionMemoryCache::new(SESSION_CACHE),
+        })
+    }
+
+    /// The rustls configuration of a listener serving `certificates` (the first is the
+    /// default one).
+    pub fn server_config(
+        &self,
+        certificates: &[Certificate],
+    ) -> Result<Arc<ServerConfig>, TlsError> {
+        let resolver = SniResolver::new(certificates, &self.provider)?;
+        let mut config = ServerConfig::builder_with_provider(Arc::clone(&self.provider))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(TlsError::Config)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(resolver));
+        config.alpn_protocols = vec![b"http/1.1".to_vec(), b"http/1.0".to_vec()];
+        config.ticketer = Arc::clone(&self.ticketer);
+        config.session_storage = self.cache.clone();
+        config.send_tls13_tickets = 1;
+        Ok(Arc::new(config))
+    }
+}
+
+/// Picks a listener's certificate from the client's server name.
+#[derive(Debug)]
+pub struct SniResolver {
+    exact: HashMap<String, Vec<Arc<CertifiedKey>>>,
+    /// By the suffix after `*.`: `example.com` for `*.example.com`.
+    wildcard: HashMap<String, Vec<Arc<CertifiedKey>>>,
+    default: Arc<CertifiedKey>,
+}
+
+impl SniResolver {
+    pub fn new(
+        certificates: &[Certificate],
+        provider: &rustls::crypto::CryptoProvider,
+    ) -> Result<SniResolver, TlsError> {
+        let mut exact: HashMap<String, Vec<Arc<CertifiedKey>>> = HashMap::new();
+        let mut wildcard: HashMap<String, Vec<Arc<CertifiedKey>>> = HashMap::new();
+        let mut default = None;
+        for cert in certificates {
+            let key = provider
+                .key_provider
+                .load_private_key(cert.key.clone_key())
+                .map_err(|source| TlsError::Key {
+                    name: cert.names.first().cloned().unwrap_or_default(),
+                    source,
+                })?;
+            let certified = Arc::new(CertifiedKey::new(cert.chain.clone(), key));
+            default.get_or_insert_with(|| Arc::clone(&certified));
+            for name in &cert.names {
+                match name.strip_prefix("*.") {
+                    Some(suffix) => wildcard.entry(suffix.to_owned()).or_default(),
+                    None => exact.entry(name.clone()).or_default(),
+                }
+                .push(Arc::clone(&certified));
+            }
+        }
+        Ok(SniResolver {
+            exact,
+            wildcard,
+            default: default.ok_or(TlsError::NoCertificate)?,
+        })
+    }
+
+    /// The certificate for `server_name` that can sign with one of `schemes` (the first one
+    /// listed when several can), else the default certificate.
+    pub fn pick(
+        &self,
+        server_name: Option<&str>,
+        schemes: &[rustls::SignatureScheme],
+    ) -> Arc<CertifiedKey> {
+        let usable = |list: &Vec<Arc<CertifiedKey>>| {
+            list.iter()
+                .find(|c| c.key.choose_scheme(schemes).is_some())
+                .or_else(|| list.first())
+                .cloned()
+        };
+        if let Some(name) = server_name {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if let Some(found) = self.exact.get(&name).and_then(usable) {
+                return found;
+            }
+            if let Some((_, parent)) = name.split_once('.') {
+                if let Some(found) = self.wildcard.get(parent).and_then(usable) {
+                    return found;
+                }
+            }
+        }
+        Arc::clone(&self.default)
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.pick(hello.server_name(), hello.signature_schemes()))
+    }
+}
+
+/// The client side of a session.
+pub enum Front {
+    Plain(TcpStream),
+    Tls(Box<TlsFront>),
+}
+
+/// A TLS connection over its socket.
+pub struct TlsFront {
+    sock: TcpStream,
+    conn: ServerConnection,
+    /// The first byte was looked at (TLS or plain HTTP?).
+    sniffed: bool,
+    /// Plain HTTP arrived: answered in clear with 400; the session closes.
+    plain_http: bool,
+    /// Shut the socket's write side once rustls's pending bytes are out.
+    shutdown_after_flush: bool,
+    eof: bool,
+}
+
+impl Front {
+    pub fn tls(sock: TcpStream, config: &Arc<ServerConfig>) -> Result<Front, rustls::Error> {
+        let mut conn = ServerConnection::new(Arc::clone(config))?;
+        conn.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
+        Ok(Front::Tls(Box::new(TlsFront {
+            sock,
+            conn,
+            sniffed: false,
+            plain_http: false,
+            shutdown_after_flush: false,
+            eof: false,
+        })))
+    }
+
+    /// The socket, for registration.
+    pub fn stream_mut(&mut self) -> &mut TcpStream {
+        match self {
+            Front::Plain(s) => s,
+            Front::Tls(t) => &mut t.sock,
+        }
+    }
+
+    /// TLS bytes wait for the socket.
+    pub fn has_pending(&self) -> bool {
+        match self {
+            Front::Plain(_) => false,
+            Front::Tls(t) => t.conn.wants_write() || t.shutdown_after_flush,
+        }
+    }
+
+    /// Writes what rustls holds; `WouldBlock` when the socket is full.
+    pub fn flush_pending(&mut self) -> io::Result<()> {
+        match self {
+            Front::Plain(_) => Ok(()),
+            Front::Tls(t) => t.flush_tls(),
+        }
+    }
+
+    /// The TLS handshake is not finished (no HTTP yet).
+    pub fn handshaking(&self) -> bool {
+        match self {
+            Front::Plain(_) => false,
+            Front::Tls(t) => t.conn.is_handshaking(),
+        }
+    }
+
+    /// Plain HTTP came to this TLS port (and got its 400).
+    pub fn refused_plain_http(&self) -> bool {
+        match self {
+            Front::Plain(_) => false,
+            Front::Tls(t) => t.plain_http,
+        }
+    }
+
+    /// The server name the client asked for, on TLS.
+    pub fn server_name(&self) -> Option<&str> {
+        match self {
+            Front::Plain(_) => None,
+            Front::Tls(t) => t.conn.server_name(),
+        }
+    }
+
+    /// Ends the sending side: close_notify then FIN on TLS (the FIN once rustls's bytes are
+    /// out: see [`Front::flush_pending`]).
+    pub fn shutdown_write(&mut self) {
+        match self {
+            Front::Plain(s) => {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+            Front::Tls(t) => {
+                if !t.plain_http {
+                    t.conn.send_close_notify();
+                }
+                t.shutdown_after_flush = true;
+                let _ = t.flush_tls();
+            }
+        }
+    }
+
+    /// Reads and throws away what the client still sends (a lingering close), below TLS.
+    pub fn discard(&mut self, scratch: &mut [u8]) -> io::Result<usize> {
+        self.stream_mut().read(scratch)
+    }
+}
+
+impl TlsFront {
+    fn flush_tls(&mut self) -> io::Result<()> {
+        while self.conn.wants_write() {
+            match self.conn.write_tls(&mut self.sock) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.shutdown_after_flush {
+            let _ = self.sock.shutdown(Shutdown::Write);
+            self.shutdown_after_flush = false;
+        }
+        Ok(())
+    }
+
+    /// Looks at the first byte: a TLS record starts with 22 (handshake); an upper-case letter
+    /// is an HTTP method, answered in clear. `Ok(false)`: nothing arrived yet.
+    fn sniff(&mut self) -> io::Result<bool> {
+        let mut first = [0u8; 1];
+        let n = loop {
+            match self.sock.peek(&mut first) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        };
+        if n == 0 {
+            return Ok(true);
+        }
+        self.sniffed = true;
+        if first.first().is_some_and(u8::is_ascii_uppercase) {
+            self.plain_http = true;
+            let _ = self.sock.write(PLAIN_HTTP_TO_TLS);
+            let _ = self.sock.shutdown(Shutdown::Write);
+            return Err(io::Error::new(
+                ErrorKind::InvalidData,
+                "plain HTTP sent to the TLS port",
+            ));
+        }
+        Ok(true)
+    }
+
+    /// Reads plaintext: fills `buf` as far as the socket allows, so that a short read means
+    /// the socket is drained (the session relies on it with edge-triggered readiness).
+    fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.plain_http {
+            return Err(ErrorKind::InvalidData.into());
+        }
+        if !self.sniffed {
+            self.sniff()?;
+        }
+        let mut filled = 0;
+        loop {
+            let Some(rest) = buf.get_mut(filled..) else {
+                return Ok(filled);
+            };
+            if rest.is_empty() {
+                return Ok(filled);
+            }
+            match self.conn.reader().read(rest) {
+                // close_notify: the end of the stream.
+                Ok(0) => return Ok(filled),
+                Ok(n) => {
+                    filled += n;
+                    continue;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                // The client closed without close_notify: an end all the same for HTTP/1.1,
+                // whose messages delimit themselves.
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(filled),
+                Err(e) => return if filled > 0 { Ok(filled) } else { Err(e) },
+            }
+            if self.eof {
+                return Ok(filled);
+            }
+            match self.conn.read_tls(&mut self.sock) {
+                Ok(0) => self.eof = true,
+                Ok(_) => {
+                    if let Err(e) = self.conn.process_new_packets() {
+                        // rustls queued an alert: send it, then report the failure.
+                        let _ = self.flush_tls();
+                        return Err(io::Error::new(ErrorKind::InvalidData, e));
+                    }
+                    match self.flush_tls() {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if filled > 0 && e.kind() == ErrorKind::WouldBlock => return Ok(filled),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn write_plain(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.flush_tls()?;
+        let n = self.conn.writer().write_vectored(bufs)?;
+        match self.flush_tls() {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
+            return Err(ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }
+}
+
+impl Read for Front {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Front::Plain(s) => s.read(buf),
+            Front::Tls(t) => t.read_plain(buf),
+        }
+    }
+}
+
+impl Write for Front {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Front::Plain(s) => s.write(buf),
+            Front::Tls(t) => t.write_plain(&[IoSlice::new(buf)]),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Front::Plain(s) => s.write_vectored(bufs),
+            Front::Tls(t) => t.write_plain(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_pending()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(cert: &str, key: &str) -> Certificate {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/examples/certs/");
+        let read = |name: &str| std::fs::read_to_string(format!("{dir}{name}")).unwrap();
+        lb_config::certs::check(&read(cert), &read(key), None, None).unwrap()
+    }
+
+    #[test]
+    fn sni_picks_exact_then_wildcard_then_the_first_certificate() {
+        let site = example("site.pem", "site.key");
+        let other = example("other.pem", "other.key");
+        let context = TlsContext::new().unwrap();
+        let resolver = SniResolver::new(&[site.clone(), other.clone()], &context.provider).unwrap();
+        let schemes = [rustls::SignatureScheme::ECDSA_NISTP256_SHA256];
+        let leaf = |name: Option<&str>| resolver.pick(name, &schemes).cert[0].clone();
+        assert_eq!(leaf(Some("site.example.com")), site.chain[0]);
+        assert_eq!(leaf(Some("WWW.Site.Example.com.")), site.chain[0]);
+        assert_eq!(leaf(Some("a.other.example.com")), other.chain[0]);
+        // A wildcard covers one label only; anything else gets the default (first) one.
+        assert_eq!(leaf(Some("a.b.other.example.com")), site.chain[0]);
+        assert_eq!(leaf(Some("other.example.com")), site.chain[0]);
+        assert_eq!(leaf(None), site.chain[0]);
+        // Reversed order: the default follows.
+        let resolver = SniResolver::new(&[other.clone(), site], &context.provider).unwrap();
+        assert_eq!(resolver.pick(None, &schemes).cert[0], other.chain[0]);
+    }
+
+    #[test]
+    fn a_listener_config_speaks_http11_with_both_versions() {
+        let context = TlsContext::new().unwrap();
+        let config = context
+            .server_config(&[example("site.pem", "site.key")])
+            .unwrap();
+        assert_eq!(config.alpn_protocols[0], b"http/1.1");
+        assert!(context.server_config(&[]).is_err());
+    }
+}
