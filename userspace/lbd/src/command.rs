@@ -34,6 +34,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const READ_SLICE: Duration = Duration::from_millis(200);
 /// A client that does not read its answer for this long is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the acceptor looks at the stop and pause flags.
+const ACCEPT_SLICE: Duration = Duration::from_millis(100);
 /// After a refusal that ends the connection, how long its unread bytes are drained.
 const LINGER: Duration = Duration::from_secs(2);
 
@@ -126,17 +128,23 @@ fn peer_cred(stream: &UnixStream) -> io::Result<PeerCred> {
 
 /// The answer to a verb whose feature is not built yet, given without asking the supervisor.
 /// Remove an arm when its feature lands.
-pub fn not_supported_yet(verb: &Verb) -> Option<String> {
-    match verb {
-        Verb::CertificateAdd { .. }
-        | Verb::CertificateReplace { .. }
-        | Verb::CertificateRemove { .. } => {
-            Some("not supported yet: TLS listeners arrive with the TLS issue".to_owned())
+pub fn not_supported_yet(_verb: &Verb) -> Option<String> {
+    None
+}
+
+/// Stops a [`CommandServer`] from accepting new connections while it still answers the
+/// requests it has: the upgrade uses it once the next lbd serves the same socket.
+#[derive(Clone)]
+pub struct Pauser(Arc<Shared>);
+
+impl Pauser {
+    /// Stops accepting, and waits (a bounded time) until the acceptor has seen it.
+    pub fn pause(&self) {
+        self.0.paused.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + ACCEPT_SLICE * 5;
+        while !self.0.paused_seen.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
-        Verb::Upgrade { .. } => Some(
-            "not supported yet: zero-downtime upgrades arrive with the upgrade issue".to_owned(),
-        ),
-        _ => None,
     }
 }
 
@@ -149,6 +157,11 @@ struct Pending {
 /// What the acceptor and connection threads share.
 struct Shared {
     stopping: AtomicBool,
+    /// Set when an upgrade hands the socket to the next lbd: accept no more, but answer the
+    /// requests already taken.
+    paused: AtomicBool,
+    /// Set by the acceptor once it has seen `paused` (it accepts nothing after that).
+    paused_seen: AtomicBool,
     clients: AtomicUsize,
     allowed: Vec<u32>,
 }
@@ -193,9 +206,16 @@ impl CommandServer {
         let (sender, requests) = mpsc::channel();
         let shared = Arc::new(Shared {
             stopping: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            paused_seen: AtomicBool::new(false),
             clients: AtomicUsize::new(0),
             allowed,
         });
+        // Non-blocking, and the acceptor polls: during an upgrade two lbd processes hold this
+        // socket, and the one that lost a connection to the other must not block in accept.
+        listener
+            .set_nonblocking(true)
+            .map_err(|error| CommandError::Thread { error })?;
         let accepting = listener
             .try_clone()
             .map_err(|error| CommandError::Thread { error })?;
@@ -214,13 +234,14 @@ impl CommandServer {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The listening socket, to hand to the next lbd in an upgrade.
     pub fn listener(&self) -> &UnixListener {
         &self.listener
+    }
+
+    /// A handle that stops this server from accepting (see [`Pauser`]).
+    pub fn pauser(&self) -> Pauser {
+        Pauser(Arc::clone(&self.shared))
     }
 
     /// Answers every request already waiting, through `handler`; never blocks. Returns how
@@ -283,16 +304,8 @@ impl CommandServer {
         // "lbd is stopping" instead of waiting forever.
         self.requests = None;
         if let Some(acceptor) = self.acceptor.take() {
-            // Wake the acceptor out of accept(); if the file is gone it cannot be woken, and
-            // it is left behind (it refuses whatever it accepts from now on).
-            if UnixStream::connect(&self.path).is_ok() {
-                let _ = acceptor.join();
-            } else {
-                log::warn!(
-                    "command socket {} is gone; its acceptor thread is left behind",
-                    self.path.display()
-                );
-            }
+            // The acceptor polls with a timeout: it sees the flag within ACCEPT_SLICE.
+            let _ = acceptor.join();
         }
         if self.remove_on_stop {
             let _ = std::fs::remove_file(&self.path);
@@ -355,15 +368,34 @@ fn prepare_path(path: &Path) -> Result<(), CommandError> {
 }
 
 fn accept_loop(listener: &UnixListener, sender: &Sender<Pending>, shared: &Arc<Shared>) {
+    use std::os::fd::AsFd;
     let mut connections: Vec<JoinHandle<()>> = Vec::new();
     loop {
-        let accepted = listener.accept();
         if shared.stopping.load(Ordering::SeqCst) {
             break;
         }
+        if shared.paused.load(Ordering::SeqCst) {
+            shared.paused_seen.store(true, Ordering::SeqCst);
+            std::thread::sleep(ACCEPT_SLICE);
+            continue;
+        }
+        let mut ready = [nix::poll::PollFd::new(
+            listener.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let timeout =
+            nix::poll::PollTimeout::try_from(ACCEPT_SLICE).unwrap_or(nix::poll::PollTimeout::MAX);
+        if !matches!(nix::poll::poll(&mut ready, timeout), Ok(n) if n > 0) {
+            continue;
+        }
+        if shared.stopping.load(Ordering::SeqCst) || shared.paused.load(Ordering::SeqCst) {
+            continue;
+        }
+        let accepted = listener.accept();
         connections.retain(|c| !c.is_finished());
         let mut stream = match accepted {
             Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 // EMFILE and friends: wait a little instead of spinning.
@@ -678,17 +710,11 @@ mod tests {
         assert_eq!(id, 0);
         assert!(e.starts_with("refused: the message is not JSON"), "{e}");
         // The framing was intact: the connection goes on.
-        request(
-            &mut client,
-            5,
-            Verb::CertificateRemove {
-                address: "127.0.0.1:443".into(),
-                certificate: "a.pem".into(),
-            },
-        );
+        request(&mut client, 5, Verb::ClusterRemove { name: "x".into() });
+        _server.poll_timeout(&mut Fake::default(), Duration::from_secs(10));
         let (id, e) = refusal(read_response(&mut client));
         assert_eq!(id, 5);
-        assert!(e.contains("not supported yet: TLS listeners arrive"), "{e}");
+        assert!(e.contains("there is no cluster named"), "{e}");
     }
 
     #[test]
@@ -715,24 +741,6 @@ mod tests {
         let (id, e, _, _, _) = refused(&frame(VERSION, br#"{"id":12,"verb":"self_destruct"}"#));
         assert_eq!(id, 12);
         assert!(e.contains("unknown variant `self_destruct`"), "{e}");
-    }
-
-    #[test]
-    fn upgrade_is_not_supported_yet() {
-        let bytes = encode(&Request {
-            id: 3,
-            verb: Verb::Upgrade {
-                binary: None,
-                workers_only: false,
-            },
-        })
-        .unwrap();
-        let (id, e, _, _, _) = refused(&bytes);
-        assert_eq!(id, 3);
-        assert!(
-            e.starts_with("not supported yet: zero-downtime upgrades"),
-            "{e}"
-        );
     }
 
     #[test]

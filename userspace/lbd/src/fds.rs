@@ -129,3 +129,169 @@ pub fn read_all(file: &File) -> std::io::Result<String> {
 pub fn raw(fd: &impl AsRawFd) -> RawFd {
     fd.as_raw_fd()
 }
+
+/// Like [`inherit_fds`], for a process that must outlive this one (the next lbd of an
+/// upgrade): no parent-death signal.
+pub fn inherit_fds_detached(command: &mut Command, fds: Vec<RawFd>) {
+    let hook = move || -> std::io::Result<()> {
+        for &fd in &fds {
+            // SAFETY: as in `inherit_fds`: the child's own descriptor table, after fork.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the hook only calls fcntl, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(hook);
+    }
+}
+
+/// At most this many fds travel in one message (the kernel's limit is SCM_MAX_FD, 253).
+const FDS_PER_MESSAGE: usize = 200;
+
+/// Sends `fds` over a unix stream socket, in messages of one byte each carrying up to
+/// [`FDS_PER_MESSAGE`] descriptors (the receiver must know how many to expect).
+pub fn send_fds(stream: &std::os::unix::net::UnixStream, fds: &[RawFd]) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    for chunk in fds.chunks(FDS_PER_MESSAGE) {
+        let iov = [std::io::IoSlice::new(b"F")];
+        let cmsg = [ControlMessage::ScmRights(chunk)];
+        let sent = sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+            .map_err(std::io::Error::from)?;
+        if sent != 1 {
+            return Err(std::io::Error::other(
+                "short write while passing descriptors",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Receives exactly `count` descriptors sent by [`send_fds`]. Every received fd is owned
+/// (close-on-exec) even when the count turns out wrong, so nothing leaks on an error.
+pub fn recv_fds(
+    stream: &std::os::unix::net::UnixStream,
+    count: usize,
+) -> std::io::Result<Vec<OwnedFd>> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut out: Vec<OwnedFd> = Vec::with_capacity(count);
+    while out.len() < count {
+        let mut byte = [0u8; 1];
+        let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+        let mut space = nix::cmsg_space!([RawFd; FDS_PER_MESSAGE]);
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
+        if msg.bytes == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the sender closed after {} of {count} descriptors",
+                    out.len()
+                ),
+            ));
+        }
+        let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+        for cmsg in msg.cmsgs().map_err(std::io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(received) = cmsg {
+                for fd in received {
+                    // SAFETY: the kernel just installed `fd` in this process for us; nothing
+                    // else owns it.
+                    out.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        if truncated {
+            return Err(std::io::Error::other(
+                "descriptors were truncated in transit (MSG_CTRUNC)",
+            ));
+        }
+    }
+    if out.len() != count {
+        return Err(std::io::Error::other(format!(
+            "expected {count} descriptors, received {}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// What kind of object an fd refers to, as far as the upgrade handoff checks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FdKind {
+    /// A listening TCP socket bound to this address.
+    TcpListener(std::net::SocketAddr),
+    /// A listening unix stream socket.
+    UnixListener,
+    /// A BPF program of this type (BPF_PROG_TYPE_*).
+    BpfProgram(u32),
+    /// A BPF map of this type (BPF_MAP_TYPE_*).
+    BpfMap(u32),
+    /// Anything else.
+    Other(String),
+}
+
+/// Looks at `fd` and says what it is: sockets through getsockopt/getsockname, BPF objects
+/// through /proc/self/fdinfo (which names a program's or map's type).
+pub fn kind_of(fd: std::os::fd::BorrowedFd<'_>) -> FdKind {
+    let raw = fd.as_raw_fd();
+    let int_opt = |level: libc::c_int, name: libc::c_int| -> Option<libc::c_int> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `value`, a c_int we own.
+        let rc = unsafe {
+            libc::getsockopt(
+                raw,
+                level,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0).then_some(value)
+    };
+    if let Some(domain) = int_opt(libc::SOL_SOCKET, libc::SO_DOMAIN) {
+        let listening = int_opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1);
+        let stream = int_opt(libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM);
+        if !(listening && stream) {
+            return FdKind::Other("a socket that is not a listening stream socket".into());
+        }
+        if domain == libc::AF_UNIX {
+            return FdKind::UnixListener;
+        }
+        if domain == libc::AF_INET || domain == libc::AF_INET6 {
+            return match fd
+                .try_clone_to_owned()
+                .map(socket2::Socket::from)
+                .and_then(|s| s.local_addr())
+                .ok()
+                .and_then(|a| a.as_socket())
+            {
+                Some(addr) => FdKind::TcpListener(addr),
+                None => FdKind::Other("a socket without a local address".into()),
+            };
+        }
+        return FdKind::Other(format!("a socket of family {domain}"));
+    }
+    let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")) else {
+        return FdKind::Other("an fd /proc cannot describe".into());
+    };
+    let field = |name: &str| -> Option<u32> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    if let Some(t) = field("prog_type:") {
+        return FdKind::BpfProgram(t);
+    }
+    if let Some(t) = field("map_type:") {
+        return FdKind::BpfMap(t);
+    }
+    FdKind::Other("not a socket nor a BPF object".into())
+}

@@ -4,10 +4,11 @@
 //! sandboxed worker processes (supervisor.rs) until SIGTERM or SIGINT, after which it drains
 //! and exits 0. `lbd --config FILE --check` only validates. `lbd worker` is the worker
 //! process's own entry (worker_main.rs), started by the supervisor, not by people.
+//! `lbd --upgrade-fd N` is the next main of an upgrade, started by the running one
+//! (upgrade.rs), which hands it everything over fd N.
 
 #![deny(unsafe_code)]
 
-#[allow(dead_code)] // The socket handoff of `lbctl upgrade` uses the rest.
 mod command;
 mod fds;
 mod listeners;
@@ -17,6 +18,7 @@ mod sandbox;
 #[allow(dead_code)] // The fd handoff of `lbctl upgrade` and tests/steering.rs use the rest.
 mod steering;
 mod supervisor;
+mod upgrade;
 mod worker_main;
 
 use anyhow::Context as _;
@@ -36,6 +38,9 @@ struct Args {
     /// Log level for lbd's own messages (error, warn, info, debug).
     #[arg(long, default_value = "info", value_parser = parse_level, global = true)]
     log_level: log::LevelFilter,
+    /// The next main of an upgrade: the running lbd hands everything over on this fd.
+    #[arg(long, value_name = "FD", hide = true, conflicts_with_all = ["config", "check"])]
+    upgrade_fd: Option<i32>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -57,7 +62,10 @@ fn main() -> ExitCode {
     logger::init(args.log_level);
     let result = match &args.command {
         Some(Cmd::Worker(worker)) => worker_main::run(worker),
-        None => run(&args),
+        None => match args.upgrade_fd {
+            Some(fd) => take_over(fd, args.log_level),
+            None => run(&args),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -97,13 +105,138 @@ fn run(args: &Args) -> anyhow::Result<()> {
     }
     log::info!(
         "lbd {} serving {} (pid {})",
-        env!("CARGO_PKG_VERSION"),
+        upgrade::version(),
         path.display(),
         std::process::id()
     );
-    let result = supervisor.run(&mut signals, &commands);
-    commands.stop();
-    result?;
-    log::info!("lbd stopped");
-    Ok(())
+    if let Err(e) = supervisor.start_generation(supervisor::READY_TIMEOUT) {
+        // The loop restarts workers that die; say so now rather than claim readiness.
+        log::warn!("not every worker is ready: {e}");
+    }
+    notify_ready();
+    serve(supervisor, &mut signals, commands)
+}
+
+/// Runs the supervisor until it stops or hands over to the next lbd.
+fn serve(
+    mut supervisor: supervisor::Supervisor,
+    signals: &mut signal_hook::iterator::Signals,
+    commands: command::CommandServer,
+) -> anyhow::Result<()> {
+    supervisor.set_command_socket(&commands)?;
+    match supervisor.run(signals, &commands) {
+        Ok(supervisor::Exit::HandedOver) => {
+            // The socket file stays: the next lbd answers on it.
+            drop(commands.handoff());
+            log::info!("lbd handed over to the next generation; exiting");
+            Ok(())
+        }
+        Ok(supervisor::Exit::Stopped) => {
+            commands.stop();
+            log::info!("lbd stopped");
+            Ok(())
+        }
+        Err(e) => {
+            commands.stop();
+            Err(e)
+        }
+    }
+}
+
+/// Tells systemd (when it started lbd with Type=notify) that lbd serves, and which pid is
+/// the main process: after an upgrade, it is this one.
+fn notify_ready() {
+    let states = [
+        sd_notify::NotifyState::MainPid(std::process::id()),
+        sd_notify::NotifyState::Ready,
+    ];
+    if let Err(e) = sd_notify::notify(false, &states) {
+        log::warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// Environment variable for tests: the next main of an upgrade waits this many milliseconds,
+/// its workers started, before it says "ready" (so that a test can kill it mid-handoff).
+const HANDOFF_PAUSE: &str = "KAKEHI_TEST_HANDOFF_PAUSE_MS";
+
+/// The next main of `lbctl upgrade`: takes over what the running lbd hands over on `fd`,
+/// starts its workers on the same sockets, says "ready", and serves once the running lbd
+/// commits (or has gone away).
+fn take_over(fd: i32, log_level: log::LevelFilter) -> anyhow::Result<()> {
+    let mut channel = std::os::unix::net::UnixStream::from(fds::owned_from_fd(fd)?);
+    let refuse = |channel: &mut std::os::unix::net::UnixStream, error: &anyhow::Error| {
+        let reply = upgrade::Reply::Failed {
+            error: format!("{error:#}"),
+        };
+        let _ = upgrade::reply(channel, &reply);
+    };
+    let mut signals = supervisor::Supervisor::signals()?;
+    let handed = match upgrade::receive(&mut channel, supervisor::READY_TIMEOUT) {
+        Ok(handed) => handed,
+        Err(e) => {
+            refuse(&mut channel, &e);
+            return Err(e.context("taking over from the running lbd"));
+        }
+    };
+    log::info!(
+        "lbd {} (pid {}) taking over from lbd {} (pid {}), generation {}",
+        upgrade::version(),
+        std::process::id(),
+        handed.from_version,
+        handed.from_pid,
+        handed.generation + 1
+    );
+    let command_path = handed.config.command_socket.clone();
+    let (mut supervisor, command) = match supervisor::Supervisor::adopt(handed, log_level) {
+        Ok(adopted) => adopted,
+        Err(e) => {
+            refuse(&mut channel, &e);
+            return Err(e);
+        }
+    };
+    if let Err(e) = supervisor.start_generation(supervisor::READY_TIMEOUT) {
+        let e = anyhow::anyhow!(e);
+        refuse(&mut channel, &e);
+        supervisor.retire_all();
+        return Err(e);
+    }
+    if let Some(ms) = std::env::var(HANDOFF_PAUSE)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        // Test-only: a window in which the test kills this process mid-handoff.
+        log::warn!("{HANDOFF_PAUSE} is set: pausing {ms} ms before saying ready");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+    let ready = upgrade::Reply::Ready {
+        pid: std::process::id(),
+        version: upgrade::version().to_owned(),
+        generation: supervisor.generation(),
+    };
+    if let Err(e) = upgrade::reply(&mut channel, &ready) {
+        supervisor.retire_all();
+        return Err(e);
+    }
+    match upgrade::wait_commit(&mut channel, supervisor::READY_TIMEOUT) {
+        Ok(true) => {}
+        Ok(false) => log::warn!("the previous lbd went away after this one was ready: taking over"),
+        Err(e) => {
+            supervisor.retire_all();
+            anyhow::bail!("the running lbd did not commit the upgrade: {e}");
+        }
+    }
+    drop(channel);
+    notify_ready();
+    let commands = command::CommandServer::from_listener(
+        command,
+        &command_path,
+        command::default_allowed_uids(),
+    )
+    .with_context(|| format!("command socket {}", command_path.display()))?;
+    log::info!(
+        "lbd generation {} serving (pid {})",
+        supervisor.generation(),
+        std::process::id()
+    );
+    serve(supervisor, &mut signals, commands)
 }

@@ -59,6 +59,14 @@ impl crate::command::Handler for Supervisor {
                 })
             }
             Verb::Metrics => Ok(Payload::Metrics(self.samples())),
+            Verb::Upgrade {
+                binary,
+                workers_only: true,
+            } => self.roll_workers(binary),
+            Verb::Upgrade {
+                binary,
+                workers_only: false,
+            } => self.hand_over(binary),
             other => {
                 if let Some(message) = crate::command::not_supported_yet(&other) {
                     return Err(message);
@@ -147,7 +155,7 @@ impl Supervisor {
         }
         for (index, pid) in sent {
             let error = match self.channel(index) {
-                Some(channel) => read_answer(channel).err(),
+                Some(channel) => read_answer(channel, WORKER_APPLY_TIMEOUT).err(),
                 None => Some("the worker went away".into()),
             };
             acks.push(WorkerAck {
@@ -162,9 +170,9 @@ impl Supervisor {
 
     fn status(&self) -> Status {
         Status {
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: crate::upgrade::version().into(),
             pid: std::process::id(),
-            generation: 1,
+            generation: self.generation(),
             config: self.source().to_path_buf(),
             uptime_secs: self.uptime().as_secs(),
             workers: self.worker_rows(),
@@ -188,9 +196,9 @@ impl Supervisor {
     }
 }
 
-/// Reads one answer frame from a worker: `ok`, or `error: WHY`.
-fn read_answer(channel: &mut UnixStream) -> Result<(), String> {
-    let _ = channel.set_read_timeout(Some(WORKER_APPLY_TIMEOUT));
+/// Reads one answer frame from a worker: `ok`, or `error: WHY`, waiting at most `timeout`.
+pub(crate) fn read_answer(channel: &mut UnixStream, timeout: Duration) -> Result<(), String> {
+    let _ = channel.set_read_timeout(Some(timeout));
     let mut len = [0u8; 4];
     channel
         .read_exact(&mut len)

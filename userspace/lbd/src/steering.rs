@@ -15,7 +15,7 @@
 //! group); [`Steering::detach`] removes it.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use aya::maps::{Array, Map, MapData, MapError, PerCpuArray, ReusePortSockArray};
 use aya::programs::{ProgramError, SkReuseport};
@@ -110,14 +110,39 @@ type Result<T> = std::result::Result<T, SteeringError>;
 /// The loaded steering program of one reuseport group, and its maps.
 #[derive(Debug)]
 pub struct Steering {
-    /// Owns the program (and its fd).
-    ebpf: Ebpf,
+    /// Owns the program (and its fd): loaded here, or adopted from the previous lbd.
+    program: Program,
     sockets: Map,
     workers_map: Map,
     control_map: Map,
     counters_map: Map,
     /// What CONTROL holds.
     control: Control,
+}
+
+/// The steering program: loaded by this process, or only its fd, handed over by the lbd
+/// this one replaced (the program is attached to the group already and stays so).
+#[derive(Debug)]
+enum Program {
+    Loaded(Box<Ebpf>),
+    Adopted(OwnedFd),
+}
+
+/// BPF_PROG_TYPE_SK_REUSEPORT.
+pub const PROG_TYPE_SK_REUSEPORT: u32 = 21;
+/// BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_REUSEPORT_SOCKARRAY.
+pub const MAP_TYPE_ARRAY: u32 = 2;
+pub const MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+pub const MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
+
+/// Owned fds of the program and its maps, as received from the previous lbd.
+#[derive(Debug)]
+pub struct OwnedSteeringFds {
+    pub program: OwnedFd,
+    pub sockets: OwnedFd,
+    pub workers: OwnedFd,
+    pub control: OwnedFd,
+    pub counters: OwnedFd,
 }
 
 /// Borrowed fds of the program and its maps, for handing them to another process.
@@ -183,7 +208,7 @@ impl Steering {
         let control_map = take(names::CONTROL)?;
         let counters_map = take(names::COUNTERS)?;
         let mut steering = Self {
-            ebpf,
+            program: Program::Loaded(Box::new(ebpf)),
             sockets,
             workers_map,
             control_map,
@@ -198,10 +223,60 @@ impl Steering {
         Ok(steering)
     }
 
+    /// Takes over a program and maps that another lbd loaded and attached (the upgrade
+    /// handoff). Each map's type and name is checked; the policy, worker count and
+    /// generation are read back from CONTROL.
+    pub fn adopt(fds: OwnedSteeringFds) -> Result<Self> {
+        let open = |fd: OwnedFd, name: &'static str| -> Result<Map> {
+            let data = MapData::from_fd(fd).map_err(map_error(name, "adopting"))?;
+            let info = data
+                .info()
+                .map_err(map_error(name, "reading the info of"))?;
+            if info.name_as_str() != Some(name) {
+                return Err(SteeringError::Missing { what: "map", name });
+            }
+            Map::from_map_data(data).map_err(map_error(name, "adopting"))
+        };
+        let sockets = open(fds.sockets, names::SOCKETS)?;
+        let workers_map = open(fds.workers, names::WORKERS)?;
+        let control_map = open(fds.control, names::CONTROL)?;
+        let counters_map = open(fds.counters, names::COUNTERS)?;
+        for (map, name) in [
+            (&sockets, names::SOCKETS),
+            (&workers_map, names::WORKERS),
+            (&control_map, names::CONTROL),
+            (&counters_map, names::COUNTERS),
+        ] {
+            if map_data(map).is_none() {
+                return Err(SteeringError::Missing {
+                    what: "array map",
+                    name,
+                });
+            }
+        }
+        let control = Array::<_, Control>::try_from(&control_map)
+            .map_err(map_error(names::CONTROL, "opening"))?
+            .get(&0, 0)
+            .map_err(map_error(names::CONTROL, "reading"))?;
+        if control.workers == 0 || control.workers > MAX_WORKERS {
+            return Err(SteeringError::WorkerCount {
+                workers: control.workers,
+            });
+        }
+        Ok(Self {
+            program: Program::Adopted(fds.program),
+            sockets,
+            workers_map,
+            control_map,
+            counters_map,
+            control,
+        })
+    }
+
     /// Attaches the program to the SO_REUSEPORT group of `listener` (any socket of the group:
     /// SO_ATTACH_REUSEPORT_EBPF applies to the whole group).
     pub fn attach(&self, listener: impl AsFd) -> Result<()> {
-        program(&self.ebpf)?
+        program(self.loaded()?)?
             .attach(listener)
             .map_err(|source| SteeringError::Program {
                 action: "attaching",
@@ -306,13 +381,16 @@ impl Steering {
 
     /// The fds of the program and its maps, borrowed from this value.
     pub fn fds(&self) -> Result<SteeringFds<'_>> {
-        let program = program(&self.ebpf)?
-            .fd()
-            .map_err(|source| SteeringError::Program {
-                action: "getting the fd of",
-                source,
-            })?
-            .as_fd();
+        let program = match &self.program {
+            Program::Adopted(fd) => fd.as_fd(),
+            Program::Loaded(ebpf) => program(ebpf)?
+                .fd()
+                .map_err(|source| SteeringError::Program {
+                    action: "getting the fd of",
+                    source,
+                })?
+                .as_fd(),
+        };
         Ok(SteeringFds {
             program,
             sockets: map_fd(&self.sockets, names::SOCKETS)?,
@@ -335,7 +413,7 @@ impl Steering {
 
     /// What the kernel says about the loaded program: its size and the verifier's work.
     pub fn program_stats(&self) -> Result<ProgramStats> {
-        let info = program(&self.ebpf)?
+        let info = program(self.loaded()?)?
             .info()
             .map_err(|source| SteeringError::Program {
                 action: "reading the info of",
@@ -346,6 +424,16 @@ impl Steering {
             verified_instructions: info.verified_instruction_count(),
             jited_bytes: info.size_jitted(),
         })
+    }
+
+    fn loaded(&self) -> Result<&Ebpf> {
+        match &self.program {
+            Program::Loaded(ebpf) => Ok(ebpf),
+            Program::Adopted(_) => Err(SteeringError::Missing {
+                what: "loaded program (it was handed over by the previous lbd)",
+                name: names::PROGRAM,
+            }),
+        }
     }
 
     fn check_index(&self, index: u32) -> Result<()> {

@@ -8,11 +8,13 @@
 //! none of them: connections waiting in a dead worker's accept queue stay there until its
 //! replacement accepts them.
 
-use crate::command::CommandServer;
+use crate::command::{CommandServer, Pauser};
 use crate::fds;
 use crate::listeners;
 use crate::steering::Steering;
+use crate::upgrade::{self, FdRole, Handoff, Reply};
 use anyhow::Context as _;
+use lb_config::protocol::Payload;
 use lb_config::state::State;
 use lb_config::{Config, SteeringPolicy};
 use lb_ebpf_common::{counter, Policy, WorkerState};
@@ -22,6 +24,7 @@ use nix::unistd::Pid;
 use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
 use std::fs::File;
 use std::net::TcpListener;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,6 +36,30 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 /// A worker that dies sooner than this after its start is restarted with a growing delay.
 const STABLE_AFTER: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a new generation (new workers, or a new lbd with its workers) gets to become
+/// ready before the upgrade is rolled back.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why the supervisor leaves its loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM, SIGINT or `lbctl shutdown`: drain the workers, then exit.
+    Drain,
+    /// `lbctl shutdown --hard`.
+    Hard,
+    /// `lbctl upgrade` succeeded: the next lbd serves; retire this one's workers, exit.
+    HandedOver,
+}
+
+/// How [`Supervisor::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped: every worker is gone and the sockets are closed.
+    Stopped,
+    /// Upgraded: the next lbd serves the same sockets and the command socket; hand the
+    /// command server over without removing its file.
+    HandedOver,
+}
 
 struct Slot {
     pid: Option<Pid>,
@@ -50,7 +77,13 @@ pub struct Supervisor {
     state: State,
     source: PathBuf,
     started: Instant,
-    stop: Option<bool>,
+    stop: Option<Stop>,
+    /// Bumped by each upgrade (the first lbd is generation 1).
+    generation: u64,
+    /// Workers of a previous generation (or a rolled-back one) finishing their requests.
+    retiring: Vec<Pid>,
+    /// A duplicate of the command socket, and its server's pause switch, for an upgrade.
+    command: Option<(OwnedFd, Pauser)>,
     config_file: File,
     /// `sockets[listener][worker]`: all sockets of one listener share its reuseport group.
     sockets: Vec<Vec<TcpListener>>,
@@ -69,7 +102,6 @@ impl Supervisor {
         source: &Path,
         log_level: log::LevelFilter,
     ) -> anyhow::Result<Supervisor> {
-        let config_text = state.to_toml();
         let mut sockets = Vec::new();
         for listener in &config.listeners {
             let group = (0..config.workers)
@@ -81,8 +113,52 @@ impl Supervisor {
             lb_config::Steering::Kernel => Vec::new(),
             lb_config::Steering::Ebpf => load_steering(&config, &sockets)?,
         };
-        let config_file = fds::memfd_with(&config_text)?;
+        Supervisor::assemble(config, state, source, log_level, sockets, steering, 1)
+    }
+
+    /// Takes over what the previous lbd handed over (its sockets and steering program, its
+    /// running state); this one is the next generation. Nothing is started yet.
+    pub fn adopt(
+        handed: upgrade::Handed,
+        log_level: log::LevelFilter,
+    ) -> anyhow::Result<(Supervisor, std::os::unix::net::UnixListener)> {
+        let upgrade::Handed {
+            generation,
+            source,
+            state,
+            config,
+            command,
+            sockets,
+            steering,
+            ..
+        } = handed;
+        let supervisor = Supervisor::assemble(
+            config,
+            state,
+            &source,
+            log_level,
+            sockets,
+            steering,
+            generation + 1,
+        )?;
+        Ok((supervisor, command))
+    }
+
+    fn assemble(
+        config: Config,
+        state: State,
+        source: &Path,
+        log_level: log::LevelFilter,
+        sockets: Vec<Vec<TcpListener>>,
+        mut steering: Vec<Steering>,
+        generation: u64,
+    ) -> anyhow::Result<Supervisor> {
+        let config_file = fds::memfd_with(&state.to_toml())?;
         let exe = std::env::current_exe().context("locating the lbd binary for workers")?;
+        for st in &mut steering {
+            // Informational (the program ignores it): which generation drives the maps.
+            let _ = st.set_generation(u32::try_from(generation).unwrap_or(u32::MAX));
+        }
         let slots = (0..config.workers)
             .map(|_| Slot {
                 pid: None,
@@ -99,6 +175,9 @@ impl Supervisor {
             source: source.to_path_buf(),
             started: Instant::now(),
             stop: None,
+            generation,
+            retiring: Vec::new(),
+            command: None,
             config_file,
             sockets,
             steering,
@@ -106,6 +185,21 @@ impl Supervisor {
             exe,
             log_level,
         })
+    }
+
+    /// Gives the supervisor what an upgrade hands over of the command socket.
+    pub fn set_command_socket(&mut self, commands: &CommandServer) -> anyhow::Result<()> {
+        let fd = commands
+            .listener()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the command socket")?;
+        self.command = Some((fd, commands.pauser()));
+        Ok(())
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn addresses(&self) -> Vec<std::net::SocketAddr> {
@@ -125,16 +219,24 @@ impl Supervisor {
         &mut self,
         signals: &mut signal_hook::iterator::Signals,
         commands: &CommandServer,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Exit> {
         loop {
             for signal in signals.pending() {
                 if signal == SIGTERM || signal == SIGINT {
-                    self.stop.get_or_insert(false);
+                    self.stop.get_or_insert(Stop::Drain);
                 }
             }
             self.reap(false);
-            if let Some(hard) = self.stop {
-                return self.shutdown(hard);
+            match self.stop {
+                Some(Stop::HandedOver) => {
+                    self.retire_all();
+                    return Ok(Exit::HandedOver);
+                }
+                Some(stop) => {
+                    self.shutdown(stop == Stop::Hard)?;
+                    return Ok(Exit::Stopped);
+                }
+                None => {}
             }
             self.start_due()?;
             commands.poll_timeout(self, Duration::from_millis(20));
@@ -158,7 +260,7 @@ impl Supervisor {
     }
 
     pub(crate) fn request_stop(&mut self, hard: bool) {
-        self.stop = Some(hard);
+        self.stop = Some(if hard { Stop::Hard } else { Stop::Drain });
     }
 
     /// The running workers' channels: (index, pid, channel).
@@ -298,7 +400,25 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, index: usize) -> anyhow::Result<()> {
-        let mut command = Command::new(&self.exe);
+        let exe = self.exe.clone();
+        let (pid, channel) = self.start_worker(index, &exe)?;
+        if let Some(slot) = self.slots.get_mut(index) {
+            slot.channel = Some(channel);
+            slot.pid = Some(pid);
+            slot.started = Instant::now();
+            slot.start_at = None;
+        }
+        // Connections steered to it wait in its socket's queue until it accepts.
+        let limit = u32::try_from(self.config.max_connections).unwrap_or(u32::MAX);
+        self.set_worker_state(index, WorkerState::active(limit));
+        log::info!("worker {index} started (pid {pid})");
+        Ok(())
+    }
+
+    /// Starts worker `index` from `exe` on this supervisor's sockets; returns its pid and the
+    /// supervisor's end of its channel. The slot is not touched.
+    fn start_worker(&self, index: usize, exe: &Path) -> anyhow::Result<(Pid, UnixStream)> {
+        let mut command = Command::new(exe);
         command
             .arg("--log-level")
             .arg(self.log_level.as_str())
@@ -331,22 +451,12 @@ impl Supervisor {
         fds::inherit_fds(&mut command, inherited);
         let child = command
             .spawn()
-            .with_context(|| format!("starting worker {index} ({})", self.exe.display()))?;
+            .with_context(|| format!("starting worker {index} ({})", exe.display()))?;
         let pid = Pid::from_raw(child.id() as i32);
         // The child is reaped with waitpid in `reap`; the handle is not needed.
         drop(child);
         drop(theirs);
-        if let Some(slot) = self.slots.get_mut(index) {
-            slot.channel = Some(ours);
-            slot.pid = Some(pid);
-            slot.started = Instant::now();
-            slot.start_at = None;
-        }
-        // Connections steered to it wait in its socket's queue until it accepts.
-        let limit = u32::try_from(self.config.max_connections).unwrap_or(u32::MAX);
-        self.set_worker_state(index, WorkerState::active(limit));
-        log::info!("worker {index} started (pid {pid})");
-        Ok(())
+        Ok((pid, ours))
     }
 
     /// Collects exited workers; unless `stopping`, schedules their restart.
@@ -362,6 +472,10 @@ impl Supervisor {
                 _ => continue,
             };
             let Some(index) = self.slots.iter().position(|s| s.pid == Some(pid)) else {
+                if let Some(at) = self.retiring.iter().position(|&p| p == pid) {
+                    self.retiring.swap_remove(at);
+                    log::info!("retired worker (pid {pid}) {how}");
+                }
                 continue;
             };
             if stopping {
@@ -502,4 +616,343 @@ fn policy_of(policy: SteeringPolicy) -> Policy {
         SteeringPolicy::LeastConnections => Policy::LeastConnections,
         SteeringPolicy::PowerOfTwo => Policy::PowerOfTwo,
     }
+}
+
+/// Upgrades: a new generation of workers (`lbctl upgrade --workers-only`), or a new lbd
+/// (`lbctl upgrade`, see upgrade.rs for the handoff protocol).
+impl Supervisor {
+    /// Starts every worker and waits until each answers on its channel (it is then in its
+    /// event loop, sandboxed, accepting). Used by a new lbd before it says "ready".
+    pub fn start_generation(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        for index in 0..self.slots.len() {
+            self.spawn(index)
+                .map_err(|e| format!("starting worker {index}: {e:#}"))?;
+        }
+        let text = self.state.to_toml();
+        for index in 0..self.slots.len() {
+            let pid = self.slots.get(index).and_then(|s| s.pid);
+            let channel = self
+                .slots
+                .get_mut(index)
+                .and_then(|s| s.channel.as_mut())
+                .ok_or_else(|| format!("worker {index} has no channel"))?;
+            probe(channel, &text, deadline).map_err(|e| {
+                format!(
+                    "worker {index} (pid {}) did not become ready: {e}",
+                    pid.map_or(0, Pid::as_raw)
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `lbctl upgrade --workers-only`: starts a new worker for every slot from `exe` on the
+    /// same sockets, waits until all are ready, then retires the old ones (they stop
+    /// accepting, finish their requests and exit). If any new worker fails, the new ones are
+    /// retired instead and the old ones keep serving.
+    pub(crate) fn roll_workers(&mut self, exe: Option<PathBuf>) -> Result<Payload, String> {
+        let exe = exe.unwrap_or_else(|| self.exe.clone());
+        check_executable(&exe)?;
+        let text = self.state.to_toml();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut fresh: Vec<(usize, Pid, UnixStream)> = Vec::new();
+        let mut failure = None;
+        for index in 0..self.slots.len() {
+            match self.start_worker(index, &exe) {
+                Ok((pid, channel)) => fresh.push((index, pid, channel)),
+                Err(e) => {
+                    failure = Some(format!("starting worker {index}: {e:#}"));
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            for (index, pid, channel) in &mut fresh {
+                if let Err(e) = probe(channel, &text, deadline) {
+                    failure = Some(format!(
+                        "new worker {index} (pid {pid}) did not become ready: {e}"
+                    ));
+                    break;
+                }
+            }
+        }
+        if let Some(failure) = failure {
+            for (_, pid, _) in fresh {
+                let _ = kill(pid, Signal::SIGTERM);
+                self.retiring.push(pid);
+            }
+            return Err(format!(
+                "{failure}; the running workers keep serving (nothing changed)"
+            ));
+        }
+        let limit = u32::try_from(self.config.max_connections).unwrap_or(u32::MAX);
+        let mut old = Vec::new();
+        let mut new = Vec::new();
+        for (index, pid, channel) in fresh {
+            let Some(slot) = self.slots.get_mut(index) else {
+                continue;
+            };
+            if let Some(previous) = slot.pid.replace(pid) {
+                let _ = kill(previous, Signal::SIGTERM);
+                self.retiring.push(previous);
+                old.push(previous.to_string());
+            }
+            slot.channel = Some(channel);
+            slot.started = Instant::now();
+            slot.start_at = None;
+            slot.backoff = Duration::from_millis(100);
+            new.push(pid.to_string());
+            self.set_worker_state(index, WorkerState::active(limit));
+        }
+        log::info!(
+            "workers upgraded from {}: new pids [{}], old pids [{}] finish their requests",
+            exe.display(),
+            new.join(", "),
+            old.join(", ")
+        );
+        self.exe = exe;
+        Ok(Payload::Done {
+            message: format!(
+                "workers upgraded: new workers [{}] serve; old workers [{}] finish their requests and exit",
+                new.join(", "),
+                old.join(", ")
+            ),
+        })
+    }
+
+    /// `lbctl upgrade`: starts `exe` (default: this lbd's binary) as the next main, hands it
+    /// everything (upgrade.rs), and on its "ready" commits: this main stops accepting
+    /// commands and, once lbctl has its answer, retires its workers and exits. Any failure
+    /// stops the new main and leaves this one serving, unchanged.
+    pub(crate) fn hand_over(&mut self, exe: Option<PathBuf>) -> Result<Payload, String> {
+        let exe = exe.unwrap_or_else(|| self.exe.clone());
+        check_executable(&exe)?;
+        let (command_fd, pauser) = self
+            .command
+            .as_ref()
+            .ok_or("internal: the supervisor has no command socket to hand over")?;
+        let mut roles = vec![FdRole::CommandSocket];
+        let mut descriptors: Vec<BorrowedFd<'_>> = vec![command_fd.as_fd()];
+        for (listener, group) in self.sockets.iter().enumerate() {
+            for (worker, socket) in group.iter().enumerate() {
+                let address = socket
+                    .local_addr()
+                    .map_err(|e| format!("listener {listener}: {e}"))?;
+                roles.push(FdRole::Listener {
+                    listener,
+                    worker,
+                    address,
+                });
+                descriptors.push(socket.as_fd());
+            }
+        }
+        for (listener, steering) in self.steering.iter().enumerate() {
+            let fds = steering
+                .fds()
+                .map_err(|e| format!("listener {listener}: {e}"))?;
+            roles.push(FdRole::SteeringProgram { listener });
+            descriptors.push(fds.program);
+            use lb_ebpf_common::names;
+            for (map, fd) in [
+                (names::SOCKETS, fds.sockets),
+                (names::WORKERS, fds.workers),
+                (names::CONTROL, fds.control),
+                (names::COUNTERS, fds.counters),
+            ] {
+                roles.push(FdRole::SteeringMap {
+                    listener,
+                    map: map.to_owned(),
+                });
+                descriptors.push(fd);
+            }
+        }
+        let message = Handoff {
+            version: upgrade::HANDOFF_VERSION,
+            from_version: upgrade::version().to_owned(),
+            from_pid: std::process::id(),
+            generation: self.generation,
+            source: self.source.clone(),
+            state: self.state.to_toml(),
+            log_level: self.log_level.as_str().to_owned(),
+            fds: roles,
+        };
+        let (mut ours, theirs) =
+            UnixStream::pair().map_err(|e| format!("creating the handoff channel: {e}"))?;
+        let mut command = Command::new(&exe);
+        command
+            .arg("--log-level")
+            .arg(self.log_level.as_str())
+            .arg("--upgrade-fd")
+            .arg(fds::raw(&theirs).to_string())
+            .stdin(std::process::Stdio::null());
+        fds::inherit_fds_detached(&mut command, vec![fds::raw(&theirs)]);
+        let child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+        let pid = Pid::from_raw(child.id() as i32);
+        drop(child);
+        drop(theirs);
+        log::info!(
+            "upgrade: started {} (pid {pid}) as generation {}",
+            exe.display(),
+            self.generation + 1
+        );
+        let give_up = |why: String| -> String {
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+            format!(
+                "upgrade to {} failed: {why}; the new lbd (pid {pid}) was stopped and generation {} keeps serving unchanged",
+                exe.display(),
+                self.generation
+            )
+        };
+        if let Err(e) = upgrade::send(&mut ours, &message, &descriptors) {
+            // Most often the new binary is gone already: say how it ended, not "broken pipe".
+            let why =
+                exit_reason(pid, Duration::from_millis(500)).unwrap_or_else(|| format!("{e:#}"));
+            let error = give_up(why);
+            self.reassert_steering();
+            return Err(error);
+        }
+        let alive = || exit_reason(pid, Duration::ZERO).map_or(Ok(()), Err);
+        let reply = upgrade::read_reply(&mut ours, Instant::now() + READY_TIMEOUT, alive);
+        let (new_pid, new_version, new_generation) = match reply {
+            Ok(Reply::Ready {
+                pid,
+                version,
+                generation,
+            }) => (pid, version, generation),
+            Ok(Reply::Failed { error }) => {
+                let error = give_up(format!("it refused the handoff: {error}"));
+                self.reassert_steering();
+                return Err(error);
+            }
+            Err(e) if e == "timed out" => {
+                let error = give_up(format!(
+                    "it was not ready within {} s",
+                    READY_TIMEOUT.as_secs()
+                ));
+                self.reassert_steering();
+                return Err(error);
+            }
+            Err(e) => {
+                let error = give_up(e);
+                self.reassert_steering();
+                return Err(error);
+            }
+        };
+        if let Err(e) = upgrade::commit(&mut ours) {
+            let error = give_up(format!("it went away before the commit: {e}"));
+            self.reassert_steering();
+            return Err(error);
+        }
+        // From here on the new main serves. Accept no more commands: they go to it.
+        pauser.pause();
+        if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::MainPid(new_pid)]) {
+            log::warn!("cannot tell systemd the new main pid: {e}");
+        }
+        self.stop = Some(Stop::HandedOver);
+        let old = format!(
+            "generation {} (lbd {}, pid {})",
+            self.generation,
+            upgrade::version(),
+            std::process::id()
+        );
+        let new = format!("generation {new_generation} (lbd {new_version}, pid {new_pid})");
+        log::info!("upgrade: {old} → {new}; retiring this generation's workers");
+        Ok(Payload::Done {
+            message: format!(
+                "upgraded: {old} → {new}; the old workers finish their requests and exit"
+            ),
+        })
+    }
+
+    /// After a failed upgrade: the new generation may have written its own workers' states
+    /// into the steering maps; make them this generation's again (keeping live counts).
+    fn reassert_steering(&mut self) {
+        let limit = u32::try_from(self.config.max_connections).unwrap_or(u32::MAX);
+        for index in 0..self.slots.len() {
+            let running = self.slots.get(index).is_some_and(|s| s.pid.is_some());
+            let Ok(slot) = u32::try_from(index) else {
+                continue;
+            };
+            for (listener, steering) in self.steering.iter_mut().enumerate() {
+                let live = steering.worker_state(slot).map(|w| w.live).unwrap_or(0);
+                let state = if running {
+                    WorkerState::active(limit).with_live(live)
+                } else {
+                    WorkerState::default()
+                };
+                if let Err(e) = steering.set_worker_state(slot, state) {
+                    log::error!("listener {listener}: cannot restore worker {index}'s state: {e}");
+                }
+            }
+        }
+    }
+
+    /// After a handover: asks every worker of this generation to finish its requests and
+    /// exit, and waits for them (SIGKILL after the grace). The steering maps and the sockets
+    /// belong to the next generation now: nothing in them is touched.
+    pub fn retire_all(&mut self) {
+        for slot in &mut self.slots {
+            if let Some(pid) = slot.pid.take() {
+                let _ = kill(pid, Signal::SIGTERM);
+                self.retiring.push(pid);
+            }
+            slot.channel = None;
+            slot.start_at = None;
+        }
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while !self.retiring.is_empty() && Instant::now() < deadline {
+            self.reap(true);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for pid in self.retiring.drain(..) {
+            log::warn!("retired worker pid {pid} did not stop in time: killing it");
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+        }
+    }
+}
+
+/// Sends the running configuration to a worker and waits for its "ok": the worker is in its
+/// event loop. A worker that died answers with the end of its channel, at once.
+fn probe(channel: &mut UnixStream, text: &str, deadline: Instant) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut frame = Vec::with_capacity(text.len() + 4);
+    frame.extend_from_slice(&(text.len() as u32).to_be_bytes());
+    frame.extend_from_slice(text.as_bytes());
+    channel
+        .write_all(&frame)
+        .map_err(|e| format!("cannot reach it: {e}"))?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    crate::runtime::read_answer(channel, left.max(Duration::from_millis(1)))
+}
+
+/// How the child `pid` ended, if it ended within `wait` (it is reaped then).
+fn exit_reason(pid: Pid, wait: Duration) -> Option<String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => {
+                return Some(format!("it exited with status {code}"))
+            }
+            Ok(WaitStatus::Signaled(_, signal, _)) => {
+                return Some(format!("it was killed by {signal}"))
+            }
+            _ if Instant::now() >= deadline => return None,
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// Refuses a binary that is not there or cannot be run, before anything starts.
+fn check_executable(exe: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(exe).map_err(|e| format!("cannot use {}: {e}", exe.display()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!("{} is not an executable file", exe.display()));
+    }
+    Ok(())
 }

@@ -35,13 +35,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use common::{get, holds_for, proc_status, wait_until, Lbd, Response, TempDir};
+use common::{
+    get, holds_for, lbctl_bin, proc_status, run_bounded, wait_until, Lbd, Response, TempDir,
+};
 use lb_config::protocol::{
     encode, Decoder, Payload, Request, Response as Answer, Verb, MAX_FRAME, VERSION,
 };
@@ -63,100 +64,6 @@ fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-// ---- the lbctl binary -----------------------------------------------------------------------
-
-/// `lbctl`, next to the `lbd` cargo built for these tests.
-fn lbctl_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(locate_lbctl)
-}
-
-fn newest_mtime(paths: &[PathBuf]) -> Option<SystemTime> {
-    let mut newest: Option<SystemTime> = None;
-    let mut stack: Vec<PathBuf> = paths.to_vec();
-    while let Some(p) = stack.pop() {
-        let Ok(meta) = fs::metadata(&p) else { continue };
-        if meta.is_dir() {
-            if let Ok(entries) = fs::read_dir(&p) {
-                stack.extend(entries.flatten().map(|e| e.path()));
-            }
-        } else if let Ok(m) = meta.modified() {
-            newest = Some(newest.map_or(m, |n| n.max(m)));
-        }
-    }
-    newest
-}
-
-fn locate_lbctl() -> PathBuf {
-    let lbd = Path::new(common::lbd_bin());
-    let bin = lbd.with_file_name("lbctl");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let sources = newest_mtime(&[
-        workspace.join("ctl/src"),
-        workspace.join("ctl/Cargo.toml"),
-        workspace.join("config/src"),
-        workspace.join("config/Cargo.toml"),
-    ]);
-    let built = fs::metadata(&bin).and_then(|m| m.modified()).ok();
-    let fresh = built.is_some_and(|b| sources.is_none_or(|s| s <= b));
-    if !fresh {
-        let why = if built.is_some() {
-            "older than its sources"
-        } else {
-            "missing"
-        };
-        eprintln!("{} is {why}: running cargo build -p lbctl", bin.display());
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "lbctl"]).current_dir(&workspace);
-        if lbd
-            .parent()
-            .and_then(Path::file_name)
-            .is_some_and(|d| d == "release")
-        {
-            cmd.arg("--release");
-        }
-        let out = run_bounded(cmd, Duration::from_secs(600), "cargo build -p lbctl");
-        assert!(
-            out.status.success(),
-            "cargo build -p lbctl failed ({}): these tests need the lbctl binary at {}; build it \
-             with `cargo build -p lbd -p lbctl -p lb-testkit`\n{}",
-            out.status,
-            bin.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    assert!(
-        bin.is_file(),
-        "no lbctl binary at {} (next to lbd): build it with `cargo build -p lbctl`",
-        bin.display()
-    );
-    bin
-}
-
-/// Runs `cmd` with piped output, killing it by pid after `deadline`.
-fn run_bounded(mut cmd: Command, deadline: Duration, what: &str) -> Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(deadline) {
-        Ok(out) => out.unwrap_or_else(|e| panic!("{what}: {e}")),
-        Err(_) => {
-            let _ = kill(pid, Signal::SIGKILL);
-            let _ = rx.recv_timeout(Duration::from_secs(5));
-            panic!("{what} did not finish within {deadline:?}: killed it");
-        }
-    }
 }
 
 // ---- running lbctl --------------------------------------------------------------------------
@@ -855,7 +762,7 @@ fn refused_changes_leave_the_state_byte_identical() {
                 "--key",
                 "/nonexistent/k.pem",
             ],
-            "not supported yet",
+            "cannot read the certificate /nonexistent/c.pem",
         ),
         (vec!["state", "load", &bad_syntax], "wokers"),
         (

@@ -227,6 +227,8 @@ enum Start {
 pub struct Lbd {
     child: Child,
     status: Option<ExitStatus>,
+    /// After `lbctl upgrade`: the main process now serving (not a child of the test).
+    main: Option<i32>,
     /// The listener addresses, in the order the config closure received them.
     pub addrs: Vec<SocketAddr>,
     pub config_path: PathBuf,
@@ -270,6 +272,7 @@ impl Lbd {
                     return Lbd {
                         child,
                         status: None,
+                        main: None,
                         addrs,
                         config_path,
                         config_text: text,
@@ -305,8 +308,23 @@ impl Lbd {
         self.addrs[0]
     }
 
+    /// The main process serving now: the one the test started, or the one an upgrade made.
     pub fn pid(&self) -> i32 {
+        self.main
+            .unwrap_or_else(|| i32::try_from(self.child.id()).unwrap())
+    }
+
+    /// The pid of the lbd the test started (it exits after handing over in an upgrade).
+    pub fn first_pid(&self) -> i32 {
         i32::try_from(self.child.id()).unwrap()
+    }
+
+    /// Records that `pid` is the main process now (after `lbctl upgrade`): `pid()`, `pids()`
+    /// and stopping follow it.
+    pub fn follow_main(&mut self, pid: i32) {
+        if pid != self.first_pid() {
+            self.main = Some(pid);
+        }
     }
 
     pub fn dir(&self) -> &TempDir {
@@ -340,6 +358,9 @@ impl Lbd {
 
     /// Like [`Lbd::stop`], keeping the value to read its output afterwards.
     pub fn shutdown(&mut self) -> ExitStatus {
+        if let Some(main) = self.main.take() {
+            stop_process(main, STOP_GRACE);
+        }
         if let Some(status) = self.status {
             return status;
         }
@@ -397,6 +418,28 @@ impl Lbd {
                 rss_kib: a.rss_kib + m.rss_kib,
                 hwm_kib: a.hwm_kib + m.hwm_kib,
             })
+    }
+}
+
+/// Whether `pid` is running (a zombie does not count: it has exited).
+pub fn is_alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// SIGTERM to a process that is not the test's child (so it cannot be waited for), its end
+/// awaited by looking at /proc, then SIGKILL to it and its descendants after `grace`.
+pub fn stop_process(pid: i32, grace: Duration) {
+    let tree = process_tree(pid);
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    if !wait_until(grace, || !is_alive(pid)) {
+        eprintln!("pid {pid} ignored SIGTERM for {grace:?}: SIGKILL");
+        for p in tree {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
     }
 }
 
@@ -1133,6 +1176,7 @@ impl Lbd {
             return Lbd {
                 child,
                 status: None,
+                main: None,
                 addrs,
                 config_path,
                 config_text: text,
@@ -1317,6 +1361,7 @@ impl Lbd {
             Start::Ready => Lbd {
                 child,
                 status: None,
+                main: None,
                 addrs,
                 config_path: config_path.to_path_buf(),
                 config_text: text,
@@ -1402,6 +1447,18 @@ pub struct Wrk {
 impl Wrk {
     /// `wrk -t1 -cN -dSs --timeout T URL`, its output kept in `dir/wrk.out`.
     pub fn start(url: &str, connections: u32, seconds: u32, timeout: &str, dir: &Path) -> Wrk {
+        Wrk::start_with(url, connections, seconds, timeout, &[], dir)
+    }
+
+    /// Like [`Wrk::start`], with `extra` arguments (`-H "Connection: close"`...) before the URL.
+    pub fn start_with(
+        url: &str,
+        connections: u32,
+        seconds: u32,
+        timeout: &str,
+        extra: &[&str],
+        dir: &Path,
+    ) -> Wrk {
         let out = dir.join("wrk.out");
         let child = Command::new("/usr/bin/wrk")
             .args([
@@ -1410,8 +1467,9 @@ impl Wrk {
                 &format!("-d{seconds}s"),
                 "--timeout",
                 timeout,
-                url,
             ])
+            .args(extra)
+            .arg(url)
             .stdin(Stdio::null())
             .stdout(fs::File::create(&out).unwrap())
             .stderr(Stdio::inherit())
@@ -1448,4 +1506,147 @@ impl Drop for Wrk {
             let _ = self.child.wait();
         }
     }
+}
+
+// ---- lbctl ----------------------------------------------------------------------------------
+
+/// The lbctl binary next to lbd's, built when missing or older than its sources.
+pub fn lbctl_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(locate_lbctl)
+}
+
+fn newest_mtime(paths: &[PathBuf]) -> Option<SystemTime> {
+    let mut newest: Option<SystemTime> = None;
+    let mut stack: Vec<PathBuf> = paths.to_vec();
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = fs::metadata(&p) else { continue };
+        if meta.is_dir() {
+            if let Ok(entries) = fs::read_dir(&p) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        } else if let Ok(m) = meta.modified() {
+            newest = Some(newest.map_or(m, |n| n.max(m)));
+        }
+    }
+    newest
+}
+
+fn locate_lbctl() -> PathBuf {
+    let lbd = Path::new(lbd_bin());
+    let bin = lbd.with_file_name("lbctl");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let sources = newest_mtime(&[
+        workspace.join("ctl/src"),
+        workspace.join("ctl/Cargo.toml"),
+        workspace.join("config/src"),
+        workspace.join("config/Cargo.toml"),
+    ]);
+    let built = fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    let fresh = built.is_some_and(|b| sources.is_none_or(|s| s <= b));
+    if !fresh {
+        let why = if built.is_some() {
+            "older than its sources"
+        } else {
+            "missing"
+        };
+        eprintln!("{} is {why}: running cargo build -p lbctl", bin.display());
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "lbctl"]).current_dir(&workspace);
+        if lbd
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|d| d == "release")
+        {
+            cmd.arg("--release");
+        }
+        let out = run_bounded(cmd, Duration::from_secs(600), "cargo build -p lbctl");
+        assert!(
+            out.status.success(),
+            "cargo build -p lbctl failed ({}): these tests need the lbctl binary at {}; build it \
+             with `cargo build -p lbd -p lbctl -p lb-testkit`\n{}",
+            out.status,
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        bin.is_file(),
+        "no lbctl binary at {} (next to lbd): build it with `cargo build -p lbctl`",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `cmd` with piped output, killing it by pid after `deadline`.
+pub fn run_bounded(mut cmd: Command, deadline: Duration, what: &str) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("{what}: {e}")),
+        Err(_) => {
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = rx.recv_timeout(Duration::from_secs(5));
+            panic!("{what} did not finish within {deadline:?}: killed it");
+        }
+    }
+}
+
+// ---- network namespaces ---------------------------------------------------------------------
+
+/// Runs `test` on a new thread inside a new network namespace with loopback up.
+pub fn in_fresh_netns(test: impl FnOnce() + Send + 'static) {
+    let outcome = std::thread::spawn(move || {
+        enter_fresh_netns();
+        test();
+    })
+    .join();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn enter_fresh_netns() {
+    // SAFETY: unshare takes flags only; CLONE_NEWNET moves just this thread into a new
+    // network namespace, which no other thread observes.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        let error = io::Error::last_os_error();
+        panic!(
+            "unshare(CLONE_NEWNET) failed: {error}. Tests that attach eBPF programs need root \
+             (CAP_SYS_ADMIN for a network namespace, CAP_BPF and CAP_NET_ADMIN for the \
+             program): run them as root, as CI does; they are not skipped"
+        );
+    }
+    loopback_up();
+}
+
+/// `ip link set lo up`, by ioctl (a new namespace's loopback starts down).
+fn loopback_up() {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+        .expect("an ioctl socket");
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: SIOCGIFFLAGS reads the name and writes ifru_flags inside `request`, which
+    // lives across the call; the fd is a valid socket.
+    let got = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) };
+    assert_eq!(got, 0, "SIOCGIFFLAGS lo: {}", io::Error::last_os_error());
+    // SAFETY: the union's flags member is the one SIOCGIFFLAGS just wrote.
+    unsafe { request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: as above; SIOCSIFFLAGS only reads `request`.
+    let set = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) };
+    assert_eq!(set, 0, "SIOCSIFFLAGS lo up: {}", io::Error::last_os_error());
 }

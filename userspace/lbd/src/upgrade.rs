@@ -1,0 +1,524 @@
+//! The upgrade handoff between two lbd main processes (`lbctl upgrade`).
+//!
+//! The running ("old") main starts the new binary as `lbd --upgrade-fd N`, with one end of a
+//! unix socketpair as fd N, and sends over it one versioned message, then the descriptors:
+//!
+//! 1. old → new: a [`Handoff`] frame (the running state as TOML, the generation, the log
+//!    level, and the role of every descriptor that follows), then the descriptors themselves
+//!    with SCM_RIGHTS: the command socket, every listener socket (listener × worker), and per
+//!    listener the steering program and its four maps.
+//! 2. new: checks the count and the kind of every descriptor against the message and the state
+//!    (a TCP listener bound to the listener's address, a BPF program of type sk_reuseport, BPF
+//!    maps of the right types and names), validates the state like a config file, starts its
+//!    workers on the very same sockets and waits until each one answers on its channel.
+//! 3. new → old: a [`Reply`]: ready (pid, version, generation), or failed with the reason.
+//! 4. old → new: `commit`. From then on the new main serves the command socket and the old
+//!    one stops accepting commands, answers lbctl, and retires its workers (they stop
+//!    accepting, finish their requests and exit); then it exits.
+//!
+//! Nothing is re-bound: the accept queues, the reuseport groups and the attached steering
+//! program are the same kernel objects before and after, so no connection waiting in a queue
+//! is reset. If the new main exits, fails, or is not ready in time, the old one kills it and
+//! keeps serving unchanged. If the old main dies after the new one is ready, the new one takes
+//! over without the commit.
+
+use crate::fds::{self, FdKind};
+use crate::steering::{self, OwnedSteeringFds, Steering};
+use anyhow::{bail, Context as _};
+use lb_config::state::State;
+use lb_config::Config;
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The version of the handoff message; a main refuses a message of another version.
+pub const HANDOFF_VERSION: u32 = 1;
+/// Largest frame either side accepts (the state of a big config fits many times over).
+const MAX_FRAME: usize = 64 << 20;
+/// The word the old main sends once it has taken the new main's "ready".
+const COMMIT: &str = "commit";
+
+/// What the old main hands over, besides the descriptors.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Handoff {
+    /// [`HANDOFF_VERSION`] of the sender.
+    pub version: u32,
+    /// The sender's lbd version and build.
+    pub from_version: String,
+    pub from_pid: u32,
+    /// The sender's generation; the receiver becomes `generation + 1`.
+    pub generation: u64,
+    /// The config file lbd was started with (reload reads it).
+    pub source: PathBuf,
+    /// The running state (the file plus every lbctl change), as TOML.
+    pub state: String,
+    pub log_level: String,
+    /// What each descriptor that follows is, in order.
+    pub fds: Vec<FdRole>,
+}
+
+/// The role of one handed-over descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FdRole {
+    CommandSocket,
+    Listener {
+        listener: usize,
+        worker: usize,
+        address: SocketAddr,
+    },
+    SteeringProgram {
+        listener: usize,
+    },
+    SteeringMap {
+        listener: usize,
+        map: String,
+    },
+}
+
+/// The new main's answer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Reply {
+    Ready {
+        pid: u32,
+        version: String,
+        generation: u64,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// This binary's version and a short id of the executable file it runs from (its size,
+/// modification time and inode, hashed), so two builds of one version can be told apart.
+pub fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        use std::os::unix::fs::MetadataExt;
+        let build = std::fs::metadata("/proc/self/exe")
+            .map(|m| {
+                // FNV-1a: no cryptography needed, only a stable fingerprint.
+                let words = [m.len(), m.mtime() as u64, m.mtime_nsec() as u64, m.ino()];
+                let hash = words
+                    .iter()
+                    .flat_map(|w| w.to_le_bytes())
+                    .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                    });
+                format!("{:08x}", hash >> 32)
+            })
+            .unwrap_or_else(|_| "unknown".into());
+        format!("{} (binary {build})", env!("CARGO_PKG_VERSION"))
+    })
+}
+
+/// Writes one frame: u32 big-endian length, then `body`.
+pub fn write_frame(stream: &mut UnixStream, body: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
+    stream.write_all(&len.to_be_bytes())?;
+    stream.write_all(body)?;
+    stream.flush()
+}
+
+/// Reads one frame, waiting at most until `deadline`; `alive` is asked between waits and
+/// its error ends the wait (the old main uses it to notice that the new one exited).
+pub fn read_frame(
+    stream: &mut UnixStream,
+    deadline: Instant,
+    mut alive: impl FnMut() -> Result<(), String>,
+) -> Result<Vec<u8>, String> {
+    // Never read past the frame: the descriptors that may follow ride on the next byte,
+    // and a plain read of that byte would drop them.
+    let mut buffer = vec![0u8; 4];
+    let mut filled = 0;
+    let mut have_len = false;
+    loop {
+        if filled == buffer.len() {
+            if have_len {
+                buffer.drain(..4);
+                return Ok(buffer);
+            }
+            let mut word = [0u8; 4];
+            word.copy_from_slice(buffer.get(..4).unwrap_or(&[0; 4]));
+            let len = u32::from_be_bytes(word) as usize;
+            if len > MAX_FRAME {
+                return Err(format!("a frame of {len} bytes is over the limit"));
+            }
+            buffer.resize(4 + len, 0);
+            have_len = true;
+            continue;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err("timed out".into());
+        }
+        let slice = (deadline - now).min(Duration::from_millis(100));
+        stream
+            .set_read_timeout(Some(slice))
+            .map_err(|e| e.to_string())?;
+        match stream.read(buffer.get_mut(filled..).unwrap_or_default()) {
+            Ok(0) => return Err("the other side closed the channel".into()),
+            Ok(n) => filled += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        alive()?;
+    }
+}
+
+/// Sends the handoff: the message, then every descriptor in the order of `message.fds`.
+pub fn send(
+    stream: &mut UnixStream,
+    message: &Handoff,
+    descriptors: &[std::os::fd::BorrowedFd<'_>],
+) -> anyhow::Result<()> {
+    if message.fds.len() != descriptors.len() {
+        bail!(
+            "internal: {} descriptor roles for {} descriptors",
+            message.fds.len(),
+            descriptors.len()
+        );
+    }
+    let body = serde_json::to_vec(message).context("encoding the handoff")?;
+    write_frame(stream, &body).context("sending the handoff message")?;
+    let raw: Vec<_> = descriptors.iter().map(fds::raw).collect();
+    fds::send_fds(stream, &raw).context("sending the descriptors")?;
+    Ok(())
+}
+
+/// What the new main takes over, checked.
+pub struct Handed {
+    pub from_version: String,
+    pub from_pid: u32,
+    pub generation: u64,
+    pub source: PathBuf,
+    pub state: State,
+    pub config: Config,
+    pub command: UnixListener,
+    /// `sockets[listener][worker]`.
+    pub sockets: Vec<Vec<TcpListener>>,
+    pub steering: Vec<Steering>,
+}
+
+/// Receives and checks a handoff (the new main's side). Any error means: refuse, start
+/// nothing.
+pub fn receive(stream: &mut UnixStream, timeout: Duration) -> anyhow::Result<Handed> {
+    let body = read_frame(stream, Instant::now() + timeout, || Ok(()))
+        .map_err(|e| anyhow::anyhow!("reading the handoff message: {e}"))?;
+    let message: Handoff = match serde_json::from_slice(&body) {
+        Ok(message) => message,
+        Err(e) => {
+            // Say which version was offered when the shape is another version's.
+            let version = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("version").and_then(serde_json::Value::as_u64));
+            match version {
+                Some(v) if v != u64::from(HANDOFF_VERSION) => {
+                    bail!("the running lbd speaks handoff version {v}, this one {HANDOFF_VERSION}")
+                }
+                _ => bail!("the handoff message is not valid: {e}"),
+            }
+        }
+    };
+    if message.version != HANDOFF_VERSION {
+        bail!(
+            "the running lbd speaks handoff version {}, this one {HANDOFF_VERSION}",
+            message.version
+        );
+    }
+    // read_frame left a short read timeout on the socket; the descriptors follow at once.
+    stream
+        .set_read_timeout(Some(timeout))
+        .context("setting the handoff channel's timeout")?;
+    let descriptors = fds::recv_fds(stream, message.fds.len())
+        .context("receiving the descriptors of the handoff")?;
+    let state = State::from_toml(&message.state, &message.source)
+        .map_err(|e| anyhow::anyhow!("the handed-over state: {e}"))?;
+    let config = state
+        .validate(&message.source)
+        .map_err(|e| anyhow::anyhow!("the handed-over state does not validate here: {e}"))?;
+    let parts = sort(&message.fds, descriptors, &config)?;
+    Ok(Handed {
+        from_version: message.from_version,
+        from_pid: message.from_pid,
+        generation: message.generation,
+        source: message.source,
+        state,
+        config,
+        command: parts.command,
+        sockets: parts.sockets,
+        steering: parts.steering,
+    })
+}
+
+struct Parts {
+    command: UnixListener,
+    sockets: Vec<Vec<TcpListener>>,
+    steering: Vec<Steering>,
+}
+
+/// Puts every descriptor where its role says, checking that the roles are exactly what
+/// `config` needs and that each descriptor is of the kind its role claims.
+fn sort(roles: &[FdRole], descriptors: Vec<OwnedFd>, config: &Config) -> anyhow::Result<Parts> {
+    let listeners = config.listeners.len();
+    let workers = config.workers;
+    let ebpf = config.steering == lb_config::Steering::Ebpf;
+    let expected = 1 + listeners * workers + if ebpf { listeners * 5 } else { 0 };
+    if roles.len() != expected {
+        bail!(
+            "{} descriptors handed over; {listeners} listeners × {workers} workers{} need {expected}",
+            roles.len(),
+            if ebpf { " with eBPF steering" } else { "" }
+        );
+    }
+    let mut command = None;
+    let mut sockets: Vec<Vec<Option<TcpListener>>> = (0..listeners)
+        .map(|_| (0..workers).map(|_| None).collect())
+        .collect();
+    let mut programs: Vec<Option<OwnedFd>> = (0..listeners).map(|_| None).collect();
+    let mut maps: Vec<std::collections::HashMap<String, OwnedFd>> =
+        (0..listeners).map(|_| Default::default()).collect();
+    for (index, (role, fd)) in roles.iter().zip(descriptors).enumerate() {
+        let kind = fds::kind_of(fd.as_fd());
+        let wrong = |wanted: &str| {
+            anyhow::anyhow!("descriptor {index} ({role:?}) should be {wanted}, it is {kind:?}")
+        };
+        match role {
+            FdRole::CommandSocket => {
+                if kind != FdKind::UnixListener {
+                    return Err(wrong("a listening unix socket"));
+                }
+                if command.replace(UnixListener::from(fd)).is_some() {
+                    bail!("two command sockets handed over");
+                }
+            }
+            FdRole::Listener {
+                listener,
+                worker,
+                address,
+            } => {
+                let Some(expected) = config.listeners.get(*listener).map(|l| l.address) else {
+                    bail!("descriptor {index}: no listener {listener} in the state");
+                };
+                let bound = match kind {
+                    FdKind::TcpListener(bound) => bound,
+                    _ => return Err(wrong("a listening TCP socket")),
+                };
+                let same = bound.ip() == expected.ip()
+                    && (expected.port() == 0 || bound.port() == expected.port());
+                if !same || *address != bound {
+                    bail!(
+                        "descriptor {index}: listener {listener} is {expected} in the state, \
+                         the socket is bound to {bound} (message says {address})"
+                    );
+                }
+                let slot = sockets
+                    .get_mut(*listener)
+                    .and_then(|group| group.get_mut(*worker))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "descriptor {index}: no worker {worker} (workers = {workers})"
+                        )
+                    })?;
+                if slot.replace(TcpListener::from(fd)).is_some() {
+                    bail!("descriptor {index}: listener {listener} worker {worker} given twice");
+                }
+            }
+            FdRole::SteeringProgram { listener } => {
+                if kind != FdKind::BpfProgram(steering::PROG_TYPE_SK_REUSEPORT) {
+                    return Err(wrong("an sk_reuseport BPF program"));
+                }
+                let slot = programs
+                    .get_mut(*listener)
+                    .ok_or_else(|| anyhow::anyhow!("descriptor {index}: no listener {listener}"))?;
+                if slot.replace(fd).is_some() {
+                    bail!("descriptor {index}: two programs for listener {listener}");
+                }
+            }
+            FdRole::SteeringMap { listener, map } => {
+                let wanted = map_type(map)
+                    .ok_or_else(|| anyhow::anyhow!("descriptor {index}: unknown map {map:?}"))?;
+                if kind != FdKind::BpfMap(wanted) {
+                    return Err(wrong(&format!("BPF map {map} (type {wanted})")));
+                }
+                let group = maps
+                    .get_mut(*listener)
+                    .ok_or_else(|| anyhow::anyhow!("descriptor {index}: no listener {listener}"))?;
+                if group.insert(map.clone(), fd).is_some() {
+                    bail!("descriptor {index}: map {map} of listener {listener} given twice");
+                }
+            }
+        }
+    }
+    let command = command.context("no command socket handed over")?;
+    let sockets = sockets
+        .into_iter()
+        .enumerate()
+        .map(|(l, group)| {
+            group
+                .into_iter()
+                .enumerate()
+                .map(|(w, s)| s.with_context(|| format!("no socket for listener {l} worker {w}")))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut steering = Vec::new();
+    if ebpf {
+        for (listener, (program, mut group)) in programs.into_iter().zip(maps).enumerate() {
+            let mut take = |name: &str| {
+                group
+                    .remove(name)
+                    .with_context(|| format!("listener {listener}: no map {name} handed over"))
+            };
+            let fds = OwnedSteeringFds {
+                program: program
+                    .with_context(|| format!("listener {listener}: no steering program"))?,
+                sockets: take(lb_ebpf_common::names::SOCKETS)?,
+                workers: take(lb_ebpf_common::names::WORKERS)?,
+                control: take(lb_ebpf_common::names::CONTROL)?,
+                counters: take(lb_ebpf_common::names::COUNTERS)?,
+            };
+            let adopted = Steering::adopt(fds)
+                .with_context(|| format!("listener {listener}: taking over the steering maps"))?;
+            if adopted.control().workers as usize != workers {
+                bail!(
+                    "listener {listener}: the steering program steers {} workers, the state has {workers}",
+                    adopted.control().workers
+                );
+            }
+            steering.push(adopted);
+        }
+    }
+    Ok(Parts {
+        command,
+        sockets,
+        steering,
+    })
+}
+
+fn map_type(name: &str) -> Option<u32> {
+    use lb_ebpf_common::names;
+    match name {
+        n if n == names::SOCKETS => Some(steering::MAP_TYPE_REUSEPORT_SOCKARRAY),
+        n if n == names::WORKERS || n == names::CONTROL => Some(steering::MAP_TYPE_ARRAY),
+        n if n == names::COUNTERS => Some(steering::MAP_TYPE_PERCPU_ARRAY),
+        _ => None,
+    }
+}
+
+/// The new main's answer, sent to the old one.
+pub fn reply(stream: &mut UnixStream, reply: &Reply) -> anyhow::Result<()> {
+    let body = serde_json::to_vec(reply).context("encoding the reply")?;
+    write_frame(stream, &body).context("answering the running lbd")
+}
+
+/// The old main: tells the new one to go on.
+pub fn commit(stream: &mut UnixStream) -> std::io::Result<()> {
+    write_frame(stream, COMMIT.as_bytes())
+}
+
+/// The new main, after "ready": waits for the commit. `Ok(true)`: committed; `Ok(false)`:
+/// the old main is gone (it closed the channel), so this one takes over anyway. `Err`: the
+/// old main gave up on this one (timeout or rollback).
+pub fn wait_commit(stream: &mut UnixStream, timeout: Duration) -> Result<bool, String> {
+    match read_frame(stream, Instant::now() + timeout, || Ok(())) {
+        Ok(body) if body == COMMIT.as_bytes() => Ok(true),
+        Ok(body) => Err(format!(
+            "unexpected word from the running lbd: {:?}",
+            String::from_utf8_lossy(&body)
+        )),
+        Err(e) if e.contains("closed") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The old main: reads the new main's reply.
+pub fn read_reply(
+    stream: &mut UnixStream,
+    deadline: Instant,
+    alive: impl FnMut() -> Result<(), String>,
+) -> Result<Reply, String> {
+    let body = read_frame(stream, deadline, alive)?;
+    serde_json::from_slice(&body).map_err(|e| format!("the new lbd's reply is not valid: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handoff_message_round_trips_and_a_future_version_is_named() {
+        let message = Handoff {
+            version: HANDOFF_VERSION,
+            from_version: "0.1.0 (binary 1234abcd)".into(),
+            from_pid: 42,
+            generation: 3,
+            source: "/etc/kakehi/config.toml".into(),
+            state: "workers = 1\n".into(),
+            log_level: "info".into(),
+            fds: vec![
+                FdRole::CommandSocket,
+                FdRole::Listener {
+                    listener: 0,
+                    worker: 0,
+                    address: "127.0.0.1:80".parse().unwrap(),
+                },
+                FdRole::SteeringMap {
+                    listener: 0,
+                    map: "WORKERS".into(),
+                },
+            ],
+        };
+        let text = serde_json::to_string(&message).unwrap();
+        let back: Handoff = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.fds, message.fds);
+        assert_eq!(back.state, message.state);
+
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let future = text.replace("\"version\":1", "\"version\":2");
+        write_frame(&mut a, future.as_bytes()).unwrap();
+        let err = receive(&mut b, Duration::from_secs(1))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("version 2"), "{err}");
+    }
+
+    #[test]
+    fn descriptors_pass_and_are_checked_by_kind() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dir = std::env::temp_dir().join(format!("kakehi-upgrade-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cmd.sock");
+        let _ = std::fs::remove_file(&path);
+        let unix = UnixListener::bind(&path).unwrap();
+        fds::send_fds(&a, &[fds::raw(&tcp), fds::raw(&unix), fds::raw(&a)]).unwrap();
+        let got = fds::recv_fds(&b, 3).unwrap();
+        assert_eq!(
+            fds::kind_of(got[0].as_fd()),
+            FdKind::TcpListener(tcp.local_addr().unwrap())
+        );
+        assert_eq!(fds::kind_of(got[1].as_fd()), FdKind::UnixListener);
+        assert!(matches!(fds::kind_of(got[2].as_fd()), FdKind::Other(_)));
+        // Fewer descriptors than announced: a clear error, not a hang.
+        fds::send_fds(&a, &[fds::raw(&tcp)]).unwrap();
+        drop(a.shutdown(std::net::Shutdown::Write));
+        let err = fds::recv_fds(&b, 2).unwrap_err().to_string();
+        assert!(err.contains("1 of 2"), "{err}");
+        let _ = write_frame(&mut b, b"x");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

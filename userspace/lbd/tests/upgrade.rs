@@ -1,0 +1,473 @@
+//! `lbctl upgrade` against a real lbd with eBPF steering, under real load.
+//!
+//! - Three upgrades in a row to freshly copied binaries under wrk keep-alive load, and again
+//!   under `Connection: close` load (a new connection per request): wrk sees no socket error
+//!   and no non-2xx answer; each upgrade reports the old and new generation, pid and binary;
+//!   the old main and its workers are gone after the drain; `state dump` after the upgrades
+//!   equals the dump before (lbctl changes made before the first upgrade included).
+//! - A request in flight across the upgrade (3 s at the origin) completes with 200.
+//! - `--workers-only`: new worker pids, the same main, no failed request.
+//! - Broken new binaries (one exits at start, one never becomes ready, one is not executable):
+//!   lbctl exits 1 with the reason, the running generation keeps serving unchanged (same
+//!   pids, same generation), no failed request.
+//! - The new main killed with SIGKILL in the middle of the handoff (its workers started, before
+//!   "ready"): the old generation keeps serving, no failed request.
+//!
+//! Each test runs in a fresh network namespace (the steering program attaches there), one at a
+//! time; every process it starts is stopped by pid and every wait has a deadline.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::{
+    in_fresh_netns, is_alive, lbctl_bin, live_children, one_cluster, process_tree, run_bounded,
+    wait_until, workers_ready, Lbd, Wrk,
+};
+use lb_testkit::Origin;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const WORKERS: usize = 2;
+/// How long the old generation may take to be gone after an upgrade (drain included).
+const GONE: Duration = Duration::from_secs(20);
+
+/// One test at a time: they measure failures under load on a small machine.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Ctl {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn lbctl(socket: &Path, args: &[&str]) -> Ctl {
+    let mut cmd = Command::new(lbctl_bin());
+    cmd.arg("--socket")
+        .arg(socket)
+        .args(["--timeout", "40"])
+        .args(args);
+    let out = run_bounded(cmd, Duration::from_secs(60), &format!("lbctl {args:?}"));
+    Ctl {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn ok(socket: &Path, args: &[&str]) -> String {
+    let ctl = lbctl(socket, args);
+    assert!(
+        ctl.code == Some(0),
+        "lbctl {args:?} should succeed, got exit {:?}\nstdout: {}\nstderr: {}",
+        ctl.code,
+        ctl.stdout,
+        ctl.stderr
+    );
+    ctl.stdout
+}
+
+/// What `lbctl status --json` says about the running lbd.
+#[derive(Debug, Clone, PartialEq)]
+struct Status {
+    pid: i32,
+    generation: u64,
+    version: String,
+    workers: Vec<i32>,
+}
+
+fn status(socket: &Path) -> Status {
+    let text = ok(socket, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    Status {
+        pid: v["pid"].as_i64().unwrap() as i32,
+        generation: v["generation"].as_u64().unwrap(),
+        version: v["version"].as_str().unwrap().to_owned(),
+        workers: v["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["pid"].as_i64().unwrap_or(0) as i32)
+            .collect(),
+    }
+}
+
+fn socket(lbd: &Lbd) -> PathBuf {
+    lbd.dir().path().join("lbd.sock")
+}
+
+fn start(origin: SocketAddr) -> Lbd {
+    let top = format!(
+        "workers = {WORKERS}\nsteering = \"ebpf\"\nsteering_policy = \"least-connections\"\n"
+    );
+    Lbd::start_until(|l| one_cluster(&top, l, &[origin]), workers_ready(WORKERS))
+}
+
+/// A "freshly built" lbd: a copy of the test's binary with bytes appended (ignored by the
+/// loader), so it is another file with another binary id.
+fn fresh_binary(dir: &Path, n: usize) -> PathBuf {
+    let path = dir.join(format!("lbd-next-{n}"));
+    let mut bytes = fs::read(common::lbd_bin()).unwrap();
+    bytes.extend_from_slice(format!("\nkakehi test build {n}\n").as_bytes());
+    fs::write(&path, bytes).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// A shell script standing in for a broken lbd.
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Upgrades to `binary` and checks what lbctl and the new lbd say; follows the new main.
+fn upgrade(lbd: &mut Lbd, binary: &Path) -> Status {
+    let sock = socket(lbd);
+    let before = status(&sock);
+    let started = Instant::now();
+    let out = ok(&sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
+    let took = started.elapsed();
+    let after = status(&sock);
+    eprintln!("upgrade took {took:?}: {}", out.trim());
+    assert_eq!(after.generation, before.generation + 1, "{out}");
+    assert_ne!(after.pid, before.pid, "a new main process: {out}");
+    assert_ne!(after.version, before.version, "another binary: {out}");
+    assert!(
+        out.contains(&format!("generation {}", before.generation))
+            && out.contains(&format!("generation {}", after.generation))
+            && out.contains(&before.version)
+            && out.contains(&after.version),
+        "lbctl names both generations and versions: {out}"
+    );
+    for w in &after.workers {
+        assert!(
+            !before.workers.contains(w),
+            "new workers: {after:?} {before:?}"
+        );
+    }
+    lbd.follow_main(after.pid);
+    // The old main exits once its workers have finished; they are gone with it.
+    assert!(
+        wait_until(GONE, || !is_alive(before.pid)
+            && before.workers.iter().all(|w| !is_alive(*w))),
+        "the old generation ({before:?}) is still running {GONE:?} after the upgrade"
+    );
+    after
+}
+
+fn assert_clean(wrk: Wrk, what: &str) -> u64 {
+    let (summary, out) = wrk.finish(Duration::from_secs(60));
+    eprintln!("{what}: {summary:?}");
+    assert!(summary.requests > 1000, "{what}: too few requests\n{out}");
+    assert_eq!(
+        (
+            summary.connect_errors,
+            summary.read_errors,
+            summary.write_errors,
+            summary.timeouts,
+            summary.non_2xx
+        ),
+        (0, 0, 0, 0, 0),
+        "{what}: wrk saw failures\n{out}"
+    );
+    summary.requests
+}
+
+fn three_upgrades_under(extra: &'static [&'static str], what: &'static str) {
+    let _serial = serial();
+    in_fresh_netns(move || {
+        let origin = Origin::start("a");
+        let extra_origin = Origin::start("b");
+        let mut lbd = start(origin.addr());
+        let sock = socket(&lbd);
+        // Runtime changes before the upgrades: they must all survive them.
+        ok(
+            &sock,
+            &[
+                "backend",
+                "add",
+                "--cluster",
+                "app",
+                "--address",
+                &extra_origin.addr().to_string(),
+            ],
+        );
+        ok(
+            &sock,
+            &[
+                "cluster",
+                "add",
+                "spare",
+                "--backend",
+                &extra_origin.addr().to_string(),
+            ],
+        );
+        let dump_before = ok(&sock, &["state", "dump"]);
+        let url = format!("http://{}/", lbd.addr());
+        let wrk = Wrk::start_with(&url, 20, 14, "5s", extra, lbd.dir().path());
+        std::thread::sleep(Duration::from_secs(1));
+        let first = status(&sock);
+        let mut generations = vec![first.generation];
+        for n in 1..=3 {
+            let binary = fresh_binary(lbd.dir().path(), n);
+            let after = upgrade(&mut lbd, &binary);
+            generations.push(after.generation);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert_eq!(generations, vec![1, 2, 3, 4]);
+        let requests = assert_clean(wrk, what);
+        let dump_after = ok(&sock, &["state", "dump"]);
+        assert_eq!(dump_before, dump_after, "the state survives three upgrades");
+        // The last generation serves, and both backends of the edited cluster get traffic.
+        assert_eq!(common::get(lbd.addr(), "x", "/").status, 200);
+        assert!(
+            extra_origin.requests().len() > 10,
+            "the backend added before the upgrades got traffic"
+        );
+        eprintln!("{what}: {requests} requests over 3 upgrades, 0 failed");
+        drop(lbd);
+        origin.stop();
+        extra_origin.stop();
+    });
+}
+
+#[test]
+fn three_upgrades_under_keep_alive_load_fail_no_request() {
+    three_upgrades_under(&[], "keep-alive");
+}
+
+#[test]
+fn three_upgrades_under_new_connection_load_fail_no_request() {
+    three_upgrades_under(&["-H", "Connection: close"], "Connection: close");
+}
+
+#[test]
+fn a_request_in_flight_across_the_upgrade_completes() {
+    let _serial = serial();
+    in_fresh_netns(|| {
+        let origin = Origin::start("a");
+        let mut lbd = start(origin.addr());
+        let mut client = TcpStream::connect(lbd.addr()).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        client
+            .write_all(b"GET /sleep/3000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        // The request is at the origin (in the old generation) before the upgrade starts.
+        assert!(wait_until(Duration::from_secs(5), || origin
+            .requests()
+            .iter()
+            .any(|r| r.target == "/sleep/3000")));
+        let binary = fresh_binary(lbd.dir().path(), 1);
+        let sock = socket(&lbd);
+        let before = status(&sock);
+        let started = Instant::now();
+        let out = ok(&sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the upgrade does not wait for the request"
+        );
+        let after = status(&sock);
+        lbd.follow_main(after.pid);
+        assert!(after.generation == before.generation + 1, "{out}");
+        // Meanwhile the old main is still there, waiting for its worker's request.
+        assert!(is_alive(before.pid), "the old main waits for its workers");
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = client.read(&mut buf).unwrap();
+            assert!(n > 0, "closed before the answer");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8_lossy(&answer);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "answered in time"
+        );
+        assert!(wait_until(GONE, || !is_alive(before.pid)));
+        drop(lbd);
+        origin.stop();
+    });
+}
+
+#[test]
+fn workers_only_upgrade_replaces_the_workers_under_load() {
+    let _serial = serial();
+    in_fresh_netns(|| {
+        let origin = Origin::start("a");
+        let lbd = start(origin.addr());
+        let sock = socket(&lbd);
+        let url = format!("http://{}/", lbd.addr());
+        let wrk = Wrk::start(&url, 20, 6, "5s", lbd.dir().path());
+        std::thread::sleep(Duration::from_secs(1));
+        let before = status(&sock);
+        let out = ok(&sock, &["upgrade", "--workers-only"]);
+        let after = status(&sock);
+        assert_eq!(after.pid, before.pid, "the same main: {out}");
+        assert_eq!(after.generation, before.generation);
+        for w in &after.workers {
+            assert!(!before.workers.contains(w), "{before:?} → {after:?}: {out}");
+            assert!(
+                out.contains(&w.to_string()),
+                "lbctl names the new workers: {out}"
+            );
+        }
+        assert!(wait_until(GONE, || before
+            .workers
+            .iter()
+            .all(|w| !is_alive(*w))));
+        assert_eq!(live_children(lbd.pid()).len(), WORKERS);
+        assert_clean(wrk, "workers-only upgrade");
+        drop(lbd);
+        origin.stop();
+    });
+}
+
+#[test]
+fn a_broken_new_binary_is_rolled_back_and_nothing_fails() {
+    let _serial = serial();
+    in_fresh_netns(|| {
+        let origin = Origin::start("a");
+        let lbd = start(origin.addr());
+        let sock = socket(&lbd);
+        let dir = lbd.dir().path().to_path_buf();
+        let url = format!("http://{}/", lbd.addr());
+        let wrk = Wrk::start(&url, 10, 24, "5s", &dir);
+        std::thread::sleep(Duration::from_millis(500));
+        let before = status(&sock);
+        let dump = ok(&sock, &["state", "dump"]);
+        let cases = [
+            (script(&dir, "exits", "exit 3"), "exited with status 3"),
+            (
+                script(&dir, "hangs", "exec sleep 60"),
+                "was not ready within 15 s",
+            ),
+            (
+                script(&dir, "refuses", "echo nope >&2; exit 0"),
+                "exited with status 0",
+            ),
+        ];
+        for (binary, reason) in &cases {
+            let started = Instant::now();
+            let ctl = lbctl(&sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
+            eprintln!(
+                "{}: {:?} {}",
+                binary.display(),
+                started.elapsed(),
+                ctl.stderr.trim()
+            );
+            assert_eq!(ctl.code, Some(1), "{}", ctl.stderr);
+            assert!(
+                ctl.stderr.contains(reason) && ctl.stderr.contains("keeps serving"),
+                "{}: {}",
+                binary.display(),
+                ctl.stderr
+            );
+            assert_eq!(
+                ctl.stderr.trim().lines().count(),
+                1,
+                "one line: {}",
+                ctl.stderr
+            );
+            assert_eq!(
+                status(&sock).workers,
+                before.workers,
+                "the same workers serve"
+            );
+        }
+        let plain = dir.join("not-executable");
+        fs::write(&plain, "data").unwrap();
+        let ctl = lbctl(&sock, &["upgrade", "--binary", plain.to_str().unwrap()]);
+        assert_eq!(ctl.code, Some(1));
+        assert!(ctl.stderr.contains("not an executable"), "{}", ctl.stderr);
+        let after = status(&sock);
+        assert_eq!(
+            (after.pid, after.generation),
+            (before.pid, before.generation)
+        );
+        assert_eq!(after.workers, before.workers);
+        assert_eq!(ok(&sock, &["state", "dump"]), dump);
+        assert_clean(wrk, "rollbacks");
+        drop(lbd);
+        origin.stop();
+    });
+}
+
+#[test]
+fn the_new_main_killed_mid_handoff_leaves_the_old_generation_serving() {
+    let _serial = serial();
+    in_fresh_netns(|| {
+        let origin = Origin::start("a");
+        let lbd = start(origin.addr());
+        let sock = socket(&lbd);
+        let dir = lbd.dir().path().to_path_buf();
+        let wrapper = script(
+            &dir,
+            "lbd-paused",
+            &format!(
+                "KAKEHI_TEST_HANDOFF_PAUSE_MS=10000 exec {} \"$@\"",
+                common::lbd_bin()
+            ),
+        );
+        let url = format!("http://{}/", lbd.addr());
+        let wrk = Wrk::start(&url, 10, 8, "5s", &dir);
+        std::thread::sleep(Duration::from_millis(500));
+        let before = status(&sock);
+        let sock2 = sock.clone();
+        let wrapper2 = wrapper.clone();
+        let upgrading = std::thread::spawn(move || {
+            lbctl(&sock2, &["upgrade", "--binary", wrapper2.to_str().unwrap()])
+        });
+        // The new main: a child of the old one that is not a worker, with workers of its own.
+        let mut new_main = None;
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                new_main = process_tree(before.pid).into_iter().find(|&p| {
+                    p != before.pid
+                        && !before.workers.contains(&p)
+                        && fs::read(format!("/proc/{p}/cmdline"))
+                            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("--upgrade-fd"))
+                        && live_children(p).len() == WORKERS
+                });
+                new_main.is_some()
+            }),
+            "the new main and its workers appear"
+        );
+        let new_main = new_main.unwrap();
+        kill(Pid::from_raw(new_main), Signal::SIGKILL).unwrap();
+        let ctl = upgrading.join().unwrap();
+        assert_eq!(ctl.code, Some(1), "{}", ctl.stderr);
+        assert!(ctl.stderr.contains("killed by SIGKILL"), "{}", ctl.stderr);
+        let after = status(&sock);
+        assert_eq!(
+            (after.pid, after.generation),
+            (before.pid, before.generation)
+        );
+        assert_eq!(after.workers, before.workers);
+        assert_eq!(common::get(lbd.addr(), "x", "/").status, 200);
+        assert_clean(wrk, "killed handoff");
+        drop(lbd);
+        origin.stop();
+    });
+}
