@@ -837,7 +837,9 @@ impl Supervisor {
                 return Err(error);
             }
             Err(e) => {
-                let error = give_up(e);
+                // A reset or a closed channel most often means the new binary ended.
+                let why = exit_reason(pid, Duration::from_millis(500)).unwrap_or(e);
+                let error = give_up(why);
                 self.reassert_steering();
                 return Err(error);
             }
