@@ -1,0 +1,787 @@
+//! HTTPS listeners through a real, sandboxed `lbd`, with real clients:
+//!
+//! - certificates made here by the openssl command line tool; curl `--resolve` for several
+//!   server names, each verified against the one certificate it must get, and the served
+//!   certificate's SHA-256 fingerprint read by `openssl s_client` (exact name, `*.wildcard`, no
+//!   SNI and an unknown name getting the first, default certificate);
+//! - TLS 1.2 and 1.3 and ALPN http/1.1 by `openssl s_client`; session resumption (`-sess_out`
+//!   then `-sess_in` says `Reused`) in both versions;
+//! - X-Forwarded-Proto https and Forwarded proto=https as the origin received them;
+//! - plain HTTP to the TLS port gets a clear-text 400; a garbage ClientHello is closed; a
+//!   handshake that never ends is closed after `request_header`; lbd keeps serving after each,
+//!   with the same worker;
+//! - certificates added, replaced and removed through lbctl, the served certificate following
+//!   each change, an established TLS connection surviving the replacement; expired,
+//!   mismatched and unparsable certificates refused with their reason and the state unchanged;
+//! - a certificate replaced repeatedly under wrk HTTPS load: zero failed requests;
+//! - an http frontend with `redirect_https` answering 301 to the https URL.
+//!
+//! Every process is stopped by handle or pid and every wait has a deadline.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::io::{BufReader, ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    connect, curl, lbctl_bin, read_body, read_head, run_bounded, Framing, Lbd, TempDir, Wrk,
+};
+use lb_testkit::Origin;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+// ---- certificates ---------------------------------------------------------------------------
+
+fn openssl(args: &[&str], dir: &Path) -> Output {
+    let mut cmd = Command::new("openssl");
+    cmd.args(args).current_dir(dir).stdin(Stdio::null());
+    let out = run_bounded(cmd, DEADLINE, &format!("openssl {args:?}"));
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A certificate and its key, as files.
+#[derive(Clone)]
+struct Cert {
+    pem: PathBuf,
+    key: PathBuf,
+}
+
+impl Cert {
+    /// A self-signed ECDSA P-256 certificate for `names` (the first is the common name),
+    /// valid for 30 days.
+    fn new(dir: &Path, stem: &str, names: &[&str]) -> Cert {
+        let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+        let (pem, key) = (
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}.key")),
+        );
+        openssl(
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "30",
+                "-subj",
+                &format!("/CN={}", names[0]),
+                "-addext",
+                &format!("subjectAltName={}", san.join(",")),
+                "-keyout",
+                key.to_str().unwrap(),
+                "-out",
+                pem.to_str().unwrap(),
+            ],
+            dir,
+        );
+        Cert { pem, key }
+    }
+
+    /// A certificate for `name` that expired in 2021 (`openssl ca` sets the dates).
+    fn expired(dir: &Path, name: &str) -> Cert {
+        let ca = dir.join("ca");
+        std::fs::create_dir_all(&ca).unwrap();
+        std::fs::write(
+            ca.join("ca.cnf"),
+            "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = .\n\
+             serial = serial\ndefault_md = sha256\npolicy = p\ncopy_extensions = copy\n\
+             [p]\ncommonName = supplied\n",
+        )
+        .unwrap();
+        std::fs::write(ca.join("index.txt"), "").unwrap();
+        std::fs::write(ca.join("serial"), "01\n").unwrap();
+        openssl(
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/CN={name}"),
+                "-addext",
+                &format!("subjectAltName=DNS:{name}"),
+                "-keyout",
+                "expired.key",
+                "-out",
+                "expired.csr",
+            ],
+            &ca,
+        );
+        openssl(
+            &[
+                "ca",
+                "-batch",
+                "-notext",
+                "-config",
+                "ca.cnf",
+                "-selfsign",
+                "-keyfile",
+                "expired.key",
+                "-in",
+                "expired.csr",
+                "-out",
+                "expired.pem",
+                "-startdate",
+                "20200101000000Z",
+                "-enddate",
+                "20210101000000Z",
+            ],
+            &ca,
+        );
+        Cert {
+            pem: ca.join("expired.pem"),
+            key: ca.join("expired.key"),
+        }
+    }
+
+    /// SHA-256 of the certificate file, lower-case hex.
+    fn fingerprint(&self) -> String {
+        let out = openssl(
+            &[
+                "x509",
+                "-noout",
+                "-fingerprint",
+                "-sha256",
+                "-in",
+                self.pem.to_str().unwrap(),
+            ],
+            Path::new("/"),
+        );
+        parse_fingerprint(&String::from_utf8_lossy(&out.stdout))
+    }
+}
+
+/// `sha256 Fingerprint=AB:CD:...` -> `abcd...`.
+fn parse_fingerprint(text: &str) -> String {
+    let value = text
+        .lines()
+        .find_map(|l| l.split_once("Fingerprint=").map(|(_, v)| v))
+        .unwrap_or_else(|| panic!("no fingerprint in {text:?}"));
+    value.trim().replace(':', "").to_ascii_lowercase()
+}
+
+// ---- clients --------------------------------------------------------------------------------
+
+/// Runs `openssl s_client -connect ADDR ARGS...` with `input` on stdin; returns stdout and
+/// stderr together.
+fn s_client(addr: SocketAddr, args: &[&str], input: &[u8]) -> String {
+    let mut cmd = Command::new("openssl");
+    cmd.arg("s_client")
+        .arg("-connect")
+        .arg(addr.to_string())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn openssl s_client");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).unwrap();
+    drop(stdin);
+    let out = wait_output(child, &format!("openssl s_client {args:?}"));
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn wait_output(mut child: Child, what: &str) -> Output {
+    let end = Instant::now() + DEADLINE;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The SHA-256 fingerprint of the certificate the listener serves for `sni` (None: no SNI).
+fn served_fingerprint(addr: SocketAddr, sni: Option<&str>) -> String {
+    let args: Vec<&str> = match sni {
+        Some(name) => vec!["-servername", name],
+        None => vec!["-noservername"],
+    };
+    let out = s_client(addr, &args, b"");
+    let begin = out
+        .find("-----BEGIN CERTIFICATE-----")
+        .unwrap_or_else(|| panic!("no certificate from {addr} for {sni:?}:\n{out}"));
+    let end = out[begin..].find("-----END CERTIFICATE-----").unwrap() + begin + 25;
+    let mut child = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&out.as_bytes()[begin..end])
+        .unwrap();
+    let x509 = wait_output(child, "openssl x509");
+    parse_fingerprint(&String::from_utf8_lossy(&x509.stdout))
+}
+
+/// curl to `https://NAME:PORT/PATH`, NAME resolved to the listener, trusting only `trust`.
+fn curl_https(addr: SocketAddr, name: &str, path: &str, trust: &Cert) -> Output {
+    curl(&[
+        "--resolve",
+        &format!("{name}:{}:{}", addr.port(), addr.ip()),
+        "--cacert",
+        trust.pem.to_str().unwrap(),
+        &format!("https://{name}:{}{path}", addr.port()),
+    ])
+}
+
+fn assert_served(out: &Output, body: &str) {
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), body);
+}
+
+/// `lbctl --socket SOCK ARGS...`: (exit code, stdout, stderr).
+fn lbctl(lbd: &Lbd, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(lbctl_bin());
+    cmd.arg("--socket")
+        .arg(lbd.dir().path().join("lbd.sock"))
+        .args(["--timeout", "20"])
+        .args(args);
+    let out = run_bounded(cmd, DEADLINE, &format!("lbctl {args:?}"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn lbctl_ok(lbd: &Lbd, args: &[&str]) -> String {
+    let (code, stdout, stderr) = lbctl(lbd, args);
+    assert_eq!(code, Some(0), "lbctl {args:?}: {stdout}{stderr}");
+    stdout
+}
+
+/// An `openssl s_client` kept open: requests written one by one on the same TLS connection.
+struct TlsSession {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl TlsSession {
+    fn open(addr: SocketAddr, sni: &str) -> TlsSession {
+        let mut child = Command::new("openssl")
+            .args(["s_client", "-quiet", "-connect", &addr.to_string()])
+            .args(["-servername", sni])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn openssl s_client");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        TlsSession {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// `GET PATH` on the connection; the response body.
+    fn get(&mut self, host: &str, path: &str) -> String {
+        write!(self.stdin, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+        self.stdin.flush().unwrap();
+        let head = read_head(&mut self.stdout).expect("a response head on the open connection");
+        assert_eq!(head.status, 200, "{head:?}");
+        let mut body = Vec::new();
+        read_body(
+            &mut self.stdout,
+            Framing::of(&head, false),
+            &mut |b: &[u8]| body.extend_from_slice(b),
+        )
+        .unwrap();
+        String::from_utf8(body).unwrap()
+    }
+}
+
+impl Drop for TlsSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---- lbd ------------------------------------------------------------------------------------
+
+/// lbd with one https listener serving `certs` (the first is the default) in front of
+/// `origin`, plus `extra` config text.
+fn https_lbd(certs: &[&Cert], origin: &Origin, extra: &str) -> Lbd {
+    let list: Vec<String> = certs
+        .iter()
+        .map(|c| {
+            format!(
+                "{{ certificate = \"{}\", key = \"{}\" }}",
+                c.pem.display(),
+                c.key.display()
+            )
+        })
+        .collect();
+    let list = list.join(", ");
+    let origin = origin.addr();
+    Lbd::start(move |addr| {
+        format!(
+            "{extra}\n[[listeners]]\naddress = \"{addr}\"\nprotocol = \"https\"\n\
+             certificates = [ {list} ]\n\n[clusters.app]\n\
+             frontends = [ {{ address = \"{addr}\" }} ]\nbackends = [ {{ address = \"{origin}\" }} ]\n"
+        )
+    })
+}
+
+/// The worker's pid (lbd has one worker in these tests).
+fn worker_pids(lbd: &Lbd) -> Vec<i32> {
+    let mut pids = lbd.pids();
+    pids.retain(|&p| p != lbd.pid());
+    pids
+}
+
+// ---- tests ----------------------------------------------------------------------------------
+
+#[test]
+fn sni_selects_each_certificate_and_the_first_is_the_default() {
+    let dir = TempDir::new("tls-sni");
+    let a = Cert::new(dir.path(), "a", &["a.test"]);
+    let b = Cert::new(dir.path(), "b", &["b.test", "www.b.test"]);
+    let wild = Cert::new(dir.path(), "wild", &["*.wild.test"]);
+    let origin = Origin::start("one");
+    let lbd = https_lbd(
+        &[&a, &b, &wild],
+        &origin,
+        "[access_log]\ntarget = \"off\"\n",
+    );
+    let addr = lbd.addr();
+
+    // curl trusts only the certificate each name must get: a wrong one fails verification.
+    for (name, cert) in [
+        ("a.test", &a),
+        ("b.test", &b),
+        ("www.b.test", &b),
+        ("x.wild.test", &wild),
+        ("y.wild.test", &wild),
+    ] {
+        assert_served(&curl_https(addr, name, "/", cert), "origin one: GET /\n");
+        assert_eq!(
+            served_fingerprint(addr, Some(name)),
+            cert.fingerprint(),
+            "{name}"
+        );
+    }
+    // No SNI, an unknown name, and a name two labels under the wildcard: the default one.
+    for sni in [None, Some("unknown.test"), Some("a.b.wild.test")] {
+        assert_eq!(served_fingerprint(addr, sni), a.fingerprint(), "{sni:?}");
+    }
+}
+
+#[test]
+fn tls12_tls13_alpn_resumption_and_forwarded_proto() {
+    let dir = TempDir::new("tls-versions");
+    let a = Cert::new(dir.path(), "a", &["a.test"]);
+    let origin = Origin::start("one");
+    let lbd = https_lbd(&[&a], &origin, "[access_log]\ntarget = \"off\"\n");
+    let addr = lbd.addr();
+    let request = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
+
+    for (flag, version) in [("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")] {
+        let out = s_client(
+            addr,
+            &[
+                flag,
+                "-servername",
+                "a.test",
+                "-alpn",
+                "http/1.1",
+                "-ign_eof",
+            ],
+            request,
+        );
+        assert!(out.contains(&format!("Protocol  : {version}")), "{out}");
+        assert!(out.contains("ALPN protocol: http/1.1"), "{out}");
+        assert!(out.contains("origin one: GET /"), "{out}");
+
+        // Resumption: the session saved from one connection is reused by the next.
+        let sess = dir.path().join(format!("sess{flag}"));
+        let sess = sess.to_str().unwrap();
+        let first = s_client(
+            addr,
+            &[flag, "-servername", "a.test", "-sess_out", sess, "-ign_eof"],
+            request,
+        );
+        assert!(first.contains("New, "), "{first}");
+        let again = s_client(
+            addr,
+            &[flag, "-servername", "a.test", "-sess_in", sess, "-ign_eof"],
+            request,
+        );
+        assert!(
+            again.contains("Reused, "),
+            "{flag}: no resumption:\n{again}"
+        );
+        assert!(again.contains("origin one: GET /"), "{again}");
+    }
+
+    // What the origin received.
+    let out = curl_https(addr, "a.test", "/headers", &a);
+    let headers = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(headers.contains("x-forwarded-proto: https\n"), "{headers}");
+    assert!(headers.contains("proto=https"), "{headers}");
+    assert!(
+        headers.contains(&format!("x-forwarded-port: {}\n", addr.port())),
+        "{headers}"
+    );
+}
+
+#[test]
+fn plain_http_garbage_and_stalled_handshakes_are_closed_cleanly() {
+    let dir = TempDir::new("tls-bad");
+    let a = Cert::new(dir.path(), "a", &["a.test"]);
+    let origin = Origin::start("one");
+    let lbd = https_lbd(
+        &[&a],
+        &origin,
+        "[timeouts]\nrequest_header = \"1s\"\n[access_log]\ntarget = \"stdout\"\n",
+    );
+    let addr = lbd.addr();
+    let workers = worker_pids(&lbd);
+    assert_eq!(workers.len(), 1, "one worker");
+
+    // Plain HTTP: a clear-text 400 saying what to do, then the close.
+    let out = curl(&["-i", &format!("http://{addr}/")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+    assert!(text.contains("use an https:// URL"), "{text}");
+
+    // Garbage after a handshake record header: closed, no HTTP in answer (an alert at most).
+    let mut s = connect(addr);
+    s.write_all(b"\x16\x03\x01\x00\x20this is not a client hello at all!!")
+        .unwrap();
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("expected a close, got {e}"),
+    }
+    assert!(!got.starts_with(b"HTTP"), "{got:?}");
+    assert!(got.len() < 64, "at most an alert: {got:?}");
+
+    // Random bytes (not upper-case ASCII first): closed too.
+    let mut s = connect(addr);
+    s.write_all(&[0x80, 0x01, 0xff, 0x00, 0x13, 0x37]).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(!got.starts_with(b"HTTP"), "{got:?}");
+
+    // A handshake that never completes: closed after request_header (1 s), well before the
+    // client's own 10 s read timeout.
+    let mut s = connect(addr);
+    s.write_all(b"\x16\x03\x01").unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the stalled handshake was not closed: {e}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "closed by the client's timeout, not lbd's"
+    );
+
+    // Still serving, with the same worker (no panic, no SIGSYS).
+    assert_served(&curl_https(addr, "a.test", "/", &a), "origin one: GET /\n");
+    assert_eq!(worker_pids(&lbd), workers, "the worker was replaced");
+    let log = lbd.wait_stdout_lines(2).join("\n");
+    assert!(
+        log.contains("error=\"plain HTTP sent to the TLS port\""),
+        "{log}"
+    );
+    assert!(log.contains("status=400"), "{log}");
+}
+
+#[test]
+fn certificates_change_at_runtime_and_bad_ones_are_refused() {
+    let dir = TempDir::new("tls-lbctl");
+    let a = Cert::new(dir.path(), "a", &["a.test"]);
+    let b = Cert::new(dir.path(), "b", &["b.test"]);
+    let b2 = Cert::new(dir.path(), "b2", &["b.test"]);
+    let c = Cert::new(dir.path(), "c", &["c.test"]);
+    let expired = Cert::expired(dir.path(), "b.test");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let origin = Origin::start("one");
+    let lbd = https_lbd(&[&a], &origin, "[access_log]\ntarget = \"off\"\n");
+    let addr = lbd.addr();
+    let l = addr.to_string();
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+
+    // b.test has no certificate yet: the default one.
+    assert_eq!(served_fingerprint(addr, Some("b.test")), a.fingerprint());
+    let out = lbctl_ok(
+        &lbd,
+        &[
+            "certificate",
+            "add",
+            "--address",
+            &l,
+            "--certificate",
+            &path(&b.pem),
+            "--key",
+            &path(&b.key),
+        ],
+    );
+    assert!(
+        out.contains(&format!("~ listener {l}: certificates")),
+        "{out}"
+    );
+    assert!(!out.contains("PRIVATE KEY"), "{out}");
+    assert_served(&curl_https(addr, "b.test", "/", &b), "origin one: GET /\n");
+    assert_eq!(served_fingerprint(addr, Some("b.test")), b.fingerprint());
+
+    // An established connection (served with b) survives the replacement of b by b2.
+    let mut open = TlsSession::open(addr, "b.test");
+    assert_eq!(open.get("b.test", "/first"), "origin one: GET /first\n");
+    lbctl_ok(
+        &lbd,
+        &[
+            "certificate",
+            "replace",
+            "--address",
+            &l,
+            "--old-certificate",
+            "b.test",
+            "--certificate",
+            &path(&b2.pem),
+            "--key",
+            &path(&b2.key),
+        ],
+    );
+    assert_eq!(served_fingerprint(addr, Some("b.test")), b2.fingerprint());
+    assert_served(&curl_https(addr, "b.test", "/", &b2), "origin one: GET /\n");
+    assert_eq!(open.get("b.test", "/second"), "origin one: GET /second\n");
+    drop(open);
+
+    // Refused, each with its reason, and nothing changes.
+    let before = lbctl_ok(&lbd, &["state", "dump", "--json"]);
+    let add = |cert: &str, key: &str| {
+        vec![
+            "certificate".to_owned(),
+            "add".to_owned(),
+            "--address".to_owned(),
+            l.clone(),
+            "--certificate".to_owned(),
+            cert.to_owned(),
+            "--key".to_owned(),
+            key.to_owned(),
+        ]
+    };
+    let cases = [
+        (add(&path(&expired.pem), &path(&expired.key)), "expired on"),
+        (add(&path(&c.pem), &path(&a.key)), "does not match"),
+        (add(&path(&garbage), &path(&c.key)), "cannot be parsed"),
+        (add(&path(&c.key), &path(&c.key)), "no certificate found"),
+        (add("/nonexistent.pem", &path(&c.key)), "cannot read"),
+        (
+            vec![
+                "certificate".into(),
+                "remove".into(),
+                "--address".into(),
+                l.clone(),
+                "--certificate".into(),
+                "nothing.test".into(),
+            ],
+            "has no certificate \"nothing.test\"",
+        ),
+    ];
+    for (args, reason) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, stdout, stderr) = lbctl(&lbd, &args);
+        assert_eq!(code, Some(1), "{args:?}: {stdout}{stderr}");
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert_eq!(
+            lbctl_ok(&lbd, &["state", "dump", "--json"]),
+            before,
+            "{args:?} was refused but changed the state"
+        );
+    }
+
+    // Removed by fingerprint: b.test falls back to the default certificate; the last one stays.
+    lbctl_ok(
+        &lbd,
+        &[
+            "certificate",
+            "remove",
+            "--address",
+            &l,
+            "--certificate",
+            &b2.fingerprint(),
+        ],
+    );
+    assert_eq!(served_fingerprint(addr, Some("b.test")), a.fingerprint());
+    let (code, _, stderr) = lbctl(
+        &lbd,
+        &[
+            "certificate",
+            "remove",
+            "--address",
+            &l,
+            "--certificate",
+            "a.test",
+        ],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("last certificate"), "{stderr}");
+    assert_served(&curl_https(addr, "a.test", "/", &a), "origin one: GET /\n");
+}
+
+#[test]
+fn rotation_under_https_load_fails_no_request() {
+    let dir = TempDir::new("tls-rotate");
+    let certs: Vec<Cert> = (0..4)
+        .map(|i| Cert::new(dir.path(), &format!("r{i}"), &["localhost"]))
+        .collect();
+    let origin = Origin::start("one");
+    let lbd = https_lbd(&[&certs[0]], &origin, "[access_log]\ntarget = \"off\"\n");
+    let addr = lbd.addr();
+    let l = addr.to_string();
+    let url = format!("https://localhost:{}/", addr.port());
+    let wrk = Wrk::start(&url, 20, 6, "5s", lbd.dir().path());
+    std::thread::sleep(Duration::from_millis(1500));
+    for pair in certs.windows(2) {
+        lbctl_ok(
+            &lbd,
+            &[
+                "certificate",
+                "replace",
+                "--address",
+                &l,
+                "--old-certificate",
+                &pair[0].fingerprint(),
+                "--certificate",
+                pair[1].pem.to_str().unwrap(),
+                "--key",
+                pair[1].key.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(
+            served_fingerprint(addr, Some("localhost")),
+            pair[1].fingerprint()
+        );
+        std::thread::sleep(Duration::from_millis(800));
+    }
+    let (summary, out) = wrk.finish(Duration::from_secs(30));
+    println!("{out}");
+    assert!(
+        summary.requests > 100,
+        "too few requests to mean anything:\n{out}"
+    );
+    assert_eq!(
+        (
+            summary.connect_errors,
+            summary.read_errors,
+            summary.write_errors,
+            summary.timeouts,
+            summary.non_2xx
+        ),
+        (0, 0, 0, 0, 0),
+        "failed requests during the rotation:\n{out}"
+    );
+}
+
+#[test]
+fn redirect_https_answers_301_to_the_same_url() {
+    let origin = Origin::start("one");
+    let backend = origin.addr();
+    let lbd = Lbd::start(move |addr| {
+        format!(
+            "[access_log]\ntarget = \"off\"\n[[listeners]]\naddress = \"{addr}\"\n\n\
+             [clusters.app]\nfrontends = [\n\
+             {{ address = \"{addr}\", hostname = \"secure.test\", redirect_https = true }},\n\
+             {{ address = \"{addr}\", hostname = \"plain.test\" }},\n]\n\
+             backends = [ {{ address = \"{backend}\" }} ]\n"
+        )
+    });
+    let addr = lbd.addr();
+    let out = curl(&[
+        "-i",
+        "-H",
+        "Host: Secure.Test:8080",
+        &format!("http://{addr}/a/b?c=d"),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("HTTP/1.1 301 Moved Permanently\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\r\nLocation: https://secure.test/a/b?c=d\r\n"),
+        "{text}"
+    );
+    assert!(
+        origin.requests().is_empty(),
+        "a redirect never reaches the cluster"
+    );
+    // Another frontend of the same listener still proxies.
+    let out = curl(&["-H", "Host: plain.test", &format!("http://{addr}/x")]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "origin one: GET /x\n");
+    // And lbd refuses redirect_https where it makes no sense.
+    let dir = TempDir::new("tls-redirect");
+    let a = Cert::new(dir.path(), "a", &["a.test"]);
+    let config = dir.write(
+        "bad.toml",
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:1\"\nprotocol = \"https\"\n\
+             certificates = [ {{ certificate = \"{}\", key = \"{}\" }} ]\n\
+             [clusters.app]\nfrontends = [ {{ address = \"127.0.0.1:1\", redirect_https = true }} ]\n\
+             backends = [ {{ address = \"127.0.0.1:2\" }} ]\n",
+            a.pem.display(),
+            a.key.display()
+        ),
+    );
+    let out = common::run_lbd(&["--config".as_ref(), config.as_os_str(), "--check".as_ref()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("redirect_https only applies to frontends of http listeners"),
+        "{err}"
+    );
+}
