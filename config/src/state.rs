@@ -190,6 +190,9 @@ pub struct ListenerDef {
     pub accept_proxy: Option<bool>,
 }
 
+/// What `lbctl state dump` shows in place of a private key.
+pub const KEY_NOT_SHOWN: &str = "(private key not shown: see `lbctl state save`)";
+
 /// `{ certificate = "...", key = "..." }` in a listener's `certificates`: the files, and once
 /// read, their PEM text (`certificate_pem`, `key_pem`), which is what counts. The running state
 /// always carries the text ([`State::from_toml`] reads the files): workers check the
@@ -526,6 +529,18 @@ impl State {
         // with the reason instead of being silently empty.
         toml::to_string(self)
             .unwrap_or_else(|e| format!("# internal error: cannot write the state: {e}\n"))
+    }
+
+    /// The state for showing (`lbctl state dump`): private keys replaced by a placeholder.
+    /// `state save` keeps them, since a saved state must be loadable.
+    pub fn without_keys(&self) -> State {
+        let mut out = self.clone();
+        for cert in out.listeners.iter_mut().flat_map(|l| &mut l.certificates) {
+            if cert.key_pem.is_some() {
+                cert.key_pem = Some(KEY_NOT_SHOWN.to_owned());
+            }
+        }
+        out
     }
 
     /// Checks the whole state with the file validator, as if it were the file at `source`

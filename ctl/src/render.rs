@@ -61,7 +61,7 @@ pub fn human(payload: &Payload) -> String {
     match payload {
         Payload::Done { message } => format!("{message}\n"),
         Payload::Status(status) => status_text(status),
-        Payload::State(state) => state.to_toml(),
+        Payload::State(state) => state.without_keys().to_toml(),
         Payload::Clusters(clusters) => clusters_text(clusters),
         Payload::Applied(applied) => applied_text(applied),
         Payload::Metrics(samples) => metrics_text(samples),
@@ -73,7 +73,7 @@ pub fn json(payload: &Payload) -> String {
     let value = match payload {
         Payload::Done { message } => serde_json::json!({ "message": message }),
         Payload::Status(status) => serde_json::to_value(status).unwrap_or_default(),
-        Payload::State(state) => serde_json::to_value(state).unwrap_or_default(),
+        Payload::State(state) => serde_json::to_value(state.without_keys()).unwrap_or_default(),
         Payload::Clusters(clusters) => serde_json::to_value(clusters).unwrap_or_default(),
         Payload::Applied(applied) => serde_json::to_value(applied).unwrap_or_default(),
         Payload::Metrics(samples) => serde_json::to_value(samples).unwrap_or_default(),

@@ -148,7 +148,10 @@ const POLICY: &[Allowed] = &[
         libc::SYS_clock_gettime,
         "Instant::now when the vDSO is not used",
     ),
-    allow(libc::SYS_getrandom, "hash map seeds"),
+    allow(
+        libc::SYS_getrandom,
+        "hash map seeds; TLS randomness (aws-lc: handshake nonces, ECDHE keys, ticket keys)",
+    ),
     allow(libc::SYS_getpid, "pid in log lines"),
     allow(libc::SYS_gettid, "thread id in log lines"),
     // Synchronisation inside std (stdout lock, once cells).

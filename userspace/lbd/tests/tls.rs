@@ -573,6 +573,11 @@ fn certificates_change_at_runtime_and_bad_ones_are_refused() {
         "{out}"
     );
     assert!(!out.contains("PRIVATE KEY"), "{out}");
+    // The running state carries the certificate's text; a dump never shows the key.
+    let dump = lbctl_ok(&lbd, &["state", "dump"]);
+    assert!(dump.contains("certificate_pem"), "{dump}");
+    assert!(dump.contains("private key not shown"), "{dump}");
+    assert!(!dump.contains("PRIVATE KEY"), "{dump}");
     assert_served(&curl_https(addr, "b.test", "/", &b), "origin one: GET /\n");
     assert_eq!(served_fingerprint(addr, Some("b.test")), b.fingerprint());
 
