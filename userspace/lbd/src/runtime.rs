@@ -6,7 +6,8 @@
 //! changed and how each worker took it. Only then does the copy become the running state, and
 //! the config memfd handed to (re)started workers is replaced, so a worker restarted later
 //! starts from the current state, not from the file. A refused change changes nothing.
-//! Listener changes need new sockets in every worker and the upgrade handoff: refused for now.
+//! A change of the listeners binds the new sockets and rolls the workers onto them (the old
+//! workers finish their requests), like `lbctl upgrade --workers-only`.
 
 use crate::supervisor::Supervisor;
 use lb_config::protocol::{Applied, ListenerStatus, Payload, Status, Verb, WorkerAck};
@@ -90,13 +91,7 @@ impl Supervisor {
         let config = new.validate(self.source()).map_err(|e| e.to_string())?;
         let old_listeners: Vec<_> = self.config().listeners.iter().map(|l| l.address).collect();
         let new_listeners: Vec<_> = config.listeners.iter().map(|l| l.address).collect();
-        if old_listeners != new_listeners {
-            return Err(
-                "listener changes are not applied at runtime yet (workers need new sockets): \
-                 restart lbd or wait for lbctl upgrade"
-                    .into(),
-            );
-        }
+        let listeners_changed = old_listeners != new_listeners;
         for (what, same) in [
             ("workers", config.workers == self.config().workers),
             ("steering", config.steering == self.config().steering),
@@ -129,7 +124,12 @@ impl Supervisor {
             }));
         }
         let text = new.to_toml();
-        let workers = self.push_to_workers(&text);
+        let workers = if listeners_changed {
+            // New sockets: the workers are replaced by ones that hold them (no restart).
+            self.change_listeners(&config, &text)?
+        } else {
+            self.push_to_workers(&text)
+        };
         self.update_steering(&config);
         self.replace_state(new, config, &text)
             .map_err(|e| format!("the change was applied but not recorded: {e}"))?;

@@ -51,6 +51,9 @@ enum Stop {
     HandedOver,
 }
 
+/// What a roll of the workers did: the new (slot, pid) pairs and the retired pids.
+type Rolled = (Vec<(usize, Pid)>, Vec<Pid>);
+
 /// How [`Supervisor::run`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
@@ -580,10 +583,24 @@ impl Supervisor {
 /// Loads one steering program per listener group, fills its socket slots (worker i's socket
 /// of that listener in slot i) and attaches it. Workers stay inactive until they start.
 fn load_steering(config: &Config, sockets: &[Vec<TcpListener>]) -> anyhow::Result<Vec<Steering>> {
+    config
+        .listeners
+        .iter()
+        .zip(sockets)
+        .map(|(listener, group)| load_group(config, listener, group))
+        .collect()
+}
+
+/// Loads the steering program of one listener's group, fills its socket slots and attaches
+/// it. Workers stay inactive until they start.
+fn load_group(
+    config: &Config,
+    listener: &lb_config::Listener,
+    group: &[TcpListener],
+) -> anyhow::Result<Steering> {
     let policy = policy_of(config.steering_policy);
     let workers = u32::try_from(config.workers).context("too many workers")?;
-    let mut out = Vec::new();
-    for (listener, group) in config.listeners.iter().zip(sockets) {
+    {
         let what = || {
             format!(
                 "listener {}: eBPF steering (steering = \"ebpf\"; \"kernel\" uses plain reuseport hashing)",
@@ -605,9 +622,8 @@ fn load_steering(config: &Config, sockets: &[Vec<TcpListener>]) -> anyhow::Resul
             policy,
             workers
         );
-        out.push(steering);
+        Ok(steering)
     }
-    Ok(out)
 }
 
 fn policy_of(policy: SteeringPolicy) -> Policy {
@@ -655,11 +671,34 @@ impl Supervisor {
         let exe = exe.unwrap_or_else(|| self.exe.clone());
         check_executable(&exe)?;
         let text = self.state.to_toml();
+        let (new, old) = self.roll(&exe, &text)?;
+        let new: Vec<String> = new.iter().map(|(_, pid)| pid.to_string()).collect();
+        let old: Vec<String> = old.iter().map(Pid::to_string).collect();
+        log::info!(
+            "workers upgraded from {}: new pids [{}], old pids [{}] finish their requests",
+            exe.display(),
+            new.join(", "),
+            old.join(", ")
+        );
+        self.exe = exe;
+        Ok(Payload::Done {
+            message: format!(
+                "workers upgraded: new workers [{}] serve; old workers [{}] finish their requests and exit",
+                new.join(", "),
+                old.join(", ")
+            ),
+        })
+    }
+
+    /// Starts a new worker for every slot from `exe` with the supervisor's current sockets and
+    /// config memfd, waits until each has taken `text`, then retires the old ones. On a
+    /// failure the new ones are retired instead. Returns the new (index, pid) and old pids.
+    fn roll(&mut self, exe: &Path, text: &str) -> Result<Rolled, String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut fresh: Vec<(usize, Pid, UnixStream)> = Vec::new();
         let mut failure = None;
         for index in 0..self.slots.len() {
-            match self.start_worker(index, &exe) {
+            match self.start_worker(index, exe) {
                 Ok((pid, channel)) => fresh.push((index, pid, channel)),
                 Err(e) => {
                     failure = Some(format!("starting worker {index}: {e:#}"));
@@ -669,7 +708,7 @@ impl Supervisor {
         }
         if failure.is_none() {
             for (index, pid, channel) in &mut fresh {
-                if let Err(e) = probe(channel, &text, deadline) {
+                if let Err(e) = probe(channel, text, deadline) {
                     failure = Some(format!(
                         "new worker {index} (pid {pid}) did not become ready: {e}"
                     ));
@@ -696,29 +735,149 @@ impl Supervisor {
             if let Some(previous) = slot.pid.replace(pid) {
                 let _ = kill(previous, Signal::SIGTERM);
                 self.retiring.push(previous);
-                old.push(previous.to_string());
+                old.push(previous);
             }
             slot.channel = Some(channel);
             slot.started = Instant::now();
             slot.start_at = None;
             slot.backoff = Duration::from_millis(100);
-            new.push(pid.to_string());
+            new.push((index, pid));
             self.set_worker_state(index, WorkerState::active(limit));
         }
-        log::info!(
-            "workers upgraded from {}: new pids [{}], old pids [{}] finish their requests",
-            exe.display(),
-            new.join(", "),
-            old.join(", ")
-        );
-        self.exe = exe;
-        Ok(Payload::Done {
-            message: format!(
-                "workers upgraded: new workers [{}] serve; old workers [{}] finish their requests and exit",
-                new.join(", "),
-                old.join(", ")
-            ),
-        })
+        Ok((new, old))
+    }
+
+    /// A configuration whose listeners differ from the running ones: binds the new
+    /// listeners' sockets (and loads their steering program), keeps the sockets of the
+    /// listeners that stay, then rolls the workers onto the new set. The old workers finish
+    /// their requests, including what waits in a removed listener's queue; the removed
+    /// listener closes when the last of them exits. Any failure changes nothing.
+    pub(crate) fn change_listeners(
+        &mut self,
+        config: &Config,
+        text: &str,
+    ) -> Result<Vec<lb_config::protocol::WorkerAck>, String> {
+        let mut sockets = Vec::new();
+        let mut kept: Vec<Option<usize>> = Vec::new();
+        for listener in &config.listeners {
+            let old = self
+                .config
+                .listeners
+                .iter()
+                .position(|l| l.address == listener.address);
+            let group = match old.and_then(|i| self.sockets.get(i)) {
+                Some(group) => group
+                    .iter()
+                    .map(TcpListener::try_clone)
+                    .collect::<std::io::Result<Vec<_>>>()
+                    .map_err(|e| format!("listener {}: {e}", listener.address))?,
+                None => (0..config.workers)
+                    .map(|_| listeners::bind(listener.address))
+                    .collect::<anyhow::Result<Vec<_>>>()
+                    .map_err(|e| format!("{e:#}"))?,
+            };
+            sockets.push(group);
+            kept.push(old);
+        }
+        let mut previous: Vec<Option<Steering>> = std::mem::take(&mut self.steering)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let put_back = |previous: Vec<Option<Steering>>, moved: Vec<(usize, Steering)>| {
+            let mut previous = previous;
+            for (i, steering) in moved {
+                if let Some(slot) = previous.get_mut(i) {
+                    *slot = Some(steering);
+                }
+            }
+            previous.into_iter().flatten().collect::<Vec<_>>()
+        };
+        let mut steering = Vec::new();
+        let mut moved: Vec<(usize, Steering)> = Vec::new();
+        if config.steering == lb_config::Steering::Ebpf {
+            for (k, (listener, group)) in config.listeners.iter().zip(&sockets).enumerate() {
+                let reused = kept
+                    .get(k)
+                    .copied()
+                    .flatten()
+                    .and_then(|i| previous.get_mut(i).and_then(Option::take).map(|s| (i, s)));
+                match reused {
+                    Some((i, st)) => {
+                        moved.push((i, st));
+                        steering.push(None);
+                    }
+                    None => match load_group(config, listener, group) {
+                        Ok(mut st) => {
+                            // Connections to the new listener wait in the new workers' queues.
+                            let limit = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
+                            for w in 0..u32::try_from(config.workers).unwrap_or(0) {
+                                let _ = st.set_worker_state(w, WorkerState::active(limit));
+                            }
+                            steering.push(Some(st));
+                        }
+                        Err(e) => {
+                            self.steering = put_back(previous, moved);
+                            return Err(format!("{e:#}"));
+                        }
+                    },
+                }
+            }
+        }
+        // The new steering list, in the new listeners' order: reused programs are moved in
+        // (and moved back on failure, by their old index).
+        let mut reused = moved.into_iter();
+        let new_steering: Vec<Steering> = steering
+            .into_iter()
+            .filter_map(|st| st.or_else(|| reused.next().map(|(_, s)| s)))
+            .collect();
+        let order: Vec<Option<usize>> = kept.clone();
+        let config_file = fds::memfd_with(text).map_err(|e| e.to_string())?;
+        let old_sockets = std::mem::replace(&mut self.sockets, sockets);
+        let old_file = std::mem::replace(&mut self.config_file, config_file);
+        let old_config = std::mem::replace(&mut self.config, config.clone());
+        self.steering = new_steering;
+        let exe = self.exe.clone();
+        match self.roll(&exe, text) {
+            Ok((new, _old)) => {
+                drop(old_sockets);
+                log::info!(
+                    "listeners changed: {} → {}",
+                    old_config
+                        .listeners
+                        .iter()
+                        .map(|l| l.address.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    config
+                        .listeners
+                        .iter()
+                        .map(|l| l.address.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                Ok(new
+                    .into_iter()
+                    .map(|(index, pid)| lb_config::protocol::WorkerAck {
+                        index,
+                        pid: Some(pid.as_raw() as u32),
+                        error: None,
+                    })
+                    .collect())
+            }
+            Err(e) => {
+                self.sockets = old_sockets;
+                self.config_file = old_file;
+                self.config = old_config;
+                let current = std::mem::take(&mut self.steering);
+                let moved_back: Vec<(usize, Steering)> = current
+                    .into_iter()
+                    .zip(order.iter())
+                    .filter_map(|(st, old)| old.map(|i| (i, st)))
+                    .collect();
+                self.steering = put_back(previous, moved_back);
+                Err(e)
+            }
+        }
     }
 
     /// `lbctl upgrade`: starts `exe` (default: this lbd's binary) as the next main, hands it

@@ -602,6 +602,9 @@ fn refused_changes_leave_the_state_byte_identical() {
         more_workers.to_string_lossy().into_owned(),
         missing.to_string_lossy().into_owned(),
     );
+    // An address another process holds (without SO_REUSEPORT): lbd cannot bind it.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap().to_string();
     let unbound = common::free_addr().to_string();
 
     let cases: Vec<(Vec<&str>, &str)> = vec![
@@ -743,10 +746,7 @@ fn refused_changes_leave_the_state_byte_identical() {
             vec!["cluster", "remove", "nope"],
             "there is no cluster named \"nope\"",
         ),
-        (
-            vec!["listener", "add", "--address", &unbound],
-            "listener changes are not applied at runtime yet",
-        ),
+        (vec!["listener", "add", "--address", &taken], "cannot bind"),
         (
             vec!["listener", "remove", "--address", &l],
             "still serves frontends",

@@ -471,3 +471,65 @@ fn the_new_main_killed_mid_handoff_leaves_the_old_generation_serving() {
         origin.stop();
     });
 }
+
+#[test]
+fn a_listener_added_and_removed_at_runtime_serves_and_stops_with_no_failed_request() {
+    let _serial = serial();
+    in_fresh_netns(|| {
+        let origin = Origin::start("a");
+        let lbd = start(origin.addr());
+        let sock = socket(&lbd);
+        let url = format!("http://{}/", lbd.addr());
+        let wrk = Wrk::start(&url, 20, 8, "5s", lbd.dir().path());
+        std::thread::sleep(Duration::from_millis(500));
+        let before = status(&sock);
+        let added = common::free_addr().to_string();
+        let out = ok(&sock, &["listener", "add", "--address", &added]);
+        assert!(out.contains(&added), "{out}");
+        let out = ok(
+            &sock,
+            &["frontend", "add", "--cluster", "app", "--address", &added],
+        );
+        assert!(out.contains("frontend"), "{out}");
+        let on_added = common::get(added.parse().unwrap(), "x", "/");
+        assert_eq!(on_added.status, 200, "the new listener serves");
+        assert!(on_added.text().contains("origin a"));
+        let middle = status(&sock);
+        assert_eq!(middle.pid, before.pid, "no restart of lbd");
+        for w in &middle.workers {
+            assert!(
+                !before.workers.contains(w),
+                "the workers were rolled onto the new socket"
+            );
+        }
+        assert!(wait_until(GONE, || before
+            .workers
+            .iter()
+            .all(|w| !is_alive(*w))));
+        ok(
+            &sock,
+            &[
+                "frontend",
+                "remove",
+                "--cluster",
+                "app",
+                "--address",
+                &added,
+            ],
+        );
+        ok(&sock, &["listener", "remove", "--address", &added]);
+        assert!(wait_until(GONE, || middle
+            .workers
+            .iter()
+            .all(|w| !is_alive(*w))));
+        let refused = TcpStream::connect(added.parse::<SocketAddr>().unwrap());
+        assert!(
+            refused.is_err(),
+            "the removed listener is closed: {refused:?}"
+        );
+        assert_eq!(common::get(lbd.addr(), "x", "/").status, 200);
+        assert_clean(wrk, "listener add and remove");
+        drop(lbd);
+        origin.stop();
+    });
+}
