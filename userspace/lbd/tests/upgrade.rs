@@ -5,7 +5,10 @@
 //!   and no non-2xx answer; each upgrade reports the old and new generation, pid and binary;
 //!   the old main and its workers are gone after the drain; `state dump` after the upgrades
 //!   equals the dump before (lbctl changes made before the first upgrade included).
-//! - A request in flight across the upgrade (3 s at the origin) completes with 200.
+//! - A request in flight across the upgrade (3 s at the origin) completes with 200, and a
+//!   WebSocket opened before it keeps echoing on the old generation until the client closes.
+//! - A listener added at runtime (workers rolled onto the new socket) serves; removed, it is
+//!   closed; wrk on the first listener sees no failure meanwhile.
 //! - `--workers-only`: new worker pids, the same main, no failed request.
 //! - Broken new binaries (one exits at start, one never becomes ready, one is not executable):
 //!   lbctl exits 1 with the reason, the running generation keeps serving unchanged (same
@@ -532,4 +535,54 @@ fn a_listener_added_and_removed_at_runtime_serves_and_stops_with_no_failed_reque
         drop(lbd);
         origin.stop();
     });
+}
+
+#[test]
+fn a_websocket_open_across_the_upgrade_keeps_echoing_on_the_old_generation() {
+    let _serial = serial();
+    in_fresh_netns(|| {
+        let origin = Origin::start("a");
+        let mut lbd = start(origin.addr());
+        let sock = socket(&lbd);
+        let mut c = common::Client::connect(lbd.addr());
+        c.send(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        );
+        assert_eq!(c.head().status, 101);
+        let echo = |c: &mut common::Client, msg: &[u8]| {
+            c.send(msg);
+            let mut got = vec![0u8; msg.len()];
+            c.reader.read_exact(&mut got).expect("echo");
+            assert_eq!(got, msg);
+        };
+        echo(&mut c, b"before the upgrade");
+        let before = status(&sock);
+        let binary = fresh_binary(lbd.dir().path(), 1);
+        upgrade_without_waiting(&mut lbd, &binary);
+        // The old worker still pipes this connection while it drains.
+        for i in 0..5 {
+            echo(&mut c, format!("after the upgrade, message {i}").as_bytes());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(is_alive(before.pid), "the old main waits for its worker");
+        c.shutdown_write();
+        c.assert_closed();
+        // With its last connection closed, the old generation is gone well before the
+        // drain deadline.
+        assert!(wait_until(Duration::from_secs(5), || !is_alive(before.pid)));
+        assert_eq!(common::get(lbd.addr(), "x", "/").status, 200);
+        drop(lbd);
+        origin.stop();
+    });
+}
+
+/// `lbctl upgrade`, following the new main, without waiting for the old one to be gone.
+fn upgrade_without_waiting(lbd: &mut Lbd, binary: &Path) {
+    let sock = socket(lbd);
+    let before = status(&sock);
+    ok(&sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
+    let after = status(&sock);
+    assert_eq!(after.generation, before.generation + 1);
+    lbd.follow_main(after.pid);
 }
