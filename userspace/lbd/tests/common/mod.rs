@@ -1398,6 +1398,28 @@ pub struct WrkSummary {
     pub non_2xx: u64,
 }
 
+impl WrkSummary {
+    /// Fails the test unless wrk made more than `min_requests` requests with no socket error
+    /// (connect, read, write, timeout) and no non-2xx answer; `out` is wrk's output.
+    pub fn assert_clean(&self, min_requests: u64, what: &str, out: &str) {
+        assert!(
+            self.requests > min_requests,
+            "{what}: too few requests to mean anything\n{out}"
+        );
+        assert_eq!(
+            (
+                self.connect_errors,
+                self.read_errors,
+                self.write_errors,
+                self.timeouts,
+                self.non_2xx
+            ),
+            (0, 0, 0, 0, 0),
+            "{what}: wrk saw failures (connect, read, write, timeout errors; non-2xx)\n{out}"
+        );
+    }
+}
+
 /// Reads wrk's output. Without a Lua script it prints "Socket errors: ..." and "Non-2xx or 3xx
 /// responses: N" only when there are some.
 pub fn parse_wrk(out: &str) -> WrkSummary {
