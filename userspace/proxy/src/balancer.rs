@@ -4,9 +4,16 @@
 //! (active requests divided by weight) and power of two choices (two weighted random picks, the
 //! less loaded wins). Backup backends are used only when no other backend can be tried. A
 //! backend already tried for this request is excluded, so a connect failure retries elsewhere.
+//!
+//! Health: a backend that the supervisor's active checks found down (`down`), or that this
+//! worker ejected after consecutive failures (passive ejection, clusters with a
+//! `health_check` only: `fall` connect errors or 5xx answers in a row), is not picked. An
+//! ejected backend comes back after a back-off (the check interval, doubled at each ejection
+//! in a row, at most 32 times); one more failure then ejects it again, a success resets it.
 
 use lb_config::{Cluster, LoadBalancing};
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 /// A small, fast, non-cryptographic generator (xorshift64*), seeded per worker.
 #[derive(Debug, Clone)]
@@ -42,7 +49,43 @@ pub struct BackendState {
     pub active: u32,
     /// Gets no new requests.
     pub draining: bool,
+    /// The active health check says it is down (set by the supervisor).
+    pub down: bool,
+    /// Consecutive failures (connect errors, 5xx) seen by this worker.
+    failures: u32,
+    /// Ejected by this worker until then (passive health).
+    ejected_until: Option<Instant>,
+    /// Ejections in a row (the back-off doubles with each).
+    ejections: u32,
     current_weight: i64,
+}
+
+impl BackendState {
+    /// May get new requests.
+    pub fn available(&self) -> bool {
+        !self.draining && !self.down && self.ejected_until.is_none()
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until.is_some()
+    }
+
+    /// Keeps what this worker learned about the backend's health across a reconfiguration.
+    pub fn carry_health(&mut self, old: &BackendState) {
+        self.down = old.down;
+        self.failures = old.failures;
+        self.ejected_until = old.ejected_until;
+        self.ejections = old.ejections;
+    }
+}
+
+/// Passive ejection settings of a cluster (from its `health_check`).
+#[derive(Debug, Clone, Copy)]
+pub struct Passive {
+    /// Consecutive failures that eject a backend.
+    pub threshold: u32,
+    /// The first back-off.
+    pub backoff: Duration,
 }
 
 /// The balancing state of one cluster.
@@ -51,6 +94,10 @@ pub struct ClusterState {
     pub name: String,
     pub policy: LoadBalancing,
     pub backends: Vec<BackendState>,
+    /// None: no passive ejection (the cluster has no `health_check`).
+    pub passive: Option<Passive>,
+    /// Some backend is ejected (so [`ClusterState::revive`] has something to do).
+    any_ejected: bool,
 }
 
 /// Backends already tried for one request (bit i = backend i; clusters over 64 backends treat
@@ -86,9 +133,82 @@ impl ClusterState {
                     backup: b.backup,
                     active: 0,
                     draining: b.draining,
+                    down: false,
+                    failures: 0,
+                    ejected_until: None,
+                    ejections: 0,
                     current_weight: 0,
                 })
                 .collect(),
+            passive: cluster.health_check.as_ref().map(|h| Passive {
+                threshold: h.fall.max(1),
+                backoff: h.interval,
+            }),
+            any_ejected: false,
+        }
+    }
+
+    /// Lets ejected backends whose back-off is over be tried again.
+    pub fn revive(&mut self, now: Instant) {
+        if !self.any_ejected {
+            return;
+        }
+        let mut still = false;
+        for b in &mut self.backends {
+            match b.ejected_until {
+                Some(until) if until <= now => {
+                    log::info!(
+                        "cluster {}: backend {} back in rotation after its back-off",
+                        self.name,
+                        b.address
+                    );
+                    b.ejected_until = None;
+                }
+                Some(_) => still = true,
+                None => {}
+            }
+        }
+        self.any_ejected = still;
+    }
+
+    /// A request to `backend` succeeded (`ok`) or failed (connect error, 5xx). Returns true
+    /// when this failure ejects it.
+    pub fn report(&mut self, backend: usize, ok: bool, now: Instant) -> bool {
+        let Some(passive) = self.passive else {
+            return false;
+        };
+        let Some(b) = self.backends.get_mut(backend) else {
+            return false;
+        };
+        if ok {
+            b.failures = 0;
+            b.ejections = 0;
+            return false;
+        }
+        b.failures = b.failures.saturating_add(1);
+        if b.failures < passive.threshold || b.ejected_until.is_some() {
+            return false;
+        }
+        let backoff = passive.backoff.saturating_mul(1 << b.ejections.min(5));
+        b.ejections = b.ejections.saturating_add(1);
+        // Back from this ejection, one more failure ejects it again.
+        b.failures = passive.threshold.saturating_sub(1);
+        b.ejected_until = Some(now + backoff);
+        self.any_ejected = true;
+        log::warn!(
+            "cluster {}: backend {} ejected for {} after {} consecutive failures",
+            self.name,
+            b.address,
+            humantime::format_duration(backoff),
+            passive.threshold
+        );
+        true
+    }
+
+    /// Marks the backends the active health checks found down (by address); the others up.
+    pub fn set_down(&mut self, down: &[SocketAddr]) {
+        for b in &mut self.backends {
+            b.down = down.contains(&b.address);
         }
     }
 
@@ -102,7 +222,7 @@ impl ClusterState {
         self.backends
             .iter()
             .enumerate()
-            .filter(move |(i, b)| b.backup == backup && !b.draining && !tried.contains(*i))
+            .filter(move |(i, b)| b.backup == backup && b.available() && !tried.contains(*i))
             .map(|(i, _)| i)
     }
 
@@ -126,7 +246,7 @@ impl ClusterState {
         let mut best: Option<usize> = None;
         let mut best_weight = i64::MIN;
         for (i, b) in self.backends.iter_mut().enumerate() {
-            if b.backup != backup || b.draining || tried.contains(i) {
+            if b.backup != backup || !b.available() || tried.contains(i) {
                 continue;
             }
             b.current_weight += i64::from(b.weight);
@@ -288,5 +408,50 @@ mod tests {
         assert_eq!(c.pick(tried, &mut rng), Some(2));
         tried.insert(2);
         assert_eq!(c.pick(tried, &mut rng), None);
+    }
+
+    #[test]
+    fn down_backends_are_skipped_and_none_left_means_none() {
+        let mut c = cluster(LoadBalancing::RoundRobin, &[(1, false), (1, false)]);
+        let down = c.backends[0].address;
+        c.set_down(&[down]);
+        assert_eq!(counts(&mut c, 10), vec![0, 10]);
+        let other = c.backends[1].address;
+        c.set_down(&[down, other]);
+        assert_eq!(c.pick(Tried::default(), &mut Rng::new(1)), None);
+        c.set_down(&[]);
+        assert_eq!(counts(&mut c, 10), vec![5, 5]);
+    }
+
+    #[test]
+    fn passive_ejection_backs_off_and_doubles() {
+        let mut c = cluster(LoadBalancing::RoundRobin, &[(1, false), (1, false)]);
+        assert!(
+            !c.report(0, false, Instant::now()),
+            "no health_check: never ejected"
+        );
+        c.passive = Some(Passive {
+            threshold: 2,
+            backoff: Duration::from_secs(1),
+        });
+        let t0 = Instant::now();
+        assert!(!c.report(0, false, t0));
+        assert!(!c.report(0, true, t0), "a success resets the count");
+        assert!(!c.report(0, false, t0));
+        assert!(c.report(0, false, t0), "second failure in a row ejects");
+        assert_eq!(counts(&mut c, 4), vec![0, 4]);
+        c.revive(t0 + Duration::from_millis(999));
+        assert!(c.backends[0].is_ejected());
+        c.revive(t0 + Duration::from_secs(1));
+        assert!(!c.backends[0].is_ejected());
+        // One more failure ejects it again, for twice as long.
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(c.report(0, false, t1));
+        c.revive(t1 + Duration::from_millis(1999));
+        assert!(c.backends[0].is_ejected());
+        c.revive(t1 + Duration::from_secs(2));
+        assert!(c.backends[0].available());
+        assert!(!c.report(0, true, t1));
+        assert!(!c.report(0, false, t1), "reset: the threshold counts again");
     }
 }

@@ -15,6 +15,7 @@
 pub mod accesslog;
 pub mod backend;
 pub mod balancer;
+pub mod control;
 pub mod http;
 pub mod pool;
 pub mod proxy_protocol;
@@ -22,6 +23,7 @@ pub mod router;
 pub mod session;
 pub mod sni;
 pub mod splice;
+pub mod stats;
 pub mod tcp;
 pub mod tcp_routes;
 pub mod timer;

@@ -118,6 +118,8 @@ pub struct Session {
     close_front_after: bool,
     /// The last drive hit MAX_STEPS (see `yielded`).
     yielded: bool,
+    /// The end of the TLS handshake was counted (or the front is plain).
+    tls_counted: bool,
     /// When the current state's clock started (accept, first head byte, last progress...).
     since: Instant,
     pub deadline: Instant,
@@ -172,10 +174,16 @@ impl Session {
             answer_close: false,
             close_front_after: false,
             yielded: false,
+            tls_counted: false,
             since: now,
             deadline: now,
             scheduled: None,
         }
+    }
+
+    /// The address of the listener that accepted the connection.
+    pub fn listener_addr(&self) -> SocketAddr {
+        self.peer.listener
     }
 
     pub fn front_stream(&mut self) -> &mut TcpStream {
@@ -233,6 +241,10 @@ impl Session {
 
     /// Gives the buffers back and forgets the backend (the worker deregisters the sockets).
     pub fn close(self, cx: &mut Cx) {
+        if !self.tls_counted && matches!(self.front, Front::Tls(_)) {
+            cx.stats
+                .tls_handshake(self.peer.listener, !self.front.handshaking());
+        }
         let Session {
             mut back,
             front_kawa,
@@ -253,6 +265,10 @@ impl Session {
 
     /// Makes every step possible now.
     pub fn drive(&mut self, cx: &mut Cx) -> Flow {
+        if !self.tls_counted && matches!(self.front, Front::Tls(_)) && !self.front.handshaking() {
+            self.tls_counted = true;
+            cx.stats.tls_handshake(self.peer.listener, true);
+        }
         self.yielded = true;
         for _ in 0..MAX_STEPS {
             if !self.flush_front() {
@@ -306,6 +322,9 @@ impl Session {
             }
             State::Connecting => {
                 self.ex.error = Some("connect timeout");
+                if let Some(b) = self.back.as_ref() {
+                    cx.backend_failed(b.cluster, b.backend, true);
+                }
                 self.drop_backend(cx);
                 self.connect_next(cx, Answer::GatewayTimeout);
                 self.drive(cx)
@@ -478,6 +497,7 @@ impl Session {
             let Some(cluster) = cx.clusters.get_mut(cluster_idx) else {
                 break;
             };
+            cluster.revive(cx.now);
             let Some(backend) = cluster.pick(self.ex.tried, &mut cx.rng) else {
                 break;
             };
@@ -492,9 +512,15 @@ impl Session {
                     Ok(s) => (s, false),
                     Err(e) => {
                         log::warn!("connect to {address} failed: {e}");
+                        cx.note_attempt(cluster_idx, address, self.ex.attempts, true);
+                        cx.backend_failed(cluster_idx, backend, true);
                         continue;
                     }
                 },
+            };
+            cx.note_attempt(cluster_idx, address, self.ex.attempts, !reused);
+            let Some(cluster) = cx.clusters.get_mut(cluster_idx) else {
+                break;
             };
             let mut back = BackConn {
                 stream,
@@ -572,6 +598,8 @@ impl Session {
         };
         if failed {
             log::warn!("connect to {} failed", back.address);
+            let (cluster, backend) = (back.cluster, back.backend);
+            cx.backend_failed(cluster, backend, true);
             self.drop_backend(cx);
             self.connect_next(cx, Answer::BadGateway);
             return Step::Progress;
@@ -785,6 +813,11 @@ impl Session {
         let request_done = self.front_kawa.is_terminated() && self.front_kawa.is_completed();
         self.log(cx, self.resp.status);
         if let Some(mut back) = self.back.take() {
+            if self.resp.status >= 500 {
+                cx.backend_failed(back.cluster, back.backend, false);
+            } else {
+                cx.backend_ok(back.cluster, back.backend);
+            }
             if let Some(c) = cx.clusters.get_mut(back.cluster) {
                 c.release(back.backend);
             }
@@ -1040,9 +1073,6 @@ impl Session {
     }
 
     fn log(&mut self, cx: &mut Cx, status: u16) {
-        if !cx.log.enabled() {
-            return;
-        }
         let cluster = self
             .ex
             .cluster
@@ -1073,6 +1103,7 @@ impl Session {
                 .map(|(a, b)| b.saturating_duration_since(a)),
             error: self.ex.error,
         };
+        cx.stats.request(&record, true);
         cx.log.log(&record);
     }
 }

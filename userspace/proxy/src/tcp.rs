@@ -415,6 +415,11 @@ pub struct TcpSession {
 }
 
 impl TcpSession {
+    /// The address of the listener that accepted the connection.
+    pub fn listener_addr(&self) -> SocketAddr {
+        self.accepted.listener_addr
+    }
+
     /// A session for a connection accepted on the worker's listener `listener` (at
     /// `listener_addr`); `accept_proxy`: it starts with a PROXY protocol header.
     #[allow(clippy::too_many_arguments)]
@@ -593,6 +598,9 @@ impl TcpSession {
             }
             State::Connecting => {
                 self.course.error = Some(CONNECT_TIMEOUT);
+                if let Some(b) = self.back.as_ref() {
+                    cx.backend_failed(b.cluster, b.backend, true);
+                }
                 self.drop_backend(cx);
                 if let Step::Close = self.connect_next(cx) {
                     self.course.status = 504;
@@ -726,6 +734,7 @@ impl TcpSession {
             let Some(cluster) = cx.clusters.get_mut(target.cluster) else {
                 break;
             };
+            cluster.revive(cx.now);
             let Some(backend) = cluster.pick(self.course.tried, &mut cx.rng) else {
                 break;
             };
@@ -735,12 +744,17 @@ impl TcpSession {
                 break;
             };
             self.course.backend = Some(address);
+            cx.note_attempt(target.cluster, address, self.course.attempts, true);
             let mut stream = match TcpStream::connect(address) {
                 Ok(s) => s,
                 Err(e) => {
                     log::warn!("connect to {address} failed: {e}");
+                    cx.backend_failed(target.cluster, backend, true);
                     continue;
                 }
+            };
+            let Some(cluster) = cx.clusters.get_mut(target.cluster) else {
+                break;
             };
             let interest = Interest::READABLE | Interest::WRITABLE;
             if cx
@@ -790,11 +804,15 @@ impl TcpSession {
         };
         if failed {
             log::warn!("connect to {} failed", back.address);
+            let (cluster, backend) = (back.cluster, back.backend);
+            cx.backend_failed(cluster, backend, true);
             self.course.error = Some(CONNECT_FAILED);
             self.drop_backend(cx);
             return self.connect_next(cx);
         }
         let _ = back.stream.set_nodelay(true);
+        let (cluster, backend) = (back.cluster, back.backend);
+        cx.backend_ok(cluster, backend);
         // A retry succeeded: the failed attempts are no error of the connection's.
         self.course.error = None;
         self.course.status = 0;
@@ -873,11 +891,10 @@ impl TcpSession {
     }
 
     fn log(&mut self, cx: &mut Cx) {
-        if !cx.log.enabled() {
-            return;
-        }
         let mut request_id = String::new();
-        cx.next_request_id(&mut request_id);
+        if cx.log.enabled() {
+            cx.next_request_id(&mut request_id);
+        }
         let cluster = self
             .course
             .target
@@ -899,6 +916,7 @@ impl TcpSession {
             backend_time: self.course.connect_time,
             error: self.course.error.or(self.course.note),
         };
+        cx.stats.request(&record, false);
         cx.log.log(&record);
     }
 }

@@ -18,6 +18,7 @@ use crate::pool::BufferPool;
 use crate::router::Router;
 use crate::session::{front_token, Flow, Session};
 use crate::splice::{PipePool, PIPE_SIZE};
+use crate::stats::Stats;
 use crate::tcp::TcpSession;
 use crate::tcp_routes::TcpRoutes;
 use crate::timer::Timers;
@@ -88,6 +89,10 @@ pub struct Cx {
     pub pipes: PipePool,
     pub idle: IdlePool,
     pub log: AccessLog,
+    /// This worker's figures, sent to the supervisor when it asks (see `control.rs`).
+    pub stats: Stats,
+    /// The backends the supervisor's health checks found down: (cluster, address).
+    pub down: Vec<(String, SocketAddr)>,
     pub rng: Rng,
     pub timeouts: Timeouts,
     /// Largest request body accepted (0: no limit).
@@ -335,6 +340,8 @@ impl Worker {
             pipes: PipePool::new(IDLE_PIPES, PIPE_SIZE),
             idle: IdlePool::new(IDLE_PER_BACKEND, config.timeouts.back_idle),
             log: AccessLog::new(&config.access_log).map_err(WorkerError::AccessLog)?,
+            stats: Stats::default(),
+            down: Vec::new(),
             id_prefix: rng.next_u64() as u32,
             rng,
             timeouts: config.timeouts,
@@ -428,9 +435,12 @@ impl Worker {
             for backend in &mut cluster.backends {
                 if let Some(ob) = old.backends.iter().find(|b| b.address == backend.address) {
                     backend.active = ob.active;
+                    backend.carry_health(ob);
                 }
             }
         }
+        crate::control::apply_down(&mut clusters, &self.cx.down);
+        self.cx.stats.retain(&clusters);
         let old = std::mem::replace(&mut self.cx.clusters, clusters);
         for (_, session) in self.sessions.iter_mut() {
             session.remap_clusters(&old, &self.cx.clusters);
@@ -489,6 +499,18 @@ impl Worker {
             let Some(frame) = control.inbuf.get(4..4 + len) else {
                 break;
             };
+            if let Some(command) = frame.strip_prefix(b"\0") {
+                let command = command.to_vec();
+                control.inbuf.drain(..4 + len);
+                let live = self.sessions.len();
+                if let Some(answer) = crate::control::command(&mut self.cx, live, &command) {
+                    control
+                        .outbuf
+                        .extend_from_slice(&(answer.len() as u32).to_be_bytes());
+                    control.outbuf.extend_from_slice(answer.as_bytes());
+                }
+                continue;
+            }
             let text = String::from_utf8_lossy(frame).into_owned();
             control.inbuf.drain(..4 + len);
             let answer = match lb_config::parse_str(&text, &control.source) {
@@ -761,6 +783,7 @@ impl Worker {
                 session.close(&mut self.cx);
                 continue;
             }
+            self.cx.stats.accepted(listener_addr);
             entry.insert(session);
             touched.push(key);
         }
@@ -817,6 +840,11 @@ impl Worker {
 
     fn close_session(&mut self, key: usize) {
         if let Some(session) = self.sessions.try_remove(key) {
+            let listener = match &session {
+                Conn::Http(s) => s.listener_addr(),
+                Conn::Tcp(s) => s.listener_addr(),
+            };
+            self.cx.stats.closed(listener);
             session.close(&mut self.cx);
         }
     }
