@@ -191,6 +191,14 @@ pub fn send(
             descriptors.len()
         );
     }
+    // The sender checks too: a descriptor that is not what its role says is a bug here,
+    // better refused before the new lbd sees it.
+    for (index, (role, fd)) in message.fds.iter().zip(descriptors).enumerate() {
+        let kind = fds::kind_of(*fd);
+        if !role_matches(role, &kind) {
+            bail!("internal: descriptor {index} ({role:?}) is {kind:?}");
+        }
+    }
     let body = serde_json::to_vec(message).context("encoding the handoff")?;
     write_frame(stream, &body).context("sending the handoff message")?;
     let raw: Vec<_> = descriptors.iter().map(fds::raw).collect();
@@ -408,6 +416,19 @@ fn sort(roles: &[FdRole], descriptors: Vec<OwnedFd>, config: &Config) -> anyhow:
     })
 }
 
+/// Whether a descriptor of `kind` can play `role` (the listener's address included).
+fn role_matches(role: &FdRole, kind: &FdKind) -> bool {
+    match (role, kind) {
+        (FdRole::CommandSocket, FdKind::UnixListener) => true,
+        (FdRole::Listener { address, .. }, FdKind::TcpListener(bound)) => address == bound,
+        (FdRole::SteeringProgram { .. }, FdKind::BpfProgram(t)) => {
+            *t == steering::PROG_TYPE_SK_REUSEPORT
+        }
+        (FdRole::SteeringMap { map, .. }, FdKind::BpfMap(t)) => map_type(map) == Some(*t),
+        _ => false,
+    }
+}
+
 fn map_type(name: &str) -> Option<u32> {
     use lb_ebpf_common::names;
     match name {
@@ -494,6 +515,34 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("version 2"), "{err}");
+    }
+
+    #[test]
+    fn the_sender_refuses_a_descriptor_that_does_not_match_its_role() {
+        let (mut a, _b) = UnixStream::pair().unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        let message = Handoff {
+            version: HANDOFF_VERSION,
+            from_version: "test".into(),
+            from_pid: 1,
+            generation: 1,
+            source: "/x.toml".into(),
+            state: String::new(),
+            log_level: "info".into(),
+            fds: vec![
+                FdRole::Listener {
+                    listener: 0,
+                    worker: 0,
+                    address: other.local_addr().unwrap(),
+                },
+                FdRole::CommandSocket,
+            ],
+        };
+        let err = send(&mut a, &message, &[tcp.as_fd(), tcp.as_fd()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("descriptor 0"), "{err}");
     }
 
     #[test]
