@@ -118,6 +118,11 @@ pub enum Verb {
         certificate: String,
     },
     Metrics,
+    /// Sets the level of lbd's own log (main and workers): error, warn, info, debug, trace
+    /// or off.
+    LogLevel {
+        level: String,
+    },
     /// Applies the difference between the running state and lbd's config file.
     Reload,
     /// Stops lbd: workers drain first unless `hard`.
@@ -153,6 +158,7 @@ impl Verb {
             Verb::CertificateReplace { .. } => "certificate replace",
             Verb::CertificateRemove { .. } => "certificate remove",
             Verb::Metrics => "metrics",
+            Verb::LogLevel { .. } => "log-level",
             Verb::Reload => "reload",
             Verb::Shutdown { .. } => "shutdown",
             Verb::Upgrade { .. } => "upgrade",
@@ -248,6 +254,49 @@ pub struct Status {
     pub uptime_secs: u64,
     pub workers: Vec<WorkerStatus>,
     pub listeners: Vec<ListenerStatus>,
+    /// Every backend with what the health checks say of it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendHealth>,
+}
+
+/// One backend in `lbctl status`: its cluster's health check and what it found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendHealth {
+    pub cluster: String,
+    pub address: String,
+    /// `http GET /health`, `tcp`, or `none` when the cluster has no health check.
+    pub check: String,
+    pub state: HealthState,
+    /// Seconds in this state (since lbd started checking, for the first one).
+    pub since_secs: Option<u64>,
+    /// Probes made and probes that failed.
+    pub checks: u64,
+    pub failed_checks: u64,
+    /// Why the last failed probe failed.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HealthState {
+    Up,
+    Down,
+    /// The cluster has no health check.
+    Unchecked,
+    /// `lbctl backend drain`: no new requests.
+    Draining,
+}
+
+impl fmt::Display for HealthState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HealthState::Up => "up",
+            HealthState::Down => "down",
+            HealthState::Unchecked => "unchecked",
+            HealthState::Draining => "draining",
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

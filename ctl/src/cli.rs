@@ -81,6 +81,12 @@ pub enum Command {
     Certificate(CertificateCmd),
     /// Counters and gauges of lbd and its workers.
     Metrics,
+    /// Set the level of lbd's own log, in main and every worker, until the next change.
+    LogLevel {
+        /// error, warn, info, debug, trace or off.
+        #[arg(value_parser = ["error", "warn", "info", "debug", "trace", "off"])]
+        level: String,
+    },
     /// Apply the difference between lbd's config file and the running state.
     Reload,
     /// Check a config file, without lbd.
@@ -397,6 +403,9 @@ impl Command {
                 certificate: selector(certificate),
             },
             Command::Metrics => Verb::Metrics,
+            Command::LogLevel { level } => Verb::LogLevel {
+                level: level.clone(),
+            },
             Command::Reload => Verb::Reload,
             Command::Config(ConfigCmd::Check { .. }) => return None,
         })
@@ -438,6 +447,12 @@ mod tests {
     fn the_contract_verbs_parse() {
         assert_eq!(verb(&["status"]), Verb::Status);
         assert_eq!(verb(&["metrics"]), Verb::Metrics);
+        assert_eq!(
+            verb(&["log-level", "debug"]),
+            Verb::LogLevel {
+                level: "debug".into()
+            }
+        );
         assert_eq!(verb(&["reload"]), Verb::Reload);
         assert_eq!(verb(&["shutdown"]), Verb::Shutdown { hard: false });
         assert_eq!(verb(&["shutdown", "--hard"]), Verb::Shutdown { hard: true });

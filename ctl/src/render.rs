@@ -114,6 +114,30 @@ fn status_text(s: &Status) -> String {
         ]);
     }
     out.push_str(&listeners.render());
+    if !s.backends.is_empty() {
+        out.push('\n');
+        let mut backends = Table::new(&[
+            "CLUSTER",
+            "BACKEND",
+            "CHECK",
+            "STATE",
+            "SINCE",
+            "FAILED",
+            "LAST ERROR",
+        ]);
+        for b in &s.backends {
+            backends.row(vec![
+                b.cluster.clone(),
+                b.address.clone(),
+                b.check.clone(),
+                b.state.to_string(),
+                b.since_secs.map_or_else(|| "-".to_owned(), duration),
+                format!("{}/{}", b.failed_checks, b.checks),
+                b.last_error.clone().unwrap_or_else(|| "-".to_owned()),
+            ]);
+        }
+        out.push_str(&backends.render());
+    }
     out
 }
 
@@ -183,7 +207,8 @@ fn metrics_text(samples: &[Sample]) -> String {
         return "no metrics yet\n".to_owned();
     }
     let mut table = Table::new(&["METRIC", "LABELS", "VALUE"]);
-    for s in samples {
+    // Histogram buckets make the table unreadable: their _sum and _count stay (--json has all).
+    for s in samples.iter().filter(|s| !s.name.ends_with("_bucket")) {
         let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         table.row(vec![s.name.clone(), labels.join(","), number(s.value)]);
     }
@@ -261,6 +286,16 @@ mod tests {
                 protocol: ListenerProtocolDef::Http,
                 frontends: 2,
             }],
+            backends: vec![lb_config::protocol::BackendHealth {
+                cluster: "app".into(),
+                address: "127.0.0.1:9001".into(),
+                check: "http GET /health".into(),
+                state: lb_config::protocol::HealthState::Down,
+                since_secs: Some(75),
+                checks: 40,
+                failed_checks: 3,
+                last_error: Some("connect: Connection refused".into()),
+            }],
         };
         assert_eq!(
             human(&Payload::Status(status)),
@@ -272,7 +307,10 @@ mod tests {
              1       -    restarting  -            3\n\
              \n\
              LISTENER        PROTOCOL  FRONTENDS\n\
-             127.0.0.1:8080  http      2\n"
+             127.0.0.1:8080  http      2\n\
+             \n\
+             CLUSTER  BACKEND         CHECK             STATE  SINCE   FAILED  LAST ERROR\n\
+             app      127.0.0.1:9001  http GET /health  down   1m 15s  3/40    connect: Connection refused\n"
         );
     }
 

@@ -70,6 +70,7 @@ fn answer(verb: &Verb) -> Result<Payload, String> {
                 protocol: ListenerProtocolDef::Http,
                 frontends: 1,
             }],
+            backends: Vec::new(),
         })),
         Verb::StateDump => Ok(Payload::State(Box::new(state()))),
         Verb::ClusterRemove { name } => Err(format!(

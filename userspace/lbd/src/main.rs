@@ -11,8 +11,11 @@
 
 mod command;
 mod fds;
+mod health;
 mod listeners;
 mod logger;
+mod metrics;
+mod observe;
 mod runtime;
 mod sandbox;
 #[allow(dead_code)] // The fd handoff of `lbctl upgrade` and tests/steering.rs use the rest.

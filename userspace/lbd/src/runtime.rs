@@ -59,7 +59,8 @@ impl crate::command::Handler for Supervisor {
                     },
                 })
             }
-            Verb::Metrics => Ok(Payload::Metrics(self.samples())),
+            Verb::Metrics => Ok(Payload::Metrics(self.all_samples())),
+            Verb::LogLevel { level } => self.set_log_level(&level),
             Verb::Upgrade {
                 binary,
                 workers_only: true,
@@ -192,19 +193,30 @@ impl Supervisor {
                         .count(),
                 })
                 .collect(),
+            backends: self.health_rows(),
         }
     }
 }
 
 /// Reads one answer frame from a worker: `ok`, or `error: WHY`, waiting at most `timeout`.
+/// A metrics answer that came too late for its request (observe.rs) is skipped.
 pub(crate) fn read_answer(channel: &mut UnixStream, timeout: Duration) -> Result<(), String> {
+    loop {
+        match read_one_answer(channel, timeout) {
+            Err(e) if e.starts_with("unexpected answer from the worker: \"metrics ") => {}
+            other => return other,
+        }
+    }
+}
+
+fn read_one_answer(channel: &mut UnixStream, timeout: Duration) -> Result<(), String> {
     let _ = channel.set_read_timeout(Some(timeout));
     let mut len = [0u8; 4];
     channel
         .read_exact(&mut len)
         .map_err(|e| format!("no answer from the worker: {e}"))?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > 1 << 20 {
+    if len > 16 << 20 {
         return Err("the worker's answer is too large".into());
     }
     let mut body = vec![0u8; len];

@@ -94,7 +94,10 @@ pub struct Supervisor {
     steering: Vec<Steering>,
     slots: Vec<Slot>,
     exe: PathBuf,
-    log_level: log::LevelFilter,
+    /// What workers are started with (`lbctl log-level` changes it).
+    pub(crate) log_level: log::LevelFilter,
+    /// Health checks, health pushes to workers, the metrics exporter (observe.rs).
+    pub(crate) observer: crate::observe::Observer,
 }
 
 impl Supervisor {
@@ -187,6 +190,7 @@ impl Supervisor {
             slots,
             exe,
             log_level,
+            observer: crate::observe::Observer::default(),
         })
     }
 
@@ -242,6 +246,7 @@ impl Supervisor {
                 None => {}
             }
             self.start_due()?;
+            self.observe();
             commands.poll_timeout(self, Duration::from_millis(20));
         }
     }

@@ -1,0 +1,450 @@
+//! Active health checks of backends, run by lbd's main process.
+//!
+//! Why in main and not in the workers: one probe per backend and interval whatever the
+//! number of workers (a backend sees the same check traffic with 1 or 64 workers), one
+//! verdict that every worker applies the same way, and one place that logs state changes and
+//! answers `lbctl status`. Main is not sandboxed, so a probe is a plain blocking socket in a
+//! thread of its own; the workers' event loops never wait for one. The verdicts travel to the
+//! workers as `\0health` frames on their channels (see lb-proxy's `control.rs`); what a
+//! worker sees itself (connect errors, 5xx) is its passive ejection, in lb-proxy's balancer.
+//!
+//! Each checked backend has a thread that probes it every `interval`: a TCP connect, or with a
+//! `path` an HTTP/1.1 `GET path` whose status must be 200 to 399, all within `timeout`. A
+//! backend starts up; `fall` failed probes in a row put it down, `rise` good ones bring it
+//! back. [`Health::poll`] collects the results; [`Health::sync`] starts and stops threads
+//! when the clusters change.
+
+use lb_config::protocol::{BackendHealth, HealthState, Sample};
+use lb_config::{Config, HealthCheck};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// (cluster, backend address).
+type Key = (String, SocketAddr);
+
+/// How often a probe thread looks at its stop flag while it waits for the next probe.
+const STOP_POLL: Duration = Duration::from_millis(50);
+/// Bytes of the answer read to find its status line.
+const MAX_STATUS_LINE: usize = 1024;
+
+struct Outcome {
+    key: Key,
+    /// The probe thread's id (a restarted check's late results are ignored).
+    id: u64,
+    result: Result<(), String>,
+}
+
+struct Check {
+    spec: HealthCheck,
+    id: u64,
+    stop: Arc<AtomicBool>,
+    up: bool,
+    /// Good or failed probes in a row.
+    streak: u32,
+    since: Instant,
+    checks: u64,
+    failed: u64,
+    last_error: Option<String>,
+    /// State changes.
+    transitions: u64,
+}
+
+impl Drop for Check {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+pub struct Health {
+    checks: HashMap<Key, Check>,
+    sender: mpsc::Sender<Outcome>,
+    results: mpsc::Receiver<Outcome>,
+    next_id: u64,
+    /// Bumped whenever the set of down backends changes.
+    version: u64,
+}
+
+impl Default for Health {
+    fn default() -> Health {
+        let (sender, results) = mpsc::channel();
+        Health {
+            checks: HashMap::new(),
+            sender,
+            results,
+            next_id: 0,
+            version: 0,
+        }
+    }
+}
+
+impl Health {
+    /// Starts the checks `config` asks for that do not run yet, with the same settings, and
+    /// stops those it no longer has.
+    pub fn sync(&mut self, config: &Config) {
+        let mut wanted: HashMap<Key, &HealthCheck> = HashMap::new();
+        for cluster in &config.clusters {
+            let Some(spec) = &cluster.health_check else {
+                continue;
+            };
+            for b in &cluster.backends {
+                wanted.insert((cluster.name.clone(), b.address), spec);
+            }
+        }
+        let before = self.checks.len();
+        let mut removed_down = false;
+        self.checks.retain(|key, check| {
+            let keep = wanted.get(key).is_some_and(|spec| **spec == check.spec);
+            if !keep && !check.up {
+                removed_down = true;
+            }
+            keep
+        });
+        for (key, spec) in wanted {
+            if self.checks.contains_key(&key) {
+                continue;
+            }
+            self.next_id += 1;
+            let stop = Arc::new(AtomicBool::new(false));
+            let spawned = std::thread::Builder::new()
+                .name(format!("health {}", key.1))
+                .stack_size(64 * 1024)
+                .spawn({
+                    let (key, spec, stop, sender, id) = (
+                        key.clone(),
+                        spec.clone(),
+                        Arc::clone(&stop),
+                        self.sender.clone(),
+                        self.next_id,
+                    );
+                    move || probe_loop(key, spec, id, &stop, &sender)
+                });
+            if let Err(e) = spawned {
+                log::error!(
+                    "cluster {}: cannot start the health check of {}: {e}",
+                    key.0,
+                    key.1
+                );
+                continue;
+            }
+            self.checks.insert(
+                key,
+                Check {
+                    spec: spec.clone(),
+                    id: self.next_id,
+                    stop,
+                    up: true,
+                    streak: 0,
+                    since: Instant::now(),
+                    checks: 0,
+                    failed: 0,
+                    last_error: None,
+                    transitions: 0,
+                },
+            );
+        }
+        if removed_down {
+            self.version += 1;
+        }
+        if before != self.checks.len() {
+            log::debug!("{} backends health-checked", self.checks.len());
+        }
+    }
+
+    /// Takes the probes' results in; true when a backend went up or down.
+    pub fn poll(&mut self) -> bool {
+        let mut changed = false;
+        while let Ok(outcome) = self.results.try_recv() {
+            let Some(check) = self.checks.get_mut(&outcome.key) else {
+                continue;
+            };
+            if check.id != outcome.id {
+                continue;
+            }
+            check.checks += 1;
+            let ok = outcome.result.is_ok();
+            if let Err(e) = outcome.result {
+                check.failed += 1;
+                check.last_error = Some(e);
+            }
+            if ok == check.up {
+                check.streak = 0;
+                continue;
+            }
+            check.streak += 1;
+            let needed = if ok { check.spec.rise } else { check.spec.fall };
+            if check.streak < needed {
+                continue;
+            }
+            check.up = ok;
+            check.streak = 0;
+            check.since = Instant::now();
+            check.transitions += 1;
+            changed = true;
+            let (cluster, address) = &outcome.key;
+            if ok {
+                log::warn!(
+                    "cluster {cluster}: backend {address} is up ({needed} good health checks in a row)"
+                );
+            } else {
+                log::warn!(
+                    "cluster {cluster}: backend {address} is down ({needed} failed health checks in a row, last: {})",
+                    check.last_error.as_deref().unwrap_or("?")
+                );
+            }
+        }
+        if changed {
+            self.version += 1;
+        }
+        changed
+    }
+
+    /// Changes with every change of [`Health::down`].
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The backends found down, sorted.
+    pub fn down(&self) -> Vec<Key> {
+        let mut out: Vec<Key> = self
+            .checks
+            .iter()
+            .filter(|(_, c)| !c.up)
+            .map(|(k, _)| k.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Every backend of `config`, for `lbctl status`.
+    pub fn rows(&self, config: &Config) -> Vec<BackendHealth> {
+        let mut out = Vec::new();
+        for cluster in &config.clusters {
+            for b in &cluster.backends {
+                let key = (cluster.name.clone(), b.address);
+                let check = self.checks.get(&key);
+                let state = match check {
+                    _ if b.draining => HealthState::Draining,
+                    None => HealthState::Unchecked,
+                    Some(c) if c.up => HealthState::Up,
+                    Some(_) => HealthState::Down,
+                };
+                out.push(BackendHealth {
+                    cluster: cluster.name.clone(),
+                    address: b.address.to_string(),
+                    check: cluster
+                        .health_check
+                        .as_ref()
+                        .map_or_else(|| "none".to_string(), describe),
+                    state,
+                    since_secs: check.map(|c| c.since.elapsed().as_secs()),
+                    checks: check.map_or(0, |c| c.checks),
+                    failed_checks: check.map_or(0, |c| c.failed),
+                    last_error: check.and_then(|c| c.last_error.clone()),
+                });
+            }
+        }
+        out
+    }
+
+    /// `kakehi_backend_up`, probes and state changes, per checked backend.
+    pub fn samples(&self) -> Vec<Sample> {
+        let sorted: BTreeMap<&Key, &Check> = self.checks.iter().collect();
+        let mut out = Vec::new();
+        for ((cluster, address), c) in sorted {
+            let labels: BTreeMap<String, String> = [
+                ("cluster".to_string(), cluster.clone()),
+                ("backend".to_string(), address.to_string()),
+            ]
+            .into();
+            let mut push = |name: &str, value: f64, result: Option<&str>| {
+                let mut labels = labels.clone();
+                if let Some(r) = result {
+                    labels.insert("result".into(), r.into());
+                }
+                out.push(Sample {
+                    name: name.into(),
+                    labels,
+                    value,
+                });
+            };
+            push("kakehi_backend_up", if c.up { 1.0 } else { 0.0 }, None);
+            push(
+                "kakehi_health_checks_total",
+                (c.checks - c.failed) as f64,
+                Some("ok"),
+            );
+            push(
+                "kakehi_health_checks_total",
+                c.failed as f64,
+                Some("failed"),
+            );
+            push(
+                "kakehi_backend_health_transitions_total",
+                c.transitions as f64,
+                None,
+            );
+        }
+        out
+    }
+}
+
+/// "http GET /health" or "tcp", with the timing.
+fn describe(h: &HealthCheck) -> String {
+    let what = match &h.path {
+        Some(p) => format!("http GET {p}"),
+        None => "tcp".to_string(),
+    };
+    format!("{what} every {}", humantime::format_duration(h.interval))
+}
+
+fn probe_loop(
+    key: Key,
+    spec: HealthCheck,
+    id: u64,
+    stop: &AtomicBool,
+    sender: &mpsc::Sender<Outcome>,
+) {
+    let mut next = Instant::now();
+    loop {
+        while Instant::now() < next {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(STOP_POLL.min(next.saturating_duration_since(Instant::now())));
+        }
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        next = Instant::now() + spec.interval;
+        let result = probe(key.1, spec.path.as_deref(), spec.timeout);
+        let outcome = Outcome {
+            key: key.clone(),
+            id,
+            result,
+        };
+        if sender.send(outcome).is_err() {
+            return;
+        }
+    }
+}
+
+/// One probe: connect, and with a path, `GET path` and a 2xx or 3xx status, within `timeout`.
+pub fn probe(address: SocketAddr, path: Option<&str>, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let mut stream = TcpStream::connect_timeout(&address, timeout)
+        .map_err(|e| format!("connect: {}", short(&e)))?;
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let left = |what: &str| {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(format!("{what}: timed out"))
+        } else {
+            Ok(left)
+        }
+    };
+    stream
+        .set_write_timeout(Some(left("send")?))
+        .map_err(|e| format!("send: {e}"))?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: kakehi-health-check\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("send: {}", short(&e)))?;
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 512];
+    let line_end = loop {
+        if let Some(end) = head.windows(2).position(|w| w == b"\r\n") {
+            break end;
+        }
+        if head.len() >= MAX_STATUS_LINE {
+            return Err("answer: no status line".into());
+        }
+        stream
+            .set_read_timeout(Some(left("answer")?))
+            .map_err(|e| format!("answer: {e}"))?;
+        match stream.read(&mut chunk) {
+            Ok(0) => return Err("answer: connection closed before a status line".into()),
+            Ok(n) => head.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("answer: {}", short(&e))),
+        }
+    };
+    let line = String::from_utf8_lossy(head.get(..line_end).unwrap_or_default()).into_owned();
+    let mut parts = line.split(' ');
+    let status = match (parts.next(), parts.next()) {
+        (Some(version), Some(code)) if version.starts_with("HTTP/1.") => code.parse::<u16>().ok(),
+        _ => None,
+    };
+    match status {
+        Some(code) if (200..400).contains(&code) => Ok(()),
+        Some(code) => Err(format!("status {code}")),
+        None => Err(format!(
+            "answer: not HTTP ({:?})",
+            line.chars().take(40).collect::<String>()
+        )),
+    }
+}
+
+/// An I/O error in a few words ("timed out" rather than the OS's sentence for EAGAIN).
+fn short(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => "timed out".into(),
+        _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn serve_once(answer: &'static [u8]) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(answer);
+        });
+        addr
+    }
+
+    #[test]
+    fn http_probe_wants_a_2xx_or_3xx_status() {
+        let t = Duration::from_secs(2);
+        let ok = serve_once(b"HTTP/1.1 204 No Content\r\n\r\n");
+        assert_eq!(probe(ok, Some("/health"), t), Ok(()));
+        let redirect = serve_once(b"HTTP/1.0 302 Found\r\nLocation: /\r\n\r\n");
+        assert_eq!(probe(redirect, Some("/health"), t), Ok(()));
+        let bad = serve_once(b"HTTP/1.1 503 Service Unavailable\r\n\r\n");
+        assert_eq!(probe(bad, Some("/health"), t), Err("status 503".into()));
+        let garbage = serve_once(b"SSH-2.0-OpenSSH\r\n");
+        assert!(probe(garbage, Some("/"), t)
+            .unwrap_err()
+            .contains("not HTTP"));
+        let closed = serve_once(b"");
+        assert!(probe(closed, Some("/"), t).unwrap_err().contains("closed"));
+    }
+
+    #[test]
+    fn a_silent_backend_times_out_and_a_closed_port_is_refused() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent = l.local_addr().unwrap();
+        let started = Instant::now();
+        let e = probe(silent, Some("/"), Duration::from_millis(200)).unwrap_err();
+        assert!(e.contains("timed out"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(l);
+        let e = probe(silent, None, Duration::from_millis(200)).unwrap_err();
+        assert!(e.starts_with("connect:"), "{e}");
+    }
+}

@@ -1,0 +1,394 @@
+//! Prometheus exposition: merging the workers' samples and rendering the text format, and the
+//! small HTTP responder that serves it on `[metrics] address`.
+//!
+//! Why not the `metrics` facade with metrics-exporter-prometheus here: the figures are made
+//! in the workers, where they are plain integers of a single-threaded loop (lb-proxy's
+//! `stats.rs`), and they reach main as already-bucketed histograms; a facade recorder takes
+//! observations one by one and cannot import bucket counts. What is left is summing samples
+//! key by key and writing the text format (version 0.0.4), which this file does, checked in
+//! the tests against a real parser (prometheus-parse).
+//!
+//! The responder runs in a thread of its own and never touches the workers: for each
+//! `GET /metrics` it asks the supervisor's loop for the text over a channel and waits for it
+//! (the supervisor owns the workers' channels). Anything else gets 404 or 405. One client at a
+//! time, each with a short read timeout, so a slow or silent client costs nothing but itself.
+
+use lb_config::protocol::Sample;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long a scrape waits for the supervisor's answer.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send its request head.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_REQUEST_HEAD: usize = 8192;
+
+/// Adds `samples` into `into`, summing the values of samples with the same name and labels
+/// (counters, gauges and cumulative histogram buckets all add up across workers).
+#[derive(Default)]
+pub struct Merged {
+    samples: Vec<Sample>,
+    index: HashMap<(String, BTreeMap<String, String>), usize>,
+}
+
+impl Merged {
+    pub fn add(&mut self, samples: impl IntoIterator<Item = Sample>) {
+        for s in samples {
+            let key = (s.name.clone(), s.labels.clone());
+            match self.index.get(&key).and_then(|&i| self.samples.get_mut(i)) {
+                Some(existing) => existing.value += s.value,
+                None => {
+                    self.index.insert(key, self.samples.len());
+                    self.samples.push(s);
+                }
+            }
+        }
+    }
+
+    pub fn into_samples(self) -> Vec<Sample> {
+        self.samples
+    }
+}
+
+/// The metric family a sample belongs to, and whether it is part of a histogram.
+fn family(name: &str, histograms: &std::collections::HashSet<String>) -> (String, bool) {
+    for suffix in ["_bucket", "_sum", "_count"] {
+        if let Some(base) = name.strip_suffix(suffix) {
+            if histograms.contains(base) {
+                return (base.to_string(), true);
+            }
+        }
+    }
+    (name.to_string(), false)
+}
+
+/// The Prometheus text format (0.0.4) of `samples`: families sorted by name, each with its
+/// HELP and TYPE lines; within a family, samples in the order given.
+pub fn render(samples: &[Sample]) -> String {
+    let histograms: std::collections::HashSet<String> = samples
+        .iter()
+        .filter_map(|s| s.name.strip_suffix("_bucket").map(str::to_string))
+        .collect();
+    let mut families: BTreeMap<String, (bool, Vec<&Sample>)> = BTreeMap::new();
+    for s in samples {
+        let (name, histogram) = family(&s.name, &histograms);
+        families
+            .entry(name)
+            .or_insert_with(|| (histogram, Vec::new()))
+            .1
+            .push(s);
+    }
+    let mut out = String::new();
+    for (name, (histogram, members)) in families {
+        let kind = if histogram {
+            "histogram"
+        } else if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = writeln!(out, "# HELP {name} {}", help(&name));
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for s in members {
+            out.push_str(&s.name);
+            if !s.labels.is_empty() {
+                out.push('{');
+                for (i, (k, v)) in s.labels.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    let _ = write!(out, "{k}=\"{}\"", escape(v));
+                }
+                out.push('}');
+            }
+            let _ = writeln!(out, " {}", number(s.value));
+        }
+    }
+    out
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn number(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        v.to_string()
+    }
+}
+
+/// One line of help per family.
+fn help(family: &str) -> &'static str {
+    let level = if family.starts_with("kakehi_listener_") {
+        "listener"
+    } else if family.starts_with("kakehi_cluster_") {
+        "cluster"
+    } else {
+        "backend"
+    };
+    let what = family
+        .split_once('_')
+        .and_then(|(_, rest)| rest.split_once('_'))
+        .map_or(family, |(_, rest)| rest);
+    match (family, what) {
+        ("kakehi_steering_decisions_total", _) => {
+            "Connections the eBPF program steered to each worker"
+        }
+        ("kakehi_steering_drops_total", _) => "Connections the eBPF program refused in the kernel",
+        ("kakehi_worker_connections", _) => "Live client connections of each worker",
+        ("kakehi_worker_buffers_in_use", _) => "I/O buffers of each worker's pool in use",
+        ("kakehi_worker_buffers_max", _) => "The limit of each worker's buffer pool",
+        ("kakehi_worker_restarts_total", _) => {
+            "Times each worker slot was restarted after its process died"
+        }
+        ("kakehi_backend_up", _) => {
+            "1 when the active health check finds the backend up, 0 when down"
+        }
+        ("kakehi_health_checks_total", _) => "Active health check probes, by result",
+        ("kakehi_backend_health_transitions_total", _) => {
+            "Times the active health check changed the backend's state"
+        }
+        ("kakehi_backend_ejected", _) => {
+            "Workers that currently keep the backend out of rotation after consecutive errors"
+        }
+        ("kakehi_backend_ejections_total", _) => {
+            "Passive ejections of the backend after consecutive connect errors or 5xx"
+        }
+        ("kakehi_backend_active_requests", _) => "Requests in flight to the backend",
+        ("kakehi_backend_response_time_seconds", _) => {
+            "From the backend connection being ready to the first response byte"
+        }
+        (_, "requests_total") => match level {
+            "listener" => "Requests by status class, per listener",
+            "cluster" => "Requests by status class, per cluster",
+            _ => "Requests by status class, per backend",
+        },
+        (_, "received_bytes_total") => "Bytes read from clients",
+        (_, "sent_bytes_total") => "Bytes written to clients",
+        (_, "request_duration_seconds") => "From a request's first byte to the end of its exchange",
+        (_, "connections_total") => match level {
+            "listener" => "Client connections accepted",
+            _ => "New connections opened to the backend",
+        },
+        (_, "connections_active") => "Client connections open",
+        (_, "tls_handshakes_total") => "TLS handshakes completed",
+        (_, "tls_handshake_failures_total") => {
+            "TLS connections closed before their handshake completed"
+        }
+        (_, "connect_errors_total") => "Failed connections to backends",
+        (_, "retries_total") => "Connection attempts after a failed one, for the same request",
+        _ => "kakehi metric",
+    }
+}
+
+/// The HTTP side of the exporter: a thread accepting scrapes.
+pub struct Exporter {
+    requests: mpsc::Receiver<mpsc::SyncSender<String>>,
+    address: SocketAddr,
+}
+
+impl Exporter {
+    /// Binds `address` and starts serving; scrapes wait for [`Exporter::pending`] answers.
+    pub fn start(address: SocketAddr) -> std::io::Result<Exporter> {
+        let listener = TcpListener::bind(address)?;
+        let (sender, requests) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || serve(&listener, &sender))?;
+        Ok(Exporter { requests, address })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Scrapes waiting for the text.
+    pub fn pending(&self) -> Vec<mpsc::SyncSender<String>> {
+        self.requests.try_iter().collect()
+    }
+}
+
+fn serve(listener: &TcpListener, scrapes: &mpsc::Sender<mpsc::SyncSender<String>>) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else {
+            continue;
+        };
+        if !answer(stream, scrapes) {
+            return;
+        }
+    }
+}
+
+/// Serves one connection (one request); false when the supervisor is gone.
+fn answer(mut stream: TcpStream, scrapes: &mpsc::Sender<mpsc::SyncSender<String>>) -> bool {
+    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        if head.len() > MAX_REQUEST_HEAD {
+            reply(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request head too large\n",
+            );
+            return true;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return true,
+            Ok(n) => head.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut words = text.split_whitespace();
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    if path != "/metrics" {
+        reply(
+            &mut stream,
+            "404 Not Found",
+            "text/plain",
+            "metrics are at /metrics\n",
+        );
+        return true;
+    }
+    if method != "GET" && method != "HEAD" {
+        reply(
+            &mut stream,
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET /metrics\n",
+        );
+        return true;
+    }
+    let (tx, rx) = mpsc::sync_channel(1);
+    if scrapes.send(tx).is_err() {
+        return false;
+    }
+    match rx.recv_timeout(SCRAPE_TIMEOUT) {
+        Ok(body) => {
+            let body = if method == "HEAD" {
+                String::new()
+            } else {
+                body
+            };
+            reply(
+                &mut stream,
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                &body,
+            );
+        }
+        Err(_) => reply(
+            &mut stream,
+            "503 Service Unavailable",
+            "text/plain",
+            "lbd did not answer in time\n",
+        ),
+    }
+    true
+}
+
+fn reply(stream: &mut TcpStream, status: &str, content_type: &str, body: &str) {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(body.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(name: &str, labels: &[(&str, &str)], value: f64) -> Sample {
+        Sample {
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+            value,
+        }
+    }
+
+    #[test]
+    fn samples_of_several_workers_add_up() {
+        let mut m = Merged::default();
+        m.add([s("a_total", &[("x", "1")], 2.0), s("b", &[], 1.0)]);
+        m.add([
+            s("a_total", &[("x", "1")], 3.0),
+            s("a_total", &[("x", "2")], 1.0),
+        ]);
+        let got = m.into_samples();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].value, 5.0);
+        assert_eq!(got[2].labels["x"], "2");
+    }
+
+    #[test]
+    fn the_text_format_parses_back() {
+        let samples = vec![
+            s(
+                "kakehi_listener_requests_total",
+                &[("listener", "127.0.0.1:80"), ("class", "2xx")],
+                7.0,
+            ),
+            s(
+                "kakehi_backend_response_time_seconds_bucket",
+                &[("le", "0.1")],
+                3.0,
+            ),
+            s(
+                "kakehi_backend_response_time_seconds_bucket",
+                &[("le", "+Inf")],
+                4.0,
+            ),
+            s("kakehi_backend_response_time_seconds_sum", &[], 0.75),
+            s("kakehi_backend_response_time_seconds_count", &[], 4.0),
+            s("kakehi_worker_connections", &[("worker", "0")], 2.0),
+            s("kakehi_odd", &[("path", "a\"b\\c\nd")], 1.5),
+        ];
+        let text = render(&samples);
+        assert!(
+            text.contains("# TYPE kakehi_backend_response_time_seconds histogram\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE kakehi_listener_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE kakehi_worker_connections gauge\n"),
+            "{text}"
+        );
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let parsed = prometheus_parse::Scrape::parse(lines).unwrap();
+        let find = |name: &str| parsed.samples.iter().find(|x| x.metric == name).unwrap();
+        match &find("kakehi_listener_requests_total").value {
+            prometheus_parse::Value::Counter(v) => assert_eq!(*v, 7.0),
+            other => panic!("{other:?}"),
+        }
+        match &find("kakehi_backend_response_time_seconds").value {
+            prometheus_parse::Value::Histogram(h) => {
+                assert_eq!(h.len(), 2);
+                assert_eq!(h[1].count, 4.0);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Escaped as the format says (prometheus-parse keeps the escapes as written).
+        assert_eq!(find("kakehi_odd").labels.get("path"), Some(r#"a\"b\\c\nd"#));
+    }
+}

@@ -1,0 +1,242 @@
+//! What the supervisor does each turn of its loop for observability: it keeps the health
+//! checks in step with the running config, tells every worker which backends are down, and
+//! answers the metrics exporter's scrapes with the figures of every process. Also the
+//! lbctl verbs that read them (`metrics`, the backends of `status`) and `log-level`.
+//!
+//! The workers' figures come over their channels: main sends `\0metrics` to every worker,
+//! then reads each answer (`metrics JSON`, see lb-proxy's `control.rs`), so the workers
+//! answer in parallel; the per-worker gauges get a `worker` label here and everything else
+//! is summed across workers. Health verdicts go out as `\0health JSON`, which workers do not
+//! answer: to each worker whenever the down set changes, and to every new worker process
+//! (a restarted worker, or the next generation after an upgrade) as soon as it exists.
+
+use crate::health::Health;
+use crate::metrics::{Exporter, Merged};
+use crate::supervisor::Supervisor;
+use lb_config::protocol::{BackendHealth, Payload, Sample};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+/// How long a worker gets to answer a metrics request.
+const METRICS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a metrics address that could not be bound (still held by the previous lbd
+/// during an upgrade, say) is tried again.
+const REBIND_EVERY: Duration = Duration::from_secs(1);
+/// The largest metrics answer accepted from a worker.
+const MAX_ANSWER: usize = 16 << 20;
+
+#[derive(Default)]
+pub struct Observer {
+    health: Health,
+    exporter: Option<Exporter>,
+    /// The last failed bind: (address, when), to retry and to log once.
+    bind_failed: Option<(SocketAddr, Instant)>,
+    /// For each worker slot, the pid and the health version it was last sent.
+    pushed: HashMap<usize, (u32, u64)>,
+}
+
+impl Supervisor {
+    /// One turn: health checks, health pushes, the exporter.
+    pub(crate) fn observe(&mut self) {
+        let mut observer = std::mem::take(&mut self.observer);
+        observer.health.sync(self.config());
+        observer.health.poll();
+        self.push_health(&mut observer);
+        self.keep_exporter(&mut observer);
+        if let Some(exporter) = &observer.exporter {
+            let pending = exporter.pending();
+            if !pending.is_empty() {
+                let text = crate::metrics::render(&self.gather(&observer));
+                for scrape in pending {
+                    let _ = scrape.try_send(text.clone());
+                }
+            }
+        }
+        self.observer = observer;
+    }
+
+    /// `lbctl metrics`: every sample of lbd and its workers.
+    pub(crate) fn all_samples(&mut self) -> Vec<Sample> {
+        let observer = std::mem::take(&mut self.observer);
+        let samples = self.gather(&observer);
+        self.observer = observer;
+        samples
+    }
+
+    /// The backends table of `lbctl status`.
+    pub(crate) fn health_rows(&self) -> Vec<BackendHealth> {
+        self.observer.health.rows(self.config())
+    }
+
+    /// `lbctl log-level LEVEL`: main's level, every worker's, and the level workers started
+    /// from now on get.
+    pub(crate) fn set_log_level(&mut self, level: &str) -> Result<Payload, String> {
+        let filter: log::LevelFilter = level.parse().map_err(|_| {
+            format!("unknown log level {level:?}: use error, warn, info, debug, trace or off")
+        })?;
+        log::set_max_level(filter);
+        self.log_level = filter;
+        let frame = frame(format!("\0log-level {filter}").as_bytes());
+        let mut sent = Vec::new();
+        let mut failed = Vec::new();
+        for (index, _, channel) in self.channels() {
+            match channel.write_all(&frame) {
+                Ok(()) => sent.push(index),
+                Err(e) => failed.push(format!("worker {index}: {e}")),
+            }
+        }
+        let mut applied = 0;
+        for index in sent {
+            let Some(channel) = self.channel(index) else {
+                continue;
+            };
+            match crate::runtime::read_answer(channel, METRICS_TIMEOUT) {
+                Ok(()) => applied += 1,
+                Err(e) => failed.push(format!("worker {index}: {e}")),
+            }
+        }
+        log::warn!("log level set to {filter} by lbctl");
+        if failed.is_empty() {
+            Ok(Payload::Done {
+                message: format!("log level {filter} (lbd and {applied} workers)"),
+            })
+        } else {
+            Err(format!(
+                "log level {filter} set in lbd and {applied} workers, not in: {}",
+                failed.join("; ")
+            ))
+        }
+    }
+
+    fn push_health(&mut self, observer: &mut Observer) {
+        let version = observer.health.version();
+        let down = observer.health.down();
+        let mut text = None;
+        let mut live = Vec::new();
+        for (index, pid, channel) in self.channels() {
+            live.push(index);
+            // A worker process not told anything yet knows of no backend down.
+            let needs = match observer.pushed.get(&index) {
+                Some(&(p, v)) if p == pid => v != version,
+                _ => !down.is_empty(),
+            };
+            if !needs {
+                observer.pushed.insert(index, (pid, version));
+                continue;
+            }
+            let text = text.get_or_insert_with(|| {
+                let pairs: Vec<(&str, String)> = down
+                    .iter()
+                    .map(|(c, a)| (c.as_str(), a.to_string()))
+                    .collect();
+                serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into())
+            });
+            match channel.write_all(&frame(format!("\0health {text}").as_bytes())) {
+                Ok(()) => {
+                    observer.pushed.insert(index, (pid, version));
+                }
+                Err(e) => log::warn!("worker {index}: cannot send the health state: {e}"),
+            }
+        }
+        observer.pushed.retain(|i, _| live.contains(i));
+    }
+
+    fn keep_exporter(&mut self, observer: &mut Observer) {
+        let wanted = self.config().metrics.as_ref().map(|m| m.address);
+        if observer.exporter.as_ref().map(Exporter::address) == wanted {
+            return;
+        }
+        let Some(address) = wanted else {
+            // The exporter thread keeps its socket until lbd exits; it serves nothing more.
+            observer.exporter = None;
+            return;
+        };
+        if let Some((failed, at)) = observer.bind_failed {
+            if failed == address && at.elapsed() < REBIND_EVERY {
+                return;
+            }
+        }
+        match Exporter::start(address) {
+            Ok(exporter) => {
+                log::info!("metrics served at http://{address}/metrics");
+                observer.exporter = Some(exporter);
+                observer.bind_failed = None;
+            }
+            Err(e) => {
+                if observer.bind_failed.is_none_or(|(a, _)| a != address) {
+                    log::error!(
+                        "metrics: cannot listen on {address}: {e} (trying again every second)"
+                    );
+                }
+                observer.bind_failed = Some((address, Instant::now()));
+            }
+        }
+    }
+
+    /// Every sample: steering, health, worker slots, and the workers' own.
+    fn gather(&mut self, observer: &Observer) -> Vec<Sample> {
+        let mut merged = Merged::default();
+        merged.add(self.samples());
+        merged.add(observer.health.samples());
+        for row in self.worker_rows() {
+            merged.add([Sample {
+                name: "kakehi_worker_restarts_total".into(),
+                labels: [("worker".to_string(), row.index.to_string())].into(),
+                value: row.restarts as f64,
+            }]);
+        }
+        let request = frame(b"\0metrics");
+        let mut asked = Vec::new();
+        for (index, _, channel) in self.channels() {
+            if channel.write_all(&request).is_ok() {
+                asked.push(index);
+            }
+        }
+        for index in asked {
+            let Some(channel) = self.channel(index) else {
+                continue;
+            };
+            match read_metrics(channel) {
+                Ok(samples) => merged.add(samples.into_iter().map(|mut s| {
+                    if s.name.starts_with("kakehi_worker_") {
+                        s.labels.insert("worker".into(), index.to_string());
+                    }
+                    s
+                })),
+                Err(e) => log::warn!("worker {index}: no metrics: {e}"),
+            }
+        }
+        merged.into_samples()
+    }
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Reads one `metrics JSON` answer from a worker.
+fn read_metrics(channel: &mut UnixStream) -> Result<Vec<Sample>, String> {
+    let _ = channel.set_read_timeout(Some(METRICS_TIMEOUT));
+    let mut len = [0u8; 4];
+    channel
+        .read_exact(&mut len)
+        .map_err(|e| format!("no answer: {e}"))?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_ANSWER {
+        return Err(format!("an answer of {len} bytes is too large"));
+    }
+    let mut body = vec![0u8; len];
+    channel
+        .read_exact(&mut body)
+        .map_err(|e| format!("no answer: {e}"))?;
+    let json = body
+        .strip_prefix(b"metrics ")
+        .ok_or_else(|| format!("unexpected answer {:?}", String::from_utf8_lossy(&body)))?;
+    serde_json::from_slice(json).map_err(|e| format!("bad metrics: {e}"))
+}

@@ -1,0 +1,254 @@
+//! Backend health checks through a real `lbd`: a backend killed under wrk load leaves the
+//! rotation within interval × fall and stops costing connect errors, and is back within
+//! interval × rise of its restart on the same port; a cluster whose every backend is down
+//! answers 503 at once instead of waiting for a connect timeout per request; lbctl status and
+//! lbd's log show the state changes; a backend answering 5xx is ejected by the workers
+//! (passive) and tried again after its back-off.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+mod scrape;
+
+use common::{
+    free_addr, get, lbctl_bin, one_cluster, run_bounded, wait_until, BlackHole, Lbd, Wrk,
+};
+use lb_testkit::Origin;
+use scrape::{scrape, value};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const INTERVAL: Duration = Duration::from_millis(200);
+const RISE: u32 = 2;
+const FALL: u32 = 3;
+/// What a loaded 2-core machine may add to interval × fall (a probe in flight, a scheduler
+/// delay, the supervisor's 20 ms turn).
+const SLACK: Duration = Duration::from_millis(1500);
+
+fn up(metrics: SocketAddr, backend: SocketAddr) -> Option<f64> {
+    value(
+        &scrape(metrics),
+        "kakehi_backend_up",
+        &[("backend", &backend.to_string())],
+    )
+}
+
+fn backend_figure(metrics: SocketAddr, name: &str, backend: SocketAddr) -> f64 {
+    value(
+        &scrape(metrics),
+        name,
+        &[("cluster", "app"), ("backend", &backend.to_string())],
+    )
+    .unwrap_or(0.0)
+}
+
+fn lbctl(lbd: &Lbd, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(lbctl_bin());
+    cmd.arg("--config").arg(&lbd.config_path).args(args);
+    run_bounded(cmd, Duration::from_secs(20), "lbctl")
+}
+
+#[test]
+fn a_killed_backend_leaves_the_rotation_under_load_and_comes_back() {
+    let a = Origin::start("a");
+    let b = Origin::start("b");
+    let a_addr = a.addr();
+    let metrics = free_addr();
+    let lbd = Lbd::start(|l| {
+        format!(
+            "{}health_check = {{ path = \"/health\", interval = \"200ms\", timeout = \"150ms\", rise = {RISE}, fall = {FALL} }}\n",
+            one_cluster(
+                &format!("workers = 2\n[metrics]\naddress = \"{metrics}\"\n"),
+                l,
+                &[a_addr, b.addr()]
+            )
+        )
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || up(metrics, a_addr) == Some(1.0)),
+        "backend a is checked and up"
+    );
+    let url = format!("http://{}/", lbd.addr());
+    let wrk = Wrk::start(&url, 8, 12, "2s", lbd.dir().path());
+    assert!(
+        wait_until(Duration::from_secs(5), || a.requests().len() > 100),
+        "a gets traffic"
+    );
+
+    // Kill a: within interval × fall the checks take it out of every worker's rotation.
+    drop(a);
+    let killed = Instant::now();
+    assert!(
+        wait_until(INTERVAL * FALL + SLACK, || up(metrics, a_addr) == Some(0.0)),
+        "a is down within {:?}",
+        INTERVAL * FALL + SLACK
+    );
+    let down_after = killed.elapsed();
+    // Whatever was in flight settles, then no worker tries a any more.
+    std::thread::sleep(Duration::from_millis(300));
+    let errors = backend_figure(metrics, "kakehi_backend_connect_errors_total", a_addr);
+    let fives = value(
+        &scrape(metrics),
+        "kakehi_listener_requests_total",
+        &[("class", "5xx")],
+    )
+    .unwrap_or(0.0);
+    let b_before = b.requests().len();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        backend_figure(metrics, "kakehi_backend_connect_errors_total", a_addr),
+        errors,
+        "connect errors to a stopped growing once it was down"
+    );
+    assert_eq!(
+        value(
+            &scrape(metrics),
+            "kakehi_listener_requests_total",
+            &[("class", "5xx")]
+        )
+        .unwrap_or(0.0),
+        fives,
+        "no more 5xx answers once a was down"
+    );
+    assert!(b.requests().len() > b_before + 100, "b carries the load");
+    let status = lbctl(&lbd, &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.contains(&a_addr.to_string()))
+        .unwrap_or_else(|| panic!("a in lbctl status:\n{text}"));
+    assert!(row.contains(" down "), "{row}");
+    assert!(row.contains("connect:"), "the last error says why: {row}");
+
+    // Restart it on the same port: within interval × rise it is back and gets requests.
+    let a2 = Origin::start_on("a2", a_addr).expect("rebinding a's port");
+    let restarted = Instant::now();
+    assert!(
+        wait_until(INTERVAL * RISE + SLACK, || up(metrics, a_addr) == Some(1.0)),
+        "a is up again within {:?}",
+        INTERVAL * RISE + SLACK
+    );
+    let up_after = restarted.elapsed();
+    assert!(
+        wait_until(Duration::from_secs(2), || a2.requests().len() > 100),
+        "the restarted a gets traffic again"
+    );
+    let (summary, out) = wrk.finish(Duration::from_secs(20));
+    eprintln!(
+        "down after {down_after:?}, up after {up_after:?}; connect errors to a: {errors}; \
+         wrk: {} requests, {} non-2xx, {} socket errors",
+        summary.requests,
+        summary.non_2xx,
+        summary.connect_errors + summary.read_errors + summary.write_errors + summary.timeouts
+    );
+    assert!(summary.requests > 1000, "{out}");
+    let log = lbd.stderr();
+    assert!(
+        log.contains(&format!("backend {a_addr} is down")),
+        "the log says a went down:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("backend {a_addr} is up")),
+        "the log says a came back:\n{log}"
+    );
+    let transitions = backend_figure(metrics, "kakehi_backend_health_transitions_total", a_addr);
+    assert_eq!(transitions, 2.0);
+}
+
+#[test]
+fn every_backend_down_is_503_at_once() {
+    let hole = BlackHole::new();
+    let hole_addr = hole.addr;
+    let metrics = free_addr();
+    let lbd = Lbd::start(|l| {
+        format!(
+            "{}health_check = {{ interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 2 }}\n",
+            one_cluster(
+                &format!("[timeouts]\nconnect = \"3s\"\n[metrics]\naddress = \"{metrics}\"\n"),
+                l,
+                &[hole_addr]
+            )
+        )
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || up(metrics, hole_addr)
+            == Some(0.0)),
+        "a backend whose connects hang is found down by the TCP check"
+    );
+    for i in 0..5 {
+        let started = Instant::now();
+        let resp = get(lbd.addr(), "localhost", &format!("/r{i}"));
+        let took = started.elapsed();
+        assert_eq!(resp.status, 503, "{}", resp.text());
+        assert!(
+            took < Duration::from_secs(2),
+            "answered without waiting for the 3s connect timeout ({took:?})"
+        );
+    }
+    let status = lbctl(&lbd, &["status", "--json"]);
+    assert!(status.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let backend = &json["backends"][0];
+    assert_eq!(backend["address"], hole_addr.to_string());
+    assert_eq!(backend["state"], "down");
+    assert_eq!(backend["check"], "tcp every 200ms");
+    assert!(
+        backend["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("timed out")),
+        "{backend}"
+    );
+    drop(hole);
+}
+
+#[test]
+fn a_backend_answering_5xx_is_ejected_then_tried_again() {
+    let a = Origin::start("a");
+    let a_addr = a.addr();
+    let metrics = free_addr();
+    // Active checks every 1s on /health (always 200); passive ejection after 3 5xx in a row.
+    let lbd = Lbd::start(|l| {
+        format!(
+            "{}health_check = {{ path = \"/health\", interval = \"1s\", timeout = \"500ms\", fall = 3 }}\n",
+            one_cluster(&format!("[metrics]\naddress = \"{metrics}\"\n"), l, &[a_addr])
+        )
+    });
+    for _ in 0..3 {
+        assert_eq!(get(lbd.addr(), "localhost", "/status/500").status, 500);
+    }
+    let ejected = Instant::now();
+    let resp = get(lbd.addr(), "localhost", "/");
+    assert_eq!(resp.status, 503, "ejected: no backend left");
+    resp.assert_html_answer(&[503]);
+    assert_eq!(
+        backend_figure(metrics, "kakehi_backend_ejections_total", a_addr),
+        1.0
+    );
+    assert_eq!(
+        backend_figure(metrics, "kakehi_backend_ejected", a_addr),
+        1.0
+    );
+    // After the back-off (the interval, 1s) it gets requests again.
+    assert!(wait_until(Duration::from_secs(5), || get(
+        lbd.addr(),
+        "localhost",
+        "/"
+    )
+    .status
+        == 200));
+    assert!(ejected.elapsed() >= Duration::from_millis(900));
+    assert_eq!(
+        up(metrics, a_addr),
+        Some(1.0),
+        "the active check never saw it down"
+    );
+    assert!(lbd
+        .stderr()
+        .contains(&format!("backend {a_addr} ejected for 1s")));
+}

@@ -1,0 +1,89 @@
+//! Reading lbd's Prometheus endpoint in tests: a plain HTTP GET, parsed by a real Prometheus
+//! text parser (prometheus-parse), and lookups of one sample by name and labels.
+
+#![allow(dead_code)]
+
+use prometheus_parse::{Scrape, Value};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// GET /metrics on `addr`: the status and the body. lbd binds the address once its workers
+/// are up, so a refused connect is tried again for a few seconds.
+pub fn get_metrics(addr: SocketAddr) -> (u16, String) {
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut s = loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < end => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("connecting to the metrics address {addr}: {e}"),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: prometheus\r\nAccept: text/plain\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(length, body.len(), "Content-Length matches the body");
+    (status, body.to_string())
+}
+
+/// The parsed scrape of `addr`.
+pub fn scrape(addr: SocketAddr) -> Scrape {
+    let (status, body) = get_metrics(addr);
+    assert_eq!(status, 200, "{body}");
+    Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+/// The value of the counter or gauge `name` whose labels include `labels`, summed over the
+/// samples that match (None when none does).
+pub fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for s in &scrape.samples {
+        if s.metric != name || !labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)) {
+            continue;
+        }
+        let v = match &s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            other => panic!("{name} is not a counter or gauge: {other:?}"),
+        };
+        *found.get_or_insert(0.0) += v;
+    }
+    found
+}
+
+/// The observations of the histogram `name` with `labels` (its +Inf bucket), after checking
+/// that its buckets are cumulative.
+pub fn histogram_count(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape.samples.iter().find_map(|s| {
+        if s.metric != name || !labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)) {
+            return None;
+        }
+        match &s.value {
+            Value::Histogram(buckets) => {
+                let mut last = 0.0;
+                for b in buckets {
+                    assert!(b.count >= last, "buckets are cumulative: {buckets:?}");
+                    last = b.count;
+                }
+                buckets
+                    .iter()
+                    .find(|b| b.less_than.is_infinite())
+                    .map(|b| b.count)
+            }
+            _ => None,
+        }
+    })
+}
