@@ -63,7 +63,8 @@ pub struct Args {
     /// Only these proxies (comma-separated).
     #[arg(long, value_delimiter = ',', value_enum)]
     proxies: Vec<ProxyKind>,
-    /// Only these scenarios (comma-separated): keepalive-c50, keepalive-c200, 64k-c50, close-c50.
+    /// Only these scenarios (comma-separated): keepalive-c50, keepalive-c200, 64k-c50,
+    /// close-c50, https-keepalive-c50, https-newconn-c50.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// HAProxy's `http-reuse` mode. "always" lets it reuse origin connections across clients,
@@ -82,15 +83,18 @@ struct Scenario {
     path: &'static str,
     connections: u32,
     close: bool,
+    /// Over TLS, to each proxy's https listener (TLS 1.3, ECDSA P-256 certificate).
+    tls: bool,
     about: &'static str,
 }
 
-const SCENARIOS: [Scenario; 4] = [
+const SCENARIOS: [Scenario; 6] = [
     Scenario {
         name: "keepalive-c50",
         path: "/",
         connections: 50,
         close: false,
+        tls: false,
         about: "GET / (20 B), keep-alive, 50 connections",
     },
     Scenario {
@@ -98,6 +102,7 @@ const SCENARIOS: [Scenario; 4] = [
         path: "/",
         connections: 200,
         close: false,
+        tls: false,
         about: "GET / (20 B), keep-alive, 200 connections",
     },
     Scenario {
@@ -105,6 +110,7 @@ const SCENARIOS: [Scenario; 4] = [
         path: "/bytes/65536",
         connections: 50,
         close: false,
+        tls: false,
         about: "GET /bytes/65536 (64 KiB), keep-alive, 50 connections",
     },
     Scenario {
@@ -112,7 +118,26 @@ const SCENARIOS: [Scenario; 4] = [
         path: "/",
         connections: 50,
         close: true,
+        tls: false,
         about: "GET / with Connection: close (a new client connection per request), 50 connections",
+    },
+    Scenario {
+        name: "https-keepalive-c50",
+        path: "/",
+        connections: 50,
+        close: false,
+        tls: true,
+        about: "GET / (20 B) over TLS 1.3 (ECDSA P-256, X25519), keep-alive, 50 connections",
+    },
+    Scenario {
+        name: "https-newconn-c50",
+        path: "/",
+        connections: 50,
+        close: true,
+        tls: true,
+        about: "GET / over TLS 1.3 with Connection: close: a TLS handshake per request, mostly \
+                resumed (wrk offers the session it last got: PSK + X25519, no certificate \
+                signature), 50 connections",
     },
 ];
 
@@ -120,6 +145,8 @@ const SCENARIOS: [Scenario; 4] = [
 struct Proxy {
     kind: ProxyKind,
     port: u16,
+    /// Its https listener (the same routes, TLS terminated by the proxy).
+    tls_port: u16,
     proc: Proc,
     settings: String,
     version: String,
@@ -211,22 +238,31 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
         }
     }
 
-    let ports = procs::free_ports(1 + kinds.len())?;
+    let ports = procs::free_ports(1 + 2 * kinds.len())?;
     let origin_port = ports[0];
     let _origin = start::start_origin(signals, &plan, origin_port)?;
     start::verify(origin_port).context("the origin nginx does not serve its files")?;
+    start::make_certificate(&plan).context("making the bench's TLS certificate")?;
 
     let mut proxies: Vec<Proxy> = Vec::new();
-    for (&kind, &port) in kinds.iter().zip(&ports[1..]) {
+    for (&kind, pair) in kinds.iter().zip(ports[1..].chunks(2)) {
         if failed.iter().any(|(k, _)| *k == kind) {
             continue;
         }
-        let started =
-            start::start_proxy(signals, &plan, kind, port, origin_port, &args.haproxy_reuse)
-                .and_then(|proxy| {
-                    start::verify(proxy.port)?;
-                    Ok(proxy)
-                });
+        let &[port, tls_port] = pair else {
+            bail!("free_ports gave too few ports");
+        };
+        let ports = start::Ports {
+            http: port,
+            https: tls_port,
+            origin: origin_port,
+        };
+        let started = start::start_proxy(signals, &plan, kind, ports, &args.haproxy_reuse)
+            .and_then(|proxy| {
+                start::verify(proxy.port)?;
+                start::verify_tls(proxy.tls_port)?;
+                Ok(proxy)
+            });
         match started {
             Ok(proxy) => {
                 println!("xtask bench: {} ready on 127.0.0.1:{port}", kind.name());
@@ -447,7 +483,14 @@ fn measure(
     if scenario.close {
         cmd.args(["-H", "Connection: close"]);
     }
-    cmd.arg(format!("http://127.0.0.1:{}{}", proxy.port, scenario.path));
+    if scenario.tls {
+        cmd.arg(format!(
+            "https://127.0.0.1:{}{}",
+            proxy.tls_port, scenario.path
+        ));
+    } else {
+        cmd.arg(format!("http://127.0.0.1:{}{}", proxy.port, scenario.path));
+    }
     let log = plan.dir.join("logs").join("wrk.log");
     let mut wrk = Proc::spawn_logged("wrk", &mut cmd, plan.client, &log)?;
     let deadline = Instant::now() + Duration::from_secs(seconds + 20);
@@ -554,6 +597,7 @@ fn summarize(
             "path": scenario.path,
             "connections": scenario.connections,
             "connection_close": scenario.close,
+            "tls": scenario.tls,
             "results": results,
             "ratios": ratios,
         }));

@@ -55,21 +55,69 @@ pub fn start_origin(signals: &Signals, plan: &Plan, port: u16) -> Result<Proc> {
     Ok(proc)
 }
 
+/// The ports of one proxy under test, and the origin's.
+#[derive(Clone, Copy)]
+pub struct Ports {
+    pub http: u16,
+    pub https: u16,
+    pub origin: u16,
+}
+
+/// The bench's certificate (ECDSA P-256, `localhost`), made once per run with openssl:
+/// `tls/bench.pem` and `tls/bench.key`, and both in one file for HAProxy.
+pub fn make_certificate(plan: &Plan) -> Result<()> {
+    let tls = configs::Tls::new(&plan.dir);
+    std::fs::create_dir_all(&tls.dir)?;
+    let output = procs::output(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "30"])
+            .args([
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=DNS:localhost",
+            ])
+            .arg("-keyout")
+            .arg(&tls.key)
+            .arg("-out")
+            .arg(&tls.cert),
+    )
+    .context("running openssl")?;
+    if !output.status.success() {
+        bail!(
+            "openssl req failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let both = [std::fs::read(&tls.cert)?, std::fs::read(&tls.key)?].concat();
+    std::fs::write(&tls.combined, both)?;
+    Ok(())
+}
+
 pub fn start_proxy(
     signals: &Signals,
     plan: &Plan,
     kind: ProxyKind,
-    port: u16,
-    origin: u16,
+    ports: Ports,
     haproxy_reuse: &str,
 ) -> Result<Proxy> {
+    let Ports {
+        http: port,
+        https: tls_port,
+        origin,
+    } = ports;
+    let tls = configs::Tls::new(&plan.dir);
     let name = kind.name();
     let dir = program_dir(plan, name)?;
     let log = plan.dir.join("logs").join(format!("{name}.log"));
     let (mut cmd, settings, version) = match kind {
         ProxyKind::Kakehi => {
             let config = dir.join("lbd.toml");
-            std::fs::write(&config, configs::kakehi(&dir, port, origin, plan.workers))?;
+            std::fs::write(
+                &config,
+                configs::kakehi(&dir, (port, tls_port), origin, plan.workers, &tls),
+            )?;
             let _ = std::fs::remove_file(dir.join("lbd.sock"));
             let lbd = crate::target_dir().join("release").join("lbd");
             let check = procs::output(
@@ -94,7 +142,7 @@ pub fn start_proxy(
         ProxyKind::Nginx => {
             std::fs::write(
                 dir.join("nginx.conf"),
-                configs::nginx_proxy(&dir, port, origin, plan.workers),
+                configs::nginx_proxy(&dir, (port, tls_port), origin, plan.workers, &tls),
             )?;
             let version = version_of(Command::new(NGINX).arg("-v"));
             (
@@ -107,7 +155,7 @@ pub fn start_proxy(
             let config = dir.join("haproxy.cfg");
             std::fs::write(
                 &config,
-                configs::haproxy(port, origin, haproxy_reuse, plan.workers),
+                configs::haproxy((port, tls_port), origin, haproxy_reuse, plan.workers, &tls),
             )?;
             let mut cmd = Command::new(HAPROXY);
             cmd.arg("-db").arg("-f").arg(&config);
@@ -128,9 +176,18 @@ pub fn start_proxy(
         std::slice::from_mut(&mut proc),
     )
     .with_context(|| log_tail(&log))?;
+    let tls_addr = ([127, 0, 0, 1], tls_port).into();
+    procs::wait_for_accept(
+        signals,
+        tls_addr,
+        START_TIMEOUT,
+        std::slice::from_mut(&mut proc),
+    )
+    .with_context(|| log_tail(&log))?;
     Ok(Proxy {
         kind,
         port,
+        tls_port,
         proc,
         settings,
         version,
@@ -161,6 +218,26 @@ pub fn log_tail(log: &Path) -> String {
     } else {
         format!("last lines of {}:\n    {tail}", log.display())
     }
+}
+
+/// `GET /` over TLS answers 200 with the origin's small body.
+pub fn verify_tls(port: u16) -> Result<()> {
+    let url = format!("https://127.0.0.1:{port}/");
+    let output = procs::output(
+        Command::new("curl")
+            .args(["-sS", "-k", "--max-time", "5", "--tlsv1.3", "-o", "-"])
+            .arg(&url),
+    )
+    .context("running curl")?;
+    let got = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() || got != configs::SMALL_BODY {
+        bail!(
+            "GET {url}: expected {:?}, got {got:?} {}",
+            configs::SMALL_BODY,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// `GET /` answers 200 with the origin's small body, `GET /bytes/65536` 200 with 64 KiB.
