@@ -79,6 +79,7 @@ impl Supervisor {
         })?;
         log::set_max_level(filter);
         self.log_level = filter;
+        let filter = filter.as_str().to_ascii_lowercase();
         let frame = frame(format!("\0log-level {filter}").as_bytes());
         let mut sent = Vec::new();
         let mut failed = Vec::new();

@@ -64,26 +64,27 @@ pub fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64
     found
 }
 
-/// The observations of the histogram `name` with `labels` (its +Inf bucket), after checking
-/// that its buckets are cumulative.
+/// The observations of the histograms `name` whose labels include `labels` (their +Inf
+/// buckets, summed), after checking that each one's buckets are cumulative.
 pub fn histogram_count(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    scrape.samples.iter().find_map(|s| {
+    let mut found = None;
+    for s in &scrape.samples {
         if s.metric != name || !labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)) {
-            return None;
+            continue;
         }
-        match &s.value {
-            Value::Histogram(buckets) => {
-                let mut last = 0.0;
-                for b in buckets {
-                    assert!(b.count >= last, "buckets are cumulative: {buckets:?}");
-                    last = b.count;
-                }
-                buckets
-                    .iter()
-                    .find(|b| b.less_than.is_infinite())
-                    .map(|b| b.count)
-            }
-            _ => None,
+        let Value::Histogram(buckets) = &s.value else {
+            continue;
+        };
+        let mut last = 0.0;
+        for b in buckets {
+            assert!(b.count >= last, "buckets are cumulative: {buckets:?}");
+            last = b.count;
         }
-    })
+        let inf = buckets
+            .iter()
+            .find(|b| b.less_than.is_infinite())
+            .map(|b| b.count);
+        *found.get_or_insert(0.0) += inf.expect("a +Inf bucket");
+    }
+    found
 }
