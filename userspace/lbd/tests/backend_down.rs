@@ -157,3 +157,48 @@ fn a_response_head_larger_than_the_buffer_is_a_prompt_502() {
         "{log}"
     );
 }
+
+/// A backend that closes its kept-alive connection while the client is idle between two
+/// requests on one connection: the client's next request is still answered, on a new backend
+/// connection (kakehi keeps the backend connection for this client and, having seen it close,
+/// does not reuse it).
+#[test]
+fn a_kept_backend_connection_closed_while_the_client_idles_is_replaced() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    // Answers one request per connection (keep-alive in words), then closes it 100 ms later.
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            });
+        }
+    });
+    let lbd = Lbd::start(|l| one_cluster("", l, &[backend]));
+    let mut c = Client::connect(lbd.addr());
+    for i in 0..3 {
+        let resp = c.get("localhost", &format!("/r{i}"));
+        assert_eq!(resp.status, 200, "request {i}: {:?}", resp.text());
+        assert!(!resp.closes());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "one backend connection per request"
+    );
+}

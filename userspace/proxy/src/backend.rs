@@ -42,6 +42,28 @@ impl IdlePool {
         None
     }
 
+    /// A connection a session kept for itself, if it is still usable: younger than the idle
+    /// limit and, when an event came for it while idle (`stirred`), still silent and open.
+    pub fn revive(
+        &self,
+        stream: TcpStream,
+        since: Instant,
+        stirred: bool,
+        now: Instant,
+    ) -> Option<TcpStream> {
+        if now.saturating_duration_since(since) >= self.max_idle {
+            return None;
+        }
+        if !stirred {
+            return Some(stream);
+        }
+        let mut probe = [0u8; 1];
+        match stream.peek(&mut probe) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Some(stream),
+            _ => None,
+        }
+    }
+
     /// Keeps `stream` for reuse; drops it when the backend already has enough idle ones.
     pub fn put(&mut self, addr: SocketAddr, stream: TcpStream, now: Instant) {
         let list = self.conns.entry(addr).or_default();

@@ -72,6 +72,19 @@ struct BackConn {
     eof: bool,
 }
 
+/// A backend connection this session keeps between its requests (like HAProxy's
+/// `http-reuse safe`): the next request that goes to the same backend uses it as it is,
+/// still registered under this session's token, with no liveness probe unless an event came
+/// for it meanwhile. It goes to the shared idle pool when the next request goes elsewhere or
+/// the client connection ends.
+struct HeldBack {
+    stream: TcpStream,
+    address: SocketAddr,
+    since: Instant,
+    /// An event came while it was idle (bytes, or the backend closing): probe before reuse.
+    stirred: bool,
+}
+
 /// One request's progress, for the log and for decisions about reuse.
 #[derive(Default)]
 struct Exchange {
@@ -106,6 +119,7 @@ pub struct Session {
     /// The client shut its write side (seen in an event): a short read is not the end.
     front_hup: bool,
     back: Option<BackConn>,
+    held: Option<HeldBack>,
     state: State,
     req: RequestInfo,
     resp: ResponseInfo,
@@ -164,6 +178,7 @@ impl Session {
             front_eof: false,
             front_hup: false,
             back: None,
+            held: None,
             state: State::Idle,
             req: RequestInfo::default(),
             resp: ResponseInfo::default(),
@@ -204,6 +219,8 @@ impl Session {
             back.readable |= readable;
             back.writable |= writable;
             back.hup |= read_closed;
+        } else if let Some(held) = self.held.as_mut() {
+            held.stirred |= readable || read_closed;
         }
     }
 
@@ -247,6 +264,7 @@ impl Session {
         }
         let Session {
             mut back,
+            held,
             front_kawa,
             back_kawa,
             mut front,
@@ -256,6 +274,13 @@ impl Session {
             let _ = cx.registry.deregister(&mut b.stream);
             if let Some(c) = cx.clusters.get_mut(b.cluster) {
                 c.release(b.backend);
+            }
+        }
+        if let Some(held) = held {
+            // Still registered under this session's token: a stray event reaches whoever
+            // holds the token next and only sets a readiness flag (see finish_exchange).
+            if !held.stirred {
+                cx.idle.put(held.address, held.stream, held.since);
             }
         }
         let _ = cx.registry.deregister(front.stream_mut());
@@ -506,7 +531,25 @@ impl Session {
             let Some(address) = cluster.address(backend) else {
                 break;
             };
-            let (stream, reused) = match cx.idle.take(address, cx.now) {
+            let kept = match self.held.take() {
+                Some(held) if held.address == address => {
+                    cx.idle
+                        .revive(held.stream, held.since, held.stirred, cx.now)
+                }
+                Some(held) => {
+                    if !held.stirred {
+                        cx.idle.put(held.address, held.stream, held.since);
+                    }
+                    None
+                }
+                None => None,
+            };
+            let same_token = kept.is_some();
+            let pooled = match kept {
+                Some(s) => Some(s),
+                None => cx.idle.take(address, cx.now),
+            };
+            let (stream, reused) = match pooled {
                 Some(s) => (s, true),
                 None => match TcpStream::connect(address) {
                     Ok(s) => (s, false),
@@ -528,14 +571,18 @@ impl Session {
                 backend,
                 address,
                 connected: reused,
-                readable: reused,
+                // A pooled connection is re-registered below, which reports what is pending;
+                // a kept one has had no event (or was probed): nothing to read yet.
+                readable: reused && !same_token,
                 writable: reused,
                 hup: false,
                 eof: false,
             };
             let interest = Interest::READABLE | Interest::WRITABLE;
             let token = back_token(self.key);
-            let registered = if reused {
+            let registered = if same_token {
+                Ok(())
+            } else if reused {
                 cx.registry.reregister(&mut back.stream, token, interest)
             } else {
                 cx.registry.register(&mut back.stream, token, interest)
@@ -826,10 +873,20 @@ impl Session {
                 && !back.eof
                 && self.back_kawa.storage.is_empty();
             if reusable {
-                // It stays registered with this session's token: a stray event on an idle
-                // connection only sets a readiness flag that the next read clears. Reuse
-                // re-registers it under the new owner's token (one syscall, not two).
-                cx.idle.put(back.address, back.stream, cx.now);
+                // Kept for this client's next request, registered with this session's token;
+                // in the shared pool later, a stray event on it only sets a readiness flag
+                // that the next read clears, and reuse by another session re-registers it
+                // under the new owner's token (one syscall, not two).
+                if let Some(old) = self.held.replace(HeldBack {
+                    stream: back.stream,
+                    address: back.address,
+                    since: cx.now,
+                    stirred: false,
+                }) {
+                    if !old.stirred {
+                        cx.idle.put(old.address, old.stream, old.since);
+                    }
+                }
             } else {
                 let _ = cx.registry.deregister(&mut back.stream);
             }
