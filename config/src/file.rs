@@ -183,6 +183,10 @@ pub(crate) struct FileBackend {
 #[serde(deny_unknown_fields)]
 pub(crate) struct FileHealthCheck {
     pub path: Option<SpannedStr>,
+    /// HTTP checks: the request method (default GET).
+    pub method: Option<SpannedStr>,
+    /// HTTP checks: the statuses that mean up, "200-399" (the default) or "204".
+    pub status: Option<SpannedStr>,
     pub interval: Option<SpannedStr>,
     pub timeout: Option<SpannedStr>,
     pub rise: Option<SpannedInt>,

@@ -212,6 +212,10 @@ pub struct Backend {
 pub struct HealthCheck {
     /// None means a TCP connect check.
     pub path: Option<String>,
+    /// HTTP checks: the request method, upper-case (default GET).
+    pub method: String,
+    /// HTTP checks: the lowest and highest status that mean up (default 200 to 399).
+    pub status: (u16, u16),
     pub interval: Duration,
     pub timeout: Duration,
     pub rise: u32,

@@ -542,6 +542,73 @@ impl Checker<'_> {
         Ok(out)
     }
 
+    /// The method and status range of an HTTP health check (which only a check with a path
+    /// is).
+    fn health_http(
+        &self,
+        h: &FileHealthCheck,
+        field: &str,
+        http: bool,
+    ) -> Result<(String, (u16, u16))> {
+        for (key, value) in [("method", &h.method), ("status", &h.status)] {
+            if let (Some(v), false) = (value, http) {
+                return Err(self.err(
+                    v.span(),
+                    &format!("{field}.{key}"),
+                    format!("{key} applies to HTTP checks: give a path too (without one the check is a TCP connect)"),
+                ));
+            }
+        }
+        let method = match &h.method {
+            None => "GET".to_string(),
+            Some(m) => {
+                let upper = m.get_ref().to_ascii_uppercase();
+                if upper.is_empty()
+                    || upper.len() > 20
+                    || !upper.bytes().all(|b| b.is_ascii_uppercase())
+                {
+                    return Err(self.err(
+                        m.span(),
+                        &format!("{field}.method"),
+                        format!(
+                            "\"{}\" is not a request method: expected a word such as \"GET\" or \"HEAD\"",
+                            m.get_ref()
+                        ),
+                    ));
+                }
+                upper
+            }
+        };
+        let status = match &h.status {
+            None => (200, 399),
+            Some(s) => {
+                let text = s.get_ref().trim();
+                let (lo, hi) = text.split_once('-').unwrap_or((text, text));
+                let parsed = lo
+                    .trim()
+                    .parse::<u16>()
+                    .ok()
+                    .zip(hi.trim().parse::<u16>().ok());
+                match parsed {
+                    Some((lo, hi)) if (100..=599).contains(&lo) && (lo..=599).contains(&hi) => {
+                        (lo, hi)
+                    }
+                    _ => {
+                        return Err(self.err(
+                            s.span(),
+                            &format!("{field}.status"),
+                            format!(
+                                "\"{}\" is not a status or a range of statuses: expected e.g. \"200\" or \"200-399\" (100 to 599)",
+                                s.get_ref()
+                            ),
+                        ))
+                    }
+                }
+            }
+        };
+        Ok((method, status))
+    }
+
     fn health_check(&self, h: &FileHealthCheck, field: &str) -> Result<HealthCheck> {
         let path = match &h.path {
             None => None,
@@ -578,8 +645,11 @@ impl Checker<'_> {
                 ),
             ));
         }
+        let (method, status) = self.health_http(h, field, path.is_some())?;
         Ok(HealthCheck {
             path,
+            method,
+            status,
             interval,
             timeout,
             rise: self.int(h.rise.as_ref(), &format!("{field}.rise"), 2, 1..=100)?,

@@ -584,6 +584,52 @@ fn other_checks() {
 }
 
 #[test]
+fn http_health_check_method_and_status() {
+    let cluster = |check: &str| {
+        vec![
+            "[clusters.app]".to_string(),
+            "backends = [ { address = \"127.0.0.1:9001\" } ]".to_string(),
+            format!("health_check = {check}"),
+        ]
+    };
+    for (check_text, field, phrase) in [
+        (
+            "{ path = \"/h\", status = \"600\" }",
+            "status",
+            "expected e.g. \"200\" or \"200-399\"",
+        ),
+        (
+            "{ path = \"/h\", status = \"399-200\" }",
+            "status",
+            "not a status or a range",
+        ),
+        (
+            "{ path = \"/h\", method = \"GE T\" }",
+            "method",
+            "is not a request method",
+        ),
+        ("{ status = \"200\" }", "status", "give a path too"),
+        ("{ method = \"HEAD\" }", "method", "give a path too"),
+    ] {
+        let lines = cluster(check_text);
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        check(
+            &lines,
+            3,
+            &format!("clusters.app.health_check.{field}"),
+            phrase,
+        );
+    }
+    let text = "[[listeners]]\naddress = \"127.0.0.1:8080\"\n[clusters.app]\n\
+                frontends = [ { address = \"127.0.0.1:8080\" } ]\n\
+                backends = [ { address = \"127.0.0.1:9001\" } ]\n\
+                health_check = { path = \"/ping\", method = \"head\", status = \"204\" }\n";
+    let config = parse_str(text, Path::new(FILE)).unwrap();
+    let h = config.clusters[0].health_check.as_ref().unwrap();
+    assert_eq!((h.method.as_str(), h.status), ("HEAD", (204, 204)));
+}
+
+#[test]
 fn an_unreadable_file_is_named() {
     let missing = Path::new("/nonexistent/kakehi/lb.toml");
     let e = lb_config::load(missing).unwrap_err();

@@ -128,6 +128,8 @@ fn full_example_sets_every_key() {
         app.health_check,
         Some(HealthCheck {
             path: Some("/health".into()),
+            method: "HEAD".into(),
+            status: (200, 299),
             interval: Duration::from_secs(10),
             timeout: Duration::from_secs(2),
             rise: 3,
@@ -215,6 +217,8 @@ target = "off"
         app.health_check,
         Some(HealthCheck {
             path: None,
+            method: "GET".into(),
+            status: (200, 399),
             interval: Duration::from_secs(5),
             timeout: Duration::from_secs(1),
             rise: 2,

@@ -9,7 +9,8 @@
 //! worker sees itself (connect errors, 5xx) is its passive ejection, in lb-proxy's balancer.
 //!
 //! Each checked backend has a thread that probes it every `interval`: a TCP connect, or with a
-//! `path` an HTTP/1.1 `GET path` whose status must be 200 to 399, all within `timeout`. A
+//! `path` an HTTP/1.1 request (`method`, default GET) whose status must be within `status`
+//! (default 200 to 399), all within `timeout`. A
 //! backend starts up; `fall` failed probes in a row put it down, `rise` good ones bring it
 //! back. [`Health::poll`] collects the results; [`Health::sync`] starts and stops threads
 //! when the clusters change.
@@ -293,10 +294,12 @@ impl Health {
     }
 }
 
-/// "http GET /health" or "tcp", with the timing.
+/// "http GET /health", "http HEAD /ping 204" or "tcp", with the interval.
 fn describe(h: &HealthCheck) -> String {
     let what = match &h.path {
-        Some(p) => format!("http GET {p}"),
+        Some(p) if h.status == (200, 399) => format!("http {} {p}", h.method),
+        Some(p) if h.status.0 == h.status.1 => format!("http {} {p} {}", h.method, h.status.0),
+        Some(p) => format!("http {} {p} {}-{}", h.method, h.status.0, h.status.1),
         None => "tcp".to_string(),
     };
     format!("{what} every {}", humantime::format_duration(h.interval))
@@ -321,7 +324,11 @@ fn probe_loop(
             return;
         }
         next = Instant::now() + spec.interval;
-        let result = probe(key.1, spec.path.as_deref(), spec.timeout);
+        let http = spec
+            .path
+            .as_deref()
+            .map(|path| (spec.method.as_str(), path, spec.status));
+        let result = probe(key.1, http, spec.timeout);
         let outcome = Outcome {
             key: key.clone(),
             id,
@@ -333,12 +340,20 @@ fn probe_loop(
     }
 }
 
-/// One probe: connect, and with a path, `GET path` and a 2xx or 3xx status, within `timeout`.
-pub fn probe(address: SocketAddr, path: Option<&str>, timeout: Duration) -> Result<(), String> {
+/// An HTTP check: method, path, and the lowest and highest status that mean up.
+type HttpCheck<'a> = (&'a str, &'a str, (u16, u16));
+
+/// One probe within `timeout`: a connect, and for an HTTP check the request and a status in
+/// its range.
+pub fn probe(
+    address: SocketAddr,
+    http: Option<HttpCheck<'_>>,
+    timeout: Duration,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let mut stream = TcpStream::connect_timeout(&address, timeout)
         .map_err(|e| format!("connect: {}", short(&e)))?;
-    let Some(path) = path else {
+    let Some((method, path, (lowest, highest))) = http else {
         return Ok(());
     };
     let left = |what: &str| {
@@ -353,7 +368,7 @@ pub fn probe(address: SocketAddr, path: Option<&str>, timeout: Duration) -> Resu
         .set_write_timeout(Some(left("send")?))
         .map_err(|e| format!("send: {e}"))?;
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: kakehi-health-check\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: kakehi-health-check\r\nConnection: close\r\n\r\n"
     );
     stream
         .write_all(request.as_bytes())
@@ -384,7 +399,7 @@ pub fn probe(address: SocketAddr, path: Option<&str>, timeout: Duration) -> Resu
         _ => None,
     };
     match status {
-        Some(code) if (200..400).contains(&code) => Ok(()),
+        Some(code) if (lowest..=highest).contains(&code) => Ok(()),
         Some(code) => Err(format!("status {code}")),
         None => Err(format!(
             "answer: not HTTP ({:?})",
@@ -421,18 +436,21 @@ mod tests {
     #[test]
     fn http_probe_wants_a_2xx_or_3xx_status() {
         let t = Duration::from_secs(2);
+        let get = Some(("GET", "/health", (200, 399)));
         let ok = serve_once(b"HTTP/1.1 204 No Content\r\n\r\n");
-        assert_eq!(probe(ok, Some("/health"), t), Ok(()));
+        assert_eq!(probe(ok, get, t), Ok(()));
         let redirect = serve_once(b"HTTP/1.0 302 Found\r\nLocation: /\r\n\r\n");
-        assert_eq!(probe(redirect, Some("/health"), t), Ok(()));
+        assert_eq!(probe(redirect, get, t), Ok(()));
         let bad = serve_once(b"HTTP/1.1 503 Service Unavailable\r\n\r\n");
-        assert_eq!(probe(bad, Some("/health"), t), Err("status 503".into()));
+        assert_eq!(probe(bad, get, t), Err("status 503".into()));
         let garbage = serve_once(b"SSH-2.0-OpenSSH\r\n");
-        assert!(probe(garbage, Some("/"), t)
-            .unwrap_err()
-            .contains("not HTTP"));
+        assert!(probe(garbage, get, t).unwrap_err().contains("not HTTP"));
         let closed = serve_once(b"");
-        assert!(probe(closed, Some("/"), t).unwrap_err().contains("closed"));
+        assert!(probe(closed, get, t).unwrap_err().contains("closed"));
+        // A narrower range: only 204 means up.
+        let only_204 = Some(("HEAD", "/ping", (204, 204)));
+        let ok = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(probe(ok, only_204, t), Err("status 200".into()));
     }
 
     #[test]
@@ -440,7 +458,8 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let silent = l.local_addr().unwrap();
         let started = Instant::now();
-        let e = probe(silent, Some("/"), Duration::from_millis(200)).unwrap_err();
+        let get = Some(("GET", "/", (200, 399)));
+        let e = probe(silent, get, Duration::from_millis(200)).unwrap_err();
         assert!(e.contains("timed out"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(2));
         drop(l);
