@@ -1,9 +1,9 @@
 //! `cargo xtask`: the developer's and CI's entry point to kakehi.
 //!
 //! It owns the commands that a new user and CI run — `setup` (system prerequisites), `run`
-//! (the quickstart demo), `test` (every gate CI applies) and `bench` (kakehi against nginx and
-//! HAProxy). It is not the data path: the proxy lives in `lbd` and `lb-proxy`, and nothing here
-//! is linked into them. Each command lives in its own module; process handling that several
+//! (the quickstart demo), `test` (every gate CI applies), `bench` (kakehi against nginx and
+//! HAProxy) and `vm-image`/`vm-test` (the appliance image). It is not the data path: the
+//! proxy lives in `lbd` and `lb-proxy`, and nothing here is linked into them. Each command lives in its own module; process handling that several
 //! commands share (signals, children stopped by pid, ports) lives in `procs`.
 
 // xtask is a developer tool, not the data path: a broken invariant here may panic with a
@@ -21,6 +21,7 @@ mod procs;
 mod run;
 mod setup;
 mod test;
+mod vm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,13 @@ enum Command {
     /// Build the eBPF steering program as `cargo build` does, load it into the kernel (in a
     /// fresh network namespace) to prove the verifier accepts it, and print its size.
     BuildEbpf,
+    /// Build the appliance VM image (target/vm/kakehi.qcow2): Debian, systemd, DHCP, a serial
+    /// console, the release lbd and lbctl and kakehi.service; a second run reuses what is up
+    /// to date.
+    VmImage(vm::ImageArgs),
+    /// Boot the appliance image under qemu (TCG), send HTTP through it and check, inside the
+    /// guest, the sandbox, the eBPF steering and lbctl; builds the image first if needed.
+    VmTest(vm::TestArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +71,8 @@ fn main() -> ExitCode {
         Command::Test => test::test(&signals).map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::bench(&signals, &args).map(|()| ExitCode::SUCCESS),
         Command::BuildEbpf => ebpf::build_ebpf().map(|()| ExitCode::SUCCESS),
+        Command::VmImage(args) => vm::vm_image(&signals, &args).map(|_| ExitCode::SUCCESS),
+        Command::VmTest(args) => vm::vm_test(&signals, &args).map(|()| ExitCode::SUCCESS),
     });
     match result {
         Ok(code) => code,

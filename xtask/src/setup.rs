@@ -111,6 +111,11 @@ fn apt_install_line(packages: &[String]) -> String {
 /// Installs `packages` with apt, as root: the one way the project installs Debian packages
 /// (the eBPF toolchain's packages belong here too). Without root it fails with the line to run.
 pub fn install(signals: &Signals, packages: &[String]) -> Result<()> {
+    install_from(signals, packages, None)
+}
+
+/// `install`, with the packages taken from `release` (`apt-get -t`) when given.
+fn install_from(signals: &Signals, packages: &[String], release: Option<&str>) -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!(
             "missing packages: {}. Installing them needs root; run as root:\n    {}\n\
@@ -144,11 +149,105 @@ pub fn install(signals: &Signals, packages: &[String]) -> Result<()> {
             .args(["-q", "install", "-y", "--no-install-recommends"])
             .args(["-o", "DPkg::Lock::Timeout=120", "-o"])
             .arg(archives_opt)
+            .args(release.map(|r| ["-t", r]).into_iter().flatten())
             .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
     remove_debs(Path::new(&archives_dir));
     Ok(())
+}
+
+/// What `cargo xtask vm-image` and `vm-test` need: debootstrap and mke2fs build the image,
+/// qemu-img converts it, qemu-system-x86 boots it.
+pub const VM: [&str; 4] = ["debootstrap", "e2fsprogs", "qemu-utils", "qemu-system-x86"];
+/// Of those, the ones taken from backports: qemu-utils 10.0 from bookworm-backports comes
+/// preinstalled on the build machines, and bookworm's qemu-system-x86 7.2 conflicts with it.
+const VM_BACKPORTS: [&str; 2] = ["qemu-utils", "qemu-system-x86"];
+const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/kakehi-backports.sources";
+
+/// The host packages of the appliance image (`VM`), installed idempotently like `setup`'s.
+pub fn setup_vm(signals: &Signals) -> Result<()> {
+    let started = Instant::now();
+    let missing = missing_packages(&VM)?;
+    if missing.is_empty() {
+        println!(
+            "xtask setup: nothing to do, already installed: {}",
+            VM.join(" ")
+        );
+        return Ok(());
+    }
+    let (backports, plain): (Vec<String>, Vec<String>) = missing
+        .iter()
+        .cloned()
+        .partition(|p| VM_BACKPORTS.contains(&p.as_str()));
+    if !plain.is_empty() {
+        install(signals, &plain)?;
+    }
+    if !backports.is_empty() {
+        let release = format!("{}-backports", debian_codename()?);
+        backports_source(&release)?;
+        install_from(signals, &backports, Some(&release))?;
+    }
+    let still = missing_packages(&VM)?;
+    if !still.is_empty() {
+        bail!(
+            "apt-get finished but these packages are still not installed: {}",
+            still.join(" ")
+        );
+    }
+    println!(
+        "xtask setup: installed {} in {:.1}s",
+        missing.join(" "),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `bookworm`, from /etc/os-release.
+fn debian_codename() -> Result<String> {
+    let text = std::fs::read_to_string("/etc/os-release").context("reading /etc/os-release")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|c| c.trim_matches('"').to_string())
+        .filter(|c| !c.is_empty())
+        .context("/etc/os-release has no VERSION_CODENAME: setup supports Debian only here")
+}
+
+/// Adds `release` (e.g. bookworm-backports) to apt's sources, from the machine's Debian
+/// mirror, unless a source already names it. Backports have a low priority: only what is
+/// asked for with `-t` comes from there.
+fn backports_source(release: &str) -> Result<()> {
+    let mut texts = vec![std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
+    if let Ok(entries) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        for entry in entries.flatten() {
+            texts.push(std::fs::read_to_string(entry.path()).unwrap_or_default());
+        }
+    }
+    if texts.iter().any(|t| names_suite(t, release)) {
+        return Ok(());
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("{release} is not in apt's sources; adding it needs root: run `cargo xtask setup` as root");
+    }
+    let source = format!(
+        "# Written by `cargo xtask setup`: qemu for the appliance image's boot test.\n\
+         Types: deb\nURIs: {}\nSuites: {release}\nComponents: main\n\
+         Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+        crate::vm::debian_mirror()
+    );
+    std::fs::write(BACKPORTS_SOURCE, source)
+        .with_context(|| format!("writing {BACKPORTS_SOURCE}"))?;
+    println!("xtask setup: added {release} to apt's sources ({BACKPORTS_SOURCE})");
+    Ok(())
+}
+
+/// True when an active line of an apt source names `suite`.
+fn names_suite(text: &str, suite: &str) -> bool {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with("Suites:") || l.starts_with("deb "))
+        .any(|l| l.split_whitespace().any(|w| w == suite))
 }
 
 /// The downloaded .deb files are not needed once installed.
@@ -227,6 +326,23 @@ mod tests {
             "#!/bin/sh\nexit 0\n"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_suite_is_found_in_active_source_lines_only() {
+        assert!(names_suite(
+            "Suites: bookworm bookworm-backports\n",
+            "bookworm-backports"
+        ));
+        assert!(names_suite(
+            "deb http://x/debian bookworm-backports main\n",
+            "bookworm-backports"
+        ));
+        assert!(!names_suite(
+            "# deb http://x/debian bookworm-backports main\n",
+            "bookworm-backports"
+        ));
+        assert!(!names_suite("Suites: bookworm\n", "bookworm-backports"));
     }
 
     #[test]
