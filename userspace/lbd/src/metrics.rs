@@ -49,6 +49,10 @@ impl Merged {
         }
     }
 
+    pub fn samples(&self) -> &[Sample] {
+        &self.samples
+    }
+
     pub fn into_samples(self) -> Vec<Sample> {
         self.samples
     }

@@ -9,6 +9,10 @@
 //! is summed across workers. Health verdicts go out as `\0health JSON`, which workers do not
 //! answer: to each worker whenever the down set changes, and to every new worker process
 //! (a restarted worker, or the next generation after an upgrade) as soon as it exists.
+//!
+//! A worker process that is gone (it died and was restarted, or was replaced by an upgrade)
+//! takes its counters with it; main keeps them as of its last answer and adds them to the
+//! sums, so that totals do not go backwards (what it counted after that answer is lost).
 
 use crate::health::Health;
 use crate::metrics::{Exporter, Merged};
@@ -36,6 +40,11 @@ pub struct Observer {
     bind_failed: Option<(SocketAddr, Instant)>,
     /// For each worker slot, the pid and the health version it was last sent.
     pushed: HashMap<usize, (u32, u64)>,
+    /// For each worker slot, the pid and the counters of its last metrics answer.
+    last: HashMap<usize, (u32, Vec<Sample>)>,
+    /// The counters of worker processes that are gone (restarted, upgraded), as of their
+    /// last answer: kept in the sums, so that a restart does not make them go backwards.
+    retired: Merged,
 }
 
 impl Supervisor {
@@ -49,7 +58,7 @@ impl Supervisor {
         if let Some(exporter) = &observer.exporter {
             let pending = exporter.pending();
             if !pending.is_empty() {
-                let text = crate::metrics::render(&self.gather(&observer));
+                let text = crate::metrics::render(&self.gather(&mut observer));
                 for scrape in pending {
                     let _ = scrape.try_send(text.clone());
                 }
@@ -60,8 +69,8 @@ impl Supervisor {
 
     /// `lbctl metrics`: every sample of lbd and its workers.
     pub(crate) fn all_samples(&mut self) -> Vec<Sample> {
-        let observer = std::mem::take(&mut self.observer);
-        let samples = self.gather(&observer);
+        let mut observer = std::mem::take(&mut self.observer);
+        let samples = self.gather(&mut observer);
         self.observer = observer;
         samples
     }
@@ -178,7 +187,7 @@ impl Supervisor {
     }
 
     /// Every sample: steering, health, worker slots, and the workers' own.
-    fn gather(&mut self, observer: &Observer) -> Vec<Sample> {
+    fn gather(&mut self, observer: &mut Observer) -> Vec<Sample> {
         let mut merged = Merged::default();
         merged.add(self.samples());
         merged.add(observer.health.samples());
@@ -191,27 +200,56 @@ impl Supervisor {
         }
         let request = frame(b"\0metrics");
         let mut asked = Vec::new();
-        for (index, _, channel) in self.channels() {
+        let mut live = HashMap::new();
+        for (index, pid, channel) in self.channels() {
+            live.insert(index, pid);
             if channel.write_all(&request).is_ok() {
-                asked.push(index);
+                asked.push((index, pid));
             }
         }
-        for index in asked {
+        let gone: Vec<usize> = observer
+            .last
+            .iter()
+            .filter(|(index, (pid, _))| live.get(index) != Some(pid))
+            .map(|(index, _)| *index)
+            .collect();
+        for index in gone {
+            if let Some((_, samples)) = observer.last.remove(&index) {
+                observer.retired.add(samples);
+            }
+        }
+        for (index, pid) in asked {
             let Some(channel) = self.channel(index) else {
                 continue;
             };
             match read_metrics(channel) {
-                Ok(samples) => merged.add(samples.into_iter().map(|mut s| {
-                    if s.name.starts_with("kakehi_worker_") {
-                        s.labels.insert("worker".into(), index.to_string());
-                    }
-                    s
-                })),
+                Ok(samples) => {
+                    let samples: Vec<Sample> = samples
+                        .into_iter()
+                        .map(|mut s| {
+                            if s.name.starts_with("kakehi_worker_") {
+                                s.labels.insert("worker".into(), index.to_string());
+                            }
+                            s
+                        })
+                        .collect();
+                    let counters = samples.iter().filter(|s| is_counter(&s.name)).cloned();
+                    observer.last.insert(index, (pid, counters.collect()));
+                    merged.add(samples);
+                }
                 Err(e) => log::warn!("worker {index}: no metrics: {e}"),
             }
         }
+        merged.add(observer.retired.samples().iter().cloned());
         merged.into_samples()
     }
+}
+
+/// Counters and histogram parts: what only grows, and adds up across processes over time.
+fn is_counter(name: &str) -> bool {
+    ["_total", "_bucket", "_sum", "_count"]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
 }
 
 fn frame(body: &[u8]) -> Vec<u8> {

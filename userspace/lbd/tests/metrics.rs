@@ -406,3 +406,62 @@ fn log_level_changes_in_main_and_every_worker() {
     );
     assert!(lbd.stderr().contains("log level set to warn by lbctl"));
 }
+
+#[test]
+fn counters_survive_a_worker_restart() {
+    let origin = Origin::start("a");
+    let metrics = free_addr();
+    let lbd = Lbd::start(|l| {
+        common::one_cluster(
+            &format!("[metrics]\naddress = \"{metrics}\"\n"),
+            l,
+            &[origin.addr()],
+        )
+    });
+    let twos = || {
+        value(
+            &scrape(metrics),
+            "kakehi_cluster_requests_total",
+            &[("cluster", "app"), ("class", "2xx")],
+        )
+        .unwrap_or(0.0)
+    };
+    for _ in 0..10 {
+        assert_eq!(exchange(lbd.addr(), &get_request("x", "/")).0, 200);
+    }
+    assert_eq!(twos(), 10.0);
+    let old = lbd.workers();
+    assert_eq!(old.len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let now = lbd.workers();
+            now.len() == 1 && now != old
+        }),
+        "the worker is restarted"
+    );
+    for _ in 0..5 {
+        assert!(wait_until(Duration::from_secs(5), || exchange(
+            lbd.addr(),
+            &get_request("x", "/")
+        )
+        .0 == 200));
+    }
+    assert_eq!(
+        twos(),
+        15.0,
+        "the dead worker's requests (as of its last answer) are still counted"
+    );
+    assert_eq!(
+        value(
+            &scrape(metrics),
+            "kakehi_worker_restarts_total",
+            &[("worker", "0")]
+        ),
+        Some(1.0)
+    );
+}
