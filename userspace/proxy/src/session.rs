@@ -267,7 +267,7 @@ impl Session {
             held,
             front_kawa,
             back_kawa,
-            mut front,
+            front,
             ..
         } = self;
         if let Some(b) = back.as_mut() {
@@ -283,7 +283,9 @@ impl Session {
                 cx.idle.put(held.address, held.stream, held.since);
             }
         }
-        let _ = cx.registry.deregister(front.stream_mut());
+        // No deregistration: closing the socket removes it from the poll (one syscall less
+        // per connection).
+        drop(front);
         cx.pool.checkin(front_kawa.storage.buffer);
         cx.pool.checkin(back_kawa.storage.buffer);
     }
@@ -571,9 +573,10 @@ impl Session {
                 backend,
                 address,
                 connected: reused,
-                // A pooled connection is re-registered below, which reports what is pending;
-                // a kept one has had no event (or was probed): nothing to read yet.
-                readable: reused && !same_token,
+                // A pooled connection is re-registered below, which reports what is pending
+                // in a new event; a kept one has had no event (or was probed): nothing to
+                // read yet either way.
+                readable: false,
                 writable: reused,
                 hup: false,
                 eof: false,
@@ -1072,6 +1075,20 @@ impl Session {
     }
 
     fn start_linger(&mut self) -> Step {
+        // The client said `Connection: close`, nothing of it is left unread and no event
+        // says more came: it sends nothing else, so close at once (what was written still
+        // goes out before the FIN). Otherwise shut the write side and read until the client
+        // closes: closing with unread bytes would reset the connection and could destroy the
+        // answer before the client reads it.
+        let quiet = self.req.close
+            && self.front_kawa.is_terminated()
+            && self.front_kawa.is_completed()
+            && !self.front_readable
+            && self.front_kawa.storage.unparsed_data().is_empty()
+            && matches!(self.front, Front::Plain(_));
+        if quiet && !self.front.has_pending() {
+            return Step::Close;
+        }
         self.front.shutdown_write();
         self.state = State::Lingering;
         Step::Progress
