@@ -252,3 +252,46 @@ fn a_backend_answering_5xx_is_ejected_then_tried_again() {
         .stderr()
         .contains(&format!("backend {a_addr} ejected for 1s")));
 }
+
+#[test]
+fn a_restarted_worker_learns_what_is_down_at_once() {
+    let dead = common::ClosedPort::new();
+    let live = Origin::start("live");
+    let dead_addr = dead.addr;
+    let metrics = free_addr();
+    let lbd = Lbd::start(|l| {
+        format!(
+            "{}health_check = {{ interval = \"200ms\", timeout = \"100ms\", fall = 1 }}\n",
+            one_cluster(
+                &format!("[metrics]\naddress = \"{metrics}\"\n"),
+                l,
+                &[dead_addr, live.addr()]
+            )
+        )
+    });
+    assert!(wait_until(Duration::from_secs(5), || up(
+        metrics, dead_addr
+    ) == Some(0.0)));
+    let old = lbd.workers();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        let now = lbd.workers();
+        now.len() == 1 && now != old
+    }));
+    // Round robin over two backends: without the down set, every other request would try
+    // the dead one first.
+    for i in 0..20 {
+        let resp = get(lbd.addr(), "localhost", &format!("/r{i}"));
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    assert_eq!(
+        backend_figure(metrics, "kakehi_backend_connect_errors_total", dead_addr),
+        0.0,
+        "the new worker never tried the backend that was down"
+    );
+    assert_eq!(live.requests().len(), 20);
+}
