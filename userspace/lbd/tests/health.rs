@@ -295,3 +295,93 @@ fn a_restarted_worker_learns_what_is_down_at_once() {
     );
     assert_eq!(live.requests().len(), 20);
 }
+
+/// A TCP passthrough request through `addr`: an HTTP GET to the origin behind it.
+fn tcp_get(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: tcp\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn tcp_cluster(
+    listener: SocketAddr,
+    metrics: SocketAddr,
+    backends: &[SocketAddr],
+    check: &str,
+) -> String {
+    format!(
+        "[metrics]\naddress = \"{metrics}\"\n\n[[listeners]]\naddress = \"{listener}\"\nprotocol = \"tcp\"\n\n\
+         [clusters.app]\nprotocol = \"tcp\"\nfrontends = [ {{ address = \"{listener}\" }} ]\n\
+         backends = {}\nhealth_check = {check}\n",
+        common::backends(backends)
+    )
+}
+
+#[test]
+fn tcp_clusters_skip_down_backends_and_eject_failing_ones() {
+    // Active: the dead backend is found down by the connect check and never tried.
+    let dead = common::ClosedPort::new();
+    let live = Origin::start("live");
+    let metrics = free_addr();
+    let lbd = Lbd::start(|l| {
+        tcp_cluster(
+            l,
+            metrics,
+            &[dead.addr, live.addr()],
+            "{ interval = \"200ms\", timeout = \"100ms\", fall = 1 }",
+        )
+    });
+    assert!(wait_until(Duration::from_secs(5), || up(
+        metrics, dead.addr
+    ) == Some(0.0)));
+    // The harness's own connection (to see lbd up) may have met it before the check did.
+    let before = backend_figure(metrics, "kakehi_backend_connect_errors_total", dead.addr);
+    for _ in 0..10 {
+        assert!(tcp_get(lbd.addr()).starts_with("HTTP/1.1 200"));
+    }
+    assert_eq!(
+        backend_figure(metrics, "kakehi_backend_connect_errors_total", dead.addr),
+        before,
+        "a backend found down is not tried"
+    );
+    assert!(wait_until(Duration::from_secs(5), || value(
+        &scrape(metrics),
+        "kakehi_listener_connections_total",
+        &[("listener", &lbd.addr().to_string())]
+    )
+    .unwrap_or(0.0)
+        >= 10.0));
+    drop(lbd);
+
+    // Passive: with a check too slow to notice (first probe at start, then every minute,
+    // fall 2), the workers eject the dead backend after 2 connect errors and stop trying it.
+    let dead = common::ClosedPort::new();
+    let metrics = free_addr();
+    let lbd = Lbd::start(|l| {
+        tcp_cluster(
+            l,
+            metrics,
+            &[dead.addr, live.addr()],
+            "{ interval = \"1m\", timeout = \"1s\", fall = 2 }",
+        )
+    });
+    for _ in 0..10 {
+        assert!(tcp_get(lbd.addr()).starts_with("HTTP/1.1 200"));
+    }
+    // (The harness's own connection, to see lbd up, may be one of them.)
+    assert_eq!(
+        backend_figure(metrics, "kakehi_backend_connect_errors_total", dead.addr),
+        2.0,
+        "fall connect errors, then ejected"
+    );
+    assert_eq!(
+        backend_figure(metrics, "kakehi_backend_ejections_total", dead.addr),
+        1.0
+    );
+    assert_eq!(up(metrics, dead.addr), Some(1.0), "one failed probe of two");
+}
