@@ -307,7 +307,8 @@ impl TlsFront {
     }
 
     /// Reads plaintext: fills `buf` as far as the socket allows, so that a short read means
-    /// the socket is drained (the session relies on it with edge-triggered readiness).
+    /// the socket is drained (the session relies on it with edge-triggered readiness). A short
+    /// read from the socket says the same here: then no read is spent on `EAGAIN`.
     fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.plain_http {
             return Err(ErrorKind::InvalidData.into());
@@ -316,6 +317,7 @@ impl TlsFront {
             self.sniff()?;
         }
         let mut filled = 0;
+        let mut drained = false;
         loop {
             let Some(rest) = buf.get_mut(filled..) else {
                 return Ok(filled);
@@ -339,9 +341,21 @@ impl TlsFront {
             if self.eof {
                 return Ok(filled);
             }
-            match self.conn.read_tls(&mut self.sock) {
+            if drained {
+                return if filled > 0 {
+                    Ok(filled)
+                } else {
+                    Err(ErrorKind::WouldBlock.into())
+                };
+            }
+            let mut probe = ShortReadProbe {
+                sock: &mut self.sock,
+                short: false,
+            };
+            match self.conn.read_tls(&mut probe) {
                 Ok(0) => self.eof = true,
                 Ok(_) => {
+                    drained = probe.short;
                     if let Err(e) = self.conn.process_new_packets() {
                         // rustls queued an alert: send it, then report the failure.
                         let _ = self.flush_tls();
@@ -371,6 +385,21 @@ impl TlsFront {
         if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
             return Err(ErrorKind::WouldBlock.into());
         }
+        Ok(n)
+    }
+}
+
+/// The socket as rustls reads it, noting whether a read came back shorter than asked: the
+/// receive queue was empty then, and the next bytes will bring a new readiness event.
+struct ShortReadProbe<'a> {
+    sock: &'a mut TcpStream,
+    short: bool,
+}
+
+impl Read for ShortReadProbe<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.sock.read(buf)?;
+        self.short = n < buf.len();
         Ok(n)
     }
 }
