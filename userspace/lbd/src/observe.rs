@@ -177,7 +177,7 @@ impl Supervisor {
             }
             Err(e) => {
                 if observer.bind_failed.is_none_or(|(a, _)| a != address) {
-                    log::error!(
+                    log::warn!(
                         "metrics: cannot listen on {address}: {e} (trying again every second)"
                     );
                 }
