@@ -202,3 +202,64 @@ fn a_kept_backend_connection_closed_while_the_client_idles_is_replaced() {
         "one backend connection per request"
     );
 }
+
+/// A chunked body whose trailer line is longer than the whole buffer can never be parsed:
+/// the request gets a 400 at once (not at the request timeout), and a response a close right
+/// after what was already sent (not at the backend timeout).
+#[test]
+fn a_body_line_longer_than_the_buffer_is_answered_at_once() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    let long = "a".repeat(40_000);
+    // Request side.
+    let origin = Origin::start("o");
+    let addr = origin.addr();
+    let top = "[timeouts]\nrequest_header = \"60s\"\nfront_idle = \"60s\"\nback_idle = \"60s\"\n";
+    let lbd = Lbd::start(|l| one_cluster(top, l, &[addr]));
+    let mut c = Client::connect(lbd.addr());
+    c.send(
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n0\r\nX-Long: {long}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    let resp = c.response();
+    assert_eq!(resp.status, 400, "{:?}", resp.text());
+    drop(lbd);
+
+    // Response side: a backend whose chunked response ends in an endless trailer line.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let body = long.clone();
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else {
+            return;
+        };
+        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+            line.clear();
+        }
+        let _ = conn.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Long: {body}"
+            )
+            .as_bytes(),
+        );
+        // Keep the connection open: only kakehi's own check can end this response.
+        std::thread::sleep(std::time::Duration::from_secs(30));
+    });
+    let lbd = Lbd::start(|l| one_cluster(top, l, &[backend]));
+    let mut c = Client::connect(lbd.addr());
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let head = c.head();
+    assert_eq!(head.status, 200);
+    let mut rest = Vec::new();
+    // The client's read timeout (10 s) is far below the 60 s timeouts: EOF must come first.
+    let _ = c
+        .reader
+        .read_to_end(&mut rest)
+        .expect("closed by kakehi, not timed out");
+    assert!(String::from_utf8_lossy(&rest).contains("hello"));
+}

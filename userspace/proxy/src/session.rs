@@ -691,6 +691,16 @@ impl Session {
                     return Step::Close;
                 }
                 ReadOutcome::Error => return Step::Close,
+                ReadOutcome::Full if stuck(&self.front_kawa) => {
+                    // A chunk-size or trailer line longer than the whole buffer: it can never
+                    // be parsed, so answer now rather than at the request timeout.
+                    self.ex.error = Some("request body line longer than the buffer");
+                    if self.ex.response_sent {
+                        self.log(cx, 400);
+                        return Step::Close;
+                    }
+                    return self.fail_exchange(cx, Answer::BadRequest);
+                }
                 ReadOutcome::Blocked | ReadOutcome::Full => {}
             }
         }
@@ -761,6 +771,14 @@ impl Session {
                             return self.fail_exchange(cx, Answer::BadGateway);
                         }
                         self.ex.error = Some("backend connection error mid-response");
+                        self.log(cx, self.resp.status);
+                        return Step::Close;
+                    }
+                    ReadOutcome::Full if stuck(&self.back_kawa) => {
+                        self.ex.error = Some("response body line longer than the buffer");
+                        if !self.ex.response_sent {
+                            return self.fail_exchange(cx, Answer::BadGateway);
+                        }
                         self.log(cx, self.resp.status);
                         return Step::Close;
                     }
@@ -1196,6 +1214,12 @@ enum WriteOutcome {
     Nothing,
     Blocked,
     Error,
+}
+
+/// The buffer is full of bytes the parser cannot use yet and nothing parsed waits to be
+/// sent: a line longer than the buffer, which no read can complete.
+fn stuck(kawa: &Kawa<PoolBuf>) -> bool {
+    kawa.storage.available_space() == 0 && kawa.blocks.is_empty() && kawa.out.is_empty()
 }
 
 /// Reads what the socket has into the kawa buffer, as far as it has room.
