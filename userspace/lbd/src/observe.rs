@@ -259,23 +259,32 @@ fn frame(body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Reads one `metrics JSON` answer from a worker.
+/// Reads one `metrics JSON` answer from a worker. An `ok` or `error: ...` before it is the
+/// late answer to a configuration that timed out: skipped (its sender already reported it).
 fn read_metrics(channel: &mut UnixStream) -> Result<Vec<Sample>, String> {
     let _ = channel.set_read_timeout(Some(METRICS_TIMEOUT));
-    let mut len = [0u8; 4];
-    channel
-        .read_exact(&mut len)
-        .map_err(|e| format!("no answer: {e}"))?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_ANSWER {
-        return Err(format!("an answer of {len} bytes is too large"));
+    loop {
+        let mut len = [0u8; 4];
+        channel
+            .read_exact(&mut len)
+            .map_err(|e| format!("no answer: {e}"))?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_ANSWER {
+            return Err(format!("an answer of {len} bytes is too large"));
+        }
+        let mut body = vec![0u8; len];
+        channel
+            .read_exact(&mut body)
+            .map_err(|e| format!("no answer: {e}"))?;
+        if let Some(json) = body.strip_prefix(b"metrics ") {
+            return serde_json::from_slice(json).map_err(|e| format!("bad metrics: {e}"));
+        }
+        if body != b"ok" && !body.starts_with(b"error: ") {
+            return Err(format!(
+                "unexpected answer {:?}",
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        log::debug!("skipped a late answer: {}", String::from_utf8_lossy(&body));
     }
-    let mut body = vec![0u8; len];
-    channel
-        .read_exact(&mut body)
-        .map_err(|e| format!("no answer: {e}"))?;
-    let json = body
-        .strip_prefix(b"metrics ")
-        .ok_or_else(|| format!("unexpected answer {:?}", String::from_utf8_lossy(&body)))?;
-    serde_json::from_slice(json).map_err(|e| format!("bad metrics: {e}"))
 }
