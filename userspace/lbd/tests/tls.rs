@@ -14,7 +14,8 @@
 //!   each change, an established TLS connection surviving the replacement; expired,
 //!   mismatched and unparsable certificates refused with their reason and the state unchanged;
 //! - a certificate replaced repeatedly under wrk HTTPS load: zero failed requests;
-//! - an http frontend with `redirect_https` answering 301 to the https URL.
+//! - an http frontend with `redirect_https` answering 301 to the https URL;
+//! - 24 MiB down and 8 MiB up through TLS byte-exact, and pipelined requests answered in order.
 //!
 //! Every process is stopped by handle or pid and every wait has a deadline.
 
@@ -788,5 +789,73 @@ fn redirect_https_answers_301_to_the_same_url() {
     assert!(
         err.contains("redirect_https only applies to frontends of http listeners"),
         "{err}"
+    );
+}
+
+#[test]
+fn large_bodies_and_pipelined_requests_cross_tls_intact() {
+    let dir = TempDir::new("tls-large");
+    let a = Cert::new(dir.path(), "a", &["a.test"]);
+    let origin = Origin::start("one");
+    let lbd = https_lbd(&[&a], &origin, "[access_log]\ntarget = \"off\"\n");
+    let addr = lbd.addr();
+
+    // 24 MiB down: more than rustls's send buffer and the socket's, many times over.
+    let len = 24 << 20;
+    let got = curl_https(addr, "a.test", &format!("/bytes/{len}"), &a);
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert_eq!(got.stdout.len(), len);
+    assert!(
+        got.stdout == common::pattern(len),
+        "the body differs from the pattern"
+    );
+
+    // 8 MiB up, through the backend and back as a digest.
+    let body = common::pattern(8 << 20);
+    let file = dir.write("up.bin", &body);
+    let up = curl(&[
+        "--resolve",
+        &format!("a.test:{}:{}", addr.port(), addr.ip()),
+        "--cacert",
+        a.pem.to_str().unwrap(),
+        "--data-binary",
+        &format!("@{}", file.display()),
+        &format!("https://a.test:{}/digest", addr.port()),
+    ]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&up.stdout),
+        common::digest_line(&body)
+    );
+
+    // Three pipelined requests in one TLS write, answered in order on one connection.
+    let pipelined = "GET /p1 HTTP/1.1\r\nHost: a.test\r\n\r\n\
+                     GET /p2 HTTP/1.1\r\nHost: a.test\r\n\r\n\
+                     GET /p3 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
+    let out = s_client(
+        addr,
+        &["-servername", "a.test", "-quiet", "-ign_eof"],
+        pipelined.as_bytes(),
+    );
+    let order: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("origin one: GET /p"))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "origin one: GET /p1",
+            "origin one: GET /p2",
+            "origin one: GET /p3"
+        ],
+        "{out}"
     );
 }
