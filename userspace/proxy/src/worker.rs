@@ -65,6 +65,8 @@ pub enum WorkerError {
         #[source]
         source: crate::tls::TlsError,
     },
+    #[error("cannot set up TLS: {0}")]
+    TlsContext(#[source] crate::tls::TlsError),
     #[error("no listener in the config at index {0}")]
     NoSuchListener(usize),
     #[error("cannot open the access log: {0}")]
@@ -285,10 +287,7 @@ impl Worker {
         let mut listener_specs = Vec::new();
         // Created up front, before the sandbox: the ticket keys need randomness, and the
         // crypto library initialises itself on first use.
-        let tls_context = TlsContext::new().map_err(|source| WorkerError::Tls {
-            address: SocketAddr::from(([0, 0, 0, 0], 0)),
-            source,
-        })?;
+        let tls_context = TlsContext::new().map_err(WorkerError::TlsContext)?;
         for (i, (index, std_listener)) in listeners.into_iter().enumerate() {
             let spec = config
                 .listeners
