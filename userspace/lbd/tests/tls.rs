@@ -15,7 +15,8 @@
 //!   mismatched and unparsable certificates refused with their reason and the state unchanged;
 //! - a certificate replaced repeatedly under wrk HTTPS load: zero failed requests;
 //! - an http frontend with `redirect_https` answering 301 to the https URL;
-//! - 24 MiB down and 8 MiB up through TLS byte-exact, and pipelined requests answered in order.
+//! - 24 MiB down and 8 MiB up through TLS byte-exact, and pipelined requests answered in order;
+//! - a WebSocket upgrade piping raw bytes both ways over TLS.
 //!
 //! Every process is stopped by handle or pid and every wait has a deadline.
 
@@ -32,6 +33,8 @@ use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
@@ -290,10 +293,13 @@ fn lbctl_ok(lbd: &Lbd, args: &[&str]) -> String {
 }
 
 /// An `openssl s_client` kept open: requests written one by one on the same TLS connection.
+/// A watchdog kills it after a minute, so that a read waiting for bytes that never come
+/// fails the test instead of hanging it.
 struct TlsSession {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
+    done: Arc<AtomicBool>,
 }
 
 impl TlsSession {
@@ -308,10 +314,25 @@ impl TlsSession {
             .expect("spawn openssl s_client");
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
+        let done = Arc::new(AtomicBool::new(false));
+        let (flag, pid) = (Arc::clone(&done), child.id() as i32);
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(60);
+            while !flag.load(Ordering::SeqCst) && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !flag.load(Ordering::SeqCst) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        });
         TlsSession {
             child,
             stdin,
             stdout,
+            done,
         }
     }
 
@@ -336,6 +357,7 @@ impl Drop for TlsSession {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.done.store(true, Ordering::SeqCst);
     }
 }
 
@@ -858,4 +880,31 @@ fn large_bodies_and_pipelined_requests_cross_tls_intact() {
         ],
         "{out}"
     );
+}
+
+#[test]
+fn a_websocket_upgrade_pipes_bytes_over_tls() {
+    let dir = TempDir::new("tls-ws");
+    let a = Cert::new(dir.path(), "a", &["a.test"]);
+    let origin = Origin::start("one");
+    let lbd = https_lbd(&[&a], &origin, "[access_log]\ntarget = \"off\"\n");
+    let mut ws = TlsSession::open(lbd.addr(), "a.test");
+    ws.stdin
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    ws.stdin.flush().unwrap();
+    let head = read_head(&mut ws.stdout).unwrap();
+    assert_eq!(head.status, 101, "{head:?}");
+    // Raw bytes both ways through the TLS front, echoed by the origin, several times.
+    for round in 0..3 {
+        let line = format!("round {round}: {}\n", "x".repeat(10_000));
+        ws.stdin.write_all(line.as_bytes()).unwrap();
+        ws.stdin.flush().unwrap();
+        let mut echoed = vec![0u8; line.len()];
+        ws.stdout.read_exact(&mut echoed).unwrap();
+        assert_eq!(String::from_utf8(echoed).unwrap(), line);
+    }
 }
