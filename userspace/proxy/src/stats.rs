@@ -11,8 +11,53 @@
 use crate::accesslog::Record;
 use lb_config::protocol::Sample;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::time::Duration;
+
+/// A fast multiplicative hasher (FxHash's) for the maps below, looked up several times per
+/// request: their keys are cluster names and addresses from the configuration, not client
+/// input, so they need no protection against chosen collisions.
+#[derive(Default)]
+pub struct FxHasher(u64);
+
+impl FxHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let word = chunk
+                .iter()
+                .enumerate()
+                .fold(0u64, |w, (i, b)| w | u64::from(*b) << (8 * i));
+            self.add(word);
+        }
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.add(u64::from(n));
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
 /// Upper bounds of the histogram buckets, in seconds (Prometheus' defaults, from 1 ms).
 pub const BUCKETS: [f64; 13] = [
@@ -31,10 +76,8 @@ pub struct Histogram {
 impl Histogram {
     pub fn observe(&mut self, d: Duration) {
         let secs = d.as_secs_f64();
-        let slot = BUCKETS
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(BUCKETS.len());
+        // The first bucket whose bound is at least `secs` (BUCKETS.len(): none).
+        let slot = BUCKETS.partition_point(|&b| b < secs);
         if let Some(c) = self.counts.get_mut(slot) {
             *c += 1;
         }
@@ -151,14 +194,14 @@ pub struct ClusterStats {
     pub traffic: Traffic,
     pub connect_errors: u64,
     pub retries: u64,
-    pub backends: HashMap<SocketAddr, BackendStats>,
+    pub backends: FastMap<SocketAddr, BackendStats>,
 }
 
 /// Every figure of one worker.
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub listeners: HashMap<SocketAddr, ListenerStats>,
-    pub clusters: HashMap<String, ClusterStats>,
+    pub listeners: FastMap<SocketAddr, ListenerStats>,
+    pub clusters: FastMap<String, ClusterStats>,
 }
 
 impl Stats {
