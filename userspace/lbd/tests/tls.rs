@@ -16,7 +16,8 @@
 //! - a certificate replaced repeatedly under wrk HTTPS load: zero failed requests;
 //! - an http frontend with `redirect_https` answering 301 to the https URL;
 //! - 24 MiB down and 8 MiB up through TLS byte-exact, and pipelined requests answered in order;
-//! - a WebSocket upgrade piping raw bytes both ways over TLS.
+//! - a WebSocket upgrade piping raw bytes both ways over TLS;
+//! - `lbctl reload` applying a certificate file renewed on disk (and nothing when unchanged).
 //!
 //! Every process is stopped by handle or pid and every wait has a deadline.
 
@@ -907,4 +908,35 @@ fn a_websocket_upgrade_pipes_bytes_over_tls() {
         ws.stdout.read_exact(&mut echoed).unwrap();
         assert_eq!(String::from_utf8(echoed).unwrap(), line);
     }
+}
+
+#[test]
+fn reload_applies_a_certificate_renewed_on_disk() {
+    let dir = TempDir::new("tls-reload");
+    let live = Cert::new(dir.path(), "live", &["a.test"]);
+    let old = live.fingerprint();
+    let origin = Origin::start("one");
+    let lbd = https_lbd(&[&live], &origin, "[access_log]\ntarget = \"off\"\n");
+    let addr = lbd.addr();
+    assert_eq!(served_fingerprint(addr, Some("a.test")), old);
+    // Nothing changed on disk: nothing to apply.
+    let out = lbctl_ok(&lbd, &["reload"]);
+    assert!(!out.contains("certificates"), "{out}");
+    // Renewed in place (same file names), then reloaded: served from then on.
+    let renewed = Cert::new(dir.path(), "live", &["a.test"]);
+    assert_ne!(renewed.fingerprint(), old);
+    let out = lbctl_ok(&lbd, &["reload"]);
+    assert!(
+        out.contains(&format!("~ listener {addr}: certificates")),
+        "{out}"
+    );
+    assert!(!out.contains("PRIVATE KEY"), "{out}");
+    assert_eq!(
+        served_fingerprint(addr, Some("a.test")),
+        renewed.fingerprint()
+    );
+    assert_served(
+        &curl_https(addr, "a.test", "/", &renewed),
+        "origin one: GET /\n",
+    );
 }
