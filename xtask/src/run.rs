@@ -50,6 +50,8 @@ pub fn run(signals: &Signals, args: &Args) -> Result<ExitCode> {
         for (name, addr) in ORIGINS {
             ports.push((name, addr.parse()?));
         }
+        // The quickstart's [metrics] address.
+        ports.push(("lbd's metrics", "127.0.0.1:9100".parse()?));
     }
     ports.extend(listeners.iter().map(|addr| ("lbd", *addr)));
     for (who, addr) in &ports {
@@ -154,6 +156,12 @@ fn print_banner(root: &Path, config: &Path, listeners: &[SocketAddr], demo: bool
         println!(
             "  curl -s -o /dev/null -w '%{{http_code}} %{{size_download}}\\n' \
              -H 'Host: localhost' {base}/bytes/100000"
+        );
+        println!(
+            "  curl -s http://127.0.0.1:9100/metrics | grep requests_total   # Prometheus metrics"
+        );
+        println!(
+            "  cargo run -q -p lbctl -- -c {QUICKSTART} status   # workers, listeners, backends' health"
         );
         println!("The access log appears below, one line per request.");
     } else if let Some(addr) = listeners.first() {
