@@ -62,6 +62,7 @@ pub(crate) struct FileTimeouts {
     pub request_header: Option<SpannedStr>,
     pub front_idle: Option<SpannedStr>,
     pub back_idle: Option<SpannedStr>,
+    pub drain: Option<SpannedStr>,
 }
 
 /// `[access_log]`.

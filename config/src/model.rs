@@ -49,7 +49,7 @@ pub enum SteeringPolicy {
 }
 
 /// Timeouts of the data path. File keys under `[timeouts]`: `connect`, `request_header`,
-/// `front_idle`, `back_idle`.
+/// `front_idle`, `back_idle`, `drain`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     /// Connecting to a backend. Default 3s.
@@ -60,6 +60,9 @@ pub struct Timeouts {
     pub front_idle: Duration,
     /// Waiting for bytes from a backend while a request is in flight. Default 30s.
     pub back_idle: Duration,
+    /// How long a stopping worker (SIGTERM, `lbctl shutdown`, the old generation of an
+    /// upgrade) lets its connections finish before it closes what is left. Default 10s.
+    pub drain: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -157,6 +157,8 @@ pub struct TimeoutsDef {
     pub front_idle: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub back_idle: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain: Option<String>,
 }
 
 /// `[access_log]`.
@@ -751,7 +753,17 @@ impl State {
                         address: listener.address.clone(),
                     });
                 }
-                self.listeners.push(listener.clone());
+                // The running state carries certificates as text (workers open no file).
+                let mut listener = listener.clone();
+                for cert in &mut listener.certificates {
+                    *cert = cert.inlined().map_err(|e| StateError::BadCertificate {
+                        reason: format!(
+                            "cannot read {}: {e}",
+                            cert.certificate.as_deref().unwrap_or("the certificate")
+                        ),
+                    })?;
+                }
+                self.listeners.push(listener);
             }
             Edit::AddCertificate {
                 address,

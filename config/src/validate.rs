@@ -273,6 +273,7 @@ impl Checker<'_> {
             )?,
             front_idle: self.duration(t.front_idle.as_ref(), "timeouts.front_idle", secs(60))?,
             back_idle: self.duration(t.back_idle.as_ref(), "timeouts.back_idle", secs(30))?,
+            drain: self.duration(t.drain.as_ref(), "timeouts.drain", secs(10))?,
         })
     }
 

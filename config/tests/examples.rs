@@ -70,6 +70,7 @@ fn full_example_sets_every_key() {
             request_header: Duration::from_secs(5),
             front_idle: Duration::from_secs(120),
             back_idle: Duration::from_secs(45),
+            drain: Duration::from_secs(10),
         }
     );
     assert_eq!(config.access_log.format, LogFormat::Json);
@@ -165,6 +166,7 @@ fn defaults() {
             request_header: Duration::from_secs(10),
             front_idle: Duration::from_secs(60),
             back_idle: Duration::from_secs(30),
+            drain: Duration::from_secs(10),
         }
     );
     assert_eq!(

@@ -574,3 +574,24 @@ fn a_certificate_change_is_one_line_without_the_key() {
     assert!(line.contains("other.pem (sha256 "), "{line}");
     assert!(!line.contains("PRIVATE KEY"), "{line}");
 }
+
+#[test]
+fn an_added_https_listener_carries_its_certificates_as_text() {
+    let state = https_state();
+    let listener = ListenerDef {
+        address: "127.0.0.1:9443".into(),
+        protocol: Some(ListenerProtocolDef::Https),
+        certificates: vec![cert_def("other.pem", "other.key")],
+        accept_proxy: None,
+    };
+    let next = state
+        .apply(&Edit::AddListener { listener }, source())
+        .unwrap();
+    let cert = &next.listeners[2].certificates[0];
+    assert!(cert
+        .certificate_pem
+        .as_deref()
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    assert!(cert.key_pem.as_deref().unwrap().contains("PRIVATE KEY"));
+}

@@ -30,9 +30,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// How long workers get to finish in-flight requests on shutdown (their own drain deadline
-/// is shorter; this is the supervisor's last word before SIGKILL).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+/// On top of `timeouts.drain` (the workers' own deadline), how long the supervisor waits for
+/// stopping workers before SIGKILL.
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(5);
 /// A worker that dies sooner than this after its start is restarted with a growing delay.
 const STABLE_AFTER: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -569,7 +569,7 @@ impl Supervisor {
                 let _ = kill(pid, signal);
             }
         }
-        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        let deadline = Instant::now() + self.config.timeouts.drain + SHUTDOWN_SLACK;
         while self.slots.iter().any(|s| s.pid.is_some()) && Instant::now() < deadline {
             self.reap(true);
             std::thread::sleep(Duration::from_millis(20));
@@ -1069,7 +1069,7 @@ impl Supervisor {
             slot.channel = None;
             slot.start_at = None;
         }
-        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        let deadline = Instant::now() + self.config.timeouts.drain + SHUTDOWN_SLACK;
         while !self.retiring.is_empty() && Instant::now() < deadline {
             self.reap(true);
             std::thread::sleep(Duration::from_millis(20));

@@ -132,3 +132,32 @@ fn idle_lbd_stops_at_once_on_sigterm() {
     let status = lbd.stop();
     assert_eq!(status.code(), Some(0), "exit status: {status}");
 }
+
+/// A request longer than `timeouts.drain` is cut at the drain deadline: lbd exits then,
+/// not when the request would have ended.
+#[test]
+fn a_request_longer_than_the_drain_timeout_is_cut_at_the_deadline() {
+    let origin = Origin::start("o");
+    let addr = origin.addr();
+    let mut lbd = Lbd::start(|l| one_cluster("[timeouts]\ndrain = \"1s\"\n", l, &[addr]));
+    let front = lbd.addr();
+    let mut slow = common::Client::connect(front);
+    slow.send(b"GET /sleep/8000 HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(
+        wait_until(Duration::from_secs(5), || origin.requests().len() == 1),
+        "the slow request never reached the origin"
+    );
+    let signalled = std::time::Instant::now();
+    lbd.signal(Signal::SIGTERM);
+    let status = lbd.wait_exit(Duration::from_secs(6));
+    let took = signalled.elapsed();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "lbd exits 0");
+    assert!(
+        took < Duration::from_secs(6),
+        "lbd took {took:?}: the 8 s request should be cut after the 1 s drain"
+    );
+    assert!(
+        slow.try_response_to(false).is_err(),
+        "the cut request gets no response"
+    );
+}

@@ -38,8 +38,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const LISTENER_BASE: usize = usize::MAX / 2;
 /// Idle backend connections kept per backend address.
 const IDLE_PER_BACKEND: usize = 512;
-/// How long a stopping worker waits for in-flight requests.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a draining worker leaves idle keep-alive connections open (see
 /// [`Cx::close_idle`]); clients with a request in flight get their answer and a close.
 const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
@@ -627,11 +625,12 @@ impl Worker {
 
             let orphaned = self.control.as_ref().is_some_and(|c| c.closed);
             if (stop.load(Ordering::Relaxed) || orphaned) && drain_deadline.is_none() {
-                drain_deadline = Some(self.cx.now + DRAIN_TIMEOUT);
+                drain_deadline = Some(self.cx.now + self.cx.timeouts.drain);
                 self.begin_drain();
             }
             if let Some(deadline) = drain_deadline {
-                let grace_over = self.cx.now + DRAIN_TIMEOUT >= deadline + DRAIN_IDLE_GRACE;
+                let grace_over =
+                    self.cx.now + self.cx.timeouts.drain >= deadline + DRAIN_IDLE_GRACE;
                 if grace_over && !self.cx.close_idle {
                     self.cx.close_idle = true;
                     self.close_idle_sessions();
