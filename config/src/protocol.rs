@@ -275,6 +275,9 @@ pub struct BackendHealth {
     pub failed_checks: u64,
     /// Why the last failed probe failed.
     pub last_error: Option<String>,
+    /// Workers that keep it out of their rotation after consecutive errors (passive health).
+    #[serde(default)]
+    pub ejected_by: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

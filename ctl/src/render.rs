@@ -123,6 +123,7 @@ fn status_text(s: &Status) -> String {
             "STATE",
             "SINCE",
             "FAILED",
+            "EJECTED BY",
             "LAST ERROR",
         ]);
         for b in &s.backends {
@@ -133,6 +134,11 @@ fn status_text(s: &Status) -> String {
                 b.state.to_string(),
                 b.since_secs.map_or_else(|| "-".to_owned(), duration),
                 format!("{}/{}", b.failed_checks, b.checks),
+                match b.ejected_by {
+                    0 => "-".to_owned(),
+                    1 => "1 worker".to_owned(),
+                    n => format!("{n} workers"),
+                },
                 b.last_error.clone().unwrap_or_else(|| "-".to_owned()),
             ]);
         }
@@ -295,6 +301,7 @@ mod tests {
                 checks: 40,
                 failed_checks: 3,
                 last_error: Some("connect: Connection refused".into()),
+                ejected_by: 2,
             }],
         };
         assert_eq!(
@@ -309,8 +316,8 @@ mod tests {
              LISTENER        PROTOCOL  FRONTENDS\n\
              127.0.0.1:8080  http      2\n\
              \n\
-             CLUSTER  BACKEND         CHECK             STATE  SINCE   FAILED  LAST ERROR\n\
-             app      127.0.0.1:9001  http GET /health  down   1m 15s  3/40    connect: Connection refused\n"
+             CLUSTER  BACKEND         CHECK             STATE  SINCE   FAILED  EJECTED BY  LAST ERROR\n\
+             app      127.0.0.1:9001  http GET /health  down   1m 15s  3/40    2 workers   connect: Connection refused\n"
         );
     }
 

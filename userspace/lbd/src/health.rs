@@ -246,6 +246,7 @@ impl Health {
                     checks: check.map_or(0, |c| c.checks),
                     failed_checks: check.map_or(0, |c| c.failed),
                     last_error: check.and_then(|c| c.last_error.clone()),
+                    ejected_by: 0,
                 });
             }
         }

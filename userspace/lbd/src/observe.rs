@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 /// How long a worker gets to answer a metrics request.
 const METRICS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a worker gets to answer `lbctl status`'s question (its ejected backends).
+const STATUS_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often a metrics address that could not be bound (still held by the previous lbd
 /// during an upgrade, say) is tried again.
 const REBIND_EVERY: Duration = Duration::from_secs(1);
@@ -76,8 +78,40 @@ impl Supervisor {
     }
 
     /// The backends table of `lbctl status`.
-    pub(crate) fn health_rows(&self) -> Vec<BackendHealth> {
-        self.observer.health.rows(self.config())
+    /// With, for each backend, how many workers keep it ejected (asked of each worker, which
+    /// answers at once; a worker that does not within [`STATUS_TIMEOUT`] counts for none).
+    pub(crate) fn health_rows(&mut self) -> Vec<BackendHealth> {
+        let mut rows = self.observer.health.rows(self.config());
+        let request = frame(b"\0ejected");
+        let mut asked = Vec::new();
+        for (index, _, channel) in self.channels() {
+            if channel.write_all(&request).is_ok() {
+                asked.push(index);
+            }
+        }
+        for index in asked {
+            let Some(channel) = self.channel(index) else {
+                continue;
+            };
+            let answer = read_tagged(channel, b"ejected ", STATUS_TIMEOUT).and_then(|json| {
+                serde_json::from_slice::<Vec<(String, String)>>(&json)
+                    .map_err(|e| format!("bad answer: {e}"))
+            });
+            match answer {
+                Ok(ejected) => {
+                    for row in &mut rows {
+                        if ejected
+                            .iter()
+                            .any(|(c, a)| *c == row.cluster && *a == row.address)
+                        {
+                            row.ejected_by += 1;
+                        }
+                    }
+                }
+                Err(e) => log::warn!("worker {index}: no ejected backends for lbctl status: {e}"),
+            }
+        }
+        rows
     }
 
     /// `lbctl log-level LEVEL`: main's level, every worker's, and the level workers started
@@ -259,10 +293,17 @@ fn frame(body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Reads one `metrics JSON` answer from a worker. An `ok` or `error: ...` before it is the
-/// late answer to a configuration that timed out: skipped (its sender already reported it).
+/// Reads one `metrics JSON` answer from a worker.
 fn read_metrics(channel: &mut UnixStream) -> Result<Vec<Sample>, String> {
-    let _ = channel.set_read_timeout(Some(METRICS_TIMEOUT));
+    let json = read_tagged(channel, b"metrics ", METRICS_TIMEOUT)?;
+    serde_json::from_slice(&json).map_err(|e| format!("bad metrics: {e}"))
+}
+
+/// Reads a worker's answer that starts with `tag`, and returns what follows it. An `ok` or
+/// `error: ...` before it is the late answer to a configuration that timed out, and another
+/// tagged answer a late one to an earlier question: skipped (their askers gave up on them).
+fn read_tagged(channel: &mut UnixStream, tag: &[u8], timeout: Duration) -> Result<Vec<u8>, String> {
+    let _ = channel.set_read_timeout(Some(timeout));
     loop {
         let mut len = [0u8; 4];
         channel
@@ -276,15 +317,22 @@ fn read_metrics(channel: &mut UnixStream) -> Result<Vec<Sample>, String> {
         channel
             .read_exact(&mut body)
             .map_err(|e| format!("no answer: {e}"))?;
-        if let Some(json) = body.strip_prefix(b"metrics ") {
-            return serde_json::from_slice(json).map_err(|e| format!("bad metrics: {e}"));
+        if let Some(rest) = body.strip_prefix(tag) {
+            return Ok(rest.to_vec());
         }
-        if body != b"ok" && !body.starts_with(b"error: ") {
+        let late = body == b"ok"
+            || body.starts_with(b"error: ")
+            || body.starts_with(b"metrics ")
+            || body.starts_with(b"ejected ");
+        if !late {
             return Err(format!(
                 "unexpected answer {:?}",
                 String::from_utf8_lossy(&body)
             ));
         }
-        log::debug!("skipped a late answer: {}", String::from_utf8_lossy(&body));
+        log::debug!(
+            "skipped a late answer: {}",
+            String::from_utf8_lossy(body.get(..body.len().min(80)).unwrap_or_default())
+        );
     }
 }

@@ -169,7 +169,7 @@ impl Supervisor {
         acks
     }
 
-    fn status(&self) -> Status {
+    fn status(&mut self) -> Status {
         Status {
             version: crate::upgrade::version().into(),
             pid: std::process::id(),
@@ -203,7 +203,9 @@ impl Supervisor {
 pub(crate) fn read_answer(channel: &mut UnixStream, timeout: Duration) -> Result<(), String> {
     loop {
         match read_one_answer(channel, timeout) {
-            Err(e) if e.starts_with("unexpected answer from the worker: \"metrics ") => {}
+            Err(e)
+                if e.starts_with("unexpected answer from the worker: \"metrics ")
+                    || e.starts_with("unexpected answer from the worker: \"ejected ") => {}
             other => return other,
         }
     }

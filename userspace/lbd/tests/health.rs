@@ -234,6 +234,15 @@ fn a_backend_answering_5xx_is_ejected_then_tried_again() {
         backend_figure(metrics, "kakehi_backend_ejected", a_addr),
         1.0
     );
+    let status = lbctl(&lbd, &["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        json["backends"][0]["state"], "up",
+        "the active check says up"
+    );
+    assert_eq!(json["backends"][0]["ejected_by"], 1, "{json}");
+    let text = String::from_utf8_lossy(&lbctl(&lbd, &["status"]).stdout).into_owned();
+    assert!(text.contains("1 worker"), "{text}");
     // After the back-off (the interval, 1s) it gets requests again.
     assert!(wait_until(Duration::from_secs(5), || get(
         lbd.addr(),

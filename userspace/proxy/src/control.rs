@@ -7,6 +7,8 @@
 //!   of `[cluster, address]` pairs (the whole set each time). No answer: the supervisor sends
 //!   it whenever the set changes and to every new worker, without waiting.
 //! - `\0metrics`: answered with `metrics JSON`, the worker's samples (see `stats.rs`).
+//! - `\0ejected`: answered with `ejected JSON`, the `[cluster, address]` pairs this worker
+//!   keeps out of rotation after consecutive errors (passive health), for `lbctl status`.
 //! - `\0log-level LEVEL`: answered `ok` or `error: WHY`, like a configuration.
 //!
 //! An unknown command is answered `error: ...` (both ends are the same binary, so this is a
@@ -38,6 +40,22 @@ pub fn command(cx: &mut Cx, live: usize, body: &[u8]) -> Option<String> {
             Some(match serde_json::to_string(&samples) {
                 Ok(json) => format!("metrics {json}"),
                 Err(e) => format!("error: cannot encode the metrics: {e}"),
+            })
+        }
+        "ejected" => {
+            let ejected: Vec<(&str, SocketAddr)> = cx
+                .clusters
+                .iter()
+                .flat_map(|c| {
+                    c.backends
+                        .iter()
+                        .filter(|b| b.is_ejected())
+                        .map(|b| (c.name.as_str(), b.address))
+                })
+                .collect();
+            Some(match serde_json::to_string(&ejected) {
+                Ok(json) => format!("ejected {json}"),
+                Err(e) => format!("error: cannot encode the ejected backends: {e}"),
             })
         }
         "log-level" => Some(match rest.trim().parse::<log::LevelFilter>() {
