@@ -56,6 +56,10 @@ pub struct ImageArgs {
     /// Take target/release/lbd and lbctl as they are instead of running cargo build.
     #[arg(long)]
     pub prebuilt: bool,
+    /// Let root log in on the consoles with this password hash (`openssl passwd -6`);
+    /// without it root has no password and the image has no login at all.
+    #[arg(long, value_name = "HASH")]
+    pub root_password_hash: Option<String>,
 }
 
 /// What `vm-image` produced: the paths `vm-test` boots.
@@ -126,6 +130,7 @@ pub fn vm_image(signals: &Signals, args: &ImageArgs) -> Result<Image> {
     stamp.file(&lbctl)?;
     stamp.tree(&images)?;
     stamp.file(&config)?;
+    stamp.text(args.root_password_hash.as_deref().unwrap_or(""));
     let stamp = stamp.finish();
     let stamp_path = dir.join("kakehi.qcow2.stamp");
     let fresh_enough = [&image.qcow2, &image.kernel, &image.initrd]
@@ -143,6 +148,15 @@ pub fn vm_image(signals: &Signals, args: &ImageArgs) -> Result<Image> {
 
     let rootfs = dir.join("rootfs");
     assemble(signals, &base, &rootfs, &images, &config, &lbd, &lbctl)?;
+    if let Some(hash) = &args.root_password_hash {
+        run_bounded(
+            signals,
+            Command::new("chroot")
+                .arg(&rootfs)
+                .args(["usermod", "--password", hash, "root"]),
+            STEP_TIMEOUT,
+        )?;
+    }
     let core_img = grub_core(signals, &rootfs)?;
     copy_boot_files(&rootfs, &image)?;
     let raw = dir.join("disk.raw");
@@ -260,6 +274,10 @@ fn base_tree(
             base.display()
         );
         return Ok(base);
+    }
+    if base.exists() {
+        // An earlier debootstrap that did not finish.
+        fs::remove_dir_all(&base).with_context(|| format!("removing {}", base.display()))?;
     }
     let started = Instant::now();
     println!(

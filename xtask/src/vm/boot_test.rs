@@ -60,6 +60,7 @@ pub fn vm_test(signals: &Signals, args: &TestArgs) -> Result<()> {
             config: None,
             fresh: false,
             prebuilt: args.prebuilt,
+            root_password_hash: None,
         },
     )?;
     // The image build has its own limits per step; this one is the boot's and the checks'.
@@ -92,9 +93,12 @@ pub fn vm_test(signals: &Signals, args: &TestArgs) -> Result<()> {
         .arg(format!(
             "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:80"
         ))
+        // Both credentials in one SMBIOS type 11 table (OEM strings), one string each.
         .arg("-smbios")
         .arg(format!(
-            "type=11,value=io.systemd.credential:kakehi.selftest={token}"
+            "type=11,value=io.systemd.credential:kakehi.selftest={token},\
+             value=io.systemd.credential.binary:kakehi.config={}",
+            config_credential(&dir)?
         ));
     if args.direct_kernel {
         qemu.arg("-kernel")
@@ -133,6 +137,43 @@ pub fn vm_test(signals: &Signals, args: &TestArgs) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The number of workers in the config the test hands the guest: not the default's, so that
+/// the self-test's worker count shows the `kakehi.config` credential was applied.
+const TEST_WORKERS: u32 = 3;
+
+/// The image's default config with `workers = TEST_WORKERS`, base64-encoded for the
+/// `kakehi.config` credential (kakehi.service installs it as /etc/kakehi/config.toml).
+fn config_credential(dir: &Path) -> Result<String> {
+    let default = crate::root().join("vm-images/rootfs/etc/kakehi/config.toml");
+    let text =
+        fs::read_to_string(&default).with_context(|| format!("reading {}", default.display()))?;
+    let config = with_workers(&text, TEST_WORKERS)
+        .with_context(|| format!("{} has no `workers = N` line", default.display()))?;
+    let path = dir.join("config.toml");
+    fs::write(&path, config)?;
+    let out = procs::output(Command::new("base64").arg("-w0").arg(&path))?;
+    if !out.status.success() {
+        bail!("base64 {} failed", path.display());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn with_workers(config: &str, workers: u32) -> Option<String> {
+    let mut found = false;
+    let lines: Vec<String> = config
+        .lines()
+        .map(|line| {
+            if !found && line.trim_start().starts_with("workers") && line.contains('=') {
+                found = true;
+                format!("workers = {workers}")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    found.then(|| lines.join("\n") + "\n")
 }
 
 /// A random token from the kernel: the answers of this run's guest carry it, a leftover's
@@ -180,15 +221,18 @@ fn drive(
     if !last.ends_with("failures=0") {
         failures.push(format!("guest: {last}"));
     }
+    let workers = format!("ok workers {TEST_WORKERS} workers");
     let needed = [
         "ok sandbox",
-        "ok workers",
+        &workers,
         "ok bpf-loaded",
         "ok bpf-steering",
         "ok lbctl-status",
+        "ok upgrade ",
+        "ok upgrade-proxy",
     ];
     for check in needed {
-        let wanted = format!("kakehi-selftest: {check} ");
+        let wanted = format!("kakehi-selftest: {check}");
         if console.lines_with(&wanted).next().is_none() {
             failures.push(format!("guest: no `{check}` line"));
         }
@@ -394,6 +438,16 @@ fn dechunk(mut body: &[u8]) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_test_config_changes_only_the_workers_line() {
+        let config = "# workers = 9 in a comment\nworkers = 2\nsteering = \"ebpf\"\n";
+        assert_eq!(
+            with_workers(config, 3).unwrap(),
+            "# workers = 9 in a comment\nworkers = 3\nsteering = \"ebpf\"\n"
+        );
+        assert_eq!(with_workers("steering = \"ebpf\"\n", 3), None);
+    }
 
     #[test]
     fn responses_are_read_plain_or_chunked() {
