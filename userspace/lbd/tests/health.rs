@@ -394,3 +394,36 @@ fn tcp_clusters_skip_down_backends_and_eject_failing_ones() {
     );
     assert_eq!(up(metrics, dead.addr), Some(1.0), "one failed probe of two");
 }
+
+#[test]
+fn a_backend_that_closes_without_answering_is_ejected() {
+    // Accepts every connection and closes it at once: the TCP check finds it up, every
+    // request gets kakehi's 502.
+    let slammer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = slammer.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in slammer.incoming() {
+            drop(conn);
+        }
+    });
+    let metrics = free_addr();
+    let lbd = Lbd::start(|l| {
+        format!(
+            "{}health_check = {{ interval = \"1s\", timeout = \"500ms\", fall = 2 }}\n",
+            one_cluster(&format!("[metrics]\naddress = \"{metrics}\"\n"), l, &[addr])
+        )
+    });
+    for _ in 0..2 {
+        assert_eq!(get(lbd.addr(), "localhost", "/").status, 502);
+    }
+    assert_eq!(
+        get(lbd.addr(), "localhost", "/").status,
+        503,
+        "two 502s in a row eject it"
+    );
+    assert_eq!(
+        backend_figure(metrics, "kakehi_backend_ejections_total", addr),
+        1.0
+    );
+    assert_eq!(up(metrics, addr), Some(1.0), "its port still accepts");
+}

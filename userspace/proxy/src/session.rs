@@ -363,6 +363,9 @@ impl Session {
                     return Flow::Close;
                 }
                 self.ex.error = Some("backend response timeout");
+                if let Some(b) = self.back.as_ref() {
+                    cx.backend_failed(b.cluster, b.backend, false);
+                }
                 self.drop_backend(cx);
                 self.start_answer(cx, Answer::GatewayTimeout, true);
                 self.drive(cx)
@@ -866,6 +869,13 @@ impl Session {
     /// otherwise cut the connection (an answer appended to a partial response would be
     /// read as part of it).
     fn fail_exchange(&mut self, cx: &mut Cx, answer: Answer) -> Step {
+        // A 502 is the backend's failure (closed without answering, not HTTP...): it counts
+        // for passive health like a 5xx it sent itself.
+        if answer == Answer::BadGateway {
+            if let Some(b) = self.back.as_ref() {
+                cx.backend_failed(b.cluster, b.backend, false);
+            }
+        }
         if self.ex.response_sent {
             self.log(cx, self.resp.status);
             return Step::Close;
