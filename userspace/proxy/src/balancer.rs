@@ -7,7 +7,8 @@
 //!
 //! Health: a backend that the supervisor's active checks found down (`down`), or that this
 //! worker ejected after consecutive failures (passive ejection, clusters with a
-//! `health_check` only: `fall` connect errors or 5xx answers in a row), is not picked. An
+//! `health_check` only: `fall` connect errors, 5xx answers, 502s or response timeouts in a
+//! row, as the sessions report them), is not picked. An
 //! ejected backend comes back after a back-off (the check interval, doubled at each ejection
 //! in a row, at most 32 times); one more failure then ejects it again, a success resets it.
 
