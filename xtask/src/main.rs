@@ -42,7 +42,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install the system prerequisites (apt packages), idempotently; root if any is missing.
+    /// Install the system prerequisites (apt packages, the eBPF toolchain, what the appliance
+    /// image needs), idempotently; root if any is missing.
     Setup,
     /// Serve the quickstart: two demo origins and lbd on config/examples/quickstart.toml.
     #[command(visible_alias = "demo")]
@@ -66,7 +67,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = procs::Signals::install().and_then(|signals| match cli.command {
-        Command::Setup => setup::setup(&signals, &setup::ALL).map(|()| ExitCode::SUCCESS),
+        Command::Setup => setup::setup(&signals, &setup::ALL)
+            .and_then(|()| setup::setup_vm(&signals))
+            .map(|()| ExitCode::SUCCESS),
         Command::Run(args) => run::run(&signals, &args),
         Command::Test => test::test(&signals).map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::bench(&signals, &args).map(|()| ExitCode::SUCCESS),

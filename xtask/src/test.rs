@@ -1,9 +1,9 @@
 //! `cargo xtask test`: every gate CI applies, in the order CI applies them.
 //!
 //! Owns the list and order of the gates: setup, `cargo fmt --check`, clippy with warnings
-//! denied, the whole workspace's tests, and a short fuzz smoke run. Each step streams
-//! its output; the first failure stops the run with a non-zero exit. What the tests check is
-//! the crates' business.
+//! denied, the whole workspace's tests, a short fuzz smoke run, and the appliance image's boot
+//! test (`vm-test`). Each step streams its output; the first failure stops the run with a
+//! non-zero exit. What the tests check is the crates' business.
 
 use std::path::Path;
 use std::process::Command;
@@ -47,6 +47,15 @@ pub fn test(signals: &Signals) -> Result<()> {
     if let Some(note) = fuzz_smoke(signals, &root)? {
         done.push(note);
     }
+    // The appliance image: built (or found up to date), booted under qemu, checked.
+    println!("\nxtask test: cargo xtask vm-test");
+    let step_started = Instant::now();
+    crate::vm::vm_test(signals, &crate::vm::TestArgs::default())
+        .context("step `vm-test` failed: the appliance image did not boot and serve")?;
+    done.push(format!(
+        "vm-test {:.0}s",
+        step_started.elapsed().as_secs_f64()
+    ));
     println!(
         "\nxtask test: all gates green ({}) in {:.0}s",
         done.join(", "),
