@@ -188,6 +188,8 @@ pub(crate) struct FileHealthCheck {
     pub method: Option<SpannedStr>,
     /// HTTP checks: the statuses that mean up, "200-399" (the default) or "204".
     pub status: Option<SpannedStr>,
+    /// HTTP checks: the Host header sent (default: the backend's address).
+    pub host: Option<SpannedStr>,
     pub interval: Option<SpannedStr>,
     pub timeout: Option<SpannedStr>,
     pub rise: Option<SpannedInt>,

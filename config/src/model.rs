@@ -219,6 +219,8 @@ pub struct HealthCheck {
     pub method: String,
     /// HTTP checks: the lowest and highest status that mean up (default 200 to 399).
     pub status: (u16, u16),
+    /// HTTP checks: the Host header sent; None: the backend's address.
+    pub host: Option<String>,
     pub interval: Duration,
     pub timeout: Duration,
     pub rise: u32,

@@ -543,15 +543,19 @@ impl Checker<'_> {
         Ok(out)
     }
 
-    /// The method and status range of an HTTP health check (which only a check with a path
-    /// is).
+    /// The method, status range and Host of an HTTP health check (which only a check with a
+    /// path is).
     fn health_http(
         &self,
         h: &FileHealthCheck,
         field: &str,
         http: bool,
-    ) -> Result<(String, (u16, u16))> {
-        for (key, value) in [("method", &h.method), ("status", &h.status)] {
+    ) -> Result<(String, (u16, u16), Option<String>)> {
+        for (key, value) in [
+            ("method", &h.method),
+            ("status", &h.status),
+            ("host", &h.host),
+        ] {
             if let (Some(v), false) = (value, http) {
                 return Err(self.err(
                     v.span(),
@@ -607,13 +611,46 @@ impl Checker<'_> {
                 }
             }
         };
-        Ok((method, status))
+        let host = match &h.host {
+            None => None,
+            Some(v) => {
+                let valid = !v.get_ref().is_empty()
+                    && v.get_ref().len() <= 255
+                    && v.get_ref()
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
+                if !valid {
+                    return Err(self.err(
+                        v.span(),
+                        &format!("{field}.host"),
+                        format!(
+                            "{:?} is not a host name: expected e.g. \"app.example.com\" or \"app.example.com:8080\"",
+                            v.get_ref()
+                        ),
+                    ));
+                }
+                Some(v.get_ref().clone())
+            }
+        };
+        Ok((method, status, host))
     }
 
     fn health_check(&self, h: &FileHealthCheck, field: &str) -> Result<HealthCheck> {
         let path = match &h.path {
             None => None,
-            Some(p) if p.get_ref().starts_with('/') => Some(p.get_ref().clone()),
+            Some(p) if p.get_ref().starts_with('/') && !has_space_or_control(p.get_ref()) => {
+                Some(p.get_ref().clone())
+            }
+            Some(p) if p.get_ref().starts_with('/') => {
+                return Err(self.err(
+                    p.span(),
+                    &format!("{field}.path"),
+                    format!(
+                        "{:?} holds a space or a control character: write them %-encoded (%20)",
+                        p.get_ref()
+                    ),
+                ))
+            }
             Some(p) => {
                 return Err(self.err(
                     p.span(),
@@ -646,15 +683,21 @@ impl Checker<'_> {
                 ),
             ));
         }
-        let (method, status) = self.health_http(h, field, path.is_some())?;
+        let (method, status, host) = self.health_http(h, field, path.is_some())?;
         Ok(HealthCheck {
             path,
             method,
             status,
+            host,
             interval,
             timeout,
             rise: self.int(h.rise.as_ref(), &format!("{field}.rise"), 2, 1..=100)?,
             fall: self.int(h.fall.as_ref(), &format!("{field}.fall"), 3, 1..=100)?,
         })
     }
+}
+
+/// A space or a control character: what cannot go into a request line as is.
+fn has_space_or_control(text: &str) -> bool {
+    text.chars().any(|c| c.is_whitespace() || c.is_control())
 }

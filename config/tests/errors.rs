@@ -610,6 +610,17 @@ fn http_health_check_method_and_status() {
         ),
         ("{ status = \"200\" }", "status", "give a path too"),
         ("{ method = \"HEAD\" }", "method", "give a path too"),
+        ("{ host = \"a.example\" }", "host", "give a path too"),
+        (
+            "{ path = \"/h\", host = \"a b\" }",
+            "host",
+            "is not a host name",
+        ),
+        (
+            "{ path = \"/h HTTP/1.1\\r\\nX: y\" }",
+            "path",
+            "holds a space or a control character",
+        ),
     ] {
         let lines = cluster(check_text);
         let lines: Vec<&str> = lines.iter().map(String::as_str).collect();

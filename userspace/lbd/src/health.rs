@@ -325,10 +325,12 @@ fn probe_loop(
             return;
         }
         next = Instant::now() + spec.interval;
-        let http = spec
-            .path
-            .as_deref()
-            .map(|path| (spec.method.as_str(), path, spec.status));
+        let http = spec.path.as_deref().map(|path| HttpCheck {
+            method: &spec.method,
+            path,
+            status: spec.status,
+            host: spec.host.as_deref(),
+        });
         let result = probe(key.1, http, spec.timeout);
         let outcome = Outcome {
             key: key.clone(),
@@ -341,8 +343,15 @@ fn probe_loop(
     }
 }
 
-/// An HTTP check: method, path, and the lowest and highest status that mean up.
-type HttpCheck<'a> = (&'a str, &'a str, (u16, u16));
+/// An HTTP check: the request, and the lowest and highest status that mean up.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpCheck<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub status: (u16, u16),
+    /// The Host header; None: the backend's address.
+    pub host: Option<&'a str>,
+}
 
 /// One probe within `timeout`: a connect, and for an HTTP check the request and a status in
 /// its range.
@@ -354,9 +363,16 @@ pub fn probe(
     let deadline = Instant::now() + timeout;
     let mut stream = TcpStream::connect_timeout(&address, timeout)
         .map_err(|e| format!("connect: {}", short(&e)))?;
-    let Some((method, path, (lowest, highest))) = http else {
+    let Some(HttpCheck {
+        method,
+        path,
+        status: (lowest, highest),
+        host,
+    }) = http
+    else {
         return Ok(());
     };
+    let host = host.map_or_else(|| address.to_string(), str::to_string);
     let left = |what: &str| {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -369,7 +385,7 @@ pub fn probe(
         .set_write_timeout(Some(left("send")?))
         .map_err(|e| format!("send: {e}"))?;
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: kakehi-health-check\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: kakehi-health-check\r\nConnection: close\r\n\r\n"
     );
     stream
         .write_all(request.as_bytes())
@@ -430,21 +446,33 @@ mod tests {
     use std::net::TcpListener;
 
     fn serve_once(answer: &'static [u8]) -> SocketAddr {
+        serve_once_seen(answer).0
+    }
+
+    /// Also gives what the probe sent.
+    fn serve_once_seen(answer: &'static [u8]) -> (SocketAddr, mpsc::Receiver<String>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
             let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf);
+            let n = s.read(&mut buf).unwrap_or(0);
+            let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
             let _ = s.write_all(answer);
         });
-        addr
+        (addr, rx)
     }
 
     #[test]
     fn http_probe_wants_a_2xx_or_3xx_status() {
         let t = Duration::from_secs(2);
-        let get = Some(("GET", "/health", (200, 399)));
+        let get = Some(HttpCheck {
+            method: "GET",
+            path: "/health",
+            status: (200, 399),
+            host: None,
+        });
         let ok = serve_once(b"HTTP/1.1 204 No Content\r\n\r\n");
         assert_eq!(probe(ok, get, t), Ok(()));
         let redirect = serve_once(b"HTTP/1.0 302 Found\r\nLocation: /\r\n\r\n");
@@ -456,9 +484,25 @@ mod tests {
         let closed = serve_once(b"");
         assert!(probe(closed, get, t).unwrap_err().contains("closed"));
         // A narrower range: only 204 means up.
-        let only_204 = Some(("HEAD", "/ping", (204, 204)));
-        let ok = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        let only_204 = Some(HttpCheck {
+            method: "HEAD",
+            path: "/ping",
+            status: (204, 204),
+            host: Some("app.example"),
+        });
+        let (ok, seen) = serve_once_seen(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(probe(ok, only_204, t), Err("status 200".into()));
+        assert_eq!(
+            seen.recv().unwrap(),
+            "HEAD /ping HTTP/1.1\r\nHost: app.example\r\nUser-Agent: kakehi-health-check\r\n\
+             Connection: close\r\n\r\n"
+        );
+        let (ok, seen) = serve_once_seen(b"HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(probe(ok, get, t), Ok(()));
+        assert!(seen
+            .recv()
+            .unwrap()
+            .starts_with(&format!("GET /health HTTP/1.1\r\nHost: {ok}\r\n")));
     }
 
     #[test]
@@ -466,7 +510,12 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let silent = l.local_addr().unwrap();
         let started = Instant::now();
-        let get = Some(("GET", "/", (200, 399)));
+        let get = Some(HttpCheck {
+            method: "GET",
+            path: "/",
+            status: (200, 399),
+            host: None,
+        });
         let e = probe(silent, get, Duration::from_millis(200)).unwrap_err();
         assert!(e.contains("timed out"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(2));
