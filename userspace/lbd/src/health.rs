@@ -204,6 +204,27 @@ impl Health {
         changed
     }
 
+    /// Marks `keys` down as the previous lbd found them (an upgrade hands its verdicts
+    /// over), for the backends checked here; their probes go on and bring them back after
+    /// `rise` good ones.
+    pub fn assume_down(&mut self, keys: &[Key]) {
+        let mut changed = false;
+        for key in keys {
+            if let Some(check) = self.checks.get_mut(key) {
+                if check.up {
+                    check.up = false;
+                    check.streak = 0;
+                    check.since = Instant::now();
+                    check.last_error = Some("down when lbd was upgraded".into());
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.version += 1;
+        }
+    }
+
     /// Changes with every change of [`Health::down`].
     pub fn version(&self) -> u64 {
         self.version

@@ -69,6 +69,20 @@ impl Supervisor {
         self.observer = observer;
     }
 
+    /// The backends found down, for the handoff of an upgrade.
+    pub(crate) fn health_down(&self) -> Vec<(String, SocketAddr)> {
+        self.observer.health.down()
+    }
+
+    /// Starts the health checks of the running config with `down` marked down (what the
+    /// previous lbd found), before the first workers start.
+    pub(crate) fn seed_health(&mut self, down: &[(String, SocketAddr)]) {
+        let mut observer = std::mem::take(&mut self.observer);
+        observer.health.sync(self.config());
+        observer.health.assume_down(down);
+        self.observer = observer;
+    }
+
     /// `lbctl metrics`: every sample of lbd and its workers.
     pub(crate) fn all_samples(&mut self) -> Vec<Sample> {
         let mut observer = std::mem::take(&mut self.observer);

@@ -136,9 +136,10 @@ impl Supervisor {
             command,
             sockets,
             steering,
+            down,
             ..
         } = handed;
-        let supervisor = Supervisor::assemble(
+        let mut supervisor = Supervisor::assemble(
             config,
             state,
             &source,
@@ -147,6 +148,7 @@ impl Supervisor {
             steering,
             generation + 1,
         )?;
+        supervisor.seed_health(&down);
         Ok((supervisor, command))
     }
 
@@ -939,6 +941,7 @@ impl Supervisor {
             source: self.source.clone(),
             state: self.state.to_toml(),
             log_level: self.log_level.as_str().to_owned(),
+            down: self.health_down(),
             fds: roles,
         };
         let (mut ours, theirs) =

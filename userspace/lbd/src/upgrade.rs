@@ -58,6 +58,10 @@ pub struct Handoff {
     /// The running state (the file plus every lbctl change), as TOML.
     pub state: String,
     pub log_level: String,
+    /// The backends the health checks found down, as (cluster, address): the new lbd starts
+    /// with them down instead of sending them requests until its own checks agree.
+    #[serde(default)]
+    pub down: Vec<(String, SocketAddr)>,
     /// What each descriptor that follows is, in order.
     pub fds: Vec<FdRole>,
 }
@@ -214,6 +218,7 @@ pub struct Handed {
     pub source: PathBuf,
     pub state: State,
     pub config: Config,
+    pub down: Vec<(String, SocketAddr)>,
     pub command: UnixListener,
     /// `sockets[listener][worker]`.
     pub sockets: Vec<Vec<TcpListener>>,
@@ -265,6 +270,7 @@ pub fn receive(stream: &mut UnixStream, timeout: Duration) -> anyhow::Result<Han
         source: message.source,
         state,
         config,
+        down: message.down,
         command: parts.command,
         sockets: parts.sockets,
         steering: parts.steering,
@@ -489,6 +495,7 @@ mod tests {
             source: "/etc/kakehi/config.toml".into(),
             state: "workers = 1\n".into(),
             log_level: "info".into(),
+            down: Vec::new(),
             fds: vec![
                 FdRole::CommandSocket,
                 FdRole::Listener {
@@ -530,6 +537,7 @@ mod tests {
             source: "/x.toml".into(),
             state: String::new(),
             log_level: "info".into(),
+            down: Vec::new(),
             fds: vec![
                 FdRole::Listener {
                     listener: 0,

@@ -575,3 +575,55 @@ fn upgrade_without_waiting(lbd: &mut Lbd, binary: &Path) {
     assert_eq!(after.generation, before.generation + 1);
     lbd.follow_main(after.pid);
 }
+
+/// Health verdicts are handed over: a backend the running lbd found down is down in the new
+/// one at once, before the new one's own probe could say so (its connect hangs for the 3 s
+/// probe timeout).
+#[test]
+fn a_backend_found_down_stays_down_across_the_upgrade() {
+    let _serial = serial();
+    in_fresh_netns(|| {
+        let origin = Origin::start("a");
+        let hole = common::BlackHole::new();
+        let top = format!(
+            "workers = {WORKERS}\nsteering = \"ebpf\"\nsteering_policy = \"least-connections\"\n"
+        );
+        let mut lbd = Lbd::start_until(
+            |l| {
+                format!(
+                    "{top}\n[[listeners]]\naddress = \"{l}\"\n\n[clusters.app]\n\
+                     frontends = [ {{ address = \"{l}\" }} ]\n\
+                     backends = [ {{ address = \"{}\" }}, {{ address = \"{}\" }} ]\n\
+                     health_check = {{ interval = \"4s\", timeout = \"3s\", rise = 1, fall = 1 }}\n",
+                    origin.addr(),
+                    hole.addr
+                )
+            },
+            workers_ready(WORKERS),
+        );
+        let sock = socket(&lbd);
+        let state_of = |sock: &Path| -> String {
+            let text = ok(sock, &["status", "--json"]);
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            v["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["address"] == hole.addr.to_string())
+                .map(|b| b["state"].as_str().unwrap_or("").to_owned())
+                .unwrap_or_default()
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || state_of(&sock) == "down"),
+            "the running lbd finds the black hole down"
+        );
+        let binary = fresh_binary(lbd.dir().path(), 1);
+        upgrade_without_waiting(&mut lbd, &binary);
+        assert_eq!(state_of(&sock), "down", "the new lbd starts with it down");
+        for _ in 0..20 {
+            assert_eq!(common::get(lbd.addr(), "x", "/").status, 200);
+        }
+        drop(lbd);
+        origin.stop();
+    });
+}
