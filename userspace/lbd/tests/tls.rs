@@ -17,7 +17,8 @@
 //! - an http frontend with `redirect_https` answering 301 to the https URL;
 //! - 24 MiB down and 8 MiB up through TLS byte-exact, and pipelined requests answered in order;
 //! - a WebSocket upgrade piping raw bytes both ways over TLS;
-//! - `lbctl reload` applying a certificate file renewed on disk (and nothing when unchanged).
+//! - `lbctl reload` applying a certificate file renewed on disk (and nothing when unchanged);
+//! - an https listener added at runtime by `lbctl listener add` serving its certificate.
 //!
 //! Every process is stopped by handle or pid and every wait has a deadline.
 
@@ -939,4 +940,42 @@ fn reload_applies_a_certificate_renewed_on_disk() {
         &curl_https(addr, "a.test", "/", &renewed),
         "origin one: GET /\n",
     );
+}
+
+#[test]
+fn an_https_listener_added_at_runtime_serves_its_certificate() {
+    let dir = TempDir::new("tls-listener-add");
+    let a = Cert::new(dir.path(), "a", &["a.test"]);
+    let origin = Origin::start("one");
+    let backend = origin.addr();
+    let lbd = Lbd::start(move |addr| {
+        format!(
+            "[access_log]\ntarget = \"off\"\n[[listeners]]\naddress = \"{addr}\"\n\n\
+             [clusters.app]\nfrontends = [ {{ address = \"{addr}\" }} ]\n\
+             backends = [ {{ address = \"{backend}\" }} ]\n"
+        )
+    });
+    let new = common::free_addr().to_string();
+    lbctl_ok(
+        &lbd,
+        &[
+            "listener",
+            "add",
+            "--address",
+            &new,
+            "--protocol",
+            "https",
+            "--certificate",
+            a.pem.to_str().unwrap(),
+            "--key",
+            a.key.to_str().unwrap(),
+        ],
+    );
+    lbctl_ok(
+        &lbd,
+        &["frontend", "add", "--cluster", "app", "--address", &new],
+    );
+    let addr: SocketAddr = new.parse().unwrap();
+    assert_served(&curl_https(addr, "a.test", "/", &a), "origin one: GET /\n");
+    assert_eq!(served_fingerprint(addr, Some("a.test")), a.fingerprint());
 }
