@@ -28,9 +28,20 @@ impl crate::command::Handler for Supervisor {
             Verb::StateSave { path } => {
                 let text = self.state().to_toml();
                 let tmp = path.with_extension("tmp-kakehi");
-                std::fs::write(&tmp, text)
-                    .and_then(|()| std::fs::rename(&tmp, &path))
-                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                // Mode 0600: the saved state holds the private keys of the certificates.
+                let write = || -> std::io::Result<()> {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let _ = std::fs::remove_file(&tmp);
+                    let mut file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&tmp)?;
+                    file.write_all(text.as_bytes())?;
+                    file.sync_all()?;
+                    std::fs::rename(&tmp, &path)
+                };
+                write().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
                 Ok(Payload::Done {
                     message: format!("state saved to {}", path.display()),
                 })

@@ -951,6 +951,11 @@ fn a_saved_state_restarts_identically() {
         before,
         "the saved file is not the dump"
     );
+    assert_eq!(
+        fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "a saved state may hold private keys: only its owner reads it"
+    );
     let check = ok(&sock, &["config", "check", &file_text]);
     assert!(check.contains("configuration is valid"), "{check}");
 
