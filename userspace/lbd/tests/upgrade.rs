@@ -112,6 +112,28 @@ fn status(socket: &Path) -> Status {
     }
 }
 
+/// One test at a time, in a fresh network namespace, with an origin and an lbd (eBPF
+/// steering) in front of it; both are stopped after `test`.
+fn rig(test: impl FnOnce(&Origin, &mut Lbd, &Path) + Send + 'static) {
+    let _serial = serial();
+    in_fresh_netns(move || {
+        let origin = Origin::start("a");
+        let mut lbd = start(origin.addr());
+        let sock = socket(&lbd);
+        test(&origin, &mut lbd, &sock);
+        drop(lbd);
+        origin.stop();
+    });
+}
+
+/// wrk on lbd's listener for `seconds`, given half a second to get going.
+fn load(lbd: &Lbd, connections: u32, seconds: u32, extra: &[&str]) -> Wrk {
+    let url = format!("http://{}/", lbd.addr());
+    let wrk = Wrk::start_with(&url, connections, seconds, "5s", extra, lbd.dir().path());
+    std::thread::sleep(Duration::from_millis(500));
+    wrk
+}
+
 fn socket(lbd: &Lbd) -> PathBuf {
     lbd.dir().path().join("lbd.sock")
 }
@@ -254,10 +276,7 @@ fn three_upgrades_under_new_connection_load_fail_no_request() {
 
 #[test]
 fn a_request_in_flight_across_the_upgrade_completes() {
-    let _serial = serial();
-    in_fresh_netns(|| {
-        let origin = Origin::start("a");
-        let mut lbd = start(origin.addr());
+    rig(|origin, lbd, sock| {
         let mut client = TcpStream::connect(lbd.addr()).unwrap();
         client
             .set_read_timeout(Some(Duration::from_secs(20)))
@@ -271,15 +290,14 @@ fn a_request_in_flight_across_the_upgrade_completes() {
             .iter()
             .any(|r| r.target == "/sleep/3000")));
         let binary = fresh_binary(lbd.dir().path(), 1);
-        let sock = socket(&lbd);
-        let before = status(&sock);
+        let before = status(sock);
         let started = Instant::now();
-        let out = ok(&sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
+        let out = ok(sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
         assert!(
             started.elapsed() < Duration::from_secs(3),
             "the upgrade does not wait for the request"
         );
-        let after = status(&sock);
+        let after = status(sock);
         lbd.follow_main(after.pid);
         assert!(after.generation == before.generation + 1, "{out}");
         // Meanwhile the old main is still there, waiting for its worker's request.
@@ -298,24 +316,16 @@ fn a_request_in_flight_across_the_upgrade_completes() {
             "answered in time"
         );
         assert!(wait_until(GONE, || !is_alive(before.pid)));
-        drop(lbd);
-        origin.stop();
     });
 }
 
 #[test]
 fn workers_only_upgrade_replaces_the_workers_under_load() {
-    let _serial = serial();
-    in_fresh_netns(|| {
-        let origin = Origin::start("a");
-        let lbd = start(origin.addr());
-        let sock = socket(&lbd);
-        let url = format!("http://{}/", lbd.addr());
-        let wrk = Wrk::start(&url, 20, 6, "5s", lbd.dir().path());
-        std::thread::sleep(Duration::from_secs(1));
-        let before = status(&sock);
-        let out = ok(&sock, &["upgrade", "--workers-only"]);
-        let after = status(&sock);
+    rig(|_origin, lbd, sock| {
+        let wrk = load(lbd, 20, 6, &[]);
+        let before = status(sock);
+        let out = ok(sock, &["upgrade", "--workers-only"]);
+        let after = status(sock);
         assert_eq!(after.pid, before.pid, "the same main: {out}");
         assert_eq!(after.generation, before.generation);
         for w in &after.workers {
@@ -331,24 +341,16 @@ fn workers_only_upgrade_replaces_the_workers_under_load() {
             .all(|w| !is_alive(*w))));
         assert_eq!(live_children(lbd.pid()).len(), WORKERS);
         assert_clean(wrk, "workers-only upgrade");
-        drop(lbd);
-        origin.stop();
     });
 }
 
 #[test]
 fn a_broken_new_binary_is_rolled_back_and_nothing_fails() {
-    let _serial = serial();
-    in_fresh_netns(|| {
-        let origin = Origin::start("a");
-        let lbd = start(origin.addr());
-        let sock = socket(&lbd);
+    rig(|_origin, lbd, sock| {
         let dir = lbd.dir().path().to_path_buf();
-        let url = format!("http://{}/", lbd.addr());
-        let wrk = Wrk::start(&url, 10, 24, "5s", &dir);
-        std::thread::sleep(Duration::from_millis(500));
-        let before = status(&sock);
-        let dump = ok(&sock, &["state", "dump"]);
+        let wrk = load(lbd, 10, 24, &[]);
+        let before = status(sock);
+        let dump = ok(sock, &["state", "dump"]);
         let cases = [
             (script(&dir, "exits", "exit 3"), "exited with status 3"),
             (
@@ -362,7 +364,7 @@ fn a_broken_new_binary_is_rolled_back_and_nothing_fails() {
         ];
         for (binary, reason) in &cases {
             let started = Instant::now();
-            let ctl = lbctl(&sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
+            let ctl = lbctl(sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
             eprintln!(
                 "{}: {:?} {}",
                 binary.display(),
@@ -383,36 +385,30 @@ fn a_broken_new_binary_is_rolled_back_and_nothing_fails() {
                 ctl.stderr
             );
             assert_eq!(
-                status(&sock).workers,
+                status(sock).workers,
                 before.workers,
                 "the same workers serve"
             );
         }
         let plain = dir.join("not-executable");
         fs::write(&plain, "data").unwrap();
-        let ctl = lbctl(&sock, &["upgrade", "--binary", plain.to_str().unwrap()]);
+        let ctl = lbctl(sock, &["upgrade", "--binary", plain.to_str().unwrap()]);
         assert_eq!(ctl.code, Some(1));
         assert!(ctl.stderr.contains("not an executable"), "{}", ctl.stderr);
-        let after = status(&sock);
+        let after = status(sock);
         assert_eq!(
             (after.pid, after.generation),
             (before.pid, before.generation)
         );
         assert_eq!(after.workers, before.workers);
-        assert_eq!(ok(&sock, &["state", "dump"]), dump);
+        assert_eq!(ok(sock, &["state", "dump"]), dump);
         assert_clean(wrk, "rollbacks");
-        drop(lbd);
-        origin.stop();
     });
 }
 
 #[test]
 fn the_new_main_killed_mid_handoff_leaves_the_old_generation_serving() {
-    let _serial = serial();
-    in_fresh_netns(|| {
-        let origin = Origin::start("a");
-        let lbd = start(origin.addr());
-        let sock = socket(&lbd);
+    rig(|_origin, lbd, sock| {
         let dir = lbd.dir().path().to_path_buf();
         let wrapper = script(
             &dir,
@@ -422,11 +418,9 @@ fn the_new_main_killed_mid_handoff_leaves_the_old_generation_serving() {
                 common::lbd_bin()
             ),
         );
-        let url = format!("http://{}/", lbd.addr());
-        let wrk = Wrk::start(&url, 10, 8, "5s", &dir);
-        std::thread::sleep(Duration::from_millis(500));
-        let before = status(&sock);
-        let sock2 = sock.clone();
+        let wrk = load(lbd, 10, 8, &[]);
+        let before = status(sock);
+        let sock2 = sock.to_path_buf();
         let wrapper2 = wrapper.clone();
         let upgrading = std::thread::spawn(move || {
             lbctl(&sock2, &["upgrade", "--binary", wrapper2.to_str().unwrap()])
@@ -451,7 +445,7 @@ fn the_new_main_killed_mid_handoff_leaves_the_old_generation_serving() {
         let ctl = upgrading.join().unwrap();
         assert_eq!(ctl.code, Some(1), "{}", ctl.stderr);
         assert!(ctl.stderr.contains("killed by SIGKILL"), "{}", ctl.stderr);
-        let after = status(&sock);
+        let after = status(sock);
         assert_eq!(
             (after.pid, after.generation),
             (before.pid, before.generation)
@@ -459,34 +453,26 @@ fn the_new_main_killed_mid_handoff_leaves_the_old_generation_serving() {
         assert_eq!(after.workers, before.workers);
         assert_eq!(common::get(lbd.addr(), "x", "/").status, 200);
         assert_clean(wrk, "killed handoff");
-        drop(lbd);
-        origin.stop();
     });
 }
 
 #[test]
 fn a_listener_added_and_removed_at_runtime_serves_and_stops_with_no_failed_request() {
-    let _serial = serial();
-    in_fresh_netns(|| {
-        let origin = Origin::start("a");
-        let lbd = start(origin.addr());
-        let sock = socket(&lbd);
-        let url = format!("http://{}/", lbd.addr());
-        let wrk = Wrk::start(&url, 20, 8, "5s", lbd.dir().path());
-        std::thread::sleep(Duration::from_millis(500));
-        let before = status(&sock);
+    rig(|_origin, lbd, sock| {
+        let wrk = load(lbd, 20, 8, &[]);
+        let before = status(sock);
         let added = common::free_addr().to_string();
-        let out = ok(&sock, &["listener", "add", "--address", &added]);
+        let out = ok(sock, &["listener", "add", "--address", &added]);
         assert!(out.contains(&added), "{out}");
         let out = ok(
-            &sock,
+            sock,
             &["frontend", "add", "--cluster", "app", "--address", &added],
         );
         assert!(out.contains("frontend"), "{out}");
         let on_added = common::get(added.parse().unwrap(), "x", "/");
         assert_eq!(on_added.status, 200, "the new listener serves");
         assert!(on_added.text().contains("origin a"));
-        let middle = status(&sock);
+        let middle = status(sock);
         assert_eq!(middle.pid, before.pid, "no restart of lbd");
         for w in &middle.workers {
             assert!(
@@ -499,7 +485,7 @@ fn a_listener_added_and_removed_at_runtime_serves_and_stops_with_no_failed_reque
             .iter()
             .all(|w| !is_alive(*w))));
         ok(
-            &sock,
+            sock,
             &[
                 "frontend",
                 "remove",
@@ -509,7 +495,7 @@ fn a_listener_added_and_removed_at_runtime_serves_and_stops_with_no_failed_reque
                 &added,
             ],
         );
-        ok(&sock, &["listener", "remove", "--address", &added]);
+        ok(sock, &["listener", "remove", "--address", &added]);
         assert!(wait_until(GONE, || middle
             .workers
             .iter()
@@ -521,18 +507,12 @@ fn a_listener_added_and_removed_at_runtime_serves_and_stops_with_no_failed_reque
         );
         assert_eq!(common::get(lbd.addr(), "x", "/").status, 200);
         assert_clean(wrk, "listener add and remove");
-        drop(lbd);
-        origin.stop();
     });
 }
 
 #[test]
 fn a_websocket_open_across_the_upgrade_keeps_echoing_on_the_old_generation() {
-    let _serial = serial();
-    in_fresh_netns(|| {
-        let origin = Origin::start("a");
-        let mut lbd = start(origin.addr());
-        let sock = socket(&lbd);
+    rig(|_origin, lbd, sock| {
         let mut c = common::Client::connect(lbd.addr());
         c.send(
             b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -546,9 +526,9 @@ fn a_websocket_open_across_the_upgrade_keeps_echoing_on_the_old_generation() {
             assert_eq!(got, msg);
         };
         echo(&mut c, b"before the upgrade");
-        let before = status(&sock);
+        let before = status(sock);
         let binary = fresh_binary(lbd.dir().path(), 1);
-        upgrade_without_waiting(&mut lbd, &binary);
+        upgrade_without_waiting(lbd, &binary);
         // The old worker still pipes this connection while it drains.
         for i in 0..5 {
             echo(&mut c, format!("after the upgrade, message {i}").as_bytes());
@@ -561,8 +541,6 @@ fn a_websocket_open_across_the_upgrade_keeps_echoing_on_the_old_generation() {
         // drain deadline.
         assert!(wait_until(Duration::from_secs(5), || !is_alive(before.pid)));
         assert_eq!(common::get(lbd.addr(), "x", "/").status, 200);
-        drop(lbd);
-        origin.stop();
     });
 }
 
