@@ -14,6 +14,9 @@ pub struct IdlePool {
     conns: HashMap<SocketAddr, Vec<(TcpStream, Instant)>>,
     per_backend: usize,
     max_idle: Duration,
+    /// Connections kept by sessions for their client's next request (see session.rs),
+    /// at most `per_backend` of them.
+    held: usize,
 }
 
 impl IdlePool {
@@ -22,6 +25,7 @@ impl IdlePool {
             conns: HashMap::new(),
             per_backend,
             max_idle,
+            held: 0,
         }
     }
 
@@ -40,6 +44,21 @@ impl IdlePool {
             }
         }
         None
+    }
+
+    /// Takes one of the places for kept connections; false when all are taken.
+    pub fn hold(&mut self) -> bool {
+        if self.held < self.per_backend {
+            self.held += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Gives a place for a kept connection back.
+    pub fn unhold(&mut self) {
+        self.held = self.held.saturating_sub(1);
     }
 
     /// A connection a session kept for itself, if it is still usable: younger than the idle
@@ -86,5 +105,28 @@ impl IdlePool {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_connections_are_capped_per_worker() {
+        let mut pool = IdlePool::new(2, Duration::from_secs(30));
+        assert!(pool.hold());
+        assert!(pool.hold());
+        assert!(
+            !pool.hold(),
+            "a third kept connection goes to the pool instead"
+        );
+        pool.unhold();
+        assert!(pool.hold());
+        pool.unhold();
+        pool.unhold();
+        pool.unhold();
+        pool.unhold();
+        assert!(pool.hold() && pool.hold() && !pool.hold(), "no underflow");
     }
 }

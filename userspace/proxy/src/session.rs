@@ -277,6 +277,7 @@ impl Session {
             }
         }
         if let Some(held) = held {
+            cx.idle.unhold();
             // Still registered under this session's token: a stray event reaches whoever
             // holds the token next and only sets a readiness flag (see finish_exchange).
             if !held.stirred {
@@ -536,7 +537,11 @@ impl Session {
             let Some(address) = cluster.address(backend) else {
                 break;
             };
-            let kept = match self.held.take() {
+            let held = self.held.take();
+            if held.is_some() {
+                cx.idle.unhold();
+            }
+            let kept = match held {
                 Some(held) if held.address == address => {
                     cx.idle
                         .revive(held.stream, held.since, held.stirred, cx.now)
@@ -908,15 +913,22 @@ impl Session {
                 // in the shared pool later, a stray event on it only sets a readiness flag
                 // that the next read clears, and reuse by another session re-registers it
                 // under the new owner's token (one syscall, not two).
-                if let Some(old) = self.held.replace(HeldBack {
-                    stream: back.stream,
-                    address: back.address,
-                    since: cx.now,
-                    stirred: false,
-                }) {
+                // Past the worker's cap on kept connections, it goes to the pool at once.
+                if let Some(old) = self.held.take() {
+                    cx.idle.unhold();
                     if !old.stirred {
                         cx.idle.put(old.address, old.stream, old.since);
                     }
+                }
+                if cx.idle.hold() {
+                    self.held = Some(HeldBack {
+                        stream: back.stream,
+                        address: back.address,
+                        since: cx.now,
+                        stirred: false,
+                    });
+                } else {
+                    cx.idle.put(back.address, back.stream, cx.now);
                 }
             } else {
                 let _ = cx.registry.deregister(&mut back.stream);
