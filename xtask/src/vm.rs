@@ -41,6 +41,9 @@ const PARTITION_START_SECTOR: u64 = 2048;
 const SECTOR: u64 = 512;
 /// The root file system's label: fstab and the kernel command line find it by this name.
 const ROOT_LABEL: &str = "kakehi-root";
+/// In a cached debootstrap tree: written once the tree is complete (what it was made from,
+/// and when).
+const BASE_MARKER: &str = ".kakehi-debootstrap-complete";
 /// Every step that goes to the network or formats the disk is cut off after this long.
 const STEP_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -125,7 +128,7 @@ pub fn vm_image(signals: &Signals, args: &ImageArgs) -> Result<Image> {
     let base = base_tree(signals, &dir, &packages, &mirror, args.fresh)?;
 
     let mut stamp = Stamp::default();
-    stamp.text(&base.display().to_string());
+    stamp.file(&base.join(BASE_MARKER))?;
     stamp.file(&lbd)?;
     stamp.file(&lbctl)?;
     stamp.tree(&images)?;
@@ -259,7 +262,7 @@ fn base_tree(
     }
     let key = key.finish();
     let base = dir.join(format!("base-{key}"));
-    let marker = base.join(".kakehi-debootstrap-complete");
+    let marker = base.join(BASE_MARKER);
     for entry in fs::read_dir(dir)?.flatten() {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -275,25 +278,35 @@ fn base_tree(
         );
         return Ok(base);
     }
-    if base.exists() {
-        // An earlier debootstrap that did not finish.
-        fs::remove_dir_all(&base).with_context(|| format!("removing {}", base.display()))?;
-    }
     let started = Instant::now();
     println!(
         "\nxtask vm-image: debootstrap {SUITE} from {mirror} ({} packages, about 2 minutes)",
         packages.len()
     );
-    run_bounded(
-        signals,
-        Command::new("debootstrap")
-            .args(["--variant=minbase", "--merged-usr"])
-            .arg(format!("--include={}", packages.join(",")))
-            .arg(SUITE)
-            .arg(&base)
-            .arg(mirror),
-        STEP_TIMEOUT,
-    )?;
+    // A second try when the first fails: a download from the mirror can fail once.
+    for attempt in 1..=2 {
+        if base.exists() {
+            // An earlier debootstrap that did not finish.
+            fs::remove_dir_all(&base).with_context(|| format!("removing {}", base.display()))?;
+        }
+        let result = run_bounded(
+            signals,
+            Command::new("debootstrap")
+                .args(["--variant=minbase", "--merged-usr"])
+                .arg(format!("--include={}", packages.join(",")))
+                .arg(SUITE)
+                .arg(&base)
+                .arg(mirror),
+            STEP_TIMEOUT,
+        );
+        match result {
+            Ok(()) => break,
+            Err(error) if attempt == 1 && signals.stop_requested()?.is_none() => {
+                eprintln!("xtask vm-image: {error:#}; trying once more");
+            }
+            Err(error) => return Err(error),
+        }
+    }
     // debootstrap leaves a package it could not configure half-installed and still exits 0.
     let broken = procs::output(Command::new("chroot").arg(&base).args([
         "dpkg-query",
@@ -314,9 +327,17 @@ fn base_tree(
     }
     // Downloaded packages are not needed in the image.
     remove_matching(&base.join("var/cache/apt/archives"), ".deb")?;
+    // When it was made goes in too: the image's stamp hashes this file, so a fresh debootstrap
+    // (newer package versions, same list) rebuilds the image.
+    let made = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     fs::write(
         &marker,
-        format!("{SUITE} {mirror}\n{}\n", packages.join("\n")),
+        format!(
+            "{SUITE} {mirror}\nmade at {made} (unix time)\n{}\n",
+            packages.join("\n")
+        ),
     )?;
     println!(
         "xtask vm-image: debootstrap done in {:.0}s",
@@ -359,7 +380,7 @@ fn assemble(
             .arg(rootfs),
         STEP_TIMEOUT,
     )?;
-    let _ = fs::remove_file(rootfs.join(".kakehi-debootstrap-complete"));
+    let _ = fs::remove_file(rootfs.join(BASE_MARKER));
     copy_overlay(&images.join("rootfs"), rootfs)?;
     install_file(config, &rootfs.join("etc/kakehi/config.toml"), 0o644)?;
     install_file(lbd, &rootfs.join("usr/sbin/lbd"), 0o755)?;
