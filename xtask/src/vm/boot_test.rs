@@ -4,8 +4,9 @@
 //! loader, or by qemu's -kernel/-initrd), the guest's port 80 forwarded to a free 127.0.0.1
 //! port, a random token handed to the guest as the systemd credential `kakehi.selftest`
 //! (which starts `kakehi-selftest.service`: an origin on the default backend address and the
-//! sandbox, eBPF and lbctl checks, printed on the serial console), HTTP requests from the
-//! host through the appliance, and qemu stopped by its pid. An answer without the token (a
+//! sandbox, eBPF, `lbctl upgrade` and `lbctl status` checks, printed on the serial console)
+//! and a config with another worker count as the credential `kakehi.config`, HTTP requests
+//! from the host through the appliance, and qemu stopped by its pid. An answer without the token (a
 //! leftover guest) fails the test. The checks run inside the guest are the self-test
 //! script's, in `vm-images/`.
 
