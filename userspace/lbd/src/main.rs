@@ -112,11 +112,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
         path.display(),
         std::process::id()
     );
-    if let Err(e) = supervisor.start_generation(supervisor::READY_TIMEOUT) {
-        // The loop restarts workers that die; say so now rather than claim readiness.
-        log::warn!("not every worker is ready: {e}");
+    match supervisor.start_generation(supervisor::READY_TIMEOUT) {
+        Ok(()) => notify_ready(),
+        // The loop goes on restarting workers that die, but lbd does not claim to be ready:
+        // under systemd the start then times out and the unit fails, visibly.
+        Err(e) => log::error!("not every worker is ready, so lbd does not report ready: {e}"),
     }
-    notify_ready();
     serve(supervisor, &mut signals, commands)
 }
 

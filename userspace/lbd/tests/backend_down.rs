@@ -172,11 +172,14 @@ fn a_kept_backend_connection_closed_while_the_client_idles_is_replaced() {
     let backend = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&accepted);
-    // Answers one request per connection (keep-alive in words), then closes it 100 ms later.
+    let (closed_tx, closed) = std::sync::mpsc::channel::<()>();
+    // Answers one request per connection (keep-alive in words), then closes it 100 ms later
+    // and says so.
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
             counter.fetch_add(1, Ordering::SeqCst);
+            let closed_tx = closed_tx.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
                 let mut line = String::new();
@@ -185,6 +188,9 @@ fn a_kept_backend_connection_closed_while_the_client_idles_is_replaced() {
                 }
                 let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
                 std::thread::sleep(std::time::Duration::from_millis(100));
+                drop(reader);
+                drop(conn);
+                let _ = closed_tx.send(());
             });
         }
     });
@@ -194,7 +200,12 @@ fn a_kept_backend_connection_closed_while_the_client_idles_is_replaced() {
         let resp = c.get("localhost", &format!("/r{i}"));
         assert_eq!(resp.status, 200, "request {i}: {:?}", resp.text());
         assert!(!resp.closes());
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        // The next request only once the backend has closed the connection kakehi keeps
+        // (its FIN is then queued for kakehi's worker before the request is).
+        closed
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the backend closes its connection");
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert_eq!(
         accepted.load(Ordering::SeqCst),
@@ -211,7 +222,8 @@ fn a_body_line_longer_than_the_buffer_is_answered_at_once() {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::TcpListener;
     let long = "a".repeat(40_000);
-    // Request side.
+    // Request side (to /digest, which answers only after the whole body: nothing of a
+    // response can start before kakehi's own 400).
     let origin = Origin::start("o");
     let addr = origin.addr();
     let top = "[timeouts]\nrequest_header = \"60s\"\nfront_idle = \"60s\"\nback_idle = \"60s\"\n";
@@ -219,7 +231,7 @@ fn a_body_line_longer_than_the_buffer_is_answered_at_once() {
     let mut c = Client::connect(lbd.addr());
     c.send(
         format!(
-            "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+            "POST /digest HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
              5\r\nhello\r\n0\r\nX-Long: {long}\r\n\r\n"
         )
         .as_bytes(),

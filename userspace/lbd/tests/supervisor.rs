@@ -446,10 +446,16 @@ fn a_forbidden_syscall_in_a_real_worker_kills_it_by_sigsys() {
     )
     .unwrap();
     let stderr_path = dir.join("stderr.log");
+    // Workers that never serve: lbd must not tell systemd it is ready.
+    let notify_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&notify_path);
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_nonblocking(true).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_lbd"))
         .arg("--config")
         .arg(&config)
         .env("KAKEHI_TEST_SECCOMP_PROBE", "1")
+        .env("NOTIFY_SOCKET", &notify_path)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
@@ -459,11 +465,23 @@ fn a_forbidden_syscall_in_a_real_worker_kills_it_by_sigsys() {
     let mut log = String::new();
     while Instant::now() < deadline {
         log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-        if log.contains("was killed by SIGSYS") {
+        if log.contains("was killed by SIGSYS") && log.contains("does not report ready") {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert!(
+        log.contains("does not report ready"),
+        "lbd's start did not end without readiness:\n{log}"
+    );
+    let mut datagram = [0u8; 512];
+    let told = notify
+        .recv(&mut datagram)
+        .map(|n| String::from_utf8_lossy(&datagram[..n]).into_owned());
+    assert!(
+        told.as_deref().map_or(true, |t| !t.contains("READY=1")),
+        "lbd reported ready with no worker serving: {told:?}"
+    );
     let _ = kill(pid, Signal::SIGTERM);
     let status = child.wait().unwrap();
     assert!(
