@@ -16,6 +16,7 @@
 
 use crate::health::Health;
 use crate::metrics::{Exporter, Merged};
+use crate::runtime::channel_frame;
 use crate::supervisor::Supervisor;
 use lb_config::protocol::{BackendHealth, Payload, Sample};
 use std::collections::HashMap;
@@ -96,7 +97,7 @@ impl Supervisor {
     /// answers at once; a worker that does not within [`STATUS_TIMEOUT`] counts for none).
     pub(crate) fn health_rows(&mut self) -> Vec<BackendHealth> {
         let mut rows = self.observer.health.rows(self.config());
-        let request = frame(b"\0ejected");
+        let request = channel_frame(b"\0ejected");
         let mut asked = Vec::new();
         for (index, _, channel) in self.channels() {
             if channel.write_all(&request).is_ok() {
@@ -137,7 +138,7 @@ impl Supervisor {
         log::set_max_level(filter);
         self.log_level = filter;
         let filter = filter.as_str().to_ascii_lowercase();
-        let frame = frame(format!("\0log-level {filter}").as_bytes());
+        let frame = channel_frame(format!("\0log-level {filter}").as_bytes());
         let mut sent = Vec::new();
         let mut failed = Vec::new();
         for (index, _, channel) in self.channels() {
@@ -192,7 +193,7 @@ impl Supervisor {
                     .collect();
                 serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into())
             });
-            match channel.write_all(&frame(format!("\0health {text}").as_bytes())) {
+            match channel.write_all(&channel_frame(format!("\0health {text}").as_bytes())) {
                 Ok(()) => {
                     observer.pushed.insert(index, (pid, version));
                 }
@@ -246,7 +247,7 @@ impl Supervisor {
                 value: row.restarts as f64,
             }]);
         }
-        let request = frame(b"\0metrics");
+        let request = channel_frame(b"\0metrics");
         let mut asked = Vec::new();
         let mut live = HashMap::new();
         for (index, pid, channel) in self.channels() {
@@ -298,13 +299,6 @@ fn is_counter(name: &str) -> bool {
     ["_total", "_bucket", "_sum", "_count"]
         .iter()
         .any(|suffix| name.ends_with(suffix))
-}
-
-fn frame(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 4);
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(body);
-    out
 }
 
 /// Reads one `metrics JSON` answer from a worker.

@@ -150,9 +150,7 @@ impl Supervisor {
 
     /// Sends the whole configuration to every running worker; collects their answers.
     fn push_to_workers(&mut self, text: &str) -> Vec<WorkerAck> {
-        let mut frame = Vec::with_capacity(text.len() + 4);
-        frame.extend_from_slice(&(text.len() as u32).to_be_bytes());
-        frame.extend_from_slice(text.as_bytes());
+        let frame = channel_frame(text.as_bytes());
         let mut sent = Vec::new();
         let mut acks = Vec::new();
         for (index, pid, channel) in self.channels() {
@@ -207,6 +205,15 @@ impl Supervisor {
             backends: self.health_rows(),
         }
     }
+}
+
+/// One frame on a worker's channel: u32 big-endian length, then `body` (a configuration's
+/// text, or a `\0` command).
+pub(crate) fn channel_frame(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
 }
 
 /// Reads one answer frame from a worker: `ok`, or `error: WHY`, waiting at most `timeout`.

@@ -1089,11 +1089,8 @@ impl Supervisor {
 /// event loop. A worker that died answers with the end of its channel, at once.
 fn probe(channel: &mut UnixStream, text: &str, deadline: Instant) -> Result<(), String> {
     use std::io::Write as _;
-    let mut frame = Vec::with_capacity(text.len() + 4);
-    frame.extend_from_slice(&(text.len() as u32).to_be_bytes());
-    frame.extend_from_slice(text.as_bytes());
     channel
-        .write_all(&frame)
+        .write_all(&crate::runtime::channel_frame(text.as_bytes()))
         .map_err(|e| format!("cannot reach it: {e}"))?;
     let left = deadline.saturating_duration_since(Instant::now());
     crate::runtime::read_answer(channel, left.max(Duration::from_millis(1)))
