@@ -230,9 +230,13 @@ impl Session {
         self.yielded
     }
 
-    /// Idle between requests: the worker may close it at once when draining.
-    pub fn is_idle(&self) -> bool {
-        self.state == State::Idle && self.front_kawa.storage.is_empty()
+    /// Idle between requests since `since` (its last exchange ended, or it was accepted):
+    /// a draining worker may close it once the grace has passed since then.
+    pub fn idle_since(&self) -> Option<Instant> {
+        (self.state == State::Idle
+            && self.front_kawa.storage.is_empty()
+            && !self.front.handshaking())
+        .then_some(self.since)
     }
 
     /// After a configuration change: point the request's cluster and backend at their new
@@ -328,6 +332,10 @@ impl Session {
         let span = match self.state {
             // A TLS handshake gets the time a request head gets.
             State::Idle if self.front.handshaking() => t.request_header,
+            // Draining: an idle connection is closed after the drain's grace (counted from
+            // the end of its last exchange), never at once, so that a request the client is
+            // sending now is answered (with `Connection: close`) rather than reset.
+            State::Idle if cx.draining => t.front_idle.min(crate::worker::DRAIN_IDLE_GRACE),
             State::Idle => t.front_idle,
             State::ReadingHead => t.request_header,
             State::Connecting => t.connect,
@@ -378,9 +386,6 @@ impl Session {
 
     fn read_head(&mut self, cx: &mut Cx) -> Step {
         let pending = !self.front_kawa.storage.unparsed_data().is_empty();
-        if !pending && self.state == State::Idle && cx.close_idle {
-            return Step::Close;
-        }
         let mut read_any = false;
         let mut read_bytes = 0;
         if !self.front_eof {
@@ -936,11 +941,14 @@ impl Session {
         }
         // A client that half-closed after pipelining still gets the requests it sent.
         let more_buffered = !self.front_kawa.storage.unparsed_data().is_empty();
+        // A draining worker does not close here: the client was told nothing unless the head
+        // it got said `Connection: close` (it did when the drain began before that head was
+        // read). Otherwise the next request gets that answer, or the idle grace closes it.
         let keep = request_done
             && !self.req.close
+            && !self.resp.close_front
             && !self.resp.close_delimited
-            && (!self.front_eof || more_buffered)
-            && !cx.draining;
+            && (!self.front_eof || more_buffered);
         if !keep {
             return self.start_linger();
         }

@@ -40,7 +40,7 @@ const LISTENER_BASE: usize = usize::MAX / 2;
 const IDLE_PER_BACKEND: usize = 512;
 /// How long a draining worker leaves idle keep-alive connections open (see
 /// [`Cx::close_idle`]); clients with a request in flight get their answer and a close.
-const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
+pub(crate) const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
 /// Buffers allocated up front (two per connection).
 const PREALLOCATED_BUFFERS: usize = 256;
 /// Empty pipes kept for the next TCP passthrough connections (each counts against the
@@ -99,10 +99,10 @@ pub struct Cx {
     pub max_request_body: u64,
     pub now: Instant,
     pub draining: bool,
-    /// Set [`DRAIN_IDLE_GRACE`] after the drain began: connections idle between requests
-    /// are closed from then on. Before, an idle keep-alive connection is left open, so that
-    /// a request the client is sending right now is answered (with `Connection: close`)
-    /// instead of meeting a closed socket.
+    /// Set [`DRAIN_IDLE_GRACE`] after the drain began, when the connections idle since
+    /// before it are closed. Until then an idle keep-alive connection is left open, so that a
+    /// request the client is sending right now is answered (with `Connection: close`) instead
+    /// of meeting a closed socket; one that becomes idle later gets the same grace from then.
     pub close_idle: bool,
     id_prefix: u32,
     requests: u64,
@@ -177,9 +177,13 @@ impl Conn {
         }
     }
 
-    fn is_idle(&self) -> bool {
+    /// Idle long enough to be closed by a draining worker: an HTTP connection idle between
+    /// requests for the drain's grace, a TCP one that has received nothing yet.
+    fn idle_past_grace(&self, now: Instant) -> bool {
         match self {
-            Conn::Http(s) => s.is_idle(),
+            Conn::Http(s) => s
+                .idle_since()
+                .is_some_and(|since| now >= since + DRAIN_IDLE_GRACE),
             Conn::Tcp(s) => s.is_idle(),
         }
     }
@@ -672,10 +676,11 @@ impl Worker {
 
     /// Closes the connections that have no request in flight (after the drain's grace).
     fn close_idle_sessions(&mut self) {
+        let now = self.cx.now;
         let idle: Vec<usize> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.is_idle())
+            .filter(|(_, s)| s.idle_past_grace(now))
             .map(|(k, _)| k)
             .collect();
         for key in idle {

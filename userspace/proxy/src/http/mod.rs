@@ -362,6 +362,8 @@ pub struct ResponseInfo {
     pub switching: bool,
     /// 1xx other than 101: another response head follows.
     pub interim: bool,
+    /// The head sent to the client said `Connection: close`: the proxy closes after it.
+    pub close_front: bool,
 }
 
 /// kawa callbacks for a response head.
@@ -425,6 +427,7 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for ResponseCallbacks<'_> {
             val: Store::from_slice(self.request_id.as_bytes()),
         }));
         if self.close_front || info.close_delimited {
+            info.close_front = true;
             kawa.blocks.push_back(Block::Header(Pair {
                 key: Store::Static(b"Connection"),
                 val: Store::Static(b"close"),
