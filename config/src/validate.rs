@@ -54,8 +54,8 @@ pub(crate) fn validate(file: FileConfig, text: &str, source: &Path) -> Result<Co
     )?;
     let command_socket = c.command_socket(file.command_socket.as_ref())?;
     let steering = match file.steering.as_ref().map(|s| *s.get_ref()) {
-        Some(FileSteering::Ebpf) => Steering::Ebpf,
-        Some(FileSteering::Kernel) | None => Steering::Kernel,
+        Some(FileSteering::Ebpf) | None => Steering::Ebpf,
+        Some(FileSteering::Kernel) => Steering::Kernel,
     };
     let steering_policy = match file.steering_policy.as_ref().map(|s| *s.get_ref()) {
         Some(FileSteeringPolicy::FlowHash) | None => SteeringPolicy::FlowHash,

@@ -156,7 +156,7 @@ fn defaults() {
     assert_eq!(config.max_connections, 10_000);
     assert_eq!(config.command_socket, Path::new(DEFAULT_COMMAND_SOCKET));
     assert_eq!(config.command_socket, Path::new("/run/kakehi/lbd.sock"));
-    assert_eq!(config.steering, Steering::Kernel);
+    assert_eq!(config.steering, Steering::Ebpf, "eBPF steering by default");
     assert_eq!(config.steering_policy, SteeringPolicy::FlowHash);
     assert_eq!((config.user, config.group), (None, None));
     assert_eq!(config.buffer_size, 16_384);

@@ -614,7 +614,8 @@ fn load_group(
                 listener.address
             )
         };
-        let mut steering = Steering::load(policy, workers).with_context(what)?;
+        let mut steering =
+            Steering::load(policy, workers).map_err(|e| cannot_load(listener.address, &e))?;
         for (index, socket) in group.iter().enumerate() {
             let index = u32::try_from(index).context("too many workers")?;
             steering
@@ -631,6 +632,45 @@ fn load_group(
         );
         Ok(steering)
     }
+}
+
+/// One line for an operator whose lbd cannot load its steering program: what is missing,
+/// and that `steering = "kernel"` runs without it. The kernel's own words end the line; a
+/// verifier log (a program the kernel refused, which no setting fixes) follows it.
+fn cannot_load(
+    address: std::net::SocketAddr,
+    error: &crate::steering::SteeringError,
+) -> anyhow::Error {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    let mut errno = None;
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            errno = io.raw_os_error();
+        }
+        cause = e.source();
+    }
+    let missing = match errno {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            "the privilege to load eBPF programs (CAP_BPF and CAP_PERFMON, which root has)"
+        }
+        Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+            "kernel support for BPF sk_reuseport programs (Linux 5.8 or newer with the bpf() syscall)"
+        }
+        _ => "a steering program the kernel accepts",
+    };
+    let first = match error {
+        crate::steering::SteeringError::Load { io_error, .. } => io_error.to_string(),
+        other => other.to_string(),
+    };
+    let mut line = format!(
+        "listener {address}: eBPF steering (the default) cannot start: lbd lacks {missing}; \
+         set steering = \"kernel\" to run without eBPF (plain SO_REUSEPORT hashing) [{first}]"
+    );
+    if let crate::steering::SteeringError::Load { verifier_log, .. } = error {
+        line.push_str("\nverifier log:\n");
+        line.push_str(verifier_log);
+    }
+    anyhow::Error::msg(line)
 }
 
 fn policy_of(policy: SteeringPolicy) -> Policy {

@@ -257,8 +257,9 @@ pub fn receive(stream: &mut UnixStream, timeout: Duration) -> anyhow::Result<Han
         .context("setting the handoff channel's timeout")?;
     let descriptors = fds::recv_fds(stream, message.fds.len())
         .context("receiving the descriptors of the handoff")?;
-    let state = State::from_toml(&message.state, &message.source)
+    let mut state = State::from_toml(&message.state, &message.source)
         .map_err(|e| anyhow::anyhow!("the handed-over state: {e}"))?;
+    keep_kernel_steering_of_an_older_lbd(&mut state, &message.fds);
     let config = state
         .validate(&message.source)
         .map_err(|e| anyhow::anyhow!("the handed-over state does not validate here: {e}"))?;
@@ -275,6 +276,24 @@ pub fn receive(stream: &mut UnixStream, timeout: Duration) -> anyhow::Result<Han
         sockets: parts.sockets,
         steering: parts.steering,
     })
+}
+
+/// `steering` defaulted to "kernel" before it defaulted to "ebpf": a state without the key,
+/// handed over with no steering program, comes from an lbd that ran without eBPF. The new
+/// generation keeps serving on those very sockets the same way (loading a program now would
+/// need the sockets re-bound); steering = "ebpf" in the file, then a restart, switches.
+fn keep_kernel_steering_of_an_older_lbd(state: &mut State, roles: &[FdRole]) {
+    let programs = roles
+        .iter()
+        .any(|r| matches!(r, FdRole::SteeringProgram { .. }));
+    if state.steering.is_none() && !programs && !state.listeners.is_empty() {
+        log::warn!(
+            "the running lbd steers without eBPF (steering was not set, and \"kernel\" was the \
+             default before \"ebpf\"): this generation keeps kernel steering; set steering = \
+             \"ebpf\" and restart lbd to switch"
+        );
+        state.steering = Some(lb_config::state::SteeringDef::Kernel);
+    }
 }
 
 struct Parts {

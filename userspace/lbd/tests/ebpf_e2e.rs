@@ -622,3 +622,98 @@ fn a_killed_worker_loses_no_new_connection_least_connections() {
 fn a_killed_worker_loses_no_new_connection_power_of_two() {
     killed_worker("power-of-two");
 }
+
+// ---- eBPF steering is the default ------------------------------------------------------------
+
+/// A config that does not name `steering` gets the sk_reuseport program: the supervisor
+/// attaches it, and its counters account for every connection.
+#[test]
+fn a_config_without_steering_gets_ebpf_steering() {
+    in_fresh_netns(|| {
+        let origin = Origin::start("a");
+        let mut lbd = Lbd::start_until(
+            |l| one_cluster("workers = 2\n", l, &[origin.addr()]),
+            workers_ready(2),
+        );
+        assert!(!lbd.config_text.contains("steering"), "no steering key");
+        let log = lbd.stderr();
+        assert!(
+            log.contains("eBPF steering attached"),
+            "the default is eBPF steering:\n{log}"
+        );
+        for n in 0..10 {
+            assert_eq!(get_close(lbd.addr(), &format!("/{n}")).unwrap(), 200);
+        }
+        let counters = stop_and_count(&mut lbd);
+        assert_eq!(counters.total(), 10, "{counters:?}");
+        origin.stop();
+    });
+}
+
+/// Without the privilege to load eBPF programs (CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN taken
+/// out of the bounding set, so root's exec gets none of them), lbd on a config without
+/// `steering` stops at start with one line that says what is missing and that
+/// `steering = "kernel"` runs without it; with that line added, the same lbd serves.
+#[test]
+fn without_the_privilege_to_load_ebpf_lbd_stops_with_one_line_and_kernel_steering_runs() {
+    in_fresh_netns(|| {
+        let origin = Origin::start("a");
+        let dir = common::TempDir::new("no-bpf");
+        let listener = common::free_addr();
+        let body = one_cluster("workers = 2\n", listener, &[origin.addr()]);
+        let config = dir.write(
+            "lbd.toml",
+            format!(
+                "command_socket = \"{}/lbd.sock\"\n{body}",
+                dir.path().display()
+            ),
+        );
+        let setpriv = |config: &std::path::Path| {
+            let mut cmd = std::process::Command::new("setpriv");
+            cmd.args(["--bounding-set=-bpf,-perfmon,-sys_admin", common::lbd_bin()])
+                .arg("--config")
+                .arg(config);
+            cmd
+        };
+        let out = common::run_bounded(setpriv(&config), Duration::from_secs(20), "lbd");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let last = stderr.trim().lines().last().unwrap_or_default();
+        assert_eq!(
+            stderr
+                .trim()
+                .lines()
+                .filter(|l| l.starts_with("lbd:"))
+                .count(),
+            1,
+            "{stderr}"
+        );
+        assert!(
+            last.starts_with("lbd: ")
+                && last.contains(&listener.to_string())
+                && last.contains("CAP_BPF")
+                && last.contains("steering = \"kernel\""),
+            "one line naming the listener, what is missing and the way out: {stderr}"
+        );
+        // The way out works, with the same privileges.
+        let kernel = dir.write(
+            "kernel.toml",
+            format!(
+                "steering = \"kernel\"\ncommand_socket = \"{}/lbd.sock\"\n{body}",
+                dir.path().display()
+            ),
+        );
+        let mut child = setpriv(&kernel)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let served = wait_until(Duration::from_secs(10), || {
+            get_close(listener, "/").is_ok_and(|s| s == 200)
+        });
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let _ = child.wait();
+        assert!(served, "steering = \"kernel\" serves without CAP_BPF");
+        origin.stop();
+    });
+}

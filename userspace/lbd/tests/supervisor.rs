@@ -437,7 +437,7 @@ fn a_forbidden_syscall_in_a_real_worker_kills_it_by_sigsys() {
     std::fs::write(
         &config,
         format!(
-            "workers = 1\ncommand_socket = \"{}/lbd.sock\"\n[access_log]\ntarget = \"off\"\n\
+            "workers = 1\nsteering = \"kernel\"\ncommand_socket = \"{}/lbd.sock\"\n[access_log]\ntarget = \"off\"\n\
              [[listeners]]\naddress = \"127.0.0.1:{port}\"\n[clusters.c]\n\
              frontends = [{{ address = \"127.0.0.1:{port}\" }}]\n\
              backends = [{{ address = \"127.0.0.1:9\" }}]\n",

@@ -189,8 +189,8 @@ pub fn haproxy(ports: (u16, u16), origin: u16, reuse: &str, threads: u32, tls: &
 }
 
 /// kakehi (lbd) as the proxy under test: `workers` workers, no access log, a connection limit
-/// far above the load. With more than one worker, kakehi's own eBPF steering picks the worker
-/// for each new connection (least connections) instead of the kernel's reuseport hash.
+/// far above the load. kakehi's own eBPF steering (the default) picks the worker for each new
+/// connection; with more than one worker it uses least connections rather than the flow hash.
 pub fn kakehi(dir: &Path, ports: (u16, u16), origin: u16, workers: u32, tls: &Tls) -> String {
     let (port, tls_port) = ports;
     let steering = if workers > 1 {

@@ -238,6 +238,23 @@ pub struct Lbd {
     dir: TempDir,
 }
 
+/// `config` as lbd should run it in this thread's network namespace. eBPF steering is lbd's
+/// default, and tests attach eBPF programs only inside a fresh namespace
+/// ([`in_fresh_netns`]): a config that leaves `steering` unset gets `steering = "kernel"`
+/// when the thread is still in the machine's own namespace (that of pid 1).
+pub fn steering_for_this_netns(config: &str) -> String {
+    let names_steering = config.lines().any(|l| {
+        l.trim_start().starts_with("steering ") || l.trim_start().starts_with("steering=")
+    });
+    let ns = |path: &str| fs::read_link(path).ok();
+    let in_machine_netns = ns("/proc/thread-self/ns/net") == ns("/proc/1/ns/net");
+    if names_steering || !in_machine_netns {
+        config.to_owned()
+    } else {
+        format!("steering = \"kernel\"\n{config}")
+    }
+}
+
 impl Lbd {
     /// Starts `lbd` with one listener; `config` gets its address and returns the config text
     /// (everything but `command_socket`, which the harness sets into the temp dir).
@@ -254,7 +271,7 @@ impl Lbd {
             let text = format!(
                 "command_socket = \"{}\"\n{}",
                 socket.display(),
-                config(&addrs)
+                steering_for_this_netns(&config(&addrs))
             );
             let config_path = dir.write("lbd.toml", &text);
             let stdout = dir.path().join(format!("stdout.{attempt}.log"));
@@ -1139,7 +1156,7 @@ impl Lbd {
             let text = format!(
                 "command_socket = \"{}\"\n{}",
                 socket.display(),
-                config(addrs[0])
+                steering_for_this_netns(&config(addrs[0]))
             );
             let config_path = dir.write("lbd.toml", &text);
             let stdout = dir.path().join(format!("stdout.{attempt}.log"));
