@@ -71,6 +71,8 @@ struct Slot {
     start_at: Option<Instant>,
     /// The supervisor's end of the worker's channel (configuration updates).
     channel: Option<UnixStream>,
+    /// The read end of the worker's trace pipe: the syscall its sandbox refused, if it did.
+    trace: Option<File>,
     restarts: u64,
 }
 
@@ -174,6 +176,7 @@ impl Supervisor {
                 backoff: Duration::from_millis(100),
                 start_at: Some(Instant::now()),
                 channel: None,
+                trace: None,
                 restarts: 0,
             })
             .collect();
@@ -411,9 +414,10 @@ impl Supervisor {
 
     fn spawn(&mut self, index: usize) -> anyhow::Result<()> {
         let exe = self.exe.clone();
-        let (pid, channel) = self.start_worker(index, &exe)?;
+        let (pid, channel, trace) = self.start_worker(index, &exe)?;
         if let Some(slot) = self.slots.get_mut(index) {
             slot.channel = Some(channel);
+            slot.trace = Some(trace);
             slot.pid = Some(pid);
             slot.started = Instant::now();
             slot.start_at = None;
@@ -425,9 +429,9 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Starts worker `index` from `exe` on this supervisor's sockets; returns its pid and the
-    /// supervisor's end of its channel. The slot is not touched.
-    fn start_worker(&self, index: usize, exe: &Path) -> anyhow::Result<(Pid, UnixStream)> {
+    /// Starts worker `index` from `exe` on this supervisor's sockets; returns its pid, the
+    /// supervisor's end of its channel and of its trace pipe. The slot is not touched.
+    fn start_worker(&self, index: usize, exe: &Path) -> anyhow::Result<(Pid, UnixStream, File)> {
         let mut command = Command::new(exe);
         command
             .arg("--log-level")
@@ -443,7 +447,17 @@ impl Supervisor {
         command
             .arg("--channel-fd")
             .arg(fds::raw(&theirs).to_string());
-        let mut inherited = vec![fds::raw(&self.config_file), fds::raw(&theirs)];
+        let (trace, trace_end) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .context("creating the worker's trace pipe")?;
+        command
+            .arg("--trace-fd")
+            .arg(fds::raw(&trace_end).to_string());
+        let mut inherited = vec![
+            fds::raw(&self.config_file),
+            fds::raw(&theirs),
+            fds::raw(&trace_end),
+        ];
         for group in &self.sockets {
             let socket = group
                 .get(index)
@@ -466,7 +480,8 @@ impl Supervisor {
         // The child is reaped with waitpid in `reap`; the handle is not needed.
         drop(child);
         drop(theirs);
-        Ok((pid, ours))
+        drop(trace_end);
+        Ok((pid, ours, File::from(trace)))
     }
 
     /// Collects exited workers; unless `stopping`, schedules their restart.
@@ -476,11 +491,28 @@ impl Supervisor {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(status) => status,
             };
-            let (pid, how) = match status {
+            let (pid, mut how) = match status {
                 WaitStatus::Exited(pid, code) => (pid, format!("exited with status {code}")),
                 WaitStatus::Signaled(pid, signal, _) => (pid, format!("was killed by {signal}")),
                 _ => continue,
             };
+            if let WaitStatus::Signaled(_, Signal::SIGSYS, _) = status {
+                // The sandbox refused a syscall: the worker's SIGSYS handler named it on its
+                // trace pipe just before it died.
+                let refused = self
+                    .slots
+                    .iter()
+                    .find(|s| s.pid == Some(pid))
+                    .and_then(|s| s.trace.as_ref())
+                    .and_then(crate::sandbox::violation);
+                how.push_str(&match refused {
+                    Some(nr) => format!(
+                        " (the sandbox refused syscall {} (number {nr}))",
+                        crate::sandbox::syscall_name(nr)
+                    ),
+                    None => " (a syscall the sandbox refused; it did not say which)".into(),
+                });
+            }
             let Some(index) = self.slots.iter().position(|s| s.pid == Some(pid)) else {
                 if let Some(at) = self.retiring.iter().position(|&p| p == pid) {
                     self.retiring.swap_remove(at);
@@ -702,11 +734,11 @@ impl Supervisor {
     /// failure the new ones are retired instead. Returns the new (index, pid) and old pids.
     fn roll(&mut self, exe: &Path, text: &str) -> Result<Rolled, String> {
         let deadline = Instant::now() + READY_TIMEOUT;
-        let mut fresh: Vec<(usize, Pid, UnixStream)> = Vec::new();
+        let mut fresh: Vec<(usize, Pid, UnixStream, File)> = Vec::new();
         let mut failure = None;
         for index in 0..self.slots.len() {
             match self.start_worker(index, exe) {
-                Ok((pid, channel)) => fresh.push((index, pid, channel)),
+                Ok((pid, channel, trace)) => fresh.push((index, pid, channel, trace)),
                 Err(e) => {
                     failure = Some(format!("starting worker {index}: {e:#}"));
                     break;
@@ -714,7 +746,7 @@ impl Supervisor {
             }
         }
         if failure.is_none() {
-            for (index, pid, channel) in &mut fresh {
+            for (index, pid, channel, _) in &mut fresh {
                 if let Err(e) = probe(channel, text, deadline) {
                     failure = Some(format!(
                         "new worker {index} (pid {pid}) did not become ready: {e}"
@@ -724,7 +756,7 @@ impl Supervisor {
             }
         }
         if let Some(failure) = failure {
-            for (_, pid, _) in fresh {
+            for (_, pid, _, _) in fresh {
                 let _ = kill(pid, Signal::SIGTERM);
                 self.retiring.push(pid);
             }
@@ -735,7 +767,7 @@ impl Supervisor {
         let limit = u32::try_from(self.config.max_connections).unwrap_or(u32::MAX);
         let mut old = Vec::new();
         let mut new = Vec::new();
-        for (index, pid, channel) in fresh {
+        for (index, pid, channel, trace) in fresh {
             let Some(slot) = self.slots.get_mut(index) else {
                 continue;
             };
@@ -745,6 +777,7 @@ impl Supervisor {
                 old.push(previous);
             }
             slot.channel = Some(channel);
+            slot.trace = Some(trace);
             slot.started = Instant::now();
             slot.start_at = None;
             slot.backoff = Duration::from_millis(100);

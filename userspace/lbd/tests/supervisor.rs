@@ -4,7 +4,9 @@
 //! with SIGKILL under wrk load is replaced within a second on the very same listening socket
 //! (the `socket:[INODE]` its descriptors point to) without a failed request; a worker that
 //! keeps dying is restarted with a growing delay; SIGTERM stops everything and exits 0; with
-//! `user = "nobody"` the workers run as uid 65534.
+//! `user = "nobody"` the workers run as uid 65534, and so they do under a root lbd whose config
+//! names no user. Each seccomp rule is tried from a real worker (test-only
+//! `KAKEHI_TEST_SECCOMP_PROBE`): the worker dies by SIGSYS and lbd's log names the syscall.
 //!
 //! Every process a test starts is stopped by pid (the harness's `Lbd`, the wrk child); every
 //! wait has a deadline.
@@ -422,11 +424,13 @@ fn workers_do_not_outlive_a_killed_supervisor() {
 }
 
 /// A forbidden syscall made from a real worker (the test-only `KAKEHI_TEST_SECCOMP_PROBE`
-/// hook opens a file right after the sandbox goes on) kills that worker with SIGSYS, and the
-/// supervisor says so and restarts it.
-#[test]
-fn a_forbidden_syscall_in_a_real_worker_kills_it_by_sigsys() {
-    let dir = std::env::temp_dir().join(format!("kakehi-seccomp-probe-{}", std::process::id()));
+/// hook makes the call `probe` right after the sandbox goes on) kills that worker with SIGSYS,
+/// and the supervisor says so and restarts it. Returns lbd's log.
+fn run_seccomp_probe(probe: &str) -> String {
+    let dir = std::env::temp_dir().join(format!(
+        "kakehi-seccomp-probe-{probe}-{}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -454,7 +458,7 @@ fn a_forbidden_syscall_in_a_real_worker_kills_it_by_sigsys() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_lbd"))
         .arg("--config")
         .arg(&config)
-        .env("KAKEHI_TEST_SECCOMP_PROBE", "1")
+        .env("KAKEHI_TEST_SECCOMP_PROBE", probe)
         .env("NOTIFY_SOCKET", &notify_path)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).unwrap())
@@ -470,29 +474,89 @@ fn a_forbidden_syscall_in_a_real_worker_kills_it_by_sigsys() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(
-        log.contains("does not report ready"),
-        "lbd's start did not end without readiness:\n{log}"
-    );
     let mut datagram = [0u8; 512];
     let told = notify
         .recv(&mut datagram)
         .map(|n| String::from_utf8_lossy(&datagram[..n]).into_owned());
-    assert!(
-        told.as_deref().map_or(true, |t| !t.contains("READY=1")),
-        "lbd reported ready with no worker serving: {told:?}"
-    );
     let _ = kill(pid, Signal::SIGTERM);
     let status = child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        log.contains("does not report ready"),
+        "{probe}: lbd's start did not end without readiness:\n{log}"
+    );
+    assert!(
+        told.as_deref().map_or(true, |t| !t.contains("READY=1")),
+        "{probe}: lbd reported ready with no worker serving: {told:?}"
+    );
     assert!(
         log.contains("making a forbidden syscall") && log.contains("was killed by SIGSYS"),
-        "no worker death by SIGSYS in lbd's log:\n{log}"
+        "{probe}: no worker death by SIGSYS in lbd's log:\n{log}"
     );
     assert!(
         !log.contains("the sandbox is not enforcing"),
-        "the forbidden syscall returned:\n{log}"
+        "{probe}: the forbidden syscall returned:\n{log}"
     );
     assert!(log.contains("restarting it on the same sockets"), "{log}");
-    assert!(status.success(), "lbd exit: {status:?}");
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(status.success(), "{probe}: lbd exit: {status:?}");
+    log
+}
+
+#[test]
+fn a_forbidden_syscall_in_a_real_worker_kills_it_by_sigsys() {
+    let log = run_seccomp_probe("open");
+    assert!(
+        log.contains("the sandbox refused syscall openat"),
+        "the supervisor did not name the syscall:\n{log}"
+    );
+}
+
+/// Issue 12, item 6: each argument rule holds in a real worker (its listener's steering
+/// cannot be detached, no signal to its parent, no raw socket, no executable memory), and a
+/// violation leaves a trace: the supervisor's log names the refused syscall.
+#[test]
+fn each_argument_rule_holds_in_a_real_worker_and_the_log_names_the_syscall() {
+    for probe in ["setsockopt", "tgkill", "socket", "mmap"] {
+        let log = run_seccomp_probe(probe);
+        assert!(
+            log.contains(&format!("the sandbox refused syscall {probe} (number")),
+            "{probe}: the supervisor did not name the syscall:\n{log}"
+        );
+    }
+}
+
+/// Issue 12, item 6: a root lbd whose config names no `user` must not run its workers as
+/// root; like nginx it falls back to `nobody` (and `nogroup`).
+#[test]
+fn a_root_lbd_without_a_user_runs_its_workers_as_nobody() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: not root");
+        return;
+    }
+    let origin = Origin::start("o");
+    let lbd = start(2, "", origin.addr());
+    let workers = wait_workers(&lbd, 2);
+    let nogroup = nix::unistd::Group::from_name("nogroup")
+        .unwrap()
+        .map(|g| g.gid.as_raw());
+    for &w in &workers {
+        let uid = proc_status(w, "Uid").unwrap();
+        let gid = proc_status(w, "Gid").unwrap();
+        assert_eq!(
+            uid.split_whitespace().collect::<Vec<_>>(),
+            ["65534"; 4],
+            "worker {w}: real, effective, saved and filesystem uid"
+        );
+        if let Some(gid_nogroup) = nogroup {
+            let want = gid_nogroup.to_string();
+            assert_eq!(
+                gid.split_whitespace().collect::<Vec<_>>(),
+                [want.as_str(); 4],
+                "worker {w}: gid of nogroup"
+            );
+        }
+        assert_sandboxed(w);
+    }
+    assert!(proc_status(lbd.pid(), "Uid").unwrap().starts_with('0'));
+    assert_serves(&lbd, 20);
 }
