@@ -72,13 +72,18 @@ fn family(name: &str, histograms: &std::collections::HashSet<String>) -> (String
 
 /// The Prometheus text format (0.0.4) of `samples`: families sorted by name, each with its
 /// HELP and TYPE lines; within a family, samples in the order given.
+/// Samples whose metric or label names are not Prometheus names are left out (they come from
+/// workers, which main does not trust to write its exposition: a name holding a newline or a
+/// brace would forge lines); label values are escaped.
 pub fn render(samples: &[Sample]) -> String {
+    let samples: Vec<&Sample> = samples.iter().filter(|s| well_named(s)).collect();
+    let samples = samples.as_slice();
     let histograms: std::collections::HashSet<String> = samples
         .iter()
         .filter_map(|s| s.name.strip_suffix("_bucket").map(str::to_string))
         .collect();
     let mut families: BTreeMap<String, (bool, Vec<&Sample>)> = BTreeMap::new();
-    for s in samples {
+    for &s in samples {
         let (name, histogram) = family(&s.name, &histograms);
         families
             .entry(name)
@@ -113,6 +118,22 @@ pub fn render(samples: &[Sample]) -> String {
         }
     }
     out
+}
+
+/// A metric name (`[a-zA-Z_:][a-zA-Z0-9_:]*`) and label names (`[a-zA-Z_][a-zA-Z0-9_]*`) as
+/// the text format allows them.
+pub fn well_named(sample: &Sample) -> bool {
+    fn name(n: &str, colon: bool) -> bool {
+        let ok = |c: char, first: bool| {
+            c.is_ascii_alphabetic()
+                || c == '_'
+                || (colon && c == ':')
+                || (!first && c.is_ascii_digit())
+        };
+        let mut chars = n.chars();
+        chars.next().is_some_and(|c| ok(c, true)) && chars.all(|c| ok(c, false))
+    }
+    name(&sample.name, true) && sample.labels.keys().all(|k| name(k, false))
 }
 
 fn escape(v: &str) -> String {
@@ -394,5 +415,31 @@ mod tests {
         }
         // Escaped as the format says (prometheus-parse keeps the escapes as written).
         assert_eq!(find("kakehi_odd").labels.get("path"), Some(r#"a\"b\\c\nd"#));
+    }
+    /// Issue 12, item 7: names come from workers; one holding a newline or a brace must not
+    /// forge lines of the exposition.
+    #[test]
+    fn names_that_are_not_prometheus_names_are_left_out() {
+        let samples = vec![
+            s("kakehi_ok_total", &[("cluster", "a")], 1.0),
+            s(
+                "kakehi_x_total{cluster=\"a\"} 1\nkakehi_forged_total",
+                &[],
+                7.0,
+            ),
+            s(
+                "kakehi_y_total",
+                &[("le\"} 9\nkakehi_forged_too_total{a", "1")],
+                2.0,
+            ),
+            s("9starts_with_a_digit", &[], 1.0),
+        ];
+        let text = render(&samples);
+        assert!(!text.contains("forged"), "{text}");
+        assert!(!text.contains("9starts"), "{text}");
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let parsed = prometheus_parse::Scrape::parse(lines).unwrap();
+        let names: Vec<&str> = parsed.samples.iter().map(|x| x.metric.as_str()).collect();
+        assert_eq!(names, ["kakehi_ok_total"], "{text}");
     }
 }

@@ -51,6 +51,9 @@ enum Stop {
     HandedOver,
 }
 
+/// Environment variable for tests: while the file it names exists, starting a worker fails.
+pub const START_FAILS: &str = "KAKEHI_TEST_WORKER_START_FAILS";
+
 /// What a roll of the workers did: the new (slot, pid) pairs and the retired pids.
 type Rolled = (Vec<(usize, Pid)>, Vec<Pid>);
 
@@ -95,7 +98,10 @@ pub struct Supervisor {
     /// With `steering = "ebpf"`: the program of each listener's group, by listener index.
     steering: Vec<Steering>,
     slots: Vec<Slot>,
+    /// Where this lbd's binary is: the default of `lbctl upgrade` (a new binary put there).
     exe: PathBuf,
+    /// What workers run: this lbd's own binary, held open (or a workers-only upgrade's).
+    worker_binary: fds::Binary,
     /// What workers are started with (`lbctl log-level` changes it).
     pub(crate) log_level: log::LevelFilter,
     /// Health checks, health pushes to workers, the metrics exporter (observe.rs).
@@ -165,6 +171,8 @@ impl Supervisor {
     ) -> anyhow::Result<Supervisor> {
         let config_file = fds::memfd_with(&state.to_toml())?;
         let exe = std::env::current_exe().context("locating the lbd binary for workers")?;
+        let worker_binary = fds::Binary::current()
+            .context("opening the lbd binary (/proc/self/exe) for workers")?;
         for st in &mut steering {
             // Informational (the program ignores it): which generation drives the maps.
             let _ = st.set_generation(u32::try_from(generation).unwrap_or(u32::MAX));
@@ -194,6 +202,7 @@ impl Supervisor {
             steering,
             slots,
             exe,
+            worker_binary,
             log_level,
             observer: crate::observe::Observer::default(),
         })
@@ -250,7 +259,7 @@ impl Supervisor {
                 }
                 None => {}
             }
-            self.start_due()?;
+            self.start_due();
             self.observe();
             commands.poll_timeout(self, Duration::from_millis(20));
         }
@@ -398,23 +407,33 @@ impl Supervisor {
         Ok(())
     }
 
-    fn start_due(&mut self) -> anyhow::Result<()> {
+    /// Starts the workers whose time has come. One that cannot be started (fork, exec or a
+    /// descriptor failed) is tried again with the same growing delay as one that keeps dying:
+    /// main never stops serving for a worker.
+    fn start_due(&mut self) {
         let now = Instant::now();
         for index in 0..self.slots.len() {
             let due = self
                 .slots
                 .get(index)
                 .is_some_and(|s| s.pid.is_none() && s.start_at.is_some_and(|t| t <= now));
-            if due {
-                self.spawn(index)?;
+            if !due {
+                continue;
+            }
+            if let Err(e) = self.spawn(index) {
+                let Some(slot) = self.slots.get_mut(index) else {
+                    continue;
+                };
+                let delay = slot.backoff;
+                slot.start_at = Some(Instant::now() + delay);
+                slot.backoff = (slot.backoff * 2).min(MAX_BACKOFF);
+                log::error!("cannot start worker {index}: {e:#}; trying again in {delay:?}");
             }
         }
-        Ok(())
     }
 
     fn spawn(&mut self, index: usize) -> anyhow::Result<()> {
-        let exe = self.exe.clone();
-        let (pid, channel, trace) = self.start_worker(index, &exe)?;
+        let (pid, channel, trace) = self.start_worker(index, &self.worker_binary)?;
         if let Some(slot) = self.slots.get_mut(index) {
             slot.channel = Some(channel);
             slot.trace = Some(trace);
@@ -429,10 +448,21 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Starts worker `index` from `exe` on this supervisor's sockets; returns its pid, the
+    /// Starts worker `index` from `binary` on this supervisor's sockets; returns its pid, the
     /// supervisor's end of its channel and of its trace pipe. The slot is not touched.
-    fn start_worker(&self, index: usize, exe: &Path) -> anyhow::Result<(Pid, UnixStream, File)> {
-        let mut command = Command::new(exe);
+    fn start_worker(
+        &self,
+        index: usize,
+        binary: &fds::Binary,
+    ) -> anyhow::Result<(Pid, UnixStream, File)> {
+        if let Some(path) = std::env::var_os(START_FAILS) {
+            // Test-only: a worker that cannot be started, for as long as the file exists.
+            if Path::new(&path).exists() {
+                anyhow::bail!("{START_FAILS}: {} exists", Path::new(&path).display());
+            }
+        }
+        let exe = binary.path();
+        let mut command = binary.command();
         command
             .arg("--log-level")
             .arg(self.log_level.as_str())
@@ -709,8 +739,10 @@ impl Supervisor {
     pub(crate) fn roll_workers(&mut self, exe: Option<PathBuf>) -> Result<Payload, String> {
         let exe = exe.unwrap_or_else(|| self.exe.clone());
         check_executable(&exe)?;
+        let binary =
+            fds::Binary::open(&exe).map_err(|e| format!("cannot open {}: {e}", exe.display()))?;
         let text = self.state.to_toml();
-        let (new, old) = self.roll(&exe, &text)?;
+        let (new, old) = self.roll(&binary, &text)?;
         let new: Vec<String> = new.iter().map(|(_, pid)| pid.to_string()).collect();
         let old: Vec<String> = old.iter().map(Pid::to_string).collect();
         log::info!(
@@ -719,6 +751,8 @@ impl Supervisor {
             new.join(", "),
             old.join(", ")
         );
+        // Restarted workers run this binary from now on, whatever is put at its path later.
+        self.worker_binary = binary;
         self.exe = exe;
         Ok(Payload::Done {
             message: format!(
@@ -732,7 +766,7 @@ impl Supervisor {
     /// Starts a new worker for every slot from `exe` with the supervisor's current sockets and
     /// config memfd, waits until each has taken `text`, then retires the old ones. On a
     /// failure the new ones are retired instead. Returns the new (index, pid) and old pids.
-    fn roll(&mut self, exe: &Path, text: &str) -> Result<Rolled, String> {
+    fn roll(&mut self, exe: &fds::Binary, text: &str) -> Result<Rolled, String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut fresh: Vec<(usize, Pid, UnixStream, File)> = Vec::new();
         let mut failure = None;
@@ -797,6 +831,10 @@ impl Supervisor {
         config: &Config,
         text: &str,
     ) -> Result<Vec<lb_config::protocol::WorkerAck>, String> {
+        let binary = self
+            .worker_binary
+            .try_clone()
+            .map_err(|e| format!("duplicating the workers' binary descriptor: {e}"))?;
         let mut sockets = Vec::new();
         let mut kept: Vec<Option<usize>> = Vec::new();
         for listener in &config.listeners {
@@ -876,8 +914,7 @@ impl Supervisor {
         let old_file = std::mem::replace(&mut self.config_file, config_file);
         let old_config = std::mem::replace(&mut self.config, config.clone());
         self.steering = new_steering;
-        let exe = self.exe.clone();
-        match self.roll(&exe, text) {
+        match self.roll(&binary, text) {
             Ok((new, _old)) => {
                 drop(old_sockets);
                 log::info!(
@@ -1121,9 +1158,7 @@ impl Supervisor {
 /// Sends the running configuration to a worker and waits for its "ok": the worker is in its
 /// event loop. A worker that died answers with the end of its channel, at once.
 fn probe(channel: &mut UnixStream, text: &str, deadline: Instant) -> Result<(), String> {
-    use std::io::Write as _;
-    channel
-        .write_all(&crate::runtime::channel_frame(text.as_bytes()))
+    crate::runtime::send_frame(channel, text.as_bytes())
         .map_err(|e| format!("cannot reach it: {e}"))?;
     let left = deadline.saturating_duration_since(Instant::now());
     crate::runtime::read_answer(channel, left.max(Duration::from_millis(1)))
