@@ -29,8 +29,9 @@ pub enum SandboxError {
     #[error("unknown group {0:?} (from the config's `group`)")]
     UnknownGroup(String),
     #[error(
-        "lbd runs as root and the config names no `user`: workers would fall back to \
-         `nobody`, which this system does not have (set `user` and `group`)"
+        "user \"nobody\" does not exist here (named by the config's `user`, or the fallback \
+         of a root lbd whose config names none): set `user` and `group` to an existing \
+         unprivileged account"
     )]
     NoUnprivilegedUser,
     #[error("cannot switch to {what}: {source}")]
@@ -389,6 +390,18 @@ pub fn violation(trace: &std::fs::File) -> Option<i64> {
     let n = (&*trace).read(&mut buf).ok()?;
     let text = std::str::from_utf8(buf.get(..n)?).ok()?;
     text.lines().next()?.trim().parse().ok()
+}
+
+/// How the supervisor's log says why a worker died by SIGSYS: the syscall its trace pipe
+/// names, if it named one.
+pub fn describe_violation(trace: Option<&std::fs::File>) -> String {
+    match trace.and_then(violation) {
+        Some(nr) => format!(
+            "the sandbox refused syscall {} (number {nr})",
+            syscall_name(nr)
+        ),
+        None => "a syscall the sandbox refused; it did not say which".into(),
+    }
 }
 
 /// A syscall's name, for the log line of a violation ("syscall 54" where it is not listed).

@@ -529,19 +529,12 @@ impl Supervisor {
             if let WaitStatus::Signaled(_, Signal::SIGSYS, _) = status {
                 // The sandbox refused a syscall: the worker's SIGSYS handler named it on its
                 // trace pipe just before it died.
-                let refused = self
+                let trace = self
                     .slots
                     .iter()
                     .find(|s| s.pid == Some(pid))
-                    .and_then(|s| s.trace.as_ref())
-                    .and_then(crate::sandbox::violation);
-                how.push_str(&match refused {
-                    Some(nr) => format!(
-                        " (the sandbox refused syscall {} (number {nr}))",
-                        crate::sandbox::syscall_name(nr)
-                    ),
-                    None => " (a syscall the sandbox refused; it did not say which)".into(),
-                });
+                    .and_then(|s| s.trace.as_ref());
+                how = format!("{how} ({})", crate::sandbox::describe_violation(trace));
             }
             let Some(index) = self.slots.iter().position(|s| s.pid == Some(pid)) else {
                 if let Some(at) = self.retiring.iter().position(|&p| p == pid) {
