@@ -76,6 +76,8 @@ struct Slot {
     channel: Option<UnixStream>,
     /// The read end of the worker's trace pipe: the syscall its sandbox refused, if it did.
     trace: Option<File>,
+    /// Since when the worker's channel is closed while the worker still runs.
+    closed_since: Option<Instant>,
     restarts: u64,
 }
 
@@ -185,6 +187,7 @@ impl Supervisor {
                 start_at: Some(Instant::now()),
                 channel: None,
                 trace: None,
+                closed_since: None,
                 restarts: 0,
             })
             .collect();
@@ -248,6 +251,7 @@ impl Supervisor {
                 }
             }
             self.reap(false);
+            self.police_channels();
             match self.stop {
                 Some(Stop::HandedOver) => {
                     self.retire_all();
@@ -437,6 +441,7 @@ impl Supervisor {
         if let Some(slot) = self.slots.get_mut(index) {
             slot.channel = Some(channel);
             slot.trace = Some(trace);
+            slot.closed_since = None;
             slot.pid = Some(pid);
             slot.started = Instant::now();
             slot.start_at = None;
@@ -570,6 +575,52 @@ impl Supervisor {
             log::warn!(
                 "worker {index} (pid {pid}) {how} after {lived:?}; restarting it on the same sockets"
             );
+        }
+    }
+
+    /// Between two commands nobody waits for an answer on a worker's channel: whatever is there
+    /// is late, and is dropped (a bounded amount per turn). A channel found closed (main shut
+    /// it when a frame was cut in half, or the worker closed it) means the worker must leave
+    /// within the drain timeout; one still there after it (stopped, or stuck in a loop) is
+    /// killed, and restarted like any dead worker.
+    fn police_channels(&mut self) {
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd as _;
+        const TURN_BUDGET: usize = 4;
+        let grace = self.config.timeouts.drain + SHUTDOWN_SLACK;
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let (Some(pid), Some(channel)) = (slot.pid, slot.channel.as_ref()) else {
+                continue;
+            };
+            let mut closed = false;
+            let mut buf = [0u8; 16 << 10];
+            for _ in 0..TURN_BUDGET {
+                match recv(channel.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
+                    Ok(n) => log::debug!("worker {index}: dropped {n} bytes of late answers"),
+                    Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => break,
+                    Err(_) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            if !closed {
+                slot.closed_since = None;
+                continue;
+            }
+            let since = *slot.closed_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= grace {
+                log::warn!(
+                    "worker {index} (pid {pid}): its channel closed {:?} ago and it is still running: killing it",
+                    since.elapsed()
+                );
+                let _ = kill(pid, Signal::SIGKILL);
+                slot.closed_since = None;
+            }
         }
     }
 
@@ -805,6 +856,7 @@ impl Supervisor {
             }
             slot.channel = Some(channel);
             slot.trace = Some(trace);
+            slot.closed_since = None;
             slot.started = Instant::now();
             slot.start_at = None;
             slot.backoff = Duration::from_millis(100);

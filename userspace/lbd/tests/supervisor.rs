@@ -573,7 +573,12 @@ struct CopiedLbd {
 }
 
 impl CopiedLbd {
-    fn start(workers: usize, origin: SocketAddr, env: &[(&str, &std::path::Path)]) -> CopiedLbd {
+    fn start(
+        workers: usize,
+        top: &str,
+        origin: SocketAddr,
+        env: &[(&str, &std::path::Path)],
+    ) -> CopiedLbd {
         use std::os::unix::fs::PermissionsExt;
         let dir = common::TempDir::new("copied-lbd");
         let binary = dir.path().join("lbd");
@@ -585,7 +590,7 @@ impl CopiedLbd {
             format!(
                 "command_socket = \"{}\"\n{}",
                 dir.path().join("lbd.sock").display(),
-                one_cluster(&format!("workers = {workers}"), addr, &[origin])
+                one_cluster(&format!("workers = {workers}\n{top}"), addr, &[origin])
             ),
         );
         let mut command = Command::new(&binary);
@@ -649,7 +654,7 @@ impl Drop for CopiedLbd {
 fn a_restarted_worker_runs_mains_binary_not_the_file_now_at_its_path() {
     use std::os::unix::fs::PermissionsExt;
     let origin = Origin::start("o");
-    let mut lbd = CopiedLbd::start(2, origin.addr(), &[]);
+    let mut lbd = CopiedLbd::start(2, "", origin.addr(), &[]);
     let first = lbd
         .new_workers(2, &[], WORKERS_UP)
         .unwrap_or_else(|| panic!("no workers:\n{}", lbd.log()));
@@ -694,6 +699,7 @@ fn main_outlives_a_worker_it_cannot_start_and_retries_it() {
     let flag = flag_dir.path().join("fail");
     let mut lbd = CopiedLbd::start(
         2,
+        "",
         origin.addr(),
         &[("KAKEHI_TEST_WORKER_START_FAILS", &flag)],
     );
@@ -731,11 +737,14 @@ fn main_outlives_a_worker_it_cannot_start_and_retries_it() {
 /// Issue 12, item 7: writes on worker channels had no timeout, so one worker that stopped
 /// reading its channel (stopped here with SIGSTOP) blocked main for good on the next
 /// configuration larger than the socket buffer: no lbctl verb was answered again. Now the
-/// push gives up on that worker in bounded time and main keeps answering.
+/// push gives up on that worker in bounded time and main keeps answering; the worker, whose
+/// channel is out of step, is closed off, and since it does not leave within the drain
+/// timeout (it is stopped), it is killed and replaced by one that serves.
 #[test]
 fn a_worker_that_does_not_read_its_channel_does_not_block_main() {
     let origin = Origin::start("o");
-    let lbd = CopiedLbd::start(1, origin.addr(), &[]);
+    let drain = "[timeouts]\ndrain = \"1s\"";
+    let lbd = CopiedLbd::start(1, drain, origin.addr(), &[]);
     let workers = lbd
         .new_workers(1, &[], WORKERS_UP)
         .unwrap_or_else(|| panic!("no workers:\n{}", lbd.log()));
@@ -745,7 +754,7 @@ fn a_worker_that_does_not_read_its_channel_does_not_block_main() {
     let big = lbd.dir.write(
         "big.toml",
         format!(
-            "command_socket = \"{}\"\nworkers = 1\n[[listeners]]\naddress = \"{}\"\n\n\
+            "command_socket = \"{}\"\nworkers = 1\n{drain}\n[[listeners]]\naddress = \"{}\"\n\n\
              [clusters.app]\nfrontends = [ {{ address = \"{}\", path = \"{long}\" }} ]\n\
              backends = [ {{ address = \"{}\" }} ]\n",
             lbd.dir.path().join("lbd.sock").display(),
@@ -790,11 +799,20 @@ fn a_worker_that_does_not_read_its_channel_does_not_block_main() {
         lbd.log()
     );
     let status = lbctl(&["status"]).expect("lbctl status");
-    let _ = kill(Pid::from_raw(workers[0]), Signal::SIGCONT);
     assert!(
         status.status.success(),
         "main does not answer after the push: {}\n{}",
         String::from_utf8_lossy(&status.stderr),
         lbd.log()
     );
+    // Drain (1 s) plus the supervisor's slack (5 s): the stuck worker is gone, replaced.
+    let replaced = lbd.new_workers(1, &workers, Duration::from_secs(15));
+    let _ = kill(Pid::from_raw(workers[0]), Signal::SIGCONT);
+    assert!(
+        replaced.is_some(),
+        "the stuck worker was neither killed nor replaced:\n{}",
+        lbd.log()
+    );
+    // It serves the loaded state: its only frontend is the long path, so "/" is kakehi's 404.
+    assert_eq!(get(lbd.addr, "localhost", "/").status, 404);
 }
