@@ -28,6 +28,7 @@ use std::path::Path;
 
 pub use error::{ConfigError, Location};
 pub use model::*;
+pub use validate::MAX_DURATION;
 
 /// Where `lbd` listens for `lbctl` when the file sets no `command_socket`.
 pub const DEFAULT_COMMAND_SOCKET: &str = "/run/kakehi/lbd.sock";

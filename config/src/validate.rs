@@ -35,6 +35,11 @@ pub(crate) type Result<T> = std::result::Result<T, ConfigError>;
 /// A unix socket path must fit `sockaddr_un.sun_path` (108 bytes with its NUL).
 const MAX_UNIX_SOCKET_PATH: usize = 107;
 
+/// The longest duration any setting takes: a day is more than any timeout or probe interval
+/// needs, and far below what would overflow `Instant + Duration` (a panic) in the data path
+/// or the health checker.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Validates a parsed file. `text` is the file's content (for line numbers), `source` its path.
 pub(crate) fn validate(file: FileConfig, text: &str, source: &Path) -> Result<Config> {
     let absolute = std::path::absolute(source).unwrap_or_else(|_| source.to_path_buf());
@@ -171,7 +176,8 @@ impl Checker<'_> {
         T::try_from(n).map_err(|_| out_of_range())
     }
 
-    /// A humantime duration ("500ms", "5s", "1m") greater than zero, `default` when absent.
+    /// A humantime duration ("500ms", "5s", "1m") greater than zero and at most
+    /// [`MAX_DURATION`], `default` when absent.
     pub(crate) fn duration(
         &self,
         value: Option<&SpannedStr>,
@@ -187,6 +193,13 @@ impl Checker<'_> {
                 value.span(),
                 field,
                 format!("\"{text}\" is zero; a duration must be greater than zero, such as \"5s\""),
+            )),
+            Ok(d) if d > MAX_DURATION => Err(self.err(
+                value.span(),
+                field,
+                format!(
+                    "\"{text}\" is longer than a day (24h), the longest duration kakehi takes"
+                ),
             )),
             Ok(d) => Ok(d),
             Err(e) => Err(self.err(

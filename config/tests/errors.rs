@@ -400,6 +400,55 @@ fn durations_must_parse_and_be_positive() {
     );
 }
 
+/// Issue 12, item 8: a duration of centuries parses (humantime goes up to ~584 billion
+/// years) and then overflows `Instant + Duration` in the worker or the health checker, a
+/// panic. Every duration is bounded at a day, with the file, line and field named.
+#[test]
+fn durations_are_at_most_a_day() {
+    for (key, value) in [
+        ("connect", "1000000000years"),
+        ("request_header", "500000000000y"),
+        ("front_idle", "25h"),
+        ("back_idle", "86401s"),
+        ("drain", "2days"),
+    ] {
+        let line = format!("{key} = \"{value}\"");
+        check(
+            &["workers = 1", "[timeouts]", &line],
+            3,
+            &format!("timeouts.{key}"),
+            &format!("\"{value}\" is longer than a day (24h)"),
+        );
+    }
+    check(
+        &[
+            "[clusters.app]",
+            "backends = [ { address = \"127.0.0.1:9001\" } ]",
+            "health_check = { interval = \"500000years\" }",
+        ],
+        3,
+        "clusters.app.health_check.interval",
+        "is longer than a day",
+    );
+    check(
+        &[
+            "[clusters.app]",
+            "backends = [ { address = \"127.0.0.1:9001\" } ]",
+            "health_check = { interval = \"2d\", timeout = \"30h\" }",
+        ],
+        3,
+        "clusters.app.health_check.interval",
+        "is longer than a day",
+    );
+    // A day itself is fine.
+    let text = "[timeouts]\ndrain = \"24h\"\nfront_idle = \"1day\"";
+    let config = parse_str(text, Path::new(FILE)).unwrap();
+    assert_eq!(
+        config.timeouts.drain,
+        std::time::Duration::from_secs(86_400)
+    );
+}
+
 #[test]
 fn numbers_out_of_range() {
     check(

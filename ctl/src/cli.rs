@@ -13,6 +13,10 @@ use lb_config::state::{
     LoadBalancingDef, PathTypeDef,
 };
 
+/// The longest `--timeout`: a day, like every duration in the config (lb-config's
+/// `MAX_DURATION`); more would overflow `Instant + Duration`.
+const MAX_TIMEOUT_SECS: u64 = lb_config::MAX_DURATION.as_secs();
+
 /// Talks to a running lbd over its command socket.
 ///
 /// Exit status: 0 success; 1 refused by lbd (or an invalid file for `config check`); 2 usage
@@ -35,8 +39,14 @@ pub struct Cli {
     /// Machine-readable output (JSON) instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Seconds to wait for lbd's answer.
-    #[arg(long, value_name = "SECS", default_value_t = 60, global = true)]
+    /// Seconds to wait for lbd's answer, 1 to 86400 (a day).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 60,
+        global = true,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS)
+    )]
     pub timeout: u64,
     #[command(subcommand)]
     pub command: Command,
@@ -646,5 +656,18 @@ mod tests {
         assert!(e.contains("cannot be used with"), "{e}");
         let cli = Cli::try_parse_from(["lbctl", "config", "check", "lb.toml"]).unwrap();
         assert!(cli.command.verb().is_none());
+    }
+
+    /// Issue 12, item 8: `--timeout 18446744073709551615` made `Instant::now() + timeout`
+    /// overflow and lbctl panic; it is refused as a usage error (at most a day).
+    #[test]
+    fn the_timeout_is_bounded() {
+        for bad in ["18446744073709551615", "86401", "0"] {
+            let e = usage_error(&["status", "--timeout", bad]);
+            assert!(e.contains("--timeout"), "{bad}: {e}");
+            assert!(e.contains("86400"), "{bad}: {e}");
+        }
+        let cli = Cli::try_parse_from(["lbctl", "status", "--timeout", "86400"]).unwrap();
+        assert_eq!(cli.timeout, 86_400);
     }
 }

@@ -295,3 +295,49 @@ pub fn kind_of(fd: std::os::fd::BorrowedFd<'_>) -> FdKind {
     }
     FdKind::Other("not a socket nor a BPF object".into())
 }
+
+/// The binary workers are started from, held open: what runs is the file opened (the running
+/// lbd's own, from `/proc/self/exe`, or the one a workers-only upgrade named), even after
+/// another file is put at its path (the documented upgrade replaces the binary on disk
+/// first). Workers are exec'd through `/proc/self/fd/N` of this descriptor (`fexecve`).
+pub struct Binary {
+    file: File,
+    /// Where it was, for logs and the workers' argv\[0\].
+    path: std::path::PathBuf,
+}
+
+impl Binary {
+    /// The binary this process runs.
+    pub fn current() -> std::io::Result<Binary> {
+        let path = std::env::current_exe()?;
+        let file = File::open("/proc/self/exe")?;
+        Ok(Binary { file, path })
+    }
+
+    /// The binary at `path`, as it is now.
+    pub fn open(path: &std::path::Path) -> std::io::Result<Binary> {
+        Ok(Binary {
+            file: File::open(path)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn try_clone(&self) -> std::io::Result<Binary> {
+        Ok(Binary {
+            file: self.file.try_clone()?,
+            path: self.path.clone(),
+        })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// A command that executes this very file. The descriptor is close-on-exec: the kernel
+    /// resolves `/proc/self/fd/N` (in the child, which has it) before it closes it.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(format!("/proc/self/fd/{}", self.file.as_raw_fd()));
+        command.arg0(&self.path);
+        command
+    }
+}

@@ -10,21 +10,30 @@
 //!
 //! The responder runs in a thread of its own and never touches the workers: for each
 //! `GET /metrics` it asks the supervisor's loop for the text over a channel and waits for it
-//! (the supervisor owns the workers' channels). Anything else gets 404 or 405. One client at a
-//! time, each with a short read timeout, so a slow or silent client costs nothing but itself.
+//! (the supervisor owns the workers' channels). Anything else gets 404 or 405. Each client is
+//! served by a thread of its own, at most [`MAX_CLIENTS`] at once (one more gets a 503 at
+//! once), and each has a total deadline: its head within [`HEAD_DEADLINE`] of its connect and
+//! everything within [`CLIENT_DEADLINE`], however it trickles its bytes. A slow or silent
+//! client costs one thread for a bounded time and holds up no other scrape.
 
 use lb_config::protocol::Sample;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 /// How long a scrape waits for the supervisor's answer.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to send its request head.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long after its connect a client has to send its whole request head.
+const HEAD_DEADLINE: Duration = Duration::from_secs(5);
+/// How long after its connect a client's connection is closed, whatever it is doing (reading
+/// its head, waiting for the text, or reading the answer slowly).
+const CLIENT_DEADLINE: Duration = Duration::from_secs(20);
+/// Clients served at once.
+const MAX_CLIENTS: usize = 8;
 const MAX_REQUEST_HEAD: usize = 8192;
 
 /// Adds `samples` into `into`, summing the values of samples with the same name and labels
@@ -72,13 +81,18 @@ fn family(name: &str, histograms: &std::collections::HashSet<String>) -> (String
 
 /// The Prometheus text format (0.0.4) of `samples`: families sorted by name, each with its
 /// HELP and TYPE lines; within a family, samples in the order given.
+/// Samples whose metric or label names are not Prometheus names are left out (they come from
+/// workers, which main does not trust to write its exposition: a name holding a newline or a
+/// brace would forge lines); label values are escaped.
 pub fn render(samples: &[Sample]) -> String {
+    let samples: Vec<&Sample> = samples.iter().filter(|s| well_named(s)).collect();
+    let samples = samples.as_slice();
     let histograms: std::collections::HashSet<String> = samples
         .iter()
         .filter_map(|s| s.name.strip_suffix("_bucket").map(str::to_string))
         .collect();
     let mut families: BTreeMap<String, (bool, Vec<&Sample>)> = BTreeMap::new();
-    for s in samples {
+    for &s in samples {
         let (name, histogram) = family(&s.name, &histograms);
         families
             .entry(name)
@@ -113,6 +127,22 @@ pub fn render(samples: &[Sample]) -> String {
         }
     }
     out
+}
+
+/// A metric name (`[a-zA-Z_:][a-zA-Z0-9_:]*`) and label names (`[a-zA-Z_][a-zA-Z0-9_]*`) as
+/// the text format allows them.
+pub fn well_named(sample: &Sample) -> bool {
+    fn name(n: &str, colon: bool) -> bool {
+        let ok = |c: char, first: bool| {
+            c.is_ascii_alphabetic()
+                || c == '_'
+                || (colon && c == ':')
+                || (!first && c.is_ascii_digit())
+        };
+        let mut chars = n.chars();
+        chars.next().is_some_and(|c| ok(c, true)) && chars.all(|c| ok(c, false))
+    }
+    name(&sample.name, true) && sample.labels.keys().all(|k| name(k, false))
 }
 
 fn escape(v: &str) -> String {
@@ -195,7 +225,7 @@ fn help(family: &str) -> &'static str {
     }
 }
 
-/// The HTTP side of the exporter: a thread accepting scrapes.
+/// The HTTP side of the exporter: a thread accepting scrapes, and one per client.
 pub struct Exporter {
     requests: mpsc::Receiver<mpsc::SyncSender<String>>,
     address: SocketAddr,
@@ -222,21 +252,85 @@ impl Exporter {
     }
 }
 
+/// One client's place among the [`MAX_CLIENTS`]; given back when its thread ends.
+struct Seat(Arc<AtomicUsize>);
+
+impl Seat {
+    fn take(taken: &Arc<AtomicUsize>) -> Option<Seat> {
+        taken
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_CLIENTS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Seat(Arc::clone(taken)))
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn serve(listener: &TcpListener, scrapes: &mpsc::Sender<mpsc::SyncSender<String>>) {
+    let taken = Arc::new(AtomicUsize::new(0));
+    // Set by a client thread that finds the supervisor gone (the exporter was dropped).
+    let gone = Arc::new(AtomicBool::new(false));
     for stream in listener.incoming() {
-        let Ok(stream) = stream else {
+        if gone.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(mut stream) = stream else {
             continue;
         };
-        if !answer(stream, scrapes) {
-            return;
+        let deadline = Instant::now() + CLIENT_DEADLINE;
+        let Some(seat) = Seat::take(&taken) else {
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            reply(
+                &mut stream,
+                "503 Service Unavailable",
+                "text/plain",
+                "too many scrapes at once\n",
+                Instant::now() + Duration::from_secs(1),
+            );
+            continue;
+        };
+        let scrapes = scrapes.clone();
+        let gone = Arc::clone(&gone);
+        let spawned = std::thread::Builder::new()
+            .name("metrics-client".into())
+            .spawn(move || {
+                let _seat = seat;
+                if !answer(stream, &scrapes, deadline) {
+                    gone.store(true, Ordering::SeqCst);
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("metrics: cannot start a thread for a client: {e}");
         }
     }
 }
 
-/// Serves one connection (one request); false when the supervisor is gone.
-fn answer(mut stream: TcpStream, scrapes: &mpsc::Sender<mpsc::SyncSender<String>>) -> bool {
-    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+/// Sets the socket's timeout to what is left before `deadline`; false when nothing is left.
+fn time_left(stream: &TcpStream, deadline: Instant, read: bool) -> bool {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return false;
+    }
+    if read {
+        stream.set_read_timeout(Some(left)).is_ok()
+    } else {
+        stream.set_write_timeout(Some(left)).is_ok()
+    }
+}
+
+/// Serves one connection (one request) by `deadline`; false when the supervisor is gone.
+fn answer(
+    mut stream: TcpStream,
+    scrapes: &mpsc::Sender<mpsc::SyncSender<String>>,
+    deadline: Instant,
+) -> bool {
+    let head_by = deadline.min(Instant::now() + HEAD_DEADLINE);
     let mut head = Vec::new();
     let mut chunk = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
@@ -246,7 +340,11 @@ fn answer(mut stream: TcpStream, scrapes: &mpsc::Sender<mpsc::SyncSender<String>
                 "431 Request Header Fields Too Large",
                 "text/plain",
                 "request head too large\n",
+                deadline,
             );
+            return true;
+        }
+        if !time_left(&stream, head_by, true) {
             return true;
         }
         match stream.read(&mut chunk) {
@@ -264,6 +362,7 @@ fn answer(mut stream: TcpStream, scrapes: &mpsc::Sender<mpsc::SyncSender<String>
             "404 Not Found",
             "text/plain",
             "metrics are at /metrics\n",
+            deadline,
         );
         return true;
     }
@@ -273,6 +372,7 @@ fn answer(mut stream: TcpStream, scrapes: &mpsc::Sender<mpsc::SyncSender<String>
             "405 Method Not Allowed",
             "text/plain",
             "GET /metrics\n",
+            deadline,
         );
         return true;
     }
@@ -280,7 +380,8 @@ fn answer(mut stream: TcpStream, scrapes: &mpsc::Sender<mpsc::SyncSender<String>
     if scrapes.send(tx).is_err() {
         return false;
     }
-    match rx.recv_timeout(SCRAPE_TIMEOUT) {
+    let wait = SCRAPE_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
+    match rx.recv_timeout(wait) {
         Ok(body) => {
             let body = if method == "HEAD" {
                 String::new()
@@ -292,6 +393,7 @@ fn answer(mut stream: TcpStream, scrapes: &mpsc::Sender<mpsc::SyncSender<String>
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
                 &body,
+                deadline,
             );
         }
         Err(_) => reply(
@@ -299,18 +401,29 @@ fn answer(mut stream: TcpStream, scrapes: &mpsc::Sender<mpsc::SyncSender<String>
             "503 Service Unavailable",
             "text/plain",
             "lbd did not answer in time\n",
+            deadline,
         ),
     }
     true
 }
 
-fn reply(stream: &mut TcpStream, status: &str, content_type: &str, body: &str) {
+/// Writes the answer, giving up at `deadline` (a client reading slowly is cut off).
+fn reply(stream: &mut TcpStream, status: &str, content_type: &str, body: &str, deadline: Instant) {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    let _ = stream.write_all(head.as_bytes());
-    let _ = stream.write_all(body.as_bytes());
+    for mut bytes in [head.as_bytes(), body.as_bytes()] {
+        while !bytes.is_empty() {
+            if !time_left(stream, deadline, false) {
+                return;
+            }
+            match stream.write(bytes) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => bytes = bytes.get(n..).unwrap_or_default(),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -394,5 +507,32 @@ mod tests {
         }
         // Escaped as the format says (prometheus-parse keeps the escapes as written).
         assert_eq!(find("kakehi_odd").labels.get("path"), Some(r#"a\"b\\c\nd"#));
+    }
+
+    /// Issue 12, item 7: names come from workers; one holding a newline or a brace must not
+    /// forge lines of the exposition.
+    #[test]
+    fn names_that_are_not_prometheus_names_are_left_out() {
+        let samples = vec![
+            s("kakehi_ok_total", &[("cluster", "a")], 1.0),
+            s(
+                "kakehi_x_total{cluster=\"a\"} 1\nkakehi_forged_total",
+                &[],
+                7.0,
+            ),
+            s(
+                "kakehi_y_total",
+                &[("le\"} 9\nkakehi_forged_too_total{a", "1")],
+                2.0,
+            ),
+            s("9starts_with_a_digit", &[], 1.0),
+        ];
+        let text = render(&samples);
+        assert!(!text.contains("forged"), "{text}");
+        assert!(!text.contains("9starts"), "{text}");
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let parsed = prometheus_parse::Scrape::parse(lines).unwrap();
+        let names: Vec<&str> = parsed.samples.iter().map(|x| x.metric.as_str()).collect();
+        assert_eq!(names, ["kakehi_ok_total"], "{text}");
     }
 }

@@ -16,11 +16,10 @@
 
 use crate::health::Health;
 use crate::metrics::{Exporter, Merged};
-use crate::runtime::channel_frame;
+use crate::runtime::{recv_frame, send_frame};
 use crate::supervisor::Supervisor;
 use lb_config::protocol::{BackendHealth, Payload, Sample};
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -32,8 +31,6 @@ const STATUS_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often a metrics address that could not be bound (still held by the previous lbd
 /// during an upgrade, say) is tried again.
 const REBIND_EVERY: Duration = Duration::from_secs(1);
-/// The largest metrics answer accepted from a worker.
-const MAX_ANSWER: usize = 16 << 20;
 
 #[derive(Default)]
 pub struct Observer {
@@ -97,10 +94,9 @@ impl Supervisor {
     /// answers at once; a worker that does not within [`STATUS_TIMEOUT`] counts for none).
     pub(crate) fn health_rows(&mut self) -> Vec<BackendHealth> {
         let mut rows = self.observer.health.rows(self.config());
-        let request = channel_frame(b"\0ejected");
         let mut asked = Vec::new();
         for (index, _, channel) in self.channels() {
-            if channel.write_all(&request).is_ok() {
+            if send_frame(channel, b"\0ejected").is_ok() {
                 asked.push(index);
             }
         }
@@ -138,11 +134,11 @@ impl Supervisor {
         log::set_max_level(filter);
         self.log_level = filter;
         let filter = filter.as_str().to_ascii_lowercase();
-        let frame = channel_frame(format!("\0log-level {filter}").as_bytes());
+        let frame = format!("\0log-level {filter}");
         let mut sent = Vec::new();
         let mut failed = Vec::new();
         for (index, _, channel) in self.channels() {
-            match channel.write_all(&frame) {
+            match send_frame(channel, frame.as_bytes()) {
                 Ok(()) => sent.push(index),
                 Err(e) => failed.push(format!("worker {index}: {e}")),
             }
@@ -193,7 +189,7 @@ impl Supervisor {
                     .collect();
                 serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into())
             });
-            match channel.write_all(&channel_frame(format!("\0health {text}").as_bytes())) {
+            match send_frame(channel, format!("\0health {text}").as_bytes()) {
                 Ok(()) => {
                     observer.pushed.insert(index, (pid, version));
                 }
@@ -247,12 +243,11 @@ impl Supervisor {
                 value: row.restarts as f64,
             }]);
         }
-        let request = channel_frame(b"\0metrics");
         let mut asked = Vec::new();
         let mut live = HashMap::new();
         for (index, pid, channel) in self.channels() {
             live.insert(index, pid);
-            if channel.write_all(&request).is_ok() {
+            if send_frame(channel, b"\0metrics").is_ok() {
                 asked.push((index, pid));
             }
         }
@@ -273,6 +268,17 @@ impl Supervisor {
             };
             match read_metrics(channel) {
                 Ok(samples) => {
+                    let count = samples.len();
+                    let samples: Vec<Sample> = samples
+                        .into_iter()
+                        .filter(crate::metrics::well_named)
+                        .collect();
+                    if samples.len() != count {
+                        log::warn!(
+                            "worker {index}: left out {} metric samples whose names are not Prometheus names",
+                            count - samples.len()
+                        );
+                    }
                     let samples: Vec<Sample> = samples
                         .into_iter()
                         .map(|mut s| {
@@ -307,24 +313,14 @@ fn read_metrics(channel: &mut UnixStream) -> Result<Vec<Sample>, String> {
     serde_json::from_slice(&json).map_err(|e| format!("bad metrics: {e}"))
 }
 
-/// Reads a worker's answer that starts with `tag`, and returns what follows it. An `ok` or
-/// `error: ...` before it is the late answer to a configuration that timed out, and another
-/// tagged answer a late one to an earlier question: skipped (their askers gave up on them).
+/// Reads a worker's answer that starts with `tag`, and returns what follows it, all within
+/// `timeout`. An `ok` or `error: ...` before it is the late answer to a configuration that
+/// timed out, and another tagged answer a late one to an earlier question: skipped (their
+/// askers gave up on them), until the deadline.
 fn read_tagged(channel: &mut UnixStream, tag: &[u8], timeout: Duration) -> Result<Vec<u8>, String> {
-    let _ = channel.set_read_timeout(Some(timeout));
+    let deadline = Instant::now() + timeout;
     loop {
-        let mut len = [0u8; 4];
-        channel
-            .read_exact(&mut len)
-            .map_err(|e| format!("no answer: {e}"))?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_ANSWER {
-            return Err(format!("an answer of {len} bytes is too large"));
-        }
-        let mut body = vec![0u8; len];
-        channel
-            .read_exact(&mut body)
-            .map_err(|e| format!("no answer: {e}"))?;
+        let body = recv_frame(channel, deadline).map_err(|e| format!("no answer: {e}"))?;
         if let Some(rest) = body.strip_prefix(tag) {
             return Ok(rest.to_vec());
         }
@@ -335,7 +331,7 @@ fn read_tagged(channel: &mut UnixStream, tag: &[u8], timeout: Duration) -> Resul
         if !late {
             return Err(format!(
                 "unexpected answer {:?}",
-                String::from_utf8_lossy(&body)
+                String::from_utf8_lossy(body.get(..body.len().min(80)).unwrap_or_default())
             ));
         }
         log::debug!(

@@ -14,7 +14,7 @@ use lb_config::protocol::{Applied, ListenerStatus, Payload, Status, Verb, Worker
 use lb_config::state::{self, State};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a worker may take to apply a configuration.
 const WORKER_APPLY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -150,11 +150,10 @@ impl Supervisor {
 
     /// Sends the whole configuration to every running worker; collects their answers.
     fn push_to_workers(&mut self, text: &str) -> Vec<WorkerAck> {
-        let frame = channel_frame(text.as_bytes());
         let mut sent = Vec::new();
         let mut acks = Vec::new();
         for (index, pid, channel) in self.channels() {
-            match channel.write_all(&frame) {
+            match send_frame(channel, text.as_bytes()) {
                 Ok(()) => sent.push((index, pid)),
                 Err(e) => acks.push(WorkerAck {
                     index,
@@ -216,37 +215,125 @@ pub(crate) fn channel_frame(body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Reads one answer frame from a worker: `ok`, or `error: WHY`, waiting at most `timeout`.
-/// A metrics answer that came too late for its request (observe.rs) is skipped.
-pub(crate) fn read_answer(channel: &mut UnixStream, timeout: Duration) -> Result<(), String> {
-    loop {
-        match read_one_answer(channel, timeout) {
-            Err(e)
-                if e.starts_with("unexpected answer from the worker: \"metrics ")
-                    || e.starts_with("unexpected answer from the worker: \"ejected ") => {}
-            other => return other,
-        }
-    }
+/// How long one whole frame to a worker may take to write: a worker that does not read its
+/// channel (stuck, or not ours any more) cannot block main.
+pub(crate) const CHANNEL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The largest frame main accepts from a worker.
+pub(crate) const MAX_WORKER_FRAME: usize = 16 << 20;
+
+/// Closes a channel whose frames no longer line up (half a frame was written or read): the
+/// worker sees its end close, drains and exits, and its replacement gets a fresh channel.
+fn condemn(channel: &UnixStream, why: String) -> String {
+    let _ = channel.shutdown(std::net::Shutdown::Both);
+    format!("{why}; its channel is closed, so the worker drains and is replaced")
 }
 
-fn read_one_answer(channel: &mut UnixStream, timeout: Duration) -> Result<(), String> {
-    let _ = channel.set_read_timeout(Some(timeout));
+/// Sends one frame holding `body` to a worker, all of it within [`CHANNEL_WRITE_TIMEOUT`].
+pub(crate) fn send_frame(channel: &mut UnixStream, body: &[u8]) -> Result<(), String> {
+    let frame = channel_frame(body);
+    let deadline = Instant::now() + CHANNEL_WRITE_TIMEOUT;
+    let mut left = frame.as_slice();
+    while !left.is_empty() {
+        let time = deadline.saturating_duration_since(Instant::now());
+        let why = if time.is_zero() {
+            Some(format!(
+                "the worker did not take a frame of {} bytes within {CHANNEL_WRITE_TIMEOUT:?}",
+                frame.len()
+            ))
+        } else {
+            channel
+                .set_write_timeout(Some(time))
+                .err()
+                .map(|e| e.to_string())
+        };
+        if let Some(why) = why {
+            return Err(if left.len() < frame.len() {
+                condemn(channel, why)
+            } else {
+                why
+            });
+        }
+        match channel.write(left) {
+            Ok(0) => return Err("the worker's channel is closed".into()),
+            Ok(n) => left = left.get(n..).unwrap_or_default(),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
+/// Fills `buf` from the channel by `deadline`; on failure, how much was read and why.
+fn read_by(
+    channel: &mut UnixStream,
+    buf: &mut [u8],
+    deadline: Instant,
+) -> Result<(), (usize, String)> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let time = deadline.saturating_duration_since(Instant::now());
+        if time.is_zero() || channel.set_read_timeout(Some(time)).is_err() {
+            return Err((filled, "timed out".into()));
+        }
+        match channel.read(buf.get_mut(filled..).unwrap_or_default()) {
+            Ok(0) => return Err((filled, "the worker's channel is closed".into())),
+            Ok(n) => filled += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err((filled, e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// Reads one frame from a worker, whole by `deadline` (however slowly it trickles) and at
+/// most [`MAX_WORKER_FRAME`] bytes.
+pub(crate) fn recv_frame(channel: &mut UnixStream, deadline: Instant) -> Result<Vec<u8>, String> {
     let mut len = [0u8; 4];
-    channel
-        .read_exact(&mut len)
-        .map_err(|e| format!("no answer from the worker: {e}"))?;
+    match read_by(channel, &mut len, deadline) {
+        Ok(()) => {}
+        Err((0, why)) => return Err(why),
+        Err((_, why)) => return Err(condemn(channel, why)),
+    }
     let len = u32::from_be_bytes(len) as usize;
-    if len > 16 << 20 {
-        return Err("the worker's answer is too large".into());
+    if len > MAX_WORKER_FRAME {
+        return Err(condemn(
+            channel,
+            format!("an answer of {len} bytes is too large"),
+        ));
     }
     let mut body = vec![0u8; len];
-    channel
-        .read_exact(&mut body)
-        .map_err(|e| format!("no answer from the worker: {e}"))?;
-    let body = String::from_utf8_lossy(&body);
-    match body.strip_prefix("error: ") {
-        Some(why) => Err(why.to_string()),
-        None if body == "ok" => Ok(()),
-        None => Err(format!("unexpected answer from the worker: {body:?}")),
+    read_by(channel, &mut body, deadline).map_err(|(_, why)| condemn(channel, why))?;
+    Ok(body)
+}
+
+/// Reads one answer frame from a worker: `ok`, or `error: WHY`, waiting at most `timeout` in
+/// all. Answers that came too late for their request (metrics, ejected backends: observe.rs)
+/// are skipped, until the deadline.
+pub(crate) fn read_answer(channel: &mut UnixStream, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let body =
+            recv_frame(channel, deadline).map_err(|e| format!("no answer from the worker: {e}"))?;
+        if body.starts_with(b"metrics ") || body.starts_with(b"ejected ") {
+            continue;
+        }
+        let body = String::from_utf8_lossy(&body);
+        return match body.strip_prefix("error: ") {
+            Some(why) => Err(why.to_string()),
+            None if body == "ok" => Ok(()),
+            None => Err(format!("unexpected answer from the worker: {body:?}")),
+        };
     }
 }

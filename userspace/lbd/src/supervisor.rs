@@ -51,6 +51,9 @@ enum Stop {
     HandedOver,
 }
 
+/// Environment variable for tests: while the file it names exists, starting a worker fails.
+pub const START_FAILS: &str = "KAKEHI_TEST_WORKER_START_FAILS";
+
 /// What a roll of the workers did: the new (slot, pid) pairs and the retired pids.
 type Rolled = (Vec<(usize, Pid)>, Vec<Pid>);
 
@@ -71,6 +74,10 @@ struct Slot {
     start_at: Option<Instant>,
     /// The supervisor's end of the worker's channel (configuration updates).
     channel: Option<UnixStream>,
+    /// The read end of the worker's trace pipe: the syscall its sandbox refused, if it did.
+    trace: Option<File>,
+    /// Since when the worker's channel is closed while the worker still runs.
+    closed_since: Option<Instant>,
     restarts: u64,
 }
 
@@ -93,7 +100,10 @@ pub struct Supervisor {
     /// With `steering = "ebpf"`: the program of each listener's group, by listener index.
     steering: Vec<Steering>,
     slots: Vec<Slot>,
+    /// Where this lbd's binary is: the default of `lbctl upgrade` (a new binary put there).
     exe: PathBuf,
+    /// What workers run: this lbd's own binary, held open (or a workers-only upgrade's).
+    worker_binary: fds::Binary,
     /// What workers are started with (`lbctl log-level` changes it).
     pub(crate) log_level: log::LevelFilter,
     /// Health checks, health pushes to workers, the metrics exporter (observe.rs).
@@ -163,6 +173,8 @@ impl Supervisor {
     ) -> anyhow::Result<Supervisor> {
         let config_file = fds::memfd_with(&state.to_toml())?;
         let exe = std::env::current_exe().context("locating the lbd binary for workers")?;
+        let worker_binary = fds::Binary::current()
+            .context("opening the lbd binary (/proc/self/exe) for workers")?;
         for st in &mut steering {
             // Informational (the program ignores it): which generation drives the maps.
             let _ = st.set_generation(u32::try_from(generation).unwrap_or(u32::MAX));
@@ -174,6 +186,8 @@ impl Supervisor {
                 backoff: Duration::from_millis(100),
                 start_at: Some(Instant::now()),
                 channel: None,
+                trace: None,
+                closed_since: None,
                 restarts: 0,
             })
             .collect();
@@ -191,6 +205,7 @@ impl Supervisor {
             steering,
             slots,
             exe,
+            worker_binary,
             log_level,
             observer: crate::observe::Observer::default(),
         })
@@ -236,6 +251,7 @@ impl Supervisor {
                 }
             }
             self.reap(false);
+            self.police_channels();
             match self.stop {
                 Some(Stop::HandedOver) => {
                     self.retire_all();
@@ -247,7 +263,7 @@ impl Supervisor {
                 }
                 None => {}
             }
-            self.start_due()?;
+            self.start_due();
             self.observe();
             commands.poll_timeout(self, Duration::from_millis(20));
         }
@@ -395,25 +411,37 @@ impl Supervisor {
         Ok(())
     }
 
-    fn start_due(&mut self) -> anyhow::Result<()> {
+    /// Starts the workers whose time has come. One that cannot be started (fork, exec or a
+    /// descriptor failed) is tried again with the same growing delay as one that keeps dying:
+    /// main never stops serving for a worker.
+    fn start_due(&mut self) {
         let now = Instant::now();
         for index in 0..self.slots.len() {
             let due = self
                 .slots
                 .get(index)
                 .is_some_and(|s| s.pid.is_none() && s.start_at.is_some_and(|t| t <= now));
-            if due {
-                self.spawn(index)?;
+            if !due {
+                continue;
+            }
+            if let Err(e) = self.spawn(index) {
+                let Some(slot) = self.slots.get_mut(index) else {
+                    continue;
+                };
+                let delay = slot.backoff;
+                slot.start_at = Some(Instant::now() + delay);
+                slot.backoff = (slot.backoff * 2).min(MAX_BACKOFF);
+                log::error!("cannot start worker {index}: {e:#}; trying again in {delay:?}");
             }
         }
-        Ok(())
     }
 
     fn spawn(&mut self, index: usize) -> anyhow::Result<()> {
-        let exe = self.exe.clone();
-        let (pid, channel) = self.start_worker(index, &exe)?;
+        let (pid, channel, trace) = self.start_worker(index, &self.worker_binary)?;
         if let Some(slot) = self.slots.get_mut(index) {
             slot.channel = Some(channel);
+            slot.trace = Some(trace);
+            slot.closed_since = None;
             slot.pid = Some(pid);
             slot.started = Instant::now();
             slot.start_at = None;
@@ -425,10 +453,21 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Starts worker `index` from `exe` on this supervisor's sockets; returns its pid and the
-    /// supervisor's end of its channel. The slot is not touched.
-    fn start_worker(&self, index: usize, exe: &Path) -> anyhow::Result<(Pid, UnixStream)> {
-        let mut command = Command::new(exe);
+    /// Starts worker `index` from `binary` on this supervisor's sockets; returns its pid, the
+    /// supervisor's end of its channel and of its trace pipe. The slot is not touched.
+    fn start_worker(
+        &self,
+        index: usize,
+        binary: &fds::Binary,
+    ) -> anyhow::Result<(Pid, UnixStream, File)> {
+        if let Some(path) = std::env::var_os(START_FAILS) {
+            // Test-only: a worker that cannot be started, for as long as the file exists.
+            if Path::new(&path).exists() {
+                anyhow::bail!("{START_FAILS}: {} exists", Path::new(&path).display());
+            }
+        }
+        let exe = binary.path();
+        let mut command = binary.command();
         command
             .arg("--log-level")
             .arg(self.log_level.as_str())
@@ -443,7 +482,17 @@ impl Supervisor {
         command
             .arg("--channel-fd")
             .arg(fds::raw(&theirs).to_string());
-        let mut inherited = vec![fds::raw(&self.config_file), fds::raw(&theirs)];
+        let (trace, trace_end) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .context("creating the worker's trace pipe")?;
+        command
+            .arg("--trace-fd")
+            .arg(fds::raw(&trace_end).to_string());
+        let mut inherited = vec![
+            fds::raw(&self.config_file),
+            fds::raw(&theirs),
+            fds::raw(&trace_end),
+        ];
         for group in &self.sockets {
             let socket = group
                 .get(index)
@@ -466,7 +515,8 @@ impl Supervisor {
         // The child is reaped with waitpid in `reap`; the handle is not needed.
         drop(child);
         drop(theirs);
-        Ok((pid, ours))
+        drop(trace_end);
+        Ok((pid, ours, File::from(trace)))
     }
 
     /// Collects exited workers; unless `stopping`, schedules their restart.
@@ -476,11 +526,21 @@ impl Supervisor {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(status) => status,
             };
-            let (pid, how) = match status {
+            let (pid, mut how) = match status {
                 WaitStatus::Exited(pid, code) => (pid, format!("exited with status {code}")),
                 WaitStatus::Signaled(pid, signal, _) => (pid, format!("was killed by {signal}")),
                 _ => continue,
             };
+            if let WaitStatus::Signaled(_, Signal::SIGSYS, _) = status {
+                // The sandbox refused a syscall: the worker's SIGSYS handler named it on its
+                // trace pipe just before it died.
+                let trace = self
+                    .slots
+                    .iter()
+                    .find(|s| s.pid == Some(pid))
+                    .and_then(|s| s.trace.as_ref());
+                how = format!("{how} ({})", crate::sandbox::describe_violation(trace));
+            }
             let Some(index) = self.slots.iter().position(|s| s.pid == Some(pid)) else {
                 if let Some(at) = self.retiring.iter().position(|&p| p == pid) {
                     self.retiring.swap_remove(at);
@@ -515,6 +575,52 @@ impl Supervisor {
             log::warn!(
                 "worker {index} (pid {pid}) {how} after {lived:?}; restarting it on the same sockets"
             );
+        }
+    }
+
+    /// Between two commands nobody waits for an answer on a worker's channel: whatever is there
+    /// is late, and is dropped (a bounded amount per turn). A channel found closed (main shut
+    /// it when a frame was cut in half, or the worker closed it) means the worker must leave
+    /// within the drain timeout; one still there after it (stopped, or stuck in a loop) is
+    /// killed, and restarted like any dead worker.
+    fn police_channels(&mut self) {
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd as _;
+        const TURN_BUDGET: usize = 4;
+        let grace = self.config.timeouts.drain + SHUTDOWN_SLACK;
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let (Some(pid), Some(channel)) = (slot.pid, slot.channel.as_ref()) else {
+                continue;
+            };
+            let mut closed = false;
+            let mut buf = [0u8; 16 << 10];
+            for _ in 0..TURN_BUDGET {
+                match recv(channel.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
+                    Ok(n) => log::debug!("worker {index}: dropped {n} bytes of late answers"),
+                    Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => break,
+                    Err(_) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            if !closed {
+                slot.closed_since = None;
+                continue;
+            }
+            let since = *slot.closed_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= grace {
+                log::warn!(
+                    "worker {index} (pid {pid}): its channel closed {:?} ago and it is still running: killing it",
+                    since.elapsed()
+                );
+                let _ = kill(pid, Signal::SIGKILL);
+                slot.closed_since = None;
+            }
         }
     }
 
@@ -717,8 +823,10 @@ impl Supervisor {
     pub(crate) fn roll_workers(&mut self, exe: Option<PathBuf>) -> Result<Payload, String> {
         let exe = exe.unwrap_or_else(|| self.exe.clone());
         check_executable(&exe)?;
+        let binary =
+            fds::Binary::open(&exe).map_err(|e| format!("cannot open {}: {e}", exe.display()))?;
         let text = self.state.to_toml();
-        let (new, old) = self.roll(&exe, &text)?;
+        let (new, old) = self.roll(&binary, &text)?;
         let new: Vec<String> = new.iter().map(|(_, pid)| pid.to_string()).collect();
         let old: Vec<String> = old.iter().map(Pid::to_string).collect();
         log::info!(
@@ -727,6 +835,8 @@ impl Supervisor {
             new.join(", "),
             old.join(", ")
         );
+        // Restarted workers run this binary from now on, whatever is put at its path later.
+        self.worker_binary = binary;
         self.exe = exe;
         Ok(Payload::Done {
             message: format!(
@@ -740,13 +850,13 @@ impl Supervisor {
     /// Starts a new worker for every slot from `exe` with the supervisor's current sockets and
     /// config memfd, waits until each has taken `text`, then retires the old ones. On a
     /// failure the new ones are retired instead. Returns the new (index, pid) and old pids.
-    fn roll(&mut self, exe: &Path, text: &str) -> Result<Rolled, String> {
+    fn roll(&mut self, exe: &fds::Binary, text: &str) -> Result<Rolled, String> {
         let deadline = Instant::now() + READY_TIMEOUT;
-        let mut fresh: Vec<(usize, Pid, UnixStream)> = Vec::new();
+        let mut fresh: Vec<(usize, Pid, UnixStream, File)> = Vec::new();
         let mut failure = None;
         for index in 0..self.slots.len() {
             match self.start_worker(index, exe) {
-                Ok((pid, channel)) => fresh.push((index, pid, channel)),
+                Ok((pid, channel, trace)) => fresh.push((index, pid, channel, trace)),
                 Err(e) => {
                     failure = Some(format!("starting worker {index}: {e:#}"));
                     break;
@@ -754,7 +864,7 @@ impl Supervisor {
             }
         }
         if failure.is_none() {
-            for (index, pid, channel) in &mut fresh {
+            for (index, pid, channel, _) in &mut fresh {
                 if let Err(e) = probe(channel, text, deadline) {
                     failure = Some(format!(
                         "new worker {index} (pid {pid}) did not become ready: {e}"
@@ -764,7 +874,7 @@ impl Supervisor {
             }
         }
         if let Some(failure) = failure {
-            for (_, pid, _) in fresh {
+            for (_, pid, _, _) in fresh {
                 let _ = kill(pid, Signal::SIGTERM);
                 self.retiring.push(pid);
             }
@@ -775,7 +885,7 @@ impl Supervisor {
         let limit = u32::try_from(self.config.max_connections).unwrap_or(u32::MAX);
         let mut old = Vec::new();
         let mut new = Vec::new();
-        for (index, pid, channel) in fresh {
+        for (index, pid, channel, trace) in fresh {
             let Some(slot) = self.slots.get_mut(index) else {
                 continue;
             };
@@ -785,6 +895,8 @@ impl Supervisor {
                 old.push(previous);
             }
             slot.channel = Some(channel);
+            slot.trace = Some(trace);
+            slot.closed_since = None;
             slot.started = Instant::now();
             slot.start_at = None;
             slot.backoff = Duration::from_millis(100);
@@ -804,6 +916,10 @@ impl Supervisor {
         config: &Config,
         text: &str,
     ) -> Result<Vec<lb_config::protocol::WorkerAck>, String> {
+        let binary = self
+            .worker_binary
+            .try_clone()
+            .map_err(|e| format!("duplicating the workers' binary descriptor: {e}"))?;
         let mut sockets = Vec::new();
         let mut kept: Vec<Option<usize>> = Vec::new();
         for listener in &config.listeners {
@@ -883,8 +999,7 @@ impl Supervisor {
         let old_file = std::mem::replace(&mut self.config_file, config_file);
         let old_config = std::mem::replace(&mut self.config, config.clone());
         self.steering = new_steering;
-        let exe = self.exe.clone();
-        match self.roll(&exe, text) {
+        match self.roll(&binary, text) {
             Ok((new, _old)) => {
                 drop(old_sockets);
                 log::info!(
@@ -1128,9 +1243,7 @@ impl Supervisor {
 /// Sends the running configuration to a worker and waits for its "ok": the worker is in its
 /// event loop. A worker that died answers with the end of its channel, at once.
 fn probe(channel: &mut UnixStream, text: &str, deadline: Instant) -> Result<(), String> {
-    use std::io::Write as _;
-    channel
-        .write_all(&crate::runtime::channel_frame(text.as_bytes()))
+    crate::runtime::send_frame(channel, text.as_bytes())
         .map_err(|e| format!("cannot reach it: {e}"))?;
     let left = deadline.saturating_duration_since(Instant::now());
     crate::runtime::read_answer(channel, left.max(Duration::from_millis(1)))

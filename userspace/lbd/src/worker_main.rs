@@ -27,6 +27,10 @@ pub struct WorkerArgs {
     /// Inherited channel to the supervisor (configuration updates).
     #[arg(long)]
     pub channel_fd: Option<i32>,
+    /// Inherited write end of the trace pipe: where the SIGSYS handler names a syscall the
+    /// sandbox refused (sandbox.rs).
+    #[arg(long)]
+    pub trace_fd: Option<i32>,
     /// Inherited WORKERS maps of the eBPF steering programs (one per listener), where this
     /// worker publishes its live connection count.
     #[arg(long = "workers-map-fd")]
@@ -50,7 +54,9 @@ impl lb_proxy::LiveGauge for SteeringGauge {
 }
 
 /// Environment variable for tests: a worker that sees it makes one forbidden syscall right
-/// after entering its sandbox (and must die by SIGSYS).
+/// after entering its sandbox (and must die by SIGSYS). Its value names the call
+/// (`setsockopt`, `tgkill`, `socket`, `mmap`; anything else opens a file), see
+/// `sandbox::probe`.
 pub const SECCOMP_PROBE: &str = "KAKEHI_TEST_SECCOMP_PROBE";
 
 pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
@@ -90,15 +96,21 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
             index: u32::try_from(args.index).context("worker index")?,
         }));
     }
-    sandbox::enter(config.user.as_deref(), config.group.as_deref())
-        .context("entering the sandbox")?;
+    let probe = std::env::var(SECCOMP_PROBE).ok();
+    sandbox::enter(
+        config.user.as_deref(),
+        config.group.as_deref(),
+        args.trace_fd,
+    )
+    .context("entering the sandbox")?;
     log::info!("worker {} sandboxed and serving", args.index);
-    if std::env::var_os(SECCOMP_PROBE).is_some() {
-        // Test-only: prove that the filter is on in a real worker. The open below is not in
-        // the allowlist, so the kernel kills this process with SIGSYS before it returns.
-        log::warn!("{SECCOMP_PROBE} is set: making a forbidden syscall");
-        let _ = std::fs::File::open("/etc/hostname");
-        anyhow::bail!("the forbidden syscall was allowed: the sandbox is not enforcing");
+    if let Some(probe) = probe {
+        // Test-only: prove that the filter is on in a real worker. The call is not in the
+        // allowlist, so the kernel stops this process with SIGSYS before it returns.
+        log::warn!("{SECCOMP_PROBE} is set: making a forbidden syscall ({probe})");
+        let listener = args.listener_fds.first().copied().unwrap_or(-1);
+        let what = sandbox::probe::forbidden_call(&probe, listener);
+        anyhow::bail!("the forbidden syscall was allowed ({what}): the sandbox is not enforcing");
     }
     worker.run(&stop)?;
     Ok(())

@@ -3,7 +3,8 @@
 //! real Prometheus text parser must agree exactly — requests by status class per listener,
 //! cluster and backend, bytes both ways, connections, connect errors and retries, histogram
 //! counts, TLS handshakes and failures — and `lbctl metrics` (table and JSON) says the same.
-//! Then `lbctl log-level` changes the level of lbd and of every worker.
+//! Then `lbctl log-level` changes the level of lbd and of every worker. Slow clients (a head
+//! trickled a byte at a time, a silent connection) hold up no scrape and are cut off.
 
 #![allow(
     clippy::unwrap_used,
@@ -463,5 +464,89 @@ fn counters_survive_a_worker_restart() {
             &[("worker", "0")]
         ),
         Some(1.0)
+    );
+}
+
+/// The status of one `GET /metrics` (0 when there is no answer within 10 s).
+fn scrape_status(addr: SocketAddr) -> u16 {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue 12, item 9: the exporter served one client at a time, each read with a 2 s
+/// timeout, so a client that sends its head a byte a second held it forever and no scrape
+/// got through. Now every scrape has a total deadline (the trickler is cut off) and clients
+/// are served concurrently (a scrape gets through while the slow ones wait).
+#[test]
+fn slow_clients_neither_hold_the_exporter_nor_stay_forever() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let origin = Origin::start("a");
+    let metrics = free_addr();
+    let _lbd = Lbd::start(|l| {
+        common::one_cluster(
+            &format!("[metrics]\naddress = \"{metrics}\"\n"),
+            l,
+            &[origin.addr()],
+        )
+    });
+    assert!(wait_until(Duration::from_secs(10), || scrape_status(
+        metrics
+    ) == 200));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Two tricklers (a byte every 500 ms, never the end of the head) and a silent client.
+    let tricklers: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            let mut s = TcpStream::connect(metrics).unwrap();
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n");
+                while !stop.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(60) {
+                    if s.write_all(b"X").is_err() {
+                        return Some(started.elapsed());
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                None
+            })
+        })
+        .collect();
+    let silent = TcpStream::connect(metrics).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // A scrape gets through while they hold their connections.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(scrape_status(metrics));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(8));
+    // The tricklers are cut off by the server (their writes start failing).
+    let cut: Vec<_> = {
+        let until = std::time::Instant::now() + Duration::from_secs(40);
+        while std::time::Instant::now() < until && !tricklers.iter().all(|t| t.is_finished()) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stop.store(true, Ordering::SeqCst);
+        tricklers.into_iter().map(|t| t.join().unwrap()).collect()
+    };
+    drop(silent);
+    assert_eq!(
+        got,
+        Ok(200),
+        "a scrape waited behind slow clients (one client at a time)"
+    );
+    assert!(
+        cut.iter().all(Option::is_some),
+        "a client trickling its request head was never cut off: {cut:?}"
     );
 }

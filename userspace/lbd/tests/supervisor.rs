@@ -4,7 +4,12 @@
 //! with SIGKILL under wrk load is replaced within a second on the very same listening socket
 //! (the `socket:[INODE]` its descriptors point to) without a failed request; a worker that
 //! keeps dying is restarted with a growing delay; SIGTERM stops everything and exits 0; with
-//! `user = "nobody"` the workers run as uid 65534.
+//! `user = "nobody"` the workers run as uid 65534, and so they do under a root lbd whose config
+//! names no user. Each seccomp rule is tried from a real worker (test-only
+//! `KAKEHI_TEST_SECCOMP_PROBE`): the worker dies by SIGSYS and lbd's log names the syscall.
+//! A worker restarted after the binary was replaced on disk runs main's binary, not the new
+//! file; main outlives a worker it cannot start and retries it; a worker that stopped reading
+//! its channel does not block main.
 //!
 //! Every process a test starts is stopped by pid (the harness's `Lbd`, the wrk child); every
 //! wait has a deadline.
@@ -422,11 +427,13 @@ fn workers_do_not_outlive_a_killed_supervisor() {
 }
 
 /// A forbidden syscall made from a real worker (the test-only `KAKEHI_TEST_SECCOMP_PROBE`
-/// hook opens a file right after the sandbox goes on) kills that worker with SIGSYS, and the
-/// supervisor says so and restarts it.
-#[test]
-fn a_forbidden_syscall_in_a_real_worker_kills_it_by_sigsys() {
-    let dir = std::env::temp_dir().join(format!("kakehi-seccomp-probe-{}", std::process::id()));
+/// hook makes the call `probe` right after the sandbox goes on) kills that worker with SIGSYS,
+/// and the supervisor says so and restarts it. Returns lbd's log.
+fn run_seccomp_probe(probe: &str) -> String {
+    let dir = std::env::temp_dir().join(format!(
+        "kakehi-seccomp-probe-{probe}-{}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -454,7 +461,7 @@ fn a_forbidden_syscall_in_a_real_worker_kills_it_by_sigsys() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_lbd"))
         .arg("--config")
         .arg(&config)
-        .env("KAKEHI_TEST_SECCOMP_PROBE", "1")
+        .env("KAKEHI_TEST_SECCOMP_PROBE", probe)
         .env("NOTIFY_SOCKET", &notify_path)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).unwrap())
@@ -470,29 +477,342 @@ fn a_forbidden_syscall_in_a_real_worker_kills_it_by_sigsys() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(
-        log.contains("does not report ready"),
-        "lbd's start did not end without readiness:\n{log}"
-    );
     let mut datagram = [0u8; 512];
     let told = notify
         .recv(&mut datagram)
         .map(|n| String::from_utf8_lossy(&datagram[..n]).into_owned());
-    assert!(
-        told.as_deref().map_or(true, |t| !t.contains("READY=1")),
-        "lbd reported ready with no worker serving: {told:?}"
-    );
     let _ = kill(pid, Signal::SIGTERM);
     let status = child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        log.contains("does not report ready"),
+        "{probe}: lbd's start did not end without readiness:\n{log}"
+    );
+    assert!(
+        told.as_deref().map_or(true, |t| !t.contains("READY=1")),
+        "{probe}: lbd reported ready with no worker serving: {told:?}"
+    );
     assert!(
         log.contains("making a forbidden syscall") && log.contains("was killed by SIGSYS"),
-        "no worker death by SIGSYS in lbd's log:\n{log}"
+        "{probe}: no worker death by SIGSYS in lbd's log:\n{log}"
     );
     assert!(
         !log.contains("the sandbox is not enforcing"),
-        "the forbidden syscall returned:\n{log}"
+        "{probe}: the forbidden syscall returned:\n{log}"
     );
     assert!(log.contains("restarting it on the same sockets"), "{log}");
-    assert!(status.success(), "lbd exit: {status:?}");
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(status.success(), "{probe}: lbd exit: {status:?}");
+    log
+}
+
+#[test]
+fn a_forbidden_syscall_in_a_real_worker_kills_it_by_sigsys() {
+    let log = run_seccomp_probe("open");
+    assert!(
+        log.contains("the sandbox refused syscall openat"),
+        "the supervisor did not name the syscall:\n{log}"
+    );
+}
+
+/// Issue 12, item 6: each argument rule holds in a real worker (its listener's steering
+/// cannot be detached, no signal to its parent, no raw socket, no executable memory), and a
+/// violation leaves a trace: the supervisor's log names the refused syscall.
+#[test]
+fn each_argument_rule_holds_in_a_real_worker_and_the_log_names_the_syscall() {
+    for probe in ["setsockopt", "tgkill", "socket", "mmap"] {
+        let log = run_seccomp_probe(probe);
+        assert!(
+            log.contains(&format!("the sandbox refused syscall {probe} (number")),
+            "{probe}: the supervisor did not name the syscall:\n{log}"
+        );
+    }
+}
+
+/// Issue 12, item 6: a root lbd whose config names no `user` must not run its workers as
+/// root; like nginx it falls back to `nobody` (and `nogroup`).
+#[test]
+fn a_root_lbd_without_a_user_runs_its_workers_as_nobody() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: not root");
+        return;
+    }
+    let origin = Origin::start("o");
+    let lbd = start(2, "", origin.addr());
+    let workers = wait_workers(&lbd, 2);
+    let nogroup = nix::unistd::Group::from_name("nogroup")
+        .unwrap()
+        .map(|g| g.gid.as_raw());
+    for &w in &workers {
+        let uid = proc_status(w, "Uid").unwrap();
+        let gid = proc_status(w, "Gid").unwrap();
+        assert_eq!(
+            uid.split_whitespace().collect::<Vec<_>>(),
+            ["65534"; 4],
+            "worker {w}: real, effective, saved and filesystem uid"
+        );
+        if let Some(gid_nogroup) = nogroup {
+            let want = gid_nogroup.to_string();
+            assert_eq!(
+                gid.split_whitespace().collect::<Vec<_>>(),
+                [want.as_str(); 4],
+                "worker {w}: gid of nogroup"
+            );
+        }
+        assert_sandboxed(w);
+    }
+    assert!(proc_status(lbd.pid(), "Uid").unwrap().starts_with('0'));
+    assert_serves(&lbd, 20);
+}
+
+/// An lbd started from a copy of the binary in its own directory (which a test may replace or
+/// delete), with extra environment; killed (and its workers with it) when dropped.
+struct CopiedLbd {
+    child: std::process::Child,
+    dir: common::TempDir,
+    addr: SocketAddr,
+}
+
+impl CopiedLbd {
+    fn start(
+        workers: usize,
+        top: &str,
+        origin: SocketAddr,
+        env: &[(&str, &std::path::Path)],
+    ) -> CopiedLbd {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = common::TempDir::new("copied-lbd");
+        let binary = dir.path().join("lbd");
+        std::fs::copy(common::lbd_bin(), &binary).unwrap();
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let addr = common::free_addr();
+        let config = dir.write(
+            "lbd.toml",
+            format!(
+                "command_socket = \"{}\"\n{}",
+                dir.path().join("lbd.sock").display(),
+                one_cluster(&format!("workers = {workers}\n{top}"), addr, &[origin])
+            ),
+        );
+        let mut command = Command::new(&binary);
+        command
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().unwrap();
+        CopiedLbd { child, dir, addr }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn binary(&self) -> std::path::PathBuf {
+        self.dir.path().join("lbd")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits for `n` sandboxed workers none of which is in `old`.
+    fn new_workers(&self, n: usize, old: &[i32], within: Duration) -> Option<Vec<i32>> {
+        let mut found = Vec::new();
+        wait_until(within, || {
+            found = common::live_children(self.pid());
+            found.len() == n && found.iter().all(|w| sandboxed(*w) && !old.contains(w))
+        })
+        .then_some(found)
+    }
+}
+
+impl Drop for CopiedLbd {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.pid()), Signal::SIGTERM);
+        let stopped = wait_until(Duration::from_secs(10), || {
+            self.child.try_wait().ok().flatten().is_some()
+        });
+        if !stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Issue 12, item 7: the documented upgrade puts the new binary at the old one's path first.
+/// A worker that crashes after that must come back as the binary main runs (exec'd from a
+/// descriptor opened at start), not as whatever file is at the path now.
+#[test]
+fn a_restarted_worker_runs_mains_binary_not_the_file_now_at_its_path() {
+    use std::os::unix::fs::PermissionsExt;
+    let origin = Origin::start("o");
+    let mut lbd = CopiedLbd::start(2, "", origin.addr(), &[]);
+    let first = lbd
+        .new_workers(2, &[], WORKERS_UP)
+        .unwrap_or_else(|| panic!("no workers:\n{}", lbd.log()));
+    // Another binary is put at the path, the way `install` or a package upgrade does it.
+    let ran = lbd.dir.path().join("replacement-ran");
+    let replacement = lbd.dir.write(
+        "lbd.new",
+        format!("#!/bin/sh\necho \"$@\" >> {}\nexit 1\n", ran.display()),
+    );
+    std::fs::set_permissions(&replacement, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&replacement, lbd.binary()).unwrap();
+    kill(Pid::from_raw(first[0]), Signal::SIGKILL).unwrap();
+    let now = lbd.new_workers(2, &first[..1], WORKERS_UP);
+    assert!(
+        !ran.exists(),
+        "the file now at lbd's path was run as a worker: {:?}\n{}",
+        std::fs::read_to_string(&ran),
+        lbd.log()
+    );
+    let now = now.unwrap_or_else(|| panic!("the worker did not come back:\n{}", lbd.log()));
+    assert!(lbd.alive(), "{}", lbd.log());
+    for w in now {
+        let exe = std::fs::read_link(format!("/proc/{w}/exe")).unwrap();
+        assert!(
+            exe.to_string_lossy().ends_with("(deleted)"),
+            "worker {w} runs {exe:?}, not the replaced (unlinked) original"
+        );
+    }
+    for n in 0..10 {
+        assert_eq!(get(lbd.addr, "localhost", &format!("/{n}")).status, 200);
+    }
+}
+
+/// Issue 12, item 7: a worker that cannot be started (here its binary is gone from disk,
+/// then the test-only hook makes every start fail) must not take main down: main logs it,
+/// tries again with a growing delay, keeps serving with the other workers, and the worker is
+/// back once starting works again.
+#[test]
+fn main_outlives_a_worker_it_cannot_start_and_retries_it() {
+    let origin = Origin::start("o");
+    let flag_dir = common::TempDir::new("start-fails");
+    let flag = flag_dir.path().join("fail");
+    let mut lbd = CopiedLbd::start(
+        2,
+        "",
+        origin.addr(),
+        &[("KAKEHI_TEST_WORKER_START_FAILS", &flag)],
+    );
+    let first = lbd
+        .new_workers(2, &[], WORKERS_UP)
+        .unwrap_or_else(|| panic!("no workers:\n{}", lbd.log()));
+    // The binary is gone from its path: exec by path would fail.
+    std::fs::remove_file(lbd.binary()).unwrap();
+    kill(Pid::from_raw(first[0]), Signal::SIGKILL).unwrap();
+    let second = lbd.new_workers(2, &first[..1], WORKERS_UP);
+    assert!(lbd.alive(), "main exited for one worker:\n{}", lbd.log());
+    let second = second.unwrap_or_else(|| panic!("the worker did not come back:\n{}", lbd.log()));
+    // Now every start fails, for a while.
+    std::fs::write(&flag, "").unwrap();
+    kill(Pid::from_raw(second[0]), Signal::SIGKILL).unwrap();
+    let retried = wait_until(Duration::from_secs(10), || {
+        lbd.log().matches("cannot start worker").count() >= 3
+    });
+    assert!(retried, "no retries in the log:\n{}", lbd.log());
+    assert!(lbd.alive(), "main exited for one worker:\n{}", lbd.log());
+    let log = lbd.log();
+    assert!(log.contains("trying again in"), "{log}");
+    std::fs::remove_file(&flag).unwrap();
+    let third = lbd.new_workers(2, &second[..1], Duration::from_secs(15));
+    assert!(
+        third.is_some(),
+        "the worker did not come back:\n{}",
+        lbd.log()
+    );
+    for n in 0..10 {
+        assert_eq!(get(lbd.addr, "localhost", &format!("/{n}")).status, 200);
+    }
+}
+
+/// Issue 12, item 7: writes on worker channels had no timeout, so one worker that stopped
+/// reading its channel (stopped here with SIGSTOP) blocked main for good on the next
+/// configuration larger than the socket buffer: no lbctl verb was answered again. Now the
+/// push gives up on that worker in bounded time and main keeps answering; the worker, whose
+/// channel is out of step, is closed off, and since it does not leave within the drain
+/// timeout (it is stopped), it is killed and replaced by one that serves.
+#[test]
+fn a_worker_that_does_not_read_its_channel_does_not_block_main() {
+    let origin = Origin::start("o");
+    let drain = "[timeouts]\ndrain = \"1s\"";
+    let lbd = CopiedLbd::start(1, drain, origin.addr(), &[]);
+    let workers = lbd
+        .new_workers(1, &[], WORKERS_UP)
+        .unwrap_or_else(|| panic!("no workers:\n{}", lbd.log()));
+    kill(Pid::from_raw(workers[0]), Signal::SIGSTOP).unwrap();
+    // A state whose text is far larger than a unix socket's buffer (a very long path).
+    let long = format!("/{}", "a".repeat(500_000));
+    let big = lbd.dir.write(
+        "big.toml",
+        format!(
+            "command_socket = \"{}\"\nworkers = 1\n{drain}\n[[listeners]]\naddress = \"{}\"\n\n\
+             [clusters.app]\nfrontends = [ {{ address = \"{}\", path = \"{long}\" }} ]\n\
+             backends = [ {{ address = \"{}\" }} ]\n",
+            lbd.dir.path().join("lbd.sock").display(),
+            lbd.addr,
+            lbd.addr,
+            origin.addr()
+        ),
+    );
+    assert!(std::fs::metadata(&big).unwrap().len() > 400_000);
+    let lbctl = |args: &[&str]| {
+        let mut cmd = Command::new(common::lbctl_bin());
+        cmd.arg("--socket")
+            .arg(lbd.dir.path().join("lbd.sock"))
+            .arg("--timeout")
+            .arg("30")
+            .args(args);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        let pid = child.id() as i32;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        let out = rx.recv_timeout(Duration::from_secs(40));
+        if out.is_err() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        out.ok().and_then(Result::ok)
+    };
+    let load = lbctl(&["state", "load", big.to_str().unwrap()]).expect("lbctl state load");
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&load.stdout),
+        String::from_utf8_lossy(&load.stderr)
+    );
+    println!("state load: {:?}: {shown}", load.status);
+    assert!(
+        !shown.contains("did not answer within"),
+        "main was blocked writing to a worker that does not read: {shown}\n{}",
+        lbd.log()
+    );
+    let status = lbctl(&["status"]).expect("lbctl status");
+    assert!(
+        status.status.success(),
+        "main does not answer after the push: {}\n{}",
+        String::from_utf8_lossy(&status.stderr),
+        lbd.log()
+    );
+    // Drain (1 s) plus the supervisor's slack (5 s): the stuck worker is gone, replaced.
+    let replaced = lbd.new_workers(1, &workers, Duration::from_secs(15));
+    let _ = kill(Pid::from_raw(workers[0]), Signal::SIGCONT);
+    assert!(
+        replaced.is_some(),
+        "the stuck worker was neither killed nor replaced:\n{}",
+        lbd.log()
+    );
+    // It serves the loaded state: its only frontend is the long path, so "/" is kakehi's 404.
+    assert_eq!(get(lbd.addr, "localhost", "/").status, 404);
 }
