@@ -241,13 +241,14 @@ pub struct Lbd {
 /// `config` as lbd should run it in this thread's network namespace. eBPF steering is lbd's
 /// default, and tests attach eBPF programs only inside a fresh namespace
 /// ([`in_fresh_netns`]): a config that leaves `steering` unset gets `steering = "kernel"`
-/// when the thread is still in the machine's own namespace (that of pid 1).
+/// when the thread is still in the namespace the test process started in (its main thread's:
+/// [`in_fresh_netns`] moves only the test's thread; pid 1's may not be readable here).
 pub fn steering_for_this_netns(config: &str) -> String {
     let names_steering = config.lines().any(|l| {
         l.trim_start().starts_with("steering ") || l.trim_start().starts_with("steering=")
     });
     let ns = |path: &str| fs::read_link(path).ok();
-    let in_machine_netns = ns("/proc/thread-self/ns/net") == ns("/proc/1/ns/net");
+    let in_machine_netns = ns("/proc/thread-self/ns/net") == ns("/proc/self/ns/net");
     if names_steering || !in_machine_netns {
         config.to_owned()
     } else {
