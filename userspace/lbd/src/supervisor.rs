@@ -33,8 +33,11 @@ use std::time::{Duration, Instant};
 /// On top of `timeouts.drain` (the workers' own deadline), how long the supervisor waits for
 /// stopping workers before SIGKILL.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(5);
-/// A worker that dies sooner than this after its start is restarted with a growing delay.
-const STABLE_AFTER: Duration = Duration::from_secs(1);
+/// A worker that dies sooner than this after its start is restarted with a growing delay (it
+/// cannot start, or dies at its first request: a loop to slow down). One that ran longer is
+/// restarted at once, so its slot serves again within a turn of main's loop (~20 ms): a
+/// worker killed by the OOM killer or an operator is not a crash loop.
+const STABLE_AFTER: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long a new generation (new workers, or a new lbd with its workers) gets to become
 /// ready before the upgrade is rolled back.
