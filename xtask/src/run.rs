@@ -67,7 +67,7 @@ pub fn run(signals: &Signals, args: &Args) -> Result<ExitCode> {
     let mut build = Command::new("cargo");
     build
         .current_dir(&root)
-        .args(["build", "--release", "-p", "lbd"]);
+        .args(["build", "--release", "-p", "lbd", "-p", "lbctl"]);
     if demo {
         build.args(["-p", "lb-testkit"]);
     }
@@ -142,6 +142,9 @@ fn print_banner(root: &Path, config: &Path, listeners: &[SocketAddr], demo: bool
         addrs.join(", ")
     );
     if demo {
+        // lbctl was built in release beside lbd: shown relative to the root the user runs from.
+        let lbctl = crate::target_dir().join("release").join("lbctl");
+        let lbctl = lbctl.strip_prefix(root).unwrap_or(&lbctl);
         let base = "http://127.0.0.1:8080";
         println!("origins: lb-origin one on 127.0.0.1:9001, lb-origin two on 127.0.0.1:9002");
         println!();
@@ -161,7 +164,8 @@ fn print_banner(root: &Path, config: &Path, listeners: &[SocketAddr], demo: bool
             "  curl -s http://127.0.0.1:9100/metrics | grep requests_total   # Prometheus metrics"
         );
         println!(
-            "  cargo run -q -p lbctl -- -c {QUICKSTART} status   # workers, listeners, backends' health"
+            "  {} -c {QUICKSTART} status   # workers, listeners, backends' health",
+            lbctl.display()
         );
         println!("The access log appears below, one line per request.");
     } else if let Some(addr) = listeners.first() {
