@@ -102,6 +102,12 @@ pub enum Command {
     /// Check a config file, without lbd.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Print a shell completion script, without lbd:
+    /// `lbctl completions bash > /etc/bash_completion.d/lbctl`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -417,7 +423,7 @@ impl Command {
                 level: level.clone(),
             },
             Command::Reload => Verb::Reload,
-            Command::Config(ConfigCmd::Check { .. }) => return None,
+            Command::Config(ConfigCmd::Check { .. }) | Command::Completions { .. } => return None,
         })
     }
 }

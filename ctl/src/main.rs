@@ -77,6 +77,14 @@ fn run(cli: &Cli, out: &mut impl Write) -> Result<(), CtlError> {
     if let Command::Config(ConfigCmd::Check { file }) = &cli.command {
         return config_check(file, cli.json, out);
     }
+    if let Command::Completions { shell } = &cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        // Into memory first: clap_complete panics when its writer fails (a closed pipe).
+        let mut script = Vec::new();
+        clap_complete::generate(*shell, &mut command, "lbctl", &mut script);
+        let _ = out.write_all(&script);
+        return Ok(());
+    }
     let Some(verb) = cli.command.verb() else {
         return Err(CtlError::Usage("this command needs no lbd".to_owned()));
     };

@@ -425,3 +425,42 @@ fn config_check_needs_no_lbd() {
         "lbctl: bad.toml:5:26: clusters.app.backends[0].address: \"localhost:9001\" is not a socket address: expected IP:PORT such as 127.0.0.1:8080 (or [::1]:8080); host names are not resolved\n"
     );
 }
+
+/// `lbctl completions bash` prints a script that bash loads and that completes verbs and
+/// sub-verbs; zsh and fish scripts name lbctl; a shell clap does not know is a usage error.
+#[test]
+fn completions_complete_verbs_in_a_real_bash() {
+    let dir = TempDir::new();
+    let out = lbctl_in(&dir.0, &["completions", "bash"]);
+    assert_exit(&out, 0);
+    let script = dir.0.join("lbctl.bash");
+    std::fs::write(&script, &out.stdout).unwrap();
+    let complete = |words: &[&str]| -> Vec<String> {
+        let line = words.join(" ");
+        let program = format!(
+            "source {}; COMP_WORDS=({line}); COMP_CWORD={}; COMP_LINE='{line}'; COMP_POINT={}; \
+             _lbctl lbctl {} {}; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script.display(),
+            words.len() - 1,
+            line.len(),
+            words[words.len() - 1],
+            words[words.len() - 2],
+        );
+        let out = Command::new("bash")
+            .args(["-c", &program])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "bash: {}", stderr(&out));
+        stdout(&out).lines().map(str::to_owned).collect()
+    };
+    assert_eq!(complete(&["lbctl", "back"]), vec!["backend"]);
+    assert_eq!(complete(&["lbctl", "backend", "d"]), vec!["drain"]);
+    assert!(complete(&["lbctl", "up"]).contains(&"upgrade".to_owned()));
+    for shell in ["zsh", "fish"] {
+        let out = lbctl_in(&dir.0, &["completions", shell]);
+        assert_exit(&out, 0);
+        assert!(stdout(&out).contains("lbctl"), "{shell}");
+    }
+    let out = lbctl_in(&dir.0, &["completions", "csh"]);
+    assert_exit(&out, 2);
+}
