@@ -108,6 +108,9 @@ pub enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+    /// Print lbctl's manual page (roff): how `cargo xtask dist` makes lbctl.1.
+    #[command(hide = true)]
+    Manpage,
 }
 
 #[derive(Subcommand, Debug)]
@@ -423,7 +426,9 @@ impl Command {
                 level: level.clone(),
             },
             Command::Reload => Verb::Reload,
-            Command::Config(ConfigCmd::Check { .. }) | Command::Completions { .. } => return None,
+            Command::Config(ConfigCmd::Check { .. })
+            | Command::Completions { .. }
+            | Command::Manpage => return None,
         })
     }
 }

@@ -85,6 +85,15 @@ fn run(cli: &Cli, out: &mut impl Write) -> Result<(), CtlError> {
         let _ = out.write_all(&script);
         return Ok(());
     }
+    if let Command::Manpage = &cli.command {
+        let command = <Cli as clap::CommandFactory>::command();
+        let mut page = Vec::new();
+        clap_mangen::Man::new(command)
+            .render(&mut page)
+            .map_err(|e| CtlError::Usage(format!("rendering the manual page: {e}")))?;
+        let _ = out.write_all(&page);
+        return Ok(());
+    }
     let Some(verb) = cli.command.verb() else {
         return Err(CtlError::Usage("this command needs no lbd".to_owned()));
     };

@@ -16,6 +16,7 @@
 )]
 
 mod bench;
+mod dist;
 mod ebpf;
 mod procs;
 mod run;
@@ -62,6 +63,12 @@ enum Command {
     /// Boot the appliance image under qemu (TCG), send HTTP through it and check, inside the
     /// guest, the sandbox, the eBPF steering and lbctl; builds the image first if needed.
     VmTest(vm::TestArgs),
+    /// Build the Debian package target/kakehi_VERSION_ARCH.deb: lbd, lbctl, the systemd unit,
+    /// the default config, manual pages and shell completions.
+    Dist(dist::Args),
+    /// Build the package, install it with apt into a Debian 12 tree (the appliance's, chroot)
+    /// and see the installed lbd serve.
+    DistTest(dist::Args),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +83,8 @@ fn main() -> ExitCode {
         Command::BuildEbpf => ebpf::build_ebpf().map(|()| ExitCode::SUCCESS),
         Command::VmImage(args) => vm::vm_image(&signals, &args).map(|_| ExitCode::SUCCESS),
         Command::VmTest(args) => vm::vm_test(&signals, &args).map(|()| ExitCode::SUCCESS),
+        Command::Dist(args) => dist::dist(&signals, &args).map(|_| ExitCode::SUCCESS),
+        Command::DistTest(args) => dist::dist_test(&signals, &args).map(|()| ExitCode::SUCCESS),
     });
     match result {
         Ok(code) => code,

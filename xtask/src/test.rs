@@ -2,7 +2,7 @@
 //!
 //! Owns the list and order of the gates: setup, `cargo fmt --check`, clippy with warnings
 //! denied, the whole workspace's tests, a short fuzz smoke run, and the appliance image's boot
-//! test (`vm-test`). Each step streams its output; the first failure stops the run with a
+//! test (`vm-test`) and the Debian package's install test (`dist-test`). Each step streams its output; the first failure stops the run with a
 //! non-zero exit. What the tests check is the crates' business.
 
 use std::path::Path;
@@ -54,6 +54,15 @@ pub fn test(signals: &Signals) -> Result<()> {
         .context("step `vm-test` failed: the appliance image did not boot and serve")?;
     done.push(format!(
         "vm-test {:.0}s",
+        step_started.elapsed().as_secs_f64()
+    ));
+    // The Debian package: built, installed with apt into the appliance's Debian tree, serving.
+    println!("\nxtask test: cargo xtask dist-test");
+    let step_started = Instant::now();
+    crate::dist::dist_test(signals, &crate::dist::Args { prebuilt: true })
+        .context("step `dist-test` failed: the package did not install and serve")?;
+    done.push(format!(
+        "dist-test {:.0}s",
         step_started.elapsed().as_secs_f64()
     ));
     println!(

@@ -245,6 +245,16 @@ fn mirror_in(sources: &str) -> Option<String> {
     })
 }
 
+/// The appliance image's Debian tree (debootstrap, cached under target/vm/): what
+/// `cargo xtask dist-test` installs the package into.
+pub fn debian_tree(signals: &Signals) -> Result<PathBuf> {
+    setup(signals)?;
+    let dir = vm_dir();
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let packages = read_packages(&crate::root().join("vm-images").join("packages"))?;
+    base_tree(signals, &dir, &packages, &debian_mirror(), false)
+}
+
 /// The debootstrap tree for `packages`, cached as `target/vm/base-<key>` (complete once its
 /// marker file exists); other cached trees are removed.
 fn base_tree(

@@ -44,6 +44,9 @@ struct Args {
     /// The next main of an upgrade: the running lbd hands everything over on this fd.
     #[arg(long, value_name = "FD", hide = true, conflicts_with_all = ["config", "check"])]
     upgrade_fd: Option<i32>,
+    /// Print lbd's manual page (roff) and exit: how `cargo xtask dist` makes lbd.8.
+    #[arg(long, hide = true)]
+    manpage: bool,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -55,6 +58,21 @@ enum Cmd {
     Worker(worker_main::WorkerArgs),
 }
 
+fn manpage() -> ExitCode {
+    use std::io::Write as _;
+    let command = <Args as clap::CommandFactory>::command();
+    let mut page = Vec::new();
+    if let Err(e) = clap_mangen::Man::new(command)
+        .section("8")
+        .render(&mut page)
+    {
+        eprintln!("lbd: rendering the manual page: {e}");
+        return ExitCode::FAILURE;
+    }
+    let _ = std::io::stdout().write_all(&page);
+    ExitCode::SUCCESS
+}
+
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
     s.parse()
         .map_err(|_| format!("unknown log level {s:?}: use error, warn, info or debug"))
@@ -62,6 +80,9 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.manpage {
+        return manpage();
+    }
     logger::init(args.log_level);
     let result = match &args.command {
         Some(Cmd::Worker(worker)) => worker_main::run(worker),
