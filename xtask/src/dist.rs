@@ -34,22 +34,7 @@ pub struct Args {
 /// Builds target/kakehi_VERSION_ARCH.deb and returns its path.
 pub fn dist(signals: &Signals, args: &Args) -> Result<PathBuf> {
     let root = crate::root();
-    if !args.prebuilt {
-        println!("\nxtask dist: cargo build --release -p lbd -p lbctl");
-        procs::run_step(
-            signals,
-            Command::new("cargo").current_dir(&root).args([
-                "build",
-                "--release",
-                "-p",
-                "lbd",
-                "-p",
-                "lbctl",
-            ]),
-        )?;
-    }
-    let release = crate::target_dir().join("release");
-    let (lbd, lbctl) = (release.join("lbd"), release.join("lbctl"));
+    let (lbd, lbctl) = crate::release_binaries(signals, "dist", args.prebuilt)?;
     let version = env!("CARGO_PKG_VERSION");
     let arch = text_of(Command::new("dpkg").arg("--print-architecture"))?;
     let stage = crate::target_dir()

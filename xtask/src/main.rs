@@ -105,6 +105,26 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// target/release/lbd and lbctl, built first (`cargo build --release -p lbd -p lbctl`) unless
+/// `prebuilt`; `what` names the command in what it prints.
+fn release_binaries(
+    signals: &procs::Signals,
+    what: &str,
+    prebuilt: bool,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    if !prebuilt {
+        println!("\nxtask {what}: cargo build --release -p lbd -p lbctl");
+        procs::run_step(
+            signals,
+            std::process::Command::new("cargo")
+                .current_dir(root())
+                .args(["build", "--release", "-p", "lbd", "-p", "lbctl"]),
+        )?;
+    }
+    let release = target_dir().join("release");
+    Ok((release.join("lbd"), release.join("lbctl")))
+}
+
 /// Cargo's target directory: `CARGO_TARGET_DIR` when set, else `<root>/target`.
 fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {

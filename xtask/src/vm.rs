@@ -86,22 +86,7 @@ pub fn vm_image(signals: &Signals, args: &ImageArgs) -> Result<Image> {
     let started = Instant::now();
     setup(signals)?;
     let root = crate::root();
-    if !args.prebuilt {
-        println!("\nxtask vm-image: cargo build --release -p lbd -p lbctl");
-        procs::run_step(
-            signals,
-            Command::new("cargo").current_dir(&root).args([
-                "build",
-                "--release",
-                "-p",
-                "lbd",
-                "-p",
-                "lbctl",
-            ]),
-        )?;
-    }
-    let release = crate::target_dir().join("release");
-    let (lbd, lbctl) = (release.join("lbd"), release.join("lbctl"));
+    let (lbd, lbctl) = crate::release_binaries(signals, "vm-image", args.prebuilt)?;
     let images = root.join("vm-images");
     let config = match &args.config {
         Some(path) => path.clone(),

@@ -145,17 +145,6 @@ fn start(origin: SocketAddr) -> Lbd {
     Lbd::start_until(|l| one_cluster(&top, l, &[origin]), workers_ready(WORKERS))
 }
 
-/// A "freshly built" lbd: a copy of the test's binary with bytes appended (ignored by the
-/// loader), so it is another file with another binary id.
-fn fresh_binary(dir: &Path, n: usize) -> PathBuf {
-    let path = dir.join(format!("lbd-next-{n}"));
-    let mut bytes = fs::read(common::lbd_bin()).unwrap();
-    bytes.extend_from_slice(format!("\nkakehi test build {n}\n").as_bytes());
-    fs::write(&path, bytes).unwrap();
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-    path
-}
-
 /// A shell script standing in for a broken lbd.
 fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     let path = dir.join(name);
@@ -242,7 +231,7 @@ fn three_upgrades_under(extra: &'static [&'static str], what: &'static str) {
         let first = status(&sock);
         let mut generations = vec![first.generation];
         for n in 1..=3 {
-            let binary = fresh_binary(lbd.dir().path(), n);
+            let binary = common::fresh_binary(lbd.dir().path(), n);
             let after = upgrade(&mut lbd, &binary);
             generations.push(after.generation);
             std::thread::sleep(Duration::from_millis(500));
@@ -289,7 +278,7 @@ fn a_request_in_flight_across_the_upgrade_completes() {
             .requests()
             .iter()
             .any(|r| r.target == "/sleep/3000")));
-        let binary = fresh_binary(lbd.dir().path(), 1);
+        let binary = common::fresh_binary(lbd.dir().path(), 1);
         let before = status(sock);
         let started = Instant::now();
         let out = ok(sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
@@ -527,7 +516,7 @@ fn a_websocket_open_across_the_upgrade_keeps_echoing_on_the_old_generation() {
         };
         echo(&mut c, b"before the upgrade");
         let before = status(sock);
-        let binary = fresh_binary(lbd.dir().path(), 1);
+        let binary = common::fresh_binary(lbd.dir().path(), 1);
         upgrade_without_waiting(lbd, &binary);
         // The old worker still pipes this connection while it drains.
         for i in 0..5 {
@@ -595,7 +584,7 @@ fn a_backend_found_down_stays_down_across_the_upgrade() {
             wait_until(Duration::from_secs(10), || state_of(&sock) == "down"),
             "the running lbd finds the black hole down"
         );
-        let binary = fresh_binary(lbd.dir().path(), 1);
+        let binary = common::fresh_binary(lbd.dir().path(), 1);
         upgrade_without_waiting(&mut lbd, &binary);
         assert_eq!(state_of(&sock), "down", "the new lbd starts with it down");
         for _ in 0..20 {

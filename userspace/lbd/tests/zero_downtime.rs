@@ -30,8 +30,7 @@ mod common;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -195,16 +194,6 @@ fn main_pid(socket: &Path) -> (i32, Vec<i32>) {
     (v["pid"].as_i64().unwrap() as i32, workers)
 }
 
-/// A copy of the test's lbd with bytes appended: another file, another binary id.
-fn fresh_binary(dir: &Path, n: usize) -> PathBuf {
-    let path = dir.join(format!("lbd-next-{n}"));
-    let mut bytes = fs::read(common::lbd_bin()).unwrap();
-    bytes.extend_from_slice(format!("\nkakehi test build {n}\n").as_bytes());
-    fs::write(&path, bytes).unwrap();
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-    path
-}
-
 /// What the test does to lbd while wrk runs.
 #[derive(Clone, Copy, Debug)]
 enum Disturbance {
@@ -238,7 +227,7 @@ fn no_error_across(kind: Kind, connections: u32, what: Disturbance) {
             Disturbance::Upgrades => {
                 for n in 1..=3 {
                     let before = main_pid(&sock);
-                    let binary = fresh_binary(lbd.dir().path(), n);
+                    let binary = common::fresh_binary(lbd.dir().path(), n);
                     lbctl(&sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
                     let after = main_pid(&sock);
                     assert_ne!(before.0, after.0, "a new main");

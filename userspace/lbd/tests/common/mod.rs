@@ -238,6 +238,18 @@ pub struct Lbd {
     dir: TempDir,
 }
 
+/// A "freshly built" lbd for `lbctl upgrade`: a copy of the test's binary with bytes appended
+/// (ignored by the loader), so it is another file with another binary id.
+pub fn fresh_binary(dir: &Path, n: usize) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join(format!("lbd-next-{n}"));
+    let mut bytes = fs::read(lbd_bin()).unwrap();
+    bytes.extend_from_slice(format!("\nkakehi test build {n}\n").as_bytes());
+    fs::write(&path, bytes).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
 /// `config` as lbd should run it in this thread's network namespace. eBPF steering is lbd's
 /// default, and tests attach eBPF programs only inside a fresh namespace
 /// ([`in_fresh_netns`]): a config that leaves `steering` unset gets `steering = "kernel"`
