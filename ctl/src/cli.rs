@@ -17,6 +17,14 @@ use lb_config::state::{
 /// `MAX_DURATION`); more would overflow `Instant + Duration`.
 const MAX_TIMEOUT_SECS: u64 = lb_config::MAX_DURATION.as_secs();
 
+/// `top --interval`: seconds, 0.2 to 60.
+fn interval(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if (0.2..=60.0).contains(&secs) => Ok(secs),
+        _ => Err(format!("{text:?}: seconds between 0.2 and 60")),
+    }
+}
+
 /// Talks to a running lbd over its command socket.
 ///
 /// Exit status: 0 success; 1 refused by lbd (or an invalid file for `config check`); 2 usage
@@ -107,6 +115,16 @@ pub enum Command {
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+    /// A live view of lbd (workers, connections, requests per second per cluster, backends),
+    /// refreshed every second; q to quit.
+    Top {
+        /// Seconds between two refreshes, 0.2 to 60.
+        #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = interval)]
+        interval: f64,
+        /// Stop after this many refreshes (for scripts); default: until q.
+        #[arg(long, value_name = "N", hide = true)]
+        frames: Option<u64>,
     },
     /// Print lbctl's manual page (roff): how `cargo xtask dist` makes lbctl.1.
     #[command(hide = true)]
@@ -428,6 +446,7 @@ impl Command {
             Command::Reload => Verb::Reload,
             Command::Config(ConfigCmd::Check { .. })
             | Command::Completions { .. }
+            | Command::Top { .. }
             | Command::Manpage => return None,
         })
     }

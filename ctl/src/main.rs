@@ -12,6 +12,7 @@
 mod cli;
 mod client;
 mod render;
+mod top;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -84,6 +85,15 @@ fn run(cli: &Cli, out: &mut impl Write) -> Result<(), CtlError> {
         clap_complete::generate(*shell, &mut command, "lbctl", &mut script);
         let _ = out.write_all(&script);
         return Ok(());
+    }
+    if let Command::Top { interval, frames } = &cli.command {
+        let socket = socket(cli)?;
+        return top::run(
+            &socket,
+            Duration::from_secs(cli.timeout),
+            Duration::from_secs_f64(*interval),
+            *frames,
+        );
     }
     if let Command::Manpage = &cli.command {
         let command = <Cli as clap::CommandFactory>::command();

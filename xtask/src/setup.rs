@@ -15,12 +15,12 @@ use anyhow::{bail, Context, Result};
 use crate::procs::{self, Signals};
 
 /// Everything `cargo xtask setup` installs.
-pub const ALL: [&str; 5] = ["curl", "wrk", "nginx", "haproxy", "openssl"];
+pub const ALL: [&str; 6] = ["curl", "wrk", "nginx", "haproxy", "openssl", "tmux"];
 /// What `cargo xtask run` needs (for the curl commands it prints).
 pub const RUN: [&str; 1] = ["curl"];
 /// What the test suite uses: curl and wrk drive the end-to-end tests, openssl the TLS origins
-/// of the TCP passthrough tests.
-pub const TEST: [&str; 3] = ["curl", "wrk", "openssl"];
+/// of the TCP passthrough tests, tmux the terminal `lbctl top` draws in.
+pub const TEST: [&str; 4] = ["curl", "wrk", "openssl", "tmux"];
 /// What `cargo xtask bench` needs: the load generator and the proxies to compare with.
 pub const BENCH: [&str; 4] = ["curl", "wrk", "nginx", "haproxy"];
 
