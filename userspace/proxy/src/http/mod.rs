@@ -127,6 +127,16 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
     .any(|h| eq(name, h))
 }
 
+/// Headers that frame or route the request: a `Connection` header naming one of them is
+/// refused, since removing it (RFC 9110 §7.6.1) would change how the backend reads the bytes
+/// that follow, and keeping it would disobey the client. `Upgrade` is handled as a token of
+/// its own.
+fn is_relied_on(name: &[u8]) -> bool {
+    [&b"host"[..], b"content-length", b"transfer-encoding"]
+        .iter()
+        .any(|h| eq(name, h))
+}
+
 /// Headers kakehi sets itself and so removes from what the client sent.
 fn is_forwarding_header(name: &[u8]) -> bool {
     [
@@ -247,6 +257,7 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
         let mut keep_alive_token = false;
         let mut close_token = false;
         let mut connection_named: Vec<Vec<u8>> = Vec::new();
+        let mut names_relied_on = false;
         let mut has_upgrade_header = false;
         let mut prior_xff: Option<String> = None;
         let mut prior_forwarded: Option<String> = None;
@@ -262,6 +273,8 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
                             keep_alive_token = true;
                         } else if eq(t, b"upgrade") {
                             upgrade_token = true;
+                        } else if is_relied_on(t) {
+                            names_relied_on = true;
                         } else {
                             connection_named.push(t.to_ascii_lowercase());
                         }
@@ -284,6 +297,11 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
                     });
                 }
             }
+        }
+        if names_relied_on {
+            // Removing it as hop-by-hop while the body still goes out would let the backend
+            // read the body as a request kakehi never routed.
+            return refuse(kawa, info, "Connection names a framing or Host header");
         }
         info.upgrade = upgrade_token && has_upgrade_header && kawa.body_size != BodySize::Chunked;
         info.close = close_token || (info.version_10 && !keep_alive_token);

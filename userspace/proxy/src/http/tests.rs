@@ -210,3 +210,33 @@ fn response_heads() {
     );
     assert!(k.is_error());
 }
+
+/// Issue 12, item 1: `Connection` naming a header that frames or routes the request is
+/// refused, whatever the case, position or number of Connection headers; other names are
+/// removed as before.
+#[test]
+fn connection_naming_a_relied_on_header_is_refused() {
+    for connection in [
+        "content-length",
+        "Content-Length, close",
+        "keep-alive,TRANSFER-ENCODING",
+        "host",
+        "x, Host ,y",
+    ] {
+        let input = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\nConnection: {connection}\r\nContent-Length: 1\r\n\r\nx"
+        );
+        let (info, out) = request(input.as_bytes());
+        assert!(out.is_err(), "{connection}: {out:?}");
+        assert!(info.refused.is_some());
+    }
+    let (_, out) = request(
+        b"POST / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\
+          Connection: content-length\r\n\r\nx",
+    );
+    assert!(out.is_err(), "{out:?}");
+    let (_, out) =
+        request(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade, te\r\nTE: x\r\n\r\n");
+    let out = out.unwrap();
+    assert!(!out.contains("TE:"), "{out}");
+}
