@@ -523,3 +523,139 @@ fn connection_naming_a_framing_header() {
     assert!(reqs[0].header("x-private").is_none(), "{reqs:?}");
     assert!(reqs[0].header("te").is_none(), "{reqs:?}");
 }
+
+/// Issue 12, item 2: RFC 9112 §6.1 — a server that receives Transfer-Encoding in an HTTP/1.0
+/// request must treat the framing as faulty (an HTTP/1.0 hop behind kakehi may ignore it and
+/// read the chunks as requests). 400 and the close.
+#[test]
+fn transfer_encoding_on_http10() {
+    all_refused(
+        &[
+            (
+                "chunked",
+                b"POST / HTTP/1.0\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  0\r\n\r\n",
+            ),
+            (
+                "keep-alive",
+                b"POST / HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            ),
+            (
+                "no Host",
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "gzip, chunked",
+                b"POST / HTTP/1.0\r\nHost: localhost\r\nTransfer-Encoding: gzip, chunked\r\n\r\n\
+                  0\r\n\r\n",
+            ),
+        ],
+        400,
+    );
+}
+
+/// Issue 12, item 3: a Host that is not a host (a DNS-style name, an IPv4 address or a
+/// bracketed IPv6 literal, with an optional port) is refused; `Host: x,for=127.0.0.9` used to
+/// land unquoted in `Forwarded: host=...` and forge an element there.
+#[test]
+fn host_that_is_not_a_host() {
+    all_refused(
+        &[
+            (
+                "comma and Forwarded pair",
+                b"GET / HTTP/1.1\r\nHost: x,for=127.0.0.9\r\n\r\n",
+            ),
+            (
+                "semicolon",
+                b"GET / HTTP/1.1\r\nHost: x;for=127.0.0.9\r\n\r\n",
+            ),
+            ("quote", b"GET / HTTP/1.1\r\nHost: x\"y\r\n\r\n"),
+            ("equals", b"GET / HTTP/1.1\r\nHost: a=b\r\n\r\n"),
+            ("percent", b"GET / HTTP/1.1\r\nHost: a%2eb\r\n\r\n"),
+            ("backslash", b"GET / HTTP/1.1\r\nHost: a\\b\r\n\r\n"),
+            ("unclosed bracket", b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n"),
+            (
+                "junk after bracket",
+                b"GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n",
+            ),
+            (
+                "not IPv6 in brackets",
+                b"GET / HTTP/1.1\r\nHost: [a.b]\r\n\r\n",
+            ),
+            ("port not a number", b"GET / HTTP/1.1\r\nHost: a:b\r\n\r\n"),
+            ("port too large", b"GET / HTTP/1.1\r\nHost: a:65536\r\n\r\n"),
+            ("two ports", b"GET / HTTP/1.1\r\nHost: a:1:2\r\n\r\n"),
+            (
+                "non-ASCII",
+                "GET / HTTP/1.1\r\nHost: é.example\r\n\r\n".as_bytes(),
+            ),
+            (
+                "absolute-form authority",
+                b"GET http://x,for=1/ HTTP/1.1\r\nHost: x,for=1\r\n\r\n",
+            ),
+        ],
+        400,
+    );
+}
+
+/// The counterpart: every kind of host is served, and what kakehi writes into `Forwarded` is a
+/// token or a quoted-string (RFC 7239 §4), with the client's own element kept only when it is
+/// well-formed, so kakehi's element is always the last one.
+#[test]
+fn hosts_served_and_forwarded_well_formed() {
+    let s = setup();
+    let cases: &[(&str, &str)] = &[
+        ("localhost", "for=127.0.0.1;proto=http;host=localhost"),
+        ("LocalHost:8080", "for=127.0.0.1;proto=http;host=localhost"),
+        ("127.0.0.1:1", "for=127.0.0.1;proto=http;host=127.0.0.1"),
+        (
+            "under_score.example",
+            "for=127.0.0.1;proto=http;host=under_score.example",
+        ),
+        ("[::1]:80", "for=127.0.0.1;proto=http;host=\"[::1]\""),
+        (
+            "[2001:db8::7]",
+            "for=127.0.0.1;proto=http;host=\"[2001:db8::7]\"",
+        ),
+    ];
+    for (host, forwarded) in cases {
+        let resp = common::exchange(
+            s.lbd.addr(),
+            format!("GET /{host} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(resp.status, 200, "{host}: {:?}", resp.text());
+        let req = s.origin.requests().pop().unwrap();
+        assert_eq!(req.header("forwarded"), Some(*forwarded), "{host}: {req:?}");
+    }
+    // The client's Forwarded: kept when well-formed, dropped when it would swallow ours.
+    let prior: &[(&str, &str)] = &[
+        (
+            "for=192.0.2.1;proto=https",
+            "for=192.0.2.1;proto=https, for=127.0.0.1;proto=http;host=localhost",
+        ),
+        (
+            "for=\"[2001:db8::1]:4711\", for=unknown",
+            "for=\"[2001:db8::1]:4711\", for=unknown, for=127.0.0.1;proto=http;host=localhost",
+        ),
+        (
+            "for=\"unterminated",
+            "for=127.0.0.1;proto=http;host=localhost",
+        ),
+        ("for=a b", "for=127.0.0.1;proto=http;host=localhost"),
+        ("=x", "for=127.0.0.1;proto=http;host=localhost"),
+        ("for=1;x", "for=127.0.0.1;proto=http;host=localhost"),
+    ];
+    for (sent, expected) in prior {
+        let resp = common::exchange(
+            s.lbd.addr(),
+            format!(
+                "GET / HTTP/1.1\r\nHost: localhost\r\nForwarded: {sent}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        assert_eq!(resp.status, 200, "{sent}: {:?}", resp.text());
+        let req = s.origin.requests().pop().unwrap();
+        assert_eq!(req.header("forwarded"), Some(*expected), "{sent}: {req:?}");
+    }
+}

@@ -10,6 +10,7 @@
 
 pub mod answers;
 pub mod sansio;
+pub mod syntax;
 
 use kawa::{AsBuffer, Block, BodySize, Kawa, Pair, ParsingPhase, StatusLine, Store, Version};
 use std::net::SocketAddr;
@@ -149,9 +150,16 @@ fn is_forwarding_header(name: &[u8]) -> bool {
     .any(|h| eq(name, h))
 }
 
+/// What [`check_raw_head`] found in the raw head.
+struct RawHead<'a> {
+    host_headers: usize,
+    host_value: &'a [u8],
+    transfer_encoding: bool,
+}
+
 /// Checks over the raw head that kawa's representation no longer shows (it elides a
 /// Content-Length that a Transfer-Encoding overrides, and every Host header).
-fn check_raw_head(raw: &[u8]) -> Result<(usize, &[u8]), &'static str> {
+fn check_raw_head(raw: &[u8]) -> Result<RawHead<'_>, &'static str> {
     let mut hosts = 0;
     let mut host_value: &[u8] = &[];
     let mut content_length = false;
@@ -180,7 +188,11 @@ fn check_raw_head(raw: &[u8]) -> Result<(usize, &[u8]), &'static str> {
     if hosts > 1 {
         return Err("several Host headers");
     }
-    Ok((hosts, host_value))
+    Ok(RawHead {
+        host_headers: hosts,
+        host_value,
+        transfer_encoding,
+    })
 }
 
 fn refuse<T: AsBuffer>(kawa: &mut Kawa<T>, info: &mut RequestInfo, why: &'static str) {
@@ -195,7 +207,11 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
         let raw = buf
             .get(kawa.storage.start..kawa.storage.head)
             .unwrap_or_default();
-        let (host_headers, host_value) = match check_raw_head(raw) {
+        let RawHead {
+            host_headers,
+            host_value,
+            transfer_encoding,
+        } = match check_raw_head(raw) {
             Ok(found) => found,
             Err(why) => return refuse(kawa, info, why),
         };
@@ -211,6 +227,11 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
             return refuse(kawa, info, "no request line");
         };
         info.version_10 = matches!(version, Version::V10);
+        if info.version_10 && transfer_encoding {
+            // RFC 9112 §6.1: the framing is faulty; an HTTP/1.0 hop behind kakehi may ignore
+            // Transfer-Encoding and read the chunks as requests.
+            return refuse(kawa, info, "Transfer-Encoding in an HTTP/1.0 request");
+        }
         let method = bytes(method, buf);
         info.method.push_str(&String::from_utf8_lossy(method));
         info.is_head = eq(method, b"HEAD");
@@ -234,11 +255,8 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
             return refuse(kawa, info, "empty Host header");
         }
         let missing_authority = authority.is_empty();
-        if authority
-            .iter()
-            .any(|&b| b <= b' ' || b == b'/' || b == b'@')
-        {
-            return refuse(kawa, info, "invalid Host header");
+        if !missing_authority && !syntax::is_valid_host(authority) {
+            return refuse(kawa, info, "Host is not a host");
         }
         info.authority
             .push_str(&crate::router::normalize_host(authority));
@@ -289,7 +307,12 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
                         Some(p) => format!("{p}, {v}"),
                         None => v.into_owned(),
                     });
-                } else if eq(name, b"forwarded") {
+                } else if eq(name, b"forwarded")
+                    && !value.is_empty()
+                    && syntax::is_valid_forwarded(value)
+                {
+                    // A malformed value (an unclosed quote...) is dropped: appended to, it
+                    // could swallow kakehi's own element.
                     let v = String::from_utf8_lossy(value);
                     prior_forwarded = Some(match prior_forwarded {
                         Some(p) => format!("{p}, {v}"),
@@ -332,15 +355,15 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
             SocketAddr::V4(a) => a.ip().to_string(),
             SocketAddr::V6(a) => format!("\"[{}]\"", a.ip()),
         };
-        let host_part = if info.authority.is_empty() {
-            String::new()
-        } else {
-            format!(";host={}", info.authority)
-        };
-        let element = format!(
-            "for={for_node};proto={}{host_part}",
+        let mut element = format!(
+            "for={for_node};proto={}",
             if self.peer.https { "https" } else { "http" }
         );
+        if !info.authority.is_empty() {
+            // A valid host is a token, except an IPv6 literal (brackets, colons).
+            element.push_str(";host=");
+            syntax::push_token_or_quoted(&mut element, &info.authority);
+        }
         let forwarded = match prior_forwarded {
             Some(p) => format!("{p}, {element}"),
             None => element,

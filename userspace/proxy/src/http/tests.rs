@@ -240,3 +240,38 @@ fn connection_naming_a_relied_on_header_is_refused() {
     let out = out.unwrap();
     assert!(!out.contains("TE:"), "{out}");
 }
+
+/// Issue 12, item 2: Transfer-Encoding in an HTTP/1.0 request is faulty framing.
+#[test]
+fn transfer_encoding_on_http10_is_refused() {
+    let (info, out) =
+        request(b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+    assert!(out.is_err(), "{out:?}");
+    assert_eq!(
+        info.refused,
+        Some("Transfer-Encoding in an HTTP/1.0 request")
+    );
+    let (_, out) = request(b"POST / HTTP/1.0\r\nHost: a\r\nContent-Length: 1\r\n\r\nx");
+    assert!(out.is_ok(), "{out:?}");
+}
+
+/// Issue 12, item 3: a Host that is not a host is refused; the values kakehi writes into
+/// Forwarded are tokens or quoted-strings; a malformed client Forwarded is dropped.
+#[test]
+fn host_checked_and_forwarded_well_formed() {
+    let (_, out) = request(b"GET / HTTP/1.1\r\nHost: x,for=127.0.0.9\r\n\r\n");
+    assert!(out.is_err(), "{out:?}");
+    let (_, out) = request(b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n");
+    let out = out.unwrap();
+    assert!(
+        out.contains("Forwarded: for=192.0.2.7;proto=http;host=\"[::1]\"\r\n"),
+        "{out}"
+    );
+    let (_, out) =
+        request(b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=\"x\r\nForwarded: for=y\r\n\r\n");
+    let out = out.unwrap();
+    assert!(
+        out.contains("Forwarded: for=y, for=192.0.2.7;proto=http;host=a\r\n"),
+        "{out}"
+    );
+}
