@@ -659,3 +659,78 @@ fn hosts_served_and_forwarded_well_formed() {
         assert_eq!(req.header("forwarded"), Some(*expected), "{sent}: {req:?}");
     }
 }
+
+/// Issue 12, item 4: the router matches the normalized path (RFC 3986 §6.2.2: unreserved
+/// characters percent-decoded, dot-segments removed, `%2F` kept) and the backend receives
+/// exactly that path, as nginx does. `/pub/../admin` used to reach the `/pub` frontend and be
+/// forwarded as sent, so a backend that normalizes served `/admin`.
+#[test]
+fn paths_are_normalized_before_routing() {
+    let s = setup_pub();
+    // Normalized outside /pub: no frontend, 404, nothing at the origin.
+    for raw in [
+        "/pub/../admin",
+        "/pub/%2e%2e/admin",
+        "/pub/%2E%2E/admin",
+        "/pub/.%2e/admin",
+        "/pub/x/../../admin",
+        "/pub/..",
+    ] {
+        let resp = common::exchange(
+            s.lbd.addr(),
+            format!("GET {raw} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(resp.status, 404, "{raw}: {:?}", resp.text());
+        assert!(resp.header("x-origin").is_none(), "{raw}");
+    }
+    assert!(s.origin.requests().is_empty(), "{:?}", s.origin.requests());
+    // Normalized inside /pub: served, and the origin sees the path that was matched.
+    for (raw, seen) in [
+        ("/pub/./x", "/pub/x"),
+        ("/pub/a/../b", "/pub/b"),
+        ("/pub/%7Euser/%41", "/pub/~user/A"),
+        ("/pub/a%2fb", "/pub/a%2Fb"),
+        ("/pub/%2e/x?q=/../y", "/pub/x?q=/../y"),
+        ("/admin/../pub/x", "/pub/x"),
+        ("/pub/plain?x=%2e%2e", "/pub/plain?x=%2e%2e"),
+        ("http://localhost/pub/%2e%2e/pub/y", "/pub/y"),
+    ] {
+        let resp = common::exchange(
+            s.lbd.addr(),
+            format!("GET {raw} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(resp.status, 200, "{raw}: {:?}", resp.text());
+        let req = s.origin.requests().pop().unwrap();
+        assert_eq!(req.target, seen, "{raw}");
+    }
+    // Climbing above the root, or a percent sign that encodes nothing: 400 and the close.
+    let before = s.origin.requests().len();
+    let climbing: Vec<(String, Vec<u8>)> = [
+        "/..",
+        "/../pub",
+        "/pub/../../pub",
+        "/%2e%2e/pub",
+        "/pub/%zz",
+        "/pub/%2",
+    ]
+    .iter()
+    .map(|p| {
+        (
+            (*p).to_owned(),
+            format!("GET {p} HTTP/1.1\r\nHost: localhost\r\n\r\n").into_bytes(),
+        )
+    })
+    .collect();
+    let variants: Vec<(&str, &[u8])> = climbing
+        .iter()
+        .map(|(n, r)| (n.as_str(), r.as_slice()))
+        .collect();
+    let failures: Vec<String> = variants
+        .iter()
+        .filter_map(|(n, raw)| refused(&s, raw, 400).err().map(|e| format!("{n}: {e}")))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(s.origin.requests().len(), before);
+}

@@ -260,8 +260,21 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
         }
         info.authority
             .push_str(&crate::router::normalize_host(authority));
-        info.target
-            .push_str(&String::from_utf8_lossy(bytes(path, buf)));
+        let path = bytes(path, buf);
+        if path.starts_with(b"/") && syntax::needs_normalizing(path) {
+            // Route on the normalized path and forward exactly that path (origin-form), so no
+            // backend can read `/pub/../admin` as something other than what was routed.
+            let normal = match syntax::normalize_path(path) {
+                Ok(normal) => normal,
+                Err(e) => return refuse(kawa, info, e.reason()),
+            };
+            info.target.push_str(&String::from_utf8_lossy(&normal));
+            if let StatusLine::Request { uri, .. } = &mut kawa.detached.status_line {
+                *uri = Store::from_vec(normal);
+            }
+        } else {
+            info.target.push_str(&String::from_utf8_lossy(path));
+        }
         if missing_authority {
             // HTTP/1.0 without Host: name the listener, so the backend still gets a Host line
             // (kawa cannot write an empty one).

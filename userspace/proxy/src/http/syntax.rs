@@ -157,6 +157,102 @@ pub fn is_valid_forwarded(value: &[u8]) -> bool {
     }
 }
 
+/// Why a request path cannot be normalized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    /// A `%` not followed by two hex digits.
+    BadPercent,
+    /// More `..` segments than segments before them: the path climbs above `/`.
+    AboveRoot,
+}
+
+impl PathError {
+    pub fn reason(self) -> &'static str {
+        match self {
+            PathError::BadPercent => "invalid percent-encoding in the path",
+            PathError::AboveRoot => "path climbs above the root",
+        }
+    }
+}
+
+/// Whether [`normalize_path`] could change `target`: it has a `%` or a `/.` before its query.
+/// A scan without allocation, so that ordinary paths cost nothing more.
+pub fn needs_normalizing(target: &[u8]) -> bool {
+    let path = crate::router::path_of(target);
+    path.contains(&b'%') || path.windows(2).any(|w| w == b"/.")
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    char::from(b)
+        .to_digit(16)
+        .and_then(|d| u8::try_from(d).ok())
+}
+
+/// Normalizes an origin-form target's path as RFC 3986 §6.2.2 says: percent-encoded unreserved
+/// characters are decoded, the other percent-encodings get upper-case hex digits (so `%2f`
+/// becomes `%2F` and stays encoded), and dot-segments are removed (§5.2.4). The query (after
+/// `?` or `#`) is kept as it is. A path that climbs above `/` is an error, as in nginx (where
+/// §5.2.4 would silently stop at the root, a backend might not).
+pub fn normalize_path(target: &[u8]) -> Result<Vec<u8>, PathError> {
+    let path = crate::router::path_of(target);
+    let query = target.get(path.len()..).unwrap_or_default();
+    // Percent-decoding of unreserved characters.
+    let mut decoded = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while let Some(&b) = path.get(i) {
+        if b != b'%' {
+            decoded.push(b);
+            i += 1;
+            continue;
+        }
+        let (Some(h), Some(l)) = (
+            path.get(i + 1).copied().and_then(hex),
+            path.get(i + 2).copied().and_then(hex),
+        ) else {
+            return Err(PathError::BadPercent);
+        };
+        let value = (h << 4) | l;
+        if is_unreserved(value) {
+            decoded.push(value);
+        } else {
+            decoded.push(b'%');
+            decoded.extend_from_slice(format!("{value:02X}").as_bytes());
+        }
+        i += 3;
+    }
+    // Dot-segment removal over the segments after the leading '/'.
+    let rest = decoded.strip_prefix(b"/").unwrap_or(&decoded);
+    let mut kept: Vec<&[u8]> = Vec::new();
+    let mut trailing_slash = false;
+    for segment in rest.split(|&b| b == b'/') {
+        trailing_slash = false;
+        match segment {
+            b"." => trailing_slash = true,
+            b".." => {
+                if kept.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+                trailing_slash = true;
+            }
+            _ => kept.push(segment),
+        }
+    }
+    let mut out = Vec::with_capacity(decoded.len() + query.len() + 1);
+    for segment in &kept {
+        out.push(b'/');
+        out.extend_from_slice(segment);
+    }
+    if trailing_slash || out.is_empty() {
+        out.push(b'/');
+    }
+    out.extend_from_slice(query);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,5 +351,51 @@ mod tests {
         ] {
             assert!(!is_valid_forwarded(bad.as_bytes()), "{bad}");
         }
+    }
+
+    fn norm(path: &str) -> Result<String, PathError> {
+        normalize_path(path.as_bytes()).map(|p| String::from_utf8(p).unwrap())
+    }
+
+    #[test]
+    fn paths() {
+        for (raw, normal) in [
+            ("/", "/"),
+            ("/a/b", "/a/b"),
+            ("/a/./b", "/a/b"),
+            ("/a/../b", "/b"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/.", "/a/b/"),
+            ("/a/..", "/"),
+            ("/.", "/"),
+            ("/a//b", "/a//b"),
+            ("/a//..", "/a/"),
+            ("/pub/%2e%2e/admin", "/admin"),
+            ("/pub/%2E./admin", "/admin"),
+            ("/%7Euser/%41%62%2d", "/~user/Ab-"),
+            ("/a%2fb/%2F..", "/a%2Fb/%2F.."),
+            ("/%c3%a9", "/%C3%A9"),
+            ("/a/./b?x=/../y", "/a/b?x=/../y"),
+            ("/a/..?", "/?"),
+            ("/a/.hidden", "/a/.hidden"),
+            ("/a/..b", "/a/..b"),
+            ("/a/b#/../c", "/a/b#/../c"),
+        ] {
+            assert_eq!(norm(raw), Ok(normal.to_owned()), "{raw}");
+            assert_eq!(
+                norm(normal),
+                Ok(normal.to_owned()),
+                "idempotent on {normal}"
+            );
+        }
+        for raw in ["/..", "/../a", "/a/../..", "/%2e%2e", "/a/%2E%2E/%2e%2e/b"] {
+            assert_eq!(norm(raw), Err(PathError::AboveRoot), "{raw}");
+        }
+        for raw in ["/%", "/%2", "/%zz", "/a%g0", "/%%41"] {
+            assert_eq!(norm(raw), Err(PathError::BadPercent), "{raw}");
+        }
+        assert!(!needs_normalizing(b"/a/b.c/d?x=/./%41"));
+        assert!(needs_normalizing(b"/a/./b"));
+        assert!(needs_normalizing(b"/a%41"));
     }
 }

@@ -275,3 +275,19 @@ fn host_checked_and_forwarded_well_formed() {
         "{out}"
     );
 }
+
+/// Issue 12, item 4: the target is normalized before routing, and the backend gets exactly the
+/// normalized target; climbing above the root is refused.
+#[test]
+fn path_normalized_and_forwarded_as_routed() {
+    let (info, out) = request(b"GET /pub/%2e%2e/admin?x=/../y HTTP/1.1\r\nHost: a\r\n\r\n");
+    let out = out.unwrap();
+    assert_eq!(info.target, "/admin?x=/../y");
+    assert!(out.starts_with("GET /admin?x=/../y HTTP/1.1\r\n"), "{out}");
+    let (info, out) = request(b"GET /pub/x HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(info.target, "/pub/x");
+    assert!(out.unwrap().starts_with("GET /pub/x HTTP/1.1\r\n"));
+    let (info, out) = request(b"GET /pub/../../admin HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert!(out.is_err());
+    assert_eq!(info.refused, Some("path climbs above the root"));
+}
