@@ -734,3 +734,37 @@ fn paths_are_normalized_before_routing() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(s.origin.requests().len(), before);
 }
+
+/// Issue 12, item 5: more than 100 header fields (Host included, each Cookie line one field)
+/// or more than 128 cookie crumbs is 431, however small the head; at the caps it is served.
+#[test]
+fn header_field_and_crumb_caps() {
+    let s = setup();
+    let head = |fields: usize, crumbs: usize, end: bool| {
+        let mut h = String::from("GET / HTTP/1.1\r\nHost: localhost\r\n");
+        for i in 1..fields - usize::from(crumbs > 0) {
+            h.push_str(&format!("a{i}:\r\n"));
+        }
+        if crumbs > 0 {
+            h.push_str(&format!("Cookie: {}\r\n", "a;".repeat(crumbs - 1) + "a"));
+        }
+        if end {
+            h.push_str("\r\n");
+        }
+        h.into_bytes()
+    };
+    let over = [
+        ("101 fields", head(101, 0, true)),
+        ("2000 fields", head(2000, 0, true)),
+        ("2000 fields, unfinished", head(2000, 0, false)),
+        ("129 crumbs", head(3, 129, true)),
+        ("5000 crumbs, unfinished", head(3, 5000, false)),
+    ];
+    let variants: Vec<(&str, &[u8])> = over.iter().map(|(n, r)| (*n, r.as_slice())).collect();
+    all_refused_by(&s, &variants, 431);
+    let mut c = Client::connect(s.lbd.addr());
+    c.send(&head(100, 128, true));
+    assert_eq!(c.response().status, 200);
+    // And the connection serves the next request as usual.
+    assert_eq!(c.get("localhost", "/next").status, 200);
+}

@@ -66,6 +66,8 @@ pub struct RequestInfo {
     pub is_head: bool,
     /// Why the head was refused, when it was.
     pub refused: Option<&'static str>,
+    /// The status of that refusal: 400, or 431 for a head over the field or crumb caps.
+    pub refused_status: u16,
 }
 
 impl RequestInfo {
@@ -79,7 +81,77 @@ impl RequestInfo {
         self.expect_continue = false;
         self.is_head = false;
         self.refused = None;
+        self.refused_status = 0;
+        // A large request grew these; the next one starts from a small allocation again.
+        for s in [&mut self.method, &mut self.authority, &mut self.target] {
+            if s.capacity() > RETAINED_STRING {
+                *s = String::new();
+            }
+        }
     }
+}
+
+/// Most header fields a request head may have (HAProxy's `tune.http.maxhdr` is 101); over it,
+/// 431. Each `Cookie` line counts as one field.
+pub const MAX_HEADER_FIELDS: usize = 100;
+/// Most cookie crumbs (`name=value` pairs of every Cookie line together) a request may have;
+/// over it, 431. kawa keeps each crumb apart, 48 bytes of metadata plus four output slices.
+pub const MAX_COOKIE_CRUMBS: usize = 128;
+/// String capacity a [`RequestInfo`] keeps from one request to the next.
+const RETAINED_STRING: usize = 1024;
+/// Capacity of kawa's block, output and cookie queues kept between two requests: what an
+/// ordinary request needs, so that only a large head pays for an allocation.
+const RETAINED_BLOCKS: usize = 64;
+const RETAINED_OUT: usize = 256;
+const RETAINED_CRUMBS: usize = 32;
+
+/// After a parse of a request head: the status to refuse it with and why, or None to go on.
+/// A head still arriving is checked against the caps here (each parse adds at most one
+/// buffer's worth of blocks, and this runs after each); a complete one in `on_headers`.
+pub fn head_refusal<T: AsBuffer>(
+    kawa: &Kawa<T>,
+    info: &RequestInfo,
+) -> Option<(u16, &'static str)> {
+    if kawa.is_error() {
+        let status = if info.refused_status == 0 {
+            400
+        } else {
+            info.refused_status
+        };
+        return Some((status, info.refused.unwrap_or("malformed request")));
+    }
+    if kawa.is_main_phase() {
+        return None;
+    }
+    // Before the head ends, the blocks are the request line and one per field.
+    if kawa.blocks.len() > MAX_HEADER_FIELDS + 1 {
+        return Some((431, TOO_MANY_FIELDS));
+    }
+    if kawa.detached.jar.len() > MAX_COOKIE_CRUMBS {
+        return Some((431, TOO_MANY_CRUMBS));
+    }
+    None
+}
+
+const TOO_MANY_FIELDS: &str = "too many header fields";
+const TOO_MANY_CRUMBS: &str = "too many cookie crumbs";
+
+/// Drops the parsed blocks of a head that will not be forwarded (it was refused) and gives
+/// back what it made kawa allocate; the bytes stay in the buffer.
+pub fn forget_head<T: AsBuffer>(kawa: &mut Kawa<T>) {
+    kawa.blocks.clear();
+    kawa.out.clear();
+    kawa.detached.jar.clear();
+    shrink(kawa);
+}
+
+/// Gives back the queue capacity a large message grew, down to what an ordinary one needs
+/// (between two requests on a connection, so that a connection's metadata does not keep the
+/// size of its largest request).
+pub fn shrink<T: AsBuffer>(kawa: &mut Kawa<T>) {
+    kawa.blocks.shrink_to(RETAINED_BLOCKS);
+    kawa.out.shrink_to(RETAINED_OUT);
+    kawa.detached.jar.shrink_to(RETAINED_CRUMBS);
 }
 
 /// The connection-level facts of the listener a request came in on.
@@ -196,13 +268,36 @@ fn check_raw_head(raw: &[u8]) -> Result<RawHead<'_>, &'static str> {
 }
 
 fn refuse<T: AsBuffer>(kawa: &mut Kawa<T>, info: &mut RequestInfo, why: &'static str) {
+    refuse_with(kawa, info, 400, why);
+}
+
+fn refuse_with<T: AsBuffer>(
+    kawa: &mut Kawa<T>,
+    info: &mut RequestInfo,
+    status: u16,
+    why: &'static str,
+) {
     info.refused = Some(why);
+    info.refused_status = status;
     kawa.parsing_phase.error(why.into());
 }
 
 impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
     fn on_headers(&mut self, kawa: &mut Kawa<T>) {
         let info = &mut *self.info;
+        // The caps, before anything is added: one block per field (a Cookie line is a
+        // `Cookies` block, its crumbs in the jar).
+        let fields = kawa
+            .blocks
+            .iter()
+            .filter(|b| matches!(b, Block::Header(_) | Block::Cookies))
+            .count();
+        if fields > MAX_HEADER_FIELDS {
+            return refuse_with(kawa, info, 431, TOO_MANY_FIELDS);
+        }
+        if kawa.detached.jar.len() > MAX_COOKIE_CRUMBS {
+            return refuse_with(kawa, info, 431, TOO_MANY_CRUMBS);
+        }
         let buf = kawa.storage.buffer();
         let raw = buf
             .get(kawa.storage.start..kawa.storage.head)

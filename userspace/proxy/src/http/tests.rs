@@ -291,3 +291,88 @@ fn path_normalized_and_forwarded_as_routed() {
     assert!(out.is_err());
     assert_eq!(info.refused, Some("path climbs above the root"));
 }
+
+fn head_with(fields: usize, crumbs: usize) -> Vec<u8> {
+    let mut h = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+    for i in 1..fields.saturating_sub(usize::from(crumbs > 0)) {
+        h.push_str(&format!("X-{i}: v\r\n"));
+    }
+    if crumbs > 0 {
+        let jar: Vec<String> = (0..crumbs).map(|i| format!("c{i}=v")).collect();
+        h.push_str(&format!("Cookie: {}\r\n", jar.join("; ")));
+    }
+    h.push_str("\r\n");
+    h.into_bytes()
+}
+
+/// Issue 12, item 5: at most MAX_HEADER_FIELDS fields (Host and each Cookie line count) and
+/// MAX_COOKIE_CRUMBS crumbs; over either, 431.
+#[test]
+fn header_field_and_crumb_caps() {
+    let (_, out) = request(&head_with(MAX_HEADER_FIELDS, 0));
+    assert!(out.is_ok(), "{out:?}");
+    let (info, out) = request(&head_with(MAX_HEADER_FIELDS + 1, 0));
+    assert!(out.is_err());
+    assert_eq!(info.refused_status, 431);
+    let (_, out) = request(&head_with(MAX_HEADER_FIELDS, MAX_COOKIE_CRUMBS));
+    assert!(out.is_ok(), "{out:?}");
+    let (info, out) = request(&head_with(3, MAX_COOKIE_CRUMBS + 1));
+    assert!(out.is_err());
+    assert_eq!(info.refused_status, 431);
+    // Cookie lines apart count as fields, their crumbs together.
+    let mut h = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+    for i in 0..=MAX_COOKIE_CRUMBS / 2 {
+        h.push_str(&format!("Cookie: a{i}=1; b{i}=2\r\n"));
+    }
+    h.push_str("\r\n");
+    let (info, out) = request(h.as_bytes());
+    assert!(out.is_err());
+    assert_eq!(info.refused_status, 431);
+}
+
+/// A head still arriving is held to the caps after each parse: its metadata never grows past
+/// them while the connection waits for the rest, and `forget_head` gives the memory back.
+#[test]
+fn unfinished_head_over_the_caps() {
+    let mut pool = BufferPool::new(16384, 1, 1);
+    for input in [
+        format!("GET / HTTP/1.1\r\nHost: a\r\n{}", "a:b\r\n".repeat(2000)),
+        format!("GET / HTTP/1.1\r\nHost: a\r\nCookie: {}", "a;".repeat(5000)),
+    ] {
+        let mut k = Kawa::new(Kind::Request, Buffer::new(pool.checkout().unwrap()));
+        k.storage.space()[..input.len()].copy_from_slice(input.as_bytes());
+        k.storage.fill(input.len());
+        let mut info = RequestInfo::default();
+        let mut cb = RequestCallbacks {
+            peer: peer(),
+            request_id: "rid1",
+            info: &mut info,
+        };
+        kawa::h1::parse(&mut k, &mut cb);
+        assert!(!k.is_main_phase());
+        assert!(matches!(head_refusal(&k, &info), Some((431, _))));
+        forget_head(&mut k);
+        assert!(k.blocks.capacity() <= RETAINED_BLOCKS * 2);
+        assert!(k.detached.jar.capacity() <= RETAINED_CRUMBS * 2);
+        pool.checkin(k.storage.buffer);
+    }
+    let short = b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n";
+    let mut k = Kawa::new(Kind::Request, Buffer::new(pool.checkout().unwrap()));
+    k.storage.space()[..short.len()].copy_from_slice(short);
+    k.storage.fill(short.len());
+    kawa::h1::parse(&mut k, &mut kawa::h1::NoCallbacks);
+    assert_eq!(head_refusal(&k, &RequestInfo::default()), None);
+}
+
+/// The README's bytes-per-connection figure (4 × buffer_size + 40 KiB) counts kawa's queues at
+/// the caps with these sizes: 128 blocks, 1,024 output slices and 128 crumbs at most, and the
+/// session itself. If kawa or the session grows, the figure must be worked out again.
+#[test]
+fn sizes_behind_the_memory_figure() {
+    assert!(std::mem::size_of::<kawa::Block>() <= 48);
+    assert!(std::mem::size_of::<kawa::OutBlock>() <= 24);
+    assert!(std::mem::size_of::<kawa::Pair>() <= 48);
+    assert!(std::mem::size_of::<crate::session::Session>() <= 2048);
+    let metadata = 128 * 48 + 1024 * 24 + 128 * 48 + 2048;
+    assert!(metadata <= 40 * 1024, "{metadata}");
+}
