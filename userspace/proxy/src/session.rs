@@ -694,7 +694,7 @@ impl Session {
                 ReadOutcome::Data(_) => {
                     progress = true;
                     kawa::h1::parse(&mut self.front_kawa, &mut kawa::h1::NoCallbacks);
-                    if self.front_kawa.is_error() {
+                    if self.front_kawa.is_error() || crate::http::bad_trailer(&self.front_kawa) {
                         self.ex.error = Some("malformed request body");
                         return self.fail_exchange(cx, Answer::BadRequest);
                     }

@@ -121,7 +121,8 @@ pub fn head_refusal<T: AsBuffer>(
         return Some((status, info.refused.unwrap_or("malformed request")));
     }
     if kawa.is_main_phase() {
-        return None;
+        // A whole chunked request may have come with the head.
+        return bad_trailer(kawa).then_some((400, "invalid trailer name"));
     }
     // Before the head ends, the blocks are the request line and one per field.
     if kawa.blocks.len() > MAX_HEADER_FIELDS + 1 {
@@ -135,6 +136,23 @@ pub fn head_refusal<T: AsBuffer>(
 
 const TOO_MANY_FIELDS: &str = "too many header fields";
 const TOO_MANY_CRUMBS: &str = "too many cookie crumbs";
+
+/// Whether a chunked request holds a trailer whose name is not a token. kawa's name scan lets
+/// `/` and `"` through; the head's names are checked in `on_headers`, so any such name among
+/// the blocks is a trailer's. Only chunked bodies have trailers: nothing is scanned otherwise.
+pub fn bad_trailer<T: AsBuffer>(kawa: &Kawa<T>) -> bool {
+    if kawa.body_size != BodySize::Chunked {
+        return false;
+    }
+    let buf = kawa.storage.buffer();
+    kawa.blocks.iter().any(|b| match b {
+        Block::Header(Pair { key, .. }) => {
+            let name = bytes(key, buf);
+            !name.is_empty() && !syntax::is_token(name)
+        }
+        _ => false,
+    })
+}
 
 /// Drops the parsed blocks of a head that will not be forwarded (it was refused) and gives
 /// back what it made kawa allocate; the bytes stay in the buffer.
@@ -245,6 +263,11 @@ fn check_raw_head(raw: &[u8]) -> Result<RawHead<'_>, &'static str> {
         if name.is_empty() {
             return Err("empty header name");
         }
+        if !syntax::is_token(name) {
+            // kawa's SIMD name scan lets `/` and `"` through (its own note): a name a backend
+            // might read otherwise.
+            return Err("invalid header name");
+        }
         if eq(name, b"host") {
             hosts += 1;
             host_value = line.get(colon + 1..).unwrap_or_default().trim_ascii();
@@ -328,12 +351,20 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
             return refuse(kawa, info, "Transfer-Encoding in an HTTP/1.0 request");
         }
         let method = bytes(method, buf);
+        if !syntax::is_token(method) {
+            // kawa takes a request line that starts with a space as an empty method.
+            return refuse(kawa, info, "method is not a token");
+        }
         info.method.push_str(&String::from_utf8_lossy(method));
         info.is_head = eq(method, b"HEAD");
         if eq(method, b"CONNECT") {
             return refuse(kawa, info, "CONNECT is not supported");
         }
         let uri = bytes(uri, buf);
+        if uri.is_empty() {
+            // kawa takes `GET  HTTP/1.1` as an empty target (and routes it as `/`).
+            return refuse(kawa, info, "empty request target");
+        }
         let absolute_form = !uri.starts_with(b"/") && uri != b"*";
         if absolute_form && host_headers == 1 {
             // RFC 9112 §3.2.2: the target's authority wins; a Host that disagrees is a

@@ -368,7 +368,7 @@ impl<'a> Conn<'a> {
                     ReadStep::Data => {
                         progress = true;
                         kawa::h1::parse(&mut self.kawa, &mut kawa::h1::NoCallbacks);
-                        if self.kawa.is_error() {
+                        if self.kawa.is_error() || crate::http::bad_trailer(&self.kawa) {
                             return Some(answer(400, "malformed request body"));
                         }
                     }
