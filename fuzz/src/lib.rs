@@ -177,8 +177,7 @@ pub fn independent_check(info: &RequestInfo, forwarded: &[u8]) -> Result<(), Str
     if hosts.next().is_some() {
         return Err("several Host headers".into());
     }
-    if !info.authority.is_empty()
-        && lb_proxy::router::normalize_host(host.value) != info.authority
+    if !info.authority.is_empty() && lb_proxy::router::normalize_host(host.value) != info.authority
     {
         return Err(format!("Host {:?}", String::from_utf8_lossy(host.value)));
     }
@@ -198,7 +197,10 @@ pub fn independent_check(info: &RequestInfo, forwarded: &[u8]) -> Result<(), Str
     }
     match (lengths.as_slice(), codings.as_slice()) {
         ([], []) if body.is_empty() => Ok(()),
-        ([], []) => Err(format!("{} bytes after a request without a body", body.len())),
+        ([], []) => Err(format!(
+            "{} bytes after a request without a body",
+            body.len()
+        )),
         ([length], []) => {
             let n: usize = std::str::from_utf8(length)
                 .ok()
