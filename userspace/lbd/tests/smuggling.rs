@@ -324,6 +324,11 @@ fn invalid_header_name() {
                   1\r\nx\r\n0\r\nX-Fo/o: 1\r\n\r\n",
             ),
             (
+                "empty trailer name",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  0\r\n: chunked\r\n\r\n",
+            ),
+            (
                 "quote in the name",
                 b"GET / HTTP/1.1\r\nHost: localhost\r\nX\"Foo: bar\r\n\r\n",
             ),

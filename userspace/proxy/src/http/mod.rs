@@ -146,9 +146,9 @@ pub fn bad_trailer<T: AsBuffer>(kawa: &Kawa<T>) -> bool {
     }
     let buf = kawa.storage.buffer();
     kawa.blocks.iter().any(|b| match b {
-        Block::Header(Pair { key, .. }) => {
-            let name = bytes(key, buf);
-            !name.is_empty() && !syntax::is_token(name)
+        // An elided header is `Store::Empty`; an empty name parsed from the wire is not.
+        Block::Header(Pair { key, .. }) if !matches!(key, Store::Empty) => {
+            !syntax::is_token(bytes(key, buf))
         }
         _ => false,
     })
