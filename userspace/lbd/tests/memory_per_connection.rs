@@ -102,7 +102,8 @@ fn worst_heads_on_2000_connections_stay_under_the_stated_bound() {
     let addr = origin.addr();
     let lbd = Lbd::start(|l| {
         common::one_cluster(
-            "max_connections = 5000\n[timeouts]\nrequest_header = \"60s\"\nfront_idle = \"60s\"\n",
+            "max_connections = 5000\n[timeouts]\nrequest_header = \"60s\"\nfront_idle = \"60s\"\n\
+             connect = \"30s\"\nback_idle = \"60s\"\n",
             l,
             &[addr],
         )
@@ -130,6 +131,12 @@ fn worst_heads_on_2000_connections_stay_under_the_stated_bound() {
             *statuses.entry((shapes[*shape].0, resp.status)).or_insert(0) += 1;
         }
     }
+    // The heads at the caps were served and their connections are kept alive, holding what
+    // they hold.
+    assert!(
+        statuses.keys().all(|(_, status)| *status == 200),
+        "{statuses:?}"
+    );
     // Let the worker read whatever it has not read yet, then look at it a few times.
     let mut max_rss = 0;
     wait_until(Duration::from_secs(2), || {
