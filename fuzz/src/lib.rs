@@ -258,7 +258,9 @@ fn chunked_end(body: &[u8]) -> Result<usize, String> {
     }
     // Trailers, then the empty line.
     let rest = body.get(at..).unwrap_or_default();
-    let mut trailers = [httparse::EMPTY_HEADER; 64];
+    // As many slots as lines: kakehi does not cap the number of trailers.
+    let lines = rest.iter().filter(|&&b| b == b'\n').count();
+    let mut trailers = vec![httparse::EMPTY_HEADER; lines + 1];
     match httparse::parse_headers(rest, &mut trailers) {
         Ok(httparse::Status::Complete((len, _))) => Ok(at + len),
         _ => Err(format!("bad trailers at {at}")),
