@@ -404,6 +404,11 @@ fn malformed_request_lines() {
             ("empty method", b" / HTTP/1.1\r\nHost: localhost\r\n\r\n"),
             ("empty target", b"GET  HTTP/1.1\r\nHost: localhost\r\n\r\n"),
             (
+                "fragment in an absolute-form target",
+                b"GET http://localhost#:8080/2 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            ),
+            ("fragment", b"GET /a#b HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+            (
                 "space in target",
                 b"GET /a b HTTP/1.1\r\nHost: localhost\r\n\r\n",
             ),

@@ -365,6 +365,11 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
             // kawa takes `GET  HTTP/1.1` as an empty target (and routes it as `/`).
             return refuse(kawa, info, "empty request target");
         }
+        if uri.contains(&b'#') {
+            // No fragment in a request target (RFC 9112 §3.2); kawa splits an absolute-form
+            // target at it differently from other parsers (`http://a#:80/x`).
+            return refuse(kawa, info, "fragment in the request target");
+        }
         let absolute_form = !uri.starts_with(b"/") && uri != b"*";
         if absolute_form && host_headers == 1 {
             // RFC 9112 §3.2.2: the target's authority wins; a Host that disagrees is a
@@ -387,6 +392,9 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
         info.authority
             .push_str(&crate::router::normalize_host(authority));
         let path = bytes(path, buf);
+        if !path.starts_with(b"/") && path != b"*" {
+            return refuse(kawa, info, "request target without a path");
+        }
         if path.starts_with(b"/") && syntax::needs_normalizing(path) {
             // Route on the normalized path and forward exactly that path (origin-form), so no
             // backend can read `/pub/../admin` as something other than what was routed.

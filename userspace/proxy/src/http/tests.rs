@@ -387,6 +387,12 @@ fn empty_method_is_refused() {
     let (info, out) = request(b"GET  HTTP/1.1\r\nHost: a\r\n\r\n");
     assert!(out.is_err(), "{out:?}");
     assert_eq!(info.refused, Some("empty request target"));
+    // And a fragment, which kawa splits an absolute-form target at (found next).
+    let (info, out) = request(b"GET ttp://na#:8080/2 HTTP/1.0\r\nHost: na\r\n\r\n");
+    assert!(out.is_err(), "{out:?}");
+    assert_eq!(info.refused, Some("fragment in the request target"));
+    let (_, out) = request(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert!(out.is_ok(), "{out:?}");
 }
 
 /// Found by the fuzz target's differential check: kawa's name scan lets `/` and `"` through.
