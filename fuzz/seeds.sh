@@ -49,6 +49,16 @@ seed $R connect_method "$WHOLE" 'CONNECT a.example:443 HTTP/1.1\r\nHost: a.examp
 seed $R long_uri_414 "$TINY" 'GET /aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa HTTP/1.1\r\nHost: a\r\n\r\n'
 seed $R big_header_431 "$TINY" 'GET / HTTP/1.1\r\nHost: a\r\nX-Big: bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\r\n\r\n'
 seed $R truncated_body "$CUT3" 'POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly a few bytes'
+# Issue 12: framing headers named in Connection, TE on HTTP/1.0, hosts that are not hosts,
+# paths that need normalizing, heads at and over the field and crumb caps.
+seed $R connection_names_content_length "$WHOLE" 'POST /pub HTTP/1.1\r\nHost: a\r\nConnection: content-length\r\nContent-Length: 29\r\n\r\nGET /admin HTTP/1.1\r\nHost: a\r\n\r\n'
+seed $R connection_names_transfer_encoding "$CUT3" 'POST /pub HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n1d\r\nGET /admin HTTP/1.1\r\nHost: a\r\n\r\n\r\n0\r\n\r\n'
+seed $R connection_names_host_te "$WHOLE" 'GET / HTTP/1.1\r\nHost: a\r\nConnection: host, te, x-a\r\nTE: trailers\r\nX-A: 1\r\n\r\n'
+seed $R te_on_http10 "$WHOLE" 'POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n'
+seed $R host_not_a_host "$WHOLE" 'GET / HTTP/1.1\r\nHost: x,for=127.0.0.9\r\n\r\nGET / HTTP/1.1\r\nHost: [::1]:8080\r\nForwarded: for="x\r\n\r\n'
+seed $R dot_segments "$SMALL" 'GET /pub/%2e%2e/admin?q=/../x HTTP/1.1\r\nHost: a\r\n\r\nGET /pub/./a/../%7Eb%2fc HTTP/1.1\r\nHost: a\r\n\r\nGET /../up HTTP/1.1\r\nHost: a\r\n\r\n'
+seed $R many_fields "$WHOLE" "GET / HTTP/1.1\r\nHost: a\r\n$(printf 'a:\\r\\n%.0s' $(seq 100))\r\n"
+seed $R many_crumbs "$WHOLE" "GET / HTTP/1.1\r\nHost: a\r\nCookie: $(printf 'a;%.0s' $(seq 130))\r\n\r\n"
 
 S=http_response
 # Flags byte after the header: 1 HEAD, 2 upgrade asked, 4 HTTP/1.0 request, 8 client closes.

@@ -47,9 +47,11 @@ for target in "${targets[@]}"; do
     mkdir -p "$work/$target"
     seeds=()
     [ -d "corpus/$target" ] && seeds=("corpus/$target")
+    dict=()
+    [ -f "dicts/$target.dict" ] && dict=("-dict=dicts/$target.dict")
     echo "smoke.sh: fuzzing $target for ${seconds}s" >&2
     if ! cargo "+$toolchain" fuzz run "$target" "$work/$target" "${seeds[@]}" -- \
-        -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
+        -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 "${dict[@]}" \
         >"$work/$target.log" 2>&1; then
         echo "smoke.sh: CRASH in $target" >&2
         grep -m1 -A1 'panicked at' "$work/$target.log" >&2 || true

@@ -20,6 +20,13 @@
 //! no [`End::Broken`]; the same stream cut differently and written in pieces gives the same
 //! bytes for every message both runs complete; each complete request forwarded is exactly one
 //! well-formed HTTP/1.1 message, and so is each complete final response with a framed body.
+//!
+//! The differential check ([`independent_check`]): what kakehi forwards for a request it
+//! completed must parse, by `httparse` (a parser that shares no code with kawa), into exactly
+//! that one request — the method and target kakehi routed, one Host naming the host it routed
+//! on, one framing, and a body that ends where the forwarded bytes end. Bytes left after it are
+//! a request the backend would read and kakehi never routed (`Connection: content-length` in
+//! issue 12 is caught by construction).
 
 use kawa::Kind;
 use lb_proxy::http::sansio::{decode_message, drive_request, drive_response, End, Plan};
@@ -122,7 +129,141 @@ pub fn check_request(case: &Case<'_>) {
                 "request {i}: forwarded bytes are not one well-formed request: {:?}",
                 String::from_utf8_lossy(&o.forwarded),
             );
+            if let Err(why) = independent_check(&o.info, &o.forwarded) {
+                panic!(
+                    "request {i}: httparse disagrees with what kakehi routed: {why}\n\
+                     routed: {} {} (host {:?})\nforwarded: {:?}",
+                    o.info.method,
+                    o.info.target,
+                    o.info.authority,
+                    String::from_utf8_lossy(&o.forwarded),
+                );
+            }
         }
+    }
+}
+
+/// Parses `forwarded` with `httparse` and checks that it is exactly the request kakehi routed
+/// (`info`): same method, same target (the path of an absolute-form target), one Host whose
+/// host is the one routed on, at most one framing header, and a body that ends exactly where
+/// the bytes end.
+pub fn independent_check(info: &RequestInfo, forwarded: &[u8]) -> Result<(), String> {
+    let mut headers = [httparse::EMPTY_HEADER; 256];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(forwarded) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err("head incomplete".into()),
+        Err(e) => return Err(format!("head refused: {e}")),
+    };
+    if req.method != Some(info.method.as_str()) {
+        return Err(format!("method {:?}", req.method));
+    }
+    let path = req.path.unwrap_or_default();
+    // An absolute-form target is forwarded as sent; kakehi routed on its path.
+    let routed_path = match path.split_once("://") {
+        Some((_, rest)) if !path.starts_with('/') && path != "*" => {
+            rest.find('/').and_then(|i| rest.get(i..)).unwrap_or("/")
+        }
+        _ => path,
+    };
+    if routed_path != info.target {
+        return Err(format!("target {path:?}"));
+    }
+    let mut hosts = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"));
+    let host = hosts.next().ok_or("no Host")?;
+    if hosts.next().is_some() {
+        return Err("several Host headers".into());
+    }
+    if !info.authority.is_empty() && lb_proxy::router::normalize_host(host.value) != info.authority
+    {
+        return Err(format!("Host {:?}", String::from_utf8_lossy(host.value)));
+    }
+    let named = |name: &'static str| -> Vec<&[u8]> {
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+            .collect()
+    };
+    let lengths = named("content-length");
+    let codings = named("transfer-encoding");
+    let body = forwarded.get(head_len..).unwrap_or_default();
+    if info.upgrade {
+        // Whatever follows a 101 is piped, not parsed: only the head is checked.
+        return Ok(());
+    }
+    match (lengths.as_slice(), codings.as_slice()) {
+        ([], []) if body.is_empty() => Ok(()),
+        ([], []) => Err(format!(
+            "{} bytes after a request without a body",
+            body.len()
+        )),
+        ([length], []) => {
+            let n: usize = std::str::from_utf8(length)
+                .ok()
+                .filter(|l| l.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|l| l.parse().ok())
+                .ok_or("bad Content-Length")?;
+            if n == body.len() {
+                Ok(())
+            } else {
+                Err(format!("Content-Length {n}, {} bytes follow", body.len()))
+            }
+        }
+        ([], [_, ..]) => {
+            let last = codings
+                .last()
+                .and_then(|c| c.rsplit(|&b| b == b',').next())
+                .map(|c| c.trim_ascii());
+            if !last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")) {
+                return Err("Transfer-Encoding not ending in chunked".into());
+            }
+            let end = chunked_end(body)?;
+            if end == body.len() {
+                Ok(())
+            } else {
+                Err(format!("{} bytes after the chunked body", body.len() - end))
+            }
+        }
+        _ => Err(format!(
+            "{} Content-Length and {} Transfer-Encoding headers",
+            lengths.len(),
+            codings.len()
+        )),
+    }
+}
+
+/// Where a chunked body (with its trailers) ends, by `httparse`'s chunk-size parser.
+fn chunked_end(body: &[u8]) -> Result<usize, String> {
+    let mut at = 0;
+    loop {
+        let rest = body.get(at..).unwrap_or_default();
+        let (len, size) = match httparse::parse_chunk_size(rest) {
+            Ok(httparse::Status::Complete(found)) => found,
+            _ => return Err(format!("bad chunk size at {at}")),
+        };
+        at += len;
+        if size == 0 {
+            break;
+        }
+        let size = usize::try_from(size).map_err(|_| "chunk too large")?;
+        at += size;
+        if body.get(at..at + 2) != Some(b"\r\n") {
+            return Err(format!("no CRLF after the chunk ending at {at}"));
+        }
+        at += 2;
+    }
+    // Trailers, then the empty line.
+    let rest = body.get(at..).unwrap_or_default();
+    // As many slots as lines: kakehi does not cap the number of trailers.
+    let lines = rest.iter().filter(|&&b| b == b'\n').count();
+    let mut trailers = vec![httparse::EMPTY_HEADER; lines + 1];
+    match httparse::parse_headers(rest, &mut trailers) {
+        Ok(httparse::Status::Complete((len, _))) => Ok(at + len),
+        _ => Err(format!("bad trailers at {at}")),
     }
 }
 

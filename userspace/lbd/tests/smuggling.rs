@@ -31,6 +31,21 @@ fn setup() -> Setup {
     Setup { origin, lbd }
 }
 
+/// The only frontend is `path = "/pub"`: a request for `/admin` that reaches the origin went
+/// past kakehi's routing.
+fn setup_pub() -> Setup {
+    let origin = Origin::start("o");
+    let addr = origin.addr();
+    let lbd = Lbd::start(|l| {
+        format!(
+            "buffer_size = 4096\n[[listeners]]\naddress = \"{l}\"\n\n[clusters.pub]\n\
+             frontends = [ {{ address = \"{l}\", path = \"/pub\" }} ]\nbackends = {}\n",
+            common::backends(&[addr])
+        )
+    });
+    Setup { origin, lbd }
+}
+
 /// Sends `raw` in one write; expects `status` from kakehi itself, then a close, and nothing at
 /// the origin. Returns a description of what went wrong, if anything.
 fn refused(s: &Setup, raw: &[u8], status: u16) -> Result<(), String> {
@@ -102,11 +117,14 @@ fn refused(s: &Setup, raw: &[u8], status: u16) -> Result<(), String> {
 
 /// Runs every variant; fails listing each variant that was not refused cleanly.
 fn all_refused(variants: &[(&str, &[u8])], status: u16) {
-    let s = setup();
+    all_refused_by(&setup(), variants, status);
+}
+
+fn all_refused_by(s: &Setup, variants: &[(&str, &[u8])], status: u16) {
     let failures: Vec<String> = variants
         .iter()
         .filter_map(|(name, raw)| {
-            refused(&s, raw, status)
+            refused(s, raw, status)
                 .err()
                 .map(|why| format!("  {name} {:?}: {why}", String::from_utf8_lossy(raw)))
         })
@@ -295,6 +313,25 @@ fn invalid_header_name() {
                 b"GET / HTTP/1.1\r\nHost: localhost\r\n: z\r\n\r\n",
             ),
             ("no colon", b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Foo\r\n\r\n"),
+            // Found by the fuzz target's differential check: kawa lets `/` and `"` into names.
+            (
+                "slash in the name",
+                b"GET / HTTP/1.1\r\nHost: localhost\r\nCookie/.: a=1\r\n\r\n",
+            ),
+            (
+                "slash in a trailer name",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  1\r\nx\r\n0\r\nX-Fo/o: 1\r\n\r\n",
+            ),
+            (
+                "empty trailer name",
+                b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  0\r\n: chunked\r\n\r\n",
+            ),
+            (
+                "quote in the name",
+                b"GET / HTTP/1.1\r\nHost: localhost\r\nX\"Foo: bar\r\n\r\n",
+            ),
             (
                 "NUL in the name",
                 b"GET / HTTP/1.1\r\nHost: localhost\r\nX-F\0o: bar\r\n\r\n",
@@ -362,6 +399,15 @@ fn malformed_request_lines() {
                 b"GET / HTTP/9.9\r\nHost: localhost\r\n\r\n",
             ),
             ("no version", b"GET /\r\nHost: localhost\r\n\r\n"),
+            // Found by the http_request fuzz target's differential check (httparse refuses
+            // what kawa took as an empty method and forwarded).
+            ("empty method", b" / HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+            ("empty target", b"GET  HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+            (
+                "fragment in an absolute-form target",
+                b"GET http://localhost#:8080/2 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            ),
+            ("fragment", b"GET /a#b HTTP/1.1\r\nHost: localhost\r\n\r\n"),
             (
                 "space in target",
                 b"GET /a b HTTP/1.1\r\nHost: localhost\r\n\r\n",
@@ -442,4 +488,311 @@ fn head_just_under_the_buffer_is_served() {
         "a 3 KiB head with buffer_size 4096: {:?}",
         resp.text()
     );
+}
+
+/// The smuggled request of the `Connection`-elision tests: a body that a backend which lost
+/// the framing header reads as a second request.
+const ADMIN: &str = "GET /admin HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+fn post_pub(connection: &str, framing: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST /pub HTTP/1.1\r\nHost: localhost\r\nConnection: {connection}\r\n{framing}\r\n{body}"
+    )
+    .into_bytes()
+}
+
+/// Issue 12, item 1: a header that kakehi relies on (framing, Host) named in `Connection` would
+/// be removed as hop-by-hop while the body is still forwarded; the backend then reads the body
+/// as a request that kakehi never routed (the only frontend here is `/pub`). Refused with 400
+/// and the close.
+#[test]
+fn connection_naming_a_framing_header() {
+    let s = setup_pub();
+    let cl = format!("Content-Length: {}\r\n", ADMIN.len());
+    let chunked_admin = format!("{:x}\r\n{ADMIN}\r\n0\r\n\r\n", ADMIN.len());
+    let te = "Transfer-Encoding: chunked\r\n";
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("content-length", post_pub("content-length", &cl, ADMIN)),
+        ("Content-Length, close", post_pub("Content-Length, close", &cl, ADMIN)),
+        ("keep-alive,CONTENT-LENGTH", post_pub("keep-alive,CONTENT-LENGTH", &cl, ADMIN)),
+        ("transfer-encoding", post_pub("transfer-encoding", te, &chunked_admin)),
+        ("close, Transfer-Encoding", post_pub("close, Transfer-Encoding", te, &chunked_admin)),
+        ("host", post_pub("host", &cl, ADMIN)),
+        (
+            "second Connection header",
+            format!(
+                "POST /pub HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n{cl}\
+                 Connection: content-length\r\n\r\n{ADMIN}"
+            )
+            .into_bytes(),
+        ),
+        (
+            "HTTP/1.0 keep-alive",
+            format!(
+                "POST /pub HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive, content-length\r\n\
+                 {cl}\r\n{ADMIN}"
+            )
+            .into_bytes(),
+        ),
+    ];
+    let variants: Vec<(&str, &[u8])> = cases.iter().map(|(n, r)| (*n, r.as_slice())).collect();
+    all_refused_by(&s, &variants, 400);
+    // Headers kakehi does not rely on may still be named: they are removed, the request served.
+    let mut c = Client::connect(s.lbd.addr());
+    c.send(
+        b"GET /pub HTTP/1.1\r\nHost: localhost\r\nConnection: x-private, te\r\nX-Private: 1\r\n\
+          TE: trailers\r\n\r\n",
+    );
+    let resp = c.response();
+    assert_eq!(resp.status, 200, "{:?}", resp.text());
+    let reqs = s.origin.requests();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert_eq!(reqs[0].target, "/pub");
+    assert!(reqs[0].header("x-private").is_none(), "{reqs:?}");
+    assert!(reqs[0].header("te").is_none(), "{reqs:?}");
+}
+
+/// Issue 12, item 2: RFC 9112 §6.1 — a server that receives Transfer-Encoding in an HTTP/1.0
+/// request must treat the framing as faulty (an HTTP/1.0 hop behind kakehi may ignore it and
+/// read the chunks as requests). 400 and the close.
+#[test]
+fn transfer_encoding_on_http10() {
+    all_refused(
+        &[
+            (
+                "chunked",
+                b"POST / HTTP/1.0\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  0\r\n\r\n",
+            ),
+            (
+                "keep-alive",
+                b"POST / HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            ),
+            (
+                "no Host",
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "gzip, chunked",
+                b"POST / HTTP/1.0\r\nHost: localhost\r\nTransfer-Encoding: gzip, chunked\r\n\r\n\
+                  0\r\n\r\n",
+            ),
+        ],
+        400,
+    );
+}
+
+/// Issue 12, item 3: a Host that is not a host (a DNS-style name, an IPv4 address or a
+/// bracketed IPv6 literal, with an optional port) is refused; `Host: x,for=127.0.0.9` used to
+/// land unquoted in `Forwarded: host=...` and forge an element there.
+#[test]
+fn host_that_is_not_a_host() {
+    all_refused(
+        &[
+            (
+                "comma and Forwarded pair",
+                b"GET / HTTP/1.1\r\nHost: x,for=127.0.0.9\r\n\r\n",
+            ),
+            (
+                "semicolon",
+                b"GET / HTTP/1.1\r\nHost: x;for=127.0.0.9\r\n\r\n",
+            ),
+            ("quote", b"GET / HTTP/1.1\r\nHost: x\"y\r\n\r\n"),
+            ("equals", b"GET / HTTP/1.1\r\nHost: a=b\r\n\r\n"),
+            ("percent", b"GET / HTTP/1.1\r\nHost: a%2eb\r\n\r\n"),
+            ("backslash", b"GET / HTTP/1.1\r\nHost: a\\b\r\n\r\n"),
+            ("unclosed bracket", b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n"),
+            (
+                "junk after bracket",
+                b"GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n",
+            ),
+            (
+                "not IPv6 in brackets",
+                b"GET / HTTP/1.1\r\nHost: [a.b]\r\n\r\n",
+            ),
+            ("port not a number", b"GET / HTTP/1.1\r\nHost: a:b\r\n\r\n"),
+            ("port too large", b"GET / HTTP/1.1\r\nHost: a:65536\r\n\r\n"),
+            ("two ports", b"GET / HTTP/1.1\r\nHost: a:1:2\r\n\r\n"),
+            (
+                "non-ASCII",
+                "GET / HTTP/1.1\r\nHost: é.example\r\n\r\n".as_bytes(),
+            ),
+            (
+                "absolute-form authority",
+                b"GET http://x,for=1/ HTTP/1.1\r\nHost: x,for=1\r\n\r\n",
+            ),
+        ],
+        400,
+    );
+}
+
+/// The counterpart: every kind of host is served, and what kakehi writes into `Forwarded` is a
+/// token or a quoted-string (RFC 7239 §4), with the client's own element kept only when it is
+/// well-formed, so kakehi's element is always the last one.
+#[test]
+fn hosts_served_and_forwarded_well_formed() {
+    let s = setup();
+    let cases: &[(&str, &str)] = &[
+        ("localhost", "for=127.0.0.1;proto=http;host=localhost"),
+        ("LocalHost:8080", "for=127.0.0.1;proto=http;host=localhost"),
+        ("127.0.0.1:1", "for=127.0.0.1;proto=http;host=127.0.0.1"),
+        (
+            "under_score.example",
+            "for=127.0.0.1;proto=http;host=under_score.example",
+        ),
+        ("[::1]:80", "for=127.0.0.1;proto=http;host=\"[::1]\""),
+        (
+            "[2001:db8::7]",
+            "for=127.0.0.1;proto=http;host=\"[2001:db8::7]\"",
+        ),
+    ];
+    for (host, forwarded) in cases {
+        let resp = common::exchange(
+            s.lbd.addr(),
+            format!("GET /{host} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(resp.status, 200, "{host}: {:?}", resp.text());
+        let req = s.origin.requests().pop().unwrap();
+        assert_eq!(req.header("forwarded"), Some(*forwarded), "{host}: {req:?}");
+    }
+    // The client's Forwarded: kept when well-formed, dropped when it would swallow ours.
+    let prior: &[(&str, &str)] = &[
+        (
+            "for=192.0.2.1;proto=https",
+            "for=192.0.2.1;proto=https, for=127.0.0.1;proto=http;host=localhost",
+        ),
+        (
+            "for=\"[2001:db8::1]:4711\", for=unknown",
+            "for=\"[2001:db8::1]:4711\", for=unknown, for=127.0.0.1;proto=http;host=localhost",
+        ),
+        (
+            "for=\"unterminated",
+            "for=127.0.0.1;proto=http;host=localhost",
+        ),
+        ("for=a b", "for=127.0.0.1;proto=http;host=localhost"),
+        ("=x", "for=127.0.0.1;proto=http;host=localhost"),
+        ("for=1;x", "for=127.0.0.1;proto=http;host=localhost"),
+    ];
+    for (sent, expected) in prior {
+        let resp = common::exchange(
+            s.lbd.addr(),
+            format!(
+                "GET / HTTP/1.1\r\nHost: localhost\r\nForwarded: {sent}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        assert_eq!(resp.status, 200, "{sent}: {:?}", resp.text());
+        let req = s.origin.requests().pop().unwrap();
+        assert_eq!(req.header("forwarded"), Some(*expected), "{sent}: {req:?}");
+    }
+}
+
+/// Issue 12, item 4: the router matches the normalized path (RFC 3986 §6.2.2: unreserved
+/// characters percent-decoded, dot-segments removed, `%2F` kept) and the backend receives
+/// exactly that path, as nginx does. `/pub/../admin` used to reach the `/pub` frontend and be
+/// forwarded as sent, so a backend that normalizes served `/admin`.
+#[test]
+fn paths_are_normalized_before_routing() {
+    let s = setup_pub();
+    // Normalized outside /pub: no frontend, 404, nothing at the origin.
+    for raw in [
+        "/pub/../admin",
+        "/pub/%2e%2e/admin",
+        "/pub/%2E%2E/admin",
+        "/pub/.%2e/admin",
+        "/pub/x/../../admin",
+        "/pub/..",
+    ] {
+        let resp = common::exchange(
+            s.lbd.addr(),
+            format!("GET {raw} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(resp.status, 404, "{raw}: {:?}", resp.text());
+        assert!(resp.header("x-origin").is_none(), "{raw}");
+    }
+    assert!(s.origin.requests().is_empty(), "{:?}", s.origin.requests());
+    // Normalized inside /pub: served, and the origin sees the path that was matched.
+    for (raw, seen) in [
+        ("/pub/./x", "/pub/x"),
+        ("/pub/a/../b", "/pub/b"),
+        ("/pub/%7Euser/%41", "/pub/~user/A"),
+        ("/pub/a%2fb", "/pub/a%2Fb"),
+        ("/pub/%2e/x?q=/../y", "/pub/x?q=/../y"),
+        ("/admin/../pub/x", "/pub/x"),
+        ("/pub/plain?x=%2e%2e", "/pub/plain?x=%2e%2e"),
+        ("http://localhost/pub/%2e%2e/pub/y", "/pub/y"),
+    ] {
+        let resp = common::exchange(
+            s.lbd.addr(),
+            format!("GET {raw} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(resp.status, 200, "{raw}: {:?}", resp.text());
+        let req = s.origin.requests().pop().unwrap();
+        assert_eq!(req.target, seen, "{raw}");
+    }
+    // Climbing above the root, or a percent sign that encodes nothing: 400 and the close.
+    let before = s.origin.requests().len();
+    let climbing: Vec<(String, Vec<u8>)> = [
+        "/..",
+        "/../pub",
+        "/pub/../../pub",
+        "/%2e%2e/pub",
+        "/pub/%zz",
+        "/pub/%2",
+    ]
+    .iter()
+    .map(|p| {
+        (
+            (*p).to_owned(),
+            format!("GET {p} HTTP/1.1\r\nHost: localhost\r\n\r\n").into_bytes(),
+        )
+    })
+    .collect();
+    let variants: Vec<(&str, &[u8])> = climbing
+        .iter()
+        .map(|(n, r)| (n.as_str(), r.as_slice()))
+        .collect();
+    let failures: Vec<String> = variants
+        .iter()
+        .filter_map(|(n, raw)| refused(&s, raw, 400).err().map(|e| format!("{n}: {e}")))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(s.origin.requests().len(), before);
+}
+
+/// Issue 12, item 5: more than 100 header fields (Host included, each Cookie line one field)
+/// or more than 128 cookie crumbs is 431, however small the head; at the caps it is served.
+#[test]
+fn header_field_and_crumb_caps() {
+    let s = setup();
+    let head = |fields: usize, crumbs: usize, end: bool| {
+        let mut h = String::from("GET / HTTP/1.1\r\nHost: localhost\r\n");
+        for i in 1..fields - usize::from(crumbs > 0) {
+            h.push_str(&format!("a{i}:\r\n"));
+        }
+        if crumbs > 0 {
+            h.push_str(&format!("Cookie: {}\r\n", "a;".repeat(crumbs - 1) + "a"));
+        }
+        if end {
+            h.push_str("\r\n");
+        }
+        h.into_bytes()
+    };
+    let over = [
+        ("101 fields", head(101, 0, true)),
+        ("2000 fields", head(2000, 0, true)),
+        ("2000 fields, unfinished", head(2000, 0, false)),
+        ("129 crumbs", head(3, 129, true)),
+        ("5000 crumbs, unfinished", head(3, 5000, false)),
+    ];
+    let variants: Vec<(&str, &[u8])> = over.iter().map(|(n, r)| (*n, r.as_slice())).collect();
+    all_refused_by(&s, &variants, 431);
+    let mut c = Client::connect(s.lbd.addr());
+    c.send(&head(100, 128, true));
+    assert_eq!(c.response().status, 200);
+    // And the connection serves the next request as usual.
+    assert_eq!(c.get("localhost", "/next").status, 200);
 }

@@ -436,9 +436,15 @@ impl Session {
             info: &mut self.req,
         };
         kawa::h1::parse(&mut self.front_kawa, &mut callbacks);
-        if self.front_kawa.is_error() {
-            self.ex.error = Some(self.req.refused.unwrap_or("malformed request"));
-            self.start_answer(cx, Answer::BadRequest, true);
+        if let Some((status, why)) = crate::http::head_refusal(&self.front_kawa, &self.req) {
+            self.ex.error = Some(why);
+            crate::http::forget_head(&mut self.front_kawa);
+            let answer = if status == 431 {
+                Answer::HeaderTooLarge
+            } else {
+                Answer::BadRequest
+            };
+            self.start_answer(cx, answer, true);
             return Step::Progress;
         }
         if !self.front_kawa.is_main_phase() {
@@ -693,7 +699,7 @@ impl Session {
                 ReadOutcome::Data(_) => {
                     progress = true;
                     kawa::h1::parse(&mut self.front_kawa, &mut kawa::h1::NoCallbacks);
-                    if self.front_kawa.is_error() {
+                    if self.front_kawa.is_error() || crate::http::bad_trailer(&self.front_kawa) {
                         self.ex.error = Some("malformed request body");
                         return self.fail_exchange(cx, Answer::BadRequest);
                     }
@@ -960,6 +966,8 @@ impl Session {
         self.front_kawa.clear();
         self.back_kawa.clear();
         self.back_kawa.storage.clear();
+        crate::http::shrink(&mut self.front_kawa);
+        crate::http::shrink(&mut self.back_kawa);
         // Between requests no block points into the buffer: move what is left to its start,
         // so that the next head has the whole buffer however TCP split the bytes.
         if self.front_kawa.storage.start > 0 {

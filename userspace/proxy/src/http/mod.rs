@@ -10,6 +10,7 @@
 
 pub mod answers;
 pub mod sansio;
+pub mod syntax;
 
 use kawa::{AsBuffer, Block, BodySize, Kawa, Pair, ParsingPhase, StatusLine, Store, Version};
 use std::net::SocketAddr;
@@ -65,6 +66,8 @@ pub struct RequestInfo {
     pub is_head: bool,
     /// Why the head was refused, when it was.
     pub refused: Option<&'static str>,
+    /// The status of that refusal: 400, or 431 for a head over the field or crumb caps.
+    pub refused_status: u16,
 }
 
 impl RequestInfo {
@@ -78,7 +81,95 @@ impl RequestInfo {
         self.expect_continue = false;
         self.is_head = false;
         self.refused = None;
+        self.refused_status = 0;
+        // A large request grew these; the next one starts from a small allocation again.
+        for s in [&mut self.method, &mut self.authority, &mut self.target] {
+            if s.capacity() > RETAINED_STRING {
+                *s = String::new();
+            }
+        }
     }
+}
+
+/// Most header fields a request head may have (HAProxy's `tune.http.maxhdr` is 101); over it,
+/// 431. Each `Cookie` line counts as one field.
+pub const MAX_HEADER_FIELDS: usize = 100;
+/// Most cookie crumbs (`name=value` pairs of every Cookie line together) a request may have;
+/// over it, 431. kawa keeps each crumb apart, 48 bytes of metadata plus four output slices.
+pub const MAX_COOKIE_CRUMBS: usize = 128;
+/// String capacity a [`RequestInfo`] keeps from one request to the next.
+const RETAINED_STRING: usize = 1024;
+/// Capacity of kawa's block, output and cookie queues kept between two requests: what an
+/// ordinary request needs, so that only a large head pays for an allocation.
+const RETAINED_BLOCKS: usize = 64;
+const RETAINED_OUT: usize = 256;
+const RETAINED_CRUMBS: usize = 32;
+
+/// After a parse of a request head: the status to refuse it with and why, or None to go on.
+/// A head still arriving is checked against the caps here (each parse adds at most one
+/// buffer's worth of blocks, and this runs after each); a complete one in `on_headers`.
+pub fn head_refusal<T: AsBuffer>(
+    kawa: &Kawa<T>,
+    info: &RequestInfo,
+) -> Option<(u16, &'static str)> {
+    if kawa.is_error() {
+        let status = if info.refused_status == 0 {
+            400
+        } else {
+            info.refused_status
+        };
+        return Some((status, info.refused.unwrap_or("malformed request")));
+    }
+    if kawa.is_main_phase() {
+        // A whole chunked request may have come with the head.
+        return bad_trailer(kawa).then_some((400, "invalid trailer name"));
+    }
+    // Before the head ends, the blocks are the request line and one per field.
+    if kawa.blocks.len() > MAX_HEADER_FIELDS + 1 {
+        return Some((431, TOO_MANY_FIELDS));
+    }
+    if kawa.detached.jar.len() > MAX_COOKIE_CRUMBS {
+        return Some((431, TOO_MANY_CRUMBS));
+    }
+    None
+}
+
+const TOO_MANY_FIELDS: &str = "too many header fields";
+const TOO_MANY_CRUMBS: &str = "too many cookie crumbs";
+
+/// Whether a chunked request holds a trailer whose name is not a token. kawa's name scan lets
+/// `/` and `"` through; the head's names are checked in `on_headers`, so any such name among
+/// the blocks is a trailer's. Only chunked bodies have trailers: nothing is scanned otherwise.
+pub fn bad_trailer<T: AsBuffer>(kawa: &Kawa<T>) -> bool {
+    if kawa.body_size != BodySize::Chunked {
+        return false;
+    }
+    let buf = kawa.storage.buffer();
+    kawa.blocks.iter().any(|b| match b {
+        // An elided header is `Store::Empty`; an empty name parsed from the wire is not.
+        Block::Header(Pair { key, .. }) if !matches!(key, Store::Empty) => {
+            !syntax::is_token(bytes(key, buf))
+        }
+        _ => false,
+    })
+}
+
+/// Drops the parsed blocks of a head that will not be forwarded (it was refused) and gives
+/// back what it made kawa allocate; the bytes stay in the buffer.
+pub fn forget_head<T: AsBuffer>(kawa: &mut Kawa<T>) {
+    kawa.blocks.clear();
+    kawa.out.clear();
+    kawa.detached.jar.clear();
+    shrink(kawa);
+}
+
+/// Gives back the queue capacity a large message grew, down to what an ordinary one needs
+/// (between two requests on a connection, so that a connection's metadata does not keep the
+/// size of its largest request).
+pub fn shrink<T: AsBuffer>(kawa: &mut Kawa<T>) {
+    kawa.blocks.shrink_to(RETAINED_BLOCKS);
+    kawa.out.shrink_to(RETAINED_OUT);
+    kawa.detached.jar.shrink_to(RETAINED_CRUMBS);
 }
 
 /// The connection-level facts of the listener a request came in on.
@@ -127,6 +218,16 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
     .any(|h| eq(name, h))
 }
 
+/// Headers that frame or route the request: a `Connection` header naming one of them is
+/// refused, since removing it (RFC 9110 §7.6.1) would change how the backend reads the bytes
+/// that follow, and keeping it would disobey the client. `Upgrade` is handled as a token of
+/// its own.
+fn is_relied_on(name: &[u8]) -> bool {
+    [&b"host"[..], b"content-length", b"transfer-encoding"]
+        .iter()
+        .any(|h| eq(name, h))
+}
+
 /// Headers kakehi sets itself and so removes from what the client sent.
 fn is_forwarding_header(name: &[u8]) -> bool {
     [
@@ -139,9 +240,16 @@ fn is_forwarding_header(name: &[u8]) -> bool {
     .any(|h| eq(name, h))
 }
 
+/// What [`check_raw_head`] found in the raw head.
+struct RawHead<'a> {
+    host_headers: usize,
+    host_value: &'a [u8],
+    transfer_encoding: bool,
+}
+
 /// Checks over the raw head that kawa's representation no longer shows (it elides a
 /// Content-Length that a Transfer-Encoding overrides, and every Host header).
-fn check_raw_head(raw: &[u8]) -> Result<(usize, &[u8]), &'static str> {
+fn check_raw_head(raw: &[u8]) -> Result<RawHead<'_>, &'static str> {
     let mut hosts = 0;
     let mut host_value: &[u8] = &[];
     let mut content_length = false;
@@ -154,6 +262,11 @@ fn check_raw_head(raw: &[u8]) -> Result<(usize, &[u8]), &'static str> {
         let name = line.get(..colon).unwrap_or_default();
         if name.is_empty() {
             return Err("empty header name");
+        }
+        if !syntax::is_token(name) {
+            // kawa's SIMD name scan lets `/` and `"` through (its own note): a name a backend
+            // might read otherwise.
+            return Err("invalid header name");
         }
         if eq(name, b"host") {
             hosts += 1;
@@ -170,22 +283,53 @@ fn check_raw_head(raw: &[u8]) -> Result<(usize, &[u8]), &'static str> {
     if hosts > 1 {
         return Err("several Host headers");
     }
-    Ok((hosts, host_value))
+    Ok(RawHead {
+        host_headers: hosts,
+        host_value,
+        transfer_encoding,
+    })
 }
 
 fn refuse<T: AsBuffer>(kawa: &mut Kawa<T>, info: &mut RequestInfo, why: &'static str) {
+    refuse_with(kawa, info, 400, why);
+}
+
+fn refuse_with<T: AsBuffer>(
+    kawa: &mut Kawa<T>,
+    info: &mut RequestInfo,
+    status: u16,
+    why: &'static str,
+) {
     info.refused = Some(why);
+    info.refused_status = status;
     kawa.parsing_phase.error(why.into());
 }
 
 impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
     fn on_headers(&mut self, kawa: &mut Kawa<T>) {
         let info = &mut *self.info;
+        // The caps, before anything is added: one block per field (a Cookie line is a
+        // `Cookies` block, its crumbs in the jar).
+        let fields = kawa
+            .blocks
+            .iter()
+            .filter(|b| matches!(b, Block::Header(_) | Block::Cookies))
+            .count();
+        if fields > MAX_HEADER_FIELDS {
+            return refuse_with(kawa, info, 431, TOO_MANY_FIELDS);
+        }
+        if kawa.detached.jar.len() > MAX_COOKIE_CRUMBS {
+            return refuse_with(kawa, info, 431, TOO_MANY_CRUMBS);
+        }
         let buf = kawa.storage.buffer();
         let raw = buf
             .get(kawa.storage.start..kawa.storage.head)
             .unwrap_or_default();
-        let (host_headers, host_value) = match check_raw_head(raw) {
+        let RawHead {
+            host_headers,
+            host_value,
+            transfer_encoding,
+        } = match check_raw_head(raw) {
             Ok(found) => found,
             Err(why) => return refuse(kawa, info, why),
         };
@@ -201,13 +345,31 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
             return refuse(kawa, info, "no request line");
         };
         info.version_10 = matches!(version, Version::V10);
+        if info.version_10 && transfer_encoding {
+            // RFC 9112 §6.1: the framing is faulty; an HTTP/1.0 hop behind kakehi may ignore
+            // Transfer-Encoding and read the chunks as requests.
+            return refuse(kawa, info, "Transfer-Encoding in an HTTP/1.0 request");
+        }
         let method = bytes(method, buf);
+        if !syntax::is_token(method) {
+            // kawa takes a request line that starts with a space as an empty method.
+            return refuse(kawa, info, "method is not a token");
+        }
         info.method.push_str(&String::from_utf8_lossy(method));
         info.is_head = eq(method, b"HEAD");
         if eq(method, b"CONNECT") {
             return refuse(kawa, info, "CONNECT is not supported");
         }
         let uri = bytes(uri, buf);
+        if uri.is_empty() {
+            // kawa takes `GET  HTTP/1.1` as an empty target (and routes it as `/`).
+            return refuse(kawa, info, "empty request target");
+        }
+        if uri.contains(&b'#') {
+            // No fragment in a request target (RFC 9112 §3.2); kawa splits an absolute-form
+            // target at it differently from other parsers (`http://a#:80/x`).
+            return refuse(kawa, info, "fragment in the request target");
+        }
         let absolute_form = !uri.starts_with(b"/") && uri != b"*";
         if absolute_form && host_headers == 1 {
             // RFC 9112 §3.2.2: the target's authority wins; a Host that disagrees is a
@@ -224,16 +386,29 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
             return refuse(kawa, info, "empty Host header");
         }
         let missing_authority = authority.is_empty();
-        if authority
-            .iter()
-            .any(|&b| b <= b' ' || b == b'/' || b == b'@')
-        {
-            return refuse(kawa, info, "invalid Host header");
+        if !missing_authority && !syntax::is_valid_host(authority) {
+            return refuse(kawa, info, "Host is not a host");
         }
         info.authority
             .push_str(&crate::router::normalize_host(authority));
-        info.target
-            .push_str(&String::from_utf8_lossy(bytes(path, buf)));
+        let path = bytes(path, buf);
+        if !path.starts_with(b"/") && path != b"*" {
+            return refuse(kawa, info, "request target without a path");
+        }
+        if path.starts_with(b"/") && syntax::needs_normalizing(path) {
+            // Route on the normalized path and forward exactly that path (origin-form), so no
+            // backend can read `/pub/../admin` as something other than what was routed.
+            let normal = match syntax::normalize_path(path) {
+                Ok(normal) => normal,
+                Err(e) => return refuse(kawa, info, e.reason()),
+            };
+            info.target.push_str(&String::from_utf8_lossy(&normal));
+            if let StatusLine::Request { uri, .. } = &mut kawa.detached.status_line {
+                *uri = Store::from_vec(normal);
+            }
+        } else {
+            info.target.push_str(&String::from_utf8_lossy(path));
+        }
         if missing_authority {
             // HTTP/1.0 without Host: name the listener, so the backend still gets a Host line
             // (kawa cannot write an empty one).
@@ -247,6 +422,7 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
         let mut keep_alive_token = false;
         let mut close_token = false;
         let mut connection_named: Vec<Vec<u8>> = Vec::new();
+        let mut names_relied_on = false;
         let mut has_upgrade_header = false;
         let mut prior_xff: Option<String> = None;
         let mut prior_forwarded: Option<String> = None;
@@ -262,6 +438,8 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
                             keep_alive_token = true;
                         } else if eq(t, b"upgrade") {
                             upgrade_token = true;
+                        } else if is_relied_on(t) {
+                            names_relied_on = true;
                         } else {
                             connection_named.push(t.to_ascii_lowercase());
                         }
@@ -276,7 +454,12 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
                         Some(p) => format!("{p}, {v}"),
                         None => v.into_owned(),
                     });
-                } else if eq(name, b"forwarded") {
+                } else if eq(name, b"forwarded")
+                    && !value.is_empty()
+                    && syntax::is_valid_forwarded(value)
+                {
+                    // A malformed value (an unclosed quote...) is dropped: appended to, it
+                    // could swallow kakehi's own element.
                     let v = String::from_utf8_lossy(value);
                     prior_forwarded = Some(match prior_forwarded {
                         Some(p) => format!("{p}, {v}"),
@@ -284,6 +467,11 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
                     });
                 }
             }
+        }
+        if names_relied_on {
+            // Removing it as hop-by-hop while the body still goes out would let the backend
+            // read the body as a request kakehi never routed.
+            return refuse(kawa, info, "Connection names a framing or Host header");
         }
         info.upgrade = upgrade_token && has_upgrade_header && kawa.body_size != BodySize::Chunked;
         info.close = close_token || (info.version_10 && !keep_alive_token);
@@ -314,15 +502,15 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
             SocketAddr::V4(a) => a.ip().to_string(),
             SocketAddr::V6(a) => format!("\"[{}]\"", a.ip()),
         };
-        let host_part = if info.authority.is_empty() {
-            String::new()
-        } else {
-            format!(";host={}", info.authority)
-        };
-        let element = format!(
-            "for={for_node};proto={}{host_part}",
+        let mut element = format!(
+            "for={for_node};proto={}",
             if self.peer.https { "https" } else { "http" }
         );
+        if !info.authority.is_empty() {
+            // A valid host is a token, except an IPv6 literal (brackets, colons).
+            element.push_str(";host=");
+            syntax::push_token_or_quoted(&mut element, &info.authority);
+        }
         let forwarded = match prior_forwarded {
             Some(p) => format!("{p}, {element}"),
             None => element,

@@ -335,8 +335,8 @@ impl<'a> Conn<'a> {
                 info: &mut *info,
             };
             kawa::h1::parse(&mut self.kawa, &mut callbacks);
-            if self.kawa.is_error() {
-                return Some(answer(400, info.refused.unwrap_or("malformed request")));
+            if let Some((status, why)) = crate::http::head_refusal(&self.kawa, info) {
+                return Some(answer(status, why));
             }
             if self.kawa.is_main_phase() {
                 if self.body_too_large(false) {
@@ -368,7 +368,7 @@ impl<'a> Conn<'a> {
                     ReadStep::Data => {
                         progress = true;
                         kawa::h1::parse(&mut self.kawa, &mut kawa::h1::NoCallbacks);
-                        if self.kawa.is_error() {
+                        if self.kawa.is_error() || crate::http::bad_trailer(&self.kawa) {
                             return Some(answer(400, "malformed request body"));
                         }
                     }
@@ -565,6 +565,7 @@ impl<'a> Conn<'a> {
     /// The session's `reset_for_next_request`, for the client side.
     fn reset_for_next_message(&mut self) {
         self.kawa.clear();
+        crate::http::shrink(&mut self.kawa);
         self.body_bytes = 0;
         if self.kawa.storage.start > 0 {
             let amount = self.kawa.storage.shift();

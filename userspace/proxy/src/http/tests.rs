@@ -210,3 +210,233 @@ fn response_heads() {
     );
     assert!(k.is_error());
 }
+
+/// Issue 12, item 1: `Connection` naming a header that frames or routes the request is
+/// refused, whatever the case, position or number of Connection headers; other names are
+/// removed as before.
+#[test]
+fn connection_naming_a_relied_on_header_is_refused() {
+    for connection in [
+        "content-length",
+        "Content-Length, close",
+        "keep-alive,TRANSFER-ENCODING",
+        "host",
+        "x, Host ,y",
+    ] {
+        let input = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\nConnection: {connection}\r\nContent-Length: 1\r\n\r\nx"
+        );
+        let (info, out) = request(input.as_bytes());
+        assert!(out.is_err(), "{connection}: {out:?}");
+        assert!(info.refused.is_some());
+    }
+    let (_, out) = request(
+        b"POST / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\
+          Connection: content-length\r\n\r\nx",
+    );
+    assert!(out.is_err(), "{out:?}");
+    let (_, out) =
+        request(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade, te\r\nTE: x\r\n\r\n");
+    let out = out.unwrap();
+    assert!(!out.contains("TE:"), "{out}");
+}
+
+/// Issue 12, item 2: Transfer-Encoding in an HTTP/1.0 request is faulty framing.
+#[test]
+fn transfer_encoding_on_http10_is_refused() {
+    let (info, out) =
+        request(b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+    assert!(out.is_err(), "{out:?}");
+    assert_eq!(
+        info.refused,
+        Some("Transfer-Encoding in an HTTP/1.0 request")
+    );
+    let (_, out) = request(b"POST / HTTP/1.0\r\nHost: a\r\nContent-Length: 1\r\n\r\nx");
+    assert!(out.is_ok(), "{out:?}");
+}
+
+/// Issue 12, item 3: a Host that is not a host is refused; the values kakehi writes into
+/// Forwarded are tokens or quoted-strings; a malformed client Forwarded is dropped.
+#[test]
+fn host_checked_and_forwarded_well_formed() {
+    let (_, out) = request(b"GET / HTTP/1.1\r\nHost: x,for=127.0.0.9\r\n\r\n");
+    assert!(out.is_err(), "{out:?}");
+    let (_, out) = request(b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n");
+    let out = out.unwrap();
+    assert!(
+        out.contains("Forwarded: for=192.0.2.7;proto=http;host=\"[::1]\"\r\n"),
+        "{out}"
+    );
+    let (_, out) =
+        request(b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=\"x\r\nForwarded: for=y\r\n\r\n");
+    let out = out.unwrap();
+    assert!(
+        out.contains("Forwarded: for=y, for=192.0.2.7;proto=http;host=a\r\n"),
+        "{out}"
+    );
+}
+
+/// Issue 12, item 4: the target is normalized before routing, and the backend gets exactly the
+/// normalized target; climbing above the root is refused.
+#[test]
+fn path_normalized_and_forwarded_as_routed() {
+    let (info, out) = request(b"GET /pub/%2e%2e/admin?x=/../y HTTP/1.1\r\nHost: a\r\n\r\n");
+    let out = out.unwrap();
+    assert_eq!(info.target, "/admin?x=/../y");
+    assert!(out.starts_with("GET /admin?x=/../y HTTP/1.1\r\n"), "{out}");
+    let (info, out) = request(b"GET /pub/x HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(info.target, "/pub/x");
+    assert!(out.unwrap().starts_with("GET /pub/x HTTP/1.1\r\n"));
+    let (info, out) = request(b"GET /pub/../../admin HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert!(out.is_err());
+    assert_eq!(info.refused, Some("path climbs above the root"));
+}
+
+fn head_with(fields: usize, crumbs: usize) -> Vec<u8> {
+    let mut h = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+    for i in 1..fields.saturating_sub(usize::from(crumbs > 0)) {
+        h.push_str(&format!("X-{i}: v\r\n"));
+    }
+    if crumbs > 0 {
+        let jar: Vec<String> = (0..crumbs).map(|i| format!("c{i}=v")).collect();
+        h.push_str(&format!("Cookie: {}\r\n", jar.join("; ")));
+    }
+    h.push_str("\r\n");
+    h.into_bytes()
+}
+
+/// Issue 12, item 5: at most MAX_HEADER_FIELDS fields (Host and each Cookie line count) and
+/// MAX_COOKIE_CRUMBS crumbs; over either, 431.
+#[test]
+fn header_field_and_crumb_caps() {
+    let (_, out) = request(&head_with(MAX_HEADER_FIELDS, 0));
+    assert!(out.is_ok(), "{out:?}");
+    let (info, out) = request(&head_with(MAX_HEADER_FIELDS + 1, 0));
+    assert!(out.is_err());
+    assert_eq!(info.refused_status, 431);
+    let (_, out) = request(&head_with(MAX_HEADER_FIELDS, MAX_COOKIE_CRUMBS));
+    assert!(out.is_ok(), "{out:?}");
+    let (info, out) = request(&head_with(3, MAX_COOKIE_CRUMBS + 1));
+    assert!(out.is_err());
+    assert_eq!(info.refused_status, 431);
+    // Cookie lines apart count as fields, their crumbs together.
+    let mut h = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+    for i in 0..=MAX_COOKIE_CRUMBS / 2 {
+        h.push_str(&format!("Cookie: a{i}=1; b{i}=2\r\n"));
+    }
+    h.push_str("\r\n");
+    let (info, out) = request(h.as_bytes());
+    assert!(out.is_err());
+    assert_eq!(info.refused_status, 431);
+}
+
+/// A head still arriving is held to the caps after each parse: its metadata never grows past
+/// them while the connection waits for the rest, and `forget_head` gives the memory back.
+#[test]
+fn unfinished_head_over_the_caps() {
+    let mut pool = BufferPool::new(16384, 1, 1);
+    for input in [
+        format!("GET / HTTP/1.1\r\nHost: a\r\n{}", "a:b\r\n".repeat(2000)),
+        format!("GET / HTTP/1.1\r\nHost: a\r\nCookie: {}", "a;".repeat(5000)),
+    ] {
+        let mut k = Kawa::new(Kind::Request, Buffer::new(pool.checkout().unwrap()));
+        k.storage.space()[..input.len()].copy_from_slice(input.as_bytes());
+        k.storage.fill(input.len());
+        let mut info = RequestInfo::default();
+        let mut cb = RequestCallbacks {
+            peer: peer(),
+            request_id: "rid1",
+            info: &mut info,
+        };
+        kawa::h1::parse(&mut k, &mut cb);
+        assert!(!k.is_main_phase());
+        assert!(matches!(head_refusal(&k, &info), Some((431, _))));
+        forget_head(&mut k);
+        assert!(k.blocks.capacity() <= RETAINED_BLOCKS * 2);
+        assert!(k.detached.jar.capacity() <= RETAINED_CRUMBS * 2);
+        pool.checkin(k.storage.buffer);
+    }
+    let short = b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n";
+    let mut k = Kawa::new(Kind::Request, Buffer::new(pool.checkout().unwrap()));
+    k.storage.space()[..short.len()].copy_from_slice(short);
+    k.storage.fill(short.len());
+    kawa::h1::parse(&mut k, &mut kawa::h1::NoCallbacks);
+    assert_eq!(head_refusal(&k, &RequestInfo::default()), None);
+}
+
+/// The README's bytes-per-connection figure (4 × buffer_size + 40 KiB) counts kawa's queues at
+/// the caps with these sizes: 128 blocks, 1,024 output slices and 128 crumbs at most, and the
+/// session itself. If kawa or the session grows, the figure must be worked out again.
+#[test]
+fn sizes_behind_the_memory_figure() {
+    assert!(std::mem::size_of::<kawa::Block>() <= 48);
+    assert!(std::mem::size_of::<kawa::OutBlock>() <= 24);
+    assert!(std::mem::size_of::<kawa::Pair>() <= 48);
+    assert!(std::mem::size_of::<crate::session::Session>() <= 2048);
+    let metadata = 128 * 48 + 1024 * 24 + 128 * 48 + 2048;
+    assert!(metadata <= 40 * 1024, "{metadata}");
+}
+
+/// Found by the fuzz target's differential check: kawa parses a request line that starts with
+/// a space as an empty method; kakehi forwarded it.
+#[test]
+fn empty_method_is_refused() {
+    let (info, out) = request(b" /index.html HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert!(out.is_err(), "{out:?}");
+    assert_eq!(info.refused, Some("method is not a token"));
+    let (info, out) = request(b"GET  HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert!(out.is_err(), "{out:?}");
+    assert_eq!(info.refused, Some("empty request target"));
+    // And a fragment, which kawa splits an absolute-form target at (found next).
+    let (info, out) = request(b"GET ttp://na#:8080/2 HTTP/1.0\r\nHost: na\r\n\r\n");
+    assert!(out.is_err(), "{out:?}");
+    assert_eq!(info.refused, Some("fragment in the request target"));
+    let (_, out) = request(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert!(out.is_ok(), "{out:?}");
+}
+
+/// Found by the fuzz target's differential check: kawa's name scan lets `/` and `"` through.
+#[test]
+fn header_name_must_be_a_token() {
+    for name in ["Cookie/.", "X\"Foo", "Content-Length/"] {
+        let input = format!("GET / HTTP/1.1\r\nHost: a\r\n{name}: 1\r\n\r\n");
+        let (info, out) = request(input.as_bytes());
+        assert!(out.is_err(), "{name}: {out:?}");
+        assert_eq!(info.refused, Some("invalid header name"));
+    }
+}
+
+/// Found by the fuzz target's differential check: a trailer name with `/` went to the backend.
+#[test]
+fn trailer_name_must_be_a_token() {
+    let input = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+        1\r\nx\r\n0\r\nX-Fo/o: 1\r\n\r\n";
+    let mut pool = BufferPool::new(16384, 1, 1);
+    let mut k = Kawa::new(Kind::Request, Buffer::new(pool.checkout().unwrap()));
+    k.storage.space()[..input.len()].copy_from_slice(input);
+    k.storage.fill(input.len());
+    let mut info = RequestInfo::default();
+    let mut cb = RequestCallbacks {
+        peer: peer(),
+        request_id: "rid1",
+        info: &mut info,
+    };
+    kawa::h1::parse(&mut k, &mut cb);
+    assert_eq!(head_refusal(&k, &info), Some((400, "invalid trailer name")));
+    // An empty trailer name (found next by the fuzzer).
+    let empty = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+        0\r\n: chunked\r\n\r\n";
+    let out = sansio::drive_request_stream(empty, &[], 16384);
+    assert!(
+        matches!(out[0].end, sansio::End::Answered { status: 400, .. }),
+        "{:?}",
+        out[0].end
+    );
+    // Cut before the trailers: the head goes out, the trailer is caught in the body.
+    let out = sansio::drive_request_stream(input, &[70], 16384);
+    assert!(
+        matches!(out[0].end, sansio::End::Answered { status: 400, .. }),
+        "{:?}",
+        out[0].end
+    );
+}
