@@ -59,8 +59,12 @@ fn top_shows_workers_request_rates_and_backends_and_quits_on_q() {
     let origin = Origin::start("a");
     let lbd = Lbd::start(|l| one_cluster("workers = 2\n", l, &[origin.addr()]));
     let socket = lbd.dir().path().join("lbd.sock");
-    let workers = lbd.workers();
-    assert_eq!(workers.len(), 2);
+    // The listener accepts (into its queue) before every worker has started.
+    let mut workers = Vec::new();
+    assert!(wait_until(Duration::from_secs(10), || {
+        workers = lbd.workers();
+        workers.len() == 2
+    }));
 
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = {
