@@ -256,17 +256,21 @@ pub(crate) fn send_frame(channel: &mut UnixStream, body: &[u8]) -> Result<(), St
         match channel.write(left) {
             Ok(0) => return Err("the worker's channel is closed".into()),
             Ok(n) => left = left.get(n..).unwrap_or_default(),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::Interrupted
-                        | std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if transient(&e) => {}
             Err(e) => return Err(e.to_string()),
         }
     }
     Ok(())
+}
+
+/// A read or write that may simply be tried again: interrupted, or cut by its timeout.
+pub(crate) fn transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::Interrupted
+            | std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::TimedOut
+    )
 }
 
 /// Fills `buf` from the channel by `deadline`; on failure, how much was read and why.
@@ -284,13 +288,7 @@ fn read_by(
         match channel.read(buf.get_mut(filled..).unwrap_or_default()) {
             Ok(0) => return Err((filled, "the worker's channel is closed".into())),
             Ok(n) => filled += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::Interrupted
-                        | std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if transient(&e) => {}
             Err(e) => return Err((filled, e.to_string())),
         }
     }

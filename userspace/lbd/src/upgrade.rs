@@ -169,13 +169,7 @@ pub fn read_frame(
         match stream.read(buffer.get_mut(filled..).unwrap_or_default()) {
             Ok(0) => return Err("the other side closed the channel".into()),
             Ok(n) => filled += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if crate::runtime::transient(&e) => {}
             Err(e) => return Err(e.to_string()),
         }
         alive()?;

@@ -33,12 +33,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::{
-    in_fresh_netns, is_alive, lbctl_bin, live_children, one_cluster, process_tree, run_bounded,
+    in_fresh_netns, is_alive, lbctl_at, lbctl_ok, live_children, one_cluster, process_tree,
     wait_until, workers_ready, Lbd, Wrk,
 };
 use lb_testkit::Origin;
@@ -55,38 +54,6 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-struct Ctl {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn lbctl(socket: &Path, args: &[&str]) -> Ctl {
-    let mut cmd = Command::new(lbctl_bin());
-    cmd.arg("--socket")
-        .arg(socket)
-        .args(["--timeout", "40"])
-        .args(args);
-    let out = run_bounded(cmd, Duration::from_secs(60), &format!("lbctl {args:?}"));
-    Ctl {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn ok(socket: &Path, args: &[&str]) -> String {
-    let ctl = lbctl(socket, args);
-    assert!(
-        ctl.code == Some(0),
-        "lbctl {args:?} should succeed, got exit {:?}\nstdout: {}\nstderr: {}",
-        ctl.code,
-        ctl.stdout,
-        ctl.stderr
-    );
-    ctl.stdout
-}
-
 /// What `lbctl status --json` says about the running lbd.
 #[derive(Debug, Clone, PartialEq)]
 struct Status {
@@ -97,7 +64,7 @@ struct Status {
 }
 
 fn status(socket: &Path) -> Status {
-    let text = ok(socket, &["status", "--json"]);
+    let text = lbctl_ok(socket, &["status", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     Status {
         pid: v["pid"].as_i64().unwrap() as i32,
@@ -158,7 +125,7 @@ fn upgrade(lbd: &mut Lbd, binary: &Path) -> Status {
     let sock = socket(lbd);
     let before = status(&sock);
     let started = Instant::now();
-    let out = ok(&sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
+    let out = lbctl_ok(&sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
     let took = started.elapsed();
     let after = status(&sock);
     eprintln!("upgrade took {took:?}: {}", out.trim());
@@ -203,7 +170,7 @@ fn three_upgrades_under(extra: &'static [&'static str], what: &'static str) {
         let mut lbd = start(origin.addr());
         let sock = socket(&lbd);
         // Runtime changes before the upgrades: they must all survive them.
-        ok(
+        lbctl_ok(
             &sock,
             &[
                 "backend",
@@ -214,7 +181,7 @@ fn three_upgrades_under(extra: &'static [&'static str], what: &'static str) {
                 &extra_origin.addr().to_string(),
             ],
         );
-        ok(
+        lbctl_ok(
             &sock,
             &[
                 "cluster",
@@ -224,7 +191,7 @@ fn three_upgrades_under(extra: &'static [&'static str], what: &'static str) {
                 &extra_origin.addr().to_string(),
             ],
         );
-        let dump_before = ok(&sock, &["state", "dump"]);
+        let dump_before = lbctl_ok(&sock, &["state", "dump"]);
         let url = format!("http://{}/", lbd.addr());
         let wrk = Wrk::start_with(&url, 20, 14, "5s", extra, lbd.dir().path());
         std::thread::sleep(Duration::from_secs(1));
@@ -238,7 +205,7 @@ fn three_upgrades_under(extra: &'static [&'static str], what: &'static str) {
         }
         assert_eq!(generations, vec![1, 2, 3, 4]);
         let requests = assert_clean(wrk, what);
-        let dump_after = ok(&sock, &["state", "dump"]);
+        let dump_after = lbctl_ok(&sock, &["state", "dump"]);
         assert_eq!(dump_before, dump_after, "the state survives three upgrades");
         // The last generation serves, and both backends of the edited cluster get traffic.
         assert_eq!(common::get(lbd.addr(), "x", "/").status, 200);
@@ -281,7 +248,7 @@ fn a_request_in_flight_across_the_upgrade_completes() {
         let binary = common::fresh_binary(lbd.dir().path(), 1);
         let before = status(sock);
         let started = Instant::now();
-        let out = ok(sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
+        let out = lbctl_ok(sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
         assert!(
             started.elapsed() < Duration::from_secs(3),
             "the upgrade does not wait for the request"
@@ -313,7 +280,7 @@ fn workers_only_upgrade_replaces_the_workers_under_load() {
     rig(|_origin, lbd, sock| {
         let wrk = load(lbd, 20, 6, &[]);
         let before = status(sock);
-        let out = ok(sock, &["upgrade", "--workers-only"]);
+        let out = lbctl_ok(sock, &["upgrade", "--workers-only"]);
         let after = status(sock);
         assert_eq!(after.pid, before.pid, "the same main: {out}");
         assert_eq!(after.generation, before.generation);
@@ -339,7 +306,7 @@ fn a_broken_new_binary_is_rolled_back_and_nothing_fails() {
         let dir = lbd.dir().path().to_path_buf();
         let wrk = load(lbd, 10, 24, &[]);
         let before = status(sock);
-        let dump = ok(sock, &["state", "dump"]);
+        let dump = lbctl_ok(sock, &["state", "dump"]);
         let cases = [
             (script(&dir, "exits", "exit 3"), "exited with status 3"),
             (
@@ -353,7 +320,7 @@ fn a_broken_new_binary_is_rolled_back_and_nothing_fails() {
         ];
         for (binary, reason) in &cases {
             let started = Instant::now();
-            let ctl = lbctl(sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
+            let ctl = lbctl_at(sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
             eprintln!(
                 "{}: {:?} {}",
                 binary.display(),
@@ -381,7 +348,7 @@ fn a_broken_new_binary_is_rolled_back_and_nothing_fails() {
         }
         let plain = dir.join("not-executable");
         fs::write(&plain, "data").unwrap();
-        let ctl = lbctl(sock, &["upgrade", "--binary", plain.to_str().unwrap()]);
+        let ctl = lbctl_at(sock, &["upgrade", "--binary", plain.to_str().unwrap()]);
         assert_eq!(ctl.code, Some(1));
         assert!(ctl.stderr.contains("not an executable"), "{}", ctl.stderr);
         let after = status(sock);
@@ -390,7 +357,7 @@ fn a_broken_new_binary_is_rolled_back_and_nothing_fails() {
             (before.pid, before.generation)
         );
         assert_eq!(after.workers, before.workers);
-        assert_eq!(ok(sock, &["state", "dump"]), dump);
+        assert_eq!(lbctl_ok(sock, &["state", "dump"]), dump);
         assert_clean(wrk, "rollbacks");
     });
 }
@@ -412,7 +379,7 @@ fn the_new_main_killed_mid_handoff_leaves_the_old_generation_serving() {
         let sock2 = sock.to_path_buf();
         let wrapper2 = wrapper.clone();
         let upgrading = std::thread::spawn(move || {
-            lbctl(&sock2, &["upgrade", "--binary", wrapper2.to_str().unwrap()])
+            lbctl_at(&sock2, &["upgrade", "--binary", wrapper2.to_str().unwrap()])
         });
         // The new main: a child of the old one that is not a worker, with workers of its own.
         let mut new_main = None;
@@ -451,9 +418,9 @@ fn a_listener_added_and_removed_at_runtime_serves_and_stops_with_no_failed_reque
         let wrk = load(lbd, 20, 8, &[]);
         let before = status(sock);
         let added = common::free_addr().to_string();
-        let out = ok(sock, &["listener", "add", "--address", &added]);
+        let out = lbctl_ok(sock, &["listener", "add", "--address", &added]);
         assert!(out.contains(&added), "{out}");
-        let out = ok(
+        let out = lbctl_ok(
             sock,
             &["frontend", "add", "--cluster", "app", "--address", &added],
         );
@@ -473,7 +440,7 @@ fn a_listener_added_and_removed_at_runtime_serves_and_stops_with_no_failed_reque
             .workers
             .iter()
             .all(|w| !is_alive(*w))));
-        ok(
+        lbctl_ok(
             sock,
             &[
                 "frontend",
@@ -484,7 +451,7 @@ fn a_listener_added_and_removed_at_runtime_serves_and_stops_with_no_failed_reque
                 &added,
             ],
         );
-        ok(sock, &["listener", "remove", "--address", &added]);
+        lbctl_ok(sock, &["listener", "remove", "--address", &added]);
         assert!(wait_until(GONE, || middle
             .workers
             .iter()
@@ -537,7 +504,7 @@ fn a_websocket_open_across_the_upgrade_keeps_echoing_on_the_old_generation() {
 fn upgrade_without_waiting(lbd: &mut Lbd, binary: &Path) {
     let sock = socket(lbd);
     let before = status(&sock);
-    ok(&sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
+    lbctl_ok(&sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
     let after = status(&sock);
     assert_eq!(after.generation, before.generation + 1);
     lbd.follow_main(after.pid);
@@ -570,7 +537,7 @@ fn a_backend_found_down_stays_down_across_the_upgrade() {
         );
         let sock = socket(&lbd);
         let state_of = |sock: &Path| -> String {
-            let text = ok(sock, &["status", "--json"]);
+            let text = lbctl_ok(sock, &["status", "--json"]);
             let v: serde_json::Value = serde_json::from_str(&text).unwrap();
             v["backends"]
                 .as_array()

@@ -36,8 +36,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::{
-    in_fresh_netns, is_alive, lbctl_bin, one_cluster, run_bounded, wait_until, workers_ready, Lbd,
-    Wrk,
+    in_fresh_netns, is_alive, lbctl_ok, one_cluster, wait_until, workers_ready, Lbd, Wrk,
 };
 use lb_testkit::Origin;
 use nix::sys::signal::{kill, Signal};
@@ -166,25 +165,9 @@ impl AnyOrigin {
     }
 }
 
-fn lbctl(socket: &Path, args: &[&str]) -> String {
-    let mut cmd = Command::new(lbctl_bin());
-    cmd.arg("--socket")
-        .arg(socket)
-        .args(["--timeout", "40"])
-        .args(args);
-    let out = run_bounded(cmd, Duration::from_secs(60), &format!("lbctl {args:?}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "lbctl {args:?} failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
 fn main_pid(socket: &Path) -> (i32, Vec<i32>) {
-    let v: serde_json::Value = serde_json::from_str(&lbctl(socket, &["status", "--json"])).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&lbctl_ok(socket, &["status", "--json"])).unwrap();
     let workers = v["workers"]
         .as_array()
         .unwrap()
@@ -228,7 +211,7 @@ fn no_error_across(kind: Kind, connections: u32, what: Disturbance) {
                 for n in 1..=3 {
                     let before = main_pid(&sock);
                     let binary = common::fresh_binary(lbd.dir().path(), n);
-                    lbctl(&sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
+                    lbctl_ok(&sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
                     let after = main_pid(&sock);
                     assert_ne!(before.0, after.0, "a new main");
                     lbd.follow_main(after.0);
@@ -240,7 +223,7 @@ fn no_error_across(kind: Kind, connections: u32, what: Disturbance) {
             Disturbance::WorkersOnly => {
                 for _ in 0..2 {
                     let before = main_pid(&sock);
-                    lbctl(&sock, &["upgrade", "--workers-only"]);
+                    lbctl_ok(&sock, &["upgrade", "--workers-only"]);
                     retired.extend(before.1);
                     std::thread::sleep(Duration::from_secs(1));
                 }
@@ -248,11 +231,11 @@ fn no_error_across(kind: Kind, connections: u32, what: Disturbance) {
             Disturbance::ListenerAddRemove => {
                 let added = common::free_addr().to_string();
                 let before = main_pid(&sock);
-                lbctl(&sock, &["listener", "add", "--address", &added]);
+                lbctl_ok(&sock, &["listener", "add", "--address", &added]);
                 retired.extend(before.1);
                 std::thread::sleep(Duration::from_secs(1));
                 let middle = main_pid(&sock);
-                lbctl(&sock, &["listener", "remove", "--address", &added]);
+                lbctl_ok(&sock, &["listener", "remove", "--address", &added]);
                 retired.extend(middle.1);
             }
         }

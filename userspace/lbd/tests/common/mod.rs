@@ -1562,6 +1562,40 @@ impl Drop for Wrk {
 
 // ---- lbctl ----------------------------------------------------------------------------------
 
+/// What one `lbctl --socket SOCKET ARGS` said (40 s timeout, killed after 60 s).
+pub struct Ctl {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn lbctl_at(socket: &Path, args: &[&str]) -> Ctl {
+    let mut cmd = Command::new(lbctl_bin());
+    cmd.arg("--socket")
+        .arg(socket)
+        .args(["--timeout", "40"])
+        .args(args);
+    let out = run_bounded(cmd, Duration::from_secs(60), &format!("lbctl {args:?}"));
+    Ctl {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// [`lbctl_at`] that must succeed; its stdout.
+pub fn lbctl_ok(socket: &Path, args: &[&str]) -> String {
+    let ctl = lbctl_at(socket, args);
+    assert!(
+        ctl.code == Some(0),
+        "lbctl {args:?} should succeed, got exit {:?}\nstdout: {}\nstderr: {}",
+        ctl.code,
+        ctl.stdout,
+        ctl.stderr
+    );
+    ctl.stdout
+}
+
 /// The lbctl binary next to lbd's, built when missing or older than its sources.
 pub fn lbctl_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
