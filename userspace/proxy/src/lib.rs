@@ -30,4 +30,7 @@ pub mod timer;
 pub mod tls;
 pub mod worker;
 
+#[cfg(test)]
+mod turns;
+
 pub use worker::{LiveGauge, Worker, WorkerError};

@@ -46,6 +46,12 @@ const PREALLOCATED_BUFFERS: usize = 256;
 /// Empty pipes kept for the next TCP passthrough connections (each counts against the
 /// user's pipe memory even when idle: see splice.rs).
 const IDLE_PIPES: usize = 32;
+/// New connections taken from a listener's accept queue per turn of the loop, after the
+/// sessions already open were served (nginx's default, without `multi_accept`). Taking the
+/// whole queue at once (50 waiting TLS clients, say) put all their handshakes in the next
+/// turn, and every request in flight waited for that turn to end: the loop's turns grew with
+/// the burst. The rest of the queue is taken in the next turns, which come at once.
+pub(crate) const ACCEPTS_PER_TURN: usize = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -121,6 +127,9 @@ struct ListenerEntry {
     socket: TcpListener,
     address: SocketAddr,
     protocol: ListenerProtocol,
+    /// Its accept queue may hold connections: an event came and the last accept did not
+    /// find it empty (edge-triggered: no new event comes for connections already queued).
+    backlog: bool,
 }
 
 /// One client connection: an HTTP session or a TCP passthrough one.
@@ -318,6 +327,7 @@ impl Worker {
                 socket,
                 address,
                 protocol: spec.protocol,
+                backlog: false,
             });
         }
         let seed = SystemTime::now()
@@ -574,58 +584,7 @@ impl Worker {
             if drain_deadline.is_some() {
                 wait = wait.min(Duration::from_millis(50));
             }
-            if !self.again.is_empty() {
-                wait = Duration::ZERO;
-            }
-            match self.poll.poll(&mut events, Some(wait)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(WorkerError::Loop(e)),
-            }
-            self.cx.now = Instant::now();
-
-            touched.clear();
-            for event in events.iter() {
-                let token = event.token().0;
-                if event.token() == CONTROL_TOKEN {
-                    self.serve_control();
-                    continue;
-                }
-                if token >= LISTENER_BASE {
-                    self.accept(token - LISTENER_BASE, &mut touched);
-                    // Publish at once: the steering program counts this worker's load for
-                    // the very next connection.
-                    self.publish_live();
-                    continue;
-                }
-                let key = token >> 1;
-                let Some(session) = self.sessions.get_mut(key) else {
-                    continue;
-                };
-                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
-                let writable = event.is_writable() || event.is_write_closed() || event.is_error();
-                let closed = event.is_read_closed();
-                if token & 1 == 0 {
-                    session.front_event(readable, writable, closed);
-                } else {
-                    session.back_event(readable, writable, closed);
-                }
-                touched.push(key);
-            }
-            touched.append(&mut self.again);
-            touched.sort_unstable();
-            touched.dedup();
-            for &key in &touched {
-                self.drive(key);
-            }
-            self.fire_timers();
-
-            if self.cx.now.saturating_duration_since(self.last_prune) >= Duration::from_secs(1) {
-                self.cx.idle.prune(self.cx.now);
-                self.last_prune = self.cx.now;
-            }
-            self.cx.log.flush();
-            self.publish_live();
+            self.turn(&mut events, &mut touched, wait)?;
 
             let orphaned = self.control.as_ref().is_some_and(|c| c.closed);
             if (stop.load(Ordering::Relaxed) || orphaned) && drain_deadline.is_none() {
@@ -650,6 +609,84 @@ impl Worker {
         }
     }
 
+    /// One turn of the loop: waits at most `wait` for events (not at all when work is left
+    /// over), serves the sessions they concern, then takes new connections (at most
+    /// [`ACCEPTS_PER_TURN`] per listener), fires the timers due and does the periodic work.
+    pub(crate) fn turn(
+        &mut self,
+        events: &mut Events,
+        touched: &mut Vec<usize>,
+        wait: Duration,
+    ) -> Result<(), WorkerError> {
+        let leftover = !self.again.is_empty() || self.listeners.iter().any(|l| l.backlog);
+        let wait = if leftover { Duration::ZERO } else { wait };
+        match self.poll.poll(events, Some(wait)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(WorkerError::Loop(e)),
+        }
+        self.cx.now = Instant::now();
+
+        touched.clear();
+        for event in events.iter() {
+            let token = event.token().0;
+            if event.token() == CONTROL_TOKEN {
+                self.serve_control();
+                continue;
+            }
+            if token >= LISTENER_BASE {
+                if let Some(entry) = self.listeners.get_mut(token - LISTENER_BASE) {
+                    entry.backlog = true;
+                }
+                continue;
+            }
+            let key = token >> 1;
+            let Some(session) = self.sessions.get_mut(key) else {
+                continue;
+            };
+            let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+            let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+            let closed = event.is_read_closed();
+            if token & 1 == 0 {
+                session.front_event(readable, writable, closed);
+            } else {
+                session.back_event(readable, writable, closed);
+            }
+            touched.push(key);
+        }
+        touched.append(&mut self.again);
+        touched.sort_unstable();
+        touched.dedup();
+        for &key in touched.iter() {
+            self.drive(key);
+        }
+        // New connections after the open ones were served, a few at a time.
+        touched.clear();
+        for index in 0..self.listeners.len() {
+            if self.listeners.get(index).is_some_and(|l| l.backlog) {
+                let more = self.accept(index, touched, ACCEPTS_PER_TURN);
+                if let Some(entry) = self.listeners.get_mut(index) {
+                    entry.backlog = more;
+                }
+                // Publish at once: the steering program counts this worker's load for the
+                // very next connection.
+                self.publish_live();
+            }
+        }
+        for &key in touched.iter() {
+            self.drive(key);
+        }
+        self.fire_timers();
+
+        if self.cx.now.saturating_duration_since(self.last_prune) >= Duration::from_secs(1) {
+            self.cx.idle.prune(self.cx.now);
+            self.last_prune = self.cx.now;
+        }
+        self.cx.log.flush();
+        self.publish_live();
+        Ok(())
+    }
+
     /// Stops accepting; connections finish their requests and close (idle ones after
     /// [`DRAIN_IDLE_GRACE`]).
     fn begin_drain(&mut self) {
@@ -658,7 +695,7 @@ impl Worker {
         // handshake and are served (with `Connection: close`) rather than reset.
         let mut touched = Vec::new();
         for index in 0..self.listeners.len() {
-            self.accept(index, &mut touched);
+            self.accept(index, &mut touched, usize::MAX);
         }
         for key in touched {
             self.drive(key);
@@ -688,21 +725,28 @@ impl Worker {
         }
     }
 
-    fn accept(&mut self, index: usize, touched: &mut Vec<usize>) {
+    /// Takes at most `limit` connections from listener `index`'s queue (the keys of their
+    /// sessions go to `touched`); true when the limit stopped it, so more may be waiting.
+    fn accept(&mut self, index: usize, touched: &mut Vec<usize>, limit: usize) -> bool {
+        let mut taken = 0;
         loop {
+            if taken >= limit {
+                return true;
+            }
             let Some(entry) = self.listeners.get_mut(index) else {
-                return;
+                return false;
             };
             let (stream, client) = match entry.socket.accept() {
                 Ok(pair) => pair,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EMFILE and friends: leave the rest in the queue and try again later.
                     log::warn!("accept on {} failed: {e}", entry.address);
-                    return;
+                    return false;
                 }
             };
+            taken += 1;
             let listener_addr = entry.address;
             let protocol = entry.protocol;
             if self.sessions.len() >= self.max_connections {

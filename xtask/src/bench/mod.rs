@@ -312,9 +312,16 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
                 match measure(signals, &plan, scenario, proxy, plan.duration)? {
                     Ok(sample) => {
                         println!(
-                            "  run {run}/{} {:<15} {:<8} {:>9.0} req/s {:>7.1} µs/req  p99 {:.2} ms",
-                            plan.runs, scenario.name, name, sample.rps, sample.cpu_us_per_req,
-                            sample.p99_ms
+                            "  run {run}/{} {:<15} {:<8} {:>9.0} req/s {:>7.1} µs/req  p50 {:.2} \
+                             p99 {:.2} p99.9 {:.2} ms",
+                            plan.runs,
+                            scenario.name,
+                            name,
+                            sample.rps,
+                            sample.cpu_us_per_req,
+                            sample.p50_ms,
+                            sample.p99_ms,
+                            sample.p999_ms
                         );
                         samples[s][p].push(sample);
                     }
@@ -548,6 +555,7 @@ fn summarize(
         wrk_seconds(plan.duration)
     );
     let mut scenario_json = Vec::new();
+    let mut flagged: Vec<&str> = Vec::new();
     for (s, scenario) in scenarios.iter().enumerate() {
         println!("\n{} — {}", scenario.name, scenario.about);
         println!("{}", report::header());
@@ -580,6 +588,7 @@ fn summarize(
                 .and_then(|(_, m)| *m)
         };
         let mut ratios = serde_json::Map::new();
+        let mut p99_over = false;
         if let Some(kakehi) = find(ProxyKind::Kakehi) {
             for other in [ProxyKind::Nginx, ProxyKind::Haproxy] {
                 if let Some(theirs) = find(other) {
@@ -588,6 +597,13 @@ fn summarize(
                         format!("kakehi/{}", other.name()),
                         report::ratios(&kakehi, &theirs),
                     );
+                }
+            }
+            if let Some(nginx) = find(ProxyKind::Nginx) {
+                println!("{}", report::latency_line(&kakehi, &nginx));
+                p99_over = report::p99_flagged(&kakehi, &nginx);
+                if p99_over {
+                    flagged.push(scenario.name);
                 }
             }
         }
@@ -600,6 +616,7 @@ fn summarize(
             "tls": scenario.tls,
             "results": results,
             "ratios": ratios,
+            "p99_over_limit_vs_nginx": p99_over,
         }));
     }
     println!();
@@ -616,6 +633,18 @@ fn summarize(
         );
     }
     println!("  pinning:  {}", pinning.text);
+    if flagged.is_empty() {
+        println!(
+            "  latency:  kakehi's p99 is within {}× nginx's in every scenario measured",
+            report::P99_LIMIT
+        );
+    } else {
+        println!(
+            "  LATENCY:  kakehi's p99 is over {}× nginx's in: {}",
+            report::P99_LIMIT,
+            flagged.join(", ")
+        );
+    }
     let mut notes = notes.to_vec();
     for proxy in proxies.iter().filter(|p| !p.rss_per_run) {
         notes.push(format!(
@@ -658,6 +687,8 @@ fn summarize(
         "origin": "nginx, 1 worker, static files",
         "proxies": proxy_json,
         "scenarios": scenario_json,
+        "p99_limit_vs_nginx": report::P99_LIMIT,
+        "p99_over_limit": flagged,
         "notes": notes,
     })
 }

@@ -1,8 +1,14 @@
 //! The benchmark's figures: one run's sample from wrk's JSON line and /proc, the median of
-//! several runs, the printed table with kakehi's ratios, and the same as JSON.
+//! several runs, the printed table with kakehi's ratios, and the same as JSON. Latency is
+//! wrk's: from writing a request to reading its whole response (a connection's TCP and TLS
+//! handshakes are not in it). A scenario where kakehi's p99 is over [`P99_LIMIT`] times
+//! nginx's is flagged.
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+
+/// kakehi's p99 latency over this many times nginx's is flagged (issue 19).
+pub const P99_LIMIT: f64 = 1.2;
 
 /// One measured run of one proxy in one scenario.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -11,6 +17,7 @@ pub struct Sample {
     pub rps: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
     /// Proxy-tree CPU time per request, in microseconds.
     pub cpu_us_per_req: f64,
     /// Peak resident set of the proxy tree, KiB.
@@ -58,6 +65,7 @@ impl Sample {
             },
             p50_ms: field("p50_us") / 1e3,
             p99_ms: field("p99_us") / 1e3,
+            p999_ms: field("p999_us") / 1e3,
             cpu_us_per_req: cpu_seconds * 1e6 / requests as f64,
             peak_rss_kib,
             errors,
@@ -75,6 +83,7 @@ impl Sample {
             "rps": round(self.rps, 1),
             "p50_ms": round(self.p50_ms, 3),
             "p99_ms": round(self.p99_ms, 3),
+            "p999_ms": round(self.p999_ms, 3),
             "cpu_us_per_req": round(self.cpu_us_per_req, 2),
             "cpu_s_per_10k_req": round(self.cpu_s_per_10k(), 4),
             "peak_rss_kib": self.peak_rss_kib,
@@ -103,6 +112,7 @@ pub fn median(samples: &[Sample]) -> Option<Sample> {
         rps: of(&|s| s.rps),
         p50_ms: of(&|s| s.p50_ms),
         p99_ms: of(&|s| s.p99_ms),
+        p999_ms: of(&|s| s.p999_ms),
         cpu_us_per_req: of(&|s| s.cpu_us_per_req),
         peak_rss_kib: of(&|s| s.peak_rss_kib as f64) as u64,
         errors: samples.iter().map(|s| s.errors).sum(),
@@ -122,6 +132,7 @@ pub fn ratios(kakehi: &Sample, other: &Sample) -> Value {
         "rps": ratio(kakehi.rps, other.rps),
         "p50_ms": ratio(kakehi.p50_ms, other.p50_ms),
         "p99_ms": ratio(kakehi.p99_ms, other.p99_ms),
+        "p999_ms": ratio(kakehi.p999_ms, other.p999_ms),
         "cpu_us_per_req": ratio(kakehi.cpu_us_per_req, other.cpu_us_per_req),
         "peak_rss_kib": ratio(kakehi.peak_rss_kib as f64, other.peak_rss_kib as f64),
     })
@@ -135,19 +146,28 @@ fn round(value: f64, digits: i32) -> f64 {
 /// The table's header line.
 pub fn header() -> String {
     format!(
-        "  {:<9} {:>10} {:>8} {:>8} {:>8} {:>10} {:>9} {:>7}",
-        "proxy", "req/s", "p50 ms", "p99 ms", "µs/req", "CPU-s/10k", "RSS MiB", "errors"
+        "  {:<9} {:>10} {:>8} {:>8} {:>9} {:>8} {:>10} {:>9} {:>7}",
+        "proxy",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "µs/req",
+        "CPU-s/10k",
+        "RSS MiB",
+        "errors"
     )
 }
 
 /// One proxy's line of the table.
 pub fn row(proxy: &str, sample: &Sample) -> String {
     format!(
-        "  {:<9} {:>10.0} {:>8.2} {:>8.2} {:>8.1} {:>10.3} {:>9.1} {:>7}",
+        "  {:<9} {:>10.0} {:>8.2} {:>8.2} {:>9.2} {:>8.1} {:>10.3} {:>9.1} {:>7}",
         proxy,
         sample.rps,
         sample.p50_ms,
         sample.p99_ms,
+        sample.p999_ms,
         sample.cpu_us_per_req,
         sample.cpu_s_per_10k(),
         sample.peak_rss_kib as f64 / 1024.0,
@@ -155,7 +175,8 @@ pub fn row(proxy: &str, sample: &Sample) -> String {
     )
 }
 
-/// "kakehi/nginx: req/s 1.10×, µs/req 0.80× (goal ≤ 0.65×), p99 0.90×, RSS 0.50×".
+/// "kakehi/nginx: req/s 1.10×, µs/req 0.80× (goal ≤ 0.65×), p50 0.9×, p99 0.90×,
+/// p99.9 1.00×, RSS 0.50×".
 pub fn ratio_line(other: &str, kakehi: &Sample, theirs: &Sample) -> String {
     let r = |a: f64, b: f64| {
         if b > 0.0 {
@@ -170,12 +191,52 @@ pub fn ratio_line(other: &str, kakehi: &Sample, theirs: &Sample) -> String {
         ""
     };
     format!(
-        "  kakehi/{other}: req/s {}, µs/req {}{goal}, p50 {}, p99 {}, RSS {}",
+        "  kakehi/{other}: req/s {}, µs/req {}{goal}, p50 {}, p99 {}, p99.9 {}, RSS {}",
         r(kakehi.rps, theirs.rps),
         r(kakehi.cpu_us_per_req, theirs.cpu_us_per_req),
         r(kakehi.p50_ms, theirs.p50_ms),
         r(kakehi.p99_ms, theirs.p99_ms),
+        r(kakehi.p999_ms, theirs.p999_ms),
         r(kakehi.peak_rss_kib as f64, theirs.peak_rss_kib as f64),
+    )
+}
+
+/// kakehi's p99 is over [`P99_LIMIT`] times nginx's.
+pub fn p99_flagged(kakehi: &Sample, nginx: &Sample) -> bool {
+    nginx.p99_ms > 0.0 && kakehi.p99_ms > P99_LIMIT * nginx.p99_ms
+}
+
+/// The latency comparison printed under a scenario's table, beside the CPU one:
+/// "latency kakehi vs nginx: p50 0.61 / 0.56 ms, p99 5.78 / 1.25 ms (4.62×: over 1.2×),
+/// p99.9 ...; CPU 1.11×".
+pub fn latency_line(kakehi: &Sample, nginx: &Sample) -> String {
+    let r = |a: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.2}×", a / b)
+        } else {
+            "n/a".into()
+        }
+    };
+    let flag = if p99_flagged(kakehi, nginx) {
+        format!(": OVER {P99_LIMIT}×")
+    } else {
+        String::new()
+    };
+    format!(
+        "  latency kakehi vs nginx: p50 {:.2} / {:.2} ms ({}), p99 {:.2} / {:.2} ms ({}{flag}), \
+         p99.9 {:.2} / {:.2} ms ({}); CPU µs/req {:.1} / {:.1} ({})",
+        kakehi.p50_ms,
+        nginx.p50_ms,
+        r(kakehi.p50_ms, nginx.p50_ms),
+        kakehi.p99_ms,
+        nginx.p99_ms,
+        r(kakehi.p99_ms, nginx.p99_ms),
+        kakehi.p999_ms,
+        nginx.p999_ms,
+        r(kakehi.p999_ms, nginx.p999_ms),
+        kakehi.cpu_us_per_req,
+        nginx.cpu_us_per_req,
+        r(kakehi.cpu_us_per_req, nginx.cpu_us_per_req),
     )
 }
 
@@ -186,7 +247,7 @@ mod tests {
     const WRK: &str = "Running 1s test @ http://127.0.0.1:1/\n\
         WRK_JSON {\"requests\":20000,\"duration_us\":2000000,\"bytes\":1,\"connect_errors\":0,\
         \"read_errors\":1,\"write_errors\":0,\"status_errors\":2,\"timeouts\":0,\"p50_us\":1500,\
-        \"p90_us\":2000,\"p99_us\":4000,\"max_us\":9000,\"mean_us\":1600.0}\n";
+        \"p90_us\":2000,\"p99_us\":4000,\"p999_us\":6000,\"max_us\":9000,\"mean_us\":1600.0}\n";
 
     #[test]
     fn a_sample_comes_from_wrk_and_proc() {
@@ -196,6 +257,7 @@ mod tests {
         assert!((sample.rps - 10000.0).abs() < 1e-6);
         assert!((sample.p50_ms - 1.5).abs() < 1e-9);
         assert!((sample.p99_ms - 4.0).abs() < 1e-9);
+        assert!((sample.p999_ms - 6.0).abs() < 1e-9);
         assert!((sample.cpu_us_per_req - 25.0).abs() < 1e-9);
         assert!((sample.cpu_s_per_10k() - 0.25).abs() < 1e-9);
         assert_eq!(sample.errors, 3);
@@ -246,5 +308,29 @@ mod tests {
         assert_eq!(value["cpu_us_per_req"].as_f64(), Some(0.5));
         assert_eq!(value["rps"].as_f64(), Some(1.0));
         assert!(ratio_line("nginx", &base, &other).contains("µs/req 0.50× (goal ≤ 0.65×)"));
+        assert!(ratio_line("nginx", &base, &other).contains("p99.9 1.00×"));
+    }
+
+    #[test]
+    fn a_p99_over_the_limit_is_flagged_beside_the_cpu_figure() {
+        let nginx = Sample::from_wrk(WRK, 50, 100, 4096).unwrap();
+        let slow = Sample {
+            p99_ms: 5.0,
+            ..nginx
+        };
+        assert!(p99_flagged(&slow, &nginx), "5 ms against 4 ms is 1.25×");
+        let line = latency_line(&slow, &nginx);
+        assert!(
+            line.contains("p99 5.00 / 4.00 ms (1.25×: OVER 1.2×)"),
+            "{line}"
+        );
+        assert!(line.contains("p99.9 6.00 / 6.00 ms (1.00×)"), "{line}");
+        assert!(line.contains("CPU µs/req 25.0 / 25.0 (1.00×)"), "{line}");
+        let close = Sample {
+            p99_ms: 4.8,
+            ..nginx
+        };
+        assert!(!p99_flagged(&close, &nginx), "1.2× is not over 1.2×");
+        assert!(!latency_line(&close, &nginx).contains("OVER"));
     }
 }
