@@ -9,8 +9,10 @@
 
 #![deny(unsafe_code)]
 
+mod answers;
 mod command;
 mod fds;
+mod handoff;
 mod health;
 mod listeners;
 mod logger;

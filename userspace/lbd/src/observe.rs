@@ -14,6 +14,7 @@
 //! takes its counters with it; main keeps them as of its last answer and adds them to the
 //! sums, so that totals do not go backwards (what it counted after that answer is lost).
 
+use crate::answers::Tagged;
 use crate::health::Health;
 use crate::metrics::{Exporter, Merged};
 use crate::runtime::{recv_frame, send_frame};
@@ -104,10 +105,8 @@ impl Supervisor {
             let Some(channel) = self.channel(index) else {
                 continue;
             };
-            let answer = read_tagged(channel, b"ejected ", STATUS_TIMEOUT).and_then(|json| {
-                serde_json::from_slice::<Vec<(String, String)>>(&json)
-                    .map_err(|e| format!("bad answer: {e}"))
-            });
+            let answer = read_tagged(channel, b"ejected ", STATUS_TIMEOUT)
+                .and_then(|json| crate::answers::ejected(&json));
             match answer {
                 Ok(ejected) => {
                     for row in &mut rows {
@@ -268,26 +267,12 @@ impl Supervisor {
             };
             match read_metrics(channel) {
                 Ok(samples) => {
-                    let count = samples.len();
-                    let samples: Vec<Sample> = samples
-                        .into_iter()
-                        .filter(crate::metrics::well_named)
-                        .collect();
-                    if samples.len() != count {
+                    let (samples, left_out) = crate::answers::worker_samples(samples, index);
+                    if left_out > 0 {
                         log::warn!(
-                            "worker {index}: left out {} metric samples whose names are not Prometheus names",
-                            count - samples.len()
+                            "worker {index}: left out {left_out} metric samples whose names are not Prometheus names",
                         );
                     }
-                    let samples: Vec<Sample> = samples
-                        .into_iter()
-                        .map(|mut s| {
-                            if s.name.starts_with("kakehi_worker_") {
-                                s.labels.insert("worker".into(), index.to_string());
-                            }
-                            s
-                        })
-                        .collect();
                     let counters = samples.iter().filter(|s| is_counter(&s.name)).cloned();
                     observer.last.insert(index, (pid, counters.collect()));
                     merged.add(samples);
@@ -310,7 +295,7 @@ fn is_counter(name: &str) -> bool {
 /// Reads one `metrics JSON` answer from a worker.
 fn read_metrics(channel: &mut UnixStream) -> Result<Vec<Sample>, String> {
     let json = read_tagged(channel, b"metrics ", METRICS_TIMEOUT)?;
-    serde_json::from_slice(&json).map_err(|e| format!("bad metrics: {e}"))
+    crate::answers::metrics(&json)
 }
 
 /// Reads a worker's answer that starts with `tag`, and returns what follows it, all within
@@ -321,22 +306,12 @@ fn read_tagged(channel: &mut UnixStream, tag: &[u8], timeout: Duration) -> Resul
     let deadline = Instant::now() + timeout;
     loop {
         let body = recv_frame(channel, deadline).map_err(|e| format!("no answer: {e}"))?;
-        if let Some(rest) = body.strip_prefix(tag) {
-            return Ok(rest.to_vec());
+        match crate::answers::tagged(&body, tag) {
+            Tagged::Found(rest) => return Ok(rest.to_vec()),
+            Tagged::Unexpected(why) => return Err(why),
+            Tagged::Late => {
+                log::debug!("skipped a late answer: {}", crate::answers::head(&body));
+            }
         }
-        let late = body == b"ok"
-            || body.starts_with(b"error: ")
-            || body.starts_with(b"metrics ")
-            || body.starts_with(b"ejected ");
-        if !late {
-            return Err(format!(
-                "unexpected answer {:?}",
-                String::from_utf8_lossy(body.get(..body.len().min(80)).unwrap_or_default())
-            ));
-        }
-        log::debug!(
-            "skipped a late answer: {}",
-            String::from_utf8_lossy(body.get(..body.len().min(80)).unwrap_or_default())
-        );
     }
 }

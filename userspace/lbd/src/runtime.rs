@@ -9,6 +9,7 @@
 //! A change of the listeners binds the new sockets and rolls the workers onto them (the old
 //! workers finish their requests), like `lbctl upgrade --workers-only`.
 
+use crate::answers::Verdict;
 use crate::supervisor::Supervisor;
 use lb_config::protocol::{Applied, ListenerStatus, Payload, Status, Verb, WorkerAck};
 use lb_config::state::{self, State};
@@ -218,8 +219,6 @@ pub(crate) fn channel_frame(body: &[u8]) -> Vec<u8> {
 /// How long one whole frame to a worker may take to write: a worker that does not read its
 /// channel (stuck, or not ours any more) cannot block main.
 pub(crate) const CHANNEL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-/// The largest frame main accepts from a worker.
-pub(crate) const MAX_WORKER_FRAME: usize = 16 << 20;
 
 /// Closes a channel whose frames no longer line up (half a frame was written or read): the
 /// worker sees its end close, drains and exits, and its replacement gets a fresh channel.
@@ -296,7 +295,7 @@ fn read_by(
 }
 
 /// Reads one frame from a worker, whole by `deadline` (however slowly it trickles) and at
-/// most [`MAX_WORKER_FRAME`] bytes.
+/// most [`crate::answers::MAX_WORKER_FRAME`] bytes.
 pub(crate) fn recv_frame(channel: &mut UnixStream, deadline: Instant) -> Result<Vec<u8>, String> {
     let mut len = [0u8; 4];
     match read_by(channel, &mut len, deadline) {
@@ -304,13 +303,7 @@ pub(crate) fn recv_frame(channel: &mut UnixStream, deadline: Instant) -> Result<
         Err((0, why)) => return Err(why),
         Err((_, why)) => return Err(condemn(channel, why)),
     }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_WORKER_FRAME {
-        return Err(condemn(
-            channel,
-            format!("an answer of {len} bytes is too large"),
-        ));
-    }
+    let len = crate::answers::frame_len(len).map_err(|why| condemn(channel, why))?;
     let mut body = vec![0u8; len];
     read_by(channel, &mut body, deadline).map_err(|(_, why)| condemn(channel, why))?;
     Ok(body)
@@ -324,14 +317,10 @@ pub(crate) fn read_answer(channel: &mut UnixStream, timeout: Duration) -> Result
     loop {
         let body =
             recv_frame(channel, deadline).map_err(|e| format!("no answer from the worker: {e}"))?;
-        if body.starts_with(b"metrics ") || body.starts_with(b"ejected ") {
-            continue;
-        }
-        let body = String::from_utf8_lossy(&body);
-        return match body.strip_prefix("error: ") {
-            Some(why) => Err(why.to_string()),
-            None if body == "ok" => Ok(()),
-            None => Err(format!("unexpected answer from the worker: {body:?}")),
+        return match crate::answers::verdict(&body) {
+            Verdict::Late => continue,
+            Verdict::Done => Ok(()),
+            Verdict::Refused(why) | Verdict::Unexpected(why) => Err(why),
         };
     }
 }

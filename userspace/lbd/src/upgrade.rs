@@ -16,6 +16,9 @@
 //!    one stops accepting commands, answers lbctl, and retires its workers (they stop
 //!    accepting, finish their requests and exit); then it exits.
 //!
+//! The message, its types and every check made before a descriptor is received are in
+//! `handoff.rs`; this file has the socket side and the descriptors' own checks.
+//!
 //! Nothing is re-bound: the accept queues, the reuseport groups and the attached steering
 //! program are the same kernel objects before and after, so no connection waiting in a queue
 //! is reset. If the new main exits, fails, or is not ready in time, the old one kills it and
@@ -23,11 +26,12 @@
 //! over without the commit.
 
 use crate::fds::{self, FdKind};
+use crate::handoff::{self, Checked};
+pub use crate::handoff::{FdRole, Handoff, Reply, HANDOFF_VERSION};
 use crate::steering::{self, OwnedSteeringFds, Steering};
 use anyhow::{bail, Context as _};
 use lb_config::state::State;
 use lb_config::Config;
-use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, OwnedFd};
@@ -35,69 +39,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// The version of the handoff message; a main refuses a message of another version.
-pub const HANDOFF_VERSION: u32 = 1;
 /// Largest frame either side accepts (the state of a big config fits many times over).
 const MAX_FRAME: usize = 64 << 20;
 /// The word the old main sends once it has taken the new main's "ready".
 const COMMIT: &str = "commit";
-
-/// What the old main hands over, besides the descriptors.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Handoff {
-    /// [`HANDOFF_VERSION`] of the sender.
-    pub version: u32,
-    /// The sender's lbd version and build.
-    pub from_version: String,
-    pub from_pid: u32,
-    /// The sender's generation; the receiver becomes `generation + 1`.
-    pub generation: u64,
-    /// The config file lbd was started with (reload reads it).
-    pub source: PathBuf,
-    /// The running state (the file plus every lbctl change), as TOML.
-    pub state: String,
-    pub log_level: String,
-    /// The backends the health checks found down, as (cluster, address): the new lbd starts
-    /// with them down instead of sending them requests until its own checks agree.
-    #[serde(default)]
-    pub down: Vec<(String, SocketAddr)>,
-    /// What each descriptor that follows is, in order.
-    pub fds: Vec<FdRole>,
-}
-
-/// The role of one handed-over descriptor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum FdRole {
-    CommandSocket,
-    Listener {
-        listener: usize,
-        worker: usize,
-        address: SocketAddr,
-    },
-    SteeringProgram {
-        listener: usize,
-    },
-    SteeringMap {
-        listener: usize,
-        map: String,
-    },
-}
-
-/// The new main's answer.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "answer", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Reply {
-    Ready {
-        pid: u32,
-        version: String,
-        generation: u64,
-    },
-    Failed {
-        error: String,
-    },
-}
 
 /// This binary's version and a short id of the executable file it runs from (its size,
 /// modification time and inode, hashed), so two builds of one version can be told apart.
@@ -224,39 +169,19 @@ pub struct Handed {
 pub fn receive(stream: &mut UnixStream, timeout: Duration) -> anyhow::Result<Handed> {
     let body = read_frame(stream, Instant::now() + timeout, || Ok(()))
         .map_err(|e| anyhow::anyhow!("reading the handoff message: {e}"))?;
-    let message: Handoff = match serde_json::from_slice(&body) {
-        Ok(message) => message,
-        Err(e) => {
-            // Say which version was offered when the shape is another version's.
-            let version = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("version").and_then(serde_json::Value::as_u64));
-            match version {
-                Some(v) if v != u64::from(HANDOFF_VERSION) => {
-                    bail!("the running lbd speaks handoff version {v}, this one {HANDOFF_VERSION}")
-                }
-                _ => bail!("the handoff message is not valid: {e}"),
-            }
-        }
-    };
-    if message.version != HANDOFF_VERSION {
-        bail!(
-            "the running lbd speaks handoff version {}, this one {HANDOFF_VERSION}",
-            message.version
-        );
-    }
+    // Every check that needs no descriptor comes first: a message refused here leaves the
+    // descriptors unread, and they close with the channel.
+    let Checked {
+        message,
+        state,
+        config,
+    } = handoff::check(&body)?;
     // read_frame left a short read timeout on the socket; the descriptors follow at once.
     stream
         .set_read_timeout(Some(timeout))
         .context("setting the handoff channel's timeout")?;
     let descriptors = fds::recv_fds(stream, message.fds.len())
         .context("receiving the descriptors of the handoff")?;
-    let mut state = State::from_toml(&message.state, &message.source)
-        .map_err(|e| anyhow::anyhow!("the handed-over state: {e}"))?;
-    keep_kernel_steering_of_an_older_lbd(&mut state, &message.fds);
-    let config = state
-        .validate(&message.source)
-        .map_err(|e| anyhow::anyhow!("the handed-over state does not validate here: {e}"))?;
     let parts = sort(&message.fds, descriptors, &config)?;
     Ok(Handed {
         from_version: message.from_version,
@@ -270,24 +195,6 @@ pub fn receive(stream: &mut UnixStream, timeout: Duration) -> anyhow::Result<Han
         sockets: parts.sockets,
         steering: parts.steering,
     })
-}
-
-/// `steering` defaulted to "kernel" before it defaulted to "ebpf": a state without the key,
-/// handed over with no steering program, comes from an lbd that ran without eBPF. The new
-/// generation keeps serving on those very sockets the same way (loading a program now would
-/// need the sockets re-bound); steering = "ebpf" in the file, then a restart, switches.
-fn keep_kernel_steering_of_an_older_lbd(state: &mut State, roles: &[FdRole]) {
-    let programs = roles
-        .iter()
-        .any(|r| matches!(r, FdRole::SteeringProgram { .. }));
-    if state.steering.is_none() && !programs && !state.listeners.is_empty() {
-        log::warn!(
-            "the running lbd steers without eBPF (steering was not set, and \"kernel\" was the \
-             default before \"ebpf\"): this generation keeps kernel steering; set steering = \
-             \"ebpf\" and restart lbd to switch"
-        );
-        state.steering = Some(lb_config::state::SteeringDef::Kernel);
-    }
 }
 
 struct Parts {

@@ -13,10 +13,53 @@
 //!
 //! An unknown command is answered `error: ...` (both ends are the same binary, so this is a
 //! bug, not an old peer).
+//!
+//! [`next_frame`] cuts the channel's bytes into frames, sans-io; the worker's
+//! `Worker::answer_frames` acts on them and writes the answers, which is what the
+//! `control_frames` fuzz target drives without a socket.
 
 use crate::balancer::ClusterState;
 use crate::worker::Cx;
 use std::net::SocketAddr;
+
+/// Largest frame the control channel accepts (a configuration).
+pub const MAX_CONTROL_FRAME: usize = 16 << 20;
+
+/// One frame from the supervisor, without its length prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// A `\0` command (the NUL stripped): see [`command`].
+    Command(&'a [u8]),
+    /// A whole new configuration (TOML text).
+    Config(&'a [u8]),
+}
+
+/// A length prefix over [`MAX_CONTROL_FRAME`]: the channel is out of step, close it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a control frame of {len} bytes is over the limit of {MAX_CONTROL_FRAME}")]
+pub struct FrameTooLarge {
+    pub len: usize,
+}
+
+/// The first frame of `input` and how many bytes it takes (its length prefix included), or
+/// None while the frame is not all there.
+pub fn next_frame(input: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameTooLarge> {
+    let Some(&[a, b, c, d]) = input.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([a, b, c, d]) as usize;
+    if len > MAX_CONTROL_FRAME {
+        return Err(FrameTooLarge { len });
+    }
+    let Some(body) = input.get(4..4 + len) else {
+        return Ok(None);
+    };
+    let frame = match body.strip_prefix(b"\0") {
+        Some(command) => Frame::Command(command),
+        None => Frame::Config(body),
+    };
+    Ok(Some((frame, 4 + len)))
+}
 
 /// Acts on one command frame (without its NUL); the answer to send back, if any.
 pub fn command(cx: &mut Cx, live: usize, body: &[u8]) -> Option<String> {
@@ -78,5 +121,35 @@ pub fn apply_down(clusters: &mut [ClusterState], down: &[(String, SocketAddr)]) 
             .map(|(_, a)| *a)
             .collect();
         c.set_down(&addresses);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_cut_at_their_length() {
+        let mut wire = 7u32.to_be_bytes().to_vec();
+        wire.extend_from_slice(b"\0health");
+        wire.extend_from_slice(&3u32.to_be_bytes());
+        wire.extend_from_slice(b"a=1");
+        assert_eq!(next_frame(&wire), Ok(Some((Frame::Command(b"health"), 11))));
+        assert_eq!(
+            next_frame(&wire[11..]),
+            Ok(Some((Frame::Config(b"a=1"), 7)))
+        );
+        for cut in 0..11 {
+            assert_eq!(next_frame(&wire[..cut]), Ok(None), "cut {cut}");
+        }
+        assert_eq!(
+            next_frame(&0u32.to_be_bytes()),
+            Ok(Some((Frame::Config(b""), 4)))
+        );
+        let len = MAX_CONTROL_FRAME as u32 + 1;
+        assert_eq!(
+            next_frame(&len.to_be_bytes()),
+            Err(FrameTooLarge { len: len as usize })
+        );
     }
 }

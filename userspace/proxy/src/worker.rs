@@ -238,8 +238,6 @@ struct Control {
     closed: bool,
 }
 
-/// Largest frame the control channel accepts (a configuration).
-const MAX_CONTROL_FRAME: usize = 16 << 20;
 const CONTROL_TOKEN: Token = Token(usize::MAX);
 
 /// Where a worker publishes its live connection count for whoever steers connections to it
@@ -496,46 +494,11 @@ impl Worker {
                 }
             }
         }
-        while let Some(len_bytes) = control.inbuf.get(..4) {
-            let len = u32::from_be_bytes([
-                len_bytes.first().copied().unwrap_or(0),
-                len_bytes.get(1).copied().unwrap_or(0),
-                len_bytes.get(2).copied().unwrap_or(0),
-                len_bytes.get(3).copied().unwrap_or(0),
-            ]) as usize;
-            if len > MAX_CONTROL_FRAME {
-                control.closed = true;
-                break;
-            }
-            let Some(frame) = control.inbuf.get(4..4 + len) else {
-                break;
-            };
-            if let Some(command) = frame.strip_prefix(b"\0") {
-                let command = command.to_vec();
-                control.inbuf.drain(..4 + len);
-                let live = self.sessions.len();
-                if let Some(answer) = crate::control::command(&mut self.cx, live, &command) {
-                    control
-                        .outbuf
-                        .extend_from_slice(&(answer.len() as u32).to_be_bytes());
-                    control.outbuf.extend_from_slice(answer.as_bytes());
-                }
-                continue;
-            }
-            let text = String::from_utf8_lossy(frame).into_owned();
-            control.inbuf.drain(..4 + len);
-            let answer = match lb_config::parse_str(&text, &control.source) {
-                Ok(config) => match self.reconfigure(&config) {
-                    Ok(()) => "ok".to_string(),
-                    Err(e) => format!("error: {e}"),
-                },
-                Err(e) => format!("error: {e}"),
-            };
-            log::info!("configuration update: {answer}");
-            control
-                .outbuf
-                .extend_from_slice(&(answer.len() as u32).to_be_bytes());
-            control.outbuf.extend_from_slice(answer.as_bytes());
+        if self
+            .answer_frames(&mut control.inbuf, &control.source, &mut control.outbuf)
+            .is_err()
+        {
+            control.closed = true;
         }
         while !control.outbuf.is_empty() {
             match std::io::Write::write(&mut control.stream, &control.outbuf) {
@@ -548,6 +511,53 @@ impl Worker {
             }
         }
         self.control = Some(control);
+    }
+
+    /// Acts on every whole frame at the start of `inbuf` (removing them) and appends the
+    /// answers, as frames, to `out`; `source` is the config file's path. Sans-io: the
+    /// channel's reads and writes are `serve_control`'s. A length over the limit is an
+    /// error: the channel is out of step and must be closed (the frames before it were
+    /// answered).
+    pub fn answer_frames(
+        &mut self,
+        inbuf: &mut Vec<u8>,
+        source: &std::path::Path,
+        out: &mut Vec<u8>,
+    ) -> Result<(), crate::control::FrameTooLarge> {
+        let mut taken = 0;
+        let result = loop {
+            let (frame, len) =
+                match crate::control::next_frame(inbuf.get(taken..).unwrap_or_default()) {
+                    Ok(Some(next)) => next,
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                };
+            taken += len;
+            let answer = match frame {
+                crate::control::Frame::Command(command) => {
+                    let live = self.sessions.len();
+                    crate::control::command(&mut self.cx, live, command)
+                }
+                crate::control::Frame::Config(text) => {
+                    let text = String::from_utf8_lossy(text);
+                    let answer = match lb_config::parse_str(&text, source) {
+                        Ok(config) => match self.reconfigure(&config) {
+                            Ok(()) => "ok".to_string(),
+                            Err(e) => format!("error: {e}"),
+                        },
+                        Err(e) => format!("error: {e}"),
+                    };
+                    log::info!("configuration update: {answer}");
+                    Some(answer)
+                }
+            };
+            if let Some(answer) = answer {
+                out.extend_from_slice(&(answer.len() as u32).to_be_bytes());
+                out.extend_from_slice(answer.as_bytes());
+            }
+        };
+        inbuf.drain(..taken);
+        result
     }
 
     /// Publishes the live connection count to `gauge` from now on.

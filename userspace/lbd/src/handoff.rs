@@ -1,0 +1,321 @@
+//! The upgrade handoff message and every check made on it before a descriptor is received:
+//! the types the old and the new lbd main exchange (`upgrade.rs` has the socket side), the
+//! decoding of the message with its version, the handed-over state (read, then validated like
+//! a config file), and the descriptor roles it announces against what that state needs.
+//!
+//! Pure functions over bytes: the `upgrade_handoff` fuzz target includes this file with
+//! `#[path]` and feeds it arbitrary messages. The descriptors themselves (their kind, the
+//! address a socket is bound to, the type of a BPF object) are checked in `upgrade.rs`, once
+//! received, against the roles checked here.
+
+use anyhow::bail;
+use lb_config::state::State;
+use lb_config::Config;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The version of the handoff message; a main refuses a message of another version.
+pub const HANDOFF_VERSION: u32 = 1;
+
+/// What the old main hands over, besides the descriptors.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Handoff {
+    /// [`HANDOFF_VERSION`] of the sender.
+    pub version: u32,
+    /// The sender's lbd version and build.
+    pub from_version: String,
+    pub from_pid: u32,
+    /// The sender's generation; the receiver becomes `generation + 1`.
+    pub generation: u64,
+    /// The config file lbd was started with (reload reads it).
+    pub source: PathBuf,
+    /// The running state (the file plus every lbctl change), as TOML.
+    pub state: String,
+    pub log_level: String,
+    /// The backends the health checks found down, as (cluster, address): the new lbd starts
+    /// with them down instead of sending them requests until its own checks agree.
+    #[serde(default)]
+    pub down: Vec<(String, SocketAddr)>,
+    /// What each descriptor that follows is, in order.
+    pub fds: Vec<FdRole>,
+}
+
+/// The role of one handed-over descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FdRole {
+    CommandSocket,
+    Listener {
+        listener: usize,
+        worker: usize,
+        address: SocketAddr,
+    },
+    SteeringProgram {
+        listener: usize,
+    },
+    SteeringMap {
+        listener: usize,
+        map: String,
+    },
+}
+
+/// The new main's answer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Reply {
+    Ready {
+        pid: u32,
+        version: String,
+        generation: u64,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// A handoff message that passed every check that needs no descriptor.
+pub struct Checked {
+    pub message: Handoff,
+    /// The handed-over state (steering made explicit for an older lbd's state).
+    pub state: State,
+    pub config: Config,
+}
+
+/// Decodes the message, checks its version, reads and validates its state, and checks that
+/// its descriptor roles are exactly what that state needs. Any error means: refuse, start
+/// nothing, use no descriptor.
+pub fn check(body: &[u8]) -> anyhow::Result<Checked> {
+    let message = decode(body)?;
+    let mut state = State::from_toml(&message.state, &message.source)
+        .map_err(|e| anyhow::anyhow!("the handed-over state: {e}"))?;
+    keep_kernel_steering_of_an_older_lbd(&mut state, &message.fds);
+    let config = state
+        .validate(&message.source)
+        .map_err(|e| anyhow::anyhow!("the handed-over state does not validate here: {e}"))?;
+    check_roles(&message.fds, &config)?;
+    Ok(Checked {
+        message,
+        state,
+        config,
+    })
+}
+
+/// The message in `body`, of this version.
+pub fn decode(body: &[u8]) -> anyhow::Result<Handoff> {
+    let message: Handoff = match serde_json::from_slice(body) {
+        Ok(message) => message,
+        Err(e) => {
+            // Say which version was offered when the shape is another version's.
+            let version = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("version").and_then(serde_json::Value::as_u64));
+            match version {
+                Some(v) if v != u64::from(HANDOFF_VERSION) => {
+                    bail!("the running lbd speaks handoff version {v}, this one {HANDOFF_VERSION}")
+                }
+                _ => bail!("the handoff message is not valid: {e}"),
+            }
+        }
+    };
+    if message.version != HANDOFF_VERSION {
+        bail!(
+            "the running lbd speaks handoff version {}, this one {HANDOFF_VERSION}",
+            message.version
+        );
+    }
+    Ok(message)
+}
+
+/// `steering` defaulted to "kernel" before it defaulted to "ebpf": a state without the key,
+/// handed over with no steering program, comes from an lbd that ran without eBPF. The new
+/// generation keeps serving on those very sockets the same way (loading a program now would
+/// need the sockets re-bound); steering = "ebpf" in the file, then a restart, switches.
+pub fn keep_kernel_steering_of_an_older_lbd(state: &mut State, roles: &[FdRole]) {
+    let programs = roles
+        .iter()
+        .any(|r| matches!(r, FdRole::SteeringProgram { .. }));
+    if state.steering.is_none() && !programs && !state.listeners.is_empty() {
+        log::warn!(
+            "the running lbd steers without eBPF (steering was not set, and \"kernel\" was the \
+             default before \"ebpf\"): this generation keeps kernel steering; set steering = \
+             \"ebpf\" and restart lbd to switch"
+        );
+        state.steering = Some(lb_config::state::SteeringDef::Kernel);
+    }
+}
+
+/// The steering maps a listener's descriptors include, by name.
+pub const STEERING_MAPS: [&str; 4] = [
+    lb_ebpf_common::names::SOCKETS,
+    lb_ebpf_common::names::WORKERS,
+    lb_ebpf_common::names::CONTROL,
+    lb_ebpf_common::names::COUNTERS,
+];
+
+/// Checks that `roles` are exactly the descriptors `config` needs, each once: the command
+/// socket, a socket per listener and worker (at the listener's address), and with eBPF
+/// steering a program and its maps per listener.
+pub fn check_roles(roles: &[FdRole], config: &Config) -> anyhow::Result<()> {
+    let listeners = config.listeners.len();
+    let workers = config.workers;
+    let ebpf = config.steering == lb_config::Steering::Ebpf;
+    let per_listener = workers.saturating_add(if ebpf { 1 + STEERING_MAPS.len() } else { 0 });
+    let expected = listeners.saturating_mul(per_listener).saturating_add(1);
+    if roles.len() != expected {
+        bail!(
+            "{} descriptors handed over; {listeners} listeners × {workers} workers{} need {expected}",
+            roles.len(),
+            if ebpf { " with eBPF steering" } else { "" }
+        );
+    }
+    let mut seen = HashSet::new();
+    for (index, role) in roles.iter().enumerate() {
+        let in_range = |listener: usize| {
+            if listener >= listeners {
+                bail!("descriptor {index}: no listener {listener} in the state");
+            }
+            Ok(())
+        };
+        match role {
+            FdRole::CommandSocket => {}
+            FdRole::Listener {
+                listener,
+                worker,
+                address,
+            } => {
+                in_range(*listener)?;
+                if *worker >= workers {
+                    bail!("descriptor {index}: no worker {worker} (workers = {workers})");
+                }
+                if let Some(expected) = config.listeners.get(*listener).map(|l| l.address) {
+                    let same = address.ip() == expected.ip()
+                        && (expected.port() == 0 || address.port() == expected.port());
+                    if !same {
+                        bail!(
+                            "descriptor {index}: listener {listener} is {expected} in the state, \
+                             the message says {address}"
+                        );
+                    }
+                }
+            }
+            FdRole::SteeringProgram { listener } => {
+                in_range(*listener)?;
+                if !ebpf {
+                    bail!("descriptor {index}: a steering program, but steering is not eBPF");
+                }
+            }
+            FdRole::SteeringMap { listener, map } => {
+                in_range(*listener)?;
+                if !ebpf {
+                    bail!("descriptor {index}: a steering map, but steering is not eBPF");
+                }
+                if !STEERING_MAPS.contains(&map.as_str()) {
+                    bail!("descriptor {index}: unknown map {map:?}");
+                }
+            }
+        }
+        if !seen.insert(slot(role)) {
+            bail!("descriptor {index}: {role:?} is handed over twice");
+        }
+    }
+    Ok(())
+}
+
+/// What a role fills: two roles for one slot are one descriptor too many. (With the count
+/// checked, no duplicate also means nothing is missing.)
+fn slot(role: &FdRole) -> (u8, usize, usize, &str) {
+    match role {
+        FdRole::CommandSocket => (0, 0, 0, ""),
+        FdRole::Listener {
+            listener, worker, ..
+        } => (1, *listener, *worker, ""),
+        FdRole::SteeringProgram { listener } => (2, *listener, 0, ""),
+        FdRole::SteeringMap { listener, map } => (3, *listener, 0, map.as_str()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATE: &str =
+        "workers = 2\nsteering = \"kernel\"\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n";
+
+    fn message(fds: Vec<FdRole>) -> Vec<u8> {
+        serde_json::to_vec(&Handoff {
+            version: HANDOFF_VERSION,
+            from_version: "test".into(),
+            from_pid: 1,
+            generation: 1,
+            source: "/etc/kakehi/config.toml".into(),
+            state: STATE.into(),
+            log_level: "info".into(),
+            down: Vec::new(),
+            fds,
+        })
+        .unwrap()
+    }
+
+    fn listener(worker: usize) -> FdRole {
+        FdRole::Listener {
+            listener: 0,
+            worker,
+            address: "127.0.0.1:4000".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn roles_must_be_exactly_what_the_state_needs() {
+        let good = vec![FdRole::CommandSocket, listener(0), listener(1)];
+        assert!(check(&message(good)).is_ok());
+        for (bad, why) in [
+            (vec![FdRole::CommandSocket, listener(0)], "need 3"),
+            (
+                vec![FdRole::CommandSocket, listener(0), listener(0)],
+                "twice",
+            ),
+            (
+                vec![FdRole::CommandSocket, listener(0), listener(2)],
+                "no worker 2",
+            ),
+            (
+                vec![FdRole::CommandSocket, FdRole::CommandSocket, listener(0)],
+                "twice",
+            ),
+            (
+                vec![
+                    FdRole::CommandSocket,
+                    listener(0),
+                    FdRole::SteeringProgram { listener: 0 },
+                ],
+                "not eBPF",
+            ),
+        ] {
+            let err = check(&message(bad)).err().unwrap().to_string();
+            assert!(err.contains(why), "{err}");
+        }
+        let other_ip = FdRole::Listener {
+            listener: 0,
+            worker: 1,
+            address: "127.0.0.2:4000".parse().unwrap(),
+        };
+        let err = check(&message(vec![FdRole::CommandSocket, listener(0), other_ip]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("127.0.0.1:0 in the state"), "{err}");
+    }
+
+    #[test]
+    fn another_version_is_named() {
+        let text = String::from_utf8(message(vec![])).unwrap();
+        let future = text.replace("\"version\":1", "\"version\":2");
+        let err = decode(future.as_bytes()).err().unwrap().to_string();
+        assert!(err.contains("version 2"), "{err}");
+        let err = decode(b"{").err().unwrap().to_string();
+        assert!(err.contains("not valid"), "{err}");
+    }
+}
