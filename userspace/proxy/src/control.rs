@@ -19,7 +19,7 @@
 //! `control_frames` fuzz target drives without a socket.
 
 use crate::balancer::ClusterState;
-use crate::worker::Cx;
+use crate::cx::Cx;
 use std::net::SocketAddr;
 
 /// Largest frame the control channel accepts (a configuration).

@@ -46,13 +46,13 @@
 
 use crate::accesslog::Record;
 use crate::balancer::{ClusterState, Tried};
+use crate::cx::Cx;
 use crate::pool::PoolBuf;
 use crate::proxy_protocol::{self, encode_v2, Addresses, Parsed, V2Header};
 use crate::session::{back_token, Flow};
 use crate::sni::{self, Hello};
 use crate::splice::{self, Pipe, PipePool};
 use crate::tcp_routes::{Target, TcpRoutes};
-use crate::worker::Cx;
 use kawa::AsBuffer;
 use mio::net::TcpStream;
 use mio::Interest;

@@ -9,7 +9,8 @@
 //! `session.rs` moves the bytes; `answers.rs` holds kakehi's own responses.
 
 pub mod answers;
-pub mod sansio;
+pub mod exchange;
+pub mod memory;
 pub mod syntax;
 
 use kawa::{AsBuffer, Block, BodySize, Kawa, Pair, ParsingPhase, StatusLine, Store, Version};
