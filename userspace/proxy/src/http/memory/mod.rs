@@ -231,7 +231,14 @@ impl<'a> Run<'a> {
         draining: bool,
     ) -> Option<Run<'a>> {
         let mut pool = BufferPool::new(plan.buffer_size, 2, 2);
-        let front_buf = pool.checkout()?;
+        // The driver's own request (Mode::Response) must fit the client's buffer whatever the
+        // plan's size: it is the response that is under test.
+        let front_buf = match mode {
+            Mode::Requests => pool.checkout()?,
+            Mode::Response => {
+                BufferPool::new(plan.buffer_size.max(client.len()), 1, 1).checkout()?
+            }
+        };
         let back_buf = pool.checkout()?;
         let now = Instant::now();
         let input = if mode == Mode::Requests {
