@@ -23,6 +23,12 @@ use std::time::Instant;
 
 pub use crate::http::exchange::Flow;
 
+/// A connection idle this long between requests gives its buffers back to the pool and frees
+/// the parser's metadata: an idle keep-alive connection then holds only its `Session` (see
+/// the README's "Memory per connection"). Not at once, so that a busy keep-alive connection
+/// does not give back and take again two buffers per request.
+pub const PARK_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
+
 struct BackConn {
     stream: TcpStream,
     cluster: usize,
@@ -204,6 +210,12 @@ impl Session {
 
     /// Makes every step possible now.
     pub fn drive(&mut self, cx: &mut Cx) -> Flow {
+        if self.exchange.parked() && !self.unpark(cx) {
+            // The pool holds two buffers for every connection allowed (`max_connections`): an
+            // empty pool here is a bug, and closing is the bounded answer to it.
+            log::warn!("no buffer for a parked connection: closing it");
+            return Flow::Close;
+        }
         if !self.tls_counted && self.wires.front.is_tls() && !self.wires.front.handshaking() {
             self.tls_counted = true;
             cx.stats.tls_handshake(self.peer.listener, true);
@@ -221,6 +233,13 @@ impl Session {
 
     /// The deadline passed: what the state calls for.
     pub fn timeout(&mut self, cx: &mut Cx) -> Flow {
+        if self.park_due(cx) {
+            let (front, back) = self.exchange.park();
+            cx.pool.checkin(front);
+            cx.pool.checkin(back);
+            self.set_deadline(cx);
+            return Flow::Continue;
+        }
         let flow = self.exchange.timeout(&mut Real {
             wires: &mut self.wires,
             peer: self.peer,
@@ -233,9 +252,42 @@ impl Session {
     }
 
     fn set_deadline(&mut self, cx: &Cx) {
-        self.deadline =
+        let deadline =
             self.exchange
                 .deadline(&cx.timeouts, self.wires.front.handshaking(), cx.draining);
+        self.deadline = if self.exchange.parkable() && !self.exchange.parked() {
+            deadline.min(self.exchange.since() + PARK_AFTER)
+        } else {
+            deadline
+        };
+    }
+
+    /// Idle for [`PARK_AFTER`] with its buffers, and not yet at its idle deadline.
+    fn park_due(&self, cx: &Cx) -> bool {
+        self.exchange.parkable()
+            && !self.exchange.parked()
+            && cx.now
+                < self
+                    .exchange
+                    .deadline(&cx.timeouts, self.wires.front.handshaking(), cx.draining)
+    }
+
+    /// Takes two buffers from the pool for a parked connection; false when the pool has none.
+    fn unpark(&mut self, cx: &mut Cx) -> bool {
+        let Some(front) = cx.pool.checkout() else {
+            return false;
+        };
+        let Some(back) = cx.pool.checkout() else {
+            cx.pool.checkin(front);
+            return false;
+        };
+        self.exchange.unpark(front, back);
+        true
+    }
+
+    /// The connection holds no buffer (idle past [`PARK_AFTER`]).
+    pub fn parked(&self) -> bool {
+        self.exchange.parked()
     }
 }
 

@@ -72,6 +72,14 @@ pub struct RequestInfo {
 }
 
 impl RequestInfo {
+    /// Clears and frees the strings (an idle connection keeps no allocation).
+    pub fn release(&mut self) {
+        self.clear();
+        self.method = String::new();
+        self.authority = String::new();
+        self.target = String::new();
+    }
+
     pub fn clear(&mut self) {
         self.method.clear();
         self.authority.clear();

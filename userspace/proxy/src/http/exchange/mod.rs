@@ -172,6 +172,52 @@ impl Exchange {
         self.ex.tried = Tried::default();
     }
 
+    /// When the current state's clock started (for an idle connection: the end of its last
+    /// exchange, or its accept).
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
+    /// Between requests with nothing buffered either way: the buffers can go back to the pool.
+    pub fn parkable(&self) -> bool {
+        self.state == State::Idle
+            && self.front_kawa.storage.is_empty()
+            && self.back_kawa.storage.is_empty()
+    }
+
+    /// The buffers went back to the pool ([`Exchange::park`]); [`Exchange::unpark`] before
+    /// driving.
+    pub fn parked(&self) -> bool {
+        self.front_kawa.storage.buffer.is_none()
+    }
+
+    /// Gives back the two buffers and frees what the parser and the exchange keep between
+    /// requests, so that an idle connection holds nothing but this struct. Only when
+    /// [`Exchange::parkable`].
+    pub fn park(&mut self) -> (PoolBuf, PoolBuf) {
+        for kawa in [&mut self.front_kawa, &mut self.back_kawa] {
+            kawa.clear();
+            kawa.storage.clear();
+            kawa.blocks = Default::default();
+            kawa.out = Default::default();
+            kawa.detached.jar = Default::default();
+        }
+        self.req.release();
+        self.request_id = String::new();
+        self.answer = Vec::new();
+        let front = std::mem::replace(&mut self.front_kawa.storage.buffer, PoolBuf::none());
+        let back = std::mem::replace(&mut self.back_kawa.storage.buffer, PoolBuf::none());
+        (front, back)
+    }
+
+    /// Takes two buffers again, after [`Exchange::park`].
+    pub fn unpark(&mut self, front: PoolBuf, back: PoolBuf) {
+        self.front_kawa.storage.buffer = front;
+        self.back_kawa.storage.buffer = back;
+        self.front_kawa.storage.clear();
+        self.back_kawa.storage.clear();
+    }
+
     /// Gives the two buffers back.
     pub fn into_buffers(self) -> (PoolBuf, PoolBuf) {
         (

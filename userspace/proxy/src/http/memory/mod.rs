@@ -56,6 +56,9 @@ pub struct Plan<'a> {
     pub writes: &'a [usize],
     /// `max_request_body` in the configuration (0: no limit).
     pub max_request_body: u64,
+    /// Park the machine whenever it is idle with nothing buffered, and unpark it before the
+    /// next drive, as an idle session does (`session.rs`, `PARK_AFTER`).
+    pub park_when_idle: bool,
 }
 
 impl<'a> Plan<'a> {
@@ -66,6 +69,7 @@ impl<'a> Plan<'a> {
             buffer_size,
             writes,
             max_request_body: 0,
+            park_when_idle: false,
         }
     }
 }
@@ -217,6 +221,9 @@ enum Mode {
 
 struct Run<'a> {
     exchange: Exchange,
+    /// The buffers' pool, for [`Plan::park_when_idle`].
+    pool: BufferPool,
+    parking: bool,
     io: Memory<'a>,
     /// Calls to the machine left before the run is [`End::Broken`].
     turns_left: usize,
@@ -252,6 +259,8 @@ impl<'a> Run<'a> {
         };
         Some(Run {
             exchange: Exchange::new(PEER, front_buf, back_buf, now),
+            pool,
+            parking: plan.park_when_idle,
             io: Memory {
                 mode,
                 client: Client {
@@ -307,11 +316,25 @@ impl<'a> Run<'a> {
                 self.end(End::Broken { why: "step limit" });
                 return;
             }
+            if self.parking && self.exchange.parked() {
+                let (Some(front), Some(back)) = (self.pool.checkout(), self.pool.checkout()) else {
+                    self.end(End::Broken {
+                        why: "parked buffers were not given back",
+                    });
+                    return;
+                };
+                self.exchange.unpark(front, back);
+            }
             if self.exchange.drive(&mut self.io) == Flow::Close {
                 break true;
             }
             if self.exchange.yielded() {
                 continue;
+            }
+            if self.parking && self.exchange.parkable() {
+                let (front, back) = self.exchange.park();
+                self.pool.checkin(front);
+                self.pool.checkin(back);
             }
             if !self.deliver_event() {
                 break false;

@@ -218,6 +218,7 @@ fn max_request_body() {
         buffer_size: 4096,
         writes: TRICKLE,
         max_request_body,
+        park_when_idle: false,
     };
     let declared = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello world";
     let out = drive_request(declared, &limit(10));
@@ -394,5 +395,47 @@ fn upgrade_pipes_what_follows() {
         let sent = text(&s.responses[0].sent);
         assert!(sent.contains("Upgrade: websocket\r\n") && !sent.contains("X-Request-Id"));
         assert_eq!(s.piped, b"\x81\x05hello\x88\x00");
+    }
+}
+
+/// An idle exchange gives both buffers back and keeps no parser metadata; unparked, it serves
+/// the next request as before.
+#[test]
+fn park_and_unpark() {
+    let mut pool = BufferPool::new(4096, 2, 2);
+    let (front, back) = (pool.checkout().unwrap(), pool.checkout().unwrap());
+    let mut exchange = Exchange::new(PEER, front, back, Instant::now());
+    assert!(exchange.parkable() && !exchange.parked());
+    let (front, back) = exchange.park();
+    assert!(exchange.parked());
+    pool.checkin(front);
+    pool.checkin(back);
+    assert_eq!(pool.in_use(), 0);
+    exchange.unpark(pool.checkout().unwrap(), pool.checkout().unwrap());
+    assert!(!exchange.parked());
+}
+
+/// Parked whenever it is idle with nothing buffered (between requests the network delivered
+/// apart) and unparked at the next event: the backend sees the same bytes.
+#[test]
+fn parking_between_requests_changes_nothing() {
+    let input: &[u8] = b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nPOST /2 HTTP/1.1\r\nHost: a\r\n\
+        Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /3 HTTP/1.1\r\nHost: b\r\n\r\n";
+    let reference = drive_request(input, &UNCUT);
+    assert_eq!(ends(&reference), [End::Complete; 3]);
+    let first_end = input.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    for cut in 1..input.len() {
+        for buffer_size in [4096, 128] {
+            let cuts = [first_end, cut];
+            let plan = Plan {
+                park_when_idle: true,
+                ..Plan::new(&cuts, buffer_size, TRICKLE)
+            };
+            let out = drive_request(input, &plan);
+            assert_eq!(ends(&out), ends(&reference), "{plan:?}");
+            for (o, r) in out.iter().zip(&reference) {
+                assert_eq!(text(&o.forwarded), text(&r.forwarded), "{plan:?}");
+            }
+        }
     }
 }
