@@ -89,10 +89,9 @@ struct ListenerEntry {
     backlog: bool,
 }
 
-/// The channel from the supervisor: length-prefixed frames (u32 big-endian length, then the
-/// bytes). Each frame it sends is a whole new configuration (TOML text); the worker answers
-/// each with one frame, `ok` or `error: WHY`. When the supervisor goes away (EOF) the worker
-/// drains and stops.
+/// The channel from the supervisor: frames of `lb_config::protocol::channel` requests (a whole
+/// new configuration, or an order of `control.rs`), each answered by id. When the supervisor
+/// goes away (EOF) the worker drains and stops.
 struct Control {
     stream: mio::net::UnixStream,
     source: std::path::PathBuf,
@@ -387,6 +386,7 @@ impl Worker {
         source: &std::path::Path,
         out: &mut Vec<u8>,
     ) -> Result<(), crate::control::FrameTooLarge> {
+        use lb_config::protocol::channel::{Order, Reply, Request};
         let mut taken = 0;
         let result = loop {
             let (frame, len) =
@@ -396,27 +396,32 @@ impl Worker {
                     Err(e) => break Err(e),
                 };
             taken += len;
-            let answer = match frame {
-                crate::control::Frame::Command(command) => {
-                    let live = self.sessions.len();
-                    crate::control::command(&mut self.cx, live, command)
-                }
-                crate::control::Frame::Config(text) => {
-                    let text = String::from_utf8_lossy(text);
-                    let answer = match lb_config::parse_str(&text, source) {
-                        Ok(config) => match self.reconfigure(&config) {
-                            Ok(()) => "ok".to_string(),
-                            Err(e) => format!("error: {e}"),
-                        },
-                        Err(e) => format!("error: {e}"),
+            let (id, reply) = match frame {
+                Ok(Request {
+                    id,
+                    order: Order::Configure { config },
+                }) => {
+                    let reply = match lb_config::parse_str(&config, source) {
+                        Ok(config) => self.reconfigure(&config).err(),
+                        Err(e) => Some(e.to_string()),
                     };
-                    log::info!("configuration update: {answer}");
-                    Some(answer)
+                    match &reply {
+                        None => log::info!("configuration update: ok"),
+                        Some(error) => log::info!("configuration update: error: {error}"),
+                    }
+                    (
+                        id,
+                        Some(reply.map_or(Reply::Done, |error| Reply::Refused { error })),
+                    )
                 }
+                Ok(Request { id, order }) => {
+                    let live = self.sessions.len();
+                    (id, crate::control::command(&mut self.cx, live, order))
+                }
+                Err(e) => crate::control::refusal(&e),
             };
-            if let Some(answer) = answer {
-                out.extend_from_slice(&(answer.len() as u32).to_be_bytes());
-                out.extend_from_slice(answer.as_bytes());
+            if let Some(reply) = reply {
+                crate::control::answer(out, id, reply);
             }
         };
         inbuf.drain(..taken);
