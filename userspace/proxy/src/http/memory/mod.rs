@@ -221,8 +221,10 @@ enum Mode {
 
 struct Run<'a> {
     exchange: Exchange,
-    /// The buffers' pool, for [`Plan::park_when_idle`].
-    pool: BufferPool,
+    /// The pools the client's and the backend's buffers come from and go back to when the
+    /// machine parks ([`Plan::park_when_idle`]).
+    front_pool: BufferPool,
+    back_pool: BufferPool,
     parking: bool,
     io: Memory<'a>,
     /// Calls to the machine left before the run is [`End::Broken`].
@@ -237,16 +239,17 @@ impl<'a> Run<'a> {
         plan: &Plan<'a>,
         draining: bool,
     ) -> Option<Run<'a>> {
-        let mut pool = BufferPool::new(plan.buffer_size, 2, 2);
-        // The driver's own request (Mode::Response) must fit the client's buffer whatever the
-        // plan's size: it is the response that is under test.
-        let front_buf = match mode {
-            Mode::Requests => pool.checkout()?,
-            Mode::Response => {
-                BufferPool::new(plan.buffer_size.max(client.len()), 1, 1).checkout()?
-            }
+        // The side under test gets the plan's buffer size. The driver's own messages (its
+        // request in Mode::Response, its 200 in Mode::Requests) must fit whatever that size:
+        // they are not what is under test.
+        let (front_size, back_size) = match mode {
+            Mode::Requests => (plan.buffer_size, plan.buffer_size.max(EMPTY_200.len())),
+            Mode::Response => (plan.buffer_size.max(client.len()), plan.buffer_size),
         };
-        let back_buf = pool.checkout()?;
+        let mut front_pool = BufferPool::new(front_size, 1, 1);
+        let mut back_pool = BufferPool::new(back_size, 1, 1);
+        let front_buf = front_pool.checkout()?;
+        let back_buf = back_pool.checkout()?;
         let now = Instant::now();
         let input = if mode == Mode::Requests {
             client
@@ -259,7 +262,8 @@ impl<'a> Run<'a> {
         };
         Some(Run {
             exchange: Exchange::new(PEER, front_buf, back_buf, now),
-            pool,
+            front_pool,
+            back_pool,
             parking: plan.park_when_idle,
             io: Memory {
                 mode,
@@ -317,7 +321,9 @@ impl<'a> Run<'a> {
                 return;
             }
             if self.parking && self.exchange.parked() {
-                let (Some(front), Some(back)) = (self.pool.checkout(), self.pool.checkout()) else {
+                let (Some(front), Some(back)) =
+                    (self.front_pool.checkout(), self.back_pool.checkout())
+                else {
                     self.end(End::Broken {
                         why: "parked buffers were not given back",
                     });
@@ -333,8 +339,8 @@ impl<'a> Run<'a> {
             }
             if self.parking && self.exchange.parkable() {
                 let (front, back) = self.exchange.park();
-                self.pool.checkin(front);
-                self.pool.checkin(back);
+                self.front_pool.checkin(front);
+                self.back_pool.checkin(back);
             }
             if !self.deliver_event() {
                 break false;

@@ -211,6 +211,22 @@ fn head_larger_than_the_buffer() {
     assert!(matches!(out[0].end, End::Answered { status: 431, .. }));
 }
 
+/// The driver's own 200 fits the backend's buffer whatever the plan's size (found by the
+/// fuzz smoke run: a 32-byte buffer held the request but not the driver's 38-byte answer,
+/// which the machine rightly answered with 502). Parked and unparked, the sizes stay.
+#[test]
+fn driver_answer_over_a_32_byte_buffer() {
+    let request = b"GET /2 HTTP/1.0\r\nHost: a\r\n\r\n";
+    for parking in [false, true] {
+        let mut plan = Plan::new(&[1, 2], 32, &[10, 71]);
+        plan.park_when_idle = parking;
+        let out = drive_request(request, &plan);
+        assert_eq!(ends(&out), [End::Complete], "parking {parking}");
+        let sent = text(&out[0].forwarded);
+        assert!(sent.starts_with("GET /2 HTTP/1.0\r\nHost: a\r\n"), "{sent}");
+    }
+}
+
 #[test]
 fn max_request_body() {
     let limit = |max_request_body| Plan {
