@@ -46,10 +46,16 @@ impl Conn {
         }
     }
 
-    pub(crate) fn back_event(&mut self, readable: bool, writable: bool, read_closed: bool) {
+    pub(crate) fn back_event(
+        &mut self,
+        fd: usize,
+        readable: bool,
+        writable: bool,
+        read_closed: bool,
+    ) {
         match self {
-            Conn::Http(s) => s.back_event(readable, writable, read_closed),
-            Conn::Tcp(s) => s.back_event(readable, writable, read_closed),
+            Conn::Http(s) => s.back_event(fd, readable, writable, read_closed),
+            Conn::Tcp(s) => s.back_event(fd, readable, writable, read_closed),
         }
     }
 

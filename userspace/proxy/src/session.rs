@@ -4,10 +4,11 @@
 //! The machine decides everything HTTP (parsing, routing, retries, answers, the log); this
 //! file is what it needs from the real world: the client socket (plain or TLS) and its
 //! readiness, the backend connection of the current exchange (picked by the balancer, opened,
-//! registered with the poll under this session's token, kept between requests or handed to the
-//! worker's idle pool), the time and the worker's shared state. The worker (`worker.rs`) owns
+//! registered with the poll once under a token of its own, kept between requests or handed to
+//! the worker's idle pool: see `backend.rs`), the time and the worker's shared state. The worker (`worker.rs`) owns
 //! the sockets' registration, the slab and the timers.
 
+use crate::backend::back_token;
 use crate::balancer::{ClusterState, Tried};
 use crate::cx::Cx;
 use crate::http::exchange::{self, Connect, Exchange, FrontWire, LogEntry, Opened, Side};
@@ -19,6 +20,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Token};
 use std::io::{self, ErrorKind, Read};
 use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 pub use crate::http::exchange::Flow;
@@ -38,9 +40,9 @@ struct BackConn {
 }
 
 /// A backend connection this session keeps between its requests (like HAProxy's
-/// `http-reuse safe`): the next request that goes to the same backend uses it as it is,
-/// still registered under this session's token, with no liveness probe unless an event came
-/// for it meanwhile. It goes to the shared idle pool when the next request goes elsewhere or
+/// `http-reuse safe`): the next request that goes to the same backend uses it as it is, its
+/// events still coming to this session, with no liveness probe unless an event came for it
+/// meanwhile. It goes to the shared idle pool when the next request goes elsewhere or
 /// the client connection ends.
 struct HeldBack {
     stream: TcpStream,
@@ -74,10 +76,6 @@ pub struct Session {
 
 pub fn front_token(key: usize) -> Token {
     Token(key << 1)
-}
-
-pub fn back_token(key: usize) -> Token {
-    Token((key << 1) | 1)
 }
 
 impl Session {
@@ -128,13 +126,16 @@ impl Session {
         side.hup |= read_closed;
     }
 
-    /// Records readiness from an event on the back (backend) socket.
-    pub fn back_event(&mut self, readable: bool, writable: bool, read_closed: bool) {
-        if let Some(back) = self.wires.back.as_mut() {
+    /// Records readiness from an event on the backend socket with descriptor number `fd`
+    /// (the one of the current exchange, or the one kept for the next request; an event of a
+    /// connection this session no longer has is ignored).
+    pub fn back_event(&mut self, fd: usize, readable: bool, writable: bool, read_closed: bool) {
+        let is = |stream: &TcpStream| usize::try_from(stream.as_raw_fd()) == Ok(fd);
+        if let Some(back) = self.wires.back.as_mut().filter(|b| is(&b.stream)) {
             back.side.readable |= readable;
             back.side.writable |= writable;
             back.side.hup |= read_closed;
-        } else if let Some(held) = self.wires.held.as_mut() {
+        } else if let Some(held) = self.wires.held.as_mut().filter(|h| is(&h.stream)) {
             held.stirred |= readable || read_closed;
         }
     }
@@ -171,7 +172,8 @@ impl Session {
         }
     }
 
-    /// Gives the buffers back and forgets the backend (the worker deregisters the sockets).
+    /// Gives the buffers back and closes the sockets (closing removes them from the poll),
+    /// but for a backend connection kept for the next request, which goes to the idle pool.
     pub fn close(self, cx: &mut Cx) {
         if !self.tls_counted && self.wires.front.is_tls() {
             cx.stats
@@ -187,18 +189,14 @@ impl Session {
             ..
         } = wires;
         if let Some(b) = back.as_mut() {
-            let _ = cx.registry.deregister(&mut b.stream);
+            cx.idle.forget(&b.stream);
             if let Some(c) = cx.clusters.get_mut(b.cluster) {
                 c.release(b.backend);
             }
         }
         if let Some(held) = held {
             cx.idle.unhold();
-            // Still registered under this session's token: a stray event reaches whoever
-            // holds the token next and only sets a readiness flag (see release_backend).
-            if !held.stirred {
-                cx.idle.put(held.address, held.stream, held.since);
-            }
+            put_back(cx, held);
         }
         // No deregistration: closing the socket removes it from the poll (one syscall less
         // per connection).
@@ -291,6 +289,16 @@ impl Session {
     }
 }
 
+/// A connection kept for the next request goes to the idle pool, or is closed when an event
+/// came for it while it was kept.
+fn put_back(cx: &mut Cx, held: HeldBack) {
+    if held.stirred {
+        cx.idle.forget(&held.stream);
+    } else {
+        cx.idle.put(held.address, held.stream, held.since);
+    }
+}
+
 /// The exchange machine's view of the sockets and the worker, for one call.
 struct Real<'a> {
     wires: &'a mut Wires,
@@ -301,7 +309,9 @@ struct Real<'a> {
 impl Real<'_> {
     /// Connects to `address` or reuses a connection to it: the one this session kept, or one
     /// from the idle pool. The bool says it was reused (no connect needed).
-    fn connection_to(&mut self, address: SocketAddr) -> io::Result<(TcpStream, bool, bool)> {
+    /// A connection found is registered already and its events come to this session; a new
+    /// one is registered by the caller.
+    fn connection_to(&mut self, address: SocketAddr) -> io::Result<(TcpStream, bool)> {
         let cx = &mut *self.cx;
         let held = self.wires.held.take();
         if held.is_some() {
@@ -313,21 +323,18 @@ impl Real<'_> {
                     .revive(held.stream, held.since, held.stirred, cx.now)
             }
             Some(held) => {
-                if !held.stirred {
-                    cx.idle.put(held.address, held.stream, held.since);
-                }
+                put_back(cx, held);
                 None
             }
             None => None,
         };
-        let same_token = kept.is_some();
-        let pooled = match kept {
+        let found = match kept {
             Some(s) => Some(s),
-            None => cx.idle.take(address, cx.now),
+            None => cx.idle.take(address, cx.now, self.wires.key),
         };
-        match pooled {
-            Some(s) => Ok((s, true, same_token)),
-            None => TcpStream::connect(address).map(|s| (s, false, false)),
+        match found {
+            Some(s) => Ok((s, true)),
+            None => TcpStream::connect(address).map(|s| (s, false)),
         }
     }
 }
@@ -387,7 +394,7 @@ impl exchange::Io for Real<'_> {
         let Some(address) = cluster.address(backend) else {
             return Opened::Unavailable;
         };
-        let (stream, reused, same_token) = match self.connection_to(address) {
+        let (stream, reused) = match self.connection_to(address) {
             Ok(found) => found,
             Err(e) => {
                 log::warn!("connect to {address} failed: {e}");
@@ -403,25 +410,24 @@ impl exchange::Io for Real<'_> {
             cluster: cluster_idx,
             backend,
             address,
-            // A pooled connection is re-registered below, which reports what is pending in a
-            // new event; a kept one has had no event (or was probed): nothing to read yet
-            // either way.
+            // A reused connection had no event since its last response (or was probed): it
+            // can take the request, and there is nothing to read yet.
             side: Side {
                 writable: reused,
                 ..Side::default()
             },
         };
-        let interest = Interest::READABLE | Interest::WRITABLE;
-        let token = back_token(self.wires.key);
-        let registered = if same_token {
-            Ok(())
-        } else if reused {
-            cx.registry.reregister(&mut back.stream, token, interest)
-        } else {
-            cx.registry.register(&mut back.stream, token, interest)
-        };
-        if registered.is_err() {
-            return Opened::Failed;
+        if !reused {
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            let token = back_token(&back.stream);
+            if cx
+                .registry
+                .register(&mut back.stream, token, interest)
+                .is_err()
+            {
+                return Opened::Failed;
+            }
+            cx.idle.own(&back.stream, self.wires.key);
         }
         if let Some(cluster) = cx.clusters.get_mut(cluster_idx) {
             cluster.acquire(backend);
@@ -467,8 +473,8 @@ impl exchange::Io for Real<'_> {
     }
 
     fn drop_backend(&mut self) {
-        if let Some(mut b) = self.wires.back.take() {
-            let _ = self.cx.registry.deregister(&mut b.stream);
+        if let Some(b) = self.wires.back.take() {
+            self.cx.idle.forget(&b.stream);
             if let Some(c) = self.cx.clusters.get_mut(b.cluster) {
                 c.release(b.backend);
             }
@@ -476,7 +482,7 @@ impl exchange::Io for Real<'_> {
     }
 
     fn release_backend(&mut self, ok: bool, reusable: bool) {
-        let Some(mut back) = self.wires.back.take() else {
+        let Some(back) = self.wires.back.take() else {
             return;
         };
         let cx = &mut *self.cx;
@@ -489,19 +495,15 @@ impl exchange::Io for Real<'_> {
             c.release(back.backend);
         }
         if !reusable {
-            let _ = cx.registry.deregister(&mut back.stream);
+            cx.idle.forget(&back.stream);
             return;
         }
-        // Kept for this client's next request, registered with this session's token; in the
-        // shared pool later, a stray event on it only sets a readiness flag that the next read
-        // clears, and reuse by another session re-registers it under the new owner's token
-        // (one syscall, not two). Past the worker's cap on kept connections, it goes to the
-        // pool at once.
+        // Kept for this client's next request, its events still coming here; past the
+        // worker's cap on kept connections, it goes to the pool at once. Either way it stays
+        // registered (see backend.rs).
         if let Some(old) = self.wires.held.take() {
             cx.idle.unhold();
-            if !old.stirred {
-                cx.idle.put(old.address, old.stream, old.since);
-            }
+            put_back(cx, old);
         }
         if cx.idle.hold() {
             self.wires.held = Some(HeldBack {

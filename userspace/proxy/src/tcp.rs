@@ -45,11 +45,12 @@
 //! out.
 
 use crate::accesslog::Record;
+use crate::backend::back_token;
 use crate::balancer::{ClusterState, Tried};
 use crate::cx::Cx;
 use crate::pool::PoolBuf;
 use crate::proxy_protocol::{self, encode_v2, Addresses, Parsed, V2Header};
-use crate::session::{back_token, Flow};
+use crate::session::Flow;
 use crate::sni::{self, Hello};
 use crate::splice::{self, Pipe, PipePool};
 use crate::tcp_routes::{Target, TcpRoutes};
@@ -58,6 +59,7 @@ use mio::net::TcpStream;
 use mio::Interest;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 /// Steps one `drive` call may take before yielding to other sessions.
@@ -492,8 +494,9 @@ impl TcpSession {
     }
 
     /// Records readiness from an event on the backend socket.
-    pub fn back_event(&mut self, readable: bool, writable: bool, read_closed: bool) {
-        if let Some(back) = self.back.as_mut() {
+    pub fn back_event(&mut self, fd: usize, readable: bool, writable: bool, read_closed: bool) {
+        let is = |b: &&mut Back| usize::try_from(b.stream.as_raw_fd()) == Ok(fd);
+        if let Some(back) = self.back.as_mut().filter(is) {
             back.ready.readable |= readable;
             back.ready.writable |= writable;
             back.ready.hup |= read_closed;
@@ -534,6 +537,7 @@ impl TcpSession {
         self.log(cx);
         let TcpSession { back, up, down, .. } = self;
         if let Some(b) = back {
+            cx.idle.forget(&b.stream);
             if let Some(c) = cx.clusters.get_mut(b.cluster) {
                 c.release(b.backend);
             }
@@ -757,13 +761,11 @@ impl TcpSession {
                 break;
             };
             let interest = Interest::READABLE | Interest::WRITABLE;
-            if cx
-                .registry
-                .register(&mut stream, back_token(self.key), interest)
-                .is_err()
-            {
+            let token = back_token(&stream);
+            if cx.registry.register(&mut stream, token, interest).is_err() {
                 continue;
             }
+            cx.idle.own(&stream, self.key);
             cluster.acquire(backend);
             self.back = Some(Back {
                 stream,
@@ -834,8 +836,9 @@ impl TcpSession {
 
     /// Forgets the backend connection.
     fn drop_backend(&mut self, cx: &mut Cx) {
-        if let Some(mut b) = self.back.take() {
-            let _ = cx.registry.deregister(&mut b.stream);
+        if let Some(b) = self.back.take() {
+            // Closing it removes it from the poll.
+            cx.idle.forget(&b.stream);
             if let Some(c) = cx.clusters.get_mut(b.cluster) {
                 c.release(b.backend);
             }

@@ -11,7 +11,7 @@
 //! returns when no session is left or the drain deadline passes.
 
 use crate::accesslog::AccessLog;
-use crate::backend::IdlePool;
+use crate::backend::{self, IdlePool};
 use crate::balancer::{ClusterState, Rng};
 use crate::conn::Conn;
 use crate::cx::Cx;
@@ -35,7 +35,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Tokens at and above this value are listeners; below, sessions (key << 1 | side).
+/// Tokens at and above this value are listeners; below, sessions' client sockets (key << 1)
+/// and backend connections (descriptor number << 1 | 1, see `backend.rs`).
 const LISTENER_BASE: usize = usize::MAX / 2;
 /// Idle backend connections kept per backend address.
 const IDLE_PER_BACKEND: usize = 512;
@@ -518,19 +519,29 @@ impl Worker {
                 }
                 continue;
             }
-            let key = token >> 1;
-            let Some(session) = self.sessions.get_mut(key) else {
-                continue;
-            };
             let readable = event.is_readable() || event.is_read_closed() || event.is_error();
             let writable = event.is_writable() || event.is_write_closed() || event.is_error();
             let closed = event.is_read_closed();
             if token & 1 == 0 {
+                let key = token >> 1;
+                let Some(session) = self.sessions.get_mut(key) else {
+                    continue;
+                };
                 session.front_event(readable, writable, closed);
+                touched.push(key);
             } else {
-                session.back_event(readable, writable, closed);
+                // A backend connection: its owner's, or a pooled one's (then it will not be
+                // reused when the event says bytes came or the backend closed).
+                let fd = backend::token_fd(token);
+                let Some(key) = self.cx.idle.event(fd, readable) else {
+                    continue;
+                };
+                let Some(session) = self.sessions.get_mut(key) else {
+                    continue;
+                };
+                session.back_event(fd, readable, writable, closed);
+                touched.push(key);
             }
-            touched.push(key);
         }
         touched.append(&mut self.again);
         touched.sort_unstable();
