@@ -1,7 +1,7 @@
 //! The worker's event loop: one mio `Poll`, the listeners, a slab of sessions and their timers.
 //!
 //! A session is an HTTP one (`session.rs`) on an `http` listener or a TCP passthrough one
-//! (`tcp.rs`) on a `tcp` listener; the slab holds either, as a [`Conn`].
+//! (`tcp/`) on a `tcp` listener; the slab holds either, as a [`Conn`].
 //!
 //! Single-threaded and lock-free: everything a session needs besides its own sockets lives in
 //! [`Cx`] (`cx.rs`: balancers, routers, buffer pool, idle backend connections, access log), borrowed

@@ -864,17 +864,6 @@ impl Exchange {
 
     // ---- helpers ---------------------------------------------------------------------------
 
-    fn read_front<I: Io>(&mut self, io: &mut I) -> ReadOutcome {
-        let (front, side) = io.front();
-        let out = read_into(front, side, &mut self.front_kawa);
-        match out {
-            ReadOutcome::Data(n) => self.ex.bytes_in += n as u64,
-            ReadOutcome::Eof => side.eof = true,
-            _ => {}
-        }
-        out
-    }
-
     fn log<I: Io>(&mut self, io: &mut I, status: u16) {
         let now = io.now();
         io.log(&LogEntry {

@@ -192,6 +192,18 @@ pub(super) fn write_raw(
 }
 
 impl Exchange {
+    /// Reads from the client into the request's buffer, counting the bytes.
+    pub(super) fn read_front<I: Io>(&mut self, io: &mut I) -> ReadOutcome {
+        let (front, side) = io.front();
+        let out = read_into(front, side, &mut self.front_kawa);
+        match out {
+            ReadOutcome::Data(n) => self.ex.bytes_in += n as u64,
+            ReadOutcome::Eof => side.eof = true,
+            _ => {}
+        }
+        out
+    }
+
     /// After a 101: raw bytes both ways until both sides are done.
     pub(super) fn pipe<I: Io>(&mut self, io: &mut I) -> Step {
         if io.back().is_none() {
