@@ -24,6 +24,7 @@ mod sandbox;
 #[allow(dead_code)] // The fd handoff of `lbctl upgrade` and tests/steering.rs use the rest.
 mod steering;
 mod supervisor;
+mod test_hooks;
 mod upgrade;
 mod verbs;
 mod worker_main;
@@ -197,10 +198,6 @@ fn notify_ready() {
     }
 }
 
-/// Environment variable for tests: the next main of an upgrade waits this many milliseconds,
-/// its workers started, before it says "ready" (so that a test can kill it mid-handoff).
-const HANDOFF_PAUSE: &str = "KAKEHI_TEST_HANDOFF_PAUSE_MS";
-
 /// The next main of `lbctl upgrade`: takes over what the running lbd hands over on `fd`,
 /// starts its workers on the same sockets, says "ready", and serves once the running lbd
 /// commits (or has gone away).
@@ -244,13 +241,13 @@ fn take_over(fd: i32, log_level: log::LevelFilter) -> anyhow::Result<()> {
         supervisor.retire_all();
         return Err(e);
     }
-    if let Some(ms) = std::env::var(HANDOFF_PAUSE)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    if let Some(pause) = test_hooks::handoff_pause() {
         // Test-only: a window in which the test kills this process mid-handoff.
-        log::warn!("{HANDOFF_PAUSE} is set: pausing {ms} ms before saying ready");
-        std::thread::sleep(std::time::Duration::from_millis(ms));
+        log::warn!(
+            "{} is set: pausing {pause:?} before saying ready",
+            test_hooks::HANDOFF_PAUSE
+        );
+        std::thread::sleep(pause);
     }
     let ready = upgrade::Reply::Ready {
         pid: std::process::id(),

@@ -16,6 +16,7 @@ use crate::channel::{self, Asked, ChannelError, WorkerChannel};
 use crate::fds;
 use crate::listeners;
 use crate::steering::{Steering, SteeringError};
+use crate::test_hooks;
 use lb_config::protocol::channel::{Order, Reply};
 use lb_config::protocol::{Sample, WorkerStatus};
 use lb_config::Config;
@@ -40,13 +41,10 @@ const STABLE_AFTER: Duration = Duration::from_millis(250);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Environment variable for tests: while the file it names exists, starting a worker fails.
-pub const START_FAILS: &str = "KAKEHI_TEST_WORKER_START_FAILS";
-
 /// Why a worker could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{START_FAILS}: {} exists", path.display())]
+    #[error("{}: {} exists", test_hooks::START_FAILS, path.display())]
     TestHook { path: PathBuf },
     #[error("creating the worker's channel: {0}")]
     Channel(#[source] std::io::Error),
@@ -418,11 +416,9 @@ impl Workers {
     /// Starts worker `index` from `binary` (default: the slots' own) on the current sockets;
     /// the slot is not touched.
     fn start(&self, index: usize, binary: Option<&fds::Binary>) -> Result<Fresh, StartError> {
-        if let Some(path) = std::env::var_os(START_FAILS) {
+        if let Some(path) = test_hooks::start_fails() {
             // Test-only: a worker that cannot be started, for as long as the file exists.
-            if Path::new(&path).exists() {
-                return Err(StartError::TestHook { path: path.into() });
-            }
+            return Err(StartError::TestHook { path });
         }
         let binary = binary.unwrap_or(&self.binary);
         let mut command = binary.command();
