@@ -6,7 +6,6 @@
 //! [`init`] installs.
 
 use log::{LevelFilter, Log, Metadata, Record};
-use std::fmt::Write as _;
 use std::io::Write;
 use std::time::SystemTime;
 
@@ -41,28 +40,9 @@ fn line(time: &str, level: log::Level, pid: u32, target: &str, msg: &str) -> Str
         "time={time} level={} pid={pid} target={target} msg=",
         level.as_str().to_ascii_lowercase()
     );
-    quoted(msg, &mut out);
+    lb_proxy::accesslog::json_str(msg, &mut out);
     out.push('\n');
     out
-}
-
-/// `s` in double quotes, escaped like the access log's values.
-fn quoted(s: &str, out: &mut String) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
 }
 
 static LOGGER: Logger = Logger;

@@ -9,7 +9,7 @@
 //! the sockets' registration, the slab and the timers.
 
 use crate::backend::back_token;
-use crate::balancer::{ClusterState, Tried};
+use crate::balancer::{self, ClusterState, Tried};
 use crate::cx::Cx;
 use crate::http::exchange::{self, Connect, Exchange, FrontWire, LogEntry, Opened, Side};
 use crate::http::Peer;
@@ -156,19 +156,11 @@ impl Session {
     /// positions (by cluster name and backend address), or at nothing when they were removed
     /// (the exchange in flight finishes; it just no longer counts for balancing).
     pub fn remap_clusters(&mut self, old: &[ClusterState], new: &[ClusterState]) {
-        let cluster_of = |c: usize| {
-            old.get(c)
-                .and_then(|oc| new.iter().position(|nc| nc.name == oc.name))
-        };
-        self.exchange.remap_cluster(cluster_of);
+        self.exchange
+            .remap_cluster(|c| balancer::remap_cluster(old, new, c));
         if let Some(back) = self.wires.back.as_mut() {
-            let address = back.address;
-            let found = cluster_of(back.cluster).and_then(|c| {
-                new.get(c)
-                    .and_then(|nc| nc.backends.iter().position(|b| b.address == address))
-                    .map(|b| (c, b))
-            });
-            (back.cluster, back.backend) = found.unwrap_or((usize::MAX, usize::MAX));
+            (back.cluster, back.backend) =
+                balancer::remap_backend(old, new, back.cluster, back.address);
         }
     }
 
@@ -218,11 +210,19 @@ impl Session {
             self.tls_counted = true;
             cx.stats.tls_handshake(self.peer.listener, true);
         }
-        let flow = self.exchange.drive(&mut Real {
-            wires: &mut self.wires,
-            peer: self.peer,
-            cx,
-        });
+        self.step(cx, |exchange, io| exchange.drive(io))
+    }
+
+    /// One call of the machine over this session's sockets, then the next deadline.
+    fn step(&mut self, cx: &mut Cx, call: fn(&mut Exchange, &mut Real<'_>) -> Flow) -> Flow {
+        let flow = call(
+            &mut self.exchange,
+            &mut Real {
+                wires: &mut self.wires,
+                peer: self.peer,
+                cx,
+            },
+        );
         if flow == Flow::Continue {
             self.set_deadline(cx);
         }
@@ -238,15 +238,7 @@ impl Session {
             self.set_deadline(cx);
             return Flow::Continue;
         }
-        let flow = self.exchange.timeout(&mut Real {
-            wires: &mut self.wires,
-            peer: self.peer,
-            cx,
-        });
-        if flow == Flow::Continue {
-            self.set_deadline(cx);
-        }
-        flow
+        self.step(cx, |exchange, io| exchange.timeout(io))
     }
 
     fn set_deadline(&mut self, cx: &Cx) {

@@ -48,7 +48,7 @@ mod half;
 
 use crate::accesslog::Record;
 use crate::backend::back_token;
-use crate::balancer::{ClusterState, Tried};
+use crate::balancer::{self, ClusterState, Tried};
 use crate::cx::Cx;
 use crate::pool::PoolBuf;
 use crate::proxy_protocol::{self, encode_v2, Addresses, Parsed};
@@ -237,22 +237,14 @@ impl TcpSession {
     /// After a configuration change: the cluster and backend by name and address in `new`
     /// (or nothing, when they were removed: the connection goes on, it no longer counts).
     pub fn remap_clusters(&mut self, old: &[ClusterState], new: &[ClusterState]) {
-        let cluster_of = |c: usize| {
-            old.get(c)
-                .and_then(|oc| new.iter().position(|nc| nc.name == oc.name))
-        };
         if let Some(target) = self.course.target.as_mut() {
-            target.cluster = cluster_of(target.cluster).unwrap_or(usize::MAX);
+            target.cluster =
+                balancer::remap_cluster(old, new, target.cluster).unwrap_or(usize::MAX);
         }
         self.course.tried = Tried::default();
         if let Some(back) = self.back.as_mut() {
-            let address = back.address;
-            let found = cluster_of(back.cluster).and_then(|c| {
-                new.get(c)
-                    .and_then(|nc| nc.backends.iter().position(|b| b.address == address))
-                    .map(|b| (c, b))
-            });
-            (back.cluster, back.backend) = found.unwrap_or((usize::MAX, usize::MAX));
+            (back.cluster, back.backend) =
+                balancer::remap_backend(old, new, back.cluster, back.address);
         }
     }
 
