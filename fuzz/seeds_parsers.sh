@@ -45,32 +45,42 @@ seed_stream() {
     cat >"corpus/$1/$2"
 }
 
-# Worker channel, supervisor -> worker (control_frames: byte 0 is the read size). The base
-# config the target's worker starts from is control_frames.rs's BASE; these change it.
-C=control_frames
-LISTENER='[[listeners]]\naddress = "127.0.0.1:18080"\n'
-APP='[clusters.app]\nfrontends = [ { address = "127.0.0.1:18080", hostname = "a.example" } ]\n'
-CONFIG_MORE="workers = 1\nsteering = \"kernel\"\naccess_log = { target = \"off\" }\n\n${LISTENER}\n${APP}"'backends = [ { address = "127.0.0.1:19001" }, { address = "127.0.0.1:19003", weight = 3 } ]\nload_balancing = "least-connections"\n'
-CONFIG_TCP="workers = 1\nsteering = \"kernel\"\naccess_log = { target = \"off\" }\n\n"'[[listeners]]\naddress = "127.0.0.1:18080"\nprotocol = "tcp"\n'
-{ printf '\xff'; frame '\0health [["app","127.0.0.1:19001"]]'; frame '\0ejected'; } | seed_stream $C health_then_ejected
-{ printf '\x01'; frame '\0metrics'; } | seed_stream $C metrics_byte_by_byte
-{ printf '\x07'; frame '\0log-level debug'; frame '\0log-level nonsense'; frame '\0log-level info'; } | seed_stream $C log_levels
-{ printf '\x40'; frame '\0reboot now'; frame '\0'; frame ''; } | seed_stream $C unknown_and_empty
-{ printf '\xff'; frame "$CONFIG_MORE"; frame '\0metrics'; } | seed_stream $C config_update
-{ printf '\x10'; frame "$CONFIG_TCP"; } | seed_stream $C config_listener_changed
-{ printf '\xff'; frame 'workers = [\n'; frame 'workers = 0\n'; } | seed_stream $C config_refused
-{ printf '\xff'; frame '\0health [["app","127.0.0.1:19002"],["nope","[::1]:1"]]'; frame "$CONFIG_MORE"; frame '\0ejected'; frame '\0health []'; frame '\0metrics'; } | seed_stream $C pipelined
-{ printf '\xff'; frame '\0metrics'; printf '\xff\xff\xff\xff'; } | seed_stream $C too_large
+# msg JSON: a channel frame body (version byte 1, then the JSON given as printf escapes).
+msg() {
+    frame "\\x01$1"
+}
 
-# Worker channel, worker -> main (worker_answers: a stream of answer frames).
+# Worker channel, supervisor -> worker (control_frames: byte 0 is the read size). The base
+# config the target's worker starts from is control_frames.rs's BASE; these change it. The
+# messages are lb_config::protocol::channel's Request, in JSON.
+C=control_frames
+LISTENER='[[listeners]]\\naddress = \\"127.0.0.1:18080\\"\\n'
+APP='[clusters.app]\\nfrontends = [ { address = \\"127.0.0.1:18080\\", hostname = \\"a.example\\" } ]\\n'
+CONFIG_MORE="workers = 1\\\\nsteering = \\\\\"kernel\\\\\"\\\\naccess_log = { target = \\\\\"off\\\\\" }\\\\n\\\\n${LISTENER}\\\\n${APP}"'backends = [ { address = \\"127.0.0.1:19001\\" }, { address = \\"127.0.0.1:19003\\", weight = 3 } ]\\nload_balancing = \\"least-connections\\"\\n'
+CONFIG_TCP='workers = 1\\nsteering = \\"kernel\\"\\naccess_log = { target = \\"off\\" }\\n\\n[[listeners]]\\naddress = \\"127.0.0.1:18080\\"\\nprotocol = \\"tcp\\"\\n'
+configure() {
+    msg "{\"id\":$1,\"order\":{\"configure\":{\"config\":\"$2\"}}}"
+}
+{ printf '\xff'; msg '{"id":1,"order":{"health":{"down":[["app","127.0.0.1:19001"]]}}}'; msg '{"id":2,"order":"ejected"}'; } | seed_stream $C health_then_ejected
+{ printf '\x01'; msg '{"id":1,"order":"metrics"}'; } | seed_stream $C metrics_byte_by_byte
+{ printf '\x07'; msg '{"id":1,"order":{"log_level":{"level":"debug"}}}'; msg '{"id":2,"order":{"log_level":{"level":"nonsense"}}}'; msg '{"id":3,"order":{"log_level":{"level":"info"}}}'; } | seed_stream $C log_levels
+{ printf '\x40'; msg '{"id":4,"order":"reboot"}'; frame '\0metrics'; frame '\x02{"id":5,"order":"metrics"}'; msg '{"id":6,"order":"metrics","extra":1}'; msg '{'; frame ''; } | seed_stream $C unknown_and_empty
+{ printf '\xff'; configure 1 "$CONFIG_MORE"; msg '{"id":2,"order":"metrics"}'; } | seed_stream $C config_update
+{ printf '\x10'; configure 7 "$CONFIG_TCP"; } | seed_stream $C config_listener_changed
+{ printf '\xff'; configure 1 'workers = [\\n'; configure 2 'workers = 0\\n'; } | seed_stream $C config_refused
+{ printf '\xff'; msg '{"id":1,"order":{"health":{"down":[["app","127.0.0.1:19002"],["nope","[::1]:1"]]}}}'; configure 2 "$CONFIG_MORE"; msg '{"id":3,"order":"ejected"}'; msg '{"id":4,"order":{"health":{"down":[]}}}'; msg '{"id":5,"order":"metrics"}'; } | seed_stream $C pipelined
+{ printf '\xff'; msg '{"id":1,"order":"metrics"}'; printf '\xff\xff\xff\xff'; } | seed_stream $C too_large
+
+# Worker channel, worker -> main (worker_answers: a stream of answer frames; main waits for
+# the answer to request 3, any other id is late).
 W=worker_answers
-METRICS='metrics [{"name":"kakehi_worker_connections","value":3},{"name":"kakehi_requests_total","labels":{"cluster":"app","status":"2xx"},"value":10},{"name":"kakehi_request_duration_seconds_bucket","labels":{"cluster":"app","le":"0.005"},"value":4},{"name":"kakehi_request_duration_seconds_bucket","labels":{"cluster":"app","le":"+Inf"},"value":10},{"name":"kakehi_request_duration_seconds_sum","labels":{"cluster":"app"},"value":0.125},{"name":"kakehi_request_duration_seconds_count","labels":{"cluster":"app"},"value":10}]'
-{ frame 'ok'; frame 'error: the listeners changed'; } | seed_stream $W verdicts
-{ frame "$METRICS"; } | seed_stream $W metrics
-{ frame 'ejected [["app","127.0.0.1:9001"]]'; frame 'ok'; frame "$METRICS"; } | seed_stream $W late_then_metrics
-{ frame 'metrics [{"name":"x\\ny 1\\n# TYPE z","value":1},{"name":"ok_total","labels":{"a":"q\\"uote\\\\back\\nline","b c":"1"},"value":2}]'; } | seed_stream $W forged_names
-{ frame 'metrics [{"name":"a","value":1e308},{"name":"a","value":1e308},{"name":"b","value":-0.0}]'; } | seed_stream $W big_values
-{ frame 'unexpected'; frame '\xff\xfe'; printf '\x01\x00\x00\x01'; } | seed_stream $W unexpected_and_too_large
+SAMPLES='[{"name":"kakehi_worker_connections","value":3},{"name":"kakehi_requests_total","labels":{"cluster":"app","status":"2xx"},"value":10},{"name":"kakehi_request_duration_seconds_bucket","labels":{"cluster":"app","le":"0.005"},"value":4},{"name":"kakehi_request_duration_seconds_bucket","labels":{"cluster":"app","le":"+Inf"},"value":10},{"name":"kakehi_request_duration_seconds_sum","labels":{"cluster":"app"},"value":0.125},{"name":"kakehi_request_duration_seconds_count","labels":{"cluster":"app"},"value":10}]'
+{ msg '{"id":3,"reply":"done"}'; msg '{"id":3,"reply":{"refused":{"error":"the listeners changed"}}}'; } | seed_stream $W verdicts
+{ msg "{\"id\":3,\"reply\":{\"metrics\":{\"samples\":$SAMPLES}}}"; } | seed_stream $W metrics
+{ msg '{"id":1,"reply":{"ejected":{"backends":[["app","127.0.0.1:9001"]]}}}'; msg '{"id":2,"reply":"done"}'; msg "{\"id\":3,\"reply\":{\"metrics\":{\"samples\":$SAMPLES}}}"; } | seed_stream $W late_then_metrics
+{ msg '{"id":3,"reply":{"metrics":{"samples":[{"name":"x\\ny 1\\n# TYPE z","value":1},{"name":"ok_total","labels":{"a":"q\\"uote\\\\back\\nline","b c":"1"},"value":2}]}}}'; } | seed_stream $W forged_names
+{ msg '{"id":3,"reply":{"metrics":{"samples":[{"name":"a","value":1e308},{"name":"a","value":1e308},{"name":"b","value":-0.0}]}}}'; } | seed_stream $W big_values
+{ frame 'ok'; frame 'metrics []'; msg '{"id":3}'; frame '\xff\xfe'; printf '\x01\x00\x00\x01'; } | seed_stream $W unexpected_and_too_large
 
 # The upgrade handoff message (upgrade_handoff: the JSON frame body, as the old main sends it).
 H=upgrade_handoff

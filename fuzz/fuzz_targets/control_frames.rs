@@ -1,8 +1,9 @@
 //! Arbitrary bytes on a worker's channel from the supervisor, through the worker's own code:
-//! `lb_proxy::control::next_frame` cuts them into frames and `Worker::answer_frames` acts on
-//! each (a `\0` command: health, metrics, ejected, log-level...; anything else: a whole new
-//! configuration, validated and applied to the running worker) and writes the answers, as
-//! `serve_control` does between its socket reads and writes.
+//! `lb_proxy::control::next_frame` cuts them into frames and decodes each as a typed request
+//! (`lb_config::protocol::channel`), and `Worker::answer_frames` acts on each (health, metrics,
+//! ejected, log-level, or a whole new configuration, validated and applied to the running
+//! worker; a frame that is no request is refused) and writes the answers, as `serve_control`
+//! does between its socket reads and writes.
 //!
 //! The worker is a real one, made afresh for each input (so that a crash reproduces) from a
 //! small config with one http listener (a socket bound once on 127.0.0.1:0, duplicated for each
@@ -10,12 +11,14 @@
 //! stream, handed over in pieces of that size.
 //!
 //! Checks: no panic; after each piece no whole frame is left unanswered; each frame gets
-//! exactly the answers it should (none for `health`, one for every other command and every
-//! configuration); a length over the limit stops the channel; and every answer is read by lbd
-//! main's own reader (`userspace/lbd/src/answers.rs`) as a verdict or a tagged answer whose
-//! JSON decodes: the two ends agree on whatever the worker says.
+//! exactly the answers it should (none for a `health` request, one for every other frame),
+//! in order, each carrying its request's id (0 for a frame too broken to carry one); a length
+//! over the limit stops the channel; and every answer is read by lbd main's own reader
+//! (`userspace/lbd/src/answers.rs`) as the answer to that id, with the reply its request asks
+//! for (or a refusal): the two ends agree on whatever the worker says.
 #![no_main]
 
+use lb_config::protocol::channel::{Order, Reply};
 use lb_proxy::control::{next_frame, Frame};
 use lb_proxy::worker::Worker;
 use libfuzzer_sys::fuzz_target;
@@ -70,67 +73,81 @@ fn new_worker() -> Worker {
     }
 }
 
-/// How many answers the worker owes for `frame`.
-fn answers_owed(frame: Frame<'_>) -> usize {
-    match frame {
-        Frame::Config(_) => 1,
-        Frame::Command(body) => {
-            let text = String::from_utf8_lossy(body);
-            let word = text.split_once(' ').map_or(&*text, |(word, _)| word);
-            usize::from(word != "health")
+/// Whether every configuration in the whole frames of `stream` names only allowed files.
+fn configurations_read_only_allowed_files(stream: &[u8]) -> bool {
+    let mut at = 0;
+    while let Ok(Some((frame, len))) = next_frame(&stream[at..]) {
+        if let Ok(request) = frame {
+            if let Order::Configure { config } = request.order {
+                if !reads_only_allowed_files(&config) {
+                    return false;
+                }
+            }
         }
+        at += len;
+    }
+    true
+}
+
+/// The answer the worker owes for `frame`, if any: the id it must carry and the reply kinds
+/// it may be.
+fn answer_owed(frame: &Frame) -> Option<(u64, &'static [&'static str])> {
+    match frame {
+        Ok(request) => {
+            let kinds: &'static [&'static str] = match request.order {
+                Order::Health { .. } => return None,
+                Order::Configure { .. } | Order::LogLevel { .. } => &["done", "refused"],
+                Order::Metrics => &["metrics", "refused"],
+                Order::Ejected => &["ejected", "refused"],
+            };
+            Some((request.id, kinds))
+        }
+        Err(e) => Some((e.id().unwrap_or(0), &["refused"])),
     }
 }
 
-/// Checks every answer frame in `out` as lbd main reads it; returns how many there were.
-fn check_answers(out: &[u8]) -> usize {
-    let mut rest = out;
-    let mut count = 0;
-    while !rest.is_empty() {
-        let Some((prefix, after)) = rest.split_first_chunk::<4>() else {
-            panic!("half a length prefix in the worker's answers: {rest:?}");
-        };
-        let len = match answers::frame_len(*prefix) {
-            Ok(len) => len,
-            Err(e) => panic!("lbd refuses the worker's answer: {e}"),
-        };
-        let Some((body, after)) = after.split_at_checked(len) else {
-            panic!("an answer frame longer than what the worker wrote");
-        };
-        rest = after;
-        count += 1;
-        for (tag, decodes) in [
-            (
-                &b"metrics "[..],
-                answers::metrics(body.get(8..).unwrap_or_default()).is_ok(),
-            ),
-            (
-                &b"ejected "[..],
-                answers::ejected(body.get(8..).unwrap_or_default()).is_ok(),
-            ),
-        ] {
-            if body.starts_with(tag) {
-                assert!(
-                    matches!(answers::tagged(body, tag), answers::Tagged::Found(_)),
-                    "lbd does not find its tag in {:?}",
-                    answers::head(body)
-                );
-                assert!(decodes, "lbd cannot decode {:?}", answers::head(body));
-            }
-        }
-        if !body.starts_with(b"metrics ") && !body.starts_with(b"ejected ") {
-            assert!(
-                matches!(
-                    answers::verdict(body),
-                    answers::Verdict::Done | answers::Verdict::Refused(_)
-                ),
-                "lbd reads {:?} as {:?}",
-                answers::head(body),
-                answers::verdict(body)
-            );
-        }
+fn kind(reply: &Reply) -> &'static str {
+    match reply {
+        Reply::Done => "done",
+        Reply::Refused { .. } => "refused",
+        Reply::Metrics { .. } => "metrics",
+        Reply::Ejected { .. } => "ejected",
     }
-    count
+}
+
+/// Checks every answer frame in `out` as lbd main reads it, against what was owed, in order.
+fn check_answers(out: &[u8], owed: &[(u64, &'static [&'static str])]) {
+    let mut inbox = answers::Inbox::default();
+    inbox.push(out);
+    let mut count = 0;
+    loop {
+        let waiting = owed.get(count).map(|(id, _)| *id);
+        let heard = match inbox.pop(waiting) {
+            Ok(Some(heard)) => heard,
+            Ok(None) => break,
+            Err(e) => panic!("lbd refuses the worker's answers: {e}"),
+        };
+        let Some((id, kinds)) = owed.get(count) else {
+            panic!("an answer nobody asked for: {heard:?}");
+        };
+        match heard {
+            answers::Heard::Ours(reply) => {
+                assert!(
+                    kinds.contains(&kind(&reply)),
+                    "request {id} answered {reply:?}"
+                );
+                if let Reply::Metrics { samples } = reply {
+                    let count = samples.len();
+                    let (kept, left_out) = answers::worker_samples(samples, 0);
+                    assert_eq!(kept.len() + left_out, count);
+                }
+            }
+            other => panic!("lbd does not read the answer to request {id}: {other:?}"),
+        }
+        count += 1;
+    }
+    assert_eq!(inbox.buffered(), 0, "half an answer frame");
+    assert_eq!(count, owed.len(), "answers for the frames taken");
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -138,7 +155,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     // Configuration frames go to the validator: no file but the examples' certificates.
-    if !reads_only_allowed_files(&String::from_utf8_lossy(stream)) {
+    if !configurations_read_only_allowed_files(stream) {
         return;
     }
     let chunk = usize::from(chunk).max(1);
@@ -147,13 +164,13 @@ fuzz_target!(|data: &[u8]| {
     for piece in stream.chunks(chunk) {
         inbuf.extend_from_slice(piece);
         // What the worker owes for the whole frames it has now.
-        let mut owed = 0;
+        let mut owed = Vec::new();
         let mut at = 0;
         let mut too_large = false;
         loop {
             match next_frame(&inbuf[at..]) {
                 Ok(Some((frame, len))) => {
-                    owed += answers_owed(frame);
+                    owed.extend(answer_owed(&frame));
                     at += len;
                 }
                 Ok(None) => break,
@@ -166,7 +183,7 @@ fuzz_target!(|data: &[u8]| {
         let mut out = Vec::new();
         let result = worker.answer_frames(&mut inbuf, source(), &mut out);
         assert_eq!(result.is_err(), too_large, "{result:?}");
-        assert_eq!(check_answers(&out), owed, "answers for the frames taken");
+        check_answers(&out, &owed);
         if too_large {
             return;
         }

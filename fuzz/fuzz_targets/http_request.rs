@@ -1,5 +1,5 @@
 //! Client bytes through kakehi's request path: kawa's parser, `RequestCallbacks`, conversion
-//! and partial writes to the backend, pipelining (`lb_proxy::http::sansio::drive_request`).
+//! and partial writes to the backend, pipelining (`lb_proxy::http::memory::drive_request`).
 //! Input layout and checks: `src/lib.rs`.
 #![no_main]
 

@@ -1,15 +1,17 @@
 //! Arbitrary bytes on a worker's channel, read by lbd main as it reads a worker's answers:
 //! `userspace/lbd/src/answers.rs` (included with `#[path]`, with `metrics.rs` which it uses)
-//! cuts frames by their length prefix and reads each as a verdict (`ok`, `error: WHY`), a
-//! tagged answer (`metrics JSON`, `ejected JSON`) or a late one, and the metrics JSON then goes
-//! through the same filter, labelling, merging and rendering as a scrape of `/metrics`.
+//! cuts frames with the shared codec (`lb_config::protocol::frame`) and reads each as the
+//! typed answer main waits for (by request id), a late one, or an unreadable one; the samples
+//! of a metrics answer then go through the same filter, labelling, merging and rendering as a
+//! scrape of `/metrics`.
 //!
 //! The worker may not be ours any more (a compromised worker, or one of an older binary), so
-//! main must not trust it. Checks: no panic; the verdicts are exactly what the words say; a
-//! length over the limit stops reading (main closes such a channel); and the Prometheus text
-//! rendered from whatever samples the worker sent is well-formed: every line is a `# HELP`,
-//! a `# TYPE` or one sample with valid metric and label names, escaped label values and a
-//! number, one line per sample kept (so a worker cannot forge lines or families).
+//! main must not trust it. Checks: no panic; the inbox reads the frames the codec cuts, and
+//! each as what the decoder says (ours only with the awaited id, late only with another); a
+//! length over the limit stops reading for good (main closes such a channel); and the
+//! Prometheus text rendered from whatever samples the worker sent is well-formed: every line
+//! is a `# HELP`, a `# TYPE` or one sample with valid metric and label names, escaped label
+//! values and a number, one line per sample kept (so a worker cannot forge lines or families).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -21,10 +23,13 @@ mod answers;
 #[path = "../../userspace/lbd/src/metrics.rs"]
 mod metrics;
 
-use answers::{Tagged, Verdict};
+use answers::Heard;
+use lb_config::protocol::channel::{self, Answer, Reply};
 
 /// The index main gives the worker (it labels the `kakehi_worker_*` samples with it).
 const WORKER: usize = 3;
+/// The request main waits for the answer to.
+const WAITING: u64 = 3;
 
 fn metric_name(name: &str, colon: bool) -> bool {
     let mut chars = name.chars();
@@ -108,43 +113,49 @@ fn check_exposition(text: &str) -> usize {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut rest = data;
+    let mut inbox = answers::Inbox::default();
+    inbox.push(data);
     let mut merged = metrics::Merged::default();
-    while let Some((prefix, after)) = rest.split_first_chunk::<4>() {
-        let Ok(len) = answers::frame_len(*prefix) else {
-            // Main closes the channel: nothing after it is read.
-            break;
+    // Bodies cut by the codec itself, to compare with what the inbox reads.
+    let mut at = 0;
+    loop {
+        let heard = match inbox.pop(Some(WAITING)) {
+            Ok(Some(heard)) => heard,
+            Ok(None) => break, // Main would wait for the rest, then time out.
+            Err(_) => {
+                // Main closes the channel: nothing after it is read.
+                assert!(
+                    inbox.pop(Some(WAITING)).is_err(),
+                    "a refused stream goes on"
+                );
+                break;
+            }
         };
-        let Some((body, after)) = after.split_at_checked(len) else {
-            break; // Main would wait for the rest, then time out.
+        let Ok(Some((body, len))) =
+            lb_config::protocol::frame::cut(&data[at..], answers::MAX_WORKER_FRAME)
+        else {
+            panic!("the inbox read a frame the codec does not cut");
         };
-        rest = after;
-
-        let tagged_answer = body.starts_with(b"metrics ") || body.starts_with(b"ejected ");
-        match answers::verdict(body) {
-            Verdict::Done => assert_eq!(body, b"ok"),
-            Verdict::Refused(why) => {
-                assert!(!tagged_answer && body.starts_with(b"error: "));
-                assert_eq!(why, String::from_utf8_lossy(&body[7..]));
+        at += len;
+        let decoded = channel::decode::<Answer>(body);
+        let reply = match (heard, decoded) {
+            (Heard::Ours(reply), Ok(answer)) => {
+                assert_eq!(answer.id, WAITING);
+                assert_eq!(answer.reply, reply);
+                reply
             }
-            Verdict::Late => assert!(tagged_answer),
-            Verdict::Unexpected(_) => {
-                assert!(!tagged_answer && body != b"ok" && !body.starts_with(b"error: "));
+            (Heard::Late { id }, Ok(answer)) => {
+                assert_ne!(id, WAITING);
+                assert_eq!(answer.id, id);
+                answer.reply
             }
-        }
-        match answers::tagged(body, b"ejected ") {
-            Tagged::Found(json) => {
-                assert_eq!(json, &body[8..]);
-                let _ = answers::ejected(json);
-            }
-            Tagged::Late => {}
-            // At most 80 bytes of the answer, each escaped to at most 10 characters.
-            Tagged::Unexpected(why) => assert!(why.len() < 900, "a log line of {}", why.len()),
-        }
-        if let Tagged::Found(json) = answers::tagged(body, b"metrics ") {
-            let Ok(samples) = answers::metrics(json) else {
+            (Heard::Unreadable(e), Err(again)) => {
+                assert_eq!(e, again);
                 continue;
-            };
+            }
+            (heard, decoded) => panic!("the inbox reads {heard:?}, the codec {decoded:?}"),
+        };
+        if let Reply::Metrics { samples } = reply {
             let count = samples.len();
             let (kept, left_out) = answers::worker_samples(samples, WORKER);
             assert_eq!(kept.len() + left_out, count);

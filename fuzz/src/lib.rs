@@ -1,5 +1,5 @@
 //! What the fuzz targets share: how a fuzz input is split into a network plan and a byte
-//! stream, and the checks run on what `lb_proxy::http::sansio` drove.
+//! stream, and the checks run on what `lb_proxy::http::memory` drove.
 //!
 //! Input layout (both targets):
 //!
@@ -29,7 +29,7 @@
 //! issue 12 is caught by construction).
 
 use kawa::Kind;
-use lb_proxy::http::sansio::{decode_message, drive_request, drive_response, End, Plan};
+use lb_proxy::http::memory::{decode_message, drive_request, drive_response, End, Plan};
 use lb_proxy::http::RequestInfo;
 
 /// A decoded fuzz input.
@@ -296,7 +296,7 @@ pub fn check_response(case: &Case<'_>) {
             );
         }
     }
-    let switched = |s: &lb_proxy::http::sansio::ResponseStream| {
+    let switched = |s: &lb_proxy::http::memory::ResponseStream| {
         s.responses
             .last()
             .is_some_and(|r| r.info.switching && r.end == End::Complete)

@@ -1,88 +1,79 @@
-//! What lbd main reads from a worker's channel, as pure functions over the bytes: the length
-//! prefix of an answer frame, the verdict of an answer to a configuration or a command
-//! (`ok`, `error: WHY`), the tagged answers (`metrics JSON`, `ejected JSON`) and their JSON.
+//! What lbd main reads from a worker's channel, as pure functions over the bytes: the frames
+//! of the channel's stream ([`Inbox`]), which answer is the one main waits for (by request id;
+//! any other is the late answer to a request main gave up on), and the samples of a metrics
+//! answer that main exports.
 //!
-//! The socket side (deadlines, partial reads, closing a channel out of step) is `runtime.rs`'s
-//! `recv_frame`; asking the workers and merging their figures is `observe.rs`'s. Nothing here
-//! touches a socket, so the `worker_answers` fuzz target includes this file (and `metrics.rs`)
-//! with `#[path]` and feeds it arbitrary frames, as a worker that is not ours any more could
-//! send them.
+//! The messages and the frame codec are `lb_config::protocol::channel` and `::frame`, which the
+//! worker imports too. The socket side (deadlines, reading several workers at once, closing a
+//! channel out of step) is `channel.rs`'s. Nothing here touches a socket, so the
+//! `worker_answers` fuzz target includes this file (and `metrics.rs`) with `#[path]` and feeds
+//! it arbitrary bytes, as a worker that is not ours any more could send them.
 
+use lb_config::protocol::channel::{self, Answer, ChannelError, Reply};
+use lb_config::protocol::frame::{Frames, FramesError};
 use lb_config::protocol::Sample;
 
 /// The largest frame main accepts from a worker.
-pub(crate) const MAX_WORKER_FRAME: usize = 16 << 20;
+pub(crate) const MAX_WORKER_FRAME: usize = channel::MAX_FRAME;
 
-/// The body length a frame's 4-byte prefix announces, if main takes a frame that long.
-pub(crate) fn frame_len(prefix: [u8; 4]) -> Result<usize, String> {
-    let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_WORKER_FRAME {
-        return Err(format!("an answer of {len} bytes is too large"));
-    }
-    Ok(len)
+/// One frame read from a worker, while main waits for the answer to request `waiting`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Heard {
+    /// The answer main waits for.
+    Ours(Reply),
+    /// The answer to another request (main gave up on it): skip it.
+    Late { id: u64 },
+    /// Not an answer of this channel's version: the error to report.
+    Unreadable(ChannelError),
 }
 
-/// A worker's answer to a configuration or a `log-level` command.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// `ok`.
-    Done,
-    /// `error: WHY`: the worker refused, and why.
-    Refused(String),
-    /// The late answer to an earlier question (`metrics ...`, `ejected ...`): skip it.
-    Late,
-    /// Anything else: the error to report.
-    Unexpected(String),
-}
-
-/// Reads `body` as the answer to a configuration or a `log-level` command.
-pub(crate) fn verdict(body: &[u8]) -> Verdict {
-    if body.starts_with(b"metrics ") || body.starts_with(b"ejected ") {
-        return Verdict::Late;
-    }
-    let body = String::from_utf8_lossy(body);
-    match body.strip_prefix("error: ") {
-        Some(why) => Verdict::Refused(why.to_string()),
-        None if body == "ok" => Verdict::Done,
-        None => Verdict::Unexpected(format!("unexpected answer from the worker: {body:?}")),
+/// Reads one frame's body while main waits for the answer to request `waiting` (None: main
+/// waits for nothing, every answer is late).
+pub(crate) fn hear(body: &[u8], waiting: Option<u64>) -> Heard {
+    match channel::decode::<Answer>(body) {
+        Ok(answer) if Some(answer.id) == waiting => Heard::Ours(answer.reply),
+        Ok(answer) => Heard::Late { id: answer.id },
+        Err(e) => Heard::Unreadable(e),
     }
 }
 
-/// A worker's frame read while main waits for an answer starting with a tag.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Tagged<'a> {
-    /// The awaited answer: what follows the tag.
-    Found(&'a [u8]),
-    /// An answer that came too late for its asker (`ok`, `error: ...`, another tagged one):
-    /// skip it.
-    Late,
-    /// Anything else: the error to report.
-    Unexpected(String),
+/// The bytes a worker sent and main has not read as frames yet: at most one frame's worth
+/// beyond the last read, kept from one request to the next, so that an answer that arrives in
+/// pieces, or after main stopped waiting for it, never puts the stream out of step.
+pub(crate) struct Inbox {
+    frames: Frames,
 }
 
-/// Reads `body` while waiting for an answer that starts with `tag`.
-pub(crate) fn tagged<'a>(body: &'a [u8], tag: &[u8]) -> Tagged<'a> {
-    if let Some(rest) = body.strip_prefix(tag) {
-        return Tagged::Found(rest);
+impl Default for Inbox {
+    fn default() -> Self {
+        Inbox {
+            frames: Frames::new(MAX_WORKER_FRAME),
+        }
     }
-    let late = body == b"ok"
-        || body.starts_with(b"error: ")
-        || body.starts_with(b"metrics ")
-        || body.starts_with(b"ejected ");
-    if late {
-        return Tagged::Late;
+}
+
+impl Inbox {
+    /// Appends bytes read from the channel.
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.frames.push(bytes);
     }
-    Tagged::Unexpected(format!("unexpected answer {:?}", head(body)))
-}
 
-/// The first 80 bytes of `body`, as text, for a log line.
-pub(crate) fn head(body: &[u8]) -> std::borrow::Cow<'_, str> {
-    String::from_utf8_lossy(body.get(..body.len().min(80)).unwrap_or_default())
-}
+    /// The next whole frame, read while main waits for `waiting`. An error means the stream
+    /// is out of step for good (a length over the limit): the channel must be closed.
+    pub(crate) fn pop(&mut self, waiting: Option<u64>) -> Result<Option<Heard>, FramesError> {
+        Ok(self.frames.pop()?.map(|body| hear(&body, waiting)))
+    }
 
-/// The samples of a `metrics JSON` answer.
-pub(crate) fn metrics(json: &[u8]) -> Result<Vec<Sample>, String> {
-    serde_json::from_slice(json).map_err(|e| format!("bad metrics: {e}"))
+    /// Bytes received and not yet part of a whole frame (for the tests and the fuzz targets).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn buffered(&self) -> usize {
+        self.frames.buffered()
+    }
+
+    /// Whether a length over the limit was read: the stream is out of step for good.
+    pub(crate) fn is_broken(&self) -> bool {
+        self.frames.is_broken()
+    }
 }
 
 /// The samples of worker `index` that main exports: those with Prometheus names (main does not
@@ -104,43 +95,55 @@ pub(crate) fn worker_samples(samples: Vec<Sample>, index: usize) -> (Vec<Sample>
     (kept, left_out)
 }
 
-/// The `[cluster, address]` pairs of an `ejected JSON` answer.
-pub(crate) fn ejected(json: &[u8]) -> Result<Vec<(String, String)>, String> {
-    serde_json::from_slice(json).map_err(|e| format!("bad answer: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_config::protocol::channel::encode;
 
-    #[test]
-    fn verdicts() {
-        assert_eq!(verdict(b"ok"), Verdict::Done);
-        assert_eq!(verdict(b"error: no"), Verdict::Refused("no".into()));
-        assert_eq!(verdict(b"metrics []"), Verdict::Late);
-        assert!(matches!(verdict(b"ok "), Verdict::Unexpected(_)));
-        assert_eq!(frame_len([0, 0, 1, 0]), Ok(256));
-        assert!(frame_len(u32::MAX.to_be_bytes()).is_err());
+    fn answer(id: u64, reply: Reply) -> Vec<u8> {
+        encode(&Answer { id, reply }).unwrap()
     }
 
     #[test]
-    fn tagged_answers() {
-        assert_eq!(tagged(b"metrics []", b"metrics "), Tagged::Found(b"[]"));
-        assert_eq!(tagged(b"ejected []", b"metrics "), Tagged::Late);
-        assert_eq!(tagged(b"ok", b"metrics "), Tagged::Late);
-        assert!(matches!(
-            tagged(b"\xff", b"metrics "),
-            Tagged::Unexpected(_)
-        ));
-        let samples =
-            metrics(br#"[{"name":"kakehi_worker_x","value":1},{"name":"a b","value":2}]"#).unwrap();
+    fn the_awaited_answer_is_found_by_id_and_others_are_late() {
+        let mut inbox = Inbox::default();
+        let mut wire = answer(1, Reply::Done);
+        wire.extend(answer(2, Reply::Refused { error: "no".into() }));
+        wire.extend(answer(3, Reply::Metrics { samples: vec![] }));
+        inbox.push(&wire[..wire.len() - 1]);
+        assert_eq!(inbox.pop(Some(2)).unwrap(), Some(Heard::Late { id: 1 }));
+        assert_eq!(
+            inbox.pop(Some(2)).unwrap(),
+            Some(Heard::Ours(Reply::Refused { error: "no".into() }))
+        );
+        assert_eq!(inbox.pop(Some(3)).unwrap(), None, "half a frame waits");
+        inbox.push(&wire[wire.len() - 1..]);
+        assert_eq!(
+            inbox.pop(Some(3)).unwrap(),
+            Some(Heard::Ours(Reply::Metrics { samples: vec![] }))
+        );
+        assert_eq!(inbox.buffered(), 0);
+        assert_eq!(
+            hear(&answer(5, Reply::Done)[4..], None),
+            Heard::Late { id: 5 }
+        );
+        // The old string protocol's answers are not misread.
+        assert!(matches!(hear(b"ok", Some(1)), Heard::Unreadable(_)));
+        assert!(matches!(hear(b"\x01{", Some(1)), Heard::Unreadable(_)));
+        inbox.push(&u32::MAX.to_be_bytes());
+        assert!(inbox.pop(Some(4)).is_err());
+        assert!(inbox.pop(Some(4)).is_err(), "for good");
+    }
+
+    #[test]
+    fn worker_samples_keep_prometheus_names_and_label_the_worker() {
+        let samples: Vec<Sample> = serde_json::from_str(
+            r#"[{"name":"kakehi_worker_x","value":1},{"name":"a b","value":2}]"#,
+        )
+        .unwrap();
         let (kept, left_out) = worker_samples(samples, 3);
         assert_eq!(left_out, 1);
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].labels.get("worker").map(String::as_str), Some("3"));
-        assert_eq!(
-            ejected(br#"[["app","127.0.0.1:1"]]"#),
-            Ok(vec![("app".to_string(), "127.0.0.1:1".to_string())])
-        );
     }
 }

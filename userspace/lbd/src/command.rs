@@ -41,9 +41,11 @@ const LINGER: Duration = Duration::from_secs(2);
 
 /// What the supervisor implements: act on one request, on the supervisor's own thread.
 ///
-/// An `Err` is the one line lbctl prints; a refused change must have changed nothing.
+/// An `Err` is the one line lbctl prints (its `Display`); a refused change must have changed
+/// nothing.
 pub trait Handler {
-    fn handle(&mut self, verb: Verb) -> Result<Payload, String>;
+    type Error: std::fmt::Display;
+    fn handle(&mut self, verb: Verb) -> Result<Payload, Self::Error>;
 }
 
 /// Why the command socket could not be set up. Each names the path and what to do.
@@ -324,7 +326,7 @@ impl Drop for CommandServer {
 /// Runs the supervisor's handler for one request and sends the answer to its connection.
 fn answer(pending: Pending, handler: &mut impl Handler) {
     let name = pending.verb.name();
-    let result = handler.handle(pending.verb);
+    let result = handler.handle(pending.verb).map_err(|e| e.to_string());
     if let Err(e) = &result {
         log::info!("lbctl {name}: refused: {e}");
     }
@@ -578,6 +580,8 @@ mod tests {
     }
 
     impl Handler for Fake {
+        type Error = String;
+
         fn handle(&mut self, verb: Verb) -> Result<Payload, String> {
             self.calls.push(verb.clone());
             match verb {

@@ -1,6 +1,8 @@
 //! The few places where lbd handles raw file descriptors: handing sockets to a worker across
 //! fork+exec, and taking them back as typed objects in the worker. Every `unsafe` of the
-//! supervisor/worker boundary lives here.
+//! supervisor/worker boundary lives here; where nix or socket2 wraps a call (prctl, a socket
+//! option, SCM_RIGHTS), the wrapper is used, and `unsafe` is left for taking ownership of an
+//! inherited fd number and for the `pre_exec` hooks between fork and exec.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -35,10 +37,8 @@ pub fn inherit_fds(command: &mut Command, fds: Vec<RawFd>) {
                 return Err(std::io::Error::last_os_error());
             }
         }
-        // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number; async-signal-safe.
-        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) } == -1 {
-            return Err(std::io::Error::last_os_error());
-        }
+        // prctl(PR_SET_PDEATHSIG): one syscall, async-signal-safe.
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
         Ok(())
     };
     // SAFETY: the hook only calls async-signal-safe functions (fcntl, prctl) and touches no
@@ -50,40 +50,17 @@ pub fn inherit_fds(command: &mut Command, fds: Vec<RawFd>) {
 
 /// Takes ownership of an inherited fd that must be a listening TCP socket.
 pub fn listener_from_fd(fd: RawFd) -> Result<TcpListener, FdError> {
-    let mut accepting: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `accepting`, a c_int we own.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut accepting as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || accepting == 0 {
+    let owned = owned_from_fd(fd)?;
+    let accepting = nix::sys::socket::getsockopt(&owned, nix::sys::socket::sockopt::AcceptConn);
+    if !matches!(accepting, Ok(true)) {
         return Err(FdError::NotAListener { fd });
     }
-    // SAFETY: the fd was inherited for this purpose, is a listening socket (checked above)
-    // and nothing else in this process owns it.
-    Ok(unsafe { TcpListener::from_raw_fd(fd) })
+    Ok(TcpListener::from(owned))
 }
 
 /// Takes ownership of an inherited fd holding the worker's config text.
 pub fn file_from_fd(fd: RawFd) -> Result<File, FdError> {
-    // SAFETY: fstat fills a stat struct we own; it only checks that the fd is open.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return Err(FdError::Io {
-            fd,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: the fd is open (fstat succeeded), was inherited for this purpose and is owned
-    // by nothing else in this process.
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    Ok(File::from(owned_from_fd(fd)?))
 }
 
 /// Takes ownership of an inherited fd of any kind (checked to be open).
@@ -241,43 +218,23 @@ pub enum FdKind {
 /// through /proc/self/fdinfo (which names a program's or map's type).
 pub fn kind_of(fd: std::os::fd::BorrowedFd<'_>) -> FdKind {
     let raw = fd.as_raw_fd();
-    let int_opt = |level: libc::c_int, name: libc::c_int| -> Option<libc::c_int> {
-        let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `value`, a c_int we own.
-        let rc = unsafe {
-            libc::getsockopt(
-                raw,
-                level,
-                name,
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        (rc == 0).then_some(value)
-    };
-    if let Some(domain) = int_opt(libc::SOL_SOCKET, libc::SO_DOMAIN) {
-        let listening = int_opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1);
-        let stream = int_opt(libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM);
+    let socket = socket2::SockRef::from(&fd);
+    if let Ok(domain) = socket.domain() {
+        let listening = socket.is_listener().unwrap_or(false);
+        let stream = socket.r#type().is_ok_and(|t| t == socket2::Type::STREAM);
         if !(listening && stream) {
             return FdKind::Other("a socket that is not a listening stream socket".into());
         }
-        if domain == libc::AF_UNIX {
+        if domain == socket2::Domain::UNIX {
             return FdKind::UnixListener;
         }
-        if domain == libc::AF_INET || domain == libc::AF_INET6 {
-            return match fd
-                .try_clone_to_owned()
-                .map(socket2::Socket::from)
-                .and_then(|s| s.local_addr())
-                .ok()
-                .and_then(|a| a.as_socket())
-            {
+        if domain == socket2::Domain::IPV4 || domain == socket2::Domain::IPV6 {
+            return match socket.local_addr().ok().and_then(|a| a.as_socket()) {
                 Some(addr) => FdKind::TcpListener(addr),
                 None => FdKind::Other("a socket without a local address".into()),
             };
         }
-        return FdKind::Other(format!("a socket of family {domain}"));
+        return FdKind::Other(format!("a socket of family {domain:?}"));
     }
     let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")) else {
         return FdKind::Other("an fd /proc cannot describe".into());

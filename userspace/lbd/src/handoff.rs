@@ -8,9 +8,8 @@
 //! address a socket is bound to, the type of a BPF object) are checked in `upgrade.rs`, once
 //! received, against the roles checked here.
 
-use anyhow::bail;
 use lb_config::state::State;
-use lb_config::Config;
+use lb_config::{Config, ConfigError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -76,6 +75,22 @@ pub enum Reply {
     },
 }
 
+/// Why a handoff message is refused before any descriptor is received.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("the running lbd speaks handoff version {offered}, this one {HANDOFF_VERSION}")]
+    Version { offered: u64 },
+    #[error("the handoff message is not valid: {0}")]
+    Invalid(#[source] serde_json::Error),
+    #[error("the handed-over state: {0}")]
+    State(#[source] ConfigError),
+    #[error("the handed-over state does not validate here: {0}")]
+    Validate(#[source] ConfigError),
+    /// The descriptor roles are not what the state needs.
+    #[error("{0}")]
+    Roles(String),
+}
+
 /// A handoff message that passed every check that needs no descriptor.
 pub struct Checked {
     pub message: Handoff,
@@ -87,14 +102,13 @@ pub struct Checked {
 /// Decodes the message, checks its version, reads and validates its state, and checks that
 /// its descriptor roles are exactly what that state needs. Any error means: refuse, start
 /// nothing, use no descriptor.
-pub fn check(body: &[u8]) -> anyhow::Result<Checked> {
+pub fn check(body: &[u8]) -> Result<Checked, CheckError> {
     let message = decode(body)?;
-    let mut state = State::from_toml(&message.state, &message.source)
-        .map_err(|e| anyhow::anyhow!("the handed-over state: {e}"))?;
+    let mut state = State::from_toml(&message.state, &message.source).map_err(CheckError::State)?;
     keep_kernel_steering_of_an_older_lbd(&mut state, &message.fds);
     let config = state
         .validate(&message.source)
-        .map_err(|e| anyhow::anyhow!("the handed-over state does not validate here: {e}"))?;
+        .map_err(CheckError::Validate)?;
     check_roles(&message.fds, &config)?;
     Ok(Checked {
         message,
@@ -104,7 +118,7 @@ pub fn check(body: &[u8]) -> anyhow::Result<Checked> {
 }
 
 /// The message in `body`, of this version.
-pub fn decode(body: &[u8]) -> anyhow::Result<Handoff> {
+pub fn decode(body: &[u8]) -> Result<Handoff, CheckError> {
     let message: Handoff = match serde_json::from_slice(body) {
         Ok(message) => message,
         Err(e) => {
@@ -114,17 +128,16 @@ pub fn decode(body: &[u8]) -> anyhow::Result<Handoff> {
                 .and_then(|v| v.get("version").and_then(serde_json::Value::as_u64));
             match version {
                 Some(v) if v != u64::from(HANDOFF_VERSION) => {
-                    bail!("the running lbd speaks handoff version {v}, this one {HANDOFF_VERSION}")
+                    return Err(CheckError::Version { offered: v })
                 }
-                _ => bail!("the handoff message is not valid: {e}"),
+                _ => return Err(CheckError::Invalid(e)),
             }
         }
     };
     if message.version != HANDOFF_VERSION {
-        bail!(
-            "the running lbd speaks handoff version {}, this one {HANDOFF_VERSION}",
-            message.version
-        );
+        return Err(CheckError::Version {
+            offered: u64::from(message.version),
+        });
     }
     Ok(message)
 }
@@ -158,24 +171,26 @@ pub const STEERING_MAPS: [&str; 4] = [
 /// Checks that `roles` are exactly the descriptors `config` needs, each once: the command
 /// socket, a socket per listener and worker (at the listener's address), and with eBPF
 /// steering a program and its maps per listener.
-pub fn check_roles(roles: &[FdRole], config: &Config) -> anyhow::Result<()> {
+pub fn check_roles(roles: &[FdRole], config: &Config) -> Result<(), CheckError> {
     let listeners = config.listeners.len();
     let workers = config.workers;
     let ebpf = config.steering == lb_config::Steering::Ebpf;
     let per_listener = workers.saturating_add(if ebpf { 1 + STEERING_MAPS.len() } else { 0 });
     let expected = listeners.saturating_mul(per_listener).saturating_add(1);
     if roles.len() != expected {
-        bail!(
+        return Err(CheckError::Roles(format!(
             "{} descriptors handed over; {listeners} listeners × {workers} workers{} need {expected}",
             roles.len(),
             if ebpf { " with eBPF steering" } else { "" }
-        );
+        )));
     }
     let mut seen = HashSet::new();
     for (index, role) in roles.iter().enumerate() {
         let in_range = |listener: usize| {
             if listener >= listeners {
-                bail!("descriptor {index}: no listener {listener} in the state");
+                return Err(CheckError::Roles(format!(
+                    "descriptor {index}: no listener {listener} in the state"
+                )));
             }
             Ok(())
         };
@@ -188,37 +203,47 @@ pub fn check_roles(roles: &[FdRole], config: &Config) -> anyhow::Result<()> {
             } => {
                 in_range(*listener)?;
                 if *worker >= workers {
-                    bail!("descriptor {index}: no worker {worker} (workers = {workers})");
+                    return Err(CheckError::Roles(format!(
+                        "descriptor {index}: no worker {worker} (workers = {workers})"
+                    )));
                 }
                 if let Some(expected) = config.listeners.get(*listener).map(|l| l.address) {
                     let same = address.ip() == expected.ip()
                         && (expected.port() == 0 || address.port() == expected.port());
                     if !same {
-                        bail!(
+                        return Err(CheckError::Roles(format!(
                             "descriptor {index}: listener {listener} is {expected} in the state, \
                              the message says {address}"
-                        );
+                        )));
                     }
                 }
             }
             FdRole::SteeringProgram { listener } => {
                 in_range(*listener)?;
                 if !ebpf {
-                    bail!("descriptor {index}: a steering program, but steering is not eBPF");
+                    return Err(CheckError::Roles(format!(
+                        "descriptor {index}: a steering program, but steering is not eBPF"
+                    )));
                 }
             }
             FdRole::SteeringMap { listener, map } => {
                 in_range(*listener)?;
                 if !ebpf {
-                    bail!("descriptor {index}: a steering map, but steering is not eBPF");
+                    return Err(CheckError::Roles(format!(
+                        "descriptor {index}: a steering map, but steering is not eBPF"
+                    )));
                 }
                 if !STEERING_MAPS.contains(&map.as_str()) {
-                    bail!("descriptor {index}: unknown map {map:?}");
+                    return Err(CheckError::Roles(format!(
+                        "descriptor {index}: unknown map {map:?}"
+                    )));
                 }
             }
         }
         if !seen.insert(slot(role)) {
-            bail!("descriptor {index}: {role:?} is handed over twice");
+            return Err(CheckError::Roles(format!(
+                "descriptor {index}: {role:?} is handed over twice"
+            )));
         }
     }
     Ok(())

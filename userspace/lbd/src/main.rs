@@ -10,21 +10,25 @@
 #![deny(unsafe_code)]
 
 mod answers;
+mod channel;
 mod command;
 mod fds;
+mod generation;
 mod handoff;
 mod health;
 mod listeners;
 mod logger;
 mod metrics;
 mod observe;
-mod runtime;
 mod sandbox;
 #[allow(dead_code)] // The fd handoff of `lbctl upgrade` and tests/steering.rs use the rest.
 mod steering;
 mod supervisor;
+mod test_hooks;
 mod upgrade;
+mod verbs;
 mod worker_main;
+mod workers;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -96,10 +100,27 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lbd: {e:#}");
+            eprintln!("lbd: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, "what: why: why", each cause once: the error types
+/// of lbd say their cause in their own message, and anyhow's contexts do not.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
@@ -135,7 +156,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         path.display(),
         std::process::id()
     );
-    match supervisor.start_generation(supervisor::READY_TIMEOUT) {
+    match supervisor.start_generation(generation::READY_TIMEOUT) {
         Ok(()) => notify_ready(),
         // The loop goes on restarting workers that die, but lbd does not claim to be ready:
         // under systemd the start then times out and the unit fails, visibly.
@@ -152,22 +173,17 @@ fn serve(
 ) -> anyhow::Result<()> {
     supervisor.set_command_socket(&commands)?;
     match supervisor.run(signals, &commands) {
-        Ok(supervisor::Exit::HandedOver) => {
+        supervisor::Exit::HandedOver => {
             // The socket file stays: the next lbd answers on it.
             drop(commands.handoff());
             log::info!("lbd handed over to the next generation; exiting");
-            Ok(())
         }
-        Ok(supervisor::Exit::Stopped) => {
+        supervisor::Exit::Stopped => {
             commands.stop();
             log::info!("lbd stopped");
-            Ok(())
-        }
-        Err(e) => {
-            commands.stop();
-            Err(e)
         }
     }
+    Ok(())
 }
 
 /// Tells systemd (when it started lbd with Type=notify) that lbd serves, and which pid is
@@ -182,10 +198,6 @@ fn notify_ready() {
     }
 }
 
-/// Environment variable for tests: the next main of an upgrade waits this many milliseconds,
-/// its workers started, before it says "ready" (so that a test can kill it mid-handoff).
-const HANDOFF_PAUSE: &str = "KAKEHI_TEST_HANDOFF_PAUSE_MS";
-
 /// The next main of `lbctl upgrade`: takes over what the running lbd hands over on `fd`,
 /// starts its workers on the same sockets, says "ready", and serves once the running lbd
 /// commits (or has gone away).
@@ -193,14 +205,15 @@ fn take_over(fd: i32, log_level: log::LevelFilter) -> anyhow::Result<()> {
     let mut channel = std::os::unix::net::UnixStream::from(fds::owned_from_fd(fd)?);
     let refuse = |channel: &mut std::os::unix::net::UnixStream, error: &anyhow::Error| {
         let reply = upgrade::Reply::Failed {
-            error: format!("{error:#}"),
+            error: one_line(error),
         };
         let _ = upgrade::reply(channel, &reply);
     };
     let mut signals = supervisor::Supervisor::signals()?;
-    let handed = match upgrade::receive(&mut channel, supervisor::READY_TIMEOUT) {
+    let handed = match upgrade::receive(&mut channel, generation::READY_TIMEOUT) {
         Ok(handed) => handed,
         Err(e) => {
+            let e = anyhow::Error::from(e);
             refuse(&mut channel, &e);
             return Err(e.context("taking over from the running lbd"));
         }
@@ -217,23 +230,24 @@ fn take_over(fd: i32, log_level: log::LevelFilter) -> anyhow::Result<()> {
     let (mut supervisor, command) = match supervisor::Supervisor::adopt(handed, log_level) {
         Ok(adopted) => adopted,
         Err(e) => {
+            let e = anyhow::Error::from(e);
             refuse(&mut channel, &e);
             return Err(e);
         }
     };
-    if let Err(e) = supervisor.start_generation(supervisor::READY_TIMEOUT) {
-        let e = anyhow::anyhow!(e);
+    if let Err(e) = supervisor.start_generation(generation::READY_TIMEOUT) {
+        let e = anyhow::Error::from(e);
         refuse(&mut channel, &e);
         supervisor.retire_all();
         return Err(e);
     }
-    if let Some(ms) = std::env::var(HANDOFF_PAUSE)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    if let Some(pause) = test_hooks::handoff_pause() {
         // Test-only: a window in which the test kills this process mid-handoff.
-        log::warn!("{HANDOFF_PAUSE} is set: pausing {ms} ms before saying ready");
-        std::thread::sleep(std::time::Duration::from_millis(ms));
+        log::warn!(
+            "{} is set: pausing {pause:?} before saying ready",
+            test_hooks::HANDOFF_PAUSE
+        );
+        std::thread::sleep(pause);
     }
     let ready = upgrade::Reply::Ready {
         pid: std::process::id(),
@@ -242,9 +256,9 @@ fn take_over(fd: i32, log_level: log::LevelFilter) -> anyhow::Result<()> {
     };
     if let Err(e) = upgrade::reply(&mut channel, &ready) {
         supervisor.retire_all();
-        return Err(e);
+        return Err(anyhow::Error::from(e).context("answering the running lbd"));
     }
-    match upgrade::wait_commit(&mut channel, supervisor::READY_TIMEOUT) {
+    match upgrade::wait_commit(&mut channel, generation::READY_TIMEOUT) {
         Ok(true) => {}
         Ok(false) => log::warn!("the previous lbd went away after this one was ready: taking over"),
         Err(e) => {

@@ -1,31 +1,30 @@
-//! What the supervisor does each turn of its loop for observability: it keeps the health
-//! checks in step with the running config, tells every worker which backends are down, and
-//! answers the metrics exporter's scrapes with the figures of every process. Also the
+//! The observer: what lbd main does each turn of its loop for observability. It keeps the
+//! health checks in step with the running config, tells every worker which backends are down,
+//! and answers the metrics exporter's scrapes with the figures of every process. Also the
 //! lbctl verbs that read them (`metrics`, the backends of `status`) and `log-level`.
 //!
-//! The workers' figures come over their channels: main sends `\0metrics` to every worker,
-//! then reads each answer (`metrics JSON`, see lb-proxy's `control.rs`), so the workers
-//! answer in parallel; the per-worker gauges get a `worker` label here and everything else
-//! is summed across workers. Health verdicts go out as `\0health JSON`, which workers do not
-//! answer: to each worker whenever the down set changes, and to every new worker process
-//! (a restarted worker, or the next generation after an upgrade) as soon as it exists.
+//! The workers' figures come over their channels: main sends [`Order::Metrics`] to every
+//! worker, then reads the answers as they come (`workers.rs`' `ask_all`), so the workers
+//! answer in parallel; the per-worker gauges get a `worker` label here and everything else is
+//! summed across workers. Health verdicts go out as [`Order::Health`], which workers do not
+//! answer: to each worker whenever the down set changes, and to every new worker process (a
+//! restarted worker, or the next generation after an upgrade) as soon as it exists.
 //!
 //! A worker process that is gone (it died and was restarted, or was replaced by an upgrade)
 //! takes its counters with it; main keeps them as of its last answer and adds them to the
 //! sums, so that totals do not go backwards (what it counted after that answer is lost).
 
-use crate::answers::Tagged;
 use crate::health::Health;
 use crate::metrics::{Exporter, Merged};
-use crate::runtime::{recv_frame, send_frame};
-use crate::supervisor::Supervisor;
+use crate::workers::{Unanswered, Workers};
+use lb_config::protocol::channel::{Order, Reply};
 use lb_config::protocol::{BackendHealth, Payload, Sample};
+use lb_config::Config;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-/// How long a worker gets to answer a metrics request.
+/// How long a worker gets to answer a metrics request (and a log level).
 const METRICS_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a worker gets to answer `lbctl status`'s question (its ejected backends).
 const STATUS_TIMEOUT: Duration = Duration::from_millis(500);
@@ -33,6 +32,31 @@ const STATUS_TIMEOUT: Duration = Duration::from_millis(500);
 /// during an upgrade, say) is tried again.
 const REBIND_EVERY: Duration = Duration::from_secs(1);
 
+/// Why a log level was not set everywhere.
+#[derive(Debug, thiserror::Error)]
+pub enum LogLevelError {
+    #[error("unknown log level {0:?}: use error, warn, info, debug, trace or off")]
+    Unknown(String),
+    #[error("log level {level} set in lbd and {applied} workers, not in: {failed}")]
+    Partly {
+        level: String,
+        applied: usize,
+        failed: String,
+    },
+}
+
+/// What a worker answered that is not the reply asked for.
+#[derive(Debug, thiserror::Error)]
+enum Unexpected {
+    #[error(transparent)]
+    Unanswered(#[from] Unanswered),
+    #[error("{error}")]
+    Refused { error: String },
+    #[error("unexpected answer {0:?}")]
+    Other(Box<Reply>),
+}
+
+/// The health checks, the metrics exporter, and what the workers were told and answered.
 #[derive(Default)]
 pub struct Observer {
     health: Health,
@@ -48,77 +72,69 @@ pub struct Observer {
     retired: Merged,
 }
 
-impl Supervisor {
+impl Observer {
     /// One turn: health checks, health pushes, the exporter.
-    pub(crate) fn observe(&mut self) {
-        let mut observer = std::mem::take(&mut self.observer);
-        observer.health.sync(self.config());
-        observer.health.poll();
-        self.push_health(&mut observer);
-        self.keep_exporter(&mut observer);
-        if let Some(exporter) = &observer.exporter {
+    pub(crate) fn turn(&mut self, workers: &mut Workers, config: &Config, stopping: bool) {
+        self.health.sync(config);
+        self.health.poll();
+        self.push_health(workers);
+        self.keep_exporter(config);
+        if let Some(exporter) = &self.exporter {
             let pending = exporter.pending();
             if !pending.is_empty() {
-                let text = crate::metrics::render(&self.gather(&mut observer));
+                let text = crate::metrics::render(&self.gather(workers, config, stopping));
                 for scrape in pending {
                     let _ = scrape.try_send(text.clone());
                 }
             }
         }
-        self.observer = observer;
     }
 
     /// The backends found down, for the handoff of an upgrade.
     pub(crate) fn health_down(&self) -> Vec<(String, SocketAddr)> {
-        self.observer.health.down()
+        self.health.down()
     }
 
     /// Starts the health checks of the running config with `down` marked down (what the
     /// previous lbd found), before the first workers start.
-    pub(crate) fn seed_health(&mut self, down: &[(String, SocketAddr)]) {
-        let mut observer = std::mem::take(&mut self.observer);
-        observer.health.sync(self.config());
-        observer.health.assume_down(down);
-        self.observer = observer;
+    pub(crate) fn seed_health(&mut self, config: &Config, down: &[(String, SocketAddr)]) {
+        self.health.sync(config);
+        self.health.assume_down(down);
     }
 
     /// `lbctl metrics`: every sample of lbd and its workers.
-    pub(crate) fn all_samples(&mut self) -> Vec<Sample> {
-        let mut observer = std::mem::take(&mut self.observer);
-        let samples = self.gather(&mut observer);
-        self.observer = observer;
-        samples
+    pub(crate) fn all_samples(
+        &mut self,
+        workers: &mut Workers,
+        config: &Config,
+        stopping: bool,
+    ) -> Vec<Sample> {
+        self.gather(workers, config, stopping)
     }
 
     /// The backends table of `lbctl status`.
     /// With, for each backend, how many workers keep it ejected (asked of each worker, which
     /// answers at once; a worker that does not within [`STATUS_TIMEOUT`] counts for none).
-    pub(crate) fn health_rows(&mut self) -> Vec<BackendHealth> {
-        let mut rows = self.observer.health.rows(self.config());
-        let mut asked = Vec::new();
-        for (index, _, channel) in self.channels() {
-            if send_frame(channel, b"\0ejected").is_ok() {
-                asked.push(index);
-            }
-        }
-        for index in asked {
-            let Some(channel) = self.channel(index) else {
-                continue;
-            };
-            let answer = read_tagged(channel, b"ejected ", STATUS_TIMEOUT)
-                .and_then(|json| crate::answers::ejected(&json));
-            match answer {
-                Ok(ejected) => {
-                    for row in &mut rows {
-                        if ejected
-                            .iter()
-                            .any(|(c, a)| *c == row.cluster && *a == row.address)
-                        {
-                            row.ejected_by += 1;
-                        }
-                    }
+    pub(crate) fn health_rows(&self, workers: &mut Workers, config: &Config) -> Vec<BackendHealth> {
+        let mut rows = self.health.rows(config);
+        for (index, _, answer) in workers.ask_all(&Order::Ejected, STATUS_TIMEOUT) {
+            let ejected = match expect(answer, |r| match r {
+                Reply::Ejected { backends } => Ok(backends),
+                other => Err(other),
+            }) {
+                Ok(ejected) => ejected,
+                Err(e) => {
+                    log::warn!("worker {index}: no ejected backends for lbctl status: {e}");
+                    continue;
                 }
-                Err(e) => log::warn!("worker {index}: no ejected backends for lbctl status: {e}"),
+            };
+            for row in &mut rows {
+                if ejected
+                    .iter()
+                    .any(|(c, a)| *c == row.cluster && a.to_string() == row.address)
+                {
+                    row.ejected_by += 1;
+                }
             }
         }
         rows
@@ -126,28 +142,27 @@ impl Supervisor {
 
     /// `lbctl log-level LEVEL`: main's level, every worker's, and the level workers started
     /// from now on get.
-    pub(crate) fn set_log_level(&mut self, level: &str) -> Result<Payload, String> {
-        let filter: log::LevelFilter = level.parse().map_err(|_| {
-            format!("unknown log level {level:?}: use error, warn, info, debug, trace or off")
-        })?;
+    pub(crate) fn set_log_level(
+        &mut self,
+        workers: &mut Workers,
+        level: &str,
+    ) -> Result<Payload, LogLevelError> {
+        let filter: log::LevelFilter = level
+            .parse()
+            .map_err(|_| LogLevelError::Unknown(level.to_owned()))?;
         log::set_max_level(filter);
-        self.log_level = filter;
+        workers.log_level = filter;
         let filter = filter.as_str().to_ascii_lowercase();
-        let frame = format!("\0log-level {filter}");
-        let mut sent = Vec::new();
-        let mut failed = Vec::new();
-        for (index, _, channel) in self.channels() {
-            match send_frame(channel, frame.as_bytes()) {
-                Ok(()) => sent.push(index),
-                Err(e) => failed.push(format!("worker {index}: {e}")),
-            }
-        }
+        let order = Order::LogLevel {
+            level: filter.clone(),
+        };
         let mut applied = 0;
-        for index in sent {
-            let Some(channel) = self.channel(index) else {
-                continue;
-            };
-            match crate::runtime::read_answer(channel, METRICS_TIMEOUT) {
+        let mut failed = Vec::new();
+        for (index, _, answer) in workers.ask_all(&order, METRICS_TIMEOUT) {
+            match expect(answer, |r| match r {
+                Reply::Done => Ok(()),
+                other => Err(other),
+            }) {
                 Ok(()) => applied += 1,
                 Err(e) => failed.push(format!("worker {index}: {e}")),
             }
@@ -158,57 +173,50 @@ impl Supervisor {
                 message: format!("log level {filter} (lbd and {applied} workers)"),
             })
         } else {
-            Err(format!(
-                "log level {filter} set in lbd and {applied} workers, not in: {}",
-                failed.join("; ")
-            ))
+            Err(LogLevelError::Partly {
+                level: filter,
+                applied,
+                failed: failed.join("; "),
+            })
         }
     }
 
-    fn push_health(&mut self, observer: &mut Observer) {
-        let version = observer.health.version();
-        let down = observer.health.down();
-        let mut text = None;
+    fn push_health(&mut self, workers: &mut Workers) {
+        let version = self.health.version();
+        let down = self.health.down();
         let mut live = Vec::new();
-        for (index, pid, channel) in self.channels() {
+        for (index, pid, channel) in workers.channels() {
             live.push(index);
             // A worker process not told anything yet knows of no backend down.
-            let needs = match observer.pushed.get(&index) {
+            let needs = match self.pushed.get(&index) {
                 Some(&(p, v)) if p == pid => v != version,
                 _ => !down.is_empty(),
             };
             if !needs {
-                observer.pushed.insert(index, (pid, version));
+                self.pushed.insert(index, (pid, version));
                 continue;
             }
-            let text = text.get_or_insert_with(|| {
-                let pairs: Vec<(&str, String)> = down
-                    .iter()
-                    .map(|(c, a)| (c.as_str(), a.to_string()))
-                    .collect();
-                serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into())
-            });
-            match send_frame(channel, format!("\0health {text}").as_bytes()) {
-                Ok(()) => {
-                    observer.pushed.insert(index, (pid, version));
+            match channel.send(Order::Health { down: down.clone() }) {
+                Ok(_) => {
+                    self.pushed.insert(index, (pid, version));
                 }
                 Err(e) => log::warn!("worker {index}: cannot send the health state: {e}"),
             }
         }
-        observer.pushed.retain(|i, _| live.contains(i));
+        self.pushed.retain(|i, _| live.contains(i));
     }
 
-    fn keep_exporter(&mut self, observer: &mut Observer) {
-        let wanted = self.config().metrics.as_ref().map(|m| m.address);
-        if observer.exporter.as_ref().map(Exporter::address) == wanted {
+    fn keep_exporter(&mut self, config: &Config) {
+        let wanted = config.metrics.as_ref().map(|m| m.address);
+        if self.exporter.as_ref().map(Exporter::address) == wanted {
             return;
         }
         let Some(address) = wanted else {
             // The exporter thread keeps its socket until lbd exits; it serves nothing more.
-            observer.exporter = None;
+            self.exporter = None;
             return;
         };
-        if let Some((failed, at)) = observer.bind_failed {
+        if let Some((failed, at)) = self.bind_failed {
             if failed == address && at.elapsed() < REBIND_EVERY {
                 return;
             }
@@ -216,72 +224,83 @@ impl Supervisor {
         match Exporter::start(address) {
             Ok(exporter) => {
                 log::info!("metrics served at http://{address}/metrics");
-                observer.exporter = Some(exporter);
-                observer.bind_failed = None;
+                self.exporter = Some(exporter);
+                self.bind_failed = None;
             }
             Err(e) => {
-                if observer.bind_failed.is_none_or(|(a, _)| a != address) {
+                if self.bind_failed.is_none_or(|(a, _)| a != address) {
                     log::warn!(
                         "metrics: cannot listen on {address}: {e} (trying again every second)"
                     );
                 }
-                observer.bind_failed = Some((address, Instant::now()));
+                self.bind_failed = Some((address, Instant::now()));
             }
         }
     }
 
     /// Every sample: steering, health, worker slots, and the workers' own.
-    fn gather(&mut self, observer: &mut Observer) -> Vec<Sample> {
+    fn gather(&mut self, workers: &mut Workers, config: &Config, stopping: bool) -> Vec<Sample> {
         let mut merged = Merged::default();
-        merged.add(self.samples());
-        merged.add(observer.health.samples());
-        for row in self.worker_rows() {
+        merged.add(workers.steering_samples(config));
+        merged.add(self.health.samples());
+        for row in workers.rows(stopping) {
             merged.add([Sample {
                 name: "kakehi_worker_restarts_total".into(),
                 labels: [("worker".to_string(), row.index.to_string())].into(),
                 value: row.restarts as f64,
             }]);
         }
-        let mut asked = Vec::new();
-        let mut live = HashMap::new();
-        for (index, pid, channel) in self.channels() {
-            live.insert(index, pid);
-            if send_frame(channel, b"\0metrics").is_ok() {
-                asked.push((index, pid));
-            }
-        }
-        let gone: Vec<usize> = observer
+        let live: HashMap<usize, u32> = workers
+            .channels()
+            .into_iter()
+            .map(|(index, pid, _)| (index, pid))
+            .collect();
+        let gone: Vec<usize> = self
             .last
             .iter()
             .filter(|(index, (pid, _))| live.get(index) != Some(pid))
             .map(|(index, _)| *index)
             .collect();
         for index in gone {
-            if let Some((_, samples)) = observer.last.remove(&index) {
-                observer.retired.add(samples);
+            if let Some((_, samples)) = self.last.remove(&index) {
+                self.retired.add(samples);
             }
         }
-        for (index, pid) in asked {
-            let Some(channel) = self.channel(index) else {
-                continue;
-            };
-            match read_metrics(channel) {
-                Ok(samples) => {
-                    let (samples, left_out) = crate::answers::worker_samples(samples, index);
-                    if left_out > 0 {
-                        log::warn!(
-                            "worker {index}: left out {left_out} metric samples whose names are not Prometheus names",
-                        );
-                    }
-                    let counters = samples.iter().filter(|s| is_counter(&s.name)).cloned();
-                    observer.last.insert(index, (pid, counters.collect()));
-                    merged.add(samples);
+        for (index, pid, answer) in workers.ask_all(&Order::Metrics, METRICS_TIMEOUT) {
+            let samples = match expect(answer, |r| match r {
+                Reply::Metrics { samples } => Ok(samples),
+                other => Err(other),
+            }) {
+                Ok(samples) => samples,
+                Err(e) => {
+                    log::warn!("worker {index}: no metrics: {e}");
+                    continue;
                 }
-                Err(e) => log::warn!("worker {index}: no metrics: {e}"),
+            };
+            let (samples, left_out) = crate::answers::worker_samples(samples, index);
+            if left_out > 0 {
+                log::warn!(
+                    "worker {index}: left out {left_out} metric samples whose names are not Prometheus names",
+                );
             }
+            let counters = samples.iter().filter(|s| is_counter(&s.name)).cloned();
+            self.last.insert(index, (pid, counters.collect()));
+            merged.add(samples);
         }
-        merged.add(observer.retired.samples().iter().cloned());
+        merged.add(self.retired.samples().iter().cloned());
         merged.into_samples()
+    }
+}
+
+/// The reply `pick` takes from a worker's answer; a refusal or another reply is an error.
+fn expect<T>(
+    answer: Result<Reply, Unanswered>,
+    pick: impl FnOnce(Reply) -> Result<T, Reply>,
+) -> Result<T, Unexpected> {
+    match pick(answer?) {
+        Ok(value) => Ok(value),
+        Err(Reply::Refused { error }) => Err(Unexpected::Refused { error }),
+        Err(other) => Err(Unexpected::Other(Box::new(other))),
     }
 }
 
@@ -290,28 +309,4 @@ fn is_counter(name: &str) -> bool {
     ["_total", "_bucket", "_sum", "_count"]
         .iter()
         .any(|suffix| name.ends_with(suffix))
-}
-
-/// Reads one `metrics JSON` answer from a worker.
-fn read_metrics(channel: &mut UnixStream) -> Result<Vec<Sample>, String> {
-    let json = read_tagged(channel, b"metrics ", METRICS_TIMEOUT)?;
-    crate::answers::metrics(&json)
-}
-
-/// Reads a worker's answer that starts with `tag`, and returns what follows it, all within
-/// `timeout`. An `ok` or `error: ...` before it is the late answer to a configuration that
-/// timed out, and another tagged answer a late one to an earlier question: skipped (their
-/// askers gave up on them), until the deadline.
-fn read_tagged(channel: &mut UnixStream, tag: &[u8], timeout: Duration) -> Result<Vec<u8>, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let body = recv_frame(channel, deadline).map_err(|e| format!("no answer: {e}"))?;
-        match crate::answers::tagged(&body, tag) {
-            Tagged::Found(rest) => return Ok(rest.to_vec()),
-            Tagged::Unexpected(why) => return Err(why),
-            Tagged::Late => {
-                log::debug!("skipped a late answer: {}", crate::answers::head(&body));
-            }
-        }
-    }
 }

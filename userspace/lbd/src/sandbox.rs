@@ -464,7 +464,7 @@ const NAMES: &[(libc::c_long, &str)] = &[
 ];
 
 /// Test-only: one forbidden call per rule, made by a real worker when the test sets
-/// `KAKEHI_TEST_SECCOMP_PROBE` (worker_main.rs) so that the sandbox is seen enforcing in the
+/// `KAKEHI_TEST_SECCOMP_PROBE` (test_hooks.rs) so that the sandbox is seen enforcing in the
 /// process that serves. `listener` is one of the worker's listening sockets.
 pub mod probe {
     #![allow(unsafe_code)]

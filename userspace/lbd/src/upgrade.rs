@@ -26,10 +26,10 @@
 //! over without the commit.
 
 use crate::fds::{self, FdKind};
-use crate::handoff::{self, Checked};
+use crate::handoff::{self, CheckError, Checked};
 pub use crate::handoff::{FdRole, Handoff, Reply, HANDOFF_VERSION};
-use crate::steering::{self, OwnedSteeringFds, Steering};
-use anyhow::{bail, Context as _};
+use crate::steering::{self, OwnedSteeringFds, Steering, SteeringError};
+use lb_config::protocol::frame;
 use lb_config::state::State;
 use lb_config::Config;
 use std::io::{Read, Write};
@@ -43,6 +43,57 @@ use std::time::{Duration, Instant};
 const MAX_FRAME: usize = 64 << 20;
 /// The word the old main sends once it has taken the new main's "ready".
 const COMMIT: &str = "commit";
+
+/// What went wrong on the handoff channel, or with what came over it.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error("timed out")]
+    TimedOut,
+    #[error("the other side closed the channel")]
+    Closed,
+    /// The other side is gone (how it ended, as its watcher says).
+    #[error("{0}")]
+    Gone(String),
+    #[error(transparent)]
+    TooLarge(#[from] frame::TooLarge),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Check(#[from] CheckError),
+    #[error("encoding the {what}: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the new lbd's reply is not valid: {0}")]
+    BadReply(#[source] serde_json::Error),
+    #[error("unexpected word from the running lbd: {0:?}")]
+    BadCommit(String),
+    #[error("internal: {roles} descriptor roles for {descriptors} descriptors")]
+    RoleCount { roles: usize, descriptors: usize },
+    #[error("internal: descriptor {index} ({role:?}) is {kind:?}")]
+    WrongKind {
+        index: usize,
+        role: FdRole,
+        kind: FdKind,
+    },
+    #[error("{what}: {source}")]
+    Descriptors {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A descriptor is not what its role says, or is missing or given twice.
+    #[error("{0}")]
+    Descriptor(String),
+    #[error("listener {listener}: taking over the steering maps: {source}")]
+    Adopt {
+        listener: usize,
+        #[source]
+        source: SteeringError,
+    },
+}
 
 /// This binary's version and a short id of the executable file it runs from (its size,
 /// modification time and inode, hashed), so two builds of one version can be told apart.
@@ -67,12 +118,11 @@ pub fn version() -> &'static str {
     })
 }
 
-/// Writes one frame: u32 big-endian length, then `body`.
-pub fn write_frame(stream: &mut UnixStream, body: &[u8]) -> std::io::Result<()> {
-    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
-    stream.write_all(&len.to_be_bytes())?;
-    stream.write_all(body)?;
-    stream.flush()
+/// Writes one frame (the shared codec's), blocking until it is all written.
+pub fn write_frame(stream: &mut UnixStream, body: &[u8]) -> Result<(), HandoffError> {
+    stream.write_all(&frame::encode(&[body], MAX_FRAME)?)?;
+    stream.flush()?;
+    Ok(())
 }
 
 /// Reads one frame, waiting at most until `deadline`; `alive` is asked between waits and
@@ -81,43 +131,38 @@ pub fn read_frame(
     stream: &mut UnixStream,
     deadline: Instant,
     mut alive: impl FnMut() -> Result<(), String>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, HandoffError> {
     // Never read past the frame: the descriptors that may follow ride on the next byte,
-    // and a plain read of that byte would drop them.
-    let mut buffer = vec![0u8; 4];
+    // and a plain read of that byte would drop them. So: the prefix, then the body exactly.
+    let mut buffer = vec![0u8; frame::LENGTH_BYTES];
     let mut filled = 0;
     let mut have_len = false;
     loop {
         if filled == buffer.len() {
             if have_len {
-                buffer.drain(..4);
+                buffer.drain(..frame::LENGTH_BYTES);
                 return Ok(buffer);
             }
-            let mut word = [0u8; 4];
-            word.copy_from_slice(buffer.get(..4).unwrap_or(&[0; 4]));
-            let len = u32::from_be_bytes(word) as usize;
-            if len > MAX_FRAME {
-                return Err(format!("a frame of {len} bytes is over the limit"));
-            }
-            buffer.resize(4 + len, 0);
+            let mut prefix = [0u8; frame::LENGTH_BYTES];
+            prefix.copy_from_slice(buffer.get(..frame::LENGTH_BYTES).unwrap_or(&[0; 4]));
+            let len = frame::body_len(prefix, MAX_FRAME)?;
+            buffer.resize(frame::LENGTH_BYTES + len, 0);
             have_len = true;
             continue;
         }
         let now = Instant::now();
         if now >= deadline {
-            return Err("timed out".into());
+            return Err(HandoffError::TimedOut);
         }
         let slice = (deadline - now).min(Duration::from_millis(100));
-        stream
-            .set_read_timeout(Some(slice))
-            .map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(slice))?;
         match stream.read(buffer.get_mut(filled..).unwrap_or_default()) {
-            Ok(0) => return Err("the other side closed the channel".into()),
+            Ok(0) => return Err(HandoffError::Closed),
             Ok(n) => filled += n,
-            Err(e) if crate::runtime::transient(&e) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) if crate::channel::transient(&e) => {}
+            Err(e) => return Err(e.into()),
         }
-        alive()?;
+        alive().map_err(HandoffError::Gone)?;
     }
 }
 
@@ -126,27 +171,35 @@ pub fn send(
     stream: &mut UnixStream,
     message: &Handoff,
     descriptors: &[std::os::fd::BorrowedFd<'_>],
-) -> anyhow::Result<()> {
+) -> Result<(), HandoffError> {
     if message.fds.len() != descriptors.len() {
-        bail!(
-            "internal: {} descriptor roles for {} descriptors",
-            message.fds.len(),
-            descriptors.len()
-        );
+        return Err(HandoffError::RoleCount {
+            roles: message.fds.len(),
+            descriptors: descriptors.len(),
+        });
     }
     // The sender checks too: a descriptor that is not what its role says is a bug here,
     // better refused before the new lbd sees it.
     for (index, (role, fd)) in message.fds.iter().zip(descriptors).enumerate() {
         let kind = fds::kind_of(*fd);
         if !role_matches(role, &kind) {
-            bail!("internal: descriptor {index} ({role:?}) is {kind:?}");
+            return Err(HandoffError::WrongKind {
+                index,
+                role: role.clone(),
+                kind,
+            });
         }
     }
-    let body = serde_json::to_vec(message).context("encoding the handoff")?;
-    write_frame(stream, &body).context("sending the handoff message")?;
+    let body = serde_json::to_vec(message).map_err(|source| HandoffError::Encode {
+        what: "handoff",
+        source,
+    })?;
+    write_frame(stream, &body)?;
     let raw: Vec<_> = descriptors.iter().map(fds::raw).collect();
-    fds::send_fds(stream, &raw).context("sending the descriptors")?;
-    Ok(())
+    fds::send_fds(stream, &raw).map_err(|source| HandoffError::Descriptors {
+        what: "sending the descriptors",
+        source,
+    })
 }
 
 /// What the new main takes over, checked.
@@ -166,9 +219,8 @@ pub struct Handed {
 
 /// Receives and checks a handoff (the new main's side). Any error means: refuse, start
 /// nothing.
-pub fn receive(stream: &mut UnixStream, timeout: Duration) -> anyhow::Result<Handed> {
-    let body = read_frame(stream, Instant::now() + timeout, || Ok(()))
-        .map_err(|e| anyhow::anyhow!("reading the handoff message: {e}"))?;
+pub fn receive(stream: &mut UnixStream, timeout: Duration) -> Result<Handed, HandoffError> {
+    let body = read_frame(stream, Instant::now() + timeout, || Ok(()))?;
     // Every check that needs no descriptor comes first: a message refused here leaves the
     // descriptors unread, and they close with the channel.
     let Checked {
@@ -177,11 +229,12 @@ pub fn receive(stream: &mut UnixStream, timeout: Duration) -> anyhow::Result<Han
         config,
     } = handoff::check(&body)?;
     // read_frame left a short read timeout on the socket; the descriptors follow at once.
-    stream
-        .set_read_timeout(Some(timeout))
-        .context("setting the handoff channel's timeout")?;
-    let descriptors = fds::recv_fds(stream, message.fds.len())
-        .context("receiving the descriptors of the handoff")?;
+    stream.set_read_timeout(Some(timeout))?;
+    let descriptors =
+        fds::recv_fds(stream, message.fds.len()).map_err(|source| HandoffError::Descriptors {
+            what: "receiving the descriptors of the handoff",
+            source,
+        })?;
     let parts = sort(&message.fds, descriptors, &config)?;
     Ok(Handed {
         from_version: message.from_version,
@@ -205,17 +258,22 @@ struct Parts {
 
 /// Puts every descriptor where its role says, checking that the roles are exactly what
 /// `config` needs and that each descriptor is of the kind its role claims.
-fn sort(roles: &[FdRole], descriptors: Vec<OwnedFd>, config: &Config) -> anyhow::Result<Parts> {
+fn sort(
+    roles: &[FdRole],
+    descriptors: Vec<OwnedFd>,
+    config: &Config,
+) -> Result<Parts, HandoffError> {
+    let refuse = HandoffError::Descriptor;
     let listeners = config.listeners.len();
     let workers = config.workers;
     let ebpf = config.steering == lb_config::Steering::Ebpf;
     let expected = 1 + listeners * workers + if ebpf { listeners * 5 } else { 0 };
     if roles.len() != expected {
-        bail!(
+        return Err(refuse(format!(
             "{} descriptors handed over; {listeners} listeners × {workers} workers{} need {expected}",
             roles.len(),
             if ebpf { " with eBPF steering" } else { "" }
-        );
+        )));
     }
     let mut command = None;
     let mut sockets: Vec<Vec<Option<TcpListener>>> = (0..listeners)
@@ -227,7 +285,9 @@ fn sort(roles: &[FdRole], descriptors: Vec<OwnedFd>, config: &Config) -> anyhow:
     for (index, (role, fd)) in roles.iter().zip(descriptors).enumerate() {
         let kind = fds::kind_of(fd.as_fd());
         let wrong = |wanted: &str| {
-            anyhow::anyhow!("descriptor {index} ({role:?}) should be {wanted}, it is {kind:?}")
+            refuse(format!(
+                "descriptor {index} ({role:?}) should be {wanted}, it is {kind:?}"
+            ))
         };
         match role {
             FdRole::CommandSocket => {
@@ -235,7 +295,7 @@ fn sort(roles: &[FdRole], descriptors: Vec<OwnedFd>, config: &Config) -> anyhow:
                     return Err(wrong("a listening unix socket"));
                 }
                 if command.replace(UnixListener::from(fd)).is_some() {
-                    bail!("two command sockets handed over");
+                    return Err(refuse("two command sockets handed over".into()));
                 }
             }
             FdRole::Listener {
@@ -244,7 +304,9 @@ fn sort(roles: &[FdRole], descriptors: Vec<OwnedFd>, config: &Config) -> anyhow:
                 address,
             } => {
                 let Some(expected) = config.listeners.get(*listener).map(|l| l.address) else {
-                    bail!("descriptor {index}: no listener {listener} in the state");
+                    return Err(refuse(format!(
+                        "descriptor {index}: no listener {listener} in the state"
+                    )));
                 };
                 let bound = match kind {
                     FdKind::TcpListener(bound) => bound,
@@ -253,21 +315,23 @@ fn sort(roles: &[FdRole], descriptors: Vec<OwnedFd>, config: &Config) -> anyhow:
                 let same = bound.ip() == expected.ip()
                     && (expected.port() == 0 || bound.port() == expected.port());
                 if !same || *address != bound {
-                    bail!(
+                    return Err(refuse(format!(
                         "descriptor {index}: listener {listener} is {expected} in the state, \
                          the socket is bound to {bound} (message says {address})"
-                    );
+                    )));
                 }
                 let slot = sockets
                     .get_mut(*listener)
                     .and_then(|group| group.get_mut(*worker))
                     .ok_or_else(|| {
-                        anyhow::anyhow!(
+                        refuse(format!(
                             "descriptor {index}: no worker {worker} (workers = {workers})"
-                        )
+                        ))
                     })?;
                 if slot.replace(TcpListener::from(fd)).is_some() {
-                    bail!("descriptor {index}: listener {listener} worker {worker} given twice");
+                    return Err(refuse(format!(
+                        "descriptor {index}: listener {listener} worker {worker} given twice"
+                    )));
                 }
             }
             FdRole::SteeringProgram { listener } => {
@@ -276,27 +340,31 @@ fn sort(roles: &[FdRole], descriptors: Vec<OwnedFd>, config: &Config) -> anyhow:
                 }
                 let slot = programs
                     .get_mut(*listener)
-                    .ok_or_else(|| anyhow::anyhow!("descriptor {index}: no listener {listener}"))?;
+                    .ok_or_else(|| refuse(format!("descriptor {index}: no listener {listener}")))?;
                 if slot.replace(fd).is_some() {
-                    bail!("descriptor {index}: two programs for listener {listener}");
+                    return Err(refuse(format!(
+                        "descriptor {index}: two programs for listener {listener}"
+                    )));
                 }
             }
             FdRole::SteeringMap { listener, map } => {
                 let wanted = map_type(map)
-                    .ok_or_else(|| anyhow::anyhow!("descriptor {index}: unknown map {map:?}"))?;
+                    .ok_or_else(|| refuse(format!("descriptor {index}: unknown map {map:?}")))?;
                 if kind != FdKind::BpfMap(wanted) {
                     return Err(wrong(&format!("BPF map {map} (type {wanted})")));
                 }
                 let group = maps
                     .get_mut(*listener)
-                    .ok_or_else(|| anyhow::anyhow!("descriptor {index}: no listener {listener}"))?;
+                    .ok_or_else(|| refuse(format!("descriptor {index}: no listener {listener}")))?;
                 if group.insert(map.clone(), fd).is_some() {
-                    bail!("descriptor {index}: map {map} of listener {listener} given twice");
+                    return Err(refuse(format!(
+                        "descriptor {index}: map {map} of listener {listener} given twice"
+                    )));
                 }
             }
         }
     }
-    let command = command.context("no command socket handed over")?;
+    let command = command.ok_or_else(|| refuse("no command socket handed over".into()))?;
     let sockets = sockets
         .into_iter()
         .enumerate()
@@ -304,33 +372,35 @@ fn sort(roles: &[FdRole], descriptors: Vec<OwnedFd>, config: &Config) -> anyhow:
             group
                 .into_iter()
                 .enumerate()
-                .map(|(w, s)| s.with_context(|| format!("no socket for listener {l} worker {w}")))
-                .collect::<anyhow::Result<Vec<_>>>()
+                .map(|(w, s)| {
+                    s.ok_or_else(|| refuse(format!("no socket for listener {l} worker {w}")))
+                })
+                .collect::<Result<Vec<_>, _>>()
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     let mut steering = Vec::new();
     if ebpf {
         for (listener, (program, mut group)) in programs.into_iter().zip(maps).enumerate() {
             let mut take = |name: &str| {
-                group
-                    .remove(name)
-                    .with_context(|| format!("listener {listener}: no map {name} handed over"))
+                group.remove(name).ok_or_else(|| {
+                    refuse(format!("listener {listener}: no map {name} handed over"))
+                })
             };
             let fds = OwnedSteeringFds {
                 program: program
-                    .with_context(|| format!("listener {listener}: no steering program"))?,
+                    .ok_or_else(|| refuse(format!("listener {listener}: no steering program")))?,
                 sockets: take(lb_ebpf_common::names::SOCKETS)?,
                 workers: take(lb_ebpf_common::names::WORKERS)?,
                 control: take(lb_ebpf_common::names::CONTROL)?,
                 counters: take(lb_ebpf_common::names::COUNTERS)?,
             };
-            let adopted = Steering::adopt(fds)
-                .with_context(|| format!("listener {listener}: taking over the steering maps"))?;
+            let adopted =
+                Steering::adopt(fds).map_err(|source| HandoffError::Adopt { listener, source })?;
             if adopted.control().workers as usize != workers {
-                bail!(
+                return Err(refuse(format!(
                     "listener {listener}: the steering program steers {} workers, the state has {workers}",
                     adopted.control().workers
-                );
+                )));
             }
             steering.push(adopted);
         }
@@ -366,27 +436,29 @@ fn map_type(name: &str) -> Option<u32> {
 }
 
 /// The new main's answer, sent to the old one.
-pub fn reply(stream: &mut UnixStream, reply: &Reply) -> anyhow::Result<()> {
-    let body = serde_json::to_vec(reply).context("encoding the reply")?;
-    write_frame(stream, &body).context("answering the running lbd")
+pub fn reply(stream: &mut UnixStream, reply: &Reply) -> Result<(), HandoffError> {
+    let body = serde_json::to_vec(reply).map_err(|source| HandoffError::Encode {
+        what: "reply",
+        source,
+    })?;
+    write_frame(stream, &body)
 }
 
 /// The old main: tells the new one to go on.
-pub fn commit(stream: &mut UnixStream) -> std::io::Result<()> {
+pub fn commit(stream: &mut UnixStream) -> Result<(), HandoffError> {
     write_frame(stream, COMMIT.as_bytes())
 }
 
 /// The new main, after "ready": waits for the commit. `Ok(true)`: committed; `Ok(false)`:
 /// the old main is gone (it closed the channel), so this one takes over anyway. `Err`: the
 /// old main gave up on this one (timeout or rollback).
-pub fn wait_commit(stream: &mut UnixStream, timeout: Duration) -> Result<bool, String> {
+pub fn wait_commit(stream: &mut UnixStream, timeout: Duration) -> Result<bool, HandoffError> {
     match read_frame(stream, Instant::now() + timeout, || Ok(())) {
         Ok(body) if body == COMMIT.as_bytes() => Ok(true),
-        Ok(body) => Err(format!(
-            "unexpected word from the running lbd: {:?}",
-            String::from_utf8_lossy(&body)
+        Ok(body) => Err(HandoffError::BadCommit(
+            String::from_utf8_lossy(&body).into_owned(),
         )),
-        Err(e) if e.contains("closed") => Ok(false),
+        Err(HandoffError::Closed) => Ok(false),
         Err(e) => Err(e),
     }
 }
@@ -396,9 +468,9 @@ pub fn read_reply(
     stream: &mut UnixStream,
     deadline: Instant,
     alive: impl FnMut() -> Result<(), String>,
-) -> Result<Reply, String> {
+) -> Result<Reply, HandoffError> {
     let body = read_frame(stream, deadline, alive)?;
-    serde_json::from_slice(&body).map_err(|e| format!("the new lbd's reply is not valid: {e}"))
+    serde_json::from_slice(&body).map_err(HandoffError::BadReply)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! listener), builds the event loop, then enters the sandbox (sandbox.rs) before it reads any
 //! network input, and serves until SIGTERM, after which it drains and exits 0.
 
-use crate::{fds, sandbox};
+use crate::{fds, sandbox, test_hooks};
 use anyhow::Context as _;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -53,12 +53,6 @@ impl lb_proxy::LiveGauge for SteeringGauge {
     }
 }
 
-/// Environment variable for tests: a worker that sees it makes one forbidden syscall right
-/// after entering its sandbox (and must die by SIGSYS). Its value names the call
-/// (`setsockopt`, `tgkill`, `socket`, `mmap`; anything else opens a file), see
-/// `sandbox::probe`.
-pub const SECCOMP_PROBE: &str = "KAKEHI_TEST_SECCOMP_PROBE";
-
 pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
     let file = fds::file_from_fd(args.config_fd)?;
     let text = fds::read_all(&file).context("reading the config handed by the supervisor")?;
@@ -96,7 +90,7 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
             index: u32::try_from(args.index).context("worker index")?,
         }));
     }
-    let probe = std::env::var(SECCOMP_PROBE).ok();
+    let probe = test_hooks::seccomp_probe();
     sandbox::enter(
         config.user.as_deref(),
         config.group.as_deref(),
@@ -107,7 +101,10 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
     if let Some(probe) = probe {
         // Test-only: prove that the filter is on in a real worker. The call is not in the
         // allowlist, so the kernel stops this process with SIGSYS before it returns.
-        log::warn!("{SECCOMP_PROBE} is set: making a forbidden syscall ({probe})");
+        log::warn!(
+            "{} is set: making a forbidden syscall ({probe})",
+            test_hooks::SECCOMP_PROBE
+        );
         let listener = args.listener_fds.first().copied().unwrap_or(-1);
         let what = sandbox::probe::forbidden_call(&probe, listener);
         anyhow::bail!("the forbidden syscall was allowed ({what}): the sandbox is not enforcing");

@@ -172,7 +172,10 @@ fn logfmt_str(s: &str, out: &mut String) {
     json_str(s, out);
 }
 
-fn json_str(s: &str, out: &mut String) {
+/// `s` in double quotes, escaped as JSON strings are (quotes, backslashes, `\n`, `\r`, `\t`,
+/// and every other control character as `\u00XX`): how the access log writes a value that is
+/// not a plain token, and how lbd's own log writes its messages.
+pub fn json_str(s: &str, out: &mut String) {
     out.push('"');
     for c in s.chars() {
         match c {

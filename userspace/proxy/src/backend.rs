@@ -1,17 +1,58 @@
-//! Idle backend connections kept alive between requests, per backend address.
+//! Backend connections: who their events go to, and the idle ones kept alive between requests,
+//! per backend address.
 //!
-//! A connection goes back here when its response ended cleanly and the backend did not ask to
-//! close. Before reuse it is checked with a non-blocking peek (a closed or chatty connection is
-//! dropped), and connections older than the idle limit are pruned.
+//! A backend connection is registered with the poll once, when it is opened, under a token of
+//! its own ([`back_token`], from its descriptor number), and stays registered until it is
+//! closed (closing the only descriptor of a socket removes it from the epoll set). Changing
+//! hands between sessions, or waiting in the pool, changes only who its events go to
+//! ([`IdlePool::event`]): no `epoll_ctl` per request, as nginx keeps its pooled upstream
+//! connections registered and changes only their handler.
+//!
+//! A connection goes back to the pool when its response ended cleanly and the backend did not
+//! ask to close. An event while it waits there (bytes, the backend closing, an error) marks it
+//! stirred: it is closed instead of reused. A connection that had no event is reused as it is,
+//! without a probe (an empty `recv(MSG_PEEK)` per request was what the probe cost).
 
 use mio::net::TcpStream;
+use mio::Token;
 use std::collections::HashMap;
-use std::io::ErrorKind;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
+
+/// The token of a backend connection: odd, from its descriptor number (sessions' client
+/// sockets have even tokens). A descriptor number is unique among open sockets; when a closed
+/// connection's number is taken again by a new backend connection, the new one's owner is
+/// recorded when it is registered.
+pub fn back_token(stream: &TcpStream) -> Token {
+    Token(fd_index(stream.as_raw_fd()) << 1 | 1)
+}
+
+/// The descriptor number of a backend token (see [`back_token`]).
+pub fn token_fd(token: usize) -> usize {
+    token >> 1
+}
+
+fn fd_index(fd: RawFd) -> usize {
+    usize::try_from(fd).unwrap_or(usize::MAX >> 2)
+}
+
+/// Who a backend connection's events go to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Owner {
+    /// No connection known by this descriptor number.
+    #[default]
+    Nobody,
+    /// The session with this key (slab key) uses it, or keeps it for its next request.
+    Session(usize),
+    /// It waits in the pool; `stirred`: an event came for it meanwhile.
+    Pooled { stirred: bool },
+}
 
 pub struct IdlePool {
     conns: HashMap<SocketAddr, Vec<(TcpStream, Instant)>>,
+    /// By descriptor number.
+    owners: Vec<Owner>,
     per_backend: usize,
     max_idle: Duration,
     /// Connections kept by sessions for their client's next request (see session.rs),
@@ -23,27 +64,73 @@ impl IdlePool {
     pub fn new(per_backend: usize, max_idle: Duration) -> IdlePool {
         IdlePool {
             conns: HashMap::new(),
+            owners: Vec::new(),
             per_backend,
             max_idle,
             held: 0,
         }
     }
 
-    /// A live idle connection to `addr`, most recently used first.
-    pub fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<TcpStream> {
-        let list = self.conns.get_mut(&addr)?;
-        while let Some((stream, since)) = list.pop() {
-            if now.saturating_duration_since(since) >= self.max_idle {
+    fn set_owner(&mut self, stream: &TcpStream, owner: Owner) {
+        let fd = fd_index(stream.as_raw_fd());
+        if fd >= self.owners.len() {
+            if owner == Owner::Nobody {
+                return;
+            }
+            self.owners.resize(fd + 1, Owner::Nobody);
+        }
+        if let Some(slot) = self.owners.get_mut(fd) {
+            *slot = owner;
+        }
+    }
+
+    /// The session with key `key` uses `stream` (just opened and registered under
+    /// [`back_token`], or taken back): its events go to that session.
+    pub fn own(&mut self, stream: &TcpStream, key: usize) {
+        self.set_owner(stream, Owner::Session(key));
+    }
+
+    /// An event for the backend connection with descriptor number `fd`: the key of the
+    /// session it belongs to, or `None` when it waits in the pool (`stirring`: the event
+    /// reports bytes, a close or an error, and the connection will not be reused) or is
+    /// unknown (an event of a connection closed earlier in the same turn).
+    pub fn event(&mut self, fd: usize, stirring: bool) -> Option<usize> {
+        match self.owners.get_mut(fd)? {
+            Owner::Session(key) => Some(*key),
+            Owner::Pooled { stirred } => {
+                *stirred |= stirring;
+                None
+            }
+            Owner::Nobody => None,
+        }
+    }
+
+    /// Forgets `stream`, which is about to be closed.
+    pub fn forget(&mut self, stream: &TcpStream) {
+        self.set_owner(stream, Owner::Nobody);
+    }
+
+    fn stirred(&self, stream: &TcpStream) -> bool {
+        let fd = fd_index(stream.as_raw_fd());
+        matches!(
+            self.owners.get(fd),
+            Some(Owner::Pooled { stirred: true }) | None
+        )
+    }
+
+    /// A live idle connection to `addr`, most recently used first; its events go to the
+    /// session with key `key` from now on.
+    pub fn take(&mut self, addr: SocketAddr, now: Instant, key: usize) -> Option<TcpStream> {
+        loop {
+            let (stream, since) = self.conns.get_mut(&addr)?.pop()?;
+            if now.saturating_duration_since(since) >= self.max_idle || self.stirred(&stream) {
+                // Closed, sent unsolicited bytes, failed, or too old: not reusable.
+                self.forget(&stream);
                 continue;
             }
-            let mut probe = [0u8; 1];
-            match stream.peek(&mut probe) {
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Some(stream),
-                // Closed (Ok(0)), sent unsolicited bytes (Ok(n)), or failed: not reusable.
-                _ => continue,
-            }
+            self.own(&stream, key);
+            return Some(stream);
         }
-        None
     }
 
     /// Takes one of the places for kept connections; false when all are taken.
@@ -64,38 +151,55 @@ impl IdlePool {
     /// A connection a session kept for itself, if it is still usable: younger than the idle
     /// limit and, when an event came for it while idle (`stirred`), still silent and open.
     pub fn revive(
-        &self,
+        &mut self,
         stream: TcpStream,
         since: Instant,
         stirred: bool,
         now: Instant,
     ) -> Option<TcpStream> {
-        if now.saturating_duration_since(since) >= self.max_idle {
-            return None;
-        }
-        if !stirred {
-            return Some(stream);
-        }
-        let mut probe = [0u8; 1];
-        match stream.peek(&mut probe) {
-            Err(e) if e.kind() == ErrorKind::WouldBlock => Some(stream),
-            _ => None,
+        let usable = now.saturating_duration_since(since) < self.max_idle
+            && (!stirred
+                || {
+                    let mut probe = [0u8; 1];
+                    matches!(stream.peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                });
+        if usable {
+            Some(stream)
+        } else {
+            self.forget(&stream);
+            None
         }
     }
 
-    /// Keeps `stream` for reuse; drops it when the backend already has enough idle ones.
+    /// Keeps `stream` for reuse; closes it when the backend already has enough idle ones.
     pub fn put(&mut self, addr: SocketAddr, stream: TcpStream, now: Instant) {
-        let list = self.conns.entry(addr).or_default();
-        if list.len() < self.per_backend {
-            list.push((stream, now));
+        if self.conns.get(&addr).map_or(0, Vec::len) < self.per_backend {
+            self.set_owner(&stream, Owner::Pooled { stirred: false });
+            self.conns.entry(addr).or_default().push((stream, now));
+        } else {
+            self.forget(&stream);
         }
     }
 
-    /// Drops connections idle for longer than the limit.
+    /// Closes the connections idle for longer than the limit, and those an event came for.
     pub fn prune(&mut self, now: Instant) {
         let max_idle = self.max_idle;
+        let mut closed = Vec::new();
         for list in self.conns.values_mut() {
-            list.retain(|(_, since)| now.saturating_duration_since(*since) < max_idle);
+            let mut i = 0;
+            while let Some((stream, since)) = list.get(i) {
+                let fd = fd_index(stream.as_raw_fd());
+                let stirred =
+                    !matches!(self.owners.get(fd), Some(Owner::Pooled { stirred: false }));
+                if stirred || now.saturating_duration_since(*since) >= max_idle {
+                    closed.push(list.remove(i).0);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        for stream in closed {
+            self.forget(&stream);
         }
     }
 
@@ -111,6 +215,83 @@ impl IdlePool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pair(listener: &std::net::TcpListener) -> (TcpStream, std::net::TcpStream) {
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        client.set_nonblocking(true).unwrap();
+        (TcpStream::from_std(client), server)
+    }
+
+    fn fd(stream: &TcpStream) -> usize {
+        token_fd(back_token(stream).0)
+    }
+
+    #[test]
+    fn events_go_to_the_owner_and_stir_pooled_connections() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let now = Instant::now();
+        let mut pool = IdlePool::new(4, Duration::from_secs(30));
+        let (a, _a_server) = pair(&listener);
+        let (b, _b_server) = pair(&listener);
+        let (fa, fb) = (fd(&a), fd(&b));
+        assert_eq!(back_token(&a).0 & 1, 1, "backend tokens are odd");
+
+        pool.own(&a, 7);
+        assert_eq!(pool.event(fa, true), Some(7));
+        assert_eq!(pool.event(fb, true), None, "unknown descriptor");
+
+        // Pooled: events reach nobody; an event with bytes or a close stirs it.
+        pool.put(addr, a, now);
+        pool.put(addr, b, now);
+        assert_eq!(pool.event(fa, false), None, "a writable edge does not stir");
+        assert_eq!(pool.event(fa, true), None);
+        // b (most recent) is taken first and now belongs to session 3.
+        let taken = pool.take(addr, now, 3).unwrap();
+        assert_eq!(fd(&taken), fb);
+        assert_eq!(pool.event(fb, true), Some(3));
+        // a was stirred: closed instead of reused.
+        assert!(pool.take(addr, now, 3).is_none());
+        assert_eq!(pool.event(fa, true), None, "forgotten once closed");
+        assert!(pool.is_empty());
+    }
+
+    #[test]
+    fn prune_closes_stirred_and_old_connections() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let now = Instant::now();
+        let mut pool = IdlePool::new(4, Duration::from_secs(30));
+        let (a, _sa) = pair(&listener);
+        let (b, _sb) = pair(&listener);
+        let (c, _sc) = pair(&listener);
+        let (fa, fc) = (fd(&a), fd(&c));
+        pool.put(addr, a, now);
+        pool.put(addr, b, now - Duration::from_secs(31));
+        pool.put(addr, c, now);
+        pool.event(fa, true);
+        pool.prune(now);
+        assert_eq!(pool.len(), 1);
+        let kept = pool.take(addr, now, 1).unwrap();
+        assert_eq!(fd(&kept), fc);
+    }
+
+    #[test]
+    fn a_full_pool_closes_what_it_cannot_keep() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let now = Instant::now();
+        let mut pool = IdlePool::new(1, Duration::from_secs(30));
+        let (a, _sa) = pair(&listener);
+        let (b, _sb) = pair(&listener);
+        let fb = fd(&b);
+        pool.own(&b, 5);
+        pool.put(addr, a, now);
+        pool.put(addr, b, now);
+        assert_eq!(pool.len(), 1);
+        assert_eq!(pool.event(fb, true), None, "closed, not its last owner's");
+    }
 
     #[test]
     fn kept_connections_are_capped_per_worker() {

@@ -311,6 +311,31 @@ impl ClusterState {
     }
 }
 
+/// After a configuration change: the position in `new` of the cluster at `cluster` in `old`,
+/// by name; `None` when it was removed.
+pub fn remap_cluster(old: &[ClusterState], new: &[ClusterState], cluster: usize) -> Option<usize> {
+    old.get(cluster)
+        .and_then(|oc| new.iter().position(|nc| nc.name == oc.name))
+}
+
+/// After a configuration change: the positions in `new` of a connection's cluster and backend
+/// (by cluster name and backend address), or `usize::MAX` for both when either was removed
+/// (the connection goes on; it no longer counts for balancing).
+pub fn remap_backend(
+    old: &[ClusterState],
+    new: &[ClusterState],
+    cluster: usize,
+    address: SocketAddr,
+) -> (usize, usize) {
+    remap_cluster(old, new, cluster)
+        .and_then(|c| {
+            new.get(c)
+                .and_then(|nc| nc.backends.iter().position(|b| b.address == address))
+                .map(|b| (c, b))
+        })
+        .unwrap_or((usize::MAX, usize::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,114 +1,105 @@
-//! Commands from the supervisor other than a new configuration, on the worker's channel.
+//! The worker's side of the channel from the supervisor: the orders other than a new
+//! configuration, and the cutting of the channel's bytes into requests.
 //!
-//! The channel carries u32-BE-length frames (see `worker.rs`). A configuration frame is TOML
-//! text, which never holds a NUL byte; a command frame starts with one, then a word:
+//! The messages, their ids and the frame codec are `lb_config::protocol::channel` and
+//! `lb_config::protocol::frame`, which lbd main imports too: this file only acts on them.
 //!
-//! - `\0health JSON`: the backends the supervisor's active checks found down, as a JSON list
-//!   of `[cluster, address]` pairs (the whole set each time). No answer: the supervisor sends
-//!   it whenever the set changes and to every new worker, without waiting.
-//! - `\0metrics`: answered with `metrics JSON`, the worker's samples (see `stats.rs`).
-//! - `\0ejected`: answered with `ejected JSON`, the `[cluster, address]` pairs this worker
-//!   keeps out of rotation after consecutive errors (passive health), for `lbctl status`.
-//! - `\0log-level LEVEL`: answered `ok` or `error: WHY`, like a configuration.
+//! - [`Order::Health`]: the backends the supervisor's active checks found down (the whole set
+//!   each time). No answer: the supervisor sends it whenever the set changes and to every new
+//!   worker, without waiting.
+//! - [`Order::Metrics`]: answered [`Reply::Metrics`], the worker's samples (see `stats.rs`).
+//! - [`Order::Ejected`]: answered [`Reply::Ejected`], the backends this worker keeps out of
+//!   rotation after consecutive errors (passive health), for `lbctl status`.
+//! - [`Order::LogLevel`]: answered [`Reply::Done`] or [`Reply::Refused`], like a
+//!   configuration ([`Order::Configure`], which the worker's loop applies: `worker.rs`).
 //!
-//! An unknown command is answered `error: ...` (both ends are the same binary, so this is a
-//! bug, not an old peer).
-//!
-//! [`next_frame`] cuts the channel's bytes into frames, sans-io; the worker's
+//! A frame that is not a request of this version is answered [`Reply::Refused`] and changes
+//! nothing. [`next_frame`] cuts the channel's bytes into requests, sans-io; the worker's
 //! `Worker::answer_frames` acts on them and writes the answers, which is what the
 //! `control_frames` fuzz target drives without a socket.
 
 use crate::balancer::ClusterState;
-use crate::worker::Cx;
+use crate::cx::Cx;
+use lb_config::protocol::channel::{self, Answer, ChannelError, Order, Reply, Request};
+use lb_config::protocol::frame;
 use std::net::SocketAddr;
 
 /// Largest frame the control channel accepts (a configuration).
-pub const MAX_CONTROL_FRAME: usize = 16 << 20;
-
-/// One frame from the supervisor, without its length prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Frame<'a> {
-    /// A `\0` command (the NUL stripped): see [`command`].
-    Command(&'a [u8]),
-    /// A whole new configuration (TOML text).
-    Config(&'a [u8]),
-}
+pub const MAX_CONTROL_FRAME: usize = channel::MAX_FRAME;
 
 /// A length prefix over [`MAX_CONTROL_FRAME`]: the channel is out of step, close it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a control frame of {len} bytes is over the limit of {MAX_CONTROL_FRAME}")]
-pub struct FrameTooLarge {
-    pub len: usize,
-}
+pub type FrameTooLarge = frame::TooLarge;
+
+/// One frame from the supervisor: the request it holds, or why it holds none.
+pub type Frame = Result<Request, ChannelError>;
 
 /// The first frame of `input` and how many bytes it takes (its length prefix included), or
 /// None while the frame is not all there.
-pub fn next_frame(input: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameTooLarge> {
-    let Some(&[a, b, c, d]) = input.get(..4) else {
-        return Ok(None);
-    };
-    let len = u32::from_be_bytes([a, b, c, d]) as usize;
-    if len > MAX_CONTROL_FRAME {
-        return Err(FrameTooLarge { len });
-    }
-    let Some(body) = input.get(4..4 + len) else {
-        return Ok(None);
-    };
-    let frame = match body.strip_prefix(b"\0") {
-        Some(command) => Frame::Command(command),
-        None => Frame::Config(body),
-    };
-    Ok(Some((frame, 4 + len)))
+pub fn next_frame(input: &[u8]) -> Result<Option<(Frame, usize)>, FrameTooLarge> {
+    Ok(frame::cut(input, MAX_CONTROL_FRAME)?
+        .map(|(body, len)| (channel::decode::<Request>(body), len)))
 }
 
-/// Acts on one command frame (without its NUL); the answer to send back, if any.
-pub fn command(cx: &mut Cx, live: usize, body: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(body);
-    let (word, rest) = text.split_once(' ').unwrap_or((&text, ""));
-    match word {
-        "health" => {
-            match serde_json::from_str::<Vec<(String, SocketAddr)>>(rest) {
-                Ok(down) => {
-                    cx.down = down;
-                    apply_down(&mut cx.clusters, &cx.down);
-                }
-                Err(e) => log::error!("health update refused: {e}"),
-            }
+/// Acts on one order other than a configuration; the reply to send back, if any.
+pub fn command(cx: &mut Cx, live: usize, order: Order) -> Option<Reply> {
+    match order {
+        Order::Health { down } => {
+            cx.down = down;
+            apply_down(&mut cx.clusters, &cx.down);
             None
         }
-        "metrics" => {
-            let samples =
-                cx.stats
-                    .samples(&cx.clusters, live, (cx.pool.in_use(), cx.pool.capacity()));
-            Some(match serde_json::to_string(&samples) {
-                Ok(json) => format!("metrics {json}"),
-                Err(e) => format!("error: cannot encode the metrics: {e}"),
-            })
-        }
-        "ejected" => {
-            let ejected: Vec<(&str, SocketAddr)> = cx
+        Order::Metrics => Some(Reply::Metrics {
+            samples: cx
+                .stats
+                .samples(&cx.clusters, live, (cx.pool.in_use(), cx.pool.capacity())),
+        }),
+        Order::Ejected => Some(Reply::Ejected {
+            backends: cx
                 .clusters
                 .iter()
                 .flat_map(|c| {
                     c.backends
                         .iter()
                         .filter(|b| b.is_ejected())
-                        .map(|b| (c.name.as_str(), b.address))
+                        .map(|b| (c.name.clone(), b.address))
                 })
-                .collect();
-            Some(match serde_json::to_string(&ejected) {
-                Ok(json) => format!("ejected {json}"),
-                Err(e) => format!("error: cannot encode the ejected backends: {e}"),
-            })
-        }
-        "log-level" => Some(match rest.trim().parse::<log::LevelFilter>() {
-            Ok(level) => {
-                log::set_max_level(level);
-                "ok".to_string()
-            }
-            Err(_) => format!("error: unknown log level {rest:?}"),
+                .collect(),
         }),
-        other => Some(format!("error: unknown command {other:?}")),
+        Order::LogLevel { level } => Some(match level.trim().parse::<log::LevelFilter>() {
+            Ok(filter) => {
+                log::set_max_level(filter);
+                Reply::Done
+            }
+            Err(_) => Reply::Refused {
+                error: format!("unknown log level {level:?}"),
+            },
+        }),
+        Order::Configure { .. } => Some(Reply::Refused {
+            error: "internal: a configuration reached the command handler".into(),
+        }),
+    }
+}
+
+/// The reply to a frame that holds no request of this version, and the id to answer it with.
+pub fn refusal(e: &ChannelError) -> (u64, Option<Reply>) {
+    log::warn!("control channel: refused a frame: {e}");
+    let error = format!("refused: {e}");
+    (e.id().unwrap_or(0), Some(Reply::Refused { error }))
+}
+
+/// Appends the answer `reply` to request `id` to `out`, as a frame; an answer too large for a
+/// frame becomes a refusal saying so.
+pub fn answer(out: &mut Vec<u8>, id: u64, reply: Reply) {
+    let encoded = channel::encode(&Answer { id, reply }).or_else(|e| {
+        let error = format!("the answer cannot be sent: {e}");
+        channel::encode(&Answer {
+            id,
+            reply: Reply::Refused { error },
+        })
+    });
+    match encoded {
+        Ok(frame) => out.extend_from_slice(&frame),
+        Err(e) => log::error!("control channel: cannot answer request {id}: {e}"),
     }
 }
 
@@ -127,29 +118,36 @@ pub fn apply_down(clusters: &mut [ClusterState], down: &[(String, SocketAddr)]) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_config::protocol::channel::encode;
 
     #[test]
     fn frames_are_cut_at_their_length() {
-        let mut wire = 7u32.to_be_bytes().to_vec();
-        wire.extend_from_slice(b"\0health");
-        wire.extend_from_slice(&3u32.to_be_bytes());
-        wire.extend_from_slice(b"a=1");
-        assert_eq!(next_frame(&wire), Ok(Some((Frame::Command(b"health"), 11))));
-        assert_eq!(
-            next_frame(&wire[11..]),
-            Ok(Some((Frame::Config(b"a=1"), 7)))
-        );
-        for cut in 0..11 {
+        let metrics = Request {
+            id: 1,
+            order: Order::Metrics,
+        };
+        let mut wire = encode(&metrics).unwrap();
+        let first = wire.len();
+        wire.extend_from_slice(&4u32.to_be_bytes());
+        wire.extend_from_slice(b"\0bad");
+        assert_eq!(next_frame(&wire), Ok(Some((Ok(metrics), first))));
+        let (refused, len) = next_frame(&wire[first..]).unwrap().unwrap();
+        assert_eq!(len, 8);
+        assert!(matches!(refused, Err(ChannelError::Version { found: 0 })));
+        for cut in 0..first {
             assert_eq!(next_frame(&wire[..cut]), Ok(None), "cut {cut}");
         }
         assert_eq!(
             next_frame(&0u32.to_be_bytes()),
-            Ok(Some((Frame::Config(b""), 4)))
+            Ok(Some((Err(ChannelError::Empty), 4)))
         );
         let len = MAX_CONTROL_FRAME as u32 + 1;
         assert_eq!(
             next_frame(&len.to_be_bytes()),
-            Err(FrameTooLarge { len: len as usize })
+            Err(FrameTooLarge {
+                len: u64::from(len),
+                max: MAX_CONTROL_FRAME
+            })
         );
     }
 }

@@ -3,7 +3,9 @@
 //! A [`Worker`] runs one single-threaded mio event loop over already-bound listeners: it
 //! accepts connections, parses HTTP/1.1 with kawa (`http`), routes each request to a cluster
 //! (`router`), picks a backend (`balancer`), and streams bytes both ways through two pooled
-//! buffers per connection (`session`, `pool`). On `tcp` listeners it forwards bytes instead
+//! buffers per connection: the exchange machine (`http::exchange`, socket-free, also driven in
+//! memory by the tests and fuzz targets through `http::memory`) over the sockets of `session`,
+//! with buffers from `pool`. On `tcp` listeners it forwards bytes instead
 //! (`tcp`), to the cluster its frontends name (`tcp_routes`), optionally chosen by the TLS
 //! server name read from the ClientHello (`sni`), with PROXY protocol headers accepted from a
 //! load balancer in front and sent to backends (`proxy_protocol`), zero-copy through pipes
@@ -15,7 +17,9 @@
 pub mod accesslog;
 pub mod backend;
 pub mod balancer;
+pub mod conn;
 pub mod control;
+pub mod cx;
 pub mod http;
 pub mod pool;
 pub mod proxy_protocol;

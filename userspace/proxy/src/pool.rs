@@ -9,6 +9,18 @@ use kawa::AsBuffer;
 /// One I/O buffer owned by a session; give it back with [`BufferPool::checkin`].
 pub struct PoolBuf(Box<[u8]>);
 
+impl PoolBuf {
+    /// No buffer: what a parked session holds in place of one (no allocation, capacity 0).
+    pub fn none() -> PoolBuf {
+        PoolBuf(Box::default())
+    }
+
+    /// This is [`PoolBuf::none`].
+    pub fn is_none(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 impl AsBuffer for PoolBuf {
     fn as_buffer(&self) -> &[u8] {
         &self.0
@@ -53,7 +65,10 @@ impl BufferPool {
     }
 
     pub fn checkin(&mut self, buf: PoolBuf) {
-        self.free.push(buf.0);
+        // A placeholder (`PoolBuf::none`) was never checked out.
+        if buf.0.len() == self.buffer_size {
+            self.free.push(buf.0);
+        }
     }
 
     /// Buffers currently held by sessions.
@@ -84,5 +99,9 @@ mod tests {
         pool.checkin(b);
         pool.checkin(c);
         assert_eq!(pool.in_use(), 0);
+        // A placeholder is not a buffer: giving it back changes nothing.
+        pool.checkin(PoolBuf::none());
+        assert_eq!(pool.in_use(), 0);
+        assert_eq!(pool.free.len(), 2);
     }
 }

@@ -390,7 +390,7 @@ impl Stats {
     }
 }
 
-impl crate::worker::Cx {
+impl crate::cx::Cx {
     /// A connection attempt to backend `backend` of cluster `cluster` (indexes into
     /// `self.clusters`) was made: the `attempt`-th for its request.
     pub fn note_attempt(&mut self, cluster: usize, address: SocketAddr, attempt: u32, new: bool) {

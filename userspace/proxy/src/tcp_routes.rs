@@ -1,7 +1,7 @@
 //! Routes of a TCP passthrough listener: which `protocol = "tcp"` cluster a connection goes to.
 //!
 //! A listener's [`TcpRoutes`] come from the frontends of tcp clusters that name its address.
-//! Only the TLS server name (SNI, read by `tcp.rs` with `sni.rs`) can tell them apart: exact
+//! Only the TLS server name (SNI, read by `tcp/` with `sni.rs`) can tell them apart: exact
 //! hostnames first, then `*.wildcard` ones with the longest suffix first, then regexes, then
 //! the frontend without hostname, which takes everything else (no SNI, not TLS, unknown name).
 //! The config refuses two frontends with the same address and hostname, so the order never

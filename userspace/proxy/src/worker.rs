@@ -1,18 +1,20 @@
 //! The worker's event loop: one mio `Poll`, the listeners, a slab of sessions and their timers.
 //!
 //! A session is an HTTP one (`session.rs`) on an `http` listener or a TCP passthrough one
-//! (`tcp.rs`) on a `tcp` listener; the slab holds either, as a [`Conn`].
+//! (`tcp/`) on a `tcp` listener; the slab holds either, as a [`Conn`].
 //!
 //! Single-threaded and lock-free: everything a session needs besides its own sockets lives in
-//! [`Cx`] (balancers, routers, buffer pool, idle backend connections, access log), borrowed
+//! [`Cx`] (`cx.rs`: balancers, routers, buffer pool, idle backend connections, access log), borrowed
 //! for the duration of one step. New connections over `max_connections`, or when the buffer
 //! pool is exhausted, are closed at once instead of costing memory. On stop the worker stops
 //! accepting, lets in-flight requests finish (closing each connection after its response), and
 //! returns when no session is left or the drain deadline passes.
 
 use crate::accesslog::AccessLog;
-use crate::backend::IdlePool;
+use crate::backend::{self, IdlePool};
 use crate::balancer::{ClusterState, Rng};
+use crate::conn::Conn;
+use crate::cx::Cx;
 use crate::http::Peer;
 use crate::pool::BufferPool;
 use crate::router::Router;
@@ -23,18 +25,18 @@ use crate::tcp::TcpSession;
 use crate::tcp_routes::TcpRoutes;
 use crate::timer::Timers;
 use crate::tls::{Front, TlsContext};
-use lb_config::{Config, ListenerProtocol, Timeouts};
+use lb_config::{Config, ListenerProtocol};
 use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Registry, Token};
+use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
-use std::fmt::Write as _;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Tokens at and above this value are listeners; below, sessions (key << 1 | side).
+/// Tokens at and above this value are listeners; below, sessions' client sockets (key << 1)
+/// and backend connections (descriptor number << 1 | 1, see `backend.rs`).
 const LISTENER_BASE: usize = usize::MAX / 2;
 /// Idle backend connections kept per backend address.
 const IDLE_PER_BACKEND: usize = 512;
@@ -79,50 +81,6 @@ pub enum WorkerError {
     Loop(#[source] std::io::Error),
 }
 
-/// Everything a session may use while it takes a step, apart from its own sockets.
-pub struct Cx {
-    pub registry: Registry,
-    pub clusters: Vec<ClusterState>,
-    /// One per listener of the worker, by listener index.
-    pub routers: Vec<Router>,
-    /// One per listener of the worker, by listener index (empty for http listeners).
-    pub tcp_routes: Vec<TcpRoutes>,
-    /// One per listener of the worker, by listener index: the TLS configuration of an https
-    /// listener (new connections take the current one; established ones keep theirs).
-    pub tls: Vec<Option<Arc<rustls::ServerConfig>>>,
-    pub pool: BufferPool,
-    /// Pipes for splice(2) in TCP passthrough.
-    pub pipes: PipePool,
-    pub idle: IdlePool,
-    pub log: AccessLog,
-    /// This worker's figures, sent to the supervisor when it asks (see `control.rs`).
-    pub stats: Stats,
-    /// The backends the supervisor's health checks found down: (cluster, address).
-    pub down: Vec<(String, SocketAddr)>,
-    pub rng: Rng,
-    pub timeouts: Timeouts,
-    /// Largest request body accepted (0: no limit).
-    pub max_request_body: u64,
-    pub now: Instant,
-    pub draining: bool,
-    /// Set [`DRAIN_IDLE_GRACE`] after the drain began, when the connections idle since
-    /// before it are closed. Until then an idle keep-alive connection is left open, so that a
-    /// request the client is sending right now is answered (with `Connection: close`) instead
-    /// of meeting a closed socket; one that becomes idle later gets the same grace from then.
-    pub close_idle: bool,
-    id_prefix: u32,
-    requests: u64,
-}
-
-impl Cx {
-    /// A fresh request id: 8 hex digits for the worker, 16 for the request.
-    pub fn next_request_id(&mut self, out: &mut String) {
-        self.requests += 1;
-        out.clear();
-        let _ = write!(out, "{:08x}{:016x}", self.id_prefix, self.requests);
-    }
-}
-
 struct ListenerEntry {
     socket: TcpListener,
     address: SocketAddr,
@@ -132,104 +90,9 @@ struct ListenerEntry {
     backlog: bool,
 }
 
-/// One client connection: an HTTP session or a TCP passthrough one.
-// The slab stores sessions inline: a TCP session in an HTTP-sized slot wastes a few hundred
-// bytes, where boxing would cost every HTTP connection an allocation.
-#[allow(clippy::large_enum_variant)]
-pub enum Conn {
-    Http(Session),
-    Tcp(TcpSession),
-}
-
-impl Conn {
-    fn id(&self) -> u64 {
-        match self {
-            Conn::Http(s) => s.id,
-            Conn::Tcp(s) => s.id,
-        }
-    }
-
-    fn deadline(&self) -> Instant {
-        match self {
-            Conn::Http(s) => s.deadline,
-            Conn::Tcp(s) => s.deadline,
-        }
-    }
-
-    fn scheduled(&mut self) -> &mut Option<Instant> {
-        match self {
-            Conn::Http(s) => &mut s.scheduled,
-            Conn::Tcp(s) => &mut s.scheduled,
-        }
-    }
-
-    fn front_event(&mut self, readable: bool, writable: bool, read_closed: bool) {
-        match self {
-            Conn::Http(s) => s.front_event(readable, writable, read_closed),
-            Conn::Tcp(s) => s.front_event(readable, writable, read_closed),
-        }
-    }
-
-    fn back_event(&mut self, readable: bool, writable: bool, read_closed: bool) {
-        match self {
-            Conn::Http(s) => s.back_event(readable, writable, read_closed),
-            Conn::Tcp(s) => s.back_event(readable, writable, read_closed),
-        }
-    }
-
-    /// Stopped at its step cap with work left: drive it again without waiting for an event
-    /// (edge-triggered readiness brings none for bytes already there).
-    fn yielded(&self) -> bool {
-        match self {
-            Conn::Http(s) => s.yielded(),
-            Conn::Tcp(s) => s.yielded(),
-        }
-    }
-
-    /// Idle long enough to be closed by a draining worker: an HTTP connection idle between
-    /// requests for the drain's grace, a TCP one that has received nothing yet.
-    fn idle_past_grace(&self, now: Instant) -> bool {
-        match self {
-            Conn::Http(s) => s
-                .idle_since()
-                .is_some_and(|since| now >= since + DRAIN_IDLE_GRACE),
-            Conn::Tcp(s) => s.is_idle(),
-        }
-    }
-
-    fn remap_clusters(&mut self, old: &[ClusterState], new: &[ClusterState]) {
-        match self {
-            Conn::Http(s) => s.remap_clusters(old, new),
-            Conn::Tcp(s) => s.remap_clusters(old, new),
-        }
-    }
-
-    fn drive(&mut self, cx: &mut Cx) -> Flow {
-        match self {
-            Conn::Http(s) => s.drive(cx),
-            Conn::Tcp(s) => s.drive(cx),
-        }
-    }
-
-    fn timeout(&mut self, cx: &mut Cx) -> Flow {
-        match self {
-            Conn::Http(s) => s.timeout(cx),
-            Conn::Tcp(s) => s.timeout(cx),
-        }
-    }
-
-    fn close(self, cx: &mut Cx) {
-        match self {
-            Conn::Http(s) => s.close(cx),
-            Conn::Tcp(s) => s.close(cx),
-        }
-    }
-}
-
-/// The channel from the supervisor: length-prefixed frames (u32 big-endian length, then the
-/// bytes). Each frame it sends is a whole new configuration (TOML text); the worker answers
-/// each with one frame, `ok` or `error: WHY`. When the supervisor goes away (EOF) the worker
-/// drains and stops.
+/// The channel from the supervisor: frames of `lb_config::protocol::channel` requests (a whole
+/// new configuration, or an order of `control.rs`), each answered by id. When the supervisor
+/// goes away (EOF) the worker drains and stops.
 struct Control {
     stream: mio::net::UnixStream,
     source: std::path::PathBuf,
@@ -524,6 +387,7 @@ impl Worker {
         source: &std::path::Path,
         out: &mut Vec<u8>,
     ) -> Result<(), crate::control::FrameTooLarge> {
+        use lb_config::protocol::channel::{Order, Reply, Request};
         let mut taken = 0;
         let result = loop {
             let (frame, len) =
@@ -533,27 +397,32 @@ impl Worker {
                     Err(e) => break Err(e),
                 };
             taken += len;
-            let answer = match frame {
-                crate::control::Frame::Command(command) => {
-                    let live = self.sessions.len();
-                    crate::control::command(&mut self.cx, live, command)
-                }
-                crate::control::Frame::Config(text) => {
-                    let text = String::from_utf8_lossy(text);
-                    let answer = match lb_config::parse_str(&text, source) {
-                        Ok(config) => match self.reconfigure(&config) {
-                            Ok(()) => "ok".to_string(),
-                            Err(e) => format!("error: {e}"),
-                        },
-                        Err(e) => format!("error: {e}"),
+            let (id, reply) = match frame {
+                Ok(Request {
+                    id,
+                    order: Order::Configure { config },
+                }) => {
+                    let reply = match lb_config::parse_str(&config, source) {
+                        Ok(config) => self.reconfigure(&config).err(),
+                        Err(e) => Some(e.to_string()),
                     };
-                    log::info!("configuration update: {answer}");
-                    Some(answer)
+                    match &reply {
+                        None => log::info!("configuration update: ok"),
+                        Some(error) => log::info!("configuration update: error: {error}"),
+                    }
+                    (
+                        id,
+                        Some(reply.map_or(Reply::Done, |error| Reply::Refused { error })),
+                    )
                 }
+                Ok(Request { id, order }) => {
+                    let live = self.sessions.len();
+                    (id, crate::control::command(&mut self.cx, live, order))
+                }
+                Err(e) => crate::control::refusal(&e),
             };
-            if let Some(answer) = answer {
-                out.extend_from_slice(&(answer.len() as u32).to_be_bytes());
-                out.extend_from_slice(answer.as_bytes());
+            if let Some(reply) = reply {
+                crate::control::answer(out, id, reply);
             }
         };
         inbuf.drain(..taken);
@@ -650,19 +519,29 @@ impl Worker {
                 }
                 continue;
             }
-            let key = token >> 1;
-            let Some(session) = self.sessions.get_mut(key) else {
-                continue;
-            };
             let readable = event.is_readable() || event.is_read_closed() || event.is_error();
             let writable = event.is_writable() || event.is_write_closed() || event.is_error();
             let closed = event.is_read_closed();
             if token & 1 == 0 {
+                let key = token >> 1;
+                let Some(session) = self.sessions.get_mut(key) else {
+                    continue;
+                };
                 session.front_event(readable, writable, closed);
+                touched.push(key);
             } else {
-                session.back_event(readable, writable, closed);
+                // A backend connection: its owner's, or a pooled one's (then it will not be
+                // reused when the event says bytes came or the backend closed).
+                let fd = backend::token_fd(token);
+                let Some(key) = self.cx.idle.event(fd, readable) else {
+                    continue;
+                };
+                let Some(session) = self.sessions.get_mut(key) else {
+                    continue;
+                };
+                session.back_event(fd, readable, writable, closed);
+                touched.push(key);
             }
-            touched.push(key);
         }
         touched.append(&mut self.again);
         touched.sort_unstable();

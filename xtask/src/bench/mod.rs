@@ -517,7 +517,7 @@ fn measure(
             )));
         }
     };
-    let cpu = procfs::cpu_ticks(pid).saturating_sub(cpu_before);
+    let cpu = procfs::cpu_ticks(pid).since(cpu_before);
     let rss = procfs::peak_rss_kib(pid);
     proxy.rss_per_run &= rss_reset;
     if !status.success() {
@@ -549,7 +549,7 @@ fn summarize(
     println!(
         "\nkakehi benchmark: {} worker(s) per proxy; median of {} run(s) of {}s; proxy CPU = \
          utime+stime of its whole process tree (every worker and thread) over the run, per \
-         request; RSS = peak VmHWM of the tree",
+         request, then user (utime) and kernel (stime) apart; RSS = peak VmHWM of the tree",
         plan.workers,
         plan.runs,
         wrk_seconds(plan.duration)

@@ -37,8 +37,29 @@ pub fn tree(pid: u32) -> Vec<u32> {
 
 struct Stat {
     ppid: u32,
-    /// utime + stime, in clock ticks.
-    cpu_ticks: u64,
+    cpu: CpuTicks,
+}
+
+/// CPU time in clock ticks: in user space (utime) and in the kernel on the process's behalf
+/// (stime).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTicks {
+    pub user: u64,
+    pub kernel: u64,
+}
+
+impl CpuTicks {
+    pub fn total(self) -> u64 {
+        self.user + self.kernel
+    }
+
+    /// What was spent since `before`.
+    pub fn since(self, before: CpuTicks) -> CpuTicks {
+        CpuTicks {
+            user: self.user.saturating_sub(before.user),
+            kernel: self.kernel.saturating_sub(before.kernel),
+        }
+    }
 }
 
 fn read_stat(pid: u32) -> Option<Stat> {
@@ -53,7 +74,10 @@ fn parse_stat(text: &str) -> Option<Stat> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     Some(Stat {
         ppid: fields.get(1)?.parse().ok()?,
-        cpu_ticks: fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?,
+        cpu: CpuTicks {
+            user: fields.get(11)?.parse().ok()?,
+            kernel: fields.get(12)?.parse().ok()?,
+        },
     })
 }
 
@@ -67,13 +91,15 @@ pub fn ticks_per_second() -> u64 {
         .unwrap_or(100)
 }
 
-/// User + system CPU time of the process tree rooted at `pid`, in clock ticks.
-pub fn cpu_ticks(pid: u32) -> u64 {
+/// User and system CPU time of the process tree rooted at `pid`, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> CpuTicks {
     tree(pid)
         .into_iter()
         .filter_map(read_stat)
-        .map(|stat| stat.cpu_ticks)
-        .sum()
+        .fold(CpuTicks::default(), |sum, stat| CpuTicks {
+            user: sum.user + stat.cpu.user,
+            kernel: sum.kernel + stat.cpu.kernel,
+        })
 }
 
 /// Sum of VmHWM (peak resident set) over the tree, in KiB.
@@ -136,7 +162,14 @@ mod tests {
         let text = "4242 (a) b (c) S 17 4242 4242 0 -1 4194560 100 0 0 0 250 31 0 0 20 0 1 0";
         let stat = parse_stat(text).unwrap();
         assert_eq!(stat.ppid, 17);
-        assert_eq!(stat.cpu_ticks, 281);
+        assert_eq!(
+            stat.cpu,
+            CpuTicks {
+                user: 250,
+                kernel: 31
+            }
+        );
+        assert_eq!(stat.cpu.total(), 281);
     }
 
     #[test]

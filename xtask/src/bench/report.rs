@@ -4,6 +4,7 @@
 //! handshakes are not in it). A scenario where kakehi's p99 is over [`P99_LIMIT`] times
 //! nginx's is flagged.
 
+use super::procfs::CpuTicks;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
@@ -20,6 +21,10 @@ pub struct Sample {
     pub p999_ms: f64,
     /// Proxy-tree CPU time per request, in microseconds.
     pub cpu_us_per_req: f64,
+    /// The part of it in user space (utime).
+    pub user_us_per_req: f64,
+    /// The part of it in the kernel (stime).
+    pub kernel_us_per_req: f64,
     /// Peak resident set of the proxy tree, KiB.
     pub peak_rss_kib: u64,
     /// Socket errors, timeouts and non-2xx/3xx answers, as wrk counts them.
@@ -30,7 +35,7 @@ impl Sample {
     /// Builds a sample from wrk's `WRK_JSON` line and the proxy's CPU ticks over the run.
     pub fn from_wrk(
         output: &str,
-        cpu_ticks: u64,
+        cpu: CpuTicks,
         ticks_per_second: u64,
         peak_rss_kib: u64,
     ) -> Result<Self> {
@@ -45,7 +50,8 @@ impl Sample {
             bail!("wrk completed no request");
         }
         let seconds = field("duration_us") / 1e6;
-        let cpu_seconds = cpu_ticks as f64 / ticks_per_second as f64;
+        let per_request =
+            |ticks: u64| ticks as f64 / ticks_per_second as f64 * 1e6 / requests as f64;
         let errors = [
             "connect_errors",
             "read_errors",
@@ -66,7 +72,9 @@ impl Sample {
             p50_ms: field("p50_us") / 1e3,
             p99_ms: field("p99_us") / 1e3,
             p999_ms: field("p999_us") / 1e3,
-            cpu_us_per_req: cpu_seconds * 1e6 / requests as f64,
+            cpu_us_per_req: per_request(cpu.total()),
+            user_us_per_req: per_request(cpu.user),
+            kernel_us_per_req: per_request(cpu.kernel),
             peak_rss_kib,
             errors,
         })
@@ -86,6 +94,8 @@ impl Sample {
             "p999_ms": round(self.p999_ms, 3),
             "cpu_us_per_req": round(self.cpu_us_per_req, 2),
             "cpu_s_per_10k_req": round(self.cpu_s_per_10k(), 4),
+            "user_us_per_req": round(self.user_us_per_req, 2),
+            "kernel_us_per_req": round(self.kernel_us_per_req, 2),
             "peak_rss_kib": self.peak_rss_kib,
             "errors": self.errors,
         })
@@ -114,6 +124,8 @@ pub fn median(samples: &[Sample]) -> Option<Sample> {
         p99_ms: of(&|s| s.p99_ms),
         p999_ms: of(&|s| s.p999_ms),
         cpu_us_per_req: of(&|s| s.cpu_us_per_req),
+        user_us_per_req: of(&|s| s.user_us_per_req),
+        kernel_us_per_req: of(&|s| s.kernel_us_per_req),
         peak_rss_kib: of(&|s| s.peak_rss_kib as f64) as u64,
         errors: samples.iter().map(|s| s.errors).sum(),
     })
@@ -134,6 +146,8 @@ pub fn ratios(kakehi: &Sample, other: &Sample) -> Value {
         "p99_ms": ratio(kakehi.p99_ms, other.p99_ms),
         "p999_ms": ratio(kakehi.p999_ms, other.p999_ms),
         "cpu_us_per_req": ratio(kakehi.cpu_us_per_req, other.cpu_us_per_req),
+        "user_us_per_req": ratio(kakehi.user_us_per_req, other.user_us_per_req),
+        "kernel_us_per_req": ratio(kakehi.kernel_us_per_req, other.kernel_us_per_req),
         "peak_rss_kib": ratio(kakehi.peak_rss_kib as f64, other.peak_rss_kib as f64),
     })
 }
@@ -146,13 +160,15 @@ fn round(value: f64, digits: i32) -> f64 {
 /// The table's header line.
 pub fn header() -> String {
     format!(
-        "  {:<9} {:>10} {:>8} {:>8} {:>9} {:>8} {:>10} {:>9} {:>7}",
+        "  {:<9} {:>10} {:>8} {:>8} {:>9} {:>8} {:>7} {:>7} {:>10} {:>9} {:>7}",
         "proxy",
         "req/s",
         "p50 ms",
         "p99 ms",
         "p99.9 ms",
         "µs/req",
+        "user",
+        "kernel",
         "CPU-s/10k",
         "RSS MiB",
         "errors"
@@ -162,13 +178,15 @@ pub fn header() -> String {
 /// One proxy's line of the table.
 pub fn row(proxy: &str, sample: &Sample) -> String {
     format!(
-        "  {:<9} {:>10.0} {:>8.2} {:>8.2} {:>9.2} {:>8.1} {:>10.3} {:>9.1} {:>7}",
+        "  {:<9} {:>10.0} {:>8.2} {:>8.2} {:>9.2} {:>8.1} {:>7.1} {:>7.1} {:>10.3} {:>9.1} {:>7}",
         proxy,
         sample.rps,
         sample.p50_ms,
         sample.p99_ms,
         sample.p999_ms,
         sample.cpu_us_per_req,
+        sample.user_us_per_req,
+        sample.kernel_us_per_req,
         sample.cpu_s_per_10k(),
         sample.peak_rss_kib as f64 / 1024.0,
         sample.errors
@@ -191,9 +209,12 @@ pub fn ratio_line(other: &str, kakehi: &Sample, theirs: &Sample) -> String {
         ""
     };
     format!(
-        "  kakehi/{other}: req/s {}, µs/req {}{goal}, p50 {}, p99 {}, p99.9 {}, RSS {}",
+        "  kakehi/{other}: req/s {}, µs/req {}{goal} (user {}, kernel {}), p50 {}, p99 {}, \
+         p99.9 {}, RSS {}",
         r(kakehi.rps, theirs.rps),
         r(kakehi.cpu_us_per_req, theirs.cpu_us_per_req),
+        r(kakehi.user_us_per_req, theirs.user_us_per_req),
+        r(kakehi.kernel_us_per_req, theirs.kernel_us_per_req),
         r(kakehi.p50_ms, theirs.p50_ms),
         r(kakehi.p99_ms, theirs.p99_ms),
         r(kakehi.p999_ms, theirs.p999_ms),
@@ -249,30 +270,38 @@ mod tests {
         \"read_errors\":1,\"write_errors\":0,\"status_errors\":2,\"timeouts\":0,\"p50_us\":1500,\
         \"p90_us\":2000,\"p99_us\":4000,\"p999_us\":6000,\"max_us\":9000,\"mean_us\":1600.0}\n";
 
+    const TICKS: CpuTicks = CpuTicks {
+        user: 40,
+        kernel: 10,
+    };
+
     #[test]
     fn a_sample_comes_from_wrk_and_proc() {
-        // 50 ticks at 100 Hz = 0.5 s of CPU for 20,000 requests = 25 µs each.
-        let sample = Sample::from_wrk(WRK, 50, 100, 4096).unwrap();
+        // 50 ticks at 100 Hz = 0.5 s of CPU for 20,000 requests = 25 µs each: 20 in user
+        // space, 5 in the kernel.
+        let sample = Sample::from_wrk(WRK, TICKS, 100, 4096).unwrap();
         assert_eq!(sample.requests, 20000);
         assert!((sample.rps - 10000.0).abs() < 1e-6);
         assert!((sample.p50_ms - 1.5).abs() < 1e-9);
         assert!((sample.p99_ms - 4.0).abs() < 1e-9);
         assert!((sample.p999_ms - 6.0).abs() < 1e-9);
         assert!((sample.cpu_us_per_req - 25.0).abs() < 1e-9);
+        assert!((sample.user_us_per_req - 20.0).abs() < 1e-9);
+        assert!((sample.kernel_us_per_req - 5.0).abs() < 1e-9);
         assert!((sample.cpu_s_per_10k() - 0.25).abs() < 1e-9);
         assert_eq!(sample.errors, 3);
     }
 
     #[test]
     fn no_json_line_or_no_request_is_an_error() {
-        assert!(Sample::from_wrk("Running 1s test\n", 1, 100, 1).is_err());
+        assert!(Sample::from_wrk("Running 1s test\n", TICKS, 100, 1).is_err());
         let none = WRK.replace("\"requests\":20000", "\"requests\":0");
-        assert!(Sample::from_wrk(&none, 1, 100, 1).is_err());
+        assert!(Sample::from_wrk(&none, TICKS, 100, 1).is_err());
     }
 
     #[test]
     fn median_is_taken_figure_by_figure() {
-        let base = Sample::from_wrk(WRK, 50, 100, 4096).unwrap();
+        let base = Sample::from_wrk(WRK, TICKS, 100, 4096).unwrap();
         let samples = [
             Sample {
                 rps: 3.0,
@@ -299,7 +328,7 @@ mod tests {
 
     #[test]
     fn ratios_divide_kakehi_by_the_other() {
-        let base = Sample::from_wrk(WRK, 50, 100, 4096).unwrap();
+        let base = Sample::from_wrk(WRK, TICKS, 100, 4096).unwrap();
         let other = Sample {
             cpu_us_per_req: 50.0,
             ..base
@@ -308,12 +337,21 @@ mod tests {
         assert_eq!(value["cpu_us_per_req"].as_f64(), Some(0.5));
         assert_eq!(value["rps"].as_f64(), Some(1.0));
         assert!(ratio_line("nginx", &base, &other).contains("µs/req 0.50× (goal ≤ 0.65×)"));
+        let kernel_heavy = Sample {
+            kernel_us_per_req: 10.0,
+            ..base
+        };
+        assert_eq!(
+            ratios(&kernel_heavy, &base)["kernel_us_per_req"].as_f64(),
+            Some(2.0)
+        );
+        assert!(ratio_line("nginx", &kernel_heavy, &base).contains("(user 1.00×, kernel 2.00×)"));
         assert!(ratio_line("nginx", &base, &other).contains("p99.9 1.00×"));
     }
 
     #[test]
     fn a_p99_over_the_limit_is_flagged_beside_the_cpu_figure() {
-        let nginx = Sample::from_wrk(WRK, 50, 100, 4096).unwrap();
+        let nginx = Sample::from_wrk(WRK, TICKS, 100, 4096).unwrap();
         let slow = Sample {
             p99_ms: 5.0,
             ..nginx

@@ -9,7 +9,8 @@
 //! `session.rs` moves the bytes; `answers.rs` holds kakehi's own responses.
 
 pub mod answers;
-pub mod sansio;
+pub mod exchange;
+pub mod memory;
 pub mod syntax;
 
 use kawa::{AsBuffer, Block, BodySize, Kawa, Pair, ParsingPhase, StatusLine, Store, Version};
@@ -71,6 +72,14 @@ pub struct RequestInfo {
 }
 
 impl RequestInfo {
+    /// Clears and frees the strings (an idle connection keeps no allocation).
+    pub fn release(&mut self) {
+        self.clear();
+        self.method = String::new();
+        self.authority = String::new();
+        self.target = String::new();
+    }
+
     pub fn clear(&mut self) {
         self.method.clear();
         self.authority.clear();

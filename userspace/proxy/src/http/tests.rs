@@ -426,16 +426,16 @@ fn trailer_name_must_be_a_token() {
     // An empty trailer name (found next by the fuzzer).
     let empty = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
         0\r\n: chunked\r\n\r\n";
-    let out = sansio::drive_request_stream(empty, &[], 16384);
+    let out = memory::drive_request_stream(empty, &[], 16384);
     assert!(
-        matches!(out[0].end, sansio::End::Answered { status: 400, .. }),
+        matches!(out[0].end, memory::End::Answered { status: 400, .. }),
         "{:?}",
         out[0].end
     );
     // Cut before the trailers: the head goes out, the trailer is caught in the body.
-    let out = sansio::drive_request_stream(input, &[70], 16384);
+    let out = memory::drive_request_stream(input, &[70], 16384);
     assert!(
-        matches!(out[0].end, sansio::End::Answered { status: 400, .. }),
+        matches!(out[0].end, memory::End::Answered { status: 400, .. }),
         "{:?}",
         out[0].end
     );

@@ -44,20 +44,24 @@
 //! left first, 502 every connect failed, 503 no backend available, 504 the last connect timed
 //! out.
 
+mod half;
+
 use crate::accesslog::Record;
-use crate::balancer::{ClusterState, Tried};
+use crate::backend::back_token;
+use crate::balancer::{self, ClusterState, Tried};
+use crate::cx::Cx;
 use crate::pool::PoolBuf;
-use crate::proxy_protocol::{self, encode_v2, Addresses, Parsed, V2Header};
-use crate::session::{back_token, Flow};
+use crate::proxy_protocol::{self, encode_v2, Addresses, Parsed};
+use crate::session::Flow;
 use crate::sni::{self, Hello};
-use crate::splice::{self, Pipe, PipePool};
 use crate::tcp_routes::{Target, TcpRoutes};
-use crate::worker::Cx;
+use half::{Half, Io, Ready};
 use kawa::AsBuffer;
 use mio::net::TcpStream;
 use mio::Interest;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 /// Steps one `drive` call may take before yielding to other sessions.
@@ -66,282 +70,6 @@ const MAX_STEPS: usize = 64;
 const MAX_ATTEMPTS: u32 = 3;
 const CONNECT_TIMEOUT: &str = "connect timeout";
 const CONNECT_FAILED: &str = "backend connect failed";
-
-// ---- one direction ------------------------------------------------------------------------
-
-/// Readiness of one socket, from its events.
-#[derive(Debug, Default, Clone, Copy)]
-struct Ready {
-    readable: bool,
-    writable: bool,
-    /// The peer shut its write side: a short read is not the end, read until 0.
-    hup: bool,
-}
-
-/// Whether a direction moves its bytes through a pipe.
-enum Zero {
-    /// Copy through the buffer (small exchanges).
-    Off,
-    /// A read filled the whole buffer: get a pipe for the next reads.
-    Wanted,
-    On {
-        pipe: Pipe,
-        /// Bytes in the pipe.
-        held: usize,
-        /// The last splice into the pipe found it full (or the socket empty): wait until
-        /// some of it is written before reading again.
-        maybe_full: bool,
-    },
-    /// No pipe could be had: copy for good.
-    Unavailable,
-}
-
-enum Io {
-    Moved,
-    Idle,
-    Eof,
-    Error,
-}
-
-/// One direction of the connection: what was read from one side and not yet written to the
-/// other. Buffered bytes are always older than piped ones, so the buffer is written first.
-struct Half {
-    buf: PoolBuf,
-    start: usize,
-    end: usize,
-    zero: Zero,
-    /// Bytes to send before any other (the PROXY protocol header) and how many were sent.
-    prefix: Option<(V2Header, usize)>,
-    /// The source side ended its stream.
-    eof: bool,
-    /// The EOF was passed on (shutdown of the destination's write side).
-    shut: bool,
-    read: u64,
-    written: u64,
-}
-
-impl Half {
-    fn new(buf: PoolBuf) -> Half {
-        Half {
-            buf,
-            start: 0,
-            end: 0,
-            zero: Zero::Off,
-            prefix: None,
-            eof: false,
-            shut: false,
-            read: 0,
-            written: 0,
-        }
-    }
-
-    fn buffered(&self) -> &[u8] {
-        self.buf
-            .as_buffer()
-            .get(self.start..self.end)
-            .unwrap_or_default()
-    }
-
-    fn piped(&self) -> usize {
-        match &self.zero {
-            Zero::On { held, .. } => *held,
-            _ => 0,
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.start == self.end && self.piped() == 0 && self.prefix.is_none()
-    }
-
-    /// Drops the first `n` buffered bytes (a header that is not forwarded).
-    fn consume(&mut self, n: usize) {
-        self.start = self.start.saturating_add(n).min(self.end);
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// Reads what `src` has, into the pipe or the buffer.
-    fn fill(&mut self, src: &mut TcpStream, ready: &mut Ready, pipes: &mut PipePool) -> Io {
-        if self.eof || !ready.readable {
-            return Io::Idle;
-        }
-        if matches!(self.zero, Zero::Wanted) {
-            self.zero = match pipes.get() {
-                Some(pipe) => Zero::On {
-                    pipe,
-                    held: 0,
-                    maybe_full: false,
-                },
-                None => Zero::Unavailable,
-            };
-        }
-        let Zero::On {
-            pipe,
-            held,
-            maybe_full,
-        } = &mut self.zero
-        else {
-            return self.read_into_buffer(src, ready);
-        };
-        if *maybe_full {
-            return Io::Idle;
-        }
-        match splice::fill(&*src, pipe) {
-            Ok(0) => {
-                self.eof = true;
-                Io::Eof
-            }
-            Ok(n) => {
-                *held += n;
-                self.read += n as u64;
-                Io::Moved
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                // An empty pipe cannot be full: the socket is drained. Otherwise either may be
-                // the cause; try again once the pipe has been written from.
-                if *held == 0 {
-                    ready.readable = false;
-                } else {
-                    *maybe_full = true;
-                }
-                Io::Idle
-            }
-            Err(_) => Io::Error,
-        }
-    }
-
-    fn read_into_buffer(&mut self, src: &mut TcpStream, ready: &mut Ready) -> Io {
-        let capacity = self.buf.as_buffer().len();
-        if self.end == capacity {
-            if self.start == 0 {
-                return Io::Idle; // full: wait for the other side to take some
-            }
-            self.buf
-                .as_mut_buffer()
-                .copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        let room = capacity - self.end;
-        loop {
-            let Some(space) = self.buf.as_mut_buffer().get_mut(self.end..) else {
-                return Io::Idle;
-            };
-            match src.read(space) {
-                Ok(0) => {
-                    self.eof = true;
-                    return Io::Eof;
-                }
-                Ok(n) => {
-                    self.end += n;
-                    self.read += n as u64;
-                    if n < room && !ready.hup {
-                        // A short read drained the socket; the next bytes bring an event.
-                        ready.readable = false;
-                    }
-                    if n == capacity && matches!(self.zero, Zero::Off) {
-                        self.zero = Zero::Wanted;
-                    }
-                    return Io::Moved;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    ready.readable = false;
-                    return Io::Idle;
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return Io::Error,
-            }
-        }
-    }
-
-    /// Writes what it holds to `dst`: the prefix, then the buffer, then the pipe.
-    fn flush(&mut self, dst: &mut TcpStream, ready: &mut Ready) -> Io {
-        if !ready.writable {
-            return Io::Idle;
-        }
-        let result = if let Some((header, sent)) = self.prefix {
-            let rest = header.as_bytes().get(sent..).unwrap_or_default();
-            write_some(dst, rest).map(|n| {
-                let sent = sent + n;
-                self.prefix = (sent < header.as_bytes().len()).then_some((header, sent));
-                0
-            })
-        } else if self.start < self.end {
-            let rest = self
-                .buf
-                .as_buffer()
-                .get(self.start..self.end)
-                .unwrap_or_default();
-            write_some(dst, rest).inspect(|&n| {
-                self.start += n;
-                if self.start >= self.end {
-                    self.start = 0;
-                    self.end = 0;
-                }
-            })
-        } else if let Zero::On {
-            pipe,
-            held,
-            maybe_full,
-        } = &mut self.zero
-        {
-            if *held == 0 {
-                return Io::Idle;
-            }
-            splice::drain(pipe, &*dst, *held).inspect(|&n| {
-                *held = held.saturating_sub(n);
-                *maybe_full = false;
-            })
-        } else {
-            return Io::Idle;
-        };
-        match result {
-            Ok(n) => {
-                self.written += n as u64;
-                Io::Moved
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                ready.writable = false;
-                Io::Idle
-            }
-            Err(_) => Io::Error,
-        }
-    }
-
-    /// Passes the source's EOF on once everything before it is delivered.
-    /// When the other direction has ended too the connection closes now, and the close
-    /// sends the FIN: no shutdown call then (every byte was read, so the close does not reset).
-    fn pass_eof(&mut self, dst: &TcpStream, other_shut: bool) -> bool {
-        if self.eof && !self.shut && self.is_empty() {
-            if !other_shut {
-                let _ = dst.shutdown(Shutdown::Write);
-            }
-            self.shut = true;
-            return true;
-        }
-        false
-    }
-
-    fn release(self, cx: &mut Cx) {
-        cx.pool.checkin(self.buf);
-        if let Zero::On { pipe, held, .. } = self.zero {
-            cx.pipes.put(pipe, held == 0);
-        }
-    }
-}
-
-fn write_some(dst: &mut TcpStream, data: &[u8]) -> std::io::Result<usize> {
-    loop {
-        match dst.write(data) {
-            Ok(0) if !data.is_empty() => return Err(ErrorKind::WriteZero.into()),
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
 
 // ---- the session --------------------------------------------------------------------------
 
@@ -492,8 +220,9 @@ impl TcpSession {
     }
 
     /// Records readiness from an event on the backend socket.
-    pub fn back_event(&mut self, readable: bool, writable: bool, read_closed: bool) {
-        if let Some(back) = self.back.as_mut() {
+    pub fn back_event(&mut self, fd: usize, readable: bool, writable: bool, read_closed: bool) {
+        let is = |b: &&mut Back| usize::try_from(b.stream.as_raw_fd()) == Ok(fd);
+        if let Some(back) = self.back.as_mut().filter(is) {
             back.ready.readable |= readable;
             back.ready.writable |= writable;
             back.ready.hup |= read_closed;
@@ -508,22 +237,14 @@ impl TcpSession {
     /// After a configuration change: the cluster and backend by name and address in `new`
     /// (or nothing, when they were removed: the connection goes on, it no longer counts).
     pub fn remap_clusters(&mut self, old: &[ClusterState], new: &[ClusterState]) {
-        let cluster_of = |c: usize| {
-            old.get(c)
-                .and_then(|oc| new.iter().position(|nc| nc.name == oc.name))
-        };
         if let Some(target) = self.course.target.as_mut() {
-            target.cluster = cluster_of(target.cluster).unwrap_or(usize::MAX);
+            target.cluster =
+                balancer::remap_cluster(old, new, target.cluster).unwrap_or(usize::MAX);
         }
         self.course.tried = Tried::default();
         if let Some(back) = self.back.as_mut() {
-            let address = back.address;
-            let found = cluster_of(back.cluster).and_then(|c| {
-                new.get(c)
-                    .and_then(|nc| nc.backends.iter().position(|b| b.address == address))
-                    .map(|b| (c, b))
-            });
-            (back.cluster, back.backend) = found.unwrap_or((usize::MAX, usize::MAX));
+            (back.cluster, back.backend) =
+                balancer::remap_backend(old, new, back.cluster, back.address);
         }
     }
 
@@ -534,6 +255,7 @@ impl TcpSession {
         self.log(cx);
         let TcpSession { back, up, down, .. } = self;
         if let Some(b) = back {
+            cx.idle.forget(&b.stream);
             if let Some(c) = cx.clusters.get_mut(b.cluster) {
                 c.release(b.backend);
             }
@@ -757,13 +479,11 @@ impl TcpSession {
                 break;
             };
             let interest = Interest::READABLE | Interest::WRITABLE;
-            if cx
-                .registry
-                .register(&mut stream, back_token(self.key), interest)
-                .is_err()
-            {
+            let token = back_token(&stream);
+            if cx.registry.register(&mut stream, token, interest).is_err() {
                 continue;
             }
+            cx.idle.own(&stream, self.key);
             cluster.acquire(backend);
             self.back = Some(Back {
                 stream,
@@ -834,8 +554,9 @@ impl TcpSession {
 
     /// Forgets the backend connection.
     fn drop_backend(&mut self, cx: &mut Cx) {
-        if let Some(mut b) = self.back.take() {
-            let _ = cx.registry.deregister(&mut b.stream);
+        if let Some(b) = self.back.take() {
+            // Closing it removes it from the poll.
+            cx.idle.forget(&b.stream);
             if let Some(c) = cx.clusters.get_mut(b.cluster) {
                 c.release(b.backend);
             }

@@ -1,13 +1,18 @@
-//! The command protocol between `lbctl` and `lbd`: messages, framing and a sans-io decoder.
+//! The command protocol between `lbctl` and `lbd`: messages, framing and a sans-io decoder;
+//! and, in the submodules, the frame codec all of kakehi's streams share ([`frame`]) and the
+//! messages between lbd main and its workers ([`channel`]).
 //!
-//! A frame is a 4-byte big-endian length, then that many bytes: one protocol version byte
-//! ([`VERSION`]) and a JSON message. The length counts the version byte and the JSON, and may
-//! not exceed [`MAX_FRAME`] (1 MiB). A client sends [`Request`]s, each with its own id; the
-//! server answers each with a [`Response`] carrying the same id. [`Decoder`] turns bytes into
-//! messages and refuses an over-size length, another protocol version and a message that is not
-//! the expected JSON with a typed [`ProtocolError`]; it never panics and never buffers more than
-//! one frame. Reading and writing sockets, and acting on a request, are left to lbctl and to the
-//! command server in lbd.
+//! A frame is a 4-byte big-endian length, then that many bytes ([`frame`]): here one protocol
+//! version byte ([`VERSION`]) and a JSON message. The length counts the version byte and the
+//! JSON, and may not exceed [`MAX_FRAME`] (1 MiB). A client sends [`Request`]s, each with its
+//! own id; the server answers each with a [`Response`] carrying the same id. [`Decoder`] turns
+//! bytes into messages and refuses an over-size length, another protocol version and a message
+//! that is not the expected JSON with a typed [`ProtocolError`]; it never panics and never
+//! buffers more than one frame. Reading and writing sockets, and acting on a request, are left
+//! to lbctl and to the command server in lbd.
+
+pub mod channel;
+pub mod frame;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -26,8 +31,6 @@ use crate::state::{
 pub const VERSION: u8 = 1;
 /// The largest frame length (version byte + JSON), in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
-/// Bytes before a frame's content: its length.
-const LENGTH_BYTES: usize = 4;
 
 /// One request from lbctl.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -440,25 +443,21 @@ impl ProtocolError {
     }
 }
 
+impl From<frame::TooLarge> for ProtocolError {
+    fn from(e: frame::TooLarge) -> Self {
+        ProtocolError::TooLarge {
+            len: e.len,
+            max: e.max,
+        }
+    }
+}
+
 /// The frame carrying `message`.
 pub fn encode<M: Serialize>(message: &M) -> Result<Vec<u8>, ProtocolError> {
     let body = serde_json::to_vec(message).map_err(|e| ProtocolError::Encode {
         detail: e.to_string(),
     })?;
-    let len = body.len() + 1;
-    let too_large = || ProtocolError::TooLarge {
-        len: len as u64,
-        max: MAX_FRAME,
-    };
-    if len > MAX_FRAME {
-        return Err(too_large());
-    }
-    let prefix = u32::try_from(len).map_err(|_| too_large())?;
-    let mut out = Vec::with_capacity(LENGTH_BYTES + len);
-    out.extend_from_slice(&prefix.to_be_bytes());
-    out.push(VERSION);
-    out.extend_from_slice(&body);
-    Ok(out)
+    Ok(frame::encode(&[&[VERSION], &body], MAX_FRAME)?)
 }
 
 /// Sans-io decoder of a stream of frames carrying `M` (a [`Request`] on lbd's side, a
@@ -470,16 +469,14 @@ pub fn encode<M: Serialize>(message: &M) -> Result<Vec<u8>, ProtocolError> {
 /// the stream goes on; a fatal one ([`ProtocolError::is_fatal`]) leaves the decoder refusing
 /// everything, since the next frame's start is unknown.
 pub struct Decoder<M> {
-    buffer: Vec<u8>,
-    failed: bool,
+    frames: frame::Frames,
     message: PhantomData<fn() -> M>,
 }
 
 impl<M> Default for Decoder<M> {
     fn default() -> Self {
         Decoder {
-            buffer: Vec::new(),
-            failed: false,
+            frames: frame::Frames::new(MAX_FRAME),
             message: PhantomData,
         }
     }
@@ -492,33 +489,21 @@ impl<M: DeserializeOwned> Decoder<M> {
 
     /// Appends `bytes`, then returns the first complete message, if any.
     pub fn feed(&mut self, bytes: &[u8]) -> Result<Option<M>, ProtocolError> {
-        if self.failed {
+        if self.frames.is_broken() {
             return Err(ProtocolError::Failed);
         }
-        self.buffer.extend_from_slice(bytes);
+        self.frames.push(bytes);
         self.poll()
     }
 
     /// The next complete message among the bytes already fed, if any.
     pub fn poll(&mut self) -> Result<Option<M>, ProtocolError> {
-        if self.failed {
-            return Err(ProtocolError::Failed);
-        }
-        let Some(prefix) = self.buffer.first_chunk::<LENGTH_BYTES>() else {
-            return Ok(None);
+        let frame = match self.frames.pop() {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Ok(None),
+            Err(frame::FramesError::TooLarge(e)) => return Err(e.into()),
+            Err(frame::FramesError::Broken) => return Err(ProtocolError::Failed),
         };
-        let len = u32::from_be_bytes(*prefix);
-        let Ok(len) = usize::try_from(len) else {
-            return Err(self.fail(u64::from(len)));
-        };
-        if len > MAX_FRAME {
-            return Err(self.fail(len as u64));
-        }
-        let end = LENGTH_BYTES + len;
-        if self.buffer.len() < end {
-            return Ok(None);
-        }
-        let frame: Vec<u8> = self.buffer.drain(..end).skip(LENGTH_BYTES).collect();
         let Some((&version, body)) = frame.split_first() else {
             return Err(ProtocolError::EmptyFrame);
         };
@@ -530,23 +515,14 @@ impl<M: DeserializeOwned> Decoder<M> {
 
     /// Bytes received and not yet part of a complete frame.
     pub fn buffered(&self) -> usize {
-        self.buffer.len()
+        self.frames.buffered()
     }
 
     /// To call at the end of the stream: an error if it stopped inside a frame.
     pub fn finish(&self) -> Result<(), ProtocolError> {
-        match self.buffer.len() {
+        match self.frames.buffered() {
             0 => Ok(()),
             buffered => Err(ProtocolError::Truncated { buffered }),
-        }
-    }
-
-    fn fail(&mut self, len: u64) -> ProtocolError {
-        self.failed = true;
-        self.buffer = Vec::new();
-        ProtocolError::TooLarge {
-            len,
-            max: MAX_FRAME,
         }
     }
 }

@@ -1,0 +1,62 @@
+//! What every session of a worker shares while it takes a step: balancers, routers, the
+//! buffer pool, idle backend connections, the access log and the figures. Borrowed by one
+//! session at a time (the worker is single-threaded).
+
+use crate::accesslog::AccessLog;
+use crate::backend::IdlePool;
+use crate::balancer::{ClusterState, Rng};
+use crate::pool::BufferPool;
+use crate::router::Router;
+use crate::splice::PipePool;
+use crate::stats::Stats;
+use crate::tcp_routes::TcpRoutes;
+use lb_config::Timeouts;
+use mio::Registry;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Everything a session may use while it takes a step, apart from its own sockets.
+pub struct Cx {
+    pub registry: Registry,
+    pub clusters: Vec<ClusterState>,
+    /// One per listener of the worker, by listener index.
+    pub routers: Vec<Router>,
+    /// One per listener of the worker, by listener index (empty for http listeners).
+    pub tcp_routes: Vec<TcpRoutes>,
+    /// One per listener of the worker, by listener index: the TLS configuration of an https
+    /// listener (new connections take the current one; established ones keep theirs).
+    pub tls: Vec<Option<Arc<rustls::ServerConfig>>>,
+    pub pool: BufferPool,
+    /// Pipes for splice(2) in TCP passthrough.
+    pub pipes: PipePool,
+    pub idle: IdlePool,
+    pub log: AccessLog,
+    /// This worker's figures, sent to the supervisor when it asks (see `control.rs`).
+    pub stats: Stats,
+    /// The backends the supervisor's health checks found down: (cluster, address).
+    pub down: Vec<(String, SocketAddr)>,
+    pub rng: Rng,
+    pub timeouts: Timeouts,
+    /// Largest request body accepted (0: no limit).
+    pub max_request_body: u64,
+    pub now: Instant,
+    pub draining: bool,
+    /// Set [`DRAIN_IDLE_GRACE`](crate::worker::DRAIN_IDLE_GRACE) after the drain began, when the connections idle since
+    /// before it are closed. Until then an idle keep-alive connection is left open, so that a
+    /// request the client is sending right now is answered (with `Connection: close`) instead
+    /// of meeting a closed socket; one that becomes idle later gets the same grace from then.
+    pub close_idle: bool,
+    pub(crate) id_prefix: u32,
+    pub(crate) requests: u64,
+}
+
+impl Cx {
+    /// A fresh request id: 8 hex digits for the worker, 16 for the request.
+    pub fn next_request_id(&mut self, out: &mut String) {
+        self.requests += 1;
+        out.clear();
+        let _ = write!(out, "{:08x}{:016x}", self.id_prefix, self.requests);
+    }
+}
