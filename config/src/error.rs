@@ -5,6 +5,7 @@
 //! dotted field it sits in (`clusters.app.backends[1].address`). What counts as *wrong* is decided
 //! elsewhere: serde's derive in `file.rs` and the semantic checks in `validate.rs`.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -127,6 +128,99 @@ fn missing_field(message: &str) -> Option<&str> {
     message.strip_prefix("missing field `")?.strip_suffix('`')
 }
 
+/// Where each key and value of a config text sits, by its dotted path (`listeners[0].address`):
+/// how the validator, which reads the document as plain values ([`crate::state::State`]), puts
+/// a line and column on its errors. A state built at runtime has no text, and its errors no
+/// place ([`Places::none`]).
+pub(crate) struct Places<'a> {
+    text: &'a str,
+    /// Path → the span of a value, or of the key of a table or an array (an array item, which
+    /// has no key, by its own span).
+    spans: HashMap<String, Range<usize>>,
+}
+
+impl<'a> Places<'a> {
+    /// The places of `text`, a TOML document (none when it does not parse: then serde has
+    /// already refused it).
+    pub(crate) fn of(text: &'a str) -> Places<'a> {
+        let mut spans = HashMap::new();
+        if let Ok(doc) = DeTable::parse(text) {
+            record_table(doc.get_ref(), "", &mut spans);
+        }
+        Places { text, spans }
+    }
+
+    /// No text: nothing is located.
+    pub(crate) fn none() -> Places<'static> {
+        Places {
+            text: "",
+            spans: HashMap::new(),
+        }
+    }
+
+    /// Where `field` is written, else where its nearest written ancestor is (a missing key is
+    /// reported at the table that lacks it).
+    pub(crate) fn locate(&self, field: &str) -> Option<Location> {
+        let mut path = field;
+        loop {
+            if let Some(span) = self.spans.get(path) {
+                return Some(locate(self.text, span.start));
+            }
+            path = parent(path)?;
+        }
+    }
+}
+
+/// `a.b[2]` → `a.b`, `a."x.y"` → `a`, `a` → none.
+fn parent(path: &str) -> Option<&str> {
+    if let Some(stripped) = path.strip_suffix(']') {
+        return stripped.rfind('[').map(|i| &path[..i]);
+    }
+    // The last '.' outside a quoted key.
+    let mut quoted = false;
+    let mut escaped = false;
+    let mut last_dot = None;
+    for (i, c) in path.char_indices() {
+        match c {
+            '\\' if quoted => escaped = !escaped,
+            '"' if !escaped => quoted = !quoted,
+            '.' if !quoted => last_dot = Some(i),
+            _ => escaped = false,
+        }
+        if c != '\\' {
+            escaped = false;
+        }
+    }
+    last_dot.map(|i| &path[..i])
+}
+
+fn record_table(table: &DeTable<'_>, prefix: &str, spans: &mut HashMap<String, Range<usize>>) {
+    for (key, value) in table {
+        let path = join_key(prefix, key.get_ref());
+        // A value is shown where it is written; a table or an array where its key is.
+        let span = match value.get_ref() {
+            DeValue::Table(_) | DeValue::Array(_) => key.span(),
+            _ => value.span(),
+        };
+        record_value(value.get_ref(), &path, spans);
+        spans.insert(path, span);
+    }
+}
+
+fn record_value(value: &DeValue<'_>, path: &str, spans: &mut HashMap<String, Range<usize>>) {
+    match value {
+        DeValue::Table(table) => record_table(table, path, spans),
+        DeValue::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let path = format!("{path}[{i}]");
+                record_value(item.get_ref(), &path, spans);
+                spans.insert(path, item.span());
+            }
+        }
+        _ => {}
+    }
+}
+
 /// The dotted path of the smallest key or value whose span contains `span.start`.
 fn field_at(text: &str, span: &Range<usize>) -> Option<String> {
     let doc = DeTable::parse(text).ok()?;
@@ -203,6 +297,52 @@ mod tests {
         // "bé = " is 6 bytes but 5 characters.
         assert_eq!(locate(text, 12), Location { line: 2, column: 6 });
         assert_eq!(locate(text, 1000).line, 3);
+    }
+
+    #[test]
+    fn parents_of_paths() {
+        assert_eq!(
+            parent("clusters.app.backends[1].address"),
+            Some("clusters.app.backends[1]")
+        );
+        assert_eq!(
+            parent("clusters.app.backends[1]"),
+            Some("clusters.app.backends")
+        );
+        assert_eq!(
+            parent("clusters.\"a.b\".send_proxy"),
+            Some("clusters.\"a.b\"")
+        );
+        assert_eq!(parent("clusters.\"a.b\""), Some("clusters"));
+        assert_eq!(parent("workers"), None);
+    }
+
+    #[test]
+    fn places_locate_a_field_or_its_nearest_ancestor() {
+        let text = "workers = 2\n[[listeners]]\naddress = \"x\"\n\n[clusters.app]\nbackends = [\n  { address = \"y\" },\n]\n";
+        let places = Places::of(text);
+        assert_eq!(places.locate("workers").map(|l| l.line), Some(1));
+        assert_eq!(
+            places.locate("listeners[0].address").map(|l| l.line),
+            Some(3)
+        );
+        assert_eq!(
+            places
+                .locate("clusters.app.backends[0].address")
+                .map(|l| l.line),
+            Some(7)
+        );
+        assert_eq!(
+            places
+                .locate("clusters.app.backends[0].weight")
+                .map(|l| l.line),
+            Some(7)
+        );
+        assert_eq!(
+            places.locate("clusters.app.health_check").map(|l| l.line),
+            Some(5)
+        );
+        assert_eq!(Places::none().locate("workers"), None);
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! lb-config: kakehi's configuration file, read and checked once, then immutable.
 //!
-//! Reading is two-stage. `file.rs` mirrors the TOML with serde structs that refuse unknown keys
-//! and keep every value's span; `validate.rs` fills in defaults, parses addresses, durations,
-//! hostnames and regexes, checks that the pieces fit together, and produces the [`Config`] in
-//! `model.rs` that the rest of kakehi consumes. Every refusal is one [`ConfigError`] naming the
-//! file, the line and column, the field and what is allowed. Relative paths in the file
+//! The configuration is modelled twice: as the document an operator writes and lbctl edits
+//! ([`state::State`], the TOML file key for key, serde structs that refuse unknown keys), and as
+//! the checked [`Config`] in `model.rs` that the rest of kakehi consumes. `validate.rs` is the
+//! one way from the first to the second: it fills in defaults, parses addresses, durations,
+//! hostnames and regexes and checks that the pieces fit together. Every refusal is one
+//! [`ConfigError`] naming the file, the field and what is allowed, and, when the document was
+//! read from a text, the line and column (the error module finds where each field is written). Relative paths in the file
 //! (certificates, the command socket, an access log file) are relative to the file's directory.
 //! This crate opens no socket. Besides the config itself it reads the certificate files an
 //! https listener names, and checks them (`certs.rs`: the key matches, not expired), so that
@@ -17,7 +19,6 @@
 
 pub mod certs;
 mod error;
-mod file;
 pub mod model;
 pub mod protocol;
 mod routes;
@@ -48,7 +49,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// against its directory (itself made absolute against the current directory). The file at
 /// `source` is not read and need not exist.
 pub fn parse_str(text: &str, source: &Path) -> Result<Config, ConfigError> {
-    let parsed: file::FileConfig =
+    let document: state::State =
         toml::from_str(text).map_err(|e| error::from_toml(source, text, &e))?;
-    validate::validate(parsed, text, source)
+    validate::validate(&document, &error::Places::of(text), source)
 }

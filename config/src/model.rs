@@ -3,13 +3,20 @@
 //! Nothing here parses text: `file.rs` holds the serde structs that mirror the TOML file, and
 //! `validate.rs` turns them into these types. Every value here has already been checked, so the
 //! data path never has to handle a malformed config.
+//!
+//! lbd main validates each configuration once and hands workers this checked value itself
+//! (serde: JSON over the worker channel and in the config memfd), so a worker never parses or
+//! re-checks a configuration. Regexes travel as their pattern, certificates and keys as DER in
+//! hex.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 /// The whole configuration of one kakehi instance.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     /// The file the configuration came from (absolute when it was given relative).
     pub source: PathBuf,
@@ -35,13 +42,13 @@ pub struct Config {
     pub clusters: Vec<Cluster>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Steering {
     Ebpf,
     Kernel,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SteeringPolicy {
     FlowHash,
     LeastConnections,
@@ -50,7 +57,7 @@ pub enum SteeringPolicy {
 
 /// Timeouts of the data path. File keys under `[timeouts]`: `connect`, `request_header`,
 /// `front_idle`, `back_idle`, `drain`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timeouts {
     /// Connecting to a backend. Default 3s.
     pub connect: Duration,
@@ -65,31 +72,31 @@ pub struct Timeouts {
     pub drain: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessLog {
     pub format: LogFormat,
     pub target: LogTarget,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LogFormat {
     Logfmt,
     Json,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LogTarget {
     Stdout,
     Off,
     File(PathBuf),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Metrics {
     pub address: SocketAddr,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ListenerProtocol {
     Http,
     Https,
@@ -98,11 +105,13 @@ pub enum ListenerProtocol {
 
 /// A checked certificate of an https listener (see `certs.rs`): its chain parses, its key
 /// matches the leaf, and it was within its validity period when it was admitted.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Certificate {
     /// The chain, the server's certificate first (DER).
+    #[serde(with = "wire::chain")]
     pub chain: Vec<rustls_pki_types::CertificateDer<'static>>,
     /// The private key (DER).
+    #[serde(with = "wire::key")]
     pub key: rustls_pki_types::PrivateKeyDer<'static>,
     /// The server names SNI selects it by, lower-case: the DNS subject alternative names
     /// (else the common name); a wildcard is kept as `*.example.com`.
@@ -128,7 +137,7 @@ impl Clone for Certificate {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Listener {
     pub address: SocketAddr,
     pub protocol: ListenerProtocol,
@@ -138,13 +147,13 @@ pub struct Listener {
     pub accept_proxy: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClusterProtocol {
     Http,
     Tcp,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LoadBalancing {
     RoundRobin,
     Random,
@@ -152,7 +161,7 @@ pub enum LoadBalancing {
     PowerOfTwo,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cluster {
     pub name: String,
     pub protocol: ClusterProtocol,
@@ -163,7 +172,7 @@ pub struct Cluster {
     pub send_proxy: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Frontend {
     /// The listener this frontend is served on (validated to exist).
     pub address: SocketAddr,
@@ -177,7 +186,7 @@ pub struct Frontend {
 }
 
 /// How a frontend matches the request's host (port removed, compared case-insensitively).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum HostMatch {
     /// No `hostname`: any host.
     Any,
@@ -185,22 +194,23 @@ pub enum HostMatch {
     Exact(String),
     /// `*.example.com`: stored as the lower-case suffix `.example.com`; matches one or more labels.
     Wildcard(String),
-    /// `~^api[0-9]+\.example\.com$`: a regex (the `~` prefix, as nginx's server_name).
-    Regex(regex::Regex),
+    /// `~^api[0-9]+\.example\.com$`: a regex (the `~` prefix, as nginx's server_name),
+    /// case-insensitive.
+    Regex(#[serde(with = "wire::host_regex")] regex::Regex),
 }
 
 /// How a frontend matches the request's path (the part of the target before `?`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum PathMatch {
     /// `path = "/api"` (default "/"): a prefix.
     Prefix(String),
     /// `path_type = "exact"`.
     Exact(String),
     /// `path_type = "regex"`.
-    Regex(regex::Regex),
+    Regex(#[serde(with = "wire::regex")] regex::Regex),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Backend {
     pub address: SocketAddr,
     /// Relative share of traffic, 1..=1000, default 1.
@@ -211,7 +221,7 @@ pub struct Backend {
     pub draining: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheck {
     /// None means a TCP connect check.
     pub path: Option<String>,
@@ -225,4 +235,158 @@ pub struct HealthCheck {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+}
+
+/// Two regexes are the same rule when they have the same pattern (each kind is always built
+/// the same way: see `wire`).
+impl PartialEq for HostMatch {
+    fn eq(&self, other: &HostMatch) -> bool {
+        match (self, other) {
+            (HostMatch::Any, HostMatch::Any) => true,
+            (HostMatch::Exact(a), HostMatch::Exact(b)) => a == b,
+            (HostMatch::Wildcard(a), HostMatch::Wildcard(b)) => a == b,
+            (HostMatch::Regex(a), HostMatch::Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
+}
+
+impl PartialEq for PathMatch {
+    fn eq(&self, other: &PathMatch) -> bool {
+        match (self, other) {
+            (PathMatch::Prefix(a), PathMatch::Prefix(b)) => a == b,
+            (PathMatch::Exact(a), PathMatch::Exact(b)) => a == b,
+            (PathMatch::Regex(a), PathMatch::Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
+}
+
+/// How the values serde cannot write by itself travel to workers.
+mod wire {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn unhex<E: serde::de::Error>(text: &str) -> Result<Vec<u8>, E> {
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            _ => Err(E::custom("not lower-case hex")),
+        };
+        if text.len() % 2 != 0 {
+            return Err(E::custom("odd number of hex digits"));
+        }
+        text.as_bytes()
+            .chunks(2)
+            .map(|pair| match pair {
+                [hi, lo] => Ok(digit(*hi)? << 4 | digit(*lo)?),
+                _ => Err(E::custom("odd number of hex digits")),
+            })
+            .collect()
+    }
+
+    pub(super) mod chain {
+        use super::*;
+        use rustls_pki_types::CertificateDer;
+
+        pub(crate) fn serialize<S: Serializer>(
+            chain: &[CertificateDer<'static>],
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            let texts: Vec<String> = chain.iter().map(|c| hex(c.as_ref())).collect();
+            texts.serialize(s)
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Vec<CertificateDer<'static>>, D::Error> {
+            Vec::<String>::deserialize(d)?
+                .iter()
+                .map(|t| unhex(t).map(CertificateDer::from))
+                .collect()
+        }
+    }
+
+    pub(super) mod key {
+        use super::*;
+        use rustls_pki_types::{
+            PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer,
+        };
+
+        #[derive(Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case", deny_unknown_fields)]
+        enum Key {
+            Pkcs1(String),
+            Sec1(String),
+            Pkcs8(String),
+        }
+
+        pub(crate) fn serialize<S: Serializer>(
+            key: &PrivateKeyDer<'static>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            let key = match key {
+                PrivateKeyDer::Pkcs1(k) => Key::Pkcs1(hex(k.secret_pkcs1_der())),
+                PrivateKeyDer::Sec1(k) => Key::Sec1(hex(k.secret_sec1_der())),
+                PrivateKeyDer::Pkcs8(k) => Key::Pkcs8(hex(k.secret_pkcs8_der())),
+                _ => return Err(serde::ser::Error::custom("unknown kind of private key")),
+            };
+            key.serialize(s)
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<PrivateKeyDer<'static>, D::Error> {
+            Ok(match Key::deserialize(d)? {
+                Key::Pkcs1(t) => PrivateKeyDer::Pkcs1(PrivatePkcs1KeyDer::from(unhex(&t)?)),
+                Key::Sec1(t) => PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(unhex(&t)?)),
+                Key::Pkcs8(t) => PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(unhex(&t)?)),
+            })
+        }
+    }
+
+    /// A path regex (`regex::Regex::new`, as `routes.rs` builds it).
+    pub(super) mod regex {
+        use super::*;
+
+        pub(crate) fn serialize<S: Serializer>(
+            r: &::regex::Regex,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            s.serialize_str(r.as_str())
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<::regex::Regex, D::Error> {
+            let pattern = String::deserialize(d)?;
+            ::regex::Regex::new(&pattern).map_err(D::Error::custom)
+        }
+    }
+
+    /// A hostname regex: case-insensitive, as `routes.rs` builds it.
+    pub(super) mod host_regex {
+        use super::*;
+
+        pub(crate) fn serialize<S: Serializer>(
+            r: &::regex::Regex,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            s.serialize_str(r.as_str())
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<::regex::Regex, D::Error> {
+            let pattern = String::deserialize(d)?;
+            ::regex::RegexBuilder::new(&pattern)
+                .case_insensitive(true)
+                .build()
+                .map_err(D::Error::custom)
+        }
+    }
 }

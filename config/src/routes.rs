@@ -9,10 +9,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use serde_spanned::Spanned;
-
-use crate::file::{FileFrontend, FilePathType, SpannedStr};
 use crate::model::{ClusterProtocol, Frontend, HostMatch, Listener, ListenerProtocol, PathMatch};
+use crate::state::{FrontendDef, PathTypeDef};
 use crate::validate::{Checker, Result};
 
 /// What makes two frontends the same route.
@@ -21,7 +19,7 @@ struct RouteKey {
     address: SocketAddr,
     /// "" for any host, else the hostname as written after normalisation, with its kind.
     host: String,
-    path_type: FilePathType,
+    path_type: PathTypeDef,
     path: String,
     method: Option<String>,
 }
@@ -30,8 +28,8 @@ struct RouteKey {
 pub(crate) struct FrontendChecker<'c, 'a> {
     c: &'c Checker<'a>,
     listeners: &'c [Listener],
-    /// Each route seen, with the field path and line of its first definition.
-    seen: HashMap<RouteKey, (String, usize)>,
+    /// Each route seen, with the field path of its first definition.
+    seen: HashMap<RouteKey, String>,
 }
 
 impl<'c, 'a> FrontendChecker<'c, 'a> {
@@ -46,31 +44,26 @@ impl<'c, 'a> FrontendChecker<'c, 'a> {
     /// Validates one frontend of a cluster speaking `protocol`.
     pub(crate) fn check(
         &mut self,
-        frontend: &Spanned<FileFrontend>,
+        f: &FrontendDef,
         field: &str,
         protocol: ClusterProtocol,
     ) -> Result<Frontend> {
-        let f = frontend.get_ref();
         let address = self.listener(&f.address, field, protocol)?;
         if protocol == ClusterProtocol::Tcp {
             let http_only = [
-                ("path", f.path.as_ref().map(Spanned::span)),
-                ("path_type", f.path_type.as_ref().map(Spanned::span)),
-                ("method", f.method.as_ref().map(Spanned::span)),
+                ("path", f.path.is_some()),
+                ("path_type", f.path_type.is_some()),
+                ("method", f.method.is_some()),
             ];
-            if let Some((key, Some(span))) = http_only.into_iter().find(|(_, s)| s.is_some()) {
+            if let Some((key, _)) = http_only.into_iter().find(|(_, given)| *given) {
                 return Err(self.c.err(
-                    span,
                     &format!("{field}.{key}"),
                     format!("{key} only applies to http clusters; a tcp frontend is matched by its address (and hostname) alone"),
                 ));
             }
         }
         let (host, hostname) = self.hostname(f.hostname.as_ref(), field)?;
-        let path_type = f
-            .path_type
-            .as_ref()
-            .map_or(FilePathType::Prefix, |t| *t.get_ref());
+        let path_type = f.path_type.unwrap_or(PathTypeDef::Prefix);
         let (path_text, path) = self.path(f, path_type, field)?;
         let method = match &f.method {
             None => None,
@@ -84,26 +77,24 @@ impl<'c, 'a> FrontendChecker<'c, 'a> {
             path: path_text,
             method: method.clone(),
         };
-        if let Some((other, line)) = self.seen.get(&key) {
+        if let Some(other) = self.seen.get(&key) {
+            let at = self.c.at_line(other);
             return Err(self.c.err(
-                frontend.span(),
                 field,
                 format!(
-                    "this frontend is identical to {other} (line {line}): same address, hostname, path, path_type and method; a request could not tell them apart, so remove one or make them differ"
+                    "this frontend is identical to {other}{at}: same address, hostname, path, path_type and method; a request could not tell them apart, so remove one or make them differ"
                 ),
             ));
         }
-        let line = self.c.line(frontend.span().start);
-        self.seen.insert(key, (field.to_owned(), line));
-        let redirect_https = match &f.redirect_https {
-            Some(r) if *r.get_ref() => {
+        self.seen.insert(key, field.to_owned());
+        let redirect_https = match f.redirect_https {
+            Some(true) => {
                 let on_http = self
                     .listeners
                     .iter()
                     .any(|l| l.address == address && l.protocol == ListenerProtocol::Http);
                 if !on_http {
                     return Err(self.c.err(
-                        r.span(),
                         &format!("{field}.redirect_https"),
                         "redirect_https only applies to frontends of http listeners (it sends plain-HTTP clients to https)",
                     ));
@@ -123,12 +114,7 @@ impl<'c, 'a> FrontendChecker<'c, 'a> {
     }
 
     /// The frontend's address: a listener's, whose protocol fits the cluster's.
-    fn listener(
-        &self,
-        value: &SpannedStr,
-        field: &str,
-        protocol: ClusterProtocol,
-    ) -> Result<SocketAddr> {
+    fn listener(&self, value: &str, field: &str, protocol: ClusterProtocol) -> Result<SocketAddr> {
         let field = format!("{field}.address");
         let address = self.c.socket_addr(value, &field)?;
         let Some(listener) = self.listeners.iter().find(|l| l.address == address) else {
@@ -143,7 +129,6 @@ impl<'c, 'a> FrontendChecker<'c, 'a> {
                 format!("the listeners are {}", list.join(", "))
             };
             return Err(self.c.err(
-                value.span(),
                 &field,
                 format!("no listener has address {address} ({known}): use one of them or add a [[listeners]] entry"),
             ));
@@ -169,7 +154,6 @@ impl<'c, 'a> FrontendChecker<'c, 'a> {
                 ),
             };
             return Err(self.c.err(
-                value.span(),
                 &field,
                 format!("the listener {address} is {got}, but this is {cluster} cluster: its frontends need {wanted} listener"),
             ));
@@ -177,17 +161,16 @@ impl<'c, 'a> FrontendChecker<'c, 'a> {
         Ok(address)
     }
 
-    fn hostname(&self, value: Option<&SpannedStr>, field: &str) -> Result<(String, HostMatch)> {
-        let Some(value) = value else {
+    fn hostname(&self, value: Option<&String>, field: &str) -> Result<(String, HostMatch)> {
+        let Some(text) = value else {
             return Ok((String::new(), HostMatch::Any));
         };
         let field = format!("{field}.hostname");
-        let text = value.get_ref();
         if let Some(pattern) = text.strip_prefix('~') {
             let regex = regex::RegexBuilder::new(pattern)
                 .case_insensitive(true)
                 .build()
-                .map_err(|e| self.c.err(value.span(), &field, regex_message(pattern, &e)))?;
+                .map_err(|e| self.c.err(&field, regex_message(pattern, &e)))?;
             return Ok((format!("~{pattern}"), HostMatch::Regex(regex)));
         }
         let lower = text.to_ascii_lowercase();
@@ -197,7 +180,6 @@ impl<'c, 'a> FrontendChecker<'c, 'a> {
         };
         if let Some(problem) = hostname_problem(name) {
             return Err(self.c.err(
-                value.span(),
                 &field,
                 format!("\"{text}\" is not a valid hostname: {problem}; expected app.example.com, *.example.com, ~REGEX, or no hostname for any host"),
             ));
@@ -213,31 +195,29 @@ impl<'c, 'a> FrontendChecker<'c, 'a> {
     /// The path rule, and its text for comparing routes.
     fn path(
         &self,
-        f: &FileFrontend,
-        path_type: FilePathType,
-        field: &str,
+        f: &FrontendDef,
+        path_type: PathTypeDef,
+        at: &str,
     ) -> Result<(String, PathMatch)> {
-        let field = format!("{field}.path");
-        let Some(value) = &f.path else {
-            if path_type == FilePathType::Regex {
-                let span = f.path_type.as_ref().map_or(f.address.span(), Spanned::span);
-                return Err(self.c.err(
-                    span,
+        let field = format!("{at}.path");
+        let Some(text) = &f.path else {
+            if path_type == PathTypeDef::Regex {
+                return Err(self.c.err_near(
+                    &format!("{at}.path_type"),
                     &field,
                     "path_type = \"regex\" needs a path holding the regex, such as path = \"^/api/v[0-9]+/\"",
                 ));
             }
             let root = "/".to_owned();
             let rule = match path_type {
-                FilePathType::Exact => PathMatch::Exact(root.clone()),
-                FilePathType::Prefix | FilePathType::Regex => PathMatch::Prefix(root.clone()),
+                PathTypeDef::Exact => PathMatch::Exact(root.clone()),
+                PathTypeDef::Prefix | PathTypeDef::Regex => PathMatch::Prefix(root.clone()),
             };
             return Ok((root, rule));
         };
-        let text = value.get_ref();
-        if path_type == FilePathType::Regex {
-            let regex = regex::Regex::new(text)
-                .map_err(|e| self.c.err(value.span(), &field, regex_message(text, &e)))?;
+        if path_type == PathTypeDef::Regex {
+            let regex =
+                regex::Regex::new(text).map_err(|e| self.c.err(&field, regex_message(text, &e)))?;
             return Ok((text.clone(), PathMatch::Regex(regex)));
         }
         let problem = if !text.starts_with('/') {
@@ -251,24 +231,21 @@ impl<'c, 'a> FrontendChecker<'c, 'a> {
         };
         if let Some(problem) = problem {
             return Err(self.c.err(
-                value.span(),
                 &field,
                 format!("\"{text}\" is not a valid path: {problem}; expected a path such as \"/\" or \"/api\""),
             ));
         }
         let rule = match path_type {
-            FilePathType::Exact => PathMatch::Exact(text.clone()),
-            FilePathType::Prefix | FilePathType::Regex => PathMatch::Prefix(text.clone()),
+            PathTypeDef::Exact => PathMatch::Exact(text.clone()),
+            PathTypeDef::Prefix | PathTypeDef::Regex => PathMatch::Prefix(text.clone()),
         };
         Ok((text.clone(), rule))
     }
 
-    fn method(&self, value: &SpannedStr, field: &str) -> Result<String> {
-        let text = value.get_ref();
+    fn method(&self, text: &str, field: &str) -> Result<String> {
         let is_token = !text.is_empty() && text.bytes().all(is_tchar);
         if !is_token {
             return Err(self.c.err(
-                value.span(),
                 &format!("{field}.method"),
                 format!("\"{text}\" is not an HTTP method: expected a token such as \"GET\" or \"POST\""),
             ));

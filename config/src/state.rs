@@ -1,10 +1,11 @@
 //! The running state: the config file's document, changed at runtime by lbctl.
 //!
 //! [`State`] holds the whole configuration in the same shape as the TOML file, key for key, as
-//! plain values (no spans): it serializes to TOML (`state save`, `state dump`) and to JSON (the
-//! command protocol) and back, and it is equal in content to the file it was read from. There is
-//! exactly one validator: [`State::validate`] writes the state as TOML and hands it to
-//! [`crate::parse_str`], the function `lbd --check` and `lbctl config check` use.
+//! plain values: it is what serde reads the file into, it serializes to TOML (`state save`,
+//! `state dump`) and to JSON (the command protocol) and back, and it is equal in content to the
+//! file it was read from. There is exactly one validator (`validate.rs`), the one
+//! [`crate::parse_str`] (`lbd --check`, `lbctl config check`) runs on the file's document;
+//! [`State::validate`] runs it on a state built at runtime, whose errors name no line.
 //!
 //! Every runtime change is an [`Edit`]. [`State::apply`] checks the edit against the current
 //! state first (unknown cluster, backend already there, frontend already served elsewhere...),
@@ -363,6 +364,14 @@ pub struct HealthCheckDef {
     pub fall: Option<i64>,
 }
 
+/// A state that passed validation, and the configuration it validated to: what lbd main makes
+/// the running state and hands to its workers, without validating it again.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub state: State,
+    pub config: Config,
+}
+
 /// One runtime change to a [`State`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -419,6 +428,26 @@ pub enum Edit {
         address: String,
         certificate: String,
     },
+}
+
+impl Edit {
+    /// The lbctl command that asks for it, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Edit::AddCluster { .. } => "cluster add",
+            Edit::RemoveCluster { .. } => "cluster remove",
+            Edit::AddBackend { .. } => "backend add",
+            Edit::RemoveBackend { .. } => "backend remove",
+            Edit::DrainBackend { .. } => "backend drain",
+            Edit::AddFrontend { .. } => "frontend add",
+            Edit::RemoveFrontend { .. } => "frontend remove",
+            Edit::AddListener { .. } => "listener add",
+            Edit::RemoveListener { .. } => "listener remove",
+            Edit::AddCertificate { .. } => "certificate add",
+            Edit::ReplaceCertificate { .. } => "certificate replace",
+            Edit::RemoveCertificate { .. } => "certificate remove",
+        }
+    }
 }
 
 /// Why an edit was refused. The `Display` is one line an operator can act on; it never names a
@@ -504,9 +533,14 @@ impl State {
     /// Certificate files are read in (see [`CertificateDef`]), relative to `source`: the state
     /// carries their text from then on.
     pub fn from_toml(text: &str, source: &Path) -> Result<State, ConfigError> {
-        crate::parse_str(text, source)?;
+        State::checked_from_toml(text, source).map(|checked| checked.state)
+    }
+
+    /// [`State::from_toml`], with the configuration the text validated to (validated once).
+    pub fn checked_from_toml(text: &str, source: &Path) -> Result<Checked, ConfigError> {
         let mut state: State =
             toml::from_str(text).map_err(|e| error::from_toml(source, text, &e))?;
+        let config = crate::validate::validate(&state, &error::Places::of(text), source)?;
         let absolute = state.with_absolute_paths(source);
         for (listener, resolved) in state.listeners.iter_mut().zip(&absolute.listeners) {
             for (cert, resolved) in listener.certificates.iter_mut().zip(&resolved.certificates) {
@@ -518,16 +552,26 @@ impl State {
                 cert.key_pem = inlined.key_pem;
             }
         }
-        Ok(state)
+        Ok(Checked { state, config })
     }
 
     /// Reads and checks the config file at `path`.
     pub fn load(path: &Path) -> Result<State, ConfigError> {
+        State::load_checked(path).map(|checked| checked.state)
+    }
+
+    /// Reads and checks the config file at `path` once: its state, with every relative path
+    /// made absolute (then it means the same wherever it is saved), and its configuration.
+    pub fn load_checked(path: &Path) -> Result<Checked, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             file: path.to_path_buf(),
             error,
         })?;
-        State::from_toml(&text, path)
+        let checked = State::checked_from_toml(&text, path)?;
+        Ok(Checked {
+            state: checked.state.with_absolute_paths(path),
+            config: checked.config,
+        })
     }
 
     /// The state as a config file. Reading it back gives an equal `State`.
@@ -551,10 +595,11 @@ impl State {
         out
     }
 
-    /// Checks the whole state with the file validator, as if it were the file at `source`
-    /// (relative paths resolve against its directory; errors name it).
+    /// Checks the whole state with the file's validator, as if it were the file at `source`
+    /// (relative paths resolve against its directory; errors name it and the field, without a
+    /// line: a state built at runtime is no text anyone wrote).
     pub fn validate(&self, source: &Path) -> Result<Config, ConfigError> {
-        crate::parse_str(&self.to_toml(), source)
+        crate::validate::validate(self, &error::Places::none(), source)
     }
 
     /// The same state with every relative path (command socket, access log file, certificates)
@@ -585,12 +630,21 @@ impl State {
     }
 
     /// The state with `edit` applied, checked against the whole state as if it were the file at
-    /// `source`. `self` is left as it was, whatever the outcome.
-    pub fn apply(&self, edit: &Edit, source: &Path) -> Result<State, StateError> {
+    /// `source`, with the configuration it validated to. `self` is left as it was, whatever
+    /// the outcome.
+    pub fn apply(&self, edit: &Edit, source: &Path) -> Result<Checked, StateError> {
         let mut next = self.clone();
         next.edit_in_place(edit)?;
-        next.validate(source).map_err(StateError::invalid)?;
-        Ok(next)
+        let config = next.validate(source).map_err(StateError::invalid)?;
+        Ok(Checked {
+            state: next,
+            config,
+        })
+    }
+
+    /// [`State::apply`], keeping only the state.
+    fn applied(&self, edit: &Edit, source: &Path) -> Result<State, StateError> {
+        self.apply(edit, source).map(|checked| checked.state)
     }
 
     pub fn add_cluster(
@@ -600,12 +654,12 @@ impl State {
         source: &Path,
     ) -> Result<State, StateError> {
         let name = name.to_owned();
-        self.apply(&Edit::AddCluster { name, cluster }, source)
+        self.applied(&Edit::AddCluster { name, cluster }, source)
     }
 
     pub fn remove_cluster(&self, name: &str, source: &Path) -> Result<State, StateError> {
         let name = name.to_owned();
-        self.apply(&Edit::RemoveCluster { name }, source)
+        self.applied(&Edit::RemoveCluster { name }, source)
     }
 
     pub fn add_backend(
@@ -615,7 +669,7 @@ impl State {
         source: &Path,
     ) -> Result<State, StateError> {
         let cluster = cluster.to_owned();
-        self.apply(&Edit::AddBackend { cluster, backend }, source)
+        self.applied(&Edit::AddBackend { cluster, backend }, source)
     }
 
     pub fn remove_backend(
@@ -625,7 +679,7 @@ impl State {
         source: &Path,
     ) -> Result<State, StateError> {
         let (cluster, address) = (cluster.to_owned(), address.to_owned());
-        self.apply(&Edit::RemoveBackend { cluster, address }, source)
+        self.applied(&Edit::RemoveBackend { cluster, address }, source)
     }
 
     pub fn drain_backend(
@@ -635,7 +689,7 @@ impl State {
         source: &Path,
     ) -> Result<State, StateError> {
         let (cluster, address) = (cluster.to_owned(), address.to_owned());
-        self.apply(&Edit::DrainBackend { cluster, address }, source)
+        self.applied(&Edit::DrainBackend { cluster, address }, source)
     }
 
     pub fn add_frontend(
@@ -645,7 +699,7 @@ impl State {
         source: &Path,
     ) -> Result<State, StateError> {
         let cluster = cluster.to_owned();
-        self.apply(&Edit::AddFrontend { cluster, frontend }, source)
+        self.applied(&Edit::AddFrontend { cluster, frontend }, source)
     }
 
     pub fn remove_frontend(
@@ -655,16 +709,16 @@ impl State {
         source: &Path,
     ) -> Result<State, StateError> {
         let cluster = cluster.to_owned();
-        self.apply(&Edit::RemoveFrontend { cluster, frontend }, source)
+        self.applied(&Edit::RemoveFrontend { cluster, frontend }, source)
     }
 
     pub fn add_listener(&self, listener: ListenerDef, source: &Path) -> Result<State, StateError> {
-        self.apply(&Edit::AddListener { listener }, source)
+        self.applied(&Edit::AddListener { listener }, source)
     }
 
     pub fn remove_listener(&self, address: &str, source: &Path) -> Result<State, StateError> {
         let address = address.to_owned();
-        self.apply(&Edit::RemoveListener { address }, source)
+        self.applied(&Edit::RemoveListener { address }, source)
     }
 
     /// One line per cluster, for `lbctl cluster list`.

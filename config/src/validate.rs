@@ -1,33 +1,33 @@
-//! Turns the file structs of `file.rs` into the immutable `model::Config`.
+//! Turns the config document ([`State`]: the file's keys as plain values) into the immutable
+//! `model::Config`.
 //!
 //! This module owns the defaults, the ranges and every check that spans more than one value:
 //! listener addresses are unique, an https listener has certificates, every cluster has
 //! backends, backend addresses are unique within a cluster. Frontends (hostnames, paths, methods,
 //! their listener and their uniqueness) are checked in `routes.rs`. The first failed check is
-//! returned as a `ConfigError` pointing at the offending value's line. The only files read are
+//! returned as a `ConfigError` naming the offending field, and placed at its line when the document
+//! came from a text ([`Places`]). The only files read are
 //! the certificates and keys an https listener names by path (checked by `certs.rs`); relative
 //! paths are joined to the config file's directory. Nothing here touches the network.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::ops::{Range, RangeInclusive};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_spanned::Spanned;
-
-use crate::error::{join_key, locate, ConfigError};
-use crate::file::{
-    FileAccessLog, FileCertificate, FileCluster, FileClusterProtocol, FileConfig, FileHealthCheck,
-    FileListener, FileListenerProtocol, FileLoadBalancing, FileLogFormat, FileSteering,
-    FileSteeringPolicy, FileTimeouts, SpannedInt, SpannedStr,
-};
+use crate::error::{join_key, ConfigError, Places};
 use crate::model::{
     AccessLog, Backend, Certificate, Cluster, ClusterProtocol, Config, HealthCheck, Listener,
     ListenerProtocol, LoadBalancing, LogFormat, LogTarget, Metrics, Steering, SteeringPolicy,
     Timeouts,
 };
 use crate::routes::FrontendChecker;
+use crate::state::{
+    AccessLogDef, BackendDef, CertificateDef, ClusterDef, ClusterProtocolDef, HealthCheckDef,
+    ListenerDef, ListenerProtocolDef, LoadBalancingDef, LogFormatDef, State, SteeringDef,
+    SteeringPolicyDef, TimeoutsDef,
+};
 use crate::DEFAULT_COMMAND_SOCKET;
 
 pub(crate) type Result<T> = std::result::Result<T, ConfigError>;
@@ -40,49 +40,45 @@ const MAX_UNIX_SOCKET_PATH: usize = 107;
 /// or the health checker.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Validates a parsed file. `text` is the file's content (for line numbers), `source` its path.
-pub(crate) fn validate(file: FileConfig, text: &str, source: &Path) -> Result<Config> {
+/// Validates the document `file` as the config file at `source` (errors name it, relative
+/// paths resolve against its directory); `places` puts lines on the errors.
+pub(crate) fn validate(file: &State, places: &Places<'_>, source: &Path) -> Result<Config> {
     let absolute = std::path::absolute(source).unwrap_or_else(|_| source.to_path_buf());
     let base_dir = absolute.parent().map(Path::to_path_buf).unwrap_or_default();
     let c = Checker {
-        text,
+        places,
         source,
         base_dir,
     };
 
-    let workers = c.int(file.workers.as_ref(), "workers", 1, 1..=64)?;
+    let workers = c.int(file.workers, "workers", 1, 1..=64)?;
     let max_connections = c.int(
-        file.max_connections.as_ref(),
+        file.max_connections,
         "max_connections",
         10_000,
         1..=i64::from(u32::MAX),
     )?;
     let command_socket = c.command_socket(file.command_socket.as_ref())?;
-    let steering = match file.steering.as_ref().map(|s| *s.get_ref()) {
-        Some(FileSteering::Ebpf) | None => Steering::Ebpf,
-        Some(FileSteering::Kernel) => Steering::Kernel,
+    let steering = match file.steering {
+        Some(SteeringDef::Ebpf) | None => Steering::Ebpf,
+        Some(SteeringDef::Kernel) => Steering::Kernel,
     };
-    let steering_policy = match file.steering_policy.as_ref().map(|s| *s.get_ref()) {
-        Some(FileSteeringPolicy::FlowHash) | None => SteeringPolicy::FlowHash,
-        Some(FileSteeringPolicy::LeastConnections) => SteeringPolicy::LeastConnections,
-        Some(FileSteeringPolicy::PowerOfTwo) => SteeringPolicy::PowerOfTwo,
+    let steering_policy = match file.steering_policy {
+        Some(SteeringPolicyDef::FlowHash) | None => SteeringPolicy::FlowHash,
+        Some(SteeringPolicyDef::LeastConnections) => SteeringPolicy::LeastConnections,
+        Some(SteeringPolicyDef::PowerOfTwo) => SteeringPolicy::PowerOfTwo,
     };
     let user = c.account(file.user.as_ref(), "user")?;
     let group = c.account(file.group.as_ref(), "group")?;
-    let buffer_size = c.int(
-        file.buffer_size.as_ref(),
-        "buffer_size",
-        16_384,
-        4_096..=1_048_576,
-    )?;
+    let buffer_size = c.int(file.buffer_size, "buffer_size", 16_384, 4_096..=1_048_576)?;
     let max_request_body = c.int(
-        file.max_request_body.as_ref(),
+        file.max_request_body,
         "max_request_body",
         0u64,
         0..=i64::MAX,
     )?;
-    let timeouts = c.timeouts(file.timeouts.unwrap_or_default())?;
-    let access_log = c.access_log(file.access_log.unwrap_or_default())?;
+    let timeouts = c.timeouts(&file.timeouts.clone().unwrap_or_default())?;
+    let access_log = c.access_log(&file.access_log.clone().unwrap_or_default())?;
     let listeners = c.listeners(&file.listeners)?;
     let metrics = match &file.metrics {
         None => None,
@@ -90,7 +86,6 @@ pub(crate) fn validate(file: FileConfig, text: &str, source: &Path) -> Result<Co
             let address = c.socket_addr(&m.address, "metrics.address")?;
             if listeners.iter().any(|l| l.address == address) {
                 return Err(c.err(
-                    m.address.span(),
                     "metrics.address",
                     format!("{address} is also a listener's address; give metrics its own port"),
                 ));
@@ -121,47 +116,54 @@ pub(crate) fn validate(file: FileConfig, text: &str, source: &Path) -> Result<Co
 
 /// What every check needs to build an error or resolve a path.
 pub(crate) struct Checker<'a> {
-    text: &'a str,
+    places: &'a Places<'a>,
     source: &'a Path,
     base_dir: PathBuf,
 }
 
 impl Checker<'_> {
-    /// An error at `span`, about `field`.
-    pub(crate) fn err(
+    /// An error about `field`, placed where it is written.
+    pub(crate) fn err(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        self.err_near(field, field, message)
+    }
+
+    /// An error about `field`, placed where `place` is written (a key that is absent is
+    /// better shown at the one that makes it needed).
+    pub(crate) fn err_near(
         &self,
-        span: Range<usize>,
+        place: &str,
         field: &str,
         message: impl Into<String>,
     ) -> ConfigError {
         ConfigError::Invalid {
             file: self.source.to_path_buf(),
-            location: Some(locate(self.text, span.start)),
+            location: self.places.locate(place),
             field: Some(field.to_owned()),
             message: message.into(),
         }
     }
 
-    /// The 1-based line of byte `offset`, to refer to an earlier definition in a message.
-    pub(crate) fn line(&self, offset: usize) -> usize {
-        locate(self.text, offset).line
+    /// ` (line N)` where `field` is written, to refer to an earlier definition in a message;
+    /// nothing when the document has no text.
+    pub(crate) fn at_line(&self, field: &str) -> String {
+        self.places
+            .locate(field)
+            .map_or_else(String::new, |l| format!(" (line {})", l.line))
     }
 
     /// An integer in `range`, `default` when absent.
     fn int<T: TryFrom<i64>>(
         &self,
-        value: Option<&SpannedInt>,
+        value: Option<i64>,
         field: &str,
         default: T,
         range: RangeInclusive<i64>,
     ) -> Result<T> {
-        let Some(value) = value else {
+        let Some(n) = value else {
             return Ok(default);
         };
-        let n = *value.get_ref();
         let out_of_range = || {
             self.err(
-                value.span(),
                 field,
                 format!(
                     "{n} is out of range: allowed {} to {}",
@@ -180,22 +182,20 @@ impl Checker<'_> {
     /// [`MAX_DURATION`], `default` when absent.
     pub(crate) fn duration(
         &self,
-        value: Option<&SpannedStr>,
+        value: Option<&String>,
         field: &str,
         default: Duration,
     ) -> Result<Duration> {
         let Some(value) = value else {
             return Ok(default);
         };
-        let text = value.get_ref().trim();
+        let text = value.trim();
         match humantime::parse_duration(text) {
             Ok(d) if d.is_zero() => Err(self.err(
-                value.span(),
                 field,
                 format!("\"{text}\" is zero; a duration must be greater than zero, such as \"5s\""),
             )),
             Ok(d) if d > MAX_DURATION => Err(self.err(
-                value.span(),
                 field,
                 format!(
                     "\"{text}\" is longer than a day (24h), the longest duration kakehi takes"
@@ -203,7 +203,6 @@ impl Checker<'_> {
             )),
             Ok(d) => Ok(d),
             Err(e) => Err(self.err(
-                value.span(),
                 field,
                 format!(
                     "\"{text}\" is not a duration ({e}); expected a number and a unit such as \"500ms\", \"5s\" or \"1m\""
@@ -213,11 +212,9 @@ impl Checker<'_> {
     }
 
     /// An `IP:PORT` socket address.
-    pub(crate) fn socket_addr(&self, value: &SpannedStr, field: &str) -> Result<SocketAddr> {
-        let text = value.get_ref();
+    pub(crate) fn socket_addr(&self, text: &str, field: &str) -> Result<SocketAddr> {
         text.trim().parse().map_err(|_| {
             self.err(
-                value.span(),
                 field,
                 format!(
                     "\"{text}\" is not a socket address: expected IP:PORT such as 127.0.0.1:8080 (or [::1]:8080); host names are not resolved"
@@ -227,10 +224,9 @@ impl Checker<'_> {
     }
 
     /// A non-empty path, joined to the config file's directory when relative.
-    fn path(&self, value: &SpannedStr, field: &str) -> Result<PathBuf> {
-        let text = value.get_ref();
+    fn path(&self, text: &str, field: &str) -> Result<PathBuf> {
         if text.trim().is_empty() {
-            return Err(self.err(value.span(), field, "the path is empty"));
+            return Err(self.err(field, "the path is empty"));
         }
         let path = Path::new(text);
         Ok(if path.is_absolute() {
@@ -240,7 +236,7 @@ impl Checker<'_> {
         })
     }
 
-    fn command_socket(&self, value: Option<&SpannedStr>) -> Result<PathBuf> {
+    fn command_socket(&self, value: Option<&String>) -> Result<PathBuf> {
         let Some(value) = value else {
             return Ok(PathBuf::from(DEFAULT_COMMAND_SOCKET));
         };
@@ -248,7 +244,6 @@ impl Checker<'_> {
         let len = path.as_os_str().len();
         if len > MAX_UNIX_SOCKET_PATH {
             return Err(self.err(
-                value.span(),
                 "command_socket",
                 format!(
                     "{} is {len} bytes long; a unix socket path may have at most {MAX_UNIX_SOCKET_PATH}: choose a shorter one",
@@ -260,14 +255,12 @@ impl Checker<'_> {
     }
 
     /// `user` or `group`: a non-empty name without spaces.
-    fn account(&self, value: Option<&SpannedStr>, field: &str) -> Result<Option<String>> {
-        let Some(value) = value else {
+    fn account(&self, value: Option<&String>, field: &str) -> Result<Option<String>> {
+        let Some(name) = value else {
             return Ok(None);
         };
-        let name = value.get_ref();
         if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == ':') {
             return Err(self.err(
-                value.span(),
                 field,
                 format!("\"{name}\" is not an account name: expected a name such as \"kakehi\""),
             ));
@@ -275,7 +268,7 @@ impl Checker<'_> {
         Ok(Some(name.clone()))
     }
 
-    fn timeouts(&self, t: FileTimeouts) -> Result<Timeouts> {
+    fn timeouts(&self, t: &TimeoutsDef) -> Result<Timeouts> {
         let secs = Duration::from_secs;
         Ok(Timeouts {
             connect: self.duration(t.connect.as_ref(), "timeouts.connect", secs(3))?,
@@ -290,18 +283,17 @@ impl Checker<'_> {
         })
     }
 
-    fn access_log(&self, a: FileAccessLog) -> Result<AccessLog> {
-        let format = match a.format.map(Spanned::into_inner) {
-            Some(FileLogFormat::Logfmt) | None => LogFormat::Logfmt,
-            Some(FileLogFormat::Json) => LogFormat::Json,
+    fn access_log(&self, a: &AccessLogDef) -> Result<AccessLog> {
+        let format = match a.format {
+            Some(LogFormatDef::Logfmt) | None => LogFormat::Logfmt,
+            Some(LogFormatDef::Json) => LogFormat::Json,
         };
         let target = match &a.target {
             None => LogTarget::Stdout,
-            Some(t) if t.get_ref() == "stdout" => LogTarget::Stdout,
-            Some(t) if t.get_ref() == "off" => LogTarget::Off,
+            Some(t) if t == "stdout" => LogTarget::Stdout,
+            Some(t) if t == "off" => LogTarget::Off,
             Some(t) => LogTarget::File(self.path(t, "access_log.target").map_err(|_| {
                 self.err(
-                    t.span(),
                     "access_log.target",
                     "the target is empty: expected \"stdout\", \"off\" or a file path",
                 )
@@ -310,31 +302,27 @@ impl Checker<'_> {
         Ok(AccessLog { format, target })
     }
 
-    fn listeners(&self, items: &[Spanned<FileListener>]) -> Result<Vec<Listener>> {
+    fn listeners(&self, items: &[ListenerDef]) -> Result<Vec<Listener>> {
         let mut out: Vec<Listener> = Vec::with_capacity(items.len());
-        let mut lines = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
+        for (i, l) in items.iter().enumerate() {
             let field = format!("listeners[{i}]");
-            let l = item.get_ref();
             let address_field = format!("{field}.address");
             let address = self.socket_addr(&l.address, &address_field)?;
-            let mut earlier = out.iter().zip(&lines).enumerate();
-            if let Some((j, (_, line))) = earlier.find(|(_, (o, _))| o.address == address) {
+            if let Some(j) = out.iter().position(|o| o.address == address) {
+                let at = self.at_line(&format!("listeners[{j}].address"));
                 return Err(self.err(
-                    l.address.span(),
                     &address_field,
                     format!(
-                        "{address} is already the address of listeners[{j}] (line {line}); each listener needs its own address"
+                        "{address} is already the address of listeners[{j}]{at}; each listener needs its own address"
                     ),
                 ));
             }
-            let protocol = match l.protocol.as_ref().map(|p| *p.get_ref()) {
-                Some(FileListenerProtocol::Http) | None => ListenerProtocol::Http,
-                Some(FileListenerProtocol::Https) => ListenerProtocol::Https,
-                Some(FileListenerProtocol::Tcp) => ListenerProtocol::Tcp,
+            let protocol = match l.protocol {
+                Some(ListenerProtocolDef::Http) | None => ListenerProtocol::Http,
+                Some(ListenerProtocolDef::Https) => ListenerProtocol::Https,
+                Some(ListenerProtocolDef::Tcp) => ListenerProtocol::Tcp,
             };
-            let certificates = self.certificates(item, &field, protocol)?;
-            lines.push(self.line(l.address.span().start));
+            let certificates = self.certificates(l, &field, protocol)?;
             out.push(Listener {
                 address,
                 protocol,
@@ -347,22 +335,14 @@ impl Checker<'_> {
 
     fn certificates(
         &self,
-        listener: &Spanned<FileListener>,
+        listener: &ListenerDef,
         field: &str,
         protocol: ListenerProtocol,
     ) -> Result<Vec<Certificate>> {
         let field = format!("{field}.certificates");
-        let certs: &[Spanned<FileCertificate>] = match &listener.get_ref().certificates {
-            Some(c) => c.get_ref(),
-            None => &[],
-        };
-        let span = match &listener.get_ref().certificates {
-            Some(c) => c.span(),
-            None => listener.span(),
-        };
+        let certs = &listener.certificates;
         if protocol == ListenerProtocol::Https && certs.is_empty() {
             return Err(self.err(
-                span,
                 &field,
                 "an https listener needs at least one certificate: certificates = [ { certificate = \"site.pem\", key = \"site.key\" } ]",
             ));
@@ -374,7 +354,6 @@ impl Checker<'_> {
                 "http"
             };
             return Err(self.err(
-                span,
                 &field,
                 format!("certificates only apply to https listeners and this one is {name}: set protocol = \"https\" or remove them"),
             ));
@@ -385,7 +364,6 @@ impl Checker<'_> {
             let cert = self.certificate(item, &field)?;
             if let Some(j) = out.iter().position(|o| o.fingerprint == cert.fingerprint) {
                 return Err(self.err(
-                    item.span(),
                     &field,
                     format!("the same certificate as certificates[{j}]: list it once"),
                 ));
@@ -398,9 +376,8 @@ impl Checker<'_> {
     /// Reads (when given by path) and checks one certificate and its key. Files are checked
     /// for expiry; PEM text given inline is the running state's, admitted earlier (a
     /// certificate that expires while lbd runs must not stop a worker from restarting).
-    fn certificate(&self, item: &Spanned<FileCertificate>, field: &str) -> Result<Certificate> {
-        let c = item.get_ref();
-        let path = |value: &Option<SpannedStr>, key: &str| -> Result<Option<PathBuf>> {
+    fn certificate(&self, c: &CertificateDef, field: &str) -> Result<Certificate> {
+        let path = |value: &Option<String>, key: &str| -> Result<Option<PathBuf>> {
             value
                 .as_ref()
                 .map(|v| self.path(v, &format!("{field}.{key}")))
@@ -408,32 +385,29 @@ impl Checker<'_> {
         };
         let cert_path = path(&c.certificate, "certificate")?;
         let key_path = path(&c.key, "key")?;
-        let read = |value: &Option<SpannedStr>,
-                    path: &Option<PathBuf>,
-                    key: &str|
-         -> Result<(String, bool)> {
-            if let Some(pem) = value {
-                return Ok((pem.get_ref().clone(), false));
-            }
-            let Some(path) = path else {
-                return Err(self.err(
-                    item.span(),
-                    field,
-                    format!(
+        let read =
+            |value: &Option<String>, path: &Option<PathBuf>, key: &str| -> Result<(String, bool)> {
+                if let Some(pem) = value {
+                    return Ok((pem.clone(), false));
+                }
+                let Some(path) = path else {
+                    return Err(self.err(
+                        field,
+                        format!(
                         "{key} is missing: {{ certificate = \"site.pem\", key = \"site.key\" }}"
                     ),
-                ));
+                    ));
+                };
+                std::fs::read_to_string(path)
+                    .map(|text| (text, true))
+                    .map_err(|e| {
+                        self.err_near(
+                            field,
+                            &format!("{field}.{key}"),
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })
             };
-            std::fs::read_to_string(path)
-                .map(|text| (text, true))
-                .map_err(|e| {
-                    self.err(
-                        item.span(),
-                        &format!("{field}.{key}"),
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })
-        };
         let (chain, chain_from_file) = read(&c.certificate_pem, &cert_path, "certificate")?;
         let (key, key_from_file) = read(&c.key_pem, &key_path, "key")?;
         let now = (chain_from_file || key_from_file).then(crate::certs::unix_now);
@@ -441,55 +415,52 @@ impl Checker<'_> {
             .as_ref()
             .map_or_else(|| "the certificate".to_owned(), |p| p.display().to_string());
         crate::certs::check(&chain, &key, cert_path.clone(), now)
-            .map_err(|e| self.err(item.span(), field, format!("{shown}: {e}")))
+            .map_err(|e| self.err(field, format!("{shown}: {e}")))
     }
 
     fn clusters(
         &self,
-        clusters: &BTreeMap<SpannedStr, Spanned<FileCluster>>,
+        clusters: &BTreeMap<String, ClusterDef>,
         listeners: &[Listener],
     ) -> Result<Vec<Cluster>> {
         let mut frontends = FrontendChecker::new(self, listeners);
         let mut out = Vec::with_capacity(clusters.len());
-        for (name, cluster) in clusters {
-            let field = join_key("clusters", name.get_ref());
-            let valid_name = !name.get_ref().is_empty()
-                && name.get_ref().len() <= 64
+        for (name, file) in clusters {
+            let field = join_key("clusters", name);
+            let valid_name = !name.is_empty()
+                && name.len() <= 64
                 && name
-                    .get_ref()
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
             if !valid_name {
                 return Err(self.err(
-                    name.span(),
                     &field,
                     "a cluster name is 1 to 64 letters, digits, '-' or '_'",
                 ));
             }
-            let file = cluster.get_ref();
-            let protocol = match file.protocol.as_ref().map(|p| *p.get_ref()) {
-                Some(FileClusterProtocol::Http) | None => ClusterProtocol::Http,
-                Some(FileClusterProtocol::Tcp) => ClusterProtocol::Tcp,
+            let protocol = match file.protocol {
+                Some(ClusterProtocolDef::Http) | None => ClusterProtocol::Http,
+                Some(ClusterProtocolDef::Tcp) => ClusterProtocol::Tcp,
             };
-            let load_balancing = match file.load_balancing.as_ref().map(|p| *p.get_ref()) {
-                Some(FileLoadBalancing::RoundRobin) | None => LoadBalancing::RoundRobin,
-                Some(FileLoadBalancing::Random) => LoadBalancing::Random,
-                Some(FileLoadBalancing::LeastConnections) => LoadBalancing::LeastConnections,
-                Some(FileLoadBalancing::PowerOfTwo) => LoadBalancing::PowerOfTwo,
+            let load_balancing = match file.load_balancing {
+                Some(LoadBalancingDef::RoundRobin) | None => LoadBalancing::RoundRobin,
+                Some(LoadBalancingDef::Random) => LoadBalancing::Random,
+                Some(LoadBalancingDef::LeastConnections) => LoadBalancing::LeastConnections,
+                Some(LoadBalancingDef::PowerOfTwo) => LoadBalancing::PowerOfTwo,
             };
-            let fronts = file.frontends.as_deref().unwrap_or_default();
-            let fronts = fronts
+            let fronts = file
+                .frontends
                 .iter()
                 .enumerate()
                 .map(|(i, f)| frontends.check(f, &format!("{field}.frontends[{i}]"), protocol))
                 .collect::<Result<Vec<_>>>()?;
             let backends = self.backends(name, file, &field)?;
             let health_check = match &file.health_check {
-                Some(h) => Some(self.health_check(h.get_ref(), &format!("{field}.health_check"))?),
+                Some(h) => Some(self.health_check(h, &format!("{field}.health_check"))?),
                 None => None,
             };
             out.push(Cluster {
-                name: name.get_ref().clone(),
+                name: name.clone(),
                 protocol,
                 load_balancing,
                 frontends: fronts,
@@ -501,40 +472,29 @@ impl Checker<'_> {
         Ok(out)
     }
 
-    fn backends(
-        &self,
-        name: &SpannedStr,
-        cluster: &FileCluster,
-        field: &str,
-    ) -> Result<Vec<Backend>> {
+    fn backends(&self, name: &str, cluster: &ClusterDef, field: &str) -> Result<Vec<Backend>> {
         let field = format!("{field}.backends");
-        let no_backends = || {
-            format!(
-                "cluster {} has no backends: add backends = [ {{ address = \"127.0.0.1:9001\" }} ]",
-                name.get_ref()
-            )
-        };
-        let Some(items) = &cluster.backends else {
-            return Err(self.err(name.span(), &field, no_backends()));
-        };
-        if items.get_ref().is_empty() {
-            return Err(self.err(items.span(), &field, no_backends()));
+        let items: &[BackendDef] = &cluster.backends;
+        if items.is_empty() {
+            return Err(self.err(
+                &field,
+                format!(
+                    "cluster {name} has no backends: add backends = [ {{ address = \"127.0.0.1:9001\" }} ]"
+                ),
+            ));
         }
-        let mut out: Vec<Backend> = Vec::with_capacity(items.get_ref().len());
-        for (i, item) in items.get_ref().iter().enumerate() {
-            let b = item.get_ref();
+        let mut out: Vec<Backend> = Vec::with_capacity(items.len());
+        for (i, b) in items.iter().enumerate() {
             let address_field = format!("{field}[{i}].address");
             let address = self.socket_addr(&b.address, &address_field)?;
             if address.port() == 0 {
                 return Err(self.err(
-                    b.address.span(),
                     &address_field,
                     format!("{address} has port 0; a backend needs the port it listens on"),
                 ));
             }
             if let Some(j) = out.iter().position(|o| o.address == address) {
                 return Err(self.err(
-                    b.address.span(),
                     &address_field,
                     format!(
                         "{address} is already {field}[{j}]; list each backend once and use weight to give it more traffic"
@@ -543,12 +503,7 @@ impl Checker<'_> {
             }
             out.push(Backend {
                 address,
-                weight: self.int(
-                    b.weight.as_ref(),
-                    &format!("{field}[{i}].weight"),
-                    1,
-                    1..=1000,
-                )?,
+                weight: self.int(b.weight, &format!("{field}[{i}].weight"), 1, 1..=1000)?,
                 backup: b.backup.unwrap_or(false),
                 draining: b.draining.unwrap_or(false),
             });
@@ -560,7 +515,7 @@ impl Checker<'_> {
     /// path is).
     fn health_http(
         &self,
-        h: &FileHealthCheck,
+        h: &HealthCheckDef,
         field: &str,
         http: bool,
     ) -> Result<(String, (u16, u16), Option<String>)> {
@@ -569,9 +524,8 @@ impl Checker<'_> {
             ("status", &h.status),
             ("host", &h.host),
         ] {
-            if let (Some(v), false) = (value, http) {
+            if let (Some(_), false) = (value, http) {
                 return Err(self.err(
-                    v.span(),
                     &format!("{field}.{key}"),
                     format!("{key} applies to HTTP checks: give a path too (without one the check is a TCP connect)"),
                 ));
@@ -580,17 +534,15 @@ impl Checker<'_> {
         let method = match &h.method {
             None => "GET".to_string(),
             Some(m) => {
-                let upper = m.get_ref().to_ascii_uppercase();
+                let upper = m.to_ascii_uppercase();
                 if upper.is_empty()
                     || upper.len() > 20
                     || !upper.bytes().all(|b| b.is_ascii_uppercase())
                 {
                     return Err(self.err(
-                        m.span(),
                         &format!("{field}.method"),
                         format!(
-                            "\"{}\" is not a request method: expected a word such as \"GET\" or \"HEAD\"",
-                            m.get_ref()
+                            "\"{m}\" is not a request method: expected a word such as \"GET\" or \"HEAD\""
                         ),
                     ));
                 }
@@ -600,7 +552,7 @@ impl Checker<'_> {
         let status = match &h.status {
             None => (200, 399),
             Some(s) => {
-                let text = s.get_ref().trim();
+                let text = s.trim();
                 let (lo, hi) = text.split_once('-').unwrap_or((text, text));
                 let parsed = lo
                     .trim()
@@ -613,11 +565,9 @@ impl Checker<'_> {
                     }
                     _ => {
                         return Err(self.err(
-                            s.span(),
                             &format!("{field}.status"),
                             format!(
-                                "\"{}\" is not a status or a range of statuses: expected e.g. \"200\" or \"200-399\" (100 to 599)",
-                                s.get_ref()
+                                "\"{s}\" is not a status or a range of statuses: expected e.g. \"200\" or \"200-399\" (100 to 599)"
                             ),
                         ))
                     }
@@ -627,50 +577,41 @@ impl Checker<'_> {
         let host = match &h.host {
             None => None,
             Some(v) => {
-                let valid = !v.get_ref().is_empty()
-                    && v.get_ref().len() <= 255
-                    && v.get_ref()
-                        .bytes()
+                let valid = !v.is_empty()
+                    && v.len() <= 255
+                    && v.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
                 if !valid {
                     return Err(self.err(
-                        v.span(),
                         &format!("{field}.host"),
                         format!(
-                            "{:?} is not a host name: expected e.g. \"app.example.com\" or \"app.example.com:8080\"",
-                            v.get_ref()
+                            "{v:?} is not a host name: expected e.g. \"app.example.com\" or \"app.example.com:8080\""
                         ),
                     ));
                 }
-                Some(v.get_ref().clone())
+                Some(v.clone())
             }
         };
         Ok((method, status, host))
     }
 
-    fn health_check(&self, h: &FileHealthCheck, field: &str) -> Result<HealthCheck> {
+    fn health_check(&self, h: &HealthCheckDef, field: &str) -> Result<HealthCheck> {
         let path = match &h.path {
             None => None,
-            Some(p) if p.get_ref().starts_with('/') && !has_space_or_control(p.get_ref()) => {
-                Some(p.get_ref().clone())
-            }
-            Some(p) if p.get_ref().starts_with('/') => {
+            Some(p) if p.starts_with('/') && !has_space_or_control(p) => Some(p.clone()),
+            Some(p) if p.starts_with('/') => {
                 return Err(self.err(
-                    p.span(),
                     &format!("{field}.path"),
                     format!(
-                        "{:?} holds a space or a control character: write them %-encoded (%20)",
-                        p.get_ref()
+                        "{p:?} holds a space or a control character: write them %-encoded (%20)"
                     ),
                 ))
             }
             Some(p) => {
                 return Err(self.err(
-                    p.span(),
                     &format!("{field}.path"),
                     format!(
-                        "\"{}\" does not start with '/': expected a request path such as \"/health\" (or no path for a TCP connect check)",
-                        p.get_ref()
+                        "\"{p}\" does not start with '/': expected a request path such as \"/health\" (or no path for a TCP connect check)"
                     ),
                 ))
             }
@@ -681,13 +622,11 @@ impl Checker<'_> {
             self.duration(h.interval.as_ref(), &interval_field, Duration::from_secs(5))?;
         let timeout = self.duration(h.timeout.as_ref(), &timeout_field, Duration::from_secs(1))?;
         if timeout > interval {
-            let (span, name) = match (&h.timeout, &h.interval) {
-                (Some(t), _) => (t.span(), timeout_field),
-                (None, Some(i)) => (i.span(), interval_field),
-                (None, None) => (0..0, timeout_field),
+            let name = match (&h.timeout, &h.interval) {
+                (None, Some(_)) => interval_field,
+                _ => timeout_field,
             };
             return Err(self.err(
-                span,
                 &name,
                 format!(
                     "the timeout ({}) is longer than the interval ({}); a probe must end before the next one starts",
@@ -704,8 +643,8 @@ impl Checker<'_> {
             host,
             interval,
             timeout,
-            rise: self.int(h.rise.as_ref(), &format!("{field}.rise"), 2, 1..=100)?,
-            fall: self.int(h.fall.as_ref(), &format!("{field}.fall"), 3, 1..=100)?,
+            rise: self.int(h.rise, &format!("{field}.rise"), 2, 1..=100)?,
+            fall: self.int(h.fall, &format!("{field}.fall"), 3, 1..=100)?,
         })
     }
 }

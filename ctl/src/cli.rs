@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 use lb_config::protocol::Verb;
 use lb_config::state::{
-    CertificateDef, ClusterDef, ClusterProtocolDef, FrontendDef, ListenerDef, ListenerProtocolDef,
-    LoadBalancingDef, PathTypeDef,
+    BackendDef, CertificateDef, ClusterDef, ClusterProtocolDef, Edit, FrontendDef, ListenerDef,
+    ListenerProtocolDef, LoadBalancingDef, PathTypeDef,
 };
 
 /// The longest `--timeout`: a day, like every duration in the config (lb-config's
@@ -348,47 +348,45 @@ impl Command {
                 path: absolute(file),
             },
             Command::Cluster(ClusterCmd::List) => Verb::ClusterList,
-            Command::Cluster(ClusterCmd::Add(add)) => Verb::ClusterAdd {
+            Command::Cluster(ClusterCmd::Add(add)) => Verb::Change(Edit::AddCluster {
                 name: add.name.clone(),
                 cluster: ClusterDef {
                     protocol: add.protocol,
                     load_balancing: add.load_balancing,
                     frontends: Vec::new(),
-                    backends: add
-                        .backends
-                        .iter()
-                        .map(lb_config::state::BackendDef::new)
-                        .collect(),
+                    backends: add.backends.iter().map(BackendDef::new).collect(),
                     health_check: None,
                     send_proxy: add.send_proxy.then_some(true),
                 },
-            },
+            }),
             Command::Cluster(ClusterCmd::Remove { name }) => {
-                Verb::ClusterRemove { name: name.clone() }
+                Verb::Change(Edit::RemoveCluster { name: name.clone() })
             }
-            Command::Backend(BackendCmd::Add(add)) => Verb::BackendAdd {
+            Command::Backend(BackendCmd::Add(add)) => Verb::Change(Edit::AddBackend {
                 cluster: add.backend.cluster.clone(),
-                address: add.backend.address.clone(),
-                weight: add.weight,
-                backup: add.backup,
-            },
-            Command::Backend(BackendCmd::Remove(b)) => Verb::BackendRemove {
+                backend: BackendDef {
+                    weight: add.weight.map(i64::from),
+                    backup: add.backup.then_some(true),
+                    ..BackendDef::new(add.backend.address.clone())
+                },
+            }),
+            Command::Backend(BackendCmd::Remove(b)) => Verb::Change(Edit::RemoveBackend {
                 cluster: b.cluster.clone(),
                 address: b.address.clone(),
-            },
-            Command::Backend(BackendCmd::Drain(b)) => Verb::BackendDrain {
+            }),
+            Command::Backend(BackendCmd::Drain(b)) => Verb::Change(Edit::DrainBackend {
                 cluster: b.cluster.clone(),
                 address: b.address.clone(),
-            },
-            Command::Frontend(FrontendCmd::Add(f)) => Verb::FrontendAdd {
+            }),
+            Command::Frontend(FrontendCmd::Add(f)) => Verb::Change(Edit::AddFrontend {
                 cluster: f.cluster.clone(),
                 frontend: f.frontend(),
-            },
-            Command::Frontend(FrontendCmd::Remove(f)) => Verb::FrontendRemove {
+            }),
+            Command::Frontend(FrontendCmd::Remove(f)) => Verb::Change(Edit::RemoveFrontend {
                 cluster: f.cluster.clone(),
                 frontend: f.frontend(),
-            },
-            Command::Listener(ListenerCmd::Add(l)) => Verb::ListenerAdd {
+            }),
+            Command::Listener(ListenerCmd::Add(l)) => Verb::Change(Edit::AddListener {
                 listener: ListenerDef {
                     address: l.address.clone(),
                     protocol: l.protocol,
@@ -402,43 +400,45 @@ impl Command {
                     },
                     accept_proxy: l.accept_proxy.then_some(true),
                 },
-            },
-            Command::Listener(ListenerCmd::Remove { address }) => Verb::ListenerRemove {
-                address: address.clone(),
-            },
+            }),
+            Command::Listener(ListenerCmd::Remove { address }) => {
+                Verb::Change(Edit::RemoveListener {
+                    address: address.clone(),
+                })
+            }
             Command::Certificate(CertificateCmd::Add {
                 address,
                 certificate,
                 key,
-            }) => Verb::CertificateAdd {
+            }) => Verb::Change(Edit::AddCertificate {
                 address: address.clone(),
                 certificate: CertificateDef {
                     certificate: Some(absolute_text(certificate)),
                     key: Some(absolute_text(key)),
                     ..CertificateDef::default()
                 },
-            },
+            }),
             Command::Certificate(CertificateCmd::Replace {
                 address,
                 old_certificate,
                 certificate,
                 key,
-            }) => Verb::CertificateReplace {
+            }) => Verb::Change(Edit::ReplaceCertificate {
                 address: address.clone(),
-                old_certificate: selector(old_certificate),
+                old: selector(old_certificate),
                 certificate: CertificateDef {
                     certificate: Some(absolute_text(certificate)),
                     key: Some(absolute_text(key)),
                     ..CertificateDef::default()
                 },
-            },
+            }),
             Command::Certificate(CertificateCmd::Remove {
                 address,
                 certificate,
-            }) => Verb::CertificateRemove {
+            }) => Verb::Change(Edit::RemoveCertificate {
                 address: address.clone(),
                 certificate: selector(certificate),
-            },
+            }),
             Command::Metrics => Verb::Metrics,
             Command::LogLevel { level } => Verb::LogLevel {
                 level: level.clone(),
@@ -468,7 +468,6 @@ impl FrontendArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_config::state::BackendDef;
 
     fn verb(args: &[&str]) -> Verb {
         let cli = Cli::try_parse_from(std::iter::once("lbctl").chain(args.iter().copied()))
@@ -507,7 +506,7 @@ mod tests {
         assert_eq!(verb(&["cluster", "list"]), Verb::ClusterList);
         assert_eq!(
             verb(&["cluster", "remove", "app"]),
-            Verb::ClusterRemove { name: "app".into() }
+            Verb::Change(Edit::RemoveCluster { name: "app".into() })
         );
     }
 
@@ -538,12 +537,15 @@ mod tests {
                 "2",
                 "--backup"
             ]),
-            Verb::BackendAdd {
+            Verb::Change(Edit::AddBackend {
                 cluster: "app".into(),
-                address: "127.0.0.1:9003".into(),
-                weight: Some(2),
-                backup: true
-            }
+                backend: BackendDef {
+                    address: "127.0.0.1:9003".into(),
+                    weight: Some(2),
+                    backup: Some(true),
+                    draining: None,
+                }
+            })
         );
         assert_eq!(
             verb(&[
@@ -554,10 +556,10 @@ mod tests {
                 "--address",
                 "1.2.3.4:80"
             ]),
-            Verb::BackendDrain {
+            Verb::Change(Edit::DrainBackend {
                 cluster: "app".into(),
                 address: "1.2.3.4:80".into()
-            }
+            })
         );
         let e = usage_error(&["backend", "remove", "--address", "1.2.3.4:80"]);
         assert!(e.contains("--cluster <NAME>"), "{e}");
@@ -604,7 +606,7 @@ mod tests {
                 "--method",
                 "GET"
             ]),
-            Verb::FrontendAdd {
+            Verb::Change(Edit::AddFrontend {
                 cluster: "app".into(),
                 frontend: FrontendDef {
                     address: "127.0.0.1:8080".into(),
@@ -614,7 +616,7 @@ mod tests {
                     method: Some("GET".into()),
                     redirect_https: None,
                 }
-            }
+            })
         );
         let e = usage_error(&[
             "frontend",
@@ -630,14 +632,14 @@ mod tests {
 
         assert_eq!(
             verb(&["listener", "add", "--address", "127.0.0.1:8081"]),
-            Verb::ListenerAdd {
+            Verb::Change(Edit::AddListener {
                 listener: ListenerDef {
                     address: "127.0.0.1:8081".into(),
                     protocol: None,
                     certificates: vec![],
                     accept_proxy: None,
                 }
-            }
+            })
         );
         let e = usage_error(&[
             "listener",
@@ -661,7 +663,7 @@ mod tests {
                 "--backend",
                 "127.0.0.1:9101"
             ]),
-            Verb::ClusterAdd {
+            Verb::Change(Edit::AddCluster {
                 name: "web".into(),
                 cluster: ClusterDef {
                     load_balancing: Some(LoadBalancingDef::LeastConnections),
@@ -671,7 +673,7 @@ mod tests {
                     ],
                     ..ClusterDef::default()
                 }
-            }
+            })
         );
         let e = usage_error(&["cluster", "add", "web"]);
         assert!(e.contains("--backend <ADDR>"), "{e}");

@@ -19,7 +19,7 @@ use lb_config::protocol::{
     encode, Applied, Decoder, ListenerStatus, Payload, Request, Response, Status, Verb, WorkerAck,
     WorkerState, WorkerStatus,
 };
-use lb_config::state::{BackendDef, Change, ListenerProtocolDef, State};
+use lb_config::state::{BackendDef, Change, Edit, ListenerProtocolDef, State};
 
 /// A directory of its own under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -73,22 +73,20 @@ fn answer(verb: &Verb) -> Result<Payload, String> {
             backends: Vec::new(),
         })),
         Verb::StateDump => Ok(Payload::State(Box::new(state()))),
-        Verb::ClusterRemove { name } => Err(format!(
+        Verb::Change(Edit::RemoveCluster { name }) => Err(format!(
             "there is no cluster named {name:?} (clusters: app)"
         )),
         Verb::Shutdown { .. } => {
             Err("refused: uid 1234 (pid 1) may not use this command socket".into())
         }
-        Verb::BackendAdd {
-            cluster, address, ..
-        } => Ok(Payload::Applied(Applied {
+        Verb::Change(Edit::AddBackend { cluster, backend }) => Ok(Payload::Applied(Applied {
             changes: vec![Change::BackendAdded {
                 cluster: cluster.clone(),
-                backend: BackendDef::new(address.clone()),
+                backend: BackendDef::new(backend.address.clone()),
             }],
             workers: vec![ack(0, None), ack(1, None)],
         })),
-        Verb::BackendDrain { cluster, address } => Ok(Payload::Applied(Applied {
+        Verb::Change(Edit::DrainBackend { cluster, address }) => Ok(Payload::Applied(Applied {
             changes: vec![Change::BackendChanged {
                 cluster: cluster.clone(),
                 address: address.clone(),
@@ -263,12 +261,13 @@ fn a_change_prints_what_changed() {
     );
     assert_eq!(
         lbd.received(),
-        [Verb::BackendAdd {
+        [Verb::Change(Edit::AddBackend {
             cluster: "app".into(),
-            address: "127.0.0.1:9003".into(),
-            weight: Some(2),
-            backup: false,
-        }]
+            backend: BackendDef {
+                weight: Some(2),
+                ..BackendDef::new("127.0.0.1:9003")
+            },
+        })]
     );
 }
 

@@ -22,9 +22,11 @@ use serde::{Deserialize, Serialize};
 
 use super::frame::{self, TooLarge};
 use super::Sample;
+use crate::model::Config;
 
-/// The version of the channel's messages, the first byte of each frame's body.
-pub const VERSION: u8 = 1;
+/// The version of the channel's messages, the first byte of each frame's body. 2: a
+/// configuration travels checked ([`Config`]), not as TOML text.
+pub const VERSION: u8 = 2;
 /// The largest frame body either end accepts (a configuration with its certificates, or a
 /// worker's metrics), in bytes.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -42,9 +44,10 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Order {
-    /// A whole new configuration (TOML text), validated and applied by the worker; answered
-    /// [`Reply::Done`] or [`Reply::Refused`].
-    Configure { config: String },
+    /// A whole new configuration, validated once by main (a worker neither parses nor
+    /// re-checks it); answered [`Reply::Done`] or [`Reply::Refused`] (when the worker cannot
+    /// build its listeners' TLS from it, for example).
+    Configure { config: Box<Config> },
     /// The backends the supervisor's active checks found down, as (cluster, address): the
     /// whole set each time. Never answered.
     Health { down: Vec<(String, SocketAddr)> },
@@ -147,6 +150,23 @@ pub fn decode<M: Message>(body: &[u8]) -> Result<M, ChannelError> {
     serde_json::from_value(value).map_err(|e| bad(id, e.to_string()))
 }
 
+/// The configuration as main writes it into the memfd a worker starts from: the JSON of the
+/// checked [`Config`] (the same value [`Order::Configure`] carries).
+pub fn encode_config(config: &Config) -> Result<Vec<u8>, ChannelError> {
+    serde_json::to_vec(config).map_err(|e| ChannelError::Encode {
+        detail: e.to_string(),
+    })
+}
+
+/// Reads what [`encode_config`] wrote.
+pub fn decode_config(bytes: &[u8]) -> Result<Config, ChannelError> {
+    serde_json::from_slice(bytes).map_err(|e| ChannelError::Bad {
+        id: None,
+        kind: "configuration",
+        detail: e.to_string(),
+    })
+}
+
 /// A message of the channel: [`Request`] or [`Answer`].
 pub trait Message: DeserializeOwned {
     /// Its name in error messages.
@@ -169,7 +189,7 @@ mod tests {
     fn requests_and_answers_round_trip_in_frames() {
         let requests = [
             Order::Configure {
-                config: "workers = 1\n".into(),
+                config: Box::new(checked_config()),
             },
             Order::Health {
                 down: vec![("app".into(), "127.0.0.1:9001".parse().unwrap())],
@@ -203,6 +223,34 @@ mod tests {
         assert!(Order::Metrics.is_answered());
     }
 
+    /// A configuration with everything serde does not write by itself: certificates (chain
+    /// and key), host and path regexes.
+    fn checked_config() -> Config {
+        let certs = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/certs");
+        let text = format!(
+            "[[listeners]]\naddress = \"127.0.0.1:8443\"\nprotocol = \"https\"\n\
+             certificates = [ {{ certificate = \"{certs}/site.pem\", key = \"{certs}/site.key\" }} ]\n\
+             [clusters.app]\nfrontends = [ {{ address = \"127.0.0.1:8443\", hostname = \"~^API[0-9]+\\\\.example$\", path = \"^/v[0-9]/\", path_type = \"regex\" }} ]\n\
+             backends = [ {{ address = \"127.0.0.1:9001\" }} ]\n"
+        );
+        crate::parse_str(&text, std::path::Path::new("/etc/kakehi/lb.toml")).unwrap()
+    }
+
+    #[test]
+    fn a_checked_configuration_travels_whole() {
+        let config = checked_config();
+        let back = decode_config(&encode_config(&config).unwrap()).unwrap();
+        assert_eq!(back, config);
+        let cert = &back.listeners[0].certificates[0];
+        assert_eq!(cert.chain, config.listeners[0].certificates[0].chain);
+        assert_eq!(cert.key, config.listeners[0].certificates[0].key);
+        match &back.clusters[0].frontends[0].hostname {
+            crate::HostMatch::Regex(r) => assert!(r.is_match("api7.EXAMPLE")),
+            other => panic!("{other:?}"),
+        }
+        assert!(decode_config(b"workers = 1\n").is_err());
+    }
+
     #[test]
     fn the_wire_form_is_stable() {
         let wire = encode(&Request {
@@ -227,19 +275,21 @@ mod tests {
     #[test]
     fn what_is_not_a_message_of_this_version_is_a_typed_error() {
         assert_eq!(decode::<Request>(b""), Err(ChannelError::Empty));
-        let e = decode::<Request>(b"\x02{}").unwrap_err();
-        assert_eq!(e, ChannelError::Version { found: 2 });
+        let e = decode::<Request>(b"\x01{}").unwrap_err();
+        assert_eq!(e, ChannelError::Version { found: 1 });
         assert!(e.to_string().contains("different releases"), "{e}");
-        let e = decode::<Request>(b"\x01{\"id\":4,\"order\":\"reboot\"}").unwrap_err();
+        let e = decode::<Request>(b"\x02{\"id\":4,\"order\":\"reboot\"}").unwrap_err();
         assert_eq!(e.id(), Some(4));
         assert!(e.to_string().contains("not a valid request"), "{e}");
-        let e = decode::<Answer>(b"\x01ok").unwrap_err();
+        let e = decode::<Answer>(b"\x02ok").unwrap_err();
         assert_eq!(e.id(), None);
         // The old string protocol's frames are refused in words, not misread.
         assert!(decode::<Request>(b"\0metrics").is_err());
         assert!(decode::<Request>(b"workers = 1\n").is_err());
+        let mut config = checked_config();
+        config.clusters[0].name = "a".repeat(MAX_FRAME);
         let big = Order::Configure {
-            config: "#".repeat(MAX_FRAME),
+            config: Box::new(config),
         };
         assert!(matches!(
             encode(&Request { id: 1, order: big }),

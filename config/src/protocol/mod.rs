@@ -22,10 +22,7 @@ use std::path::PathBuf;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::state::{
-    CertificateDef, Change, ClusterDef, ClusterSummary, Edit, FrontendDef, ListenerDef,
-    ListenerProtocolDef, State,
-};
+use crate::state::{Change, ClusterSummary, Edit, ListenerProtocolDef, State};
 
 /// The protocol version this build speaks, the byte after each frame's length.
 pub const VERSION: u8 = 1;
@@ -67,59 +64,9 @@ pub enum Verb {
         path: PathBuf,
     },
     ClusterList,
-    ClusterAdd {
-        name: String,
-        cluster: ClusterDef,
-    },
-    ClusterRemove {
-        name: String,
-    },
-    BackendAdd {
-        cluster: String,
-        address: String,
-        weight: Option<u32>,
-        backup: bool,
-    },
-    BackendRemove {
-        cluster: String,
-        address: String,
-    },
-    /// The backend gets no new requests; those in flight finish.
-    BackendDrain {
-        cluster: String,
-        address: String,
-    },
-    FrontendAdd {
-        cluster: String,
-        frontend: FrontendDef,
-    },
-    FrontendRemove {
-        cluster: String,
-        frontend: FrontendDef,
-    },
-    ListenerAdd {
-        listener: ListenerDef,
-    },
-    ListenerRemove {
-        address: String,
-    },
-    /// Adds a certificate to the https listener at `address`.
-    CertificateAdd {
-        address: String,
-        certificate: CertificateDef,
-    },
-    /// Replaces the listener's certificate that `old_certificate` names: its file, its SHA-256
-    /// fingerprint or one of its server names.
-    CertificateReplace {
-        address: String,
-        old_certificate: String,
-        certificate: CertificateDef,
-    },
-    /// Removes the listener's certificate that `certificate` names (file, fingerprint, name).
-    CertificateRemove {
-        address: String,
-        certificate: String,
-    },
+    /// A change of the running state (a cluster, backend, frontend, listener or certificate
+    /// added, removed, drained or replaced): [`State::apply`] checks it, lbd pushes the result.
+    Change(Edit),
     Metrics,
     /// Sets the level of lbd's own log (main and workers): error, warn, info, debug, trace
     /// or off.
@@ -148,78 +95,13 @@ impl Verb {
             Verb::StateSave { .. } => "state save",
             Verb::StateLoad { .. } => "state load",
             Verb::ClusterList => "cluster list",
-            Verb::ClusterAdd { .. } => "cluster add",
-            Verb::ClusterRemove { .. } => "cluster remove",
-            Verb::BackendAdd { .. } => "backend add",
-            Verb::BackendRemove { .. } => "backend remove",
-            Verb::BackendDrain { .. } => "backend drain",
-            Verb::FrontendAdd { .. } => "frontend add",
-            Verb::FrontendRemove { .. } => "frontend remove",
-            Verb::ListenerAdd { .. } => "listener add",
-            Verb::ListenerRemove { .. } => "listener remove",
-            Verb::CertificateAdd { .. } => "certificate add",
-            Verb::CertificateReplace { .. } => "certificate replace",
-            Verb::CertificateRemove { .. } => "certificate remove",
+            Verb::Change(edit) => edit.name(),
             Verb::Metrics => "metrics",
             Verb::LogLevel { .. } => "log-level",
             Verb::Reload => "reload",
             Verb::Shutdown { .. } => "shutdown",
             Verb::Upgrade { .. } => "upgrade",
         }
-    }
-
-    /// The state edit this verb asks for, when it is one ([`State::apply`] does the rest).
-    pub fn edit(&self) -> Option<Edit> {
-        Some(match self.clone() {
-            Verb::ClusterAdd { name, cluster } => Edit::AddCluster { name, cluster },
-            Verb::ClusterRemove { name } => Edit::RemoveCluster { name },
-            Verb::BackendAdd {
-                cluster,
-                address,
-                weight,
-                backup,
-            } => Edit::AddBackend {
-                cluster,
-                backend: crate::state::BackendDef {
-                    address,
-                    weight: weight.map(i64::from),
-                    backup: backup.then_some(true),
-                    draining: None,
-                },
-            },
-            Verb::BackendRemove { cluster, address } => Edit::RemoveBackend { cluster, address },
-            Verb::BackendDrain { cluster, address } => Edit::DrainBackend { cluster, address },
-            Verb::FrontendAdd { cluster, frontend } => Edit::AddFrontend { cluster, frontend },
-            Verb::FrontendRemove { cluster, frontend } => {
-                Edit::RemoveFrontend { cluster, frontend }
-            }
-            Verb::ListenerAdd { listener } => Edit::AddListener { listener },
-            Verb::ListenerRemove { address } => Edit::RemoveListener { address },
-            Verb::CertificateAdd {
-                address,
-                certificate,
-            } => Edit::AddCertificate {
-                address,
-                certificate,
-            },
-            Verb::CertificateReplace {
-                address,
-                old_certificate,
-                certificate,
-            } => Edit::ReplaceCertificate {
-                address,
-                old: old_certificate,
-                certificate,
-            },
-            Verb::CertificateRemove {
-                address,
-                certificate,
-            } => Edit::RemoveCertificate {
-                address,
-                certificate,
-            },
-            _ => return None,
-        })
     }
 }
 
@@ -570,12 +452,13 @@ mod tests {
 
     #[test]
     fn a_request_round_trips_even_byte_by_byte() {
-        let sent = request(Verb::BackendAdd {
+        let sent = request(Verb::Change(Edit::AddBackend {
             cluster: "app".into(),
-            address: "127.0.0.1:9003".into(),
-            weight: Some(2),
-            backup: false,
-        });
+            backend: BackendDef {
+                weight: Some(2),
+                ..BackendDef::new("127.0.0.1:9003")
+            },
+        }));
         let bytes = encode(&sent).unwrap();
         assert_eq!(bytes[4], VERSION);
         assert_eq!(
@@ -695,9 +578,9 @@ mod tests {
 
     #[test]
     fn an_over_size_message_is_not_encoded() {
-        let verb = Verb::ClusterRemove {
+        let verb = Verb::Change(Edit::RemoveCluster {
             name: "x".repeat(MAX_FRAME),
-        };
+        });
         assert!(matches!(
             encode(&request(verb)),
             Err(ProtocolError::TooLarge { .. })
@@ -705,26 +588,12 @@ mod tests {
     }
 
     #[test]
-    fn edit_verbs_map_to_state_edits() {
-        let verb = Verb::BackendAdd {
+    fn a_change_is_named_as_lbctl_spells_it() {
+        let verb = Verb::Change(Edit::DrainBackend {
             cluster: "app".into(),
             address: "127.0.0.1:1".into(),
-            weight: Some(3),
-            backup: true,
-        };
-        assert_eq!(
-            verb.edit(),
-            Some(Edit::AddBackend {
-                cluster: "app".into(),
-                backend: BackendDef {
-                    address: "127.0.0.1:1".into(),
-                    weight: Some(3),
-                    backup: Some(true),
-                    draining: None,
-                },
-            })
-        );
-        assert_eq!(Verb::Status.edit(), None);
+        });
+        assert_eq!(verb.name(), "backend drain");
         assert_eq!(Verb::Reload.name(), "reload");
     }
 
@@ -732,15 +601,15 @@ mod tests {
     fn the_wire_form_is_stable() {
         let json = serde_json::to_string(&Request {
             id: 1,
-            verb: Verb::BackendDrain {
+            verb: Verb::Change(Edit::DrainBackend {
                 cluster: "app".into(),
                 address: "127.0.0.1:9001".into(),
-            },
+            }),
         })
         .unwrap();
         assert_eq!(
             json,
-            r#"{"id":1,"verb":{"backend_drain":{"cluster":"app","address":"127.0.0.1:9001"}}}"#
+            r#"{"id":1,"verb":{"change":{"drain_backend":{"cluster":"app","address":"127.0.0.1:9001"}}}}"#
         );
         let json = serde_json::to_string(&Response {
             id: 1,

@@ -457,9 +457,14 @@ fn certificates_are_added_replaced_and_removed() {
         address: "127.0.0.1:8443".into(),
         certificate: cert_def("other.pem", "other.key"),
     };
-    let two = state.apply(&add, source()).unwrap();
+    let checked = state.apply(&add, source()).unwrap();
+    let two = checked.state;
     assert_eq!(two.listeners[0].certificates.len(), 2);
     let config = two.validate(source()).unwrap();
+    assert_eq!(
+        checked.config, config,
+        "apply returns what the state validates to"
+    );
     assert_eq!(
         config.listeners[0].certificates[1].names,
         ["*.other.example.com"]
@@ -488,7 +493,7 @@ fn certificates_are_added_replaced_and_removed() {
         old: "*.other.example.com".into(),
         certificate: cert_def("other.pem", "other.key"),
     };
-    let replaced = two.apply(&replace, source()).unwrap();
+    let replaced = two.apply(&replace, source()).unwrap().state;
     assert_eq!(replaced, two, "the same certificate in the same place");
 
     // Removed by file; the last one stays.
@@ -498,7 +503,8 @@ fn certificates_are_added_replaced_and_removed() {
     };
     let one = two
         .apply(&remove(&cert_file("other.pem")), source())
-        .unwrap();
+        .unwrap()
+        .state;
     assert_eq!(one, state);
     let fingerprint = state.validate(source()).unwrap().listeners[0].certificates[0]
         .fingerprint
@@ -563,7 +569,7 @@ fn a_certificate_change_is_one_line_without_the_key() {
         address: "127.0.0.1:8443".into(),
         certificate: cert_def("other.pem", "other.key"),
     };
-    let two = state.apply(&add, source()).unwrap();
+    let two = state.apply(&add, source()).unwrap().state;
     let changes = diff(&state, &two);
     assert_eq!(changes.len(), 1, "{changes:?}");
     let line = changes[0].to_string();
@@ -586,7 +592,8 @@ fn an_added_https_listener_carries_its_certificates_as_text() {
     };
     let next = state
         .apply(&Edit::AddListener { listener }, source())
-        .unwrap();
+        .unwrap()
+        .state;
     let cert = &next.listeners[2].certificates[0];
     assert!(cert
         .certificate_pem

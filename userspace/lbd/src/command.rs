@@ -128,12 +128,6 @@ fn peer_cred(stream: &UnixStream) -> io::Result<PeerCred> {
     })
 }
 
-/// The answer to a verb whose feature is not built yet, given without asking the supervisor.
-/// Remove an arm when its feature lands.
-pub fn not_supported_yet(_verb: &Verb) -> Option<String> {
-    None
-}
-
 /// Stops a [`CommandServer`] from accepting new connections while it still answers the
 /// requests it has: the upgrade uses it once the next lbd serves the same socket.
 #[derive(Clone)]
@@ -538,9 +532,6 @@ fn is_timeout(e: &io::Error) -> bool {
 
 /// Hands a valid request to the supervisor and waits for its answer.
 fn dispatch(verb: Verb, sender: &Sender<Pending>, shared: &Shared) -> Result<Payload, String> {
-    if let Some(message) = not_supported_yet(&verb) {
-        return Err(message);
-    }
     if shared.stopping.load(Ordering::SeqCst) {
         return Err("lbd is stopping: the request was not run".to_owned());
     }
@@ -571,6 +562,7 @@ fn send(stream: &mut UnixStream, id: u64, result: Result<Payload, String>) -> io
 mod tests {
     use super::*;
     use lb_config::protocol::{MAX_FRAME, VERSION};
+    use lb_config::state::Edit;
     use std::sync::atomic::AtomicU32;
 
     /// A handler that records what reached it.
@@ -585,7 +577,9 @@ mod tests {
         fn handle(&mut self, verb: Verb) -> Result<Payload, String> {
             self.calls.push(verb.clone());
             match verb {
-                Verb::ClusterRemove { name } => Err(format!("there is no cluster named {name:?}")),
+                Verb::Change(Edit::RemoveCluster { name }) => {
+                    Err(format!("there is no cluster named {name:?}"))
+                }
                 _ => Ok(Payload::Done {
                     message: format!("did {}", verb.name()),
                 }),
@@ -686,7 +680,11 @@ mod tests {
         );
 
         // A refusal from the handler keeps the connection usable.
-        request(&mut client, 42, Verb::ClusterRemove { name: "x".into() });
+        request(
+            &mut client,
+            42,
+            Verb::Change(Edit::RemoveCluster { name: "x".into() }),
+        );
         server.poll_timeout(&mut handler, Duration::from_secs(10));
         let (id, e) = refusal(read_response(&mut client));
         assert_eq!((id, e.as_str()), (42, "there is no cluster named \"x\""));
@@ -714,7 +712,11 @@ mod tests {
         assert_eq!(id, 0);
         assert!(e.starts_with("refused: the message is not JSON"), "{e}");
         // The framing was intact: the connection goes on.
-        request(&mut client, 5, Verb::ClusterRemove { name: "x".into() });
+        request(
+            &mut client,
+            5,
+            Verb::Change(Edit::RemoveCluster { name: "x".into() }),
+        );
         _server.poll_timeout(&mut Fake::default(), Duration::from_secs(10));
         let (id, e) = refusal(read_response(&mut client));
         assert_eq!(id, 5);

@@ -78,12 +78,12 @@ pub fn owned_from_fd(fd: RawFd) -> Result<OwnedFd, FdError> {
 }
 
 /// A sealed-by-convention in-memory file with `text`, to hand the config to workers.
-pub fn memfd_with(text: &str) -> Result<File, FdError> {
+pub fn memfd_with(bytes: &[u8]) -> Result<File, FdError> {
     let fd =
         nix::sys::memfd::memfd_create(c"kakehi-config", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
             .map_err(|e| FdError::Memfd(e.into()))?;
     let mut file = File::from(fd);
-    file.write_all(text.as_bytes()).map_err(FdError::Memfd)?;
+    file.write_all(bytes).map_err(FdError::Memfd)?;
     Ok(file)
 }
 

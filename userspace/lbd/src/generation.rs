@@ -152,7 +152,6 @@ impl Generation {
         workers: &mut Workers,
         exe: Option<PathBuf>,
         config: &Config,
-        text: &str,
     ) -> Result<Payload, UpgradeError> {
         let exe = exe.unwrap_or_else(|| self.exe.clone());
         check_executable(&exe)?;
@@ -162,7 +161,7 @@ impl Generation {
         })?;
         let deadline = Instant::now() + READY_TIMEOUT;
         let (new, old) = workers
-            .roll(&binary, text, config, deadline)
+            .roll(&binary, config, deadline)
             .map_err(UpgradeError::Workers)?;
         let new: Vec<String> = new.iter().map(|(_, pid)| pid.to_string()).collect();
         let old: Vec<String> = old.iter().map(Pid::to_string).collect();
@@ -312,7 +311,6 @@ pub(crate) fn change_listeners(
     workers: &mut Workers,
     old: &Config,
     config: &Config,
-    text: &str,
 ) -> Result<Vec<WorkerAck>, RebindError> {
     let deadline = Instant::now() + READY_TIMEOUT;
     let binary = workers.binary().map_err(RebindError::Binary)?;
@@ -337,7 +335,7 @@ pub(crate) fn change_listeners(
         sockets.push(group);
         kept.push(before);
     }
-    let config_file = fds::memfd_with(text)?;
+    let config_file = crate::workers::config_memfd(config)?;
     let (old_sockets, old_file) = workers.swap_listeners(sockets, config_file);
     // The programs of the listeners that stay move into the new list, in the new order; the
     // others are loaded. On a failure every program goes back where it was.
@@ -379,7 +377,7 @@ pub(crate) fn change_listeners(
     let rolled = match failed {
         Some(e) => Err(e),
         None => workers
-            .roll(&binary, text, config, deadline)
+            .roll(&binary, config, deadline)
             .map_err(RebindError::from),
     };
     let new = match rolled {

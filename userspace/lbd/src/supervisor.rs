@@ -131,14 +131,7 @@ impl Supervisor {
             // Informational (the program ignores it): which generation drives the maps.
             let _ = st.set_generation(u32::try_from(generation).unwrap_or(u32::MAX));
         }
-        let workers = Workers::new(
-            &config,
-            &state.to_toml(),
-            source,
-            log_level,
-            sockets,
-            steering,
-        )?;
+        let workers = Workers::new(&config, log_level, sockets, steering)?;
         Ok(Supervisor {
             config,
             state,
@@ -209,9 +202,8 @@ impl Supervisor {
     /// Starts every worker and waits until each answers on its channel (it is then in its
     /// event loop, sandboxed, accepting). Used by a new lbd before it says "ready".
     pub fn start_generation(&mut self, timeout: Duration) -> Result<(), RollError> {
-        let text = self.state.to_toml();
         self.workers
-            .start_all(&self.config, &text, Instant::now() + timeout)
+            .start_all(&self.config, Instant::now() + timeout)
     }
 
     /// After a handover: asks every worker of this generation to finish its requests and
@@ -267,9 +259,8 @@ impl Supervisor {
 
     /// `lbctl upgrade --workers-only`.
     pub(crate) fn roll_workers(&mut self, exe: Option<PathBuf>) -> Result<Payload, UpgradeError> {
-        let text = self.state.to_toml();
         self.generation
-            .roll_workers(&mut self.workers, exe, &self.config, &text)
+            .roll_workers(&mut self.workers, exe, &self.config)
     }
 
     /// `lbctl upgrade`: on success this main stops once lbctl has its answer.
@@ -289,9 +280,8 @@ impl Supervisor {
     pub(crate) fn change_listeners(
         &mut self,
         config: &Config,
-        text: &str,
     ) -> Result<Vec<WorkerAck>, RebindError> {
-        crate::generation::change_listeners(&mut self.workers, &self.config, config, text)
+        crate::generation::change_listeners(&mut self.workers, &self.config, config)
     }
 
     /// Carries a new steering policy and connection limit into the eBPF programs.
@@ -299,14 +289,14 @@ impl Supervisor {
         self.workers.update_steering(config);
     }
 
-    /// Makes `state` the running state; workers started from now on get its text.
+    /// Makes `state` the running state; workers started from now on get `config`, what it
+    /// validated to.
     pub(crate) fn replace_state(
         &mut self,
         state: State,
         config: Config,
-        text: &str,
     ) -> Result<(), crate::fds::FdError> {
-        self.workers.replace_config(text)?;
+        self.workers.replace_config(&config)?;
         self.state = state;
         self.config = config;
         Ok(())

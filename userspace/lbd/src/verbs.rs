@@ -1,11 +1,12 @@
 //! What each lbctl verb does: the supervisor's `Handler` of the command socket.
 //!
-//! The running state is the config document (`lb_config::state::State`). A change is applied
-//! to a copy, validated whole by the same validator as the file, then pushed to every running
-//! worker over its channel as the complete new configuration text; lbctl's answer lists what
-//! changed and how each worker took it. Only then does the copy become the running state, and
-//! the config memfd handed to (re)started workers is replaced, so a worker restarted later
-//! starts from the current state, not from the file. A refused change changes nothing.
+//! The running state is the config document (`lb_config::state::State`). A change
+//! (`Verb::Change`, one `Edit`) is applied to a copy and validated whole, once, by the same
+//! validator as the file; the checked configuration it gives is pushed to every running worker
+//! over its channel as it is (workers neither parse nor validate it again); lbctl's answer
+//! lists what changed and how each worker took it. Only then does the copy become the running
+//! state, and the config memfd handed to (re)started workers is replaced, so a worker restarted
+//! later starts from the current state, not from the file. A refused change changes nothing.
 //! A change of the listeners binds the new sockets and rolls the workers onto them (the old
 //! workers finish their requests), like `lbctl upgrade --workers-only`.
 //!
@@ -18,7 +19,7 @@ use crate::observe::LogLevelError;
 use crate::supervisor::Supervisor;
 use lb_config::protocol::channel::{Order, Reply};
 use lb_config::protocol::{Applied, ListenerStatus, Payload, Status, Verb, WorkerAck};
-use lb_config::state::{self, State, StateError};
+use lb_config::state::{self, Checked, State, StateError};
 use lb_config::ConfigError;
 use std::io::Write;
 use std::path::PathBuf;
@@ -50,10 +51,6 @@ pub enum VerbError {
     Upgrade(#[from] Box<UpgradeError>),
     #[error(transparent)]
     LogLevel(#[from] LogLevelError),
-    #[error("{0}")]
-    NotSupportedYet(String),
-    #[error("{0} is not supported")]
-    NotSupported(&'static str),
 }
 
 impl crate::command::Handler for Supervisor {
@@ -73,14 +70,10 @@ impl crate::command::Handler for Supervisor {
                     message: format!("state saved to {}", path.display()),
                 })
             }
-            Verb::StateLoad { path } => {
-                let new = State::load(&path)?.with_absolute_paths(&path);
-                apply_state(self, new)
-            }
+            Verb::StateLoad { path } => apply_state(self, State::load_checked(&path)?),
             Verb::Reload => {
                 let path = self.source().to_path_buf();
-                let new = State::load(&path)?.with_absolute_paths(&path);
-                apply_state(self, new)
+                apply_state(self, State::load_checked(&path)?)
             }
             Verb::ClusterList => Ok(Payload::Clusters(self.state().cluster_summaries())),
             Verb::Shutdown { hard } => {
@@ -103,15 +96,9 @@ impl crate::command::Handler for Supervisor {
                 binary,
                 workers_only: false,
             } => Ok(self.hand_over(binary).map_err(Box::new)?),
-            other => {
-                if let Some(message) = crate::command::not_supported_yet(&other) {
-                    return Err(VerbError::NotSupportedYet(message));
-                }
-                let Some(edit) = other.edit() else {
-                    return Err(VerbError::NotSupported(other.name()));
-                };
-                let new = self.state().apply(&edit, self.source())?;
-                apply_state(self, new)
+            Verb::Change(edit) => {
+                let checked = self.state().apply(&edit, self.source())?;
+                apply_state(self, checked)
             }
         }
     }
@@ -133,9 +120,9 @@ fn save(text: &str, path: &std::path::Path) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Validates `new`, pushes it to every worker, and makes it the running state.
-fn apply_state(sup: &mut Supervisor, new: State) -> Result<Payload, VerbError> {
-    let config = new.validate(sup.source())?;
+/// Pushes `checked` to every worker and makes it the running state.
+fn apply_state(sup: &mut Supervisor, checked: Checked) -> Result<Payload, VerbError> {
+    let Checked { state: new, config } = checked;
     let old_listeners: Vec<_> = sup.config().listeners.iter().map(|l| l.address).collect();
     let new_listeners: Vec<_> = config.listeners.iter().map(|l| l.address).collect();
     let listeners_changed = old_listeners != new_listeners;
@@ -168,23 +155,22 @@ fn apply_state(sup: &mut Supervisor, new: State) -> Result<Payload, VerbError> {
             workers: Vec::new(),
         }));
     }
-    let text = new.to_toml();
     let workers = if listeners_changed {
         // New sockets: the workers are replaced by ones that hold them (no restart).
-        sup.change_listeners(&config, &text)?
+        sup.change_listeners(&config)?
     } else {
-        push_to_workers(sup, &text)
+        push_to_workers(sup, &config)
     };
     sup.update_steering(&config);
-    sup.replace_state(new, config, &text)
+    sup.replace_state(new, config)
         .map_err(VerbError::NotRecorded)?;
     Ok(Payload::Applied(Applied { changes, workers }))
 }
 
 /// Sends the whole configuration to every running worker; collects their answers.
-fn push_to_workers(sup: &mut Supervisor, text: &str) -> Vec<WorkerAck> {
+fn push_to_workers(sup: &mut Supervisor, config: &lb_config::Config) -> Vec<WorkerAck> {
     let order = Order::Configure {
-        config: text.to_owned(),
+        config: Box::new(config.clone()),
     };
     sup.workers_mut()
         .ask_all(&order, WORKER_APPLY_TIMEOUT)

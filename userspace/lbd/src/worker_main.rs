@@ -6,7 +6,6 @@
 
 use crate::{fds, sandbox, test_hooks};
 use anyhow::Context as _;
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -15,12 +14,10 @@ pub struct WorkerArgs {
     /// This worker's index (0-based) among the supervisor's workers.
     #[arg(long)]
     pub index: usize,
-    /// Inherited fd holding the configuration text.
+    /// Inherited fd holding the configuration main checked (JSON: it is neither parsed as
+    /// a config file nor validated again here).
     #[arg(long)]
     pub config_fd: i32,
-    /// The file the configuration came from (relative paths in it resolve against it).
-    #[arg(long)]
-    pub source: PathBuf,
     /// Inherited listening sockets, one per listener, in config order.
     #[arg(long = "listener-fd")]
     pub listener_fds: Vec<i32>,
@@ -57,7 +54,8 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
     let file = fds::file_from_fd(args.config_fd)?;
     let text = fds::read_all(&file).context("reading the config handed by the supervisor")?;
     drop(file);
-    let config = lb_config::parse_str(&text, &args.source).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = lb_config::protocol::channel::decode_config(text.as_bytes())
+        .context("reading the config handed by the supervisor")?;
     let listeners = args
         .listener_fds
         .iter()
@@ -82,7 +80,7 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
     let mut worker = lb_proxy::Worker::new(&config, listeners)?;
     if let Some(fd) = args.channel_fd {
         let channel = std::os::unix::net::UnixStream::from(fds::owned_from_fd(fd)?);
-        worker.set_control(channel, args.source.clone())?;
+        worker.set_control(channel)?;
     }
     if !maps.is_empty() {
         worker.set_gauge(Box::new(SteeringGauge {

@@ -27,7 +27,7 @@ use nix::unistd::Pid;
 use std::fs::File;
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// On top of `timeouts.drain` (the workers' own deadline), how long main waits for stopping
@@ -138,12 +138,11 @@ pub(crate) struct Workers {
     sockets: Vec<Vec<TcpListener>>,
     /// With `steering = "ebpf"`: the program of each listener's group, by listener index.
     steering: Vec<Steering>,
-    /// The running configuration's text, handed to every worker started.
+    /// The running configuration (checked: `channel::encode_config`), handed to every
+    /// worker started.
     config_file: File,
     /// What workers run: this lbd's own binary, held open (or a workers-only upgrade's).
     binary: fds::Binary,
-    /// The config file's path: relative paths in it resolve against it.
-    source: PathBuf,
     /// What workers are started with (`lbctl log-level` changes it).
     pub(crate) log_level: log::LevelFilter,
 }
@@ -152,13 +151,11 @@ impl Workers {
     /// Slots for `config.workers` workers on `sockets`, none started yet.
     pub(crate) fn new(
         config: &Config,
-        text: &str,
-        source: &Path,
         log_level: log::LevelFilter,
         sockets: Vec<Vec<TcpListener>>,
         steering: Vec<Steering>,
     ) -> Result<Workers, WorkersError> {
-        let config_file = fds::memfd_with(text)?;
+        let config_file = config_memfd(config)?;
         let binary = fds::Binary::current().map_err(WorkersError::Binary)?;
         let slots = (0..config.workers)
             .map(|_| Slot {
@@ -179,7 +176,6 @@ impl Workers {
             steering,
             config_file,
             binary,
-            source: source.to_path_buf(),
             log_level,
         })
     }
@@ -194,9 +190,9 @@ impl Workers {
         &self.steering
     }
 
-    /// Workers started from now on get `text`.
-    pub(crate) fn replace_config(&mut self, text: &str) -> Result<(), fds::FdError> {
-        self.config_file = fds::memfd_with(text)?;
+    /// Workers started from now on get `config`.
+    pub(crate) fn replace_config(&mut self, config: &Config) -> Result<(), fds::FdError> {
+        self.config_file = config_memfd(config)?;
         Ok(())
     }
 
@@ -428,8 +424,6 @@ impl Workers {
             .arg("worker")
             .arg("--index")
             .arg(index.to_string())
-            .arg("--source")
-            .arg(&self.source)
             .arg("--config-fd")
             .arg(fds::raw(&self.config_file).to_string());
         let (ours, theirs) = UnixStream::pair().map_err(StartError::Channel)?;
@@ -478,12 +472,11 @@ impl Workers {
         })
     }
 
-    /// Starts every slot's worker and waits until each has taken `text` (it is then in its
+    /// Starts every slot's worker and waits until each has taken `config` (it is then in its
     /// event loop, sandboxed, accepting). Used by a new lbd before it says "ready".
     pub(crate) fn start_all(
         &mut self,
         config: &Config,
-        text: &str,
         deadline: Instant,
     ) -> Result<(), RollError> {
         for index in 0..self.slots.len() {
@@ -499,17 +492,16 @@ impl Workers {
                 .ok_or(RollError::NoChannel { index })?;
             asked.push((pid, channel));
         }
-        probe(asked.into_iter().enumerate(), text, deadline)
+        probe(asked.into_iter().enumerate(), config, deadline)
     }
 
     /// Starts a new worker for every slot from `binary` on the current sockets and config
-    /// memfd, waits until each has taken `text`, then retires the old ones (they stop
+    /// memfd, waits until each has taken `config`, then retires the old ones (they stop
     /// accepting, finish their requests and exit). On a failure the new ones are retired
     /// instead and the old ones keep serving. Returns the new (index, pid) and old pids.
     pub(crate) fn roll(
         &mut self,
         binary: &fds::Binary,
-        text: &str,
         config: &Config,
         deadline: Instant,
     ) -> Result<Rolled, RollError> {
@@ -526,7 +518,7 @@ impl Workers {
         }
         if failure.is_none() {
             let asked = fresh.iter_mut().map(|f| (f.index, (f.pid, &mut f.channel)));
-            failure = probe(asked, text, deadline).err();
+            failure = probe(asked, config, deadline).err();
         }
         if let Some(failure) = failure {
             for started in fresh {
@@ -557,7 +549,7 @@ impl Workers {
         self.binary.try_clone()
     }
 
-    /// Puts new listener sockets and config text in place for the workers started from now
+    /// Puts new listener sockets and config memfd in place for the workers started from now
     /// on; returns the old ones (to put back if those workers fail).
     pub(crate) fn swap_listeners(
         &mut self,
@@ -775,11 +767,11 @@ pub(crate) fn limit(config: &Config) -> u32 {
 /// once.
 fn probe<'a>(
     asked: impl Iterator<Item = (usize, (Pid, &'a mut WorkerChannel))>,
-    text: &str,
+    config: &Config,
     deadline: Instant,
 ) -> Result<(), RollError> {
     let order = Order::Configure {
-        config: text.to_owned(),
+        config: Box::new(config.clone()),
     };
     let mut waiting = Vec::new();
     let mut pids = Vec::new();
@@ -810,4 +802,12 @@ fn probe<'a>(
         });
     }
     Ok(())
+}
+
+/// A memfd holding `config` as a worker reads it at start (`channel::decode_config`): the
+/// checked configuration, which the worker neither parses nor validates again.
+pub(crate) fn config_memfd(config: &Config) -> Result<File, fds::FdError> {
+    let bytes = lb_config::protocol::channel::encode_config(config)
+        .map_err(|e| fds::FdError::Memfd(std::io::Error::other(e)))?;
+    fds::memfd_with(&bytes)
 }

@@ -813,10 +813,10 @@ fn refused_changes_leave_the_state_byte_identical() {
     // 3. A change in a frame of a future protocol version: refused, not applied.
     let drain = Request {
         id: 3,
-        verb: Verb::BackendDrain {
+        verb: Verb::Change(lb_config::state::Edit::DrainBackend {
             cluster: "app".into(),
             address: a_addr.clone(),
-        },
+        }),
     };
     let mut s = raw_connect(&sock);
     s.write_all(&frame(VERSION + 1, &serde_json::to_vec(&drain).unwrap()))

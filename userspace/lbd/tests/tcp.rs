@@ -848,7 +848,6 @@ fn command(lbd: &Lbd, verb: lb_config::protocol::Verb) -> Result<(), String> {
 
 #[test]
 fn backends_change_at_runtime() {
-    use lb_config::protocol::Verb;
     let old = TcpOrigin::echo(b"old:");
     let new = TcpOrigin::echo(b"new:");
     let lbd = Lbd::start(|l| {
@@ -865,20 +864,18 @@ fn backends_change_at_runtime() {
 
     command(
         &lbd,
-        Verb::BackendAdd {
+        lb_config::protocol::Verb::Change(lb_config::state::Edit::AddBackend {
             cluster: "db".into(),
-            address: new.addr.to_string(),
-            weight: None,
-            backup: false,
-        },
+            backend: lb_config::state::BackendDef::new(new.addr.to_string()),
+        }),
     )
     .unwrap();
     command(
         &lbd,
-        Verb::BackendRemove {
+        lb_config::protocol::Verb::Change(lb_config::state::Edit::RemoveBackend {
             cluster: "db".into(),
             address: old.addr.to_string(),
-        },
+        }),
     )
     .unwrap();
     let before = old.accepted();

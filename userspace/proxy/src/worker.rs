@@ -95,7 +95,6 @@ struct ListenerEntry {
 /// goes away (EOF) the worker drains and stops.
 struct Control {
     stream: mio::net::UnixStream,
-    source: std::path::PathBuf,
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
     closed: bool,
@@ -242,12 +241,10 @@ impl Worker {
         })
     }
 
-    /// Takes configuration changes from the supervisor on `stream` (see [`Control`]);
-    /// `source` is the config file's path, for resolving relative paths.
+    /// Takes configuration changes from the supervisor on `stream` (see [`Control`]).
     pub fn set_control(
         &mut self,
         stream: std::os::unix::net::UnixStream,
-        source: std::path::PathBuf,
     ) -> Result<(), WorkerError> {
         stream.set_nonblocking(true).map_err(WorkerError::Poll)?;
         let mut stream = mio::net::UnixStream::from_std(stream);
@@ -261,7 +258,6 @@ impl Worker {
             .map_err(WorkerError::Poll)?;
         self.control = Some(Control {
             stream,
-            source,
             inbuf: Vec::new(),
             outbuf: Vec::new(),
             closed: false,
@@ -358,7 +354,7 @@ impl Worker {
             }
         }
         if self
-            .answer_frames(&mut control.inbuf, &control.source, &mut control.outbuf)
+            .answer_frames(&mut control.inbuf, &mut control.outbuf)
             .is_err()
         {
             control.closed = true;
@@ -384,7 +380,6 @@ impl Worker {
     pub fn answer_frames(
         &mut self,
         inbuf: &mut Vec<u8>,
-        source: &std::path::Path,
         out: &mut Vec<u8>,
     ) -> Result<(), crate::control::FrameTooLarge> {
         use lb_config::protocol::channel::{Order, Reply, Request};
@@ -402,10 +397,9 @@ impl Worker {
                     id,
                     order: Order::Configure { config },
                 }) => {
-                    let reply = match lb_config::parse_str(&config, source) {
-                        Ok(config) => self.reconfigure(&config).err(),
-                        Err(e) => Some(e.to_string()),
-                    };
+                    // Checked by main: applied as it is (only what needs the worker's own
+                    // resources, such as its listeners' TLS, can still refuse it).
+                    let reply = self.reconfigure(&config).err();
                     match &reply {
                         None => log::info!("configuration update: ok"),
                         Some(error) => log::info!("configuration update: error: {error}"),
