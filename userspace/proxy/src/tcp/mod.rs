@@ -47,9 +47,9 @@
 mod half;
 
 use crate::accesslog::Record;
-use crate::backend::back_token;
 use crate::balancer::{self, ClusterState, Tried};
 use crate::cx::Cx;
+use crate::idle_backends::back_token;
 use crate::pool::PoolBuf;
 use crate::proxy_protocol::{self, encode_v2, Addresses, Parsed};
 use crate::session::Flow;
