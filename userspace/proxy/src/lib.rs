@@ -18,6 +18,7 @@ pub mod accesslog;
 pub mod balancer;
 pub mod conn;
 pub mod control;
+pub mod cut;
 pub mod cx;
 pub mod http;
 pub mod idle_backends;
