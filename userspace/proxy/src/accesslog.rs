@@ -4,6 +4,7 @@
 //! syscall at its end, so logging costs no write per request. Values are escaped so that a
 //! hostile Host or path cannot forge fields or lines.
 
+use crate::cut::Cut;
 use lb_config::{AccessLog as AccessLogConfig, LogFormat, LogTarget};
 use std::fmt::Write as _;
 use std::io::Write;
@@ -27,7 +28,7 @@ pub struct Record<'a> {
     /// Time from the backend connection being ready to the first response byte.
     pub backend_time: Option<Duration>,
     /// Why kakehi answered itself or cut the exchange short, if it did.
-    pub error: Option<&'a str>,
+    pub error: Option<Cut>,
 }
 
 pub struct AccessLog {
@@ -86,7 +87,7 @@ impl AccessLog {
             ("bytes_out", Value::Num(r.bytes_out)),
             ("duration_ms", Value::Raw(ms(r.duration))),
             ("backend_ms", Value::Raw(backend_ms)),
-            ("error", Value::Str(r.error.unwrap_or(""))),
+            ("error", Value::Str(r.error.map_or("", Cut::as_str))),
         ];
         match self.format {
             LogFormat::Logfmt => {

@@ -3,8 +3,8 @@
 //! session at a time (the worker is single-threaded).
 
 use crate::accesslog::AccessLog;
-use crate::backend::IdlePool;
 use crate::balancer::{ClusterState, Rng};
+use crate::idle_backends::IdlePool;
 use crate::pool::BufferPool;
 use crate::router::Router;
 use crate::splice::PipePool;

@@ -15,12 +15,13 @@
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
-pub mod backend;
 pub mod balancer;
 pub mod conn;
 pub mod control;
+pub mod cut;
 pub mod cx;
 pub mod http;
+pub mod idle_backends;
 pub mod pool;
 pub mod proxy_protocol;
 pub mod router;

@@ -5,14 +5,14 @@
 //! file is what it needs from the real world: the client socket (plain or TLS) and its
 //! readiness, the backend connection of the current exchange (picked by the balancer, opened,
 //! registered with the poll once under a token of its own, kept between requests or handed to
-//! the worker's idle pool: see `backend.rs`), the time and the worker's shared state. The worker (`worker.rs`) owns
-//! the sockets' registration, the slab and the timers.
+//! the worker's idle pool: see `idle_backends.rs`), the time and the worker's shared state.
+//! The worker (`worker.rs`) owns the sockets' registration, the slab and the timers.
 
-use crate::backend::back_token;
 use crate::balancer::{self, ClusterState, Tried};
 use crate::cx::Cx;
 use crate::http::exchange::{self, Connect, Exchange, FrontWire, LogEntry, Opened, Side};
 use crate::http::Peer;
+use crate::idle_backends::back_token;
 use crate::pool::PoolBuf;
 use crate::tls::Front;
 use lb_config::model::Timeouts;
@@ -492,7 +492,7 @@ impl exchange::Io for Real<'_> {
         }
         // Kept for this client's next request, its events still coming here; past the
         // worker's cap on kept connections, it goes to the pool at once. Either way it stays
-        // registered (see backend.rs).
+        // registered (see idle_backends.rs).
         if let Some(old) = self.wires.held.take() {
             cx.idle.unhold();
             put_back(cx, old);

@@ -11,11 +11,11 @@
 //! returns when no session is left or the drain deadline passes.
 
 use crate::accesslog::AccessLog;
-use crate::backend::{self, IdlePool};
 use crate::balancer::{ClusterState, Rng};
 use crate::conn::Conn;
 use crate::cx::Cx;
 use crate::http::Peer;
+use crate::idle_backends::{self, IdlePool};
 use crate::pool::BufferPool;
 use crate::router::Router;
 use crate::session::{front_token, Flow, Session};
@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Tokens at and above this value are listeners; below, sessions' client sockets (key << 1)
-/// and backend connections (descriptor number << 1 | 1, see `backend.rs`).
+/// and backend connections (descriptor number << 1 | 1, see `idle_backends.rs`).
 const LISTENER_BASE: usize = usize::MAX / 2;
 /// Idle backend connections kept per backend address.
 const IDLE_PER_BACKEND: usize = 512;
@@ -526,7 +526,7 @@ impl Worker {
             } else {
                 // A backend connection: its owner's, or a pooled one's (then it will not be
                 // reused when the event says bytes came or the backend closed).
-                let fd = backend::token_fd(token);
+                let fd = idle_backends::token_fd(token);
                 let Some(key) = self.cx.idle.event(fd, readable) else {
                     continue;
                 };

@@ -13,6 +13,7 @@ pub mod exchange;
 pub mod memory;
 pub mod syntax;
 
+use crate::cut::Cut;
 use kawa::{AsBuffer, Block, BodySize, Kawa, Pair, ParsingPhase, StatusLine, Store, Version};
 use std::net::SocketAddr;
 
@@ -66,7 +67,7 @@ pub struct RequestInfo {
     pub expect_continue: bool,
     pub is_head: bool,
     /// Why the head was refused, when it was.
-    pub refused: Option<&'static str>,
+    pub refused: Option<Cut>,
     /// The status of that refusal: 400, or 431 for a head over the field or crumb caps.
     pub refused_status: u16,
 }
@@ -117,21 +118,18 @@ const RETAINED_CRUMBS: usize = 32;
 /// After a parse of a request head: the status to refuse it with and why, or None to go on.
 /// A head still arriving is checked against the caps here (each parse adds at most one
 /// buffer's worth of blocks, and this runs after each); a complete one in `on_headers`.
-pub fn head_refusal<T: AsBuffer>(
-    kawa: &Kawa<T>,
-    info: &RequestInfo,
-) -> Option<(u16, &'static str)> {
+pub fn head_refusal<T: AsBuffer>(kawa: &Kawa<T>, info: &RequestInfo) -> Option<(u16, Cut)> {
     if kawa.is_error() {
         let status = if info.refused_status == 0 {
             400
         } else {
             info.refused_status
         };
-        return Some((status, info.refused.unwrap_or("malformed request")));
+        return Some((status, info.refused.unwrap_or(Cut::MalformedRequest)));
     }
     if kawa.is_main_phase() {
         // A whole chunked request may have come with the head.
-        return bad_trailer(kawa).then_some((400, "invalid trailer name"));
+        return bad_trailer(kawa).then_some((400, Cut::InvalidTrailerName));
     }
     // Before the head ends, the blocks are the request line and one per field.
     if kawa.blocks.len() > MAX_HEADER_FIELDS + 1 {
@@ -143,8 +141,8 @@ pub fn head_refusal<T: AsBuffer>(
     None
 }
 
-const TOO_MANY_FIELDS: &str = "too many header fields";
-const TOO_MANY_CRUMBS: &str = "too many cookie crumbs";
+const TOO_MANY_FIELDS: Cut = Cut::TooManyHeaderFields;
+const TOO_MANY_CRUMBS: Cut = Cut::TooManyCookieCrumbs;
 
 /// Whether a chunked request holds a trailer whose name is not a token. kawa's name scan lets
 /// `/` and `"` through; the head's names are checked in `on_headers`, so any such name among
@@ -258,7 +256,7 @@ struct RawHead<'a> {
 
 /// Checks over the raw head that kawa's representation no longer shows (it elides a
 /// Content-Length that a Transfer-Encoding overrides, and every Host header).
-fn check_raw_head(raw: &[u8]) -> Result<RawHead<'_>, &'static str> {
+fn check_raw_head(raw: &[u8]) -> Result<RawHead<'_>, Cut> {
     let mut hosts = 0;
     let mut host_value: &[u8] = &[];
     let mut content_length = false;
@@ -270,12 +268,12 @@ fn check_raw_head(raw: &[u8]) -> Result<RawHead<'_>, &'static str> {
         };
         let name = line.get(..colon).unwrap_or_default();
         if name.is_empty() {
-            return Err("empty header name");
+            return Err(Cut::EmptyHeaderName);
         }
         if !syntax::is_token(name) {
             // kawa's SIMD name scan lets `/` and `"` through (its own note): a name a backend
             // might read otherwise.
-            return Err("invalid header name");
+            return Err(Cut::InvalidHeaderName);
         }
         if eq(name, b"host") {
             hosts += 1;
@@ -287,10 +285,10 @@ fn check_raw_head(raw: &[u8]) -> Result<RawHead<'_>, &'static str> {
         }
     }
     if content_length && transfer_encoding {
-        return Err("both Content-Length and Transfer-Encoding");
+        return Err(Cut::ContentLengthAndTransferEncoding);
     }
     if hosts > 1 {
-        return Err("several Host headers");
+        return Err(Cut::SeveralHostHeaders);
     }
     Ok(RawHead {
         host_headers: hosts,
@@ -299,19 +297,14 @@ fn check_raw_head(raw: &[u8]) -> Result<RawHead<'_>, &'static str> {
     })
 }
 
-fn refuse<T: AsBuffer>(kawa: &mut Kawa<T>, info: &mut RequestInfo, why: &'static str) {
+fn refuse<T: AsBuffer>(kawa: &mut Kawa<T>, info: &mut RequestInfo, why: Cut) {
     refuse_with(kawa, info, 400, why);
 }
 
-fn refuse_with<T: AsBuffer>(
-    kawa: &mut Kawa<T>,
-    info: &mut RequestInfo,
-    status: u16,
-    why: &'static str,
-) {
+fn refuse_with<T: AsBuffer>(kawa: &mut Kawa<T>, info: &mut RequestInfo, status: u16, why: Cut) {
     info.refused = Some(why);
     info.refused_status = status;
-    kawa.parsing_phase.error(why.into());
+    kawa.parsing_phase.error(why.as_str().into());
 }
 
 impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
@@ -351,65 +344,65 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
             path,
         } = &kawa.detached.status_line
         else {
-            return refuse(kawa, info, "no request line");
+            return refuse(kawa, info, Cut::NoRequestLine);
         };
         info.version_10 = matches!(version, Version::V10);
         if info.version_10 && transfer_encoding {
             // RFC 9112 §6.1: the framing is faulty; an HTTP/1.0 hop behind kakehi may ignore
             // Transfer-Encoding and read the chunks as requests.
-            return refuse(kawa, info, "Transfer-Encoding in an HTTP/1.0 request");
+            return refuse(kawa, info, Cut::TransferEncodingInHttp10);
         }
         let method = bytes(method, buf);
         if !syntax::is_token(method) {
             // kawa takes a request line that starts with a space as an empty method.
-            return refuse(kawa, info, "method is not a token");
+            return refuse(kawa, info, Cut::MethodNotToken);
         }
         info.method.push_str(&String::from_utf8_lossy(method));
         info.is_head = eq(method, b"HEAD");
         if eq(method, b"CONNECT") {
-            return refuse(kawa, info, "CONNECT is not supported");
+            return refuse(kawa, info, Cut::ConnectMethod);
         }
         let uri = bytes(uri, buf);
         if uri.is_empty() {
             // kawa takes `GET  HTTP/1.1` as an empty target (and routes it as `/`).
-            return refuse(kawa, info, "empty request target");
+            return refuse(kawa, info, Cut::EmptyTarget);
         }
         if uri.contains(&b'#') {
             // No fragment in a request target (RFC 9112 §3.2); kawa splits an absolute-form
             // target at it differently from other parsers (`http://a#:80/x`).
-            return refuse(kawa, info, "fragment in the request target");
+            return refuse(kawa, info, Cut::FragmentInTarget);
         }
         let absolute_form = !uri.starts_with(b"/") && uri != b"*";
         if absolute_form && host_headers == 1 {
             // RFC 9112 §3.2.2: the target's authority wins; a Host that disagrees is a
             // request built to confuse one hop or the other.
             if !eq(host_value, bytes(authority, buf)) {
-                return refuse(kawa, info, "absolute-form target and Host disagree");
+                return refuse(kawa, info, Cut::TargetHostMismatch);
             }
         }
         if host_headers == 0 && !info.version_10 {
-            return refuse(kawa, info, "missing Host header");
+            return refuse(kawa, info, Cut::MissingHost);
         }
         let authority = bytes(authority, buf);
         if authority.is_empty() && !info.version_10 {
-            return refuse(kawa, info, "empty Host header");
+            return refuse(kawa, info, Cut::EmptyHost);
         }
         let missing_authority = authority.is_empty();
         if !missing_authority && !syntax::is_valid_host(authority) {
-            return refuse(kawa, info, "Host is not a host");
+            return refuse(kawa, info, Cut::InvalidHost);
         }
         info.authority
             .push_str(&crate::router::normalize_host(authority));
         let path = bytes(path, buf);
         if !path.starts_with(b"/") && path != b"*" {
-            return refuse(kawa, info, "request target without a path");
+            return refuse(kawa, info, Cut::TargetWithoutPath);
         }
         if path.starts_with(b"/") && syntax::needs_normalizing(path) {
             // Route on the normalized path and forward exactly that path (origin-form), so no
             // backend can read `/pub/../admin` as something other than what was routed.
             let normal = match syntax::normalize_path(path) {
                 Ok(normal) => normal,
-                Err(e) => return refuse(kawa, info, e.reason()),
+                Err(e) => return refuse(kawa, info, e.cut()),
             };
             info.target.push_str(&String::from_utf8_lossy(&normal));
             if let StatusLine::Request { uri, .. } = &mut kawa.detached.status_line {
@@ -480,7 +473,7 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
         if names_relied_on {
             // Removing it as hop-by-hop while the body still goes out would let the backend
             // read the body as a request kakehi never routed.
-            return refuse(kawa, info, "Connection names a framing or Host header");
+            return refuse(kawa, info, Cut::ConnectionNamesReliedOnHeader);
         }
         info.upgrade = upgrade_token && has_upgrade_header && kawa.body_size != BodySize::Chunked;
         info.close = close_token || (info.version_10 && !keep_alive_token);

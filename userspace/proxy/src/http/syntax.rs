@@ -4,6 +4,8 @@
 //! quoted-strings). Pure functions over bytes, with their unit tests; `mod.rs` decides what a
 //! failed check means for the request.
 
+use crate::cut::Cut;
+
 /// `tchar` of RFC 9110 §5.6.2.
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
@@ -167,10 +169,11 @@ pub enum PathError {
 }
 
 impl PathError {
-    pub fn reason(self) -> &'static str {
+    /// The reason the request is refused with.
+    pub fn cut(self) -> Cut {
         match self {
-            PathError::BadPercent => "invalid percent-encoding in the path",
-            PathError::AboveRoot => "path climbs above the root",
+            PathError::BadPercent => Cut::BadPercentEncoding,
+            PathError::AboveRoot => Cut::PathAboveRoot,
         }
     }
 }

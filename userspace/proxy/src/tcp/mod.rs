@@ -47,9 +47,10 @@
 mod half;
 
 use crate::accesslog::Record;
-use crate::backend::back_token;
 use crate::balancer::{self, ClusterState, Tried};
+use crate::cut::Cut;
 use crate::cx::Cx;
+use crate::idle_backends::back_token;
 use crate::pool::PoolBuf;
 use crate::proxy_protocol::{self, encode_v2, Addresses, Parsed};
 use crate::session::Flow;
@@ -68,8 +69,6 @@ use std::time::{Duration, Instant};
 const MAX_STEPS: usize = 64;
 /// Connect attempts per connection (the first and the retries).
 const MAX_ATTEMPTS: u32 = 3;
-const CONNECT_TIMEOUT: &str = "connect timeout";
-const CONNECT_FAILED: &str = "backend connect failed";
 
 // ---- the session --------------------------------------------------------------------------
 
@@ -101,10 +100,10 @@ struct Course {
     backend: Option<SocketAddr>,
     /// The status for the log (see the module docs).
     status: u16,
-    error: Option<&'static str>,
+    error: Option<Cut>,
     /// Why the connection went to the frontend without hostname, for the log's `error` field
     /// when nothing worse happened.
-    note: Option<&'static str>,
+    note: Option<Cut>,
     started: Instant,
     connect_time: Option<Duration>,
     /// Parse the ClientHello again once this many bytes are buffered.
@@ -296,10 +295,7 @@ impl TcpSession {
     pub fn timeout(&mut self, cx: &mut Cx) -> Flow {
         match self.state {
             State::ProxyHeader => {
-                self.fail(
-                    408,
-                    "no PROXY protocol header before the request_header timeout",
-                );
+                self.fail(408, Cut::ProxyHeaderTimeout);
                 Flow::Close
             }
             State::Hello => {
@@ -308,10 +304,10 @@ impl TcpSession {
                 let step = match self.route(cx, None) {
                     Some(target) => {
                         self.course.target = Some(target);
-                        self.course.note = Some("no ClientHello before the request_header timeout");
+                        self.course.note = Some(Cut::ClientHelloTimeout);
                         self.connect_next(cx)
                     }
-                    None => self.fail(408, "no ClientHello before the request_header timeout"),
+                    None => self.fail(408, Cut::ClientHelloTimeout),
                 };
                 if let Step::Close = step {
                     return Flow::Close;
@@ -319,7 +315,7 @@ impl TcpSession {
                 self.drive(cx)
             }
             State::Connecting => {
-                self.course.error = Some(CONNECT_TIMEOUT);
+                self.course.error = Some(Cut::ConnectTimeout);
                 if let Some(b) = self.back.as_ref() {
                     cx.backend_failed(b.cluster, b.backend, true);
                 }
@@ -331,7 +327,7 @@ impl TcpSession {
                 self.drive(cx)
             }
             State::Proxying => {
-                self.course.error = Some("idle timeout");
+                self.course.error = Some(Cut::IdleTimeout);
                 Flow::Close
             }
         }
@@ -343,7 +339,7 @@ impl TcpSession {
             .lookup(server_name)
     }
 
-    fn fail(&mut self, status: u16, error: &'static str) -> Step {
+    fn fail(&mut self, status: u16, error: Cut) -> Step {
         self.course.status = status;
         self.course.error = Some(error);
         Step::Close
@@ -357,16 +353,15 @@ impl TcpSession {
             .up
             .fill(&mut self.front, &mut self.front_ready, &mut cx.pipes);
         if let Io::Error = read {
-            return self.fail(499, "client connection error");
+            return self.fail(499, Cut::ClientConnectionError);
         }
         let moved = matches!(read, Io::Moved | Io::Eof);
         match proxy_protocol::parse(self.up.buffered()) {
-            Ok(Parsed::Incomplete { .. }) if self.up.eof => self.fail(
-                499,
-                "client closed before its PROXY protocol header was complete",
-            ),
+            Ok(Parsed::Incomplete { .. }) if self.up.eof => {
+                self.fail(499, Cut::ClientClosedMidProxyHeader)
+            }
             Ok(Parsed::Incomplete { at_least }) if at_least > self.up.buf.as_buffer().len() => {
-                self.fail(400, "PROXY protocol header larger than the buffer")
+                self.fail(400, Cut::ProxyHeaderTooLarge)
             }
             Ok(Parsed::Incomplete { .. }) if moved => Step::Progress,
             Ok(Parsed::Incomplete { .. }) => Step::Blocked,
@@ -383,7 +378,7 @@ impl TcpSession {
                 self.state = State::Hello;
                 Step::Progress
             }
-            Err(_) => self.fail(400, "missing or malformed PROXY protocol header"),
+            Err(_) => self.fail(400, Cut::BadProxyHeader),
         }
     }
 
@@ -394,7 +389,7 @@ impl TcpSession {
             .is_some_and(TcpRoutes::by_server_name);
         if !by_name {
             let Some(target) = self.route(cx, None) else {
-                return self.fail(404, "no frontend on this listener");
+                return self.fail(404, Cut::NoFrontendOnListener);
             };
             self.course.target = Some(target);
             return self.connect_next(cx);
@@ -403,14 +398,14 @@ impl TcpSession {
             .up
             .fill(&mut self.front, &mut self.front_ready, &mut cx.pipes)
         {
-            Io::Error => return self.fail(499, "client connection error"),
+            Io::Error => return self.fail(499, Cut::ClientConnectionError),
             other => other,
         };
         let have = self.up.buffered().len();
         let moved = matches!(read, Io::Moved | Io::Eof);
         if have < self.course.hello_wanted {
             if self.up.eof {
-                return self.fail(499, "client closed before its ClientHello was complete");
+                return self.fail(499, Cut::ClientClosedMidClientHello);
             }
             return if moved { Step::Progress } else { Step::Blocked };
         }
@@ -421,18 +416,18 @@ impl TcpSession {
                     self.course.hello_wanted = at_least;
                     return if moved { Step::Progress } else { Step::Blocked };
                 }
-                (None, "ClientHello incomplete or larger than the buffer")
+                (None, Cut::ClientHelloTooLarge)
             }
-            Ok(Hello::Complete(name)) => (name, "ClientHello without server name"),
-            Err(sni::SniError::NotTls) => (None, "not a TLS ClientHello"),
-            Err(_) => (None, "malformed ClientHello"),
+            Ok(Hello::Complete(name)) => (name, Cut::ClientHelloWithoutServerName),
+            Err(sni::SniError::NotTls) => (None, Cut::NotTls),
+            Err(_) => (None, Cut::MalformedClientHello),
         };
         let target = self.route(cx, server_name.as_deref());
         let named = server_name.is_some();
         self.course.server_name = server_name;
         let Some(target) = target else {
             return if named {
-                self.fail(404, "no frontend for this server name")
+                self.fail(404, Cut::NoFrontendForServerName)
             } else {
                 self.fail(400, error)
             };
@@ -450,7 +445,7 @@ impl TcpSession {
     /// Connects to the next backend of the target cluster, or fails the session.
     fn connect_next(&mut self, cx: &mut Cx) -> Step {
         let Some(target) = self.course.target else {
-            return self.fail(404, "no frontend on this listener");
+            return self.fail(404, Cut::NoFrontendOnListener);
         };
         while self.course.attempts < MAX_ATTEMPTS {
             let Some(cluster) = cx.clusters.get_mut(target.cluster) else {
@@ -497,9 +492,9 @@ impl TcpSession {
             return Step::Progress;
         }
         if self.course.attempts == 0 {
-            self.fail(503, "no backend available")
+            self.fail(503, Cut::NoBackendAvailable)
         } else {
-            let error = self.course.error.unwrap_or(CONNECT_FAILED);
+            let error = self.course.error.unwrap_or(Cut::BackendConnectFailed);
             self.fail(502, error)
         }
     }
@@ -526,7 +521,7 @@ impl TcpSession {
             log::warn!("connect to {} failed", back.address);
             let (cluster, backend) = (back.cluster, back.backend);
             cx.backend_failed(cluster, backend, true);
-            self.course.error = Some(CONNECT_FAILED);
+            self.course.error = Some(Cut::BackendConnectFailed);
             self.drop_backend(cx);
             return self.connect_next(cx);
         }
@@ -567,7 +562,7 @@ impl TcpSession {
 
     fn proxy(&mut self, cx: &mut Cx) -> Step {
         let Some(back) = self.back.as_mut() else {
-            return self.fail(0, "backend connection lost");
+            return self.fail(0, Cut::BackendConnectionLost);
         };
         let mut progress = false;
         // Client -> backend.
@@ -576,12 +571,12 @@ impl TcpSession {
             .fill(&mut self.front, &mut self.front_ready, &mut cx.pipes)
         {
             Io::Moved | Io::Eof => progress = true,
-            Io::Error => return self.fail(0, "client connection error"),
+            Io::Error => return self.fail(0, Cut::ClientConnectionError),
             Io::Idle => {}
         }
         match self.up.flush(&mut back.stream, &mut back.ready) {
             Io::Moved => progress = true,
-            Io::Error => return self.fail(0, "backend connection error"),
+            Io::Error => return self.fail(0, Cut::BackendConnectionError),
             Io::Idle | Io::Eof => {}
         }
         progress |= self.up.pass_eof(&back.stream, self.down.shut);
@@ -591,12 +586,12 @@ impl TcpSession {
             .fill(&mut back.stream, &mut back.ready, &mut cx.pipes)
         {
             Io::Moved | Io::Eof => progress = true,
-            Io::Error => return self.fail(0, "backend connection error"),
+            Io::Error => return self.fail(0, Cut::BackendConnectionError),
             Io::Idle => {}
         }
         match self.down.flush(&mut self.front, &mut self.front_ready) {
             Io::Moved => progress = true,
-            Io::Error => return self.fail(0, "client connection error"),
+            Io::Error => return self.fail(0, Cut::ClientConnectionError),
             Io::Idle | Io::Eof => {}
         }
         progress |= self.down.pass_eof(&self.front, self.up.shut);

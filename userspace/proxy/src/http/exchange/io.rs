@@ -4,6 +4,7 @@
 
 use crate::accesslog::Record;
 use crate::balancer::Tried;
+use crate::cut::Cut;
 use crate::http::{Peer, RequestInfo, ResponseInfo};
 use lb_config::model::Timeouts;
 use std::io::{self, Read, Write};
@@ -79,7 +80,7 @@ pub struct LogEntry<'a> {
     pub bytes_out: u64,
     pub duration: Duration,
     pub backend_time: Option<Duration>,
-    pub error: Option<&'static str>,
+    pub error: Option<Cut>,
 }
 
 impl LogEntry<'_> {

@@ -20,6 +20,7 @@ mod wire;
 pub use io::{Connect, FrontWire, Io, LogEntry, Opened, Side};
 
 use crate::balancer::Tried;
+use crate::cut::Cut;
 use crate::http::answers::Answer;
 use crate::http::{Peer, RequestCallbacks, RequestInfo, ResponseCallbacks, ResponseInfo};
 use crate::pool::PoolBuf;
@@ -87,7 +88,7 @@ struct Progress {
     body_bytes: u64,
     /// Bytes of the response already written to the client.
     response_sent: bool,
-    error: Option<&'static str>,
+    error: Option<Cut>,
 }
 
 /// The HTTP/1.1 side of one client connection.
@@ -279,12 +280,12 @@ impl Exchange {
         match self.state {
             State::Idle | State::Pipe | State::Answering | State::Lingering => Flow::Close,
             State::ReadingHead => {
-                self.ex.error = Some("request header timeout");
+                self.ex.error = Some(Cut::RequestHeaderTimeout);
                 self.start_answer(io, Answer::RequestTimeout, true);
                 self.drive(io)
             }
             State::Connecting => {
-                self.ex.error = Some("connect timeout");
+                self.ex.error = Some(Cut::ConnectTimeout);
                 io.backend_failed(true);
                 io.drop_backend();
                 self.connect_next(io, Answer::GatewayTimeout);
@@ -292,11 +293,11 @@ impl Exchange {
             }
             State::Forwarding => {
                 if self.ex.response_sent {
-                    self.ex.error = Some("backend timeout mid-response");
+                    self.ex.error = Some(Cut::BackendTimeoutMidResponse);
                     self.log(io, self.resp.status);
                     return Flow::Close;
                 }
-                self.ex.error = Some("backend response timeout");
+                self.ex.error = Some(Cut::BackendResponseTimeout);
                 io.backend_failed(false);
                 io.drop_backend();
                 self.start_answer(io, Answer::GatewayTimeout, true);
@@ -324,7 +325,7 @@ impl Exchange {
                     io.next_request_id(&mut self.request_id);
                     self.ex = Progress {
                         started: Some(io.now()),
-                        error: Some("plain HTTP sent to the TLS port"),
+                        error: Some(Cut::PlainHttpToTls),
                         bytes_out: crate::http::answers::PLAIN_HTTP_TO_TLS.len() as u64,
                         ..Progress::default()
                     };
@@ -377,7 +378,7 @@ impl Exchange {
                 } else {
                     Answer::HeaderTooLarge
                 };
-                self.ex.error = Some("request head larger than the buffer");
+                self.ex.error = Some(Cut::RequestHeadTooLarge);
                 self.start_answer(io, answer, true);
                 return Step::Progress;
             }
@@ -395,14 +396,14 @@ impl Exchange {
         );
         if let Some((cluster, true)) = route {
             self.ex.cluster = Some(cluster);
-            self.ex.error = Some("redirect to https");
+            self.ex.error = Some(Cut::RedirectToHttps);
             let close = !self.front_kawa.is_terminated() || self.req.close;
             self.start_redirect(io, close);
             return Step::Progress;
         }
         let cluster = route.map(|(cluster, _)| cluster);
         let Some(cluster) = cluster else {
-            self.ex.error = Some("no route");
+            self.ex.error = Some(Cut::NoRoute);
             // The body (if any) is not read: the connection cannot be reused after it.
             let close = !self.front_kawa.is_terminated() || self.req.close;
             self.start_answer(io, Answer::NotFound, close);
@@ -410,7 +411,7 @@ impl Exchange {
         };
         self.ex.cluster = Some(cluster);
         if self.body_too_large(io.max_request_body(), false) {
-            self.ex.error = Some("request body over max_request_body");
+            self.ex.error = Some(Cut::RequestBodyTooLarge);
             self.start_answer(io, Answer::PayloadTooLarge, true);
             return Step::Progress;
         }
@@ -476,10 +477,10 @@ impl Exchange {
             return;
         }
         let answer = if self.ex.attempts == 0 {
-            self.ex.error.get_or_insert("no backend available");
+            self.ex.error.get_or_insert(Cut::NoBackendAvailable);
             Answer::ServiceUnavailable
         } else {
-            self.ex.error.get_or_insert("backend connect failed");
+            self.ex.error.get_or_insert(Cut::BackendConnectFailed);
             if fallback == Answer::ServiceUnavailable {
                 Answer::BadGateway
             } else {
@@ -528,12 +529,12 @@ impl Exchange {
                     progress = true;
                     kawa::h1::parse(&mut self.front_kawa, &mut kawa::h1::NoCallbacks);
                     if self.front_kawa.is_error() || crate::http::bad_trailer(&self.front_kawa) {
-                        self.ex.error = Some("malformed request body");
+                        self.ex.error = Some(Cut::MalformedRequestBody);
                         return self.fail_exchange(io, Answer::BadRequest);
                     }
                 }
                 ReadOutcome::Eof => {
-                    self.ex.error = Some("client closed before the request ended");
+                    self.ex.error = Some(Cut::ClientClosedMidRequest);
                     self.log(io, 499);
                     return Step::Close;
                 }
@@ -541,7 +542,7 @@ impl Exchange {
                 ReadOutcome::Full if stuck(&self.front_kawa) => {
                     // A chunk-size or trailer line longer than the whole buffer: it can never
                     // be parsed, so answer now rather than at the request timeout.
-                    self.ex.error = Some("request body line longer than the buffer");
+                    self.ex.error = Some(Cut::RequestBodyLineTooLong);
                     if self.ex.response_sent {
                         self.log(io, 400);
                         return Step::Close;
@@ -552,7 +553,7 @@ impl Exchange {
             }
         }
         if self.body_too_large(io.max_request_body(), true) {
-            self.ex.error = Some("request body over max_request_body");
+            self.ex.error = Some(Cut::RequestBodyTooLarge);
             if self.ex.response_sent {
                 self.log(io, 413);
                 return Step::Close;
@@ -570,7 +571,7 @@ impl Exchange {
             WriteOutcome::Blocked | WriteOutcome::Nothing => {}
             WriteOutcome::Error => {
                 if !self.ex.response_sent && self.back_kawa.storage.is_empty() {
-                    self.ex.error = Some("backend closed while sending the request");
+                    self.ex.error = Some(Cut::BackendClosedMidRequest);
                     return self.fail_exchange(io, Answer::BadGateway);
                 }
                 // The backend may have answered early and closed: keep reading its answer.
@@ -589,7 +590,7 @@ impl Exchange {
                         self.close_front_after = self.req.close || draining;
                         self.parse_response();
                         if self.back_kawa.is_error() {
-                            self.ex.error = Some("malformed response");
+                            self.ex.error = Some(Cut::MalformedResponse);
                             return self.fail_exchange(io, Answer::BadGateway);
                         }
                         if !self.back_kawa.is_main_phase()
@@ -597,7 +598,7 @@ impl Exchange {
                         {
                             // The buffer is full and the head still incomplete: it can never
                             // fit, so answer now rather than at the backend timeout.
-                            self.ex.error = Some("response head larger than the buffer");
+                            self.ex.error = Some(Cut::ResponseHeadTooLarge);
                             return self.fail_exchange(io, Answer::BadGateway);
                         }
                     }
@@ -609,23 +610,23 @@ impl Exchange {
                         {
                             self.back_kawa.parsing_phase = ParsingPhase::Terminated;
                         } else if !self.ex.response_sent && !self.back_kawa.is_main_phase() {
-                            self.ex.error = Some("backend closed without answering");
+                            self.ex.error = Some(Cut::BackendClosedWithoutAnswer);
                             return self.fail_exchange(io, Answer::BadGateway);
                         } else {
-                            self.ex.error = Some("backend closed mid-response");
+                            self.ex.error = Some(Cut::BackendClosedMidResponse);
                         }
                     }
                     ReadOutcome::Error => {
                         if !self.ex.response_sent {
-                            self.ex.error = Some("backend connection error");
+                            self.ex.error = Some(Cut::BackendConnectionError);
                             return self.fail_exchange(io, Answer::BadGateway);
                         }
-                        self.ex.error = Some("backend connection error mid-response");
+                        self.ex.error = Some(Cut::BackendConnectionErrorMidResponse);
                         self.log(io, self.resp.status);
                         return Step::Close;
                     }
                     ReadOutcome::Full if stuck(&self.back_kawa) => {
-                        self.ex.error = Some("response body line longer than the buffer");
+                        self.ex.error = Some(Cut::ResponseBodyLineTooLong);
                         if !self.ex.response_sent {
                             return self.fail_exchange(io, Answer::BadGateway);
                         }
@@ -645,7 +646,7 @@ impl Exchange {
                     self.ex.bytes_out += n as u64;
                 }
                 WriteOutcome::Error => {
-                    self.ex.error = Some("client connection error");
+                    self.ex.error = Some(Cut::ClientConnectionError);
                     self.log(io, self.resp.status);
                     return Step::Close;
                 }
@@ -663,7 +664,7 @@ impl Exchange {
                 if !self.back_kawa.storage.unparsed_data().is_empty() {
                     self.parse_response();
                     if self.back_kawa.is_error() {
-                        self.ex.error = Some("malformed response");
+                        self.ex.error = Some(Cut::MalformedResponse);
                         return self.fail_exchange(io, Answer::BadGateway);
                     }
                 }

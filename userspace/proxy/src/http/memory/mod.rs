@@ -14,6 +14,7 @@
 //! answering one request that the driver sends as a client would.
 
 use crate::balancer::Tried;
+use crate::cut::Cut;
 use crate::http::exchange::{self, Connect, Exchange, Flow, FrontWire, LogEntry, Opened, Side};
 use crate::http::{Peer, RequestInfo, ResponseInfo};
 use crate::pool::BufferPool;
@@ -570,7 +571,7 @@ impl<'a> exchange::Io for Memory<'a> {
                 let end = if own {
                     End::Answered {
                         status: entry.status,
-                        why: entry.error.unwrap_or(""),
+                        why: entry.error.map_or("", Cut::as_str),
                     }
                 } else if entry.error.is_some() {
                     End::Truncated
@@ -591,7 +592,7 @@ impl<'a> exchange::Io for Memory<'a> {
                 let end = if own {
                     End::Answered {
                         status: entry.status,
-                        why: entry.error.unwrap_or(""),
+                        why: entry.error.map_or("", Cut::as_str),
                     }
                 } else {
                     End::Truncated
