@@ -277,7 +277,7 @@ mod wire {
             b'a'..=b'f' => Ok(c - b'a' + 10),
             _ => Err(E::custom("not lower-case hex")),
         };
-        if text.len() % 2 != 0 {
+        if !text.len().is_multiple_of(2) {
             return Err(E::custom("odd number of hex digits"));
         }
         text.as_bytes()
