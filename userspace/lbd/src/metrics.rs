@@ -89,7 +89,10 @@ pub fn render(samples: &[Sample]) -> String {
     let samples = samples.as_slice();
     let histograms: std::collections::HashSet<String> = samples
         .iter()
-        .filter_map(|s| s.name.strip_suffix("_bucket").map(str::to_string))
+        .filter_map(|s| s.name.strip_suffix("_bucket"))
+        // A name that is only the suffix has no family name before it: it stays a gauge.
+        .filter(|base| !base.is_empty())
+        .map(str::to_string)
         .collect();
     let mut families: BTreeMap<String, (bool, Vec<&Sample>)> = BTreeMap::new();
     for &s in samples {
@@ -534,5 +537,34 @@ mod tests {
         let parsed = prometheus_parse::Scrape::parse(lines).unwrap();
         let names: Vec<&str> = parsed.samples.iter().map(|x| x.metric.as_str()).collect();
         assert_eq!(names, ["kakehi_ok_total"], "{text}");
+    }
+
+    /// Found by the `worker_answers` fuzz target (30-minute run): a sample named just
+    /// `_bucket` made the empty name a histogram family, and the exposition got a HELP and a
+    /// TYPE line with no metric name. Its `_sum` and `_count` would have joined it.
+    #[test]
+    fn a_bucket_suffix_alone_makes_no_nameless_family() {
+        let samples = vec![
+            s("_bucket", &[("le", "+Inf")], 3.0),
+            s("_count", &[], 3.0),
+            s("kakehi_worker_connections", &[], 1.0),
+        ];
+        let text = render(&samples);
+        for line in text.lines().filter(|l| l.starts_with('#')) {
+            let name = line.split(' ').nth(2).unwrap_or_default();
+            assert!(
+                !name.is_empty(),
+                "a family without a name: {line:?} in\n{text}"
+            );
+        }
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let parsed = prometheus_parse::Scrape::parse(lines).unwrap();
+        let mut names: Vec<&str> = parsed.samples.iter().map(|x| x.metric.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["_bucket", "_count", "kakehi_worker_connections"],
+            "{text}"
+        );
     }
 }
