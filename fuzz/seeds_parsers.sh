@@ -45,30 +45,55 @@ seed_stream() {
     cat >"corpus/$1/$2"
 }
 
-# msg JSON: a channel frame body (version byte 1, then the JSON given as printf escapes).
+# msg JSON: a worker channel frame (version byte 2, lb_config::protocol::channel::VERSION, then
+# the JSON given as printf escapes).
 msg() {
-    frame "\\x01$1"
+    frame "\\x02$1"
 }
 
 # Worker channel, supervisor -> worker (control_frames: byte 0 is the read size). The base
 # config the target's worker starts from is control_frames.rs's BASE; these change it. The
-# messages are lb_config::protocol::channel's Request, in JSON.
+# messages are lb_config::protocol::channel's Request, in JSON after the version byte; a
+# configuration travels as the checked Config main sends, written by lb-config's
+# channel_request example from a TOML file.
 C=control_frames
-LISTENER='[[listeners]]\\naddress = \\"127.0.0.1:18080\\"\\n'
-APP='[clusters.app]\\nfrontends = [ { address = \\"127.0.0.1:18080\\", hostname = \\"a.example\\" } ]\\n'
-CONFIG_MORE="workers = 1\\\\nsteering = \\\\\"kernel\\\\\"\\\\naccess_log = { target = \\\\\"off\\\\\" }\\\\n\\\\n${LISTENER}\\\\n${APP}"'backends = [ { address = \\"127.0.0.1:19001\\" }, { address = \\"127.0.0.1:19003\\", weight = 3 } ]\\nload_balancing = \\"least-connections\\"\\n'
-CONFIG_TCP='workers = 1\\nsteering = \\"kernel\\"\\naccess_log = { target = \\"off\\" }\\n\\n[[listeners]]\\naddress = \\"127.0.0.1:18080\\"\\nprotocol = \\"tcp\\"\\n'
+# A fixed directory, so that the seeds (which name their source file) are the same each run.
+CONFIGS=/tmp/kakehi-fuzz-seeds
+mkdir -p "$CONFIGS"
+cat >"$CONFIGS/more.toml" <<'TOML'
+workers = 1
+steering = "kernel"
+access_log = { target = "off" }
+
+[[listeners]]
+address = "127.0.0.1:18080"
+
+[clusters.app]
+frontends = [ { address = "127.0.0.1:18080", hostname = "a.example" } ]
+backends = [ { address = "127.0.0.1:19001" }, { address = "127.0.0.1:19003", weight = 3 } ]
+load_balancing = "least-connections"
+TOML
+cat >"$CONFIGS/tcp.toml" <<'TOML'
+workers = 1
+steering = "kernel"
+access_log = { target = "off" }
+
+[[listeners]]
+address = "127.0.0.1:18080"
+protocol = "tcp"
+TOML
+# configure ID FILE: the whole frame of a Configure request for FILE.
 configure() {
-    msg "{\"id\":$1,\"order\":{\"configure\":{\"config\":\"$2\"}}}"
+    cargo run -q --manifest-path ../Cargo.toml -p lb-config --example channel_request -- "$1" "$2"
 }
 { printf '\xff'; msg '{"id":1,"order":{"health":{"down":[["app","127.0.0.1:19001"]]}}}'; msg '{"id":2,"order":"ejected"}'; } | seed_stream $C health_then_ejected
 { printf '\x01'; msg '{"id":1,"order":"metrics"}'; } | seed_stream $C metrics_byte_by_byte
 { printf '\x07'; msg '{"id":1,"order":{"log_level":{"level":"debug"}}}'; msg '{"id":2,"order":{"log_level":{"level":"nonsense"}}}'; msg '{"id":3,"order":{"log_level":{"level":"info"}}}'; } | seed_stream $C log_levels
-{ printf '\x40'; msg '{"id":4,"order":"reboot"}'; frame '\0metrics'; frame '\x02{"id":5,"order":"metrics"}'; msg '{"id":6,"order":"metrics","extra":1}'; msg '{'; frame ''; } | seed_stream $C unknown_and_empty
-{ printf '\xff'; configure 1 "$CONFIG_MORE"; msg '{"id":2,"order":"metrics"}'; } | seed_stream $C config_update
-{ printf '\x10'; configure 7 "$CONFIG_TCP"; } | seed_stream $C config_listener_changed
-{ printf '\xff'; configure 1 'workers = [\\n'; configure 2 'workers = 0\\n'; } | seed_stream $C config_refused
-{ printf '\xff'; msg '{"id":1,"order":{"health":{"down":[["app","127.0.0.1:19002"],["nope","[::1]:1"]]}}}'; configure 2 "$CONFIG_MORE"; msg '{"id":3,"order":"ejected"}'; msg '{"id":4,"order":{"health":{"down":[]}}}'; msg '{"id":5,"order":"metrics"}'; } | seed_stream $C pipelined
+{ printf '\x40'; msg '{"id":4,"order":"reboot"}'; frame '\0metrics'; frame '\x01{"id":5,"order":"metrics"}'; msg '{"id":6,"order":"metrics","extra":1}'; msg '{'; frame ''; } | seed_stream $C unknown_and_empty
+{ printf '\xff'; configure 1 "$CONFIGS/more.toml"; msg '{"id":2,"order":"metrics"}'; } | seed_stream $C config_update
+{ printf '\x10'; configure 7 "$CONFIGS/tcp.toml"; } | seed_stream $C config_listener_changed
+{ printf '\xff'; msg '{"id":1,"order":{"configure":{"config":"workers = 1"}}}'; msg '{"id":2,"order":{"configure":{"config":{"workers":0}}}}'; } | seed_stream $C config_refused
+{ printf '\xff'; msg '{"id":1,"order":{"health":{"down":[["app","127.0.0.1:19002"],["nope","[::1]:1"]]}}}'; configure 2 "$CONFIGS/more.toml"; msg '{"id":3,"order":"ejected"}'; msg '{"id":4,"order":{"health":{"down":[]}}}'; msg '{"id":5,"order":"metrics"}'; } | seed_stream $C pipelined
 { printf '\xff'; msg '{"id":1,"order":"metrics"}'; printf '\xff\xff\xff\xff'; } | seed_stream $C too_large
 
 # Worker channel, worker -> main (worker_answers: a stream of answer frames; main waits for
