@@ -349,44 +349,44 @@ mod wire {
         }
     }
 
+    /// A regex travels as its pattern.
+    pub(crate) fn write_regex<S: Serializer>(r: &::regex::Regex, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(r.as_str())
+    }
+
+    /// The regex of a pattern, built as `routes.rs` builds that kind.
+    pub(crate) fn read_regex<'de, D: Deserializer<'de>>(
+        d: D,
+        case_insensitive: bool,
+    ) -> Result<::regex::Regex, D::Error> {
+        let pattern = String::deserialize(d)?;
+        ::regex::RegexBuilder::new(&pattern)
+            .case_insensitive(case_insensitive)
+            .build()
+            .map_err(D::Error::custom)
+    }
+
     /// A path regex (`regex::Regex::new`, as `routes.rs` builds it).
     pub(super) mod regex {
+        pub(crate) use super::write_regex as serialize;
         use super::*;
-
-        pub(crate) fn serialize<S: Serializer>(
-            r: &::regex::Regex,
-            s: S,
-        ) -> Result<S::Ok, S::Error> {
-            s.serialize_str(r.as_str())
-        }
 
         pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
             d: D,
         ) -> Result<::regex::Regex, D::Error> {
-            let pattern = String::deserialize(d)?;
-            ::regex::Regex::new(&pattern).map_err(D::Error::custom)
+            read_regex(d, false)
         }
     }
 
     /// A hostname regex: case-insensitive, as `routes.rs` builds it.
     pub(super) mod host_regex {
+        pub(crate) use super::write_regex as serialize;
         use super::*;
-
-        pub(crate) fn serialize<S: Serializer>(
-            r: &::regex::Regex,
-            s: S,
-        ) -> Result<S::Ok, S::Error> {
-            s.serialize_str(r.as_str())
-        }
 
         pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
             d: D,
         ) -> Result<::regex::Regex, D::Error> {
-            let pattern = String::deserialize(d)?;
-            ::regex::RegexBuilder::new(&pattern)
-                .case_insensitive(true)
-                .build()
-                .map_err(D::Error::custom)
+            read_regex(d, true)
         }
     }
 }

@@ -1,5 +1,5 @@
 //! One client connection of an `http`/`https` listener: the sockets under the HTTP/1.1
-//! exchange machine (`http/exchange.rs`).
+//! exchange machine (`http/exchange/`).
 //!
 //! The machine decides everything HTTP (parsing, routing, retries, answers, the log); this
 //! file is what it needs from the real world: the client socket (plain or TLS) and its

@@ -1,6 +1,6 @@
 //! What the exchange machine needs from outside HTTP: the two sides' bytes and readiness, the
 //! time, routes, backend connections and the log. `session.rs` implements it over sockets,
-//! `http/memory.rs` over bytes in memory.
+//! `http/memory/` over bytes in memory.
 
 use crate::accesslog::Record;
 use crate::balancer::Tried;
