@@ -82,16 +82,8 @@ impl Lbd {
                 steering_for_this_netns(&config(&addrs))
             );
             let config_path = dir.write("lbd.toml", &text);
-            let stdout = dir.path().join(format!("stdout.{attempt}.log"));
-            let stderr = dir.path().join(format!("stderr.{attempt}.log"));
-            let mut child = Command::new(lbd_bin())
-                .arg("--config")
-                .arg(&config_path)
-                .stdin(Stdio::null())
-                .stdout(File::create(&stdout).unwrap())
-                .stderr(File::create(&stderr).unwrap())
-                .spawn()
-                .expect("spawn lbd");
+            let (mut child, stdout, stderr) =
+                spawn_logged(&config_path, dir.path(), &format!(".{attempt}"));
             match wait_ready(&mut child, &addrs) {
                 Start::Ready => {
                     return Lbd {
@@ -260,16 +252,8 @@ impl Lbd {
                 steering_for_this_netns(&config(addrs[0]))
             );
             let config_path = dir.write("lbd.toml", &text);
-            let stdout = dir.path().join(format!("stdout.{attempt}.log"));
-            let stderr = dir.path().join(format!("stderr.{attempt}.log"));
-            let mut child = Command::new(lbd_bin())
-                .arg("--config")
-                .arg(&config_path)
-                .stdin(Stdio::null())
-                .stdout(File::create(&stdout).unwrap())
-                .stderr(File::create(&stderr).unwrap())
-                .spawn()
-                .expect("spawn lbd");
+            let (mut child, stdout, stderr) =
+                spawn_logged(&config_path, dir.path(), &format!(".{attempt}"));
             let mut exited = None;
             let up = wait_until(START_DEADLINE, || {
                 if let Some(status) = child.try_wait().expect("wait(lbd)") {
@@ -318,16 +302,7 @@ impl Lbd {
         let dir = TempDir::new("lbd-file");
         let text = fs::read_to_string(config_path)
             .unwrap_or_else(|e| panic!("reading {}: {e}", config_path.display()));
-        let stdout = dir.path().join("stdout.log");
-        let stderr = dir.path().join("stderr.log");
-        let mut child = Command::new(lbd_bin())
-            .arg("--config")
-            .arg(config_path)
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout).unwrap())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawn lbd");
+        let (mut child, stdout, stderr) = spawn_logged(config_path, dir.path(), "");
         match wait_ready(&mut child, &addrs) {
             Start::Ready => Lbd {
                 child,
@@ -398,6 +373,22 @@ fn wait_ready(child: &mut Child, addrs: &[SocketAddr]) -> Start {
         }
         thread::sleep(POLL);
     }
+}
+
+/// Spawns `lbd --config CONFIG_PATH` with its stdout and stderr in `dir`'s
+/// `stdout{suffix}.log` and `stderr{suffix}.log`; returns the child and the two paths.
+fn spawn_logged(config_path: &Path, dir: &Path, suffix: &str) -> (Child, PathBuf, PathBuf) {
+    let stdout = dir.join(format!("stdout{suffix}.log"));
+    let stderr = dir.join(format!("stderr{suffix}.log"));
+    let child = Command::new(lbd_bin())
+        .arg("--config")
+        .arg(config_path)
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout).unwrap())
+        .stderr(File::create(&stderr).unwrap())
+        .spawn()
+        .expect("spawn lbd");
+    (child, stdout, stderr)
 }
 
 /// Runs `lbd ARGS...` to completion (10 s at most) and returns its output.

@@ -14,11 +14,9 @@ use nix::unistd::Pid;
 
 /// Whether `pid` is running (a zombie does not count: it has exited).
 pub fn is_alive(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
-    })
+    proc_stat_tail(pid)
+        .and_then(|t| t.first().cloned())
+        .is_some_and(|s| s != "Z" && s != "X")
 }
 
 /// SIGTERM to a process that is not the test's child (so it cannot be waited for), its end
@@ -36,29 +34,12 @@ pub fn stop_process(pid: i32, grace: Duration) {
 
 /// `pid` and its descendants, found by scanning `/proc/*/stat` for parent pids.
 pub fn process_tree(pid: i32) -> Vec<i32> {
-    let mut parents: Vec<(i32, i32)> = Vec::new();
-    if let Ok(entries) = fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Some(child) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
-                continue;
-            };
-            // `pid (comm) state ppid ...`: comm may hold spaces and parentheses.
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<i32>().ok());
-            if let Some(ppid) = ppid {
-                parents.push((child, ppid));
-            }
-        }
-    }
+    let parents: Vec<(i32, i32)> = all_pids()
+        .filter_map(|child| {
+            let ppid = proc_stat_tail(child)?.get(1)?.parse::<i32>().ok()?;
+            Some((child, ppid))
+        })
+        .collect();
     let mut tree = vec![pid];
     let mut i = 0;
     while i < tree.len() {
@@ -98,6 +79,15 @@ pub struct Memory {
     pub hwm_kib: u64,
 }
 
+/// Every pid in `/proc` now.
+fn all_pids() -> impl Iterator<Item = i32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+}
+
 /// `/proc/PID/stat` split after the command name: `[state, ppid, ...]`; None when gone.
 fn proc_stat_tail(pid: i32) -> Option<Vec<String>> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -108,36 +98,22 @@ fn proc_stat_tail(pid: i32) -> Option<Vec<String>> {
 /// The direct children of `pid` that are alive (neither zombies nor dead), by scanning the
 /// parent pid of every `/proc/*/stat`.
 pub fn live_children(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Some(tail) = proc_stat_tail(child) else {
-            continue;
-        };
-        let state = tail.first().map(String::as_str).unwrap_or("?");
-        let ppid = tail.get(1).and_then(|p| p.parse::<i32>().ok());
-        if ppid == Some(pid) && state != "Z" && state != "X" {
-            out.push(child);
-        }
-    }
+    let mut out: Vec<i32> = all_pids()
+        .filter(|&child| {
+            proc_stat_tail(child).is_some_and(|tail| {
+                let state = tail.first().map(String::as_str).unwrap_or("?");
+                let ppid = tail.get(1).and_then(|p| p.parse::<i32>().ok());
+                ppid == Some(pid) && state != "Z" && state != "X"
+            })
+        })
+        .collect();
     out.sort_unstable();
     out
 }
 
-/// Whether `pid` exists and is not a zombie.
+/// Whether `pid` exists and is not a zombie (the same as [`is_alive`]).
 pub fn process_alive(pid: i32) -> bool {
-    proc_stat_tail(pid)
-        .and_then(|t| t.first().cloned())
-        .is_some_and(|s| s != "Z" && s != "X")
+    is_alive(pid)
 }
 
 /// The value of the `key:` line of `/proc/PID/status` (trimmed); None when gone.
