@@ -76,6 +76,10 @@ pub struct Args {
     /// and the origin stay on the first.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     workers: u32,
+    /// The lbd binary to measure as kakehi, instead of building this checkout's (to compare two
+    /// builds: run the bench once with each, nginx and HAProxy giving the yardstick).
+    #[arg(long)]
+    lbd: Option<PathBuf>,
 }
 
 struct Scenario {
@@ -164,6 +168,8 @@ struct Plan {
     warmup: bool,
     client: SpawnOptions,
     proxy: SpawnOptions,
+    /// The lbd binary measured as kakehi.
+    lbd: PathBuf,
 }
 
 pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
@@ -204,6 +210,10 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
             cpu: pinning.proxy,
             own_group: true,
         },
+        lbd: args
+            .lbd
+            .clone()
+            .unwrap_or_else(|| crate::target_dir().join("release").join("lbd")),
     };
     let mut notes: Vec<String> = Vec::new();
     if !allowed.is_empty() && plan.workers as usize > allowed.len() {
@@ -220,7 +230,7 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
     std::fs::write(plan.dir.join("report.lua"), configs::WRK_SCRIPT)?;
 
     let mut failed: Vec<(ProxyKind, String)> = Vec::new();
-    if kinds.contains(&ProxyKind::Kakehi) {
+    if kinds.contains(&ProxyKind::Kakehi) && args.lbd.is_none() {
         let mut build = Command::new("cargo");
         build.current_dir(crate::root()).args([
             "build",

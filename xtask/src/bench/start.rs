@@ -119,7 +119,7 @@ pub fn start_proxy(
                 configs::kakehi(&dir, (port, tls_port), origin, plan.workers, &tls),
             )?;
             let _ = std::fs::remove_file(dir.join("lbd.sock"));
-            let lbd = crate::target_dir().join("release").join("lbd");
+            let lbd = plan.lbd.clone();
             let check = procs::output(
                 Command::new(&lbd)
                     .arg("--config")
