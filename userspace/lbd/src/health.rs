@@ -541,7 +541,15 @@ mod tests {
         assert!(e.contains("timed out"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(2));
         drop(l);
-        let e = probe(silent, None, Duration::from_millis(200)).unwrap_err();
+        // A port bound but not listening refuses connections, and stays ours: once the
+        // listener above is gone its port could be taken by a parallel test, or picked as the
+        // probe's own source port (a TCP self-connect, which succeeds).
+        let held =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        held.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        let closed = held.local_addr().unwrap().as_socket().unwrap();
+        let e = probe(closed, None, Duration::from_millis(200)).unwrap_err();
         assert_eq!(e, "connect: Connection refused");
     }
 }
