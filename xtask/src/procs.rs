@@ -237,6 +237,11 @@ impl Proc {
         Ok(self.status)
     }
 
+    /// SIGINT, as a terminal's Ctrl-C (strace then detaches and writes its summary).
+    pub fn interrupt(&self) {
+        self.signal(Signal::SIGINT);
+    }
+
     fn signal(&self, signal: Signal) {
         if self.status.is_none() {
             let pid = i32::try_from(self.child.id()).unwrap_or(i32::MAX);

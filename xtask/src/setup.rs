@@ -25,7 +25,7 @@ pub const RUN: [&str; 1] = ["curl"];
 /// worker's syscalls per request.
 pub const TEST: [&str; 5] = ["curl", "wrk", "openssl", "tmux", "strace"];
 /// What `cargo xtask bench` needs: the load generator and the proxies to compare with.
-pub const BENCH: [&str; 4] = ["curl", "wrk", "nginx", "haproxy"];
+pub const BENCH: [&str; 5] = ["curl", "wrk", "nginx", "haproxy", "strace"];
 
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 

@@ -12,6 +12,7 @@
 //! process it starts is stopped by pid, on error too (drop guards).
 
 mod configs;
+mod extras;
 mod procfs;
 mod report;
 mod start;
@@ -64,7 +65,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_enum)]
     proxies: Vec<ProxyKind>,
     /// Only these scenarios (comma-separated): keepalive-c50, keepalive-c200, 64k-c50,
-    /// close-c50, https-keepalive-c50, https-newconn-c50.
+    /// close-c50, https-keepalive-c50, https-newconn-c50, idle8k-c50.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// HAProxy's `http-reuse` mode. "always" lets it reuse origin connections across clients,
@@ -89,16 +90,20 @@ struct Scenario {
     close: bool,
     /// Over TLS, to each proxy's https listener (TLS 1.3, ECDSA P-256 certificate).
     tls: bool,
+    /// Keep-alive connections held open and idle (each served one request first) while wrk
+    /// runs; the proxy's memory per idle connection is measured as they are opened.
+    idle: u32,
     about: &'static str,
 }
 
-const SCENARIOS: [Scenario; 6] = [
+const SCENARIOS: [Scenario; 7] = [
     Scenario {
         name: "keepalive-c50",
         path: "/",
         connections: 50,
         close: false,
         tls: false,
+        idle: 0,
         about: "GET / (20 B), keep-alive, 50 connections",
     },
     Scenario {
@@ -107,6 +112,7 @@ const SCENARIOS: [Scenario; 6] = [
         connections: 200,
         close: false,
         tls: false,
+        idle: 0,
         about: "GET / (20 B), keep-alive, 200 connections",
     },
     Scenario {
@@ -115,6 +121,7 @@ const SCENARIOS: [Scenario; 6] = [
         connections: 50,
         close: false,
         tls: false,
+        idle: 0,
         about: "GET /bytes/65536 (64 KiB), keep-alive, 50 connections",
     },
     Scenario {
@@ -123,6 +130,7 @@ const SCENARIOS: [Scenario; 6] = [
         connections: 50,
         close: true,
         tls: false,
+        idle: 0,
         about: "GET / with Connection: close (a new client connection per request), 50 connections",
     },
     Scenario {
@@ -131,6 +139,7 @@ const SCENARIOS: [Scenario; 6] = [
         connections: 50,
         close: false,
         tls: true,
+        idle: 0,
         about: "GET / (20 B) over TLS 1.3 (ECDSA P-256, X25519), keep-alive, 50 connections",
     },
     Scenario {
@@ -139,11 +148,31 @@ const SCENARIOS: [Scenario; 6] = [
         connections: 50,
         close: true,
         tls: true,
+        idle: 0,
         about: "GET / over TLS 1.3 with Connection: close: a TLS handshake per request, mostly \
                 resumed (wrk offers the session it last got: PSK + X25519, no certificate \
                 signature), 50 connections",
     },
+    Scenario {
+        name: "idle8k-c50",
+        path: "/",
+        connections: 50,
+        close: false,
+        tls: false,
+        idle: IDLE_CONNECTIONS,
+        about: "GET / (20 B), keep-alive, 50 busy connections while 8,000 idle keep-alive \
+                connections stay open (each served one request first); memory per idle \
+                connection measured as they are opened",
+    },
 ];
+
+/// Idle connections of the `idle8k-c50` scenario. Not 10,000: HAProxy wants about two file
+/// descriptors per `maxconn`, and the hard open-file limit here is 20,000.
+const IDLE_CONNECTIONS: u32 = 8_000;
+
+/// The scenario whose syscalls are counted, and for how long.
+const SYSCALL_SCENARIO: &str = "keepalive-c50";
+const SYSCALL_SECONDS: u64 = 3;
 
 /// A proxy that started and answered correctly.
 struct Proxy {
@@ -170,6 +199,7 @@ struct Plan {
     proxy: SpawnOptions,
     /// The lbd binary measured as kakehi.
     lbd: PathBuf,
+    pinning: Pinning,
 }
 
 pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
@@ -214,6 +244,7 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
             .lbd
             .clone()
             .unwrap_or_else(|| crate::target_dir().join("release").join("lbd")),
+        pinning,
     };
     let mut notes: Vec<String> = Vec::new();
     if !allowed.is_empty() && plan.workers as usize > allowed.len() {
@@ -301,7 +332,7 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
         plan.runs,
         wrk_seconds(plan.duration),
         plan.workers,
-        pinning.text
+        plan.pinning.text
     );
 
     if plan.warmup {
@@ -345,11 +376,16 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
         }
     }
 
+    println!(
+        "xtask bench: counting syscalls per request ({SYSCALL_SCENARIO}, {SYSCALL_SECONDS}s \
+         under strace -c -f)"
+    );
+    let syscalls = count_syscalls(signals, &plan, &proxies, &mut notes)?;
     for proxy in &mut proxies {
         proxy.proc.stop();
     }
     let results = summarize(
-        &plan, &scenarios, &proxies, &failed, &samples, &notes, &pinning,
+        &plan, &scenarios, &proxies, &failed, &samples, &notes, &syscalls,
     );
     let path = plan.dir.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")
@@ -488,26 +524,17 @@ fn measure(
         )));
     }
     let pid = proxy.proc.pid();
+    let mut idle = None;
+    if scenario.idle > 0 {
+        match extras::hold_idle(pid, proxy.port, scenario.idle) {
+            Ok(set) => idle = Some(set),
+            Err(error) => return Ok(Err(error.context("opening the idle connections"))),
+        }
+    }
     let rss_reset = procfs::reset_peak_rss(pid);
     let cpu_before = procfs::cpu_ticks(pid);
     let seconds = wrk_seconds(duration);
-    let mut cmd = Command::new("wrk");
-    cmd.args(["-t1", "--timeout", "5s"])
-        .arg(format!("-c{}", scenario.connections))
-        .arg(format!("-d{seconds}s"))
-        .arg("-s")
-        .arg(plan.dir.join("report.lua"));
-    if scenario.close {
-        cmd.args(["-H", "Connection: close"]);
-    }
-    if scenario.tls {
-        cmd.arg(format!(
-            "https://127.0.0.1:{}{}",
-            proxy.tls_port, scenario.path
-        ));
-    } else {
-        cmd.arg(format!("http://127.0.0.1:{}{}", proxy.port, scenario.path));
-    }
+    let mut cmd = wrk_command(plan, scenario, proxy, seconds);
     let log = plan.dir.join("logs").join("wrk.log");
     let mut wrk = Proc::spawn_logged("wrk", &mut cmd, plan.client, &log)?;
     let deadline = Instant::now() + Duration::from_secs(seconds + 20);
@@ -538,12 +565,124 @@ fn measure(
         )));
     }
     let output = std::fs::read_to_string(&log).unwrap_or_default();
-    Ok(Sample::from_wrk(
-        &output,
-        cpu,
-        procfs::ticks_per_second(),
-        rss,
-    ))
+    let mut sample = Sample::from_wrk(&output, cpu, procfs::ticks_per_second(), rss);
+    if let (Ok(sample), Some(mut idle)) = (sample.as_mut(), idle) {
+        sample.idle_bytes_per_conn = Some(idle.bytes_per_conn);
+        let open = idle.still_open();
+        if open < scenario.idle as usize {
+            return Ok(Err(anyhow::anyhow!(
+                "{} of {} idle connections were closed by the proxy during the run",
+                scenario.idle as usize - open,
+                scenario.idle
+            )));
+        }
+    }
+    Ok(sample)
+}
+
+/// wrk's command line for one run of `scenario` against `proxy`.
+fn wrk_command(plan: &Plan, scenario: &Scenario, proxy: &Proxy, seconds: u64) -> Command {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t1", "--timeout", "5s"])
+        .arg(format!("-c{}", scenario.connections))
+        .arg(format!("-d{seconds}s"))
+        .arg("-s")
+        .arg(plan.dir.join("report.lua"));
+    if scenario.close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    if scenario.tls {
+        cmd.arg(format!(
+            "https://127.0.0.1:{}{}",
+            proxy.tls_port, scenario.path
+        ));
+    } else {
+        cmd.arg(format!("http://127.0.0.1:{}{}", proxy.port, scenario.path));
+    }
+    cmd
+}
+
+/// Syscalls per request of each proxy in [`SYSCALL_SCENARIO`], in a short run of its own
+/// under `strace -c -f` attached to every process of its tree (strace slows the proxy: its
+/// figures are counts, not speed).
+fn count_syscalls(
+    signals: &Signals,
+    plan: &Plan,
+    proxies: &[Proxy],
+    notes: &mut Vec<String>,
+) -> Result<Vec<(ProxyKind, extras::Syscalls)>> {
+    let Some(scenario) = SCENARIOS.iter().find(|s| s.name == SYSCALL_SCENARIO) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for proxy in proxies {
+        let name = proxy.kind.name();
+        let summary = plan.dir.join("logs").join(format!("strace-{name}.txt"));
+        let _ = std::fs::remove_file(&summary);
+        let mut strace = Command::new("strace");
+        strace.args(["-c", "-f", "-o"]).arg(&summary);
+        for pid in procfs::tree(proxy.proc.pid()) {
+            strace.arg("-p").arg(pid.to_string());
+        }
+        let log = plan.dir.join("logs").join(format!("strace-{name}.log"));
+        let no_pin = SpawnOptions {
+            cpu: None,
+            own_group: true,
+        };
+        let mut strace = Proc::spawn_logged("strace", &mut strace, no_pin, &log)?;
+        // strace attaches within milliseconds; let it before the load starts.
+        std::thread::sleep(Duration::from_millis(500));
+        let requests = run_wrk(signals, plan, scenario, proxy, SYSCALL_SECONDS);
+        strace.interrupt();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while strace.try_exited()?.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        strace.stop();
+        let counted = requests.and_then(|requests| extras::read_syscalls(&summary, requests));
+        match counted {
+            Ok(counts) => out.push((proxy.kind, counts)),
+            Err(error) => notes.push(format!("syscalls of {name} not counted: {error:#}")),
+        }
+    }
+    Ok(out)
+}
+
+/// One wrk run of `scenario` against `proxy`, as `measure` runs it; the requests it made.
+fn run_wrk(
+    signals: &Signals,
+    plan: &Plan,
+    scenario: &Scenario,
+    proxy: &Proxy,
+    seconds: u64,
+) -> Result<u64> {
+    let mut cmd = wrk_command(plan, scenario, proxy, seconds);
+    let log = plan.dir.join("logs").join("wrk.log");
+    let mut wrk = Proc::spawn_logged("wrk", &mut cmd, plan.client, &log)?;
+    let deadline = Instant::now() + Duration::from_secs(seconds + 20);
+    let status = loop {
+        if let Some(status) = wrk.try_exited()? {
+            break status;
+        }
+        if let Some(signal) = signals.wait(Duration::from_millis(100))? {
+            wrk.stop();
+            bail!("interrupted by {signal}");
+        }
+        if Instant::now() >= deadline {
+            wrk.stop();
+            bail!("wrk did not finish in {}s", seconds + 20);
+        }
+    };
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    if !status.success() {
+        bail!(
+            "wrk failed ({}); {}",
+            procs::describe(status),
+            start::log_tail(&log)
+        );
+    }
+    let cpu = procfs::CpuTicks::default();
+    Ok(Sample::from_wrk(&output, cpu, procfs::ticks_per_second(), 0)?.requests)
 }
 
 /// Prints the table and ratios, and returns the same as JSON.
@@ -554,7 +693,7 @@ fn summarize(
     failed: &[(ProxyKind, String)],
     samples: &[Vec<Vec<Sample>>],
     notes: &[String],
-    pinning: &Pinning,
+    syscalls: &[(ProxyKind, extras::Syscalls)],
 ) -> Value {
     println!(
         "\nkakehi benchmark: {} worker(s) per proxy; median of {} run(s) of {}s; proxy CPU = \
@@ -591,6 +730,20 @@ fn summarize(
         for (kind, _) in failed {
             println!("  {:<9} not measured (see below)", kind.name());
         }
+        if scenario.idle > 0 {
+            let per_proxy: Vec<String> = medians
+                .iter()
+                .filter_map(|(kind, m)| {
+                    let bytes = m.as_ref()?.idle_bytes_per_conn?;
+                    Some(format!("{} {:.2} KiB", kind.name(), bytes / 1024.0))
+                })
+                .collect();
+            println!(
+                "  memory per idle connection (resident set growth / {}): {}",
+                scenario.idle,
+                per_proxy.join(", ")
+            );
+        }
         let find = |kind| {
             medians
                 .iter()
@@ -624,6 +777,7 @@ fn summarize(
             "connections": scenario.connections,
             "connection_close": scenario.close,
             "tls": scenario.tls,
+            "idle_connections": scenario.idle,
             "results": results,
             "ratios": ratios,
             "p99_over_limit_vs_nginx": p99_over,
@@ -642,6 +796,7 @@ fn summarize(
             reason.replace('\n', "\n    ")
         );
     }
+    let pinning = &plan.pinning;
     println!("  pinning:  {}", pinning.text);
     if flagged.is_empty() {
         println!(
@@ -654,6 +809,33 @@ fn summarize(
             report::P99_LIMIT,
             flagged.join(", ")
         );
+    }
+    let mut syscall_json = serde_json::Map::new();
+    if !syscalls.is_empty() {
+        println!("  syscalls per request ({SYSCALL_SCENARIO}, strace -c -f on the whole tree):");
+        for (kind, counts) in syscalls {
+            println!(
+                "    {:<9} {:.2} in all ({:.2} failed): {}",
+                kind.name(),
+                counts.total_per_request(),
+                counts.errors_per_request(),
+                counts.text()
+            );
+            let top: serde_json::Map<String, Value> = counts
+                .top()
+                .into_iter()
+                .map(|(name, calls, errors)| (name, json!({ "calls": calls, "failed": errors })))
+                .collect();
+            syscall_json.insert(
+                kind.name().into(),
+                json!({
+                    "requests": counts.requests,
+                    "per_request": counts.total_per_request(),
+                    "failed_per_request": counts.errors_per_request(),
+                    "by_syscall": top,
+                }),
+            );
+        }
     }
     let mut notes = notes.to_vec();
     for proxy in proxies.iter().filter(|p| !p.rss_per_run) {
@@ -699,6 +881,11 @@ fn summarize(
         "scenarios": scenario_json,
         "p99_limit_vs_nginx": report::P99_LIMIT,
         "p99_over_limit": flagged,
+        "syscalls": {
+            "scenario": SYSCALL_SCENARIO,
+            "seconds": SYSCALL_SECONDS,
+            "proxies": syscall_json,
+        },
         "notes": notes,
     })
 }

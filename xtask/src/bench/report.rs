@@ -29,6 +29,8 @@ pub struct Sample {
     pub peak_rss_kib: u64,
     /// Socket errors, timeouts and non-2xx/3xx answers, as wrk counts them.
     pub errors: u64,
+    /// Resident memory per idle keep-alive connection, in bytes (scenarios that hold some).
+    pub idle_bytes_per_conn: Option<f64>,
 }
 
 impl Sample {
@@ -77,6 +79,7 @@ impl Sample {
             kernel_us_per_req: per_request(cpu.kernel),
             peak_rss_kib,
             errors,
+            idle_bytes_per_conn: None,
         })
     }
 
@@ -98,6 +101,7 @@ impl Sample {
             "kernel_us_per_req": round(self.kernel_us_per_req, 2),
             "peak_rss_kib": self.peak_rss_kib,
             "errors": self.errors,
+            "idle_bytes_per_conn": self.idle_bytes_per_conn.map(|b| round(b, 0)),
         })
     }
 }
@@ -128,6 +132,14 @@ pub fn median(samples: &[Sample]) -> Option<Sample> {
         kernel_us_per_req: of(&|s| s.kernel_us_per_req),
         peak_rss_kib: of(&|s| s.peak_rss_kib as f64) as u64,
         errors: samples.iter().map(|s| s.errors).sum(),
+        idle_bytes_per_conn: {
+            let mut idle: Vec<f64> = samples
+                .iter()
+                .filter_map(|s| s.idle_bytes_per_conn)
+                .collect();
+            idle.sort_by(f64::total_cmp);
+            idle.get(idle.len() / 2).copied()
+        },
     })
 }
 
