@@ -20,6 +20,7 @@ pub mod conn;
 pub mod control;
 pub mod cut;
 pub mod cx;
+pub mod h2;
 pub mod http;
 pub mod idle_backends;
 pub mod pool;

@@ -1,0 +1,3 @@
+//! Unit tests of the HTTP/2 layer: frames (`frames`).
+
+mod frames;
