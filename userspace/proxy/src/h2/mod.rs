@@ -15,7 +15,10 @@
 //! ```
 
 pub mod error;
+pub mod fields;
 pub mod frame;
+pub mod hpack;
+mod huffman;
 
 #[cfg(test)]
 mod tests;
