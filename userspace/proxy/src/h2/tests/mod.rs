@@ -2,9 +2,11 @@
 //! hostile blocks (`hpack`), the request rules of RFC 9113 §8 (`fields`), the header-block
 //! assembler (`block`), and frames written by Debian's python3-h2 (`python`).
 
+mod block;
 mod fields;
 mod frames;
 mod hpack;
+mod python;
 
 /// Bytes from hex, spaces ignored: `hex("8286 84")`.
 fn hex(s: &str) -> Vec<u8> {
