@@ -113,6 +113,19 @@ impl Assembler {
         Ok(())
     }
 
+    /// Takes a frame that `frame::parse` answered with `Parsed::StreamError` (a PRIORITY or
+    /// WINDOW_UPDATE, never a CONTINUATION): fine between blocks, a connection PROTOCOL_ERROR
+    /// inside one.
+    pub fn skipped(&mut self, kind: u8, stream_id: u32) -> Result<(), H2Error> {
+        match self.open.take() {
+            None => Ok(()),
+            Some(_) => Err(H2Error::connection(
+                ErrorCode::ProtocolError,
+                Reason::ContinuationExpected { kind, stream_id },
+            )),
+        }
+    }
+
     /// Takes the next frame the connection read. Returns the header block it completes, or
     /// None: for a fragment of a block still open, and for every frame that is not HEADERS or
     /// CONTINUATION (which the connection then handles itself). `Err` is a connection error.

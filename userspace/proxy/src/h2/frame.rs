@@ -385,10 +385,13 @@ pub enum Parsed<'a> {
         /// Octets to consume.
         len: usize,
     },
-    /// A whole frame of `len` octets that is a stream error: consume it and reset the stream.
+    /// A whole frame of `len` octets that is a stream error: consume it and reset the stream
+    /// (inside a header block it is a connection error: see `block::Assembler::skipped`).
     StreamError {
         /// The error, [`super::Scope::Stream`].
         error: H2Error,
+        /// The frame type (PRIORITY or WINDOW_UPDATE).
+        kind: u8,
         /// Octets to consume.
         len: usize,
     },
@@ -409,7 +412,11 @@ pub fn parse(input: &[u8], max_frame_size: u32) -> Result<Parsed<'_>, H2Error> {
     };
     match parse_payload(&header, payload) {
         Ok(frame) => Ok(Parsed::Frame { frame, len }),
-        Err(error) if !error.is_connection() => Ok(Parsed::StreamError { error, len }),
+        Err(error) if !error.is_connection() => Ok(Parsed::StreamError {
+            error,
+            kind: header.kind,
+            len,
+        }),
         Err(error) => Err(error),
     }
 }

@@ -172,3 +172,21 @@ fn self_dependency_is_reported_after_the_block() {
     let ok = headers(5, &[0x82], true);
     assert_eq!(a.push(&ok).unwrap().unwrap().check_priority(), Ok(()));
 }
+
+#[test]
+fn a_stream_error_frame_inside_a_block() {
+    let mut a = Assembler::default();
+    assert_eq!(a.skipped(2, 1), Ok(()));
+    a.push(&headers(1, &[0x82], false)).unwrap();
+    let e = a.skipped(8, 1).unwrap_err();
+    assert_eq!(
+        (e.scope, e.reason),
+        (
+            Scope::Connection,
+            Reason::ContinuationExpected {
+                kind: 8,
+                stream_id: 1
+            }
+        )
+    );
+}

@@ -42,8 +42,9 @@ fn conn_error(bytes: &[u8]) -> H2Error {
 
 fn stream_error(bytes: &[u8]) -> H2Error {
     match parse(bytes, MAX) {
-        Ok(Parsed::StreamError { error, len }) => {
+        Ok(Parsed::StreamError { error, kind, len }) => {
             assert_eq!(len, bytes.len());
+            assert_eq!(kind, bytes[3]);
             error
         }
         other => panic!("{bytes:02x?}: {other:?}"),
