@@ -126,3 +126,74 @@ JSON
 seed_stream $H roles_twice <<JSON
 {"version":1,"from_version":"0.1.0","from_pid":1,"generation":1,"source":"/etc/kakehi/config.toml","state":"$STATE_KERNEL","log_level":"info","fds":[{"kind":"command_socket"},{"kind":"listener","listener":0,"worker":0,"address":"127.0.0.1:8080"},{"kind":"listener","listener":0,"worker":0,"address":"127.0.0.1:8080"}]}
 JSON
+
+# HTTP/2 (h2_frames: byte 0 is the control byte, see fuzz_targets/h2_frames.rs; the rest is a
+# client's bytes). Written by Debian's python3-h2 (apt-get install python3-h2), an
+# implementation that shares nothing with kakehi's: its own HPACK encoder, which Huffman-codes
+# and indexes. Skipped, with a message, where it is missing.
+if /usr/bin/python3 -c 'import h2' 2>/dev/null; then
+    mkdir -p corpus/h2_frames
+    /usr/bin/python3 - corpus/h2_frames <<'PY'
+import os, sys
+import h2.connection, h2.config, h2.settings
+out = sys.argv[1]
+
+def client():
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    c.initiate_connection()
+    return c
+
+req = [(":method", "GET"), (":scheme", "https"), (":authority", "example.com"), (":path", "/index.html"),
+       ("user-agent", "python-h2"), ("accept", "*/*"), ("cookie", "a=1"), ("cookie", "b=2")]
+
+def write(name, control, data):
+    with open(os.path.join(out, name), "wb") as f:
+        f.write(bytes([control]) + data)
+
+# A whole conversation: requests, prioritised HEADERS, padded DATA, trailers, a field split
+# over CONTINUATION, window updates, PING, RST_STREAM, SETTINGS, GOAWAY.
+c = client()
+c.send_headers(1, req, end_stream=True)
+c.send_headers(3, [(":method", "POST"), (":scheme", "https"), (":authority", "example.com"), (":path", "/upload"),
+                   ("content-type", "application/grpc"), ("te", "trailers")],
+               priority_weight=32, priority_depends_on=1, priority_exclusive=True)
+c.send_data(3, b"hello ", pad_length=10)
+c.send_data(3, b"world")
+c.send_headers(3, [("grpc-status", "0"), ("x-trailer", "t")], end_stream=True)
+c.send_headers(5, req[:4] + [("x-big", "b" * 30000)], end_stream=True)
+c.increment_flow_control_window(1000)
+c.increment_flow_control_window(500, stream_id=5)
+c.ping(b"12345678")
+c.reset_stream(5, error_code=8)
+c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20, h2.settings.SettingCodes.MAX_FRAME_SIZE: 32768})
+c.close_connection(error_code=0, additional_data=b"bye", last_stream_id=0)
+conversation = c.data_to_send()
+write("conversation", 0x00, conversation)
+write("conversation_cut_by_7_small_limits", 0x46, conversation)
+write("conversation_cut_by_64_big_frames", 0xbf, conversation)
+
+# Many requests on one connection: the dynamic table fills, entries get evicted.
+c = client()
+for i in range(40):
+    c.send_headers(1 + 2 * i, req[:4] + [("x-request-id", "%032d" % i), ("referer", "https://example.com/%d" % i)],
+                   end_stream=True)
+write("forty_requests", 0x00, c.data_to_send())
+
+# One HEADERS block alone, as the whole input (the target also decodes it as one block).
+c = client()
+c.data_to_send()
+c.send_headers(1, req, end_stream=True)
+frame = c.data_to_send()
+write("hpack_block_alone", 0x00, frame[9:])
+PY
+    # Hand-written frames python3-h2 will not send. RFC 7541 C.4.1 in a HEADERS; a HEADERS
+    # without END_HEADERS followed by empty CONTINUATION frames (the flood); a PUSH_PROMISE;
+    # a SETTINGS with ENABLE_PUSH 2; a HEADERS depending on itself.
+    seed h2_frames rfc7541_c4_headers '\x00\x00\x00\x11\x01\x05\x00\x00\x00\x01\x82\x86\x84\x41\x8c\xf1\xe3\xc2\xe5\xf2\x3a\x6b\xa0\xab\x90\xf4\xff'
+    seed h2_frames continuation_flood '\x00\x00\x00\x01\x01\x00\x00\x00\x00\x01\x82'"$(printf '\\x00\\x00\\x00\\x09\\x00\\x00\\x00\\x00\\x01%.0s' $(seq 12))"
+    seed h2_frames push_promise '\x00\x00\x00\x05\x05\x04\x00\x00\x00\x01\x00\x00\x00\x02\x82'
+    seed h2_frames enable_push_2 '\x00\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x02\x00\x00\x00\x02'
+    seed h2_frames headers_on_itself '\x00\x00\x00\x08\x01\x25\x00\x00\x00\x03\x00\x00\x00\x03\x10\x82\x86\x84'
+else
+    echo "seeds_parsers.sh: no python3-h2 (apt-get install python3-h2): corpus/h2_frames not written" >&2
+fi

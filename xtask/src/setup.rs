@@ -15,15 +15,22 @@ use anyhow::{bail, Context, Result};
 use crate::procs::{self, Signals};
 
 /// Everything `cargo xtask setup` installs.
-pub const ALL: [&str; 7] = [
-    "curl", "wrk", "nginx", "haproxy", "openssl", "tmux", "strace",
+pub const ALL: [&str; 8] = [
+    "curl",
+    "wrk",
+    "nginx",
+    "haproxy",
+    "openssl",
+    "tmux",
+    "strace",
+    "python3-h2",
 ];
 /// What `cargo xtask run` needs (for the curl commands it prints).
 pub const RUN: [&str; 1] = ["curl"];
 /// What the test suite uses: curl and wrk drive the end-to-end tests, openssl the TLS origins
 /// of the TCP passthrough tests, tmux the terminal `lbctl top` draws in, strace counts a
-/// worker's syscalls per request.
-pub const TEST: [&str; 5] = ["curl", "wrk", "openssl", "tmux", "strace"];
+/// worker's syscalls per request, python3-h2 writes the HTTP/2 frames lb-proxy's h2 tests read.
+pub const TEST: [&str; 6] = ["curl", "wrk", "openssl", "tmux", "strace", "python3-h2"];
 /// What `cargo xtask bench` needs: the load generator and the proxies to compare with.
 pub const BENCH: [&str; 5] = ["curl", "wrk", "nginx", "haproxy", "strace"];
 

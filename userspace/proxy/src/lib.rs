@@ -9,8 +9,9 @@
 //! (`tcp`), to the cluster its frontends name (`tcp_routes`), optionally chosen by the TLS
 //! server name read from the ClientHello (`sni`), with PROXY protocol headers accepted from a
 //! load balancer in front and sent to backends (`proxy_protocol`), zero-copy through pipes
-//! (`splice`). On https listeners it terminates TLS with rustls (`tls`). It never links aya or clap: binding sockets, sandboxing and supervision belong
-//! to `lbd`.
+//! (`splice`). On https listeners it terminates TLS with rustls (`tls`). `h2` holds the first
+//! layer of HTTP/2 (frames, header blocks, HPACK), not yet driven by the worker. It never
+//! links aya or clap: binding sockets, sandboxing and supervision belong to `lbd`.
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod conn;
 pub mod control;
 pub mod cut;
 pub mod cx;
+pub mod h2;
 pub mod http;
 pub mod idle_backends;
 pub mod pool;

@@ -1,0 +1,27 @@
+//! HTTP/2's first layer, sans-io: frames ([`frame`]), the joining of header blocks across
+//! CONTINUATION frames ([`block`]), HPACK ([`hpack`], with its Huffman code in `huffman`), the
+//! decoded header list and the request rules of RFC 9113 §8 ([`fields`]), and the errors with
+//! their codes and scopes ([`error`]). Every limit that defends a connection against a peer at
+//! this layer is here with a name: max frame size, CONTINUATION flood, header block size,
+//! HPACK bomb (header list size with the 32-octet overhead), field count, table size.
+//!
+//! Streams, flow control, SETTINGS negotiation, rates and the mapping onto HTTP exchanges are
+//! the connection layer's, which drives these pieces:
+//!
+//! ```text
+//! bytes --frame::parse--> Frame --block::Assembler::push--> HeaderBlock
+//!       --hpack::Decoder::decode--> HeaderList (pseudo-headers apart, checked)
+//! HeaderList <--hpack::encode_response-- ; frames <--frame::write_frame / write_header_block--
+//! ```
+
+pub mod block;
+pub mod error;
+pub mod fields;
+pub mod frame;
+pub mod hpack;
+mod huffman;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::{ErrorCode, H2Error, HpackFault, Malformed, Reason, Scope};
