@@ -1,5 +1,5 @@
 //! Arbitrary bytes on a worker's channel from the supervisor, through the worker's own code:
-//! `lb_proxy::control::next_frame` cuts them into frames and decodes each as a typed request
+//! `lb_proxy::orders::next_frame` cuts them into frames and decodes each as a typed request
 //! (`lb_config::protocol::channel`), and `Worker::answer_frames` acts on each (health, metrics,
 //! ejected, log-level, or a whole new configuration, checked by main and applied to the
 //! running worker as it is; a frame that is no request is refused) and writes the answers, as `serve_control`
@@ -19,7 +19,7 @@
 #![no_main]
 
 use lb_config::protocol::channel::{Order, Reply};
-use lb_proxy::control::{next_frame, Frame};
+use lb_proxy::orders::{next_frame, Frame};
 use lb_proxy::worker::Worker;
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;

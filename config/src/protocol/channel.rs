@@ -12,7 +12,7 @@
 //! binary; after `lbctl upgrade --workers-only --binary` they may not be, and another version
 //! is then refused in words, so the new workers are not ready and the upgrade is rolled back.
 //!
-//! This module is the one place both ends import: lb-proxy's `control.rs` (the worker) and
+//! This module is the one place both ends import: lb-proxy's `orders.rs` (the worker) and
 //! lbd's `channel.rs` (main). Reading and writing the socket is theirs.
 
 use std::net::SocketAddr;

@@ -5,7 +5,7 @@
 //! verdict that every worker applies the same way, and one place that logs state changes and
 //! answers `lbctl status`. Main is not sandboxed, so a probe is a plain blocking socket in a
 //! thread of its own; the workers' event loops never wait for one. The verdicts travel to the
-//! workers as `Order::Health` requests on their channels (see lb-proxy's `control.rs`); what a
+//! workers as `Order::Health` requests on their channels (see lb-proxy's `orders.rs`); what a
 //! worker sees itself (connect errors, 5xx) is its passive ejection, in lb-proxy's balancer.
 //!
 //! Each checked backend has a thread that probes it every `interval`: a TCP connect, or with a

@@ -33,7 +33,7 @@ pub struct Cx {
     pub pipes: PipePool,
     pub idle: IdlePool,
     pub log: AccessLog,
-    /// This worker's figures, sent to the supervisor when it asks (see `control.rs`).
+    /// This worker's figures, sent to the supervisor when it asks (see `orders.rs`).
     pub stats: Stats,
     /// The backends the supervisor's health checks found down: (cluster, address).
     pub down: Vec<(String, SocketAddr)>,

@@ -18,12 +18,12 @@
 pub mod accesslog;
 pub mod balancer;
 pub mod conn;
-pub mod control;
 pub mod cut;
 pub mod cx;
 pub mod h2;
 pub mod http;
 pub mod idle_backends;
+pub mod orders;
 pub mod pool;
 pub mod proxy_protocol;
 pub mod router;

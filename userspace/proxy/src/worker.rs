@@ -91,7 +91,7 @@ struct ListenerEntry {
 }
 
 /// The channel from the supervisor: frames of `lb_config::protocol::channel` requests (a whole
-/// new configuration, or an order of `control.rs`), each answered by id. When the supervisor
+/// new configuration, or an order of `orders.rs`), each answered by id. When the supervisor
 /// goes away (EOF) the worker drains and stops.
 struct Control {
     stream: mio::net::UnixStream,
@@ -307,7 +307,7 @@ impl Worker {
                 }
             }
         }
-        crate::control::apply_down(&mut clusters, &self.cx.down);
+        crate::orders::apply_down(&mut clusters, &self.cx.down);
         self.cx.stats.retain(&clusters);
         let old = std::mem::replace(&mut self.cx.clusters, clusters);
         for (_, session) in self.sessions.iter_mut() {
@@ -381,12 +381,12 @@ impl Worker {
         &mut self,
         inbuf: &mut Vec<u8>,
         out: &mut Vec<u8>,
-    ) -> Result<(), crate::control::FrameTooLarge> {
+    ) -> Result<(), crate::orders::FrameTooLarge> {
         use lb_config::protocol::channel::{Order, Reply, Request};
         let mut taken = 0;
         let result = loop {
             let (frame, len) =
-                match crate::control::next_frame(inbuf.get(taken..).unwrap_or_default()) {
+                match crate::orders::next_frame(inbuf.get(taken..).unwrap_or_default()) {
                     Ok(Some(next)) => next,
                     Ok(None) => break Ok(()),
                     Err(e) => break Err(e),
@@ -411,12 +411,12 @@ impl Worker {
                 }
                 Ok(Request { id, order }) => {
                     let live = self.sessions.len();
-                    (id, crate::control::command(&mut self.cx, live, order))
+                    (id, crate::orders::command(&mut self.cx, live, order))
                 }
-                Err(e) => crate::control::refusal(&e),
+                Err(e) => crate::orders::refusal(&e),
             };
             if let Some(reply) = reply {
-                crate::control::answer(out, id, reply);
+                crate::orders::answer(out, id, reply);
             }
         };
         inbuf.drain(..taken);
