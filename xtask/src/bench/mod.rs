@@ -533,38 +533,14 @@ fn measure(
     }
     let rss_reset = procfs::reset_peak_rss(pid);
     let cpu_before = procfs::cpu_ticks(pid);
-    let seconds = wrk_seconds(duration);
-    let mut cmd = wrk_command(plan, scenario, proxy, seconds);
-    let log = plan.dir.join("logs").join("wrk.log");
-    let mut wrk = Proc::spawn_logged("wrk", &mut cmd, plan.client, &log)?;
-    let deadline = Instant::now() + Duration::from_secs(seconds + 20);
-    let status = loop {
-        if let Some(status) = wrk.try_exited()? {
-            break status;
-        }
-        if let Some(signal) = signals.wait(Duration::from_millis(100))? {
-            wrk.stop();
-            bail!("interrupted by {signal}");
-        }
-        if Instant::now() >= deadline {
-            wrk.stop();
-            return Ok(Err(anyhow::anyhow!(
-                "wrk did not finish in {}s",
-                seconds + 20
-            )));
-        }
-    };
+    let wrk = run_wrk(signals, plan, scenario, proxy, wrk_seconds(duration))?;
     let cpu = procfs::cpu_ticks(pid).since(cpu_before);
     let rss = procfs::peak_rss_kib(pid);
     proxy.rss_per_run &= rss_reset;
-    if !status.success() {
-        return Ok(Err(anyhow::anyhow!(
-            "wrk failed ({}); {}",
-            procs::describe(status),
-            start::log_tail(&log)
-        )));
-    }
-    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let output = match wrk {
+        Ok(output) => output,
+        Err(error) => return Ok(Err(error)),
+    };
     let mut sample = Sample::from_wrk(&output, cpu, procfs::ticks_per_second(), rss);
     if let (Ok(sample), Some(mut idle)) = (sample.as_mut(), idle) {
         sample.idle_bytes_per_conn = Some(idle.bytes_per_conn);
@@ -632,7 +608,11 @@ fn count_syscalls(
         let mut strace = Proc::spawn_logged("strace", &mut strace, no_pin, &log)?;
         // strace attaches within milliseconds; let it before the load starts.
         std::thread::sleep(Duration::from_millis(500));
-        let requests = run_wrk(signals, plan, scenario, proxy, SYSCALL_SECONDS);
+        let requests =
+            run_wrk(signals, plan, scenario, proxy, SYSCALL_SECONDS)?.and_then(|output| {
+                let no_cpu = procfs::CpuTicks::default();
+                Ok(Sample::from_wrk(&output, no_cpu, procfs::ticks_per_second(), 0)?.requests)
+            });
         strace.interrupt();
         let deadline = Instant::now() + Duration::from_secs(10);
         while strace.try_exited()?.is_none() && Instant::now() < deadline {
@@ -648,14 +628,15 @@ fn count_syscalls(
     Ok(out)
 }
 
-/// One wrk run of `scenario` against `proxy`, as `measure` runs it; the requests it made.
+/// One wrk run of `scenario` against `proxy`: what wrk wrote. The outer error stops the bench
+/// (interrupted); the inner one is a failed run.
 fn run_wrk(
     signals: &Signals,
     plan: &Plan,
     scenario: &Scenario,
     proxy: &Proxy,
     seconds: u64,
-) -> Result<u64> {
+) -> Result<Result<String>> {
     let mut cmd = wrk_command(plan, scenario, proxy, seconds);
     let log = plan.dir.join("logs").join("wrk.log");
     let mut wrk = Proc::spawn_logged("wrk", &mut cmd, plan.client, &log)?;
@@ -670,19 +651,20 @@ fn run_wrk(
         }
         if Instant::now() >= deadline {
             wrk.stop();
-            bail!("wrk did not finish in {}s", seconds + 20);
+            return Ok(Err(anyhow::anyhow!(
+                "wrk did not finish in {}s",
+                seconds + 20
+            )));
         }
     };
-    let output = std::fs::read_to_string(&log).unwrap_or_default();
     if !status.success() {
-        bail!(
+        return Ok(Err(anyhow::anyhow!(
             "wrk failed ({}); {}",
             procs::describe(status),
             start::log_tail(&log)
-        );
+        )));
     }
-    let cpu = procfs::CpuTicks::default();
-    Ok(Sample::from_wrk(&output, cpu, procfs::ticks_per_second(), 0)?.requests)
+    Ok(Ok(std::fs::read_to_string(&log).unwrap_or_default()))
 }
 
 /// Prints the table and ratios, and returns the same as JSON.
