@@ -145,6 +145,14 @@ pub struct Listener {
     /// when no name matches the client's SNI, or when it sends none).
     pub certificates: Vec<Certificate>,
     pub accept_proxy: bool,
+    /// HTTP/2 is served (ALPN `h2` on https, prior knowledge on http): the `alpn` key lists
+    /// `"h2"`, which it does by default.
+    #[serde(default = "yes")]
+    pub http2: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

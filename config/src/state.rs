@@ -191,6 +191,11 @@ pub struct ListenerDef {
     pub certificates: Vec<CertificateDef>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accept_proxy: Option<bool>,
+    /// The application protocols offered, in order of preference: `"h2"` and `"http/1.1"`
+    /// (default: both, h2 first). Without `"h2"` the listener speaks HTTP/1.1 only: no ALPN
+    /// h2 on https, no prior-knowledge HTTP/2 on http.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpn: Option<Vec<String>>,
 }
 
 /// What `lbctl state dump` shows in place of a private key.

@@ -323,14 +323,57 @@ impl Checker<'_> {
                 Some(ListenerProtocolDef::Tcp) => ListenerProtocol::Tcp,
             };
             let certificates = self.certificates(l, &field, protocol)?;
+            let http2 = self.alpn(l.alpn.as_deref(), &format!("{field}.alpn"), protocol)?;
             out.push(Listener {
                 address,
                 protocol,
                 certificates,
                 accept_proxy: l.accept_proxy.unwrap_or(false),
+                http2,
             });
         }
         Ok(out)
+    }
+
+    /// A listener's `alpn` list: whether it serves HTTP/2.
+    fn alpn(
+        &self,
+        alpn: Option<&[String]>,
+        field: &str,
+        protocol: ListenerProtocol,
+    ) -> Result<bool> {
+        let Some(list) = alpn else {
+            return Ok(protocol != ListenerProtocol::Tcp);
+        };
+        if protocol == ListenerProtocol::Tcp {
+            return Err(self.err(field, "a tcp listener has no application protocols"));
+        }
+        if list.is_empty() {
+            return Err(self.err(
+                field,
+                "the list is empty: expected \"h2\", \"http/1.1\" or both",
+            ));
+        }
+        for (i, name) in list.iter().enumerate() {
+            if name != "h2" && name != "http/1.1" {
+                return Err(self.err(
+                    field,
+                    format!(
+                        "{name:?} is not a protocol kakehi serves: expected \"h2\" or \"http/1.1\""
+                    ),
+                ));
+            }
+            if list.iter().take(i).any(|n| n == name) {
+                return Err(self.err(field, format!("{name:?} is listed twice")));
+            }
+        }
+        if !list.iter().any(|n| n == "http/1.1") {
+            return Err(self.err(
+                field,
+                "\"http/1.1\" must be listed: clients without HTTP/2 are always served",
+            ));
+        }
+        Ok(list.iter().any(|n| n == "h2"))
     }
 
     fn certificates(

@@ -399,6 +399,7 @@ impl Command {
                         _ => Vec::new(),
                     },
                     accept_proxy: l.accept_proxy.then_some(true),
+                    alpn: None,
                 },
             }),
             Command::Listener(ListenerCmd::Remove { address }) => {
@@ -638,6 +639,7 @@ mod tests {
                     protocol: None,
                     certificates: vec![],
                     accept_proxy: None,
+                    alpn: None,
                 }
             })
         );

@@ -289,6 +289,7 @@ fn listeners_are_added_and_removed() {
         protocol: Some(ListenerProtocolDef::Http),
         certificates: vec![],
         accept_proxy: None,
+        alpn: None,
     };
     let next = state.add_listener(listener.clone(), source()).unwrap();
     assert_eq!(
@@ -304,6 +305,7 @@ fn listeners_are_added_and_removed() {
         protocol: Some(ListenerProtocolDef::Https),
         certificates: vec![],
         accept_proxy: None,
+        alpn: None,
     };
     let e = state.add_listener(https, source()).unwrap_err();
     assert!(
@@ -589,6 +591,7 @@ fn an_added_https_listener_carries_its_certificates_as_text() {
         protocol: Some(ListenerProtocolDef::Https),
         certificates: vec![cert_def("other.pem", "other.key")],
         accept_proxy: None,
+        alpn: None,
     };
     let next = state
         .apply(&Edit::AddListener { listener }, source())

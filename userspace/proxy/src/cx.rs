@@ -28,6 +28,9 @@ pub struct Cx {
     /// One per listener of the worker, by listener index: the TLS configuration of an https
     /// listener (new connections take the current one; established ones keep theirs).
     pub tls: Vec<Option<Arc<rustls::ServerConfig>>>,
+    /// One per listener of the worker, by listener index: it serves HTTP/2 (see
+    /// `h2/conn.rs`).
+    pub http2: Vec<bool>,
     pub pool: BufferPool,
     /// Pipes for splice(2) in TCP passthrough.
     pub pipes: PipePool,

@@ -10,7 +10,8 @@
 
 use crate::balancer::{self, ClusterState, Tried};
 use crate::cx::Cx;
-use crate::http::exchange::{self, Connect, Exchange, FrontWire, LogEntry, Opened, Side};
+use crate::h2::conn::H2Conn;
+use crate::http::exchange::{self, Connect, Exchange, FrontWire, Http2, LogEntry, Opened, Side};
 use crate::http::Peer;
 use crate::idle_backends::back_token;
 use crate::pool::PoolBuf;
@@ -52,21 +53,101 @@ struct HeldBack {
     stirred: bool,
 }
 
-/// The sockets of one HTTP client connection.
-struct Wires {
+/// The sockets of one HTTP client connection (`F`: the client socket), or of one HTTP/2
+/// stream (`F`: the stream's side of its connection, see `h2/stream.rs`).
+pub(crate) struct Wires<F> {
     key: usize,
     listener: usize,
-    front: Front,
-    front_side: Side,
+    pub(crate) front: F,
+    pub(crate) front_side: Side,
     back: Option<BackConn>,
     held: Option<HeldBack>,
+}
+
+impl<F> Wires<F> {
+    /// The wires of session `key` (its slab key) on listener `listener`, with no backend.
+    pub(crate) fn new(key: usize, listener: usize, front: F) -> Wires<F> {
+        Wires {
+            key,
+            listener,
+            front,
+            front_side: Side::default(),
+            back: None,
+            held: None,
+        }
+    }
+
+    pub(crate) fn key(&self) -> usize {
+        self.key
+    }
+
+    pub(crate) fn listener(&self) -> usize {
+        self.listener
+    }
+
+    /// Records readiness from an event on the backend socket with descriptor number `fd`;
+    /// false when it is none of these wires' connections.
+    pub(crate) fn back_event(
+        &mut self,
+        fd: usize,
+        readable: bool,
+        writable: bool,
+        read_closed: bool,
+    ) -> bool {
+        let is = |stream: &TcpStream| usize::try_from(stream.as_raw_fd()) == Ok(fd);
+        if let Some(back) = self.back.as_mut().filter(|b| is(&b.stream)) {
+            back.side.readable |= readable;
+            back.side.writable |= writable;
+            back.side.hup |= read_closed;
+            true
+        } else if let Some(held) = self.held.as_mut().filter(|h| is(&h.stream)) {
+            held.stirred |= readable || read_closed;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// After a configuration change: the backend connection's cluster and backend at their
+    /// new positions.
+    pub(crate) fn remap_clusters(&mut self, old: &[ClusterState], new: &[ClusterState]) {
+        if let Some(back) = self.back.as_mut() {
+            (back.cluster, back.backend) =
+                balancer::remap_backend(old, new, back.cluster, back.address);
+        }
+    }
+
+    /// Lets go of the backend connections: the one of an exchange in flight is closed, the
+    /// one kept for a next request goes to the idle pool. Returns the front.
+    pub(crate) fn release(self, cx: &mut Cx) -> F {
+        let Wires {
+            front,
+            mut back,
+            held,
+            ..
+        } = self;
+        if let Some(b) = back.as_mut() {
+            cx.idle.forget(&b.stream);
+            if let Some(c) = cx.clusters.get_mut(b.cluster) {
+                c.release(b.backend);
+            }
+        }
+        if let Some(held) = held {
+            cx.idle.unhold();
+            put_back(cx, held);
+        }
+        front
+    }
 }
 
 pub struct Session {
     pub id: u64,
     peer: Peer,
-    wires: Wires,
+    wires: Wires<Front>,
     exchange: Exchange,
+    /// The connection speaks HTTP/2 (prior knowledge or ALPN): its streams are there, and
+    /// `exchange` only keeps the connection's place (its buffers went back to the pool).
+    h2: Option<Box<H2Conn>>,
     /// The end of the TLS handshake was counted (or the front is plain).
     tls_counted: bool,
     pub deadline: Instant,
@@ -93,15 +174,9 @@ impl Session {
         Session {
             id,
             peer,
-            wires: Wires {
-                key,
-                listener,
-                front,
-                front_side: Side::default(),
-                back: None,
-                held: None,
-            },
+            wires: Wires::new(key, listener, front),
             exchange: Exchange::new(peer, front_buf, back_buf, now),
+            h2: None,
             tls_counted: false,
             deadline: now,
             scheduled: None,
@@ -130,26 +205,29 @@ impl Session {
     /// (the one of the current exchange, or the one kept for the next request; an event of a
     /// connection this session no longer has is ignored).
     pub fn back_event(&mut self, fd: usize, readable: bool, writable: bool, read_closed: bool) {
-        let is = |stream: &TcpStream| usize::try_from(stream.as_raw_fd()) == Ok(fd);
-        if let Some(back) = self.wires.back.as_mut().filter(|b| is(&b.stream)) {
-            back.side.readable |= readable;
-            back.side.writable |= writable;
-            back.side.hup |= read_closed;
-        } else if let Some(held) = self.wires.held.as_mut().filter(|h| is(&h.stream)) {
-            held.stirred |= readable || read_closed;
+        if !self.wires.back_event(fd, readable, writable, read_closed) {
+            if let Some(h2) = self.h2.as_mut() {
+                h2.back_event(fd, readable, writable, read_closed);
+            }
         }
     }
 
     /// The last `drive` stopped at its step cap with work left: the worker drives it again
     /// at its next turn, since bytes already waiting bring no new edge-triggered event.
     pub fn yielded(&self) -> bool {
-        self.exchange.yielded()
+        match &self.h2 {
+            Some(h2) => h2.yielded(),
+            None => self.exchange.yielded(),
+        }
     }
 
     /// Idle between requests since `since` (its last exchange ended, or it was accepted):
     /// a draining worker may close it once the grace has passed since then.
     pub fn idle_since(&self) -> Option<Instant> {
-        self.exchange.idle_since(self.wires.front.handshaking())
+        match &self.h2 {
+            Some(h2) => h2.idle_since(),
+            None => self.exchange.idle_since(self.wires.front.handshaking()),
+        }
     }
 
     /// After a configuration change: point the request's cluster and backend at their new
@@ -158,9 +236,9 @@ impl Session {
     pub fn remap_clusters(&mut self, old: &[ClusterState], new: &[ClusterState]) {
         self.exchange
             .remap_cluster(|c| balancer::remap_cluster(old, new, c));
-        if let Some(back) = self.wires.back.as_mut() {
-            (back.cluster, back.backend) =
-                balancer::remap_backend(old, new, back.cluster, back.address);
+        self.wires.remap_clusters(old, new);
+        if let Some(h2) = self.h2.as_mut() {
+            h2.remap_clusters(old, new);
         }
     }
 
@@ -172,34 +250,32 @@ impl Session {
                 .tls_handshake(self.peer.listener, !self.wires.front.handshaking());
         }
         let Session {
-            wires, exchange, ..
-        } = self;
-        let Wires {
-            front,
-            mut back,
-            held,
+            wires,
+            exchange,
+            h2,
             ..
-        } = wires;
-        if let Some(b) = back.as_mut() {
-            cx.idle.forget(&b.stream);
-            if let Some(c) = cx.clusters.get_mut(b.cluster) {
-                c.release(b.backend);
-            }
+        } = self;
+        if let Some(h2) = h2 {
+            h2.close(cx);
         }
-        if let Some(held) = held {
-            cx.idle.unhold();
-            put_back(cx, held);
-        }
+        let front = wires.release(cx);
         // No deregistration: closing the socket removes it from the poll (one syscall less
         // per connection).
         drop(front);
-        let (front_buf, back_buf) = exchange.into_buffers();
-        cx.pool.checkin(front_buf);
-        cx.pool.checkin(back_buf);
+        if !exchange.parked() {
+            let (front_buf, back_buf) = exchange.into_buffers();
+            cx.pool.checkin(front_buf);
+            cx.pool.checkin(back_buf);
+        }
     }
 
     /// Makes every step possible now.
     pub fn drive(&mut self, cx: &mut Cx) -> Flow {
+        if let Some(h2) = self.h2.as_mut() {
+            let flow = h2.drive(&mut self.wires, cx);
+            self.deadline = h2.deadline(cx);
+            return flow;
+        }
         if self.exchange.parked() && !self.unpark(cx) {
             // The pool holds two buffers for every connection allowed (`max_connections`): an
             // empty pool here is a bug, and closing is the bounded answer to it.
@@ -210,11 +286,26 @@ impl Session {
             self.tls_counted = true;
             cx.stats.tls_handshake(self.peer.listener, true);
         }
-        self.step(cx, |exchange, io| exchange.drive(io))
+        match self.step(cx, |exchange, io| exchange.drive(io)) {
+            Flow::Http2 => self.start_h2(cx),
+            flow => flow,
+        }
+    }
+
+    /// The connection turned out to speak HTTP/2: what the exchange read goes to the HTTP/2
+    /// connection, and the exchange's buffers back to the pool.
+    fn start_h2(&mut self, cx: &mut Cx) -> Flow {
+        let mut h2 = Box::new(H2Conn::new(self.id, self.peer, cx));
+        h2.take_input(self.exchange.unparsed_input());
+        let (front, back) = self.exchange.park();
+        cx.pool.checkin(front);
+        cx.pool.checkin(back);
+        self.h2 = Some(h2);
+        self.drive(cx)
     }
 
     /// One call of the machine over this session's sockets, then the next deadline.
-    fn step(&mut self, cx: &mut Cx, call: fn(&mut Exchange, &mut Real<'_>) -> Flow) -> Flow {
+    fn step(&mut self, cx: &mut Cx, call: fn(&mut Exchange, &mut Real<'_, Front>) -> Flow) -> Flow {
         let flow = call(
             &mut self.exchange,
             &mut Real {
@@ -231,6 +322,11 @@ impl Session {
 
     /// The deadline passed: what the state calls for.
     pub fn timeout(&mut self, cx: &mut Cx) -> Flow {
+        if let Some(h2) = self.h2.as_mut() {
+            let flow = h2.timeout(&mut self.wires, cx);
+            self.deadline = h2.deadline(cx);
+            return flow;
+        }
         if self.park_due(cx) {
             let (front, back) = self.exchange.park();
             cx.pool.checkin(front);
@@ -277,7 +373,7 @@ impl Session {
 
     /// The connection holds no buffer (idle past [`PARK_AFTER`]).
     pub fn parked(&self) -> bool {
-        self.exchange.parked()
+        self.h2.is_none() && self.exchange.parked()
     }
 }
 
@@ -292,13 +388,13 @@ fn put_back(cx: &mut Cx, held: HeldBack) {
 }
 
 /// The exchange machine's view of the sockets and the worker, for one call.
-struct Real<'a> {
-    wires: &'a mut Wires,
-    peer: Peer,
-    cx: &'a mut Cx,
+pub(crate) struct Real<'a, F> {
+    pub(crate) wires: &'a mut Wires<F>,
+    pub(crate) peer: Peer,
+    pub(crate) cx: &'a mut Cx,
 }
 
-impl Real<'_> {
+impl<F> Real<'_, F> {
     /// Connects to `address` or reuses a connection to it: the one this session kept, or one
     /// from the idle pool. The bool says it was reused (no connect needed).
     /// A connection found is registered already and its events come to this session; a new
@@ -331,11 +427,11 @@ impl Real<'_> {
     }
 }
 
-impl exchange::Io for Real<'_> {
-    type Front = Front;
+impl<F: FrontWire> exchange::Io for Real<'_, F> {
+    type Front = F;
     type Back = TcpStream;
 
-    fn front(&mut self) -> (&mut Front, &mut Side) {
+    fn front(&mut self) -> (&mut F, &mut Side) {
         (&mut self.wires.front, &mut self.wires.front_side)
     }
 
@@ -364,6 +460,14 @@ impl exchange::Io for Real<'_> {
 
     fn next_request_id(&mut self, out: &mut String) {
         self.cx.next_request_id(out);
+    }
+
+    fn http2(&self) -> Http2 {
+        if self.cx.http2.get(self.wires.listener) == Some(&true) {
+            self.wires.front.http2()
+        } else {
+            Http2::Off
+        }
     }
 
     fn route(&self, host: &[u8], path: &[u8], method: &[u8]) -> Option<(usize, bool)> {
@@ -553,5 +657,13 @@ impl FrontWire for Front {
 
     fn is_tls(&self) -> bool {
         matches!(self, Front::Tls(_))
+    }
+
+    fn http2(&self) -> Http2 {
+        match self {
+            Front::Plain(_) => Http2::Preface,
+            Front::Tls(_) if self.alpn_h2() => Http2::Alpn,
+            Front::Tls(_) => Http2::Off,
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! resumption working. From it, [`TlsContext::server_config`] builds the rustls configuration
 //! of one listener: its certificates behind an SNI resolver ([`SniResolver`]: exact names, then
 //! `*.wildcard` names one label deep, then the listener's first certificate), TLS 1.2 and 1.3,
-//! ALPN `http/1.1`. A new configuration only reaches new connections: established ones keep the
+//! ALPN `h2` (unless the listener's `alpn` leaves it out) then `http/1.1`. A new configuration only reaches new connections: established ones keep the
 //! `Arc` of the one they started with, so replacing a certificate never cuts them.
 //!
 //! [`Front`] is a session's client side, plain or TLS, behind `Read`/`Write`; the session
@@ -67,6 +67,7 @@ impl TlsContext {
     pub fn server_config(
         &self,
         certificates: &[Certificate],
+        http2: bool,
     ) -> Result<Arc<ServerConfig>, TlsError> {
         let resolver = SniResolver::new(certificates, &self.provider)?;
         let mut config = ServerConfig::builder_with_provider(Arc::clone(&self.provider))
@@ -75,6 +76,9 @@ impl TlsContext {
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(resolver));
         config.alpn_protocols = vec![b"http/1.1".to_vec(), b"http/1.0".to_vec()];
+        if http2 {
+            config.alpn_protocols.insert(0, b"h2".to_vec());
+        }
         config.ticketer = Arc::clone(&self.ticketer);
         config.session_storage = self.cache.clone();
         config.send_tls13_tickets = 1;
@@ -228,6 +232,14 @@ impl Front {
         match self {
             Front::Plain(_) => false,
             Front::Tls(t) => t.plain_http,
+        }
+    }
+
+    /// ALPN chose `h2` in the TLS handshake.
+    pub fn alpn_h2(&self) -> bool {
+        match self {
+            Front::Plain(_) => false,
+            Front::Tls(t) => t.conn.alpn_protocol() == Some(b"h2"),
         }
     }
 
@@ -467,9 +479,9 @@ mod tests {
     fn a_listener_config_speaks_http11_with_both_versions() {
         let context = TlsContext::new().unwrap();
         let config = context
-            .server_config(&[example("site.pem", "site.key")])
+            .server_config(&[example("site.pem", "site.key")], false)
             .unwrap();
         assert_eq!(config.alpn_protocols[0], b"http/1.1");
-        assert!(context.server_config(&[]).is_err());
+        assert!(context.server_config(&[], true).is_err());
     }
 }

@@ -139,7 +139,9 @@ fn tls_config(
     if spec.protocol != ListenerProtocol::Https {
         return Ok(None);
     }
-    context.server_config(&spec.certificates).map(Some)
+    context
+        .server_config(&spec.certificates, spec.http2)
+        .map(Some)
 }
 
 impl Worker {
@@ -155,6 +157,7 @@ impl Worker {
         let mut routers = Vec::new();
         let mut tcp_routes = Vec::new();
         let mut tls = Vec::new();
+        let mut http2 = Vec::new();
         let mut listener_specs = Vec::new();
         // Created up front, before the sandbox: the ticket keys need randomness, and the
         // crypto library initialises itself on first use.
@@ -182,6 +185,7 @@ impl Worker {
                 .register(&mut socket, Token(LISTENER_BASE + i), Interest::READABLE)
                 .map_err(listener_err)?;
             routers.push(Router::for_listener(config, spec.address));
+            http2.push(spec.http2);
             tcp_routes.push(TcpRoutes::for_listener(config, spec.address));
             entries.push(ListenerEntry {
                 socket,
@@ -203,6 +207,7 @@ impl Worker {
             routers,
             tcp_routes,
             tls,
+            http2,
             pool: BufferPool::new(
                 config.buffer_size,
                 PREALLOCATED_BUFFERS.min(max_buffers),
@@ -322,6 +327,7 @@ impl Worker {
             .map(|spec| TcpRoutes::for_listener(config, spec.address))
             .collect();
         self.cx.tls = tls;
+        self.cx.http2 = specs.iter().map(|spec| spec.http2).collect();
         self.cx.timeouts = config.timeouts;
         self.cx.max_request_body = config.max_request_body;
         self.cx.log.set_format(config.access_log.format);
@@ -725,7 +731,8 @@ impl Worker {
         };
         match session.drive(&mut self.cx) {
             Flow::Close => self.close_session(key),
-            Flow::Continue => self.schedule(key),
+            // A session takes its HTTP/2 connection over itself: never seen here.
+            Flow::Continue | Flow::Http2 => self.schedule(key),
         }
     }
 
@@ -761,7 +768,7 @@ impl Worker {
                         self.close_session(key);
                         continue;
                     }
-                    Flow::Continue => {}
+                    Flow::Continue | Flow::Http2 => {}
                 }
             }
             self.schedule(key);

@@ -15,11 +15,15 @@
 //! ```
 
 pub mod block;
+pub mod conn;
 pub mod error;
 pub mod fields;
 pub mod frame;
 pub mod hpack;
 mod huffman;
+pub mod request;
+pub mod response;
+pub mod stream;
 
 #[cfg(test)]
 mod tests;

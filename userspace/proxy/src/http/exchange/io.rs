@@ -39,6 +39,21 @@ pub trait FrontWire: Read + Write {
     /// Reads and throws away what the client still sends, below TLS.
     fn discard(&mut self, scratch: &mut [u8]) -> io::Result<usize>;
     fn is_tls(&self) -> bool;
+    /// How this client may start HTTP/2 (see [`Http2`]); never, unless the owner says.
+    fn http2(&self) -> Http2 {
+        Http2::Off
+    }
+}
+
+/// Whether a new client connection may turn out to speak HTTP/2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Http2 {
+    /// HTTP/1.1 only.
+    Off,
+    /// Cleartext: HTTP/2 if the connection starts with the client preface (prior knowledge).
+    Preface,
+    /// TLS with ALPN `h2`: HTTP/2 from the first byte.
+    Alpn,
 }
 
 /// What [`Io::open_backend`] did.
@@ -123,6 +138,10 @@ pub trait Io {
     /// Largest request body accepted (0: no limit).
     fn max_request_body(&self) -> u64;
     fn next_request_id(&mut self, out: &mut String);
+    /// How the client may start HTTP/2: [`FrontWire::http2`] where the listener serves it.
+    fn http2(&self) -> Http2 {
+        Http2::Off
+    }
     /// The cluster a request goes to, and whether the frontend redirects it to https.
     fn route(&self, host: &[u8], path: &[u8], method: &[u8]) -> Option<(usize, bool)>;
 

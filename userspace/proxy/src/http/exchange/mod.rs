@@ -17,7 +17,7 @@
 mod io;
 mod wire;
 
-pub use io::{Connect, FrontWire, Io, LogEntry, Opened, Side};
+pub use io::{Connect, FrontWire, Http2, Io, LogEntry, Opened, Side};
 
 use crate::balancer::Tried;
 use crate::cut::Cut;
@@ -63,12 +63,15 @@ pub enum State {
 pub enum Flow {
     Continue,
     Close,
+    /// The connection speaks HTTP/2: its owner takes it over (with [`Exchange::unparsed_input`]).
+    Http2,
 }
 
 enum Step {
     Progress,
     Blocked,
     Close,
+    Http2,
 }
 
 /// One request's progress, for the log and for decisions about reuse.
@@ -110,6 +113,8 @@ pub struct Exchange {
     yielded: bool,
     /// When the current state's clock started (accept, first head byte, last progress...).
     since: Instant,
+    /// No request began on this connection yet: it may still turn out to be HTTP/2.
+    fresh: bool,
 }
 
 impl Exchange {
@@ -129,7 +134,14 @@ impl Exchange {
             close_front_after: false,
             yielded: false,
             since: now,
+            fresh: true,
         }
+    }
+
+    /// What the client sent that was not parsed yet (the start of an HTTP/2 connection, after
+    /// [`Flow::Http2`]).
+    pub fn unparsed_input(&self) -> &[u8] {
+        self.front_kawa.storage.unparsed_data()
     }
 
     pub fn state(&self) -> State {
@@ -249,6 +261,7 @@ impl Exchange {
                     break;
                 }
                 Step::Close => return Flow::Close,
+                Step::Http2 => return Flow::Http2,
             }
         }
         Flow::Continue
@@ -344,6 +357,13 @@ impl Exchange {
                 Step::Blocked
             };
         }
+        if self.fresh {
+            match self.http2_start(io) {
+                Some(Step::Http2) => return Step::Http2,
+                Some(_) => return Step::Blocked,
+                None => {}
+            }
+        }
         if self.state == State::Idle {
             self.state = State::ReadingHead;
             self.since = io.now();
@@ -417,6 +437,32 @@ impl Exchange {
         }
         self.connect_next(io, Answer::ServiceUnavailable);
         Step::Progress
+    }
+
+    /// On the first bytes of a connection: whether it speaks HTTP/2 (`Some(Step::Http2)`), may
+    /// still (`Some(Step::Blocked)`: the bytes so far are the start of the client preface),
+    /// or does not (`None`, and it never will).
+    fn http2_start<I: Io>(&mut self, io: &mut I) -> Option<Step> {
+        let data = self.front_kawa.storage.unparsed_data();
+        let preface = crate::h2::frame::PREFACE;
+        let n = data.len().min(preface.len());
+        let verdict = match io.http2() {
+            Http2::Alpn => Some(Step::Http2),
+            Http2::Preface if data.get(..n) == preface.get(..n) => {
+                if n == preface.len() {
+                    Some(Step::Http2)
+                } else if io.front().1.eof {
+                    None
+                } else {
+                    Some(Step::Blocked)
+                }
+            }
+            Http2::Preface | Http2::Off => None,
+        };
+        if verdict.is_none() || matches!(verdict, Some(Step::Http2)) {
+            self.fresh = false;
+        }
+        verdict
     }
 
     /// Compares the request body with the limit. A declared Content-Length over the limit is

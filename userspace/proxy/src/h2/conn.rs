@@ -1,0 +1,1012 @@
+//! One HTTP/2 client connection: frames in and out of the client socket, the streams, flow
+//! control, SETTINGS, PING and GOAWAY, and each stream served by one HTTP/1.1 exchange.
+//!
+//! A session (`session.rs`) hands its connection over here when the client starts with the
+//! HTTP/2 preface (cleartext, prior knowledge) or chose `h2` by ALPN. The socket, its token
+//! and its registration stay the session's; this holds what HTTP/2 adds:
+//!
+//! - the bytes read and not yet parsed (at most one frame of kakehi's SETTINGS_MAX_FRAME_SIZE
+//!   plus what one read brings), and the frames not yet written (filled only while under
+//!   [`WRITE_HIGH`]);
+//! - the HPACK decoder and the header-block assembler (`hpack.rs`, `block.rs`, with their
+//!   limits); responses are encoded without the dynamic table, so the encoder has no state;
+//! - up to [`MAX_STREAMS`] streams. Each has an [`Exchange`] (the very machine of HTTP/1.1,
+//!   with its two pool buffers), wires of its own (its backend connection, registered under
+//!   its own token whose events come to this session and are matched by descriptor), and a
+//!   [`StreamWire`] that gives the exchange the request as HTTP/1.1 bytes and takes its
+//!   response back. A stream that cannot get buffers from the pool is refused
+//!   (REFUSED_STREAM): the pool's bound is the worker's.
+//!
+//! Flow control ties memory to the windows: kakehi grants a stream's window back only as its
+//! exchange reads the body (so a stream buffers at most its window), and the connection's
+//! window ([`CONNECTION_WINDOW`]) bounds all streams together. Responses wait for the
+//! client's windows in the stream's wire ([`super::stream::OUTPUT_CAP`]); past that the
+//! exchange stops reading its backend.
+
+use super::block::{Assembler, BlockLimits};
+use super::error::{ErrorCode, H2Error, Scope};
+use super::fields::{BlockKind, HeaderLimits, HeaderList, DEFAULT_MAX_LIST_SIZE};
+use super::frame::{self, Frame, FrameHeader, Parsed, Settings};
+use super::hpack::{self, Decoder, DEFAULT_TABLE_SIZE};
+use super::request::{self, Framing};
+use super::response::{self, Piece, ResponseReader};
+use super::stream::StreamWire;
+use crate::balancer::ClusterState;
+use crate::cx::Cx;
+use crate::http::exchange::{Exchange, Flow, Side, State};
+use crate::http::Peer;
+use crate::session::{Real, Wires};
+use crate::tls::Front;
+use std::io::{ErrorKind, Read, Write};
+use std::time::Instant;
+
+/// SETTINGS_MAX_CONCURRENT_STREAMS kakehi advertises.
+pub const MAX_STREAMS: usize = 100;
+/// The connection's receive window kakehi grants at the start (the stream windows stay at
+/// the protocol's default, 65,535).
+pub const CONNECTION_WINDOW: u32 = 1 << 20;
+/// The default initial window of RFC 9113 §6.9.2.
+const DEFAULT_WINDOW: i64 = 65_535;
+/// Frames kakehi queues for the socket before it stops making more.
+const WRITE_HIGH: usize = 64 * 1024;
+/// Bytes read from the client and not yet parsed, at most: a whole frame of the size kakehi
+/// accepts fits with room to spare.
+const READ_CAP: usize = 2 * (frame::DEFAULT_MAX_FRAME_SIZE as usize + frame::HEADER_LEN);
+/// A stream's granted window is given back once fewer request bytes than this wait for its
+/// exchange.
+const CREDIT_BELOW: usize = 16 * 1024;
+/// Rounds of reading, serving and writing one `drive` makes before yielding.
+const MAX_ROUNDS: usize = 16;
+
+struct Stream {
+    id: u32,
+    wires: Wires<StreamWire>,
+    exchange: Exchange,
+    framing: Framing,
+    /// Body bytes still due under a declared content-length.
+    declared_left: u64,
+    /// END_STREAM (or a reset) came from the client.
+    request_ended: bool,
+    /// What kakehi may still send on the stream.
+    send_window: i64,
+    /// What the client may still send on the stream.
+    recv_window: i64,
+    /// Flow-controlled bytes received and not yet granted back.
+    owed: u32,
+    reader: ResponseReader,
+    end_sent: bool,
+    /// The exchange ended (closed its side).
+    exchange_done: bool,
+}
+
+/// What went wrong with the connection: the GOAWAY to send, then close.
+struct Failed(ErrorCode);
+
+impl From<H2Error> for Failed {
+    fn from(e: H2Error) -> Failed {
+        Failed(e.code)
+    }
+}
+
+pub struct H2Conn {
+    peer: Peer,
+    read: Vec<u8>,
+    write: Vec<u8>,
+    written: usize,
+    preface: bool,
+    /// The client's first SETTINGS came.
+    settings_seen: bool,
+    decoder: Decoder,
+    assembler: Assembler,
+    streams: Vec<Stream>,
+    /// The highest stream id the client opened (or tried to).
+    last_stream: u32,
+    send_window: i64,
+    recv_window: i64,
+    /// Connection window to grant back.
+    conn_owed: u32,
+    peer_initial_window: i64,
+    peer_max_frame: usize,
+    /// GOAWAY was sent with this last stream id: no stream above it is served.
+    goaway: Option<u32>,
+    /// The client sent GOAWAY: it opens no more streams.
+    peer_goaway: bool,
+    /// A connection error was found: send what is queued (its GOAWAY last) and close.
+    closing: bool,
+    /// The client closed its side.
+    eof: bool,
+    /// No stream since then.
+    idle_since: Instant,
+    yielded: bool,
+    scratch: Vec<u8>,
+}
+
+impl H2Conn {
+    pub fn new(_id: u64, peer: Peer, cx: &Cx) -> H2Conn {
+        let mut conn = H2Conn {
+            peer,
+            read: Vec::with_capacity(READ_CAP),
+            write: Vec::new(),
+            written: 0,
+            preface: false,
+            settings_seen: false,
+            decoder: Decoder::new(DEFAULT_TABLE_SIZE, HeaderLimits::default()),
+            assembler: Assembler::new(BlockLimits::default()),
+            streams: Vec::new(),
+            last_stream: 0,
+            send_window: DEFAULT_WINDOW,
+            recv_window: i64::from(CONNECTION_WINDOW),
+            conn_owed: 0,
+            peer_initial_window: DEFAULT_WINDOW,
+            peer_max_frame: frame::DEFAULT_MAX_FRAME_SIZE as usize,
+            goaway: None,
+            peer_goaway: false,
+            closing: false,
+            eof: false,
+            idle_since: cx.now,
+            yielded: false,
+            scratch: Vec::new(),
+        };
+        let settings = Settings {
+            max_concurrent_streams: Some(MAX_STREAMS as u32),
+            max_header_list_size: Some(DEFAULT_MAX_LIST_SIZE),
+            ..Settings::default()
+        };
+        conn.put(&Frame::Settings(settings));
+        conn.put(&Frame::WindowUpdate {
+            stream_id: 0,
+            increment: CONNECTION_WINDOW - DEFAULT_WINDOW as u32,
+        });
+        conn
+    }
+
+    /// The bytes the session read before it knew the connection speaks HTTP/2.
+    pub fn take_input(&mut self, bytes: &[u8]) {
+        self.read.extend_from_slice(bytes);
+    }
+
+    pub fn yielded(&self) -> bool {
+        self.yielded
+    }
+
+    /// No stream open and nothing received unparsed: a draining worker may close it.
+    pub fn idle_since(&self) -> Option<Instant> {
+        (self.streams.is_empty() && self.read.is_empty()).then_some(self.idle_since)
+    }
+
+    pub fn back_event(&mut self, fd: usize, readable: bool, writable: bool, read_closed: bool) {
+        for s in &mut self.streams {
+            if s.wires.back_event(fd, readable, writable, read_closed) {
+                return;
+            }
+        }
+    }
+
+    pub fn remap_clusters(&mut self, old: &[ClusterState], new: &[ClusterState]) {
+        for s in &mut self.streams {
+            s.exchange
+                .remap_cluster(|c| crate::balancer::remap_cluster(old, new, c));
+            s.wires.remap_clusters(old, new);
+        }
+    }
+
+    /// Ends every stream and gives their buffers and backend connections back.
+    pub fn close(self, cx: &mut Cx) {
+        for s in self.streams {
+            release(s, cx);
+        }
+    }
+
+    /// The earliest deadline: a stream's exchange, or the idle connection's.
+    pub fn deadline(&self, cx: &Cx) -> Instant {
+        let idle = if cx.draining {
+            cx.timeouts.front_idle.min(crate::worker::DRAIN_IDLE_GRACE)
+        } else {
+            cx.timeouts.front_idle
+        };
+        let mut at = if self.streams.is_empty() {
+            self.idle_since + idle
+        } else {
+            self.idle_since + cx.timeouts.front_idle.max(cx.timeouts.back_idle)
+        };
+        for s in &self.streams {
+            if !s.exchange_done {
+                at = at.min(s.exchange.deadline(&cx.timeouts, false, cx.draining));
+            }
+        }
+        at
+    }
+
+    /// Time ran out: for the streams whose deadline passed, or for an idle connection.
+    pub(crate) fn timeout(&mut self, wires: &mut Wires<Front>, cx: &mut Cx) -> Flow {
+        let now = cx.now;
+        let peer = self.peer;
+        for s in &mut self.streams {
+            if s.exchange_done || s.exchange.deadline(&cx.timeouts, false, cx.draining) > now {
+                continue;
+            }
+            let flow = s.exchange.timeout(&mut Real {
+                wires: &mut s.wires,
+                peer,
+                cx,
+            });
+            if flow == Flow::Close {
+                s.exchange_done = true;
+                s.wires.front.output_closed = true;
+            }
+        }
+        if self.streams.is_empty() && self.deadline(cx) <= now {
+            self.send_goaway(ErrorCode::NoError);
+            let _ = self.flush(wires);
+            return Flow::Close;
+        }
+        self.drive(wires, cx)
+    }
+
+    /// Reads, serves and writes as far as the sockets allow.
+    pub(crate) fn drive(&mut self, wires: &mut Wires<Front>, cx: &mut Cx) -> Flow {
+        self.yielded = true;
+        if cx.draining && self.goaway.is_none() {
+            self.send_goaway(ErrorCode::NoError);
+        }
+        for _ in 0..MAX_ROUNDS {
+            if !self.flush(wires) {
+                return Flow::Close;
+            }
+            if self.closing {
+                return Flow::Close;
+            }
+            let mut progress = self.read_front(wires);
+            match self.parse_frames(wires.key(), wires.listener(), cx) {
+                Ok(p) => progress |= p,
+                Err(Failed(code)) => {
+                    self.send_goaway(code);
+                    self.closing = true;
+                    let _ = self.flush(wires);
+                    return Flow::Close;
+                }
+            }
+            progress |= self.serve_streams(cx);
+            progress |= self.frame_responses(cx);
+            self.grant_windows();
+            if !self.flush(wires) {
+                return Flow::Close;
+            }
+            if self.eof && self.streams.is_empty() {
+                return Flow::Close;
+            }
+            if self.eof {
+                // The client cannot read what its streams would get: end them.
+                let streams = std::mem::take(&mut self.streams);
+                for s in streams {
+                    release(s, cx);
+                }
+                return Flow::Close;
+            }
+            if self.goaway.is_some() && self.streams.is_empty() && self.pending_write() == 0 {
+                return Flow::Close;
+            }
+            if !progress {
+                self.yielded = self.streams.iter().any(|s| s.exchange.yielded());
+                return Flow::Continue;
+            }
+        }
+        Flow::Continue
+    }
+
+    fn pending_write(&self) -> usize {
+        self.write.len() - self.written
+    }
+
+    // ---- the client socket ---------------------------------------------------------------
+
+    /// Writes what is queued; false when the connection failed.
+    fn flush(&mut self, wires: &mut Wires<Front>) -> bool {
+        let (front, side) = (&mut wires.front, &mut wires.front_side);
+        while self.written < self.write.len() {
+            if !side.writable {
+                return true;
+            }
+            let rest = self.write.get(self.written..).unwrap_or_default();
+            match front.write(rest) {
+                Ok(0) => return false,
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    side.writable = false;
+                    break;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        if self.written == self.write.len() {
+            self.write.clear();
+            self.written = 0;
+            if self.write.capacity() > 4 * WRITE_HIGH {
+                self.write = Vec::new();
+            }
+        }
+        if side.writable && front.has_pending() {
+            match front.flush_pending() {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => side.writable = false,
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Reads what the client sent, as far as the read buffer has room; true when bytes came.
+    fn read_front(&mut self, wires: &mut Wires<Front>) -> bool {
+        let side: &mut Side = &mut wires.front_side;
+        let mut progress = false;
+        while side.readable && !self.eof && self.read.len() < READ_CAP {
+            let start = self.read.len();
+            self.read.resize(READ_CAP, 0);
+            let room = READ_CAP - start;
+            let got = match self.read.get_mut(start..) {
+                Some(space) => wires.front.read(space),
+                None => Ok(0),
+            };
+            match got {
+                Ok(0) => {
+                    self.read.truncate(start);
+                    self.eof = true;
+                    progress = true;
+                }
+                Ok(n) => {
+                    self.read.truncate(start + n);
+                    progress = true;
+                    if n < room && !side.hup {
+                        side.readable = false;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.read.truncate(start);
+                    side.readable = false;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => self.read.truncate(start),
+                Err(_) => {
+                    self.read.truncate(start);
+                    self.eof = true;
+                    progress = true;
+                }
+            }
+        }
+        progress
+    }
+
+    // ---- frames in -----------------------------------------------------------------------
+
+    /// Handles every whole frame read; true when one was.
+    fn parse_frames(&mut self, key: usize, listener: usize, cx: &mut Cx) -> Result<bool, Failed> {
+        let input = std::mem::take(&mut self.read);
+        let result = self.parse_from(&input, key, listener, cx);
+        let used = match result {
+            Ok(used) => used,
+            Err(e) => {
+                self.read = input;
+                return Err(e);
+            }
+        };
+        self.read = input;
+        self.read.drain(..used);
+        Ok(used > 0)
+    }
+
+    fn parse_from(
+        &mut self,
+        input: &[u8],
+        key: usize,
+        listener: usize,
+        cx: &mut Cx,
+    ) -> Result<usize, Failed> {
+        let mut at = 0;
+        if !self.preface {
+            match frame::check_preface(input)? {
+                frame::Preface::Incomplete { .. } => return Ok(0),
+                frame::Preface::Complete => {
+                    self.preface = true;
+                    at = frame::PREFACE.len();
+                }
+            }
+        }
+        loop {
+            let rest = input.get(at..).unwrap_or_default();
+            match frame::parse(rest, frame::DEFAULT_MAX_FRAME_SIZE)? {
+                Parsed::Incomplete { .. } => return Ok(at),
+                Parsed::Frame { frame, len } => {
+                    at += len;
+                    self.on_frame(&frame, key, listener, cx)?;
+                }
+                Parsed::StreamError { error, kind, len } => {
+                    at += len;
+                    if !self.settings_seen {
+                        return Err(Failed(ErrorCode::ProtocolError));
+                    }
+                    self.assembler.skipped(kind, stream_of(&error))?;
+                    self.reset_stream(stream_of(&error), error.code, cx);
+                }
+            }
+        }
+    }
+
+    fn on_frame(
+        &mut self,
+        frame: &Frame<'_>,
+        key: usize,
+        listener: usize,
+        cx: &mut Cx,
+    ) -> Result<(), Failed> {
+        if !self.settings_seen {
+            // The preface's SETTINGS comes first (RFC 9113 §3.4).
+            if !matches!(frame, Frame::Settings(_)) {
+                return Err(Failed(ErrorCode::ProtocolError));
+            }
+            self.settings_seen = true;
+        }
+        if let Frame::Headers { .. } | Frame::Continuation { .. } = frame {
+            let (meta, decoded) = match self.assembler.push(frame)? {
+                None => return Ok(()),
+                Some(b) => {
+                    // Decode whatever happens next: the compression context must follow
+                    // the client's.
+                    let kind = if self.streams.iter().any(|s| s.id == b.stream_id) {
+                        BlockKind::Trailers
+                    } else {
+                        BlockKind::Request
+                    };
+                    let decoded = self.decoder.decode(b.block, b.stream_id, kind);
+                    ((b.stream_id, b.end_stream, b.check_priority()), decoded)
+                }
+            };
+            return self.on_header_block(meta, decoded, key, listener, cx);
+        }
+        // Any other frame inside an open block is a connection error.
+        self.assembler.push(frame)?;
+        match *frame {
+            Frame::Data {
+                stream_id,
+                data,
+                end_stream,
+                ..
+            } => self.on_data(stream_id, data, end_stream, frame.flow_controlled_len(), cx),
+            Frame::Settings(s) => self.on_settings(&s),
+            Frame::SettingsAck | Frame::Priority { .. } | Frame::Unknown { .. } => Ok(()),
+            Frame::Ping { ack, data } => {
+                if !ack {
+                    self.put(&Frame::Ping { ack: true, data });
+                }
+                Ok(())
+            }
+            Frame::GoAway { .. } => {
+                self.peer_goaway = true;
+                Ok(())
+            }
+            Frame::WindowUpdate {
+                stream_id,
+                increment,
+            } => self.on_window_update(stream_id, increment, cx),
+            Frame::RstStream { stream_id, .. } => {
+                if stream_id > self.last_stream {
+                    return Err(Failed(ErrorCode::ProtocolError));
+                }
+                if let Some(i) = self.index(stream_id) {
+                    let s = self.streams.swap_remove(i);
+                    release(s, cx);
+                }
+                Ok(())
+            }
+            Frame::Headers { .. } | Frame::Continuation { .. } => Ok(()),
+        }
+    }
+
+    fn index(&self, id: u32) -> Option<usize> {
+        self.streams.iter().position(|s| s.id == id)
+    }
+
+    /// A whole header block for `stream_id`, encoded in the assembler's buffer.
+    fn on_header_block(
+        &mut self,
+        (stream_id, end_stream, priority): (u32, bool, Result<(), H2Error>),
+        decoded: Result<HeaderList, H2Error>,
+        key: usize,
+        listener: usize,
+        cx: &mut Cx,
+    ) -> Result<(), Failed> {
+        if stream_id % 2 == 0 {
+            return Err(Failed(ErrorCode::ProtocolError));
+        }
+        let existing = self.index(stream_id);
+        let list = match decoded {
+            Err(e) if e.is_connection() => return Err(e.into()),
+            other => other,
+        };
+        if let Some(i) = existing {
+            let Some(s) = self.streams.get_mut(i) else {
+                return Ok(());
+            };
+            if s.request_ended {
+                self.reset_stream(stream_id, ErrorCode::StreamClosed, cx);
+                return Ok(());
+            }
+            let list = match list {
+                Ok(l) if end_stream => l,
+                Ok(_) => {
+                    self.reset_stream(stream_id, ErrorCode::ProtocolError, cx);
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.reset_stream(stream_id, e.code, cx);
+                    return Ok(());
+                }
+            };
+            if s.framing == Framing::Length(s.declared_left) && s.declared_left > 0 {
+                self.reset_stream(stream_id, ErrorCode::ProtocolError, cx);
+                return Ok(());
+            }
+            request::write_end(s.framing, Some(&list), s.wires.front.input());
+            s.wires.front.end_input();
+            s.wires.front_side.readable = true;
+            s.request_ended = true;
+            return Ok(());
+        }
+        if stream_id <= self.last_stream {
+            // A closed stream: HEADERS on it is a connection error (§5.1).
+            return Err(Failed(ErrorCode::StreamClosed));
+        }
+        self.last_stream = stream_id;
+        if self.goaway.is_some() || self.peer_goaway {
+            self.put_rst(stream_id, ErrorCode::RefusedStream);
+            return Ok(());
+        }
+        if let Err(e) = priority {
+            self.put_rst(stream_id, e.code);
+            return Ok(());
+        }
+        let list = match list {
+            Ok(l) => l,
+            Err(e) => {
+                self.put_rst(stream_id, e.code);
+                return Ok(());
+            }
+        };
+        if self.streams.len() >= MAX_STREAMS {
+            self.put_rst(stream_id, ErrorCode::RefusedStream);
+            return Ok(());
+        }
+        let mut head = Vec::new();
+        let framing = match request::write_head(&list, end_stream, &mut head) {
+            Ok(f) => f,
+            Err(_) => {
+                self.put_rst(stream_id, ErrorCode::ProtocolError);
+                return Ok(());
+            }
+        };
+        let Some(front_buf) = cx.pool.checkout() else {
+            self.put_rst(stream_id, ErrorCode::RefusedStream);
+            return Ok(());
+        };
+        let Some(back_buf) = cx.pool.checkout() else {
+            cx.pool.checkin(front_buf);
+            self.put_rst(stream_id, ErrorCode::RefusedStream);
+            return Ok(());
+        };
+        let mut wire = StreamWire::new(head);
+        if end_stream {
+            wire.end_input();
+        }
+        let mut wires = Wires::new(key, listener, wire);
+        wires.front_side.readable = true;
+        wires.front_side.writable = true;
+        let is_head = list.method() == Some(b"HEAD");
+        self.streams.push(Stream {
+            id: stream_id,
+            wires,
+            exchange: Exchange::new(self.peer, front_buf, back_buf, cx.now),
+            framing,
+            declared_left: match framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            request_ended: end_stream,
+            send_window: self.peer_initial_window,
+            recv_window: DEFAULT_WINDOW,
+            owed: 0,
+            reader: ResponseReader::new(is_head),
+            end_sent: false,
+            exchange_done: false,
+        });
+        Ok(())
+    }
+
+    fn on_data(
+        &mut self,
+        stream_id: u32,
+        data: &[u8],
+        end_stream: bool,
+        flow_len: u32,
+        cx: &mut Cx,
+    ) -> Result<(), Failed> {
+        let len = i64::from(flow_len);
+        if len > self.recv_window {
+            return Err(Failed(ErrorCode::FlowControlError));
+        }
+        self.recv_window -= len;
+        // Given back when its exchange has read it (padding with it).
+        let Some(i) = self.index(stream_id) else {
+            if stream_id > self.last_stream {
+                return Err(Failed(ErrorCode::ProtocolError));
+            }
+            // A stream already ended (kakehi reset it, or answered it): drop the data.
+            self.conn_owed = self.conn_owed.saturating_add(flow_len);
+            return Ok(());
+        };
+        let Some(s) = self.streams.get_mut(i) else {
+            return Ok(());
+        };
+        if s.request_ended {
+            self.conn_owed = self.conn_owed.saturating_add(flow_len);
+            self.reset_stream(stream_id, ErrorCode::StreamClosed, cx);
+            return Ok(());
+        }
+        if len > s.recv_window {
+            self.conn_owed = self.conn_owed.saturating_add(flow_len);
+            self.reset_stream(stream_id, ErrorCode::FlowControlError, cx);
+            return Ok(());
+        }
+        s.recv_window -= len;
+        s.owed = s.owed.saturating_add(flow_len);
+        let too_long = match s.framing {
+            Framing::Length(_) => {
+                let n = data.len() as u64;
+                if n > s.declared_left {
+                    true
+                } else {
+                    s.declared_left -= n;
+                    end_stream && s.declared_left > 0
+                }
+            }
+            Framing::None => !data.is_empty(),
+            Framing::Chunked => false,
+        };
+        if too_long {
+            // The body does not match its content-length (§8.1.1).
+            self.reset_stream(stream_id, ErrorCode::ProtocolError, cx);
+            return Ok(());
+        }
+        request::write_data(s.framing, data, s.wires.front.input());
+        if end_stream {
+            request::write_end(s.framing, None, s.wires.front.input());
+            s.wires.front.end_input();
+            s.request_ended = true;
+        }
+        s.wires.front_side.readable = true;
+        Ok(())
+    }
+
+    fn on_settings(&mut self, settings: &Settings) -> Result<(), Failed> {
+        if let Some(w) = settings.initial_window_size {
+            let delta = i64::from(w) - self.peer_initial_window;
+            self.peer_initial_window = i64::from(w);
+            for s in &mut self.streams {
+                s.send_window += delta;
+                if s.send_window > i64::from(frame::MAX_WINDOW_SIZE) {
+                    return Err(Failed(ErrorCode::FlowControlError));
+                }
+            }
+        }
+        if let Some(size) = settings.max_frame_size {
+            self.peer_max_frame = size as usize;
+        }
+        self.put(&Frame::SettingsAck);
+        Ok(())
+    }
+
+    fn on_window_update(
+        &mut self,
+        stream_id: u32,
+        increment: u32,
+        cx: &mut Cx,
+    ) -> Result<(), Failed> {
+        let max = i64::from(frame::MAX_WINDOW_SIZE);
+        if stream_id == 0 {
+            self.send_window += i64::from(increment);
+            if self.send_window > max {
+                return Err(Failed(ErrorCode::FlowControlError));
+            }
+            return Ok(());
+        }
+        let Some(i) = self.index(stream_id) else {
+            if stream_id > self.last_stream {
+                return Err(Failed(ErrorCode::ProtocolError));
+            }
+            return Ok(());
+        };
+        if let Some(s) = self.streams.get_mut(i) {
+            s.send_window += i64::from(increment);
+            if s.send_window > max {
+                self.reset_stream(stream_id, ErrorCode::FlowControlError, cx);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a stream with RST_STREAM `code`.
+    fn reset_stream(&mut self, stream_id: u32, code: ErrorCode, cx: &mut Cx) {
+        self.put_rst(stream_id, code);
+        if let Some(i) = self.index(stream_id) {
+            let s = self.streams.swap_remove(i);
+            release(s, cx);
+        }
+    }
+
+    // ---- the streams' exchanges ----------------------------------------------------------
+
+    /// Drives every stream's exchange; true when one moved bytes.
+    fn serve_streams(&mut self, cx: &mut Cx) -> bool {
+        let peer = self.peer;
+        let mut progress = false;
+        for s in &mut self.streams {
+            if s.exchange_done {
+                continue;
+            }
+            let before = (s.wires.front.pending_input(), s.wires.front.output.len());
+            let flow = s.exchange.drive(&mut Real {
+                wires: &mut s.wires,
+                peer,
+                cx,
+            });
+            if flow == Flow::Close {
+                s.exchange_done = true;
+                s.wires.front.output_closed = true;
+                progress = true;
+            }
+            let after = (s.wires.front.pending_input(), s.wires.front.output.len());
+            progress |= before != after;
+        }
+        progress
+    }
+
+    /// Turns what the exchanges wrote into HEADERS and DATA frames, as far as the windows and
+    /// the write queue allow, and ends the streams that are done; true when one moved.
+    fn frame_responses(&mut self, cx: &mut Cx) -> bool {
+        let mut progress = false;
+        let mut i = 0;
+        while i < self.streams.len() {
+            let verdict = self.frame_stream(i);
+            match verdict {
+                StreamEnd::Going(moved) => {
+                    progress |= moved;
+                    i += 1;
+                }
+                StreamEnd::Done => {
+                    progress = true;
+                    let s = self.streams.swap_remove(i);
+                    if !s.request_ended {
+                        // Answered before the client finished its request (§8.1).
+                        self.put_rst(s.id, ErrorCode::NoError);
+                    }
+                    release(s, cx);
+                }
+                StreamEnd::Broken => {
+                    progress = true;
+                    let s = self.streams.swap_remove(i);
+                    self.put_rst(s.id, ErrorCode::InternalError);
+                    release(s, cx);
+                }
+            }
+        }
+        if self.streams.is_empty() && progress {
+            self.idle_since = cx.now;
+        }
+        progress
+    }
+
+    fn frame_stream(&mut self, i: usize) -> StreamEnd {
+        let mut moved = false;
+        let Some(s) = self.streams.get_mut(i) else {
+            return StreamEnd::Going(false);
+        };
+        let mut at = 0;
+        let result = loop {
+            if self.write.len() - self.written >= WRITE_HIGH {
+                break Ok(());
+            }
+            let window = s.send_window.min(self.send_window).max(0);
+            let max = usize::try_from(window)
+                .unwrap_or(0)
+                .min(self.peer_max_frame);
+            let wire = &s.wires.front;
+            let piece = match s
+                .reader
+                .next(&wire.output, &mut at, max, wire.output_closed)
+            {
+                Ok(Some(p)) => p,
+                Ok(None) => break Ok(()),
+                Err(_) => break Err(()),
+            };
+            moved = true;
+            let end = s.reader.done();
+            match piece {
+                Piece::Head { status, fields } => {
+                    let lines = wire.output.get(fields).unwrap_or_default();
+                    let kept =
+                        response::fields(lines).filter(|(n, _)| !response::connection_specific(n));
+                    self.scratch.resize(64 * 1024, 0);
+                    let Some(n) = hpack::encode_response(status, kept, &mut self.scratch) else {
+                        break Err(());
+                    };
+                    let block = self.scratch.get(..n).unwrap_or_default();
+                    put_block(&mut self.write, s.id, block, end, self.peer_max_frame);
+                }
+                Piece::Data(range) => {
+                    let data = wire.output.get(range).unwrap_or_default();
+                    put_data(&mut self.write, s.id, data, end);
+                    s.send_window -= data.len() as i64;
+                    self.send_window -= data.len() as i64;
+                }
+                Piece::Trailers(range) => {
+                    let lines = wire.output.get(range).unwrap_or_default();
+                    self.scratch.resize(64 * 1024, 0);
+                    let mut n = 0;
+                    for (name, value) in response::fields(lines) {
+                        if response::connection_specific(name) {
+                            continue;
+                        }
+                        let Some(k) = self
+                            .scratch
+                            .get_mut(n..)
+                            .and_then(|out| hpack::encode_field(name, value, out))
+                        else {
+                            break;
+                        };
+                        n += k;
+                    }
+                    let block = self.scratch.get(..n).unwrap_or_default();
+                    put_block(&mut self.write, s.id, block, true, self.peer_max_frame);
+                }
+            }
+            if end {
+                s.end_sent = true;
+            }
+        };
+        s.wires.front.output.drain(..at);
+        if at > 0 {
+            s.wires.front_side.writable = true;
+        }
+        if result.is_err() {
+            return StreamEnd::Broken;
+        }
+        if s.reader.done() && !s.end_sent {
+            put_data(&mut self.write, s.id, &[], true);
+            s.end_sent = true;
+            moved = true;
+        }
+        if s.end_sent && (s.exchange_done || s.exchange.state() == State::Idle) {
+            return StreamEnd::Done;
+        }
+        if s.exchange_done && s.wires.front.output.is_empty() && !s.end_sent {
+            return StreamEnd::Broken;
+        }
+        StreamEnd::Going(moved)
+    }
+
+    /// Gives back the windows of the request bytes the exchanges read.
+    fn grant_windows(&mut self) {
+        let mut frames = Vec::new();
+        for s in &mut self.streams {
+            let owed = s.owed;
+            if owed == 0 || s.wires.front.pending_input() > CREDIT_BELOW {
+                continue;
+            }
+            s.owed = 0;
+            self.conn_owed = self.conn_owed.saturating_add(owed);
+            if !s.request_ended {
+                s.recv_window += i64::from(owed);
+                frames.push((s.id, owed));
+            }
+        }
+        for (id, owed) in frames {
+            self.put(&Frame::WindowUpdate {
+                stream_id: id,
+                increment: owed,
+            });
+        }
+        if self.conn_owed > 0 {
+            self.recv_window += i64::from(self.conn_owed);
+            self.put(&Frame::WindowUpdate {
+                stream_id: 0,
+                increment: self.conn_owed,
+            });
+            self.conn_owed = 0;
+        }
+    }
+
+    // ---- frames out ----------------------------------------------------------------------
+
+    fn put(&mut self, frame: &Frame<'_>) {
+        let start = self.write.len();
+        self.write.resize(start + 64, 0);
+        let n = self
+            .write
+            .get_mut(start..)
+            .and_then(|out| frame::write_frame(frame, out))
+            .unwrap_or(0);
+        self.write.truncate(start + n);
+    }
+
+    fn put_rst(&mut self, stream_id: u32, code: ErrorCode) {
+        self.put(&Frame::RstStream { stream_id, code });
+    }
+
+    fn send_goaway(&mut self, code: ErrorCode) {
+        let last = self.last_stream;
+        if self.goaway.is_some() && code == ErrorCode::NoError {
+            return;
+        }
+        self.goaway = Some(last);
+        self.put(&Frame::GoAway {
+            last_stream_id: last,
+            code,
+            debug: &[],
+        });
+    }
+}
+
+enum StreamEnd {
+    /// Still going; true when it moved.
+    Going(bool),
+    /// Its response went out whole: the stream ends.
+    Done,
+    /// Its exchange ended without a whole response: reset it.
+    Broken,
+}
+
+fn stream_of(error: &H2Error) -> u32 {
+    match error.scope {
+        Scope::Stream(id) => id,
+        Scope::Connection => 0,
+    }
+}
+
+/// Gives a stream's buffers and backend connection back.
+fn release(s: Stream, cx: &mut Cx) {
+    let Stream {
+        wires, exchange, ..
+    } = s;
+    drop(wires.release(cx));
+    if !exchange.parked() {
+        let (front, back) = exchange.into_buffers();
+        cx.pool.checkin(front);
+        cx.pool.checkin(back);
+    }
+}
+
+fn put_data(out: &mut Vec<u8>, stream_id: u32, data: &[u8], end_stream: bool) {
+    let header = FrameHeader {
+        length: data.len() as u32,
+        kind: frame::kind::DATA,
+        flags: if end_stream {
+            frame::flag::END_STREAM
+        } else {
+            0
+        },
+        stream_id,
+    };
+    let mut bytes = [0u8; frame::HEADER_LEN];
+    header.write(&mut bytes);
+    out.extend_from_slice(&bytes);
+    out.extend_from_slice(data);
+}
+
+fn put_block(out: &mut Vec<u8>, stream_id: u32, block: &[u8], end_stream: bool, max_frame: usize) {
+    let start = out.len();
+    let frames = block.len() / max_frame.max(1) + 1;
+    out.resize(start + block.len() + frames * frame::HEADER_LEN, 0);
+    let n = out
+        .get_mut(start..)
+        .and_then(|o| frame::write_header_block(stream_id, block, end_stream, max_frame as u32, o))
+        .unwrap_or(0);
+    out.truncate(start + n);
+}
