@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use crate::procs::{self, Signals};
 
 /// Everything `cargo xtask setup` installs.
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 9] = [
     "curl",
     "wrk",
     "nginx",
@@ -24,13 +24,23 @@ pub const ALL: [&str; 8] = [
     "tmux",
     "strace",
     "python3-h2",
+    "nghttp2-client",
 ];
 /// What `cargo xtask run` needs (for the curl commands it prints).
 pub const RUN: [&str; 1] = ["curl"];
 /// What the test suite uses: curl and wrk drive the end-to-end tests, openssl the TLS origins
 /// of the TCP passthrough tests, tmux the terminal `lbctl top` draws in, strace counts a
-/// worker's syscalls per request, python3-h2 writes the HTTP/2 frames lb-proxy's h2 tests read.
-pub const TEST: [&str; 6] = ["curl", "wrk", "openssl", "tmux", "strace", "python3-h2"];
+/// worker's syscalls per request, python3-h2 writes the HTTP/2 frames lb-proxy's h2 tests read
+/// and drives lbd's HTTP/2 end-to-end tests, whose load generator is nghttp2-client's h2load.
+pub const TEST: [&str; 7] = [
+    "curl",
+    "wrk",
+    "openssl",
+    "tmux",
+    "strace",
+    "python3-h2",
+    "nghttp2-client",
+];
 /// What `cargo xtask bench` needs: the load generator and the proxies to compare with.
 pub const BENCH: [&str; 5] = ["curl", "wrk", "nginx", "haproxy", "strace"];
 
