@@ -75,6 +75,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = procs::Signals::install().and_then(|signals| match cli.command {
         Command::Setup => setup::setup(&signals, &setup::ALL)
+            .and_then(|()| setup::httpwg())
             .and_then(|()| setup::setup_vm(&signals))
             .map(|()| ExitCode::SUCCESS),
         Command::Run(args) => run::run(&signals, &args),

@@ -41,6 +41,40 @@ pub const TEST: [&str; 7] = [
     "python3-h2",
     "nghttp2-client",
 ];
+/// The HTTP/2 conformance suite the tests run against an h2c listener (h2spec's cases in
+/// Rust), from crates.io. `--locked`: its own lockfile's dependencies, the ones it builds
+/// with (a fresh resolution picks a socket2 that one of them does not compile against).
+pub const HTTPWG_CLI: &str = "0.2.5";
+
+/// Installs `httpwg-cli` with cargo unless that version is there already.
+pub fn httpwg() -> Result<()> {
+    let listed = procs::output(Command::new("cargo").args(["install", "--list"]))
+        .context("running cargo install --list")?;
+    let wanted = format!("httpwg-cli v{HTTPWG_CLI}:");
+    if String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .any(|l| l.starts_with(&wanted))
+    {
+        println!("xtask setup: httpwg-cli {HTTPWG_CLI} already installed");
+        return Ok(());
+    }
+    let started = Instant::now();
+    let status = Command::new("cargo")
+        .args(["install", "httpwg-cli", "--version", HTTPWG_CLI, "--locked"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .stdin(std::process::Stdio::null())
+        .status()
+        .context("starting cargo install httpwg-cli")?;
+    if !status.success() {
+        bail!("cargo install httpwg-cli {HTTPWG_CLI} --locked failed ({status})");
+    }
+    println!(
+        "xtask setup: installed httpwg-cli {HTTPWG_CLI} in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// What `cargo xtask bench` needs: the load generator and the proxies to compare with.
 pub const BENCH: [&str; 5] = ["curl", "wrk", "nginx", "haproxy", "strace"];
 

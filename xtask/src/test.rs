@@ -17,6 +17,7 @@ pub fn test(signals: &Signals) -> Result<()> {
     let started = Instant::now();
     let root = crate::root();
     crate::setup::setup(signals, &crate::setup::TEST)?;
+    crate::setup::httpwg()?;
 
     let steps: [(&str, &[&str]); 3] = [
         ("fmt", &["fmt", "--all", "--", "--check"]),

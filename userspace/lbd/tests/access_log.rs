@@ -19,7 +19,7 @@ use common::{field, parse_logfmt, Client, Lbd, Response};
 use lb_testkit::Origin;
 
 /// The fields of a line, in the order lbd writes them.
-const FIELDS: [&str; 15] = [
+const FIELDS: [&str; 16] = [
     "time",
     "request_id",
     "client",
@@ -29,6 +29,7 @@ const FIELDS: [&str; 15] = [
     "method",
     "host",
     "path",
+    "proto",
     "status",
     "bytes_in",
     "bytes_out",

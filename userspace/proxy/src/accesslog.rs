@@ -21,6 +21,8 @@ pub struct Record<'a> {
     pub method: &'a str,
     pub host: &'a str,
     pub path: &'a str,
+    /// `h1`, `h2` or `tcp`.
+    pub proto: &'a str,
     pub status: u16,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -72,7 +74,7 @@ impl AccessLog {
         let backend = r.backend.map(|b| b.to_string()).unwrap_or_default();
         let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1000.0);
         let backend_ms = r.backend_time.map(ms).unwrap_or_default();
-        let fields: [(&str, Value<'_>); 15] = [
+        let fields: [(&str, Value<'_>); 16] = [
             ("time", Value::Str(&time)),
             ("request_id", Value::Str(r.request_id)),
             ("client", Value::Owned(r.client.to_string())),
@@ -82,6 +84,7 @@ impl AccessLog {
             ("method", Value::Str(r.method)),
             ("host", Value::Str(r.host)),
             ("path", Value::Str(r.path)),
+            ("proto", Value::Str(r.proto)),
             ("status", Value::Num(u64::from(r.status))),
             ("bytes_in", Value::Num(r.bytes_in)),
             ("bytes_out", Value::Num(r.bytes_out)),

@@ -451,6 +451,7 @@ mod tests {
             method: "GET",
             host: "h",
             path: "/",
+            proto: "h1",
             status,
             bytes_in: 10,
             bytes_out: 100,

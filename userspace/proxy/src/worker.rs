@@ -595,6 +595,9 @@ impl Worker {
         // Closing the listeners leaves new connections to the kernel (refused once no socket
         // listens); the supervisor keeps its own copy when it must hand them over.
         self.listeners.clear();
+        // Every connection is driven once now: an HTTP/2 one says GOAWAY at once (an idle
+        // HTTP/1.1 one has nothing to do until the grace closes it).
+        self.again.extend(self.sessions.iter().map(|(key, _)| key));
         // The slot's live count belongs to whoever accepts on it next (after an upgrade, the
         // next generation's worker): stop publishing ours.
         self.gauge = None;

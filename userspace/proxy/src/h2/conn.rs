@@ -58,6 +58,74 @@ const CREDIT_BELOW: usize = 16 * 1024;
 /// Rounds of reading, serving and writing one `drive` makes before yielding.
 const MAX_ROUNDS: usize = 16;
 
+/// What a client may do that costs kakehi work and brings it nothing, per connection: so
+/// many at once, so many more each second. Past it the connection ends with GOAWAY
+/// ENHANCE_YOUR_CALM. Rapid Reset (CVE-2023-44487) is streams opened and reset at once;
+/// MadeYouReset (CVE-2025-8671) is frames that make kakehi reset streams itself; the others
+/// are the floods of RFC 9113 §10.5.
+pub mod limits {
+    /// (burst, per second) for streams the client resets before their response ended.
+    pub const CLIENT_RESETS: (u32, u32) = (100, 10);
+    /// Streams kakehi resets because of what the client sent.
+    pub const OWN_RESETS: (u32, u32) = (100, 10);
+    /// PING frames.
+    pub const PINGS: (u32, u32) = (50, 10);
+    /// SETTINGS frames.
+    pub const SETTINGS: (u32, u32) = (50, 10);
+    /// PRIORITY frames, empty DATA frames without END_STREAM, frames of unknown types.
+    pub const NOISE: (u32, u32) = (1000, 100);
+    /// WINDOW_UPDATE frames (a client downloading fast sends many).
+    pub const WINDOW_UPDATES: (u32, u32) = (10_000, 5_000);
+}
+
+/// A token bucket.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    left: u32,
+    burst: u32,
+    per_sec: u32,
+    since: Instant,
+}
+
+impl Budget {
+    fn new((burst, per_sec): (u32, u32), now: Instant) -> Budget {
+        Budget {
+            left: burst,
+            burst,
+            per_sec,
+            since: now,
+        }
+    }
+
+    /// Takes one token; false when none is left.
+    fn spend(&mut self, now: Instant) -> bool {
+        let ms = now.saturating_duration_since(self.since).as_millis();
+        let refill = ms.saturating_mul(u128::from(self.per_sec)) / 1000;
+        if refill > 0 {
+            let refill = u32::try_from(refill).unwrap_or(u32::MAX);
+            self.left = self.left.saturating_add(refill).min(self.burst);
+            self.since = now;
+        }
+        match self.left.checked_sub(1) {
+            Some(left) => {
+                self.left = left;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The connection's budgets (see [`limits`]).
+struct Budgets {
+    client_resets: Budget,
+    own_resets: Budget,
+    pings: Budget,
+    settings: Budget,
+    noise: Budget,
+    window_updates: Budget,
+}
+
 struct Stream {
     id: u32,
     wires: Wires<StreamWire>,
@@ -77,7 +145,31 @@ struct Stream {
     end_sent: bool,
     /// The exchange ended (closed its side).
     exchange_done: bool,
+    /// Response bytes framed so far.
+    sent: u64,
+    /// Since when response bytes wait for the client (its windows, or its socket), and what
+    /// `sent` was then: a stream that does not get [`STALL_PROGRESS`] more bytes out within
+    /// the client's idle timeout is reset, however many frames keep coming (a 1-byte
+    /// WINDOW_UPDATE drip does not keep it).
+    stall: Option<(Instant, u64)>,
 }
+
+/// How a stream closed (see [`H2Conn::remember`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closed {
+    /// kakehi sent RST_STREAM.
+    ByKakehi,
+    /// The client sent RST_STREAM.
+    ByClient,
+    /// Both ends sent END_STREAM.
+    Ended,
+}
+
+/// Closed streams remembered, the most recent ones.
+const REMEMBERED_CLOSED: usize = 64;
+
+/// What a stalled stream must send to be counted as moving again.
+const STALL_PROGRESS: u64 = 16 * 1024;
 
 /// What went wrong with the connection: the GOAWAY to send, then close.
 struct Failed(ErrorCode);
@@ -119,6 +211,13 @@ pub struct H2Conn {
     idle_since: Instant,
     yielded: bool,
     scratch: Vec<u8>,
+    budgets: Budgets,
+    /// The streams closed last, and how (see [`Closed`]).
+    closed: std::collections::VecDeque<(u32, Closed)>,
+    /// A budget ran out where no error could be returned: end the connection.
+    calm: bool,
+    /// The time of this turn (for the budgets).
+    now: Instant,
 }
 
 impl H2Conn {
@@ -146,6 +245,17 @@ impl H2Conn {
             idle_since: cx.now,
             yielded: false,
             scratch: Vec::new(),
+            budgets: Budgets {
+                client_resets: Budget::new(limits::CLIENT_RESETS, cx.now),
+                own_resets: Budget::new(limits::OWN_RESETS, cx.now),
+                pings: Budget::new(limits::PINGS, cx.now),
+                settings: Budget::new(limits::SETTINGS, cx.now),
+                noise: Budget::new(limits::NOISE, cx.now),
+                window_updates: Budget::new(limits::WINDOW_UPDATES, cx.now),
+            },
+            calm: false,
+            closed: std::collections::VecDeque::new(),
+            now: cx.now,
         };
         let settings = Settings {
             max_concurrent_streams: Some(MAX_STREAMS as u32),
@@ -213,6 +323,9 @@ impl H2Conn {
             if !s.exchange_done {
                 at = at.min(s.exchange.deadline(&cx.timeouts, false, cx.draining));
             }
+            if let Some((since, _)) = s.stall {
+                at = at.min(since + cx.timeouts.front_idle);
+            }
         }
         at
     }
@@ -220,7 +333,20 @@ impl H2Conn {
     /// Time ran out: for the streams whose deadline passed, or for an idle connection.
     pub(crate) fn timeout(&mut self, wires: &mut Wires<Front>, cx: &mut Cx) -> Flow {
         let now = cx.now;
+        self.now = now;
         let peer = self.peer;
+        let stalled: Vec<u32> = self
+            .streams
+            .iter()
+            .filter(|s| {
+                s.stall
+                    .is_some_and(|(t, _)| t + cx.timeouts.front_idle <= now)
+            })
+            .map(|s| s.id)
+            .collect();
+        for id in stalled {
+            self.reset_stream(id, ErrorCode::Cancel, cx);
+        }
         for s in &mut self.streams {
             if s.exchange_done || s.exchange.deadline(&cx.timeouts, false, cx.draining) > now {
                 continue;
@@ -246,6 +372,7 @@ impl H2Conn {
     /// Reads, serves and writes as far as the sockets allow.
     pub(crate) fn drive(&mut self, wires: &mut Wires<Front>, cx: &mut Cx) -> Flow {
         self.yielded = true;
+        self.now = cx.now;
         if cx.draining && self.goaway.is_none() {
             self.send_goaway(ErrorCode::NoError);
         }
@@ -418,6 +545,9 @@ impl H2Conn {
                 Parsed::Frame { frame, len } => {
                     at += len;
                     self.on_frame(&frame, key, listener, cx)?;
+                    if self.calm {
+                        return Err(Failed(ErrorCode::EnhanceYourCalm));
+                    }
                 }
                 Parsed::StreamError { error, kind, len } => {
                     at += len;
@@ -426,6 +556,9 @@ impl H2Conn {
                     }
                     self.assembler.skipped(kind, stream_of(&error))?;
                     self.reset_stream(stream_of(&error), error.code, cx);
+                    if self.calm {
+                        return Err(Failed(ErrorCode::EnhanceYourCalm));
+                    }
                 }
             }
         }
@@ -464,6 +597,25 @@ impl H2Conn {
         }
         // Any other frame inside an open block is a connection error.
         self.assembler.push(frame)?;
+        let now = self.now;
+        let in_flight = |id: u32| self.streams.iter().any(|s| s.id == id);
+        let b = &mut self.budgets;
+        let within = match *frame {
+            Frame::Ping { ack: false, .. } => b.pings.spend(now),
+            Frame::Settings(_) => b.settings.spend(now),
+            Frame::Priority { .. } | Frame::Unknown { .. } => b.noise.spend(now),
+            Frame::Data {
+                data, end_stream, ..
+            } if data.is_empty() && !end_stream => b.noise.spend(now),
+            Frame::WindowUpdate { .. } => b.window_updates.spend(now),
+            Frame::RstStream { stream_id, .. } if in_flight(stream_id) => {
+                b.client_resets.spend(now)
+            }
+            _ => true,
+        };
+        if !within {
+            return Err(Failed(ErrorCode::EnhanceYourCalm));
+        }
         match *frame {
             Frame::Data {
                 stream_id,
@@ -493,6 +645,7 @@ impl H2Conn {
                 }
                 if let Some(i) = self.index(stream_id) {
                     let s = self.streams.swap_remove(i);
+                    self.remember(stream_id, Closed::ByClient);
                     release(s, cx);
                 }
                 Ok(())
@@ -552,8 +705,14 @@ impl H2Conn {
             return Ok(());
         }
         if stream_id <= self.last_stream {
-            // A closed stream: HEADERS on it is a connection error (§5.1).
-            return Err(Failed(ErrorCode::StreamClosed));
+            return match self.closed_how(stream_id) {
+                // Frames may still come on a stream kakehi reset: ignored (§5.1).
+                Some(Closed::ByKakehi) => Ok(()),
+                // Closed by the client or at both ends: STREAM_CLOSED (§5.1).
+                Some(Closed::ByClient | Closed::Ended) => Err(Failed(ErrorCode::StreamClosed)),
+                // Never opened: stream ids only grow (§5.1.1).
+                None => Err(Failed(ErrorCode::ProtocolError)),
+            };
         }
         self.last_stream = stream_id;
         if self.goaway.is_some() || self.peer_goaway {
@@ -616,6 +775,8 @@ impl H2Conn {
             reader: ResponseReader::new(is_head),
             end_sent: false,
             exchange_done: false,
+            sent: 0,
+            stall: None,
         });
         Ok(())
     }
@@ -638,8 +799,12 @@ impl H2Conn {
             if stream_id > self.last_stream {
                 return Err(Failed(ErrorCode::ProtocolError));
             }
-            // A stream already ended (kakehi reset it, or answered it): drop the data.
+            // A stream already closed: what kakehi reset may still get frames in flight
+            // (ignored); any other is STREAM_CLOSED (§5.1, §6.1).
             self.conn_owed = self.conn_owed.saturating_add(flow_len);
+            if self.closed_how(stream_id) != Some(Closed::ByKakehi) {
+                self.put_rst(stream_id, ErrorCode::StreamClosed);
+            }
             return Ok(());
         };
         let Some(s) = self.streams.get_mut(i) else {
@@ -783,7 +948,9 @@ impl H2Conn {
                 StreamEnd::Done => {
                     progress = true;
                     let s = self.streams.swap_remove(i);
-                    if !s.request_ended {
+                    if s.request_ended {
+                        self.remember(s.id, Closed::Ended);
+                    } else {
                         // Answered before the client finished its request (§8.1).
                         self.put_rst(s.id, ErrorCode::NoError);
                     }
@@ -845,6 +1012,7 @@ impl H2Conn {
                     put_data(&mut self.write, s.id, data, end);
                     s.send_window -= data.len() as i64;
                     self.send_window -= data.len() as i64;
+                    s.sent += data.len() as u64;
                 }
                 Piece::Trailers(range) => {
                     let lines = wire.output.get(range).unwrap_or_default();
@@ -875,6 +1043,12 @@ impl H2Conn {
         if at > 0 {
             s.wires.front_side.writable = true;
         }
+        s.stall = match s.stall {
+            _ if s.wires.front.output.is_empty() => None,
+            None => Some((self.now, s.sent)),
+            Some((_, then)) if s.sent >= then + STALL_PROGRESS => Some((self.now, s.sent)),
+            kept => kept,
+        };
         if result.is_err() {
             return StreamEnd::Broken;
         }
@@ -936,7 +1110,33 @@ impl H2Conn {
         self.write.truncate(start + n);
     }
 
+    /// Notes how a stream closed, for the frames that may still come on it.
+    fn remember(&mut self, stream_id: u32, how: Closed) {
+        if let Some(entry) = self.closed.iter_mut().find(|(id, _)| *id == stream_id) {
+            entry.1 = how;
+            return;
+        }
+        if self.closed.len() >= REMEMBERED_CLOSED {
+            self.closed.pop_front();
+        }
+        self.closed.push_back((stream_id, how));
+    }
+
+    fn closed_how(&self, stream_id: u32) -> Option<Closed> {
+        self.closed
+            .iter()
+            .find(|(id, _)| *id == stream_id)
+            .map(|&(_, how)| how)
+    }
+
     fn put_rst(&mut self, stream_id: u32, code: ErrorCode) {
+        self.remember(stream_id, Closed::ByKakehi);
+        // Resets the client's frames caused count against its budget (MadeYouReset); an early
+        // answer (NO_ERROR) or kakehi's own failure (INTERNAL_ERROR) do not.
+        let caused = !matches!(code, ErrorCode::NoError | ErrorCode::InternalError);
+        if caused && !self.budgets.own_resets.spend(self.now) {
+            self.calm = true;
+        }
         self.put(&Frame::RstStream { stream_id, code });
     }
 

@@ -147,4 +147,8 @@ impl FrontWire for StreamWire {
     fn is_tls(&self) -> bool {
         false
     }
+
+    fn proto(&self) -> &'static str {
+        "h2"
+    }
 }

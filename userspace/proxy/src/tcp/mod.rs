@@ -625,6 +625,7 @@ impl TcpSession {
             method: "-",
             host: self.course.server_name.as_deref().unwrap_or(""),
             path: "-",
+            proto: "tcp",
             status: self.course.status,
             bytes_in: self.up.read,
             bytes_out: self.down.written,

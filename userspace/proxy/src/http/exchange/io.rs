@@ -43,6 +43,10 @@ pub trait FrontWire: Read + Write {
     fn http2(&self) -> Http2 {
         Http2::Off
     }
+    /// The protocol the client speaks, for the log: `h1` unless an HTTP/2 stream.
+    fn proto(&self) -> &'static str {
+        "h1"
+    }
 }
 
 /// Whether a new client connection may turn out to speak HTTP/2.
@@ -96,6 +100,8 @@ pub struct LogEntry<'a> {
     pub duration: Duration,
     pub backend_time: Option<Duration>,
     pub error: Option<Cut>,
+    /// The client's protocol: `h1` or `h2`.
+    pub proto: &'static str,
 }
 
 impl LogEntry<'_> {
@@ -110,6 +116,7 @@ impl LogEntry<'_> {
             method: &self.req.method,
             host: &self.req.authority,
             path: &self.req.target,
+            proto: self.proto,
             status: self.status,
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,

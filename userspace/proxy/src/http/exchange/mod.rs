@@ -913,6 +913,7 @@ impl Exchange {
 
     fn log<I: Io>(&mut self, io: &mut I, status: u16) {
         let now = io.now();
+        let proto = io.front().0.proto();
         io.log(&LogEntry {
             request_id: &self.request_id,
             req: &self.req,
@@ -933,6 +934,7 @@ impl Exchange {
                 .zip(self.ex.first_response_byte)
                 .map(|(a, b)| b.saturating_duration_since(a)),
             error: self.ex.error,
+            proto,
         });
     }
 }
