@@ -178,6 +178,9 @@ pub struct Cluster {
     pub backends: Vec<Backend>,
     pub health_check: Option<HealthCheck>,
     pub send_proxy: bool,
+    /// The backends speak h2c (HTTP/2 with prior knowledge).
+    #[serde(default)]
+    pub http2: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -312,6 +312,10 @@ pub struct ClusterDef {
     pub health_check: Option<HealthCheckDef>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub send_proxy: Option<bool>,
+    /// `http2 = true`: the backends speak HTTP/2 without TLS (h2c, prior knowledge), as gRPC
+    /// servers do. Only for http clusters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2: Option<bool>,
 }
 
 /// One entry of a cluster's `frontends`.

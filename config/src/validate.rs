@@ -510,6 +510,7 @@ impl Checker<'_> {
                 backends,
                 health_check,
                 send_proxy: file.send_proxy.unwrap_or(false),
+                http2: file.http2.unwrap_or(false),
             });
         }
         Ok(out)

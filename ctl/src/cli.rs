@@ -357,6 +357,7 @@ impl Command {
                     backends: add.backends.iter().map(BackendDef::new).collect(),
                     health_check: None,
                     send_proxy: add.send_proxy.then_some(true),
+                    http2: None,
                 },
             }),
             Command::Cluster(ClusterCmd::Remove { name }) => {

@@ -359,6 +359,7 @@ mod tests {
                 .collect(),
             health_check: None,
             send_proxy: false,
+            http2: false,
         })
     }
 

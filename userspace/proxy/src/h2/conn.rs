@@ -55,6 +55,8 @@ const READ_CAP: usize = 2 * (frame::DEFAULT_MAX_FRAME_SIZE as usize + frame::HEA
 /// A stream's granted window is given back once fewer request bytes than this wait for its
 /// exchange.
 const CREDIT_BELOW: usize = 16 * 1024;
+/// How long a connection ended by an error keeps reading before it is closed.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Rounds of reading, serving and writing one `drive` makes before yielding.
 const MAX_ROUNDS: usize = 16;
 
@@ -214,6 +216,8 @@ pub struct H2Conn {
     budgets: Budgets,
     /// The streams closed last, and how (see [`Closed`]).
     closed: std::collections::VecDeque<(u32, Closed)>,
+    /// After a connection error: GOAWAY sent, the write side shut, reading until then.
+    linger_until: Option<Instant>,
     /// A budget ran out where no error could be returned: end the connection.
     calm: bool,
     /// The time of this turn (for the budgets).
@@ -254,6 +258,7 @@ impl H2Conn {
                 window_updates: Budget::new(limits::WINDOW_UPDATES, cx.now),
             },
             calm: false,
+            linger_until: None,
             closed: std::collections::VecDeque::new(),
             now: cx.now,
         };
@@ -309,6 +314,9 @@ impl H2Conn {
 
     /// The earliest deadline: a stream's exchange, or the idle connection's.
     pub fn deadline(&self, cx: &Cx) -> Instant {
+        if let Some(until) = self.linger_until {
+            return until;
+        }
         let idle = if cx.draining {
             cx.timeouts.front_idle.min(crate::worker::DRAIN_IDLE_GRACE)
         } else {
@@ -334,6 +342,9 @@ impl H2Conn {
     pub(crate) fn timeout(&mut self, wires: &mut Wires<Front>, cx: &mut Cx) -> Flow {
         let now = cx.now;
         self.now = now;
+        if self.linger_until.is_some_and(|until| until <= now) {
+            return Flow::Close;
+        }
         let peer = self.peer;
         let stalled: Vec<u32> = self
             .streams
@@ -373,6 +384,10 @@ impl H2Conn {
     pub(crate) fn drive(&mut self, wires: &mut Wires<Front>, cx: &mut Cx) -> Flow {
         self.yielded = true;
         self.now = cx.now;
+        if self.linger_until.is_some() {
+            self.yielded = false;
+            return self.linger(wires);
+        }
         if cx.draining && self.goaway.is_none() {
             self.send_goaway(ErrorCode::NoError);
         }
@@ -389,8 +404,18 @@ impl H2Conn {
                 Err(Failed(code)) => {
                     self.send_goaway(code);
                     self.closing = true;
-                    let _ = self.flush(wires);
-                    return Flow::Close;
+                    for s in std::mem::take(&mut self.streams) {
+                        release(s, cx);
+                    }
+                    if !self.flush(wires) {
+                        return Flow::Close;
+                    }
+                    // FIN after the GOAWAY, then read what the client still sends for a
+                    // moment: closing with unread bytes would reset the connection, and the
+                    // reset could destroy the GOAWAY before the client reads it.
+                    wires.front.shutdown_write();
+                    self.linger_until = Some(cx.now + LINGER);
+                    return self.linger(wires);
                 }
             }
             progress |= self.serve_streams(cx);
@@ -416,6 +441,23 @@ impl H2Conn {
             if !progress {
                 self.yielded = self.streams.iter().any(|s| s.exchange.yielded());
                 return Flow::Continue;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// After a connection error: reads and drops what comes until the client closes.
+    fn linger(&mut self, wires: &mut Wires<Front>) -> Flow {
+        let _ = self.flush(wires);
+        let side = &mut wires.front_side;
+        let mut scratch = [0u8; 4096];
+        while side.readable {
+            match wires.front.discard(&mut scratch) {
+                Ok(0) => return Flow::Close,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => side.readable = false,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return Flow::Close,
             }
         }
         Flow::Continue
@@ -716,7 +758,7 @@ impl H2Conn {
         }
         self.last_stream = stream_id;
         if self.goaway.is_some() || self.peer_goaway {
-            self.put_rst(stream_id, ErrorCode::RefusedStream);
+            self.refuse(stream_id);
             return Ok(());
         }
         if let Err(e) = priority {
@@ -743,12 +785,12 @@ impl H2Conn {
             }
         };
         let Some(front_buf) = cx.pool.checkout() else {
-            self.put_rst(stream_id, ErrorCode::RefusedStream);
+            self.refuse(stream_id);
             return Ok(());
         };
         let Some(back_buf) = cx.pool.checkout() else {
             cx.pool.checkin(front_buf);
-            self.put_rst(stream_id, ErrorCode::RefusedStream);
+            self.refuse(stream_id);
             return Ok(());
         };
         let mut wire = StreamWire::new(head);
@@ -996,7 +1038,7 @@ impl H2Conn {
             moved = true;
             let end = s.reader.done();
             match piece {
-                Piece::Head { status, fields } => {
+                Piece::Head { status, fields, .. } => {
                     let lines = wire.output.get(fields).unwrap_or_default();
                     let kept =
                         response::fields(lines).filter(|(n, _)| !response::connection_specific(n));
@@ -1127,6 +1169,16 @@ impl H2Conn {
             .iter()
             .find(|(id, _)| *id == stream_id)
             .map(|&(_, how)| how)
+    }
+
+    /// REFUSED_STREAM for a stream kakehi cannot take now (its buffers ran out, or it is
+    /// going away): not the client's doing, so not charged to its budget.
+    fn refuse(&mut self, stream_id: u32) {
+        self.remember(stream_id, Closed::ByKakehi);
+        self.put(&Frame::RstStream {
+            stream_id,
+            code: ErrorCode::RefusedStream,
+        });
     }
 
     fn put_rst(&mut self, stream_id: u32, code: ErrorCode) {

@@ -45,6 +45,8 @@ pub enum BlockKind {
     Request,
     /// Trailers: regular fields only.
     Trailers,
+    /// A response head (from an HTTP/2 backend): `:status`, then regular fields.
+    Response,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -58,14 +60,15 @@ const METHOD: usize = 0;
 const SCHEME: usize = 1;
 const AUTHORITY: usize = 2;
 const PATH: usize = 3;
-const PSEUDO: [&[u8]; 4] = [b":method", b":scheme", b":authority", b":path"];
+const STATUS: usize = 4;
+const PSEUDO: [&[u8]; 5] = [b":method", b":scheme", b":authority", b":path", b":status"];
 
 /// A decoded and checked header list.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HeaderList {
     bytes: Vec<u8>,
     fields: Vec<Span>,
-    pseudo: [Option<Span>; 4],
+    pseudo: [Option<Span>; 5],
     size: usize,
 }
 
@@ -101,6 +104,15 @@ impl HeaderList {
     /// `:path`.
     pub fn path(&self) -> Option<&[u8]> {
         self.pseudo(PATH)
+    }
+
+    /// `:status` of a response, as a number.
+    pub fn status(&self) -> Option<u16> {
+        let v = self.pseudo(STATUS)?;
+        if v.len() != 3 || !v.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(v).ok()?.parse().ok()
     }
 
     /// The regular fields, in order, as (name, value); names are lower-case.
@@ -222,6 +234,10 @@ impl ListBuilder {
                 let Some(which) = PSEUDO.iter().position(|p| *p == name) else {
                     return self.malformed(Malformed::UnknownPseudo);
                 };
+                // A response has :status and nothing else; a request anything but it.
+                if (which == STATUS) != (self.kind == BlockKind::Response) {
+                    return self.malformed(Malformed::UnknownPseudo);
+                }
                 if self.list.pseudo.get(which).copied().flatten().is_some() {
                     return self.malformed(Malformed::DuplicatePseudo);
                 }
@@ -266,6 +282,10 @@ impl ListBuilder {
 
     /// The list once the whole block is decoded, after the checks on the list as a whole.
     pub(super) fn finish(mut self) -> Result<HeaderList, H2Error> {
+        if self.error.is_none() && self.kind == BlockKind::Response && self.list.status().is_none()
+        {
+            self.malformed(Malformed::MissingPseudo);
+        }
         if self.error.is_none() && self.kind == BlockKind::Request {
             if let Err(m) = check_request(&self.list) {
                 self.malformed(m);

@@ -6,15 +6,23 @@
 //! then the body as the head frames it (`content-length`, chunked, or up to the end of the
 //! stream's output); none after a 1xx, a 204 or 304, or for a HEAD request. Anything else is
 //! an error and the stream is reset.
+//!
+//! The same reader reads the HTTP/1.1 request an exchange writes to an HTTP/2 backend
+//! ([`ResponseReader::request`], see `backend.rs`): a request line, fields, and a body only
+//! when `content-length` or chunked says so.
 
 use std::ops::Range;
 
 /// One piece of the response, as ranges of the buffer given to [`ResponseReader::next`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Piece {
-    /// A head: its status, and the range of its field lines (status line excluded; see
-    /// [`fields`]). A 1xx head is interim: another head follows.
-    Head { status: u16, fields: Range<usize> },
+    /// A head: its status (0 for a request), the range of its start line, and the range of
+    /// its field lines (see [`fields`]). A 1xx head is interim: another head follows.
+    Head {
+        status: u16,
+        line: Range<usize>,
+        fields: Range<usize>,
+    },
     /// Body bytes.
     Data(Range<usize>),
     /// The trailer field lines of a chunked body.
@@ -42,6 +50,8 @@ enum Phase {
 pub struct ResponseReader {
     phase: Phase,
     head_request: bool,
+    /// Reads a request rather than a response.
+    request: bool,
 }
 
 /// Longest head this reader waits for before it calls the output bad.
@@ -86,6 +96,16 @@ impl ResponseReader {
         ResponseReader {
             phase: Phase::Head,
             head_request,
+            request: false,
+        }
+    }
+
+    /// A reader for a request (to an HTTP/2 backend).
+    pub fn request() -> ResponseReader {
+        ResponseReader {
+            phase: Phase::Head,
+            head_request: false,
+            request: true,
         }
     }
 
@@ -124,13 +144,21 @@ impl ResponseReader {
                         };
                     };
                     let line_end = find(rest, b"\r\n").ok_or(Bad)?;
-                    let status = parse_status(rest.get(..line_end).ok_or(Bad)?)?;
+                    let start_line = rest.get(..line_end).ok_or(Bad)?;
+                    let status = if self.request {
+                        check_request_line(start_line)?;
+                        0
+                    } else {
+                        parse_status(start_line)?
+                    };
                     let lines = *at + line_end + 2..*at + end + 2;
                     let head = buf.get(lines.clone()).ok_or(Bad)?;
                     self.phase = self.body_phase(status, head)?;
+                    let line = *at..*at + line_end;
                     *at += end + 4;
                     return Ok(Some(Piece::Head {
                         status,
+                        line,
                         fields: lines,
                     }));
                 }
@@ -237,7 +265,7 @@ impl ResponseReader {
 
     /// What follows a head with `status` and field lines `head`.
     fn body_phase(&self, status: u16, head: &[u8]) -> Result<Phase, Bad> {
-        if (100..200).contains(&status) {
+        if !self.request && (100..200).contains(&status) {
             return Ok(Phase::Head);
         }
         if self.head_request || status == 204 || status == 304 {
@@ -260,6 +288,8 @@ impl ResponseReader {
             (true, _) => Phase::ChunkSize,
             (false, Some(0)) => Phase::Done,
             (false, Some(n)) => Phase::Length(n),
+            // A request without a declared body has none (RFC 9112 §6.3).
+            (false, None) if self.request => Phase::Done,
             (false, None) => Phase::UntilClose,
         })
     }
@@ -268,6 +298,28 @@ impl ResponseReader {
 fn data_len(available: usize, left: u64, max: usize) -> usize {
     let left = usize::try_from(left).unwrap_or(usize::MAX);
     available.min(left).min(max)
+}
+
+/// `METHOD target HTTP/1.1`, as kakehi writes it to a backend.
+fn check_request_line(line: &[u8]) -> Result<(), Bad> {
+    let mut parts = line.split(|&b| b == b' ');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(m), Some(t), Some(v), None)
+            if !m.is_empty() && !t.is_empty() && v.starts_with(b"HTTP/1.") =>
+        {
+            Ok(())
+        }
+        _ => Err(Bad),
+    }
+}
+
+/// The method and target of a request line checked by [`ResponseReader::request`].
+pub fn request_line(line: &[u8]) -> (&[u8], &[u8]) {
+    let mut parts = line.split(|&b| b == b' ');
+    (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    )
 }
 
 /// `HTTP/1.x SSS reason` → SSS.
@@ -294,7 +346,7 @@ mod tests {
         let mut out = Vec::new();
         while let Some(p) = reader.next(buf, &mut at, max, true).unwrap() {
             match p {
-                Piece::Head { status, fields } => {
+                Piece::Head { status, fields, .. } => {
                     out.push((format!("head {status}"), buf[fields].to_vec()))
                 }
                 Piece::Data(r) => out.push(("data".into(), buf[r].to_vec())),
