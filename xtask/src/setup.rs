@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use crate::procs::{self, Signals};
 
 /// Everything `cargo xtask setup` installs.
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 10] = [
     "curl",
     "wrk",
     "nginx",
@@ -25,14 +25,16 @@ pub const ALL: [&str; 9] = [
     "strace",
     "python3-h2",
     "nghttp2-client",
+    "python3-grpcio",
 ];
 /// What `cargo xtask run` needs (for the curl commands it prints).
 pub const RUN: [&str; 1] = ["curl"];
 /// What the test suite uses: curl and wrk drive the end-to-end tests, openssl the TLS origins
 /// of the TCP passthrough tests, tmux the terminal `lbctl top` draws in, strace counts a
 /// worker's syscalls per request, python3-h2 writes the HTTP/2 frames lb-proxy's h2 tests read
-/// and drives lbd's HTTP/2 end-to-end tests, whose load generator is nghttp2-client's h2load.
-pub const TEST: [&str; 7] = [
+/// and drives lbd's HTTP/2 end-to-end tests, whose load generator is nghttp2-client's h2load,
+/// and python3-grpcio is the gRPC client and server of lbd's gRPC end-to-end tests.
+pub const TEST: [&str; 8] = [
     "curl",
     "wrk",
     "openssl",
@@ -40,6 +42,7 @@ pub const TEST: [&str; 7] = [
     "strace",
     "python3-h2",
     "nghttp2-client",
+    "python3-grpcio",
 ];
 /// The HTTP/2 conformance suite the tests run against an h2c listener (h2spec's cases in
 /// Rust), from crates.io. `--locked`: its own lockfile's dependencies, the ones it builds

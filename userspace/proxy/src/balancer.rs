@@ -97,6 +97,8 @@ pub struct ClusterState {
     pub backends: Vec<BackendState>,
     /// None: no passive ejection (the cluster has no `health_check`).
     pub passive: Option<Passive>,
+    /// The backends speak h2c (`http2 = true`).
+    pub http2: bool,
     /// Some backend is ejected (so [`ClusterState::revive`] has something to do).
     any_ejected: bool,
 }
@@ -125,6 +127,7 @@ impl ClusterState {
         ClusterState {
             name: cluster.name.clone(),
             policy: cluster.load_balancing,
+            http2: cluster.http2,
             backends: cluster
                 .backends
                 .iter()

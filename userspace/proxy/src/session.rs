@@ -10,6 +10,7 @@
 
 use crate::balancer::{self, ClusterState, Tried};
 use crate::cx::Cx;
+use crate::h2::backend::H2Back;
 use crate::h2::conn::H2Conn;
 use crate::http::exchange::{self, Connect, Exchange, FrontWire, Http2, LogEntry, Opened, Side};
 use crate::http::Peer;
@@ -19,7 +20,7 @@ use crate::tls::Front;
 use lb_config::model::Timeouts;
 use mio::net::TcpStream;
 use mio::{Interest, Token};
-use std::io::{self, ErrorKind, Read};
+use std::io::{self, ErrorKind, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::time::Instant;
@@ -32,8 +33,43 @@ pub use crate::http::exchange::Flow;
 /// does not give back and take again two buffers per request.
 pub const PARK_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
 
-struct BackConn {
+/// A backend socket, and what HTTP/2 adds to it for a cluster with `http2 = true`.
+pub(crate) struct BackIo {
     stream: TcpStream,
+    h2: Option<Box<H2Back>>,
+}
+
+impl Read for BackIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.h2.as_mut() {
+            None => self.stream.read(buf),
+            Some(h2) => h2.read_response(&mut self.stream, buf),
+        }
+    }
+}
+
+impl Write for BackIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self.h2.as_mut() {
+            None => self.stream.write_vectored(bufs),
+            Some(h2) => h2.write_request(&mut self.stream, bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Drives after an HTTP/2 backend connection made room for the request, in one turn.
+const MAX_REDRIVES: usize = 4;
+
+struct BackConn {
+    io: BackIo,
     cluster: usize,
     backend: usize,
     address: SocketAddr,
@@ -65,6 +101,23 @@ pub(crate) struct Wires<F> {
 }
 
 impl<F> Wires<F> {
+    /// After the exchange's turn: what an HTTP/2 backend connection must write, and whether
+    /// the exchange should be driven again.
+    pub(crate) fn after_drive(&mut self) -> bool {
+        match self.back.as_mut() {
+            Some(BackConn {
+                io:
+                    BackIo {
+                        stream,
+                        h2: Some(h2),
+                    },
+                side,
+                ..
+            }) => h2.after_drive(stream, side),
+            _ => false,
+        }
+    }
+
     /// The wires of session `key` (its slab key) on listener `listener`, with no backend.
     pub(crate) fn new(key: usize, listener: usize, front: F) -> Wires<F> {
         Wires {
@@ -95,7 +148,7 @@ impl<F> Wires<F> {
         read_closed: bool,
     ) -> bool {
         let is = |stream: &TcpStream| usize::try_from(stream.as_raw_fd()) == Ok(fd);
-        if let Some(back) = self.back.as_mut().filter(|b| is(&b.stream)) {
+        if let Some(back) = self.back.as_mut().filter(|b| is(&b.io.stream)) {
             back.side.readable |= readable;
             back.side.writable |= writable;
             back.side.hup |= read_closed;
@@ -127,7 +180,7 @@ impl<F> Wires<F> {
             ..
         } = self;
         if let Some(b) = back.as_mut() {
-            cx.idle.forget(&b.stream);
+            cx.idle.forget(&b.io.stream);
             if let Some(c) = cx.clusters.get_mut(b.cluster) {
                 c.release(b.backend);
             }
@@ -306,7 +359,7 @@ impl Session {
 
     /// One call of the machine over this session's sockets, then the next deadline.
     fn step(&mut self, cx: &mut Cx, call: fn(&mut Exchange, &mut Real<'_, Front>) -> Flow) -> Flow {
-        let flow = call(
+        let mut flow = call(
             &mut self.exchange,
             &mut Real {
                 wires: &mut self.wires,
@@ -314,6 +367,17 @@ impl Session {
                 cx,
             },
         );
+        // An HTTP/2 backend may have more to write, or room again for the request.
+        for _ in 0..MAX_REDRIVES {
+            if flow != Flow::Continue || !self.wires.after_drive() {
+                break;
+            }
+            flow = self.exchange.drive(&mut Real {
+                wires: &mut self.wires,
+                peer: self.peer,
+                cx,
+            });
+        }
         if flow == Flow::Continue {
             self.set_deadline(cx);
         }
@@ -429,17 +493,14 @@ impl<F> Real<'_, F> {
 
 impl<F: FrontWire> exchange::Io for Real<'_, F> {
     type Front = F;
-    type Back = TcpStream;
+    type Back = BackIo;
 
     fn front(&mut self) -> (&mut F, &mut Side) {
         (&mut self.wires.front, &mut self.wires.front_side)
     }
 
-    fn back(&mut self) -> Option<(&mut TcpStream, &mut Side)> {
-        self.wires
-            .back
-            .as_mut()
-            .map(|b| (&mut b.stream, &mut b.side))
+    fn back(&mut self) -> Option<(&mut BackIo, &mut Side)> {
+        self.wires.back.as_mut().map(|b| (&mut b.io, &mut b.side))
     }
 
     fn now(&self) -> Instant {
@@ -490,7 +551,14 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         let Some(address) = cluster.address(backend) else {
             return Opened::Unavailable;
         };
-        let (stream, reused) = match self.connection_to(address) {
+        let http2 = cluster.http2;
+        // An HTTP/2 backend gets a connection of its own (HTTP/1.1 ones are reused).
+        let found = if http2 {
+            TcpStream::connect(address).map(|s| (s, false))
+        } else {
+            self.connection_to(address)
+        };
+        let (stream, reused) = match found {
             Ok(found) => found,
             Err(e) => {
                 log::warn!("connect to {address} failed: {e}");
@@ -502,7 +570,10 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         let cx = &mut *self.cx;
         cx.note_attempt(cluster_idx, address, attempt, !reused);
         let mut back = BackConn {
-            stream,
+            io: BackIo {
+                stream,
+                h2: http2.then(|| Box::new(H2Back::new())),
+            },
             cluster: cluster_idx,
             backend,
             address,
@@ -515,15 +586,15 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         };
         if !reused {
             let interest = Interest::READABLE | Interest::WRITABLE;
-            let token = back_token(&back.stream);
+            let token = back_token(&back.io.stream);
             if cx
                 .registry
-                .register(&mut back.stream, token, interest)
+                .register(&mut back.io.stream, token, interest)
                 .is_err()
             {
                 return Opened::Failed;
             }
-            cx.idle.own(&back.stream, self.wires.key);
+            cx.idle.own(&back.io.stream, self.wires.key);
         }
         if let Some(cluster) = cx.clusters.get_mut(cluster_idx) {
             cluster.acquire(backend);
@@ -543,9 +614,9 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         if !back.side.writable && !back.side.readable {
             return Connect::Pending;
         }
-        let failed = match back.stream.take_error() {
+        let failed = match back.io.stream.take_error() {
             Ok(Some(_)) | Err(_) => true,
-            Ok(None) => match back.stream.peer_addr() {
+            Ok(None) => match back.io.stream.peer_addr() {
                 Ok(_) => false,
                 Err(e) if e.kind() == ErrorKind::NotConnected => {
                     back.side.writable = false;
@@ -570,7 +641,7 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
 
     fn drop_backend(&mut self) {
         if let Some(b) = self.wires.back.take() {
-            self.cx.idle.forget(&b.stream);
+            self.cx.idle.forget(&b.io.stream);
             if let Some(c) = self.cx.clusters.get_mut(b.cluster) {
                 c.release(b.backend);
             }
@@ -590,8 +661,8 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         if let Some(c) = cx.clusters.get_mut(back.cluster) {
             c.release(back.backend);
         }
-        if !reusable {
-            cx.idle.forget(&back.stream);
+        if !reusable || back.io.h2.is_some() {
+            cx.idle.forget(&back.io.stream);
             return;
         }
         // Kept for this client's next request, its events still coming here; past the
@@ -603,19 +674,19 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         }
         if cx.idle.hold() {
             self.wires.held = Some(HeldBack {
-                stream: back.stream,
+                stream: back.io.stream,
                 address: back.address,
                 since: cx.now,
                 stirred: false,
             });
         } else {
-            cx.idle.put(back.address, back.stream, cx.now);
+            cx.idle.put(back.address, back.io.stream, cx.now);
         }
     }
 
     fn shutdown_back_write(&mut self) {
         if let Some(back) = self.wires.back.as_mut() {
-            let _ = back.stream.shutdown(Shutdown::Write);
+            let _ = back.io.stream.shutdown(Shutdown::Write);
         }
     }
 

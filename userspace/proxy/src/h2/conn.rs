@@ -959,11 +959,22 @@ impl H2Conn {
                 continue;
             }
             let before = (s.wires.front.pending_input(), s.wires.front.output.len());
-            let flow = s.exchange.drive(&mut Real {
+            let mut flow = s.exchange.drive(&mut Real {
                 wires: &mut s.wires,
                 peer,
                 cx,
             });
+            // An HTTP/2 backend may have more to write, or room again for the request.
+            for _ in 0..4 {
+                if flow != Flow::Continue || !s.wires.after_drive() {
+                    break;
+                }
+                flow = s.exchange.drive(&mut Real {
+                    wires: &mut s.wires,
+                    peer,
+                    cx,
+                });
+            }
             if flow == Flow::Close {
                 s.exchange_done = true;
                 s.wires.front.output_closed = true;

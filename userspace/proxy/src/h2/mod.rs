@@ -14,6 +14,7 @@
 //! HeaderList <--hpack::encode_response-- ; frames <--frame::write_frame / write_header_block--
 //! ```
 
+pub mod backend;
 pub mod block;
 pub mod conn;
 pub mod error;
