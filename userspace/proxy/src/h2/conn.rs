@@ -440,6 +440,15 @@ impl H2Conn {
             }
             if !progress {
                 self.yielded = self.streams.iter().any(|s| s.exchange.yielded());
+                if self.streams.is_empty() {
+                    // An idle connection keeps no buffer (see the README's memory figures).
+                    if self.read.is_empty() {
+                        self.read = Vec::new();
+                    }
+                    if self.write.is_empty() {
+                        self.write = Vec::new();
+                    }
+                }
                 return Flow::Continue;
             }
         }
@@ -1053,7 +1062,8 @@ impl H2Conn {
                     let lines = wire.output.get(fields).unwrap_or_default();
                     let kept =
                         response::fields(lines).filter(|(n, _)| !response::connection_specific(n));
-                    self.scratch.resize(64 * 1024, 0);
+                    // HPACK writes a field in at most its HTTP/1.1 line's length + 12 octets.
+                    self.scratch.resize(3 * lines.len() + 64, 0);
                     let Some(n) = hpack::encode_response(status, kept, &mut self.scratch) else {
                         break Err(());
                     };
@@ -1069,7 +1079,7 @@ impl H2Conn {
                 }
                 Piece::Trailers(range) => {
                     let lines = wire.output.get(range).unwrap_or_default();
-                    self.scratch.resize(64 * 1024, 0);
+                    self.scratch.resize(3 * lines.len() + 64, 0);
                     let mut n = 0;
                     for (name, value) in response::fields(lines) {
                         if response::connection_specific(name) {
@@ -1095,6 +1105,9 @@ impl H2Conn {
         s.wires.front.output.drain(..at);
         if at > 0 {
             s.wires.front_side.writable = true;
+        }
+        if self.scratch.capacity() > 4096 {
+            self.scratch = Vec::new();
         }
         s.stall = match s.stall {
             _ if s.wires.front.output.is_empty() => None,
