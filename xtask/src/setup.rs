@@ -79,7 +79,14 @@ pub fn httpwg() -> Result<()> {
 }
 
 /// What `cargo xtask bench` needs: the load generator and the proxies to compare with.
-pub const BENCH: [&str; 5] = ["curl", "wrk", "nginx", "haproxy", "strace"];
+pub const BENCH: [&str; 6] = [
+    "curl",
+    "wrk",
+    "nginx",
+    "haproxy",
+    "strace",
+    "nghttp2-client",
+];
 
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 

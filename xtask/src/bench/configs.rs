@@ -144,7 +144,7 @@ pub fn nginx_proxy(dir: &Path, ports: (u16, u16), origin: u16, workers: u32, tls
          {location}\
          \x20   }}\n\
          \x20   server {{\n\
-         \x20       listen 127.0.0.1:{tls_port} ssl backlog=4096;\n\
+         \x20       listen 127.0.0.1:{tls_port} ssl http2 backlog=4096;\n\
          \x20       ssl_certificate {cert};\n\
          \x20       ssl_certificate_key {key};\n\
          \x20       ssl_protocols TLSv1.2 TLSv1.3;\n\
@@ -179,7 +179,7 @@ pub fn haproxy(ports: (u16, u16), origin: u16, reuse: &str, threads: u32, tls: &
          \x20   bind 127.0.0.1:{port}\n\
          \x20   default_backend origin\n\
          frontend bench_tls\n\
-         \x20   bind 127.0.0.1:{tls_port} ssl crt {combined} alpn http/1.1\n\
+         \x20   bind 127.0.0.1:{tls_port} ssl crt {combined} alpn h2,http/1.1\n\
          \x20   default_backend origin\n\
          backend origin\n\
          \x20   http-reuse {reuse}\n\
@@ -263,12 +263,12 @@ mod tests {
         let frontends = table["clusters"]["origin"]["frontends"].as_array().unwrap();
         assert_eq!(frontends[1]["address"].as_str(), Some("127.0.0.1:8443"));
         let nginx = nginx_proxy(Path::new("/tmp/b"), (8001, 8444), 9000, 1, &tls());
-        assert!(nginx.contains("listen 127.0.0.1:8444 ssl backlog=4096;"));
+        assert!(nginx.contains("listen 127.0.0.1:8444 ssl http2 backlog=4096;"));
         assert!(nginx.contains("ssl_certificate_key /tmp/b/tls/bench.key;"));
         assert_eq!(nginx.matches("proxy_pass http://origin;").count(), 2);
         let haproxy = haproxy((8002, 8445), 9000, "always", 1, &tls());
         assert!(haproxy
-            .contains("bind 127.0.0.1:8445 ssl crt /tmp/b/tls/bench-haproxy.pem alpn http/1.1"));
+            .contains("bind 127.0.0.1:8445 ssl crt /tmp/b/tls/bench-haproxy.pem alpn h2,http/1.1"));
     }
 
     #[test]

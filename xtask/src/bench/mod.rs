@@ -65,7 +65,8 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_enum)]
     proxies: Vec<ProxyKind>,
     /// Only these scenarios (comma-separated): keepalive-c50, keepalive-c200, 64k-c50,
-    /// close-c50, https-keepalive-c50, https-newconn-c50, idle8k-c50.
+    /// close-c50, https-keepalive-c50, https-newconn-c50, idle8k-c50, h2-tls-c10m10,
+    /// h2-tls-64k-c10m10.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// HAProxy's `http-reuse` mode. "always" lets it reuse origin connections across clients,
@@ -93,10 +94,15 @@ struct Scenario {
     /// Keep-alive connections held open and idle (each served one request first) while wrk
     /// runs; the proxy's memory per idle connection is measured as they are opened.
     idle: u32,
+    /// HTTP/2 (h2load, [`H2_STREAMS`] streams per connection) rather than HTTP/1.1 (wrk).
+    h2: bool,
     about: &'static str,
 }
 
-const SCENARIOS: [Scenario; 7] = [
+/// Concurrent streams per connection in the HTTP/2 scenarios.
+const H2_STREAMS: u32 = 10;
+
+const SCENARIOS: [Scenario; 9] = [
     Scenario {
         name: "keepalive-c50",
         path: "/",
@@ -104,6 +110,7 @@ const SCENARIOS: [Scenario; 7] = [
         close: false,
         tls: false,
         idle: 0,
+        h2: false,
         about: "GET / (20 B), keep-alive, 50 connections",
     },
     Scenario {
@@ -113,6 +120,7 @@ const SCENARIOS: [Scenario; 7] = [
         close: false,
         tls: false,
         idle: 0,
+        h2: false,
         about: "GET / (20 B), keep-alive, 200 connections",
     },
     Scenario {
@@ -122,6 +130,7 @@ const SCENARIOS: [Scenario; 7] = [
         close: false,
         tls: false,
         idle: 0,
+        h2: false,
         about: "GET /bytes/65536 (64 KiB), keep-alive, 50 connections",
     },
     Scenario {
@@ -131,6 +140,7 @@ const SCENARIOS: [Scenario; 7] = [
         close: true,
         tls: false,
         idle: 0,
+        h2: false,
         about: "GET / with Connection: close (a new client connection per request), 50 connections",
     },
     Scenario {
@@ -140,6 +150,7 @@ const SCENARIOS: [Scenario; 7] = [
         close: false,
         tls: true,
         idle: 0,
+        h2: false,
         about: "GET / (20 B) over TLS 1.3 (ECDSA P-256, X25519), keep-alive, 50 connections",
     },
     Scenario {
@@ -149,6 +160,7 @@ const SCENARIOS: [Scenario; 7] = [
         close: true,
         tls: true,
         idle: 0,
+        h2: false,
         about: "GET / over TLS 1.3 with Connection: close: a TLS handshake per request, mostly \
                 resumed (wrk offers the session it last got: PSK + X25519, no certificate \
                 signature), 50 connections",
@@ -160,9 +172,32 @@ const SCENARIOS: [Scenario; 7] = [
         close: false,
         tls: false,
         idle: IDLE_CONNECTIONS,
+        h2: false,
         about: "GET / (20 B), keep-alive, 50 busy connections while 8,000 idle keep-alive \
                 connections stay open (each served one request first); memory per idle \
                 connection measured as they are opened",
+    },
+    Scenario {
+        name: "h2-tls-c10m10",
+        path: "/",
+        connections: 10,
+        close: false,
+        tls: true,
+        idle: 0,
+        h2: true,
+        about: "GET / (20 B) over HTTP/2 and TLS 1.3 (ALPN h2), h2load: 10 connections x 10 \
+                concurrent streams",
+    },
+    Scenario {
+        name: "h2-tls-64k-c10m10",
+        path: "/bytes/65536",
+        connections: 10,
+        close: false,
+        tls: true,
+        idle: 0,
+        h2: true,
+        about: "GET /bytes/65536 (64 KiB) over HTTP/2 and TLS 1.3, h2load: 10 connections x 10 \
+                concurrent streams",
     },
 ];
 
@@ -541,7 +576,17 @@ fn measure(
         Ok(output) => output,
         Err(error) => return Ok(Err(error)),
     };
-    let mut sample = Sample::from_wrk(&output, cpu, procfs::ticks_per_second(), rss);
+    let mut sample = if scenario.h2 {
+        Sample::from_h2load(
+            &output,
+            &h2load_log(plan),
+            cpu,
+            procfs::ticks_per_second(),
+            rss,
+        )
+    } else {
+        Sample::from_wrk(&output, cpu, procfs::ticks_per_second(), rss)
+    };
     if let (Ok(sample), Some(mut idle)) = (sample.as_mut(), idle) {
         sample.idle_bytes_per_conn = Some(idle.bytes_per_conn);
         let open = idle.still_open();
@@ -556,8 +601,29 @@ fn measure(
     Ok(sample)
 }
 
-/// wrk's command line for one run of `scenario` against `proxy`.
+/// Where h2load writes each request's status and duration.
+fn h2load_log(plan: &Plan) -> PathBuf {
+    plan.dir.join("logs").join("h2load-requests.tsv")
+}
+
+/// The client's command line for one run of `scenario` against `proxy`: wrk, or h2load for
+/// the HTTP/2 scenarios.
 fn wrk_command(plan: &Plan, scenario: &Scenario, proxy: &Proxy, seconds: u64) -> Command {
+    if scenario.h2 {
+        let log = h2load_log(plan);
+        let _ = std::fs::remove_file(&log);
+        let mut cmd = Command::new("h2load");
+        cmd.arg("-t1")
+            .arg(format!("-c{}", scenario.connections))
+            .arg(format!("-m{H2_STREAMS}"))
+            .arg(format!("-D{seconds}"))
+            .arg(format!("--log-file={}", log.display()))
+            .arg(format!(
+                "https://127.0.0.1:{}{}",
+                proxy.tls_port, scenario.path
+            ));
+        return cmd;
+    }
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", "--timeout", "5s"])
         .arg(format!("-c{}", scenario.connections))

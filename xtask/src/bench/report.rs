@@ -33,6 +33,25 @@ pub struct Sample {
     pub idle_bytes_per_conn: Option<f64>,
 }
 
+/// From h2load's `requests: N total, N started, N done, N succeeded, N failed, N errored, N
+/// timeout` line: the requests done and those of them that did not succeed (h2load's
+/// `failed` counts the errored and timed-out ones too).
+fn h2load_counts(output: &str) -> Option<(u64, u64)> {
+    let line = output.lines().find_map(|l| l.strip_prefix("requests: "))?;
+    let (mut done, mut succeeded) = (None, None);
+    for part in line.split(", ") {
+        let mut words = part.split_whitespace();
+        let n: u64 = words.next()?.parse().ok()?;
+        match words.next()? {
+            "done" => done = Some(n),
+            "succeeded" => succeeded = Some(n),
+            _ => {}
+        }
+    }
+    let done = done?;
+    Some((done, done.saturating_sub(succeeded?)))
+}
+
 impl Sample {
     /// Builds a sample from wrk's `WRK_JSON` line and the proxy's CPU ticks over the run.
     pub fn from_wrk(
@@ -79,6 +98,71 @@ impl Sample {
             kernel_us_per_req: per_request(cpu.kernel),
             peak_rss_kib,
             errors,
+            idle_bytes_per_conn: None,
+        })
+    }
+
+    /// Builds a sample from h2load's summary (`output`) and its per-request log (`log`:
+    /// start time, status, microseconds to the end of the response, tab-separated), and the
+    /// proxy's CPU ticks over the run.
+    pub fn from_h2load(
+        output: &str,
+        log: &std::path::Path,
+        cpu: CpuTicks,
+        ticks_per_second: u64,
+        peak_rss_kib: u64,
+    ) -> Result<Self> {
+        let (requests, failed) = h2load_counts(output)
+            .context("h2load printed no `requests:` line (see target/bench/logs/wrk.log)")?;
+        if requests == 0 {
+            bail!("h2load completed no request");
+        }
+        let seconds = output
+            .lines()
+            .find_map(|l| l.strip_prefix("finished in "))
+            .and_then(|rest| rest.split('s').next())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .context("h2load printed no `finished in` line")?;
+        let text = std::fs::read_to_string(log)
+            .with_context(|| format!("reading h2load's log {}", log.display()))?;
+        let mut durations: Vec<u64> = Vec::new();
+        let mut bad_status = 0u64;
+        for line in text.lines() {
+            let mut cols = line.split('\t');
+            let (_, status, us) = (cols.next(), cols.next(), cols.next());
+            let status: u16 = status.and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+            if !(200..400).contains(&status) {
+                bad_status += 1;
+            }
+            if let Some(us) = us.and_then(|u| u.trim().parse::<u64>().ok()) {
+                durations.push(us);
+            }
+        }
+        durations.sort_unstable();
+        let pick = |q: f64| -> f64 {
+            if durations.is_empty() {
+                return 0.0;
+            }
+            let i = ((durations.len() as f64 - 1.0) * q).round() as usize;
+            durations.get(i).copied().unwrap_or(0) as f64 / 1e3
+        };
+        let per_request =
+            |ticks: u64| ticks as f64 / ticks_per_second as f64 * 1e6 / requests as f64;
+        Ok(Self {
+            requests,
+            rps: if seconds > 0.0 {
+                requests as f64 / seconds
+            } else {
+                0.0
+            },
+            p50_ms: pick(0.5),
+            p99_ms: pick(0.99),
+            p999_ms: pick(0.999),
+            cpu_us_per_req: per_request(cpu.total()),
+            user_us_per_req: per_request(cpu.user),
+            kernel_us_per_req: per_request(cpu.kernel),
+            peak_rss_kib,
+            errors: failed.max(bad_status),
             idle_bytes_per_conn: None,
         })
     }
@@ -276,6 +360,32 @@ pub fn latency_line(kakehi: &Sample, nginx: &Sample) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn h2load_summary_and_log_make_a_sample() {
+        let out = "finished in 2.00s, 500.00 req/s, 1.00MB/s\n\
+            requests: 1000 total, 1000 started, 1000 done, 998 succeeded, 2 failed, 2 errored, 0 timeout\n";
+        assert_eq!(h2load_counts(out), Some((1000, 2)));
+        let dir = std::env::temp_dir().join(format!("h2load-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("log.tsv");
+        let lines: String = (1..=1000)
+            .map(|i| format!("1700000000000000\t200\t{}\n", i * 10))
+            .collect();
+        std::fs::write(&log, lines).unwrap();
+        let cpu = CpuTicks {
+            user: 50,
+            kernel: 50,
+        };
+        let s = Sample::from_h2load(out, &log, cpu, 100, 1234).unwrap();
+        assert_eq!(s.requests, 1000);
+        assert!((s.rps - 500.0).abs() < 1e-9);
+        assert!((s.p50_ms - 5.0).abs() < 0.02, "{}", s.p50_ms);
+        assert!((s.p99_ms - 9.9).abs() < 0.02, "{}", s.p99_ms);
+        assert!((s.cpu_us_per_req - 1000.0).abs() < 1e-6);
+        assert_eq!(s.errors, 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     const WRK: &str = "Running 1s test @ http://127.0.0.1:1/\n\
         WRK_JSON {\"requests\":20000,\"duration_us\":2000000,\"bytes\":1,\"connect_errors\":0,\
