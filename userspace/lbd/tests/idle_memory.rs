@@ -3,7 +3,8 @@
 //! [`BOUND_PER_IDLE`] each once they have been idle past `PARK_AFTER` (50 ms): their buffers
 //! went back to the pool and the parser's metadata was freed. What is measured is the worker's
 //! VmRSS from `/proc`, before the connections and after they went idle. The same for https
-//! connections (TLS 1.3 from Python's `ssl`), bounded by the README's figure.
+//! connections (TLS 1.3 from Python's `ssl`) and HTTP/2 ones (h2c from python3-h2), bounded by
+//! the README's figures.
 
 #![allow(
     clippy::unwrap_used,
@@ -249,5 +250,97 @@ fn idle_https_connections_cost_what_the_readme_says() {
     assert!(
         per_connection <= BOUND_PER_IDLE_TLS,
         "{per_connection} bytes per idle https connection (bound {BOUND_PER_IDLE_TLS})"
+    );
+}
+
+/// Python (Debian's python3-h2): `n` h2c connections with prior knowledge, each served one
+/// GET on stream 1, then held open and idle until stdin closes.
+const H2_CLIENTS: &str = r#"
+import socket, sys
+import h2.config, h2.connection, h2.events
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conns = []
+for _ in range(n):
+    s = socket.create_connection((host, port))
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    c.initiate_connection()
+    c.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "localhost")], end_stream=True)
+    s.sendall(c.data_to_send())
+    status, done = None, False
+    while not done:
+        d = s.recv(65536)
+        if not d:
+            sys.exit("closed")
+        for e in c.receive_data(d):
+            if isinstance(e, h2.events.ResponseReceived):
+                status = dict(e.headers).get(b":status")
+            elif isinstance(e, h2.events.StreamEnded):
+                done = True
+        s.sendall(c.data_to_send())
+    if status != b"200":
+        sys.exit("answered %r" % status)
+    conns.append((s, c))
+print("ready", flush=True)
+sys.stdin.read()
+"#;
+
+/// What an idle HTTP/2 connection costs (README, "HTTP/2"): about 4.3 KB (4,311 bytes
+/// measured with 2,000): the session's slot, the HTTP/2 state and the HPACK table; its read
+/// and write buffers went back when its last stream ended.
+const BOUND_PER_IDLE_H2: u64 = 5 * 1024;
+const H2_CONNECTIONS: usize = 2_000;
+
+#[test]
+fn idle_http2_connections_cost_what_the_readme_says() {
+    use std::io::BufRead;
+    let origin = Origin::start("o");
+    let lbd = Lbd::start(|l| {
+        format!(
+            "workers = 1\nmax_connections = 5000\n[access_log]\ntarget = \"off\"\n\
+             [timeouts]\nfront_idle = \"120s\"\n\n[[listeners]]\naddress = \"{l}\"\n\n\
+             [clusters.app]\nfrontends = [ {{ address = \"{l}\" }} ]\n\
+             backends = [ {{ address = \"{}\" }} ]\n",
+            origin.addr()
+        )
+    });
+    let addr = lbd.addr();
+    let clients = |n: usize| {
+        let mut child = Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                H2_CLIENTS,
+                &addr.ip().to_string(),
+                &addr.port().to_string(),
+            ])
+            .arg(n.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "the HTTP/2 clients failed");
+        child
+    };
+    let mut warm = clients(20);
+    drop(warm.stdin.take());
+    warm.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = workers_rss_kib(&lbd);
+    let mut held = clients(H2_CONNECTIONS);
+    std::thread::sleep(Duration::from_millis(1000));
+    let after = workers_rss_kib(&lbd);
+    drop(held.stdin.take());
+    held.wait().unwrap();
+    let per_connection = after.saturating_sub(before) * 1024 / H2_CONNECTIONS as u64;
+    eprintln!(
+        "worker VmRSS {before} KiB idle, {after} KiB with {H2_CONNECTIONS} idle HTTP/2 \
+         connections: {per_connection} bytes each"
+    );
+    assert!(
+        per_connection <= BOUND_PER_IDLE_H2,
+        "{per_connection} bytes per idle HTTP/2 connection (bound {BOUND_PER_IDLE_H2})"
     );
 }

@@ -9,8 +9,10 @@
 //! (`tcp`), to the cluster its frontends name (`tcp_routes`), optionally chosen by the TLS
 //! server name read from the ClientHello (`sni`), with PROXY protocol headers accepted from a
 //! load balancer in front and sent to backends (`proxy_protocol`), zero-copy through pipes
-//! (`splice`). On https listeners it terminates TLS with rustls (`tls`). `h2` holds the first
-//! layer of HTTP/2 (frames, header blocks, HPACK), not yet driven by the worker. It never
+//! (`splice`). On https listeners it terminates TLS with rustls (`tls`). `h2` is HTTP/2: the
+//! frames, header blocks and HPACK, the client connection whose streams each drive one
+//! exchange (`h2::conn`), and h2c to the backends of `http2 = true` clusters (`h2::backend`).
+//! It never
 //! links aya or clap: binding sockets, sandboxing and supervision belong to `lbd`.
 
 #![forbid(unsafe_code)]

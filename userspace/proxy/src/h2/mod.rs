@@ -5,8 +5,10 @@
 //! this layer is here with a name: max frame size, CONTINUATION flood, header block size,
 //! HPACK bomb (header list size with the 32-octet overhead), field count, table size.
 //!
-//! Streams, flow control, SETTINGS negotiation, rates and the mapping onto HTTP exchanges are
-//! the connection layer's, which drives these pieces:
+//! On top of them: the client connection ([`conn`]: streams, flow control, SETTINGS, the
+//! rate limits, GOAWAY), each stream served by one HTTP/1.1 exchange through a [`stream`]
+//! wire (its request written as HTTP/1.1 by [`request`], its response read back by
+//! [`response`]), and h2c to backends ([`backend`]). The first layer's flow:
 //!
 //! ```text
 //! bytes --frame::parse--> Frame --block::Assembler::push--> HeaderBlock
