@@ -149,6 +149,31 @@ pub struct Listener {
     /// `"h2"`, which it does by default.
     #[serde(default = "yes")]
     pub http2: bool,
+    /// Its HTTP/2 limits.
+    #[serde(default)]
+    pub h2: H2Limits,
+}
+
+/// The HTTP/2 limits of a listener (`h2 = { ... }`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct H2Limits {
+    /// SETTINGS_MAX_CONCURRENT_STREAMS (default 100).
+    pub max_concurrent_streams: u32,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE, with 32 octets per field (default 16,384).
+    pub max_header_list_size: u32,
+    /// The connection's receive window (default 1 MiB): what all streams' request bodies may
+    /// hold together before kakehi grants more.
+    pub connection_window: u32,
+}
+
+impl Default for H2Limits {
+    fn default() -> Self {
+        H2Limits {
+            max_concurrent_streams: 100,
+            max_header_list_size: 16_384,
+            connection_window: 1 << 20,
+        }
+    }
 }
 
 fn yes() -> bool {

@@ -196,6 +196,21 @@ pub struct ListenerDef {
     /// h2 on https, no prior-knowledge HTTP/2 on http.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpn: Option<Vec<String>>,
+    /// HTTP/2 limits of the listener (see [`H2Def`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2: Option<H2Def>,
+}
+
+/// A listener's `h2 = { ... }`: the HTTP/2 limits it advertises and enforces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct H2Def {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_streams: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_header_list_size: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_window: Option<i64>,
 }
 
 /// What `lbctl state dump` shows in place of a private key.

@@ -18,15 +18,15 @@ use std::time::Duration;
 
 use crate::error::{join_key, ConfigError, Places};
 use crate::model::{
-    AccessLog, Backend, Certificate, Cluster, ClusterProtocol, Config, HealthCheck, Listener,
-    ListenerProtocol, LoadBalancing, LogFormat, LogTarget, Metrics, Steering, SteeringPolicy,
-    Timeouts,
+    AccessLog, Backend, Certificate, Cluster, ClusterProtocol, Config, H2Limits, HealthCheck,
+    Listener, ListenerProtocol, LoadBalancing, LogFormat, LogTarget, Metrics, Steering,
+    SteeringPolicy, Timeouts,
 };
 use crate::routes::FrontendChecker;
 use crate::state::{
-    AccessLogDef, BackendDef, CertificateDef, ClusterDef, ClusterProtocolDef, HealthCheckDef,
-    ListenerDef, ListenerProtocolDef, LoadBalancingDef, LogFormatDef, State, SteeringDef,
-    SteeringPolicyDef, TimeoutsDef,
+    AccessLogDef, BackendDef, CertificateDef, ClusterDef, ClusterProtocolDef, H2Def,
+    HealthCheckDef, ListenerDef, ListenerProtocolDef, LoadBalancingDef, LogFormatDef, State,
+    SteeringDef, SteeringPolicyDef, TimeoutsDef,
 };
 use crate::DEFAULT_COMMAND_SOCKET;
 
@@ -324,15 +324,53 @@ impl Checker<'_> {
             };
             let certificates = self.certificates(l, &field, protocol)?;
             let http2 = self.alpn(l.alpn.as_deref(), &format!("{field}.alpn"), protocol)?;
+            let h2 = self.h2_limits(l.h2.as_ref(), &format!("{field}.h2"), protocol)?;
             out.push(Listener {
                 address,
                 protocol,
                 certificates,
                 accept_proxy: l.accept_proxy.unwrap_or(false),
                 http2,
+                h2,
             });
         }
         Ok(out)
+    }
+
+    /// A listener's `h2 = { ... }` limits.
+    fn h2_limits(
+        &self,
+        def: Option<&H2Def>,
+        field: &str,
+        protocol: ListenerProtocol,
+    ) -> Result<H2Limits> {
+        let d = H2Limits::default();
+        let Some(def) = def else {
+            return Ok(d);
+        };
+        if protocol == ListenerProtocol::Tcp {
+            return Err(self.err(field, "a tcp listener does not speak HTTP/2"));
+        }
+        Ok(H2Limits {
+            max_concurrent_streams: self.int(
+                def.max_concurrent_streams,
+                &format!("{field}.max_concurrent_streams"),
+                d.max_concurrent_streams,
+                1..=1000,
+            )?,
+            max_header_list_size: self.int(
+                def.max_header_list_size,
+                &format!("{field}.max_header_list_size"),
+                d.max_header_list_size,
+                1024..=1_048_576,
+            )?,
+            connection_window: self.int(
+                def.connection_window,
+                &format!("{field}.connection_window"),
+                d.connection_window,
+                65_535..=(1 << 30),
+            )?,
+        })
     }
 
     /// A listener's `alpn` list: whether it serves HTTP/2.

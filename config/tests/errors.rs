@@ -701,3 +701,62 @@ fn an_unreadable_file_is_named() {
     );
     assert_eq!(e.file(), missing);
 }
+
+#[test]
+fn http2_listener_keys_are_checked() {
+    check(
+        &[
+            "[[listeners]]",
+            "address = \"127.0.0.1:8080\"",
+            "alpn = [\"h2\"]",
+        ],
+        3,
+        "listeners[0].alpn",
+        "\"http/1.1\" must be listed",
+    );
+    check(
+        &[
+            "[[listeners]]",
+            "address = \"127.0.0.1:8080\"",
+            "alpn = [\"h3\", \"http/1.1\"]",
+        ],
+        3,
+        "listeners[0].alpn",
+        "\"h3\" is not a protocol kakehi serves",
+    );
+    check(
+        &[
+            "[[listeners]]",
+            "address = \"127.0.0.1:8080\"",
+            "h2 = { max_concurrent_streams = 0 }",
+        ],
+        3,
+        "listeners[0].h2.max_concurrent_streams",
+        "0 is out of range: allowed 1 to 1000",
+    );
+    check(
+        &[
+            "[[listeners]]",
+            "address = \"127.0.0.1:8080\"",
+            "protocol = \"tcp\"",
+            "h2 = { max_concurrent_streams = 10 }",
+        ],
+        4,
+        "listeners[0].h2",
+        "does not speak HTTP/2",
+    );
+    let text = "[[listeners]]\naddress = \"127.0.0.1:8080\"\nalpn = [\"http/1.1\"]\n\
+                h2 = { max_concurrent_streams = 8, max_header_list_size = 4096 }\n";
+    let config = parse_str(text, Path::new(FILE)).unwrap();
+    let l = &config.listeners[0];
+    assert!(!l.http2);
+    assert_eq!(l.h2.max_concurrent_streams, 8);
+    assert_eq!(l.h2.max_header_list_size, 4096);
+    assert_eq!(l.h2.connection_window, 1 << 20);
+    let config = parse_str(
+        "[[listeners]]\naddress = \"127.0.0.1:8080\"\n",
+        Path::new(FILE),
+    )
+    .unwrap();
+    assert!(config.listeners[0].http2);
+}

@@ -401,6 +401,7 @@ impl Command {
                     },
                     accept_proxy: l.accept_proxy.then_some(true),
                     alpn: None,
+                    h2: None,
                 },
             }),
             Command::Listener(ListenerCmd::Remove { address }) => {
@@ -641,6 +642,7 @@ mod tests {
                     certificates: vec![],
                     accept_proxy: None,
                     alpn: None,
+                    h2: None,
                 }
             })
         );

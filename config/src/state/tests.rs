@@ -290,6 +290,7 @@ fn listeners_are_added_and_removed() {
         certificates: vec![],
         accept_proxy: None,
         alpn: None,
+        h2: None,
     };
     let next = state.add_listener(listener.clone(), source()).unwrap();
     assert_eq!(
@@ -306,6 +307,7 @@ fn listeners_are_added_and_removed() {
         certificates: vec![],
         accept_proxy: None,
         alpn: None,
+        h2: None,
     };
     let e = state.add_listener(https, source()).unwrap_err();
     assert!(
@@ -592,6 +594,7 @@ fn an_added_https_listener_carries_its_certificates_as_text() {
         certificates: vec![cert_def("other.pem", "other.key")],
         accept_proxy: None,
         alpn: None,
+        h2: None,
     };
     let next = state
         .apply(&Edit::AddListener { listener }, source())

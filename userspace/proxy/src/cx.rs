@@ -31,6 +31,8 @@ pub struct Cx {
     /// One per listener of the worker, by listener index: it serves HTTP/2 (see
     /// `h2/conn.rs`).
     pub http2: Vec<bool>,
+    /// One per listener of the worker, by listener index: its HTTP/2 limits.
+    pub h2_limits: Vec<lb_config::H2Limits>,
     pub pool: BufferPool,
     /// Pipes for splice(2) in TCP passthrough.
     pub pipes: PipePool,

@@ -158,6 +158,7 @@ impl Worker {
         let mut tcp_routes = Vec::new();
         let mut tls = Vec::new();
         let mut http2 = Vec::new();
+        let mut h2_limits = Vec::new();
         let mut listener_specs = Vec::new();
         // Created up front, before the sandbox: the ticket keys need randomness, and the
         // crypto library initialises itself on first use.
@@ -186,6 +187,7 @@ impl Worker {
                 .map_err(listener_err)?;
             routers.push(Router::for_listener(config, spec.address));
             http2.push(spec.http2);
+            h2_limits.push(spec.h2);
             tcp_routes.push(TcpRoutes::for_listener(config, spec.address));
             entries.push(ListenerEntry {
                 socket,
@@ -208,6 +210,7 @@ impl Worker {
             tcp_routes,
             tls,
             http2,
+            h2_limits,
             pool: BufferPool::new(
                 config.buffer_size,
                 PREALLOCATED_BUFFERS.min(max_buffers),
@@ -328,6 +331,7 @@ impl Worker {
             .collect();
         self.cx.tls = tls;
         self.cx.http2 = specs.iter().map(|spec| spec.http2).collect();
+        self.cx.h2_limits = specs.iter().map(|spec| spec.h2).collect();
         self.cx.timeouts = config.timeouts;
         self.cx.max_request_body = config.max_request_body;
         self.cx.log.set_format(config.access_log.format);
