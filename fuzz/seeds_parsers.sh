@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Writes the seed corpus of the parser targets that have readable seeds: corpus/proxy_protocol/*,
-# corpus/control_frames/*, corpus/worker_answers/* and corpus/upgrade_handoff/*. The binary
+# corpus/control_frames/*, corpus/worker_answers/*, corpus/upgrade_handoff/*, and with python3-h2
+# corpus/h2_frames/* and corpus/h2_conn/*. The binary
 # ClientHellos of corpus/sni/ were captured from `openssl s_client` (see README.md) and
 # corpus/config/ is copied from config/examples/, so neither is written here. Kept apart from
 # seeds.sh (the HTTP targets' seeds) so that each can change without the other.
@@ -194,6 +195,102 @@ PY
     seed h2_frames push_promise '\x00\x00\x00\x05\x05\x04\x00\x00\x00\x01\x00\x00\x00\x02\x82'
     seed h2_frames enable_push_2 '\x00\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x02\x00\x00\x00\x02'
     seed h2_frames headers_on_itself '\x00\x00\x00\x08\x01\x25\x00\x00\x00\x03\x00\x00\x00\x03\x10\x82\x86\x84'
+
+    # h2_conn: byte 0 the read size, byte 1 the plan (see fuzz_targets/h2_conn.rs), then a
+    # client's whole conversation, written by python3-h2 (preface and SETTINGS included).
+    mkdir -p corpus/h2_conn
+    /usr/bin/python3 - corpus/h2_conn <<'PY'
+import os, sys
+import h2.connection, h2.config, h2.settings
+out = sys.argv[1]
+S = h2.settings.SettingCodes
+
+def client(settings=None):
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    c.initiate_connection()
+    if settings:
+        c.update_settings(settings)
+    return c
+
+def head(method, path, authority="example.com", extra=()):
+    return [(":method", method), (":scheme", "http"), (":authority", authority), (":path", path)] + list(extra)
+
+def write(name, read, plan, c):
+    with open(os.path.join(out, name), "wb") as f:
+        f.write(bytes([read, plan]) + c.data_to_send())
+
+# One GET: kakehi's 404, whole reads and writes; the same a byte at a time read and written 9
+# bytes a turn.
+c = client()
+c.send_headers(1, head("GET", "/index.html", extra=[("user-agent", "python-h2"), ("accept", "*/*")]), end_stream=True)
+data = c.data_to_send()
+for name, read, plan in [("get", 0xff, 0x00), ("get_bytewise_slow_reader", 0x00, 0x01)]:
+    with open(os.path.join(out, name), "wb") as f:
+        f.write(bytes([read, plan]) + data)
+
+# A redirect to https (kakehi's 301, the host and path in location), by host and by path.
+c = client()
+c.send_headers(1, head("GET", "/a/b?c=d", authority="secure.example"), end_stream=True)
+c.send_headers(3, head("GET", "/secure/x", extra=[("cookie", "a=1"), ("cookie", "b=2")]), end_stream=True)
+write("redirects", 0xff, 0x00, c)
+
+# A POST with a body over DATA frames (padded too) and trailers; a HEAD.
+c = client()
+c.send_headers(1, head("POST", "/upload", extra=[("content-type", "application/grpc"), ("te", "trailers")]))
+c.send_data(1, b"hello ", pad_length=10)
+c.send_data(1, b"world" * 2000)
+c.send_headers(1, [("grpc-status", "0"), ("x-trailer", "t")], end_stream=True)
+c.send_headers(3, head("POST", "/form", extra=[("content-length", "11")]))
+c.send_data(3, b"hello world", end_stream=True)
+c.send_headers(5, head("HEAD", "/"), end_stream=True)
+write("post_body_trailers", 0x3f, 0x00, c)
+
+# Many streams at once, with a pool of 6 buffers (most are refused), and with 200.
+c = client()
+for i in range(40):
+    c.send_headers(1 + 2 * i, head("GET", "/%d" % i, extra=[("x-request-id", "%032d" % i)]), end_stream=True)
+data = c.data_to_send()
+for name, read, plan in [("forty_streams_small_pool", 0xff, 0x08), ("forty_streams", 0xc3, 0x0c)]:
+    with open(os.path.join(out, name), "wb") as f:
+        f.write(bytes([read, plan]) + data)
+
+# The client resets streams (one answered, one mid-request), PINGs, changes SETTINGS,
+# gives window, then goes away.
+c = client()
+c.send_headers(1, head("GET", "/"), end_stream=True)
+c.send_headers(3, head("POST", "/slow", extra=[("content-length", "100")]))
+c.send_data(3, b"x" * 10)
+c.reset_stream(3, error_code=8)
+c.reset_stream(1, error_code=0)
+c.ping(b"12345678")
+c.ping(b"abcdefgh")
+c.update_settings({S.INITIAL_WINDOW_SIZE: 1 << 20, S.MAX_FRAME_SIZE: 32768, S.HEADER_TABLE_SIZE: 0})
+c.increment_flow_control_window(1 << 20)
+c.send_headers(5, head("GET", "/after"), end_stream=True)
+c.close_connection(error_code=0, last_stream_id=0)
+write("reset_ping_settings_goaway", 0x10, 0x00, c)
+
+# A client with no window: the response waits (stalled) until the timeout resets it; then a
+# client granting it a few bytes at a time.
+c = client({S.INITIAL_WINDOW_SIZE: 0})
+c.send_headers(1, head("GET", "/stalled"), end_stream=True)
+write("zero_window_stalled", 0xff, 0x00, c)
+c = client({S.INITIAL_WINDOW_SIZE: 10})
+c.send_headers(1, head("GET", "/drip"), end_stream=True)
+for _ in range(20):
+    c.increment_flow_control_window(10, stream_id=1)
+write("window_drip", 0x08, 0x02, c)
+
+# A draining worker (GOAWAY NO_ERROR, then the requests in flight answered) with 16 KiB
+# buffers.
+c = client()
+c.send_headers(1, head("GET", "/"), end_stream=True)
+c.send_headers(3, head("GET", "/second"), end_stream=True)
+write("draining", 0x20, 0x30, c)
+PY
+    # No preface: the target puts one and an empty SETTINGS first. A GET (RFC 7541 C.4.1's
+    # HEADERS), then a PING.
+    seed h2_conn no_preface_get '\xff\x00\x00\x00\x11\x01\x05\x00\x00\x00\x01\x82\x86\x84\x41\x8c\xf1\xe3\xc2\xe5\xf2\x3a\x6b\xa0\xab\x90\xf4\xff\x00\x00\x08\x06\x00\x00\x00\x00\x00PINGPING'
 else
-    echo "seeds_parsers.sh: no python3-h2 (apt-get install python3-h2): corpus/h2_frames not written" >&2
+    echo "seeds_parsers.sh: no python3-h2 (apt-get install python3-h2): corpus/h2_frames and corpus/h2_conn not written" >&2
 fi

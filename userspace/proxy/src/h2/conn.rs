@@ -33,11 +33,10 @@ use super::response::{self, Piece, ResponseReader};
 use super::stream::StreamWire;
 use crate::balancer::ClusterState;
 use crate::cx::Cx;
-use crate::http::exchange::{Exchange, Flow, Side, State};
+use crate::http::exchange::{Exchange, Flow, FrontWire, Side, State};
 use crate::http::Peer;
 use crate::session::{Real, Wires};
-use crate::tls::Front;
-use std::io::{ErrorKind, Read, Write};
+use std::io::ErrorKind;
 use std::time::Instant;
 
 /// SETTINGS_MAX_CONCURRENT_STREAMS kakehi advertises.
@@ -218,6 +217,8 @@ pub struct H2Conn {
     closed: std::collections::VecDeque<(u32, Closed)>,
     /// After a connection error: GOAWAY sent, the write side shut, reading until then.
     linger_until: Option<Instant>,
+    /// While lingering: the queued frames (the GOAWAY last) are written and FIN sent.
+    write_shut: bool,
     /// A budget ran out where no error could be returned: end the connection.
     calm: bool,
     /// The time of this turn (for the budgets).
@@ -259,6 +260,7 @@ impl H2Conn {
             },
             calm: false,
             linger_until: None,
+            write_shut: false,
             closed: std::collections::VecDeque::new(),
             now: cx.now,
         };
@@ -339,7 +341,7 @@ impl H2Conn {
     }
 
     /// Time ran out: for the streams whose deadline passed, or for an idle connection.
-    pub(crate) fn timeout(&mut self, wires: &mut Wires<Front>, cx: &mut Cx) -> Flow {
+    pub(crate) fn timeout<F: FrontWire>(&mut self, wires: &mut Wires<F>, cx: &mut Cx) -> Flow {
         let now = cx.now;
         self.now = now;
         if self.linger_until.is_some_and(|until| until <= now) {
@@ -381,7 +383,7 @@ impl H2Conn {
     }
 
     /// Reads, serves and writes as far as the sockets allow.
-    pub(crate) fn drive(&mut self, wires: &mut Wires<Front>, cx: &mut Cx) -> Flow {
+    pub(crate) fn drive<F: FrontWire>(&mut self, wires: &mut Wires<F>, cx: &mut Cx) -> Flow {
         self.yielded = true;
         self.now = cx.now;
         if self.linger_until.is_some() {
@@ -410,10 +412,10 @@ impl H2Conn {
                     if !self.flush(wires) {
                         return Flow::Close;
                     }
-                    // FIN after the GOAWAY, then read what the client still sends for a
-                    // moment: closing with unread bytes would reset the connection, and the
-                    // reset could destroy the GOAWAY before the client reads it.
-                    wires.front.shutdown_write();
+                    // FIN after the GOAWAY (in `linger`, once it is written), then read what
+                    // the client still sends for a moment: closing with unread bytes would
+                    // reset the connection, and the reset could destroy the GOAWAY before the
+                    // client reads it.
                     self.linger_until = Some(cx.now + LINGER);
                     return self.linger(wires);
                 }
@@ -439,7 +441,11 @@ impl H2Conn {
                 return Flow::Close;
             }
             if !progress {
-                self.yielded = self.streams.iter().any(|s| s.exchange.yielded());
+                // A stream whose exchange ended keeps the stale mark of its last drive.
+                self.yielded = self
+                    .streams
+                    .iter()
+                    .any(|s| !s.exchange_done && s.exchange.yielded());
                 if self.streams.is_empty() {
                     // An idle connection keeps no buffer (see the README's memory figures).
                     if self.read.is_empty() {
@@ -456,8 +462,16 @@ impl H2Conn {
     }
 
     /// After a connection error: reads and drops what comes until the client closes.
-    fn linger(&mut self, wires: &mut Wires<Front>) -> Flow {
-        let _ = self.flush(wires);
+    fn linger<F: FrontWire>(&mut self, wires: &mut Wires<F>) -> Flow {
+        if !self.write_shut {
+            if !self.flush(wires) {
+                return Flow::Close;
+            }
+            if self.pending_write() == 0 {
+                wires.front.shutdown_write();
+                self.write_shut = true;
+            }
+        }
         let side = &mut wires.front_side;
         let mut scratch = [0u8; 4096];
         while side.readable {
@@ -479,7 +493,7 @@ impl H2Conn {
     // ---- the client socket ---------------------------------------------------------------
 
     /// Writes what is queued; false when the connection failed.
-    fn flush(&mut self, wires: &mut Wires<Front>) -> bool {
+    fn flush<F: FrontWire>(&mut self, wires: &mut Wires<F>) -> bool {
         let (front, side) = (&mut wires.front, &mut wires.front_side);
         while self.written < self.write.len() {
             if !side.writable {
@@ -515,7 +529,7 @@ impl H2Conn {
     }
 
     /// Reads what the client sent, as far as the read buffer has room; true when bytes came.
-    fn read_front(&mut self, wires: &mut Wires<Front>) -> bool {
+    fn read_front<F: FrontWire>(&mut self, wires: &mut Wires<F>) -> bool {
         let side: &mut Side = &mut wires.front_side;
         let mut progress = false;
         while side.readable && !self.eof && self.read.len() < READ_CAP {
@@ -1217,7 +1231,9 @@ impl H2Conn {
     }
 
     fn send_goaway(&mut self, code: ErrorCode) {
-        let last = self.last_stream;
+        // A later GOAWAY never names a higher stream than an earlier one (RFC 9113 §6.8): the
+        // streams opened since were refused.
+        let last = self.goaway.unwrap_or(self.last_stream);
         if self.goaway.is_some() && code == ErrorCode::NoError {
             return;
         }

@@ -8,7 +8,8 @@
 //! On top of them: the client connection ([`conn`]: streams, flow control, SETTINGS, the
 //! rate limits, GOAWAY), each stream served by one HTTP/1.1 exchange through a [`stream`]
 //! wire (its request written as HTTP/1.1 by [`request`], its response read back by
-//! [`response`]), and h2c to backends ([`backend`]). The first layer's flow:
+//! [`response`]), and h2c to backends ([`backend`]). [`memory`] drives the connection over
+//! bytes in memory (the fuzz target `h2_conn`). The first layer's flow:
 //!
 //! ```text
 //! bytes --frame::parse--> Frame --block::Assembler::push--> HeaderBlock
@@ -24,6 +25,7 @@ pub mod fields;
 pub mod frame;
 pub mod hpack;
 mod huffman;
+pub mod memory;
 pub mod request;
 pub mod response;
 pub mod stream;
