@@ -177,6 +177,7 @@ fn check(client: &[u8], plan: &Plan, out: &Outcome) {
     let mut streams: HashMap<u32, Answered> = HashMap::new();
     let mut conn_data = 0u64;
     let mut acks = 0usize;
+    let mut drain_pings = 0u32;
     let mut goaway: Option<u32> = None;
     let mut failed = false;
     // An open header block: its stream, its bytes, END_STREAM.
@@ -250,8 +251,13 @@ fn check(client: &[u8], plan: &Plan, out: &Outcome) {
                 acks += 1;
                 assert!(acks <= granted.settings, "more SETTINGS ACKs than SETTINGS");
             }
-            Frame::Ping { ack, data } => {
-                assert!(ack, "kakehi sent a PING");
+            Frame::Ping { ack: false, data } => {
+                // The one PING kakehi sends: after a drain's first GOAWAY (RFC 9113 §6.8).
+                assert_eq!(&data, b"kakehi-d", "kakehi sent a PING");
+                drain_pings += 1;
+                assert!(drain_pings <= 1, "kakehi sent its drain PING twice");
+            }
+            Frame::Ping { ack: true, data } => {
                 let left = granted.pings.get_mut(&data);
                 match left {
                     Some(n) if *n > 0 => *n -= 1,

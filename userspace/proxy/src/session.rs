@@ -348,7 +348,12 @@ impl Session {
     /// The connection turned out to speak HTTP/2: what the exchange read goes to the HTTP/2
     /// connection, and the exchange's buffers back to the pool.
     fn start_h2(&mut self, cx: &mut Cx) -> Flow {
-        let mut h2 = Box::new(H2Conn::new(self.id, self.peer, cx));
+        let limits = cx
+            .h2_limits
+            .get(self.wires.listener())
+            .copied()
+            .unwrap_or_default();
+        let mut h2 = Box::new(H2Conn::new(self.peer, limits, cx));
         h2.take_input(self.exchange.unparsed_input());
         let (front, back) = self.exchange.park();
         cx.pool.checkin(front);

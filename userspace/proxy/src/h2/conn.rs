@@ -7,10 +7,10 @@
 //!
 //! - the bytes read and not yet parsed (at most one frame of kakehi's SETTINGS_MAX_FRAME_SIZE
 //!   plus what one read brings), and the frames not yet written (filled only while under
-//!   [`WRITE_HIGH`]);
+//!   `WRITE_HIGH`);
 //! - the HPACK decoder and the header-block assembler (`hpack.rs`, `block.rs`, with their
 //!   limits); responses are encoded without the dynamic table, so the encoder has no state;
-//! - up to [`MAX_STREAMS`] streams. Each has an [`Exchange`] (the very machine of HTTP/1.1,
+//! - up to the listener's `h2.max_concurrent_streams` streams (`lb_config::H2Limits`). Each has an [`Exchange`] (the very machine of HTTP/1.1,
 //!   with its two pool buffers), wires of its own (its backend connection, registered under
 //!   its own token whose events come to this session and are matched by descriptor), and a
 //!   [`StreamWire`] that gives the exchange the request as HTTP/1.1 bytes and takes its
@@ -19,13 +19,13 @@
 //!
 //! Flow control ties memory to the windows: kakehi grants a stream's window back only as its
 //! exchange reads the body (so a stream buffers at most its window), and the connection's
-//! window ([`CONNECTION_WINDOW`]) bounds all streams together. Responses wait for the
+//! window (the listener's `h2.connection_window`) bounds all streams together. Responses wait for the
 //! client's windows in the stream's wire ([`super::stream::OUTPUT_CAP`]); past that the
 //! exchange stops reading its backend.
 
 use super::block::{Assembler, BlockLimits};
 use super::error::{ErrorCode, H2Error, Scope};
-use super::fields::{BlockKind, HeaderLimits, HeaderList, DEFAULT_MAX_LIST_SIZE};
+use super::fields::{BlockKind, HeaderLimits, HeaderList};
 use super::frame::{self, Frame, FrameHeader, Parsed, Settings};
 use super::hpack::{self, Decoder, DEFAULT_TABLE_SIZE};
 use super::request::{self, Framing};
@@ -36,14 +36,10 @@ use crate::cx::Cx;
 use crate::http::exchange::{Exchange, Flow, FrontWire, Side, State};
 use crate::http::Peer;
 use crate::session::{Real, Wires};
+use lb_config::H2Limits;
 use std::io::ErrorKind;
 use std::time::Instant;
 
-/// SETTINGS_MAX_CONCURRENT_STREAMS kakehi advertises.
-pub const MAX_STREAMS: usize = 100;
-/// The connection's receive window kakehi grants at the start (the stream windows stay at
-/// the protocol's default, 65,535).
-pub const CONNECTION_WINDOW: u32 = 1 << 20;
 /// The default initial window of RFC 9113 §6.9.2.
 const DEFAULT_WINDOW: i64 = 65_535;
 /// Frames kakehi queues for the socket before it stops making more.
@@ -54,6 +50,10 @@ const READ_CAP: usize = 2 * (frame::DEFAULT_MAX_FRAME_SIZE as usize + frame::HEA
 /// A stream's granted window is given back once fewer request bytes than this wait for its
 /// exchange.
 const CREDIT_BELOW: usize = 16 * 1024;
+/// The PING that follows a drain's first GOAWAY (RFC 9113 §6.8).
+const DRAIN_PING: [u8; 8] = *b"kakehi-d";
+/// How long the final GOAWAY waits for that PING's answer.
+const DRAIN_PING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long a connection ended by an error keeps reading before it is closed.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Rounds of reading, serving and writing one `drive` makes before yielding.
@@ -202,6 +202,12 @@ pub struct H2Conn {
     peer_max_frame: usize,
     /// GOAWAY was sent with this last stream id: no stream above it is served.
     goaway: Option<u32>,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS as advertised.
+    max_streams: usize,
+    /// A drain began: GOAWAY(2^31-1) and this PING went out at that time; the final GOAWAY
+    /// follows its answer (or [`DRAIN_PING_WAIT`]), so that requests in flight meanwhile are
+    /// served rather than refused (RFC 9113 §6.8).
+    drain_ping: Option<Instant>,
     /// The client sent GOAWAY: it opens no more streams.
     peer_goaway: bool,
     /// A connection error was found: send what is queued (its GOAWAY last) and close.
@@ -226,7 +232,12 @@ pub struct H2Conn {
 }
 
 impl H2Conn {
-    pub fn new(_id: u64, peer: Peer, cx: &Cx) -> H2Conn {
+    /// A connection of a listener with `limits`.
+    pub fn new(peer: Peer, limits: H2Limits, cx: &Cx) -> H2Conn {
+        let header_limits = HeaderLimits {
+            max_list_size: limits.max_header_list_size,
+            ..HeaderLimits::default()
+        };
         let mut conn = H2Conn {
             peer,
             read: Vec::with_capacity(READ_CAP),
@@ -234,12 +245,14 @@ impl H2Conn {
             written: 0,
             preface: false,
             settings_seen: false,
-            decoder: Decoder::new(DEFAULT_TABLE_SIZE, HeaderLimits::default()),
+            decoder: Decoder::new(DEFAULT_TABLE_SIZE, header_limits),
             assembler: Assembler::new(BlockLimits::default()),
             streams: Vec::new(),
             last_stream: 0,
             send_window: DEFAULT_WINDOW,
-            recv_window: i64::from(CONNECTION_WINDOW),
+            recv_window: i64::from(limits.connection_window),
+            max_streams: limits.max_concurrent_streams as usize,
+            drain_ping: None,
             conn_owed: 0,
             peer_initial_window: DEFAULT_WINDOW,
             peer_max_frame: frame::DEFAULT_MAX_FRAME_SIZE as usize,
@@ -265,15 +278,20 @@ impl H2Conn {
             now: cx.now,
         };
         let settings = Settings {
-            max_concurrent_streams: Some(MAX_STREAMS as u32),
-            max_header_list_size: Some(DEFAULT_MAX_LIST_SIZE),
+            max_concurrent_streams: Some(limits.max_concurrent_streams),
+            max_header_list_size: Some(limits.max_header_list_size),
             ..Settings::default()
         };
         conn.put(&Frame::Settings(settings));
-        conn.put(&Frame::WindowUpdate {
-            stream_id: 0,
-            increment: CONNECTION_WINDOW - DEFAULT_WINDOW as u32,
-        });
+        let more = limits
+            .connection_window
+            .saturating_sub(DEFAULT_WINDOW as u32);
+        if more > 0 {
+            conn.put(&Frame::WindowUpdate {
+                stream_id: 0,
+                increment: more,
+            });
+        }
         conn
     }
 
@@ -318,6 +336,9 @@ impl H2Conn {
     pub fn deadline(&self, cx: &Cx) -> Instant {
         if let Some(until) = self.linger_until {
             return until;
+        }
+        if let (Some(since), None) = (self.drain_ping, self.goaway) {
+            return since + DRAIN_PING_WAIT;
         }
         let idle = if cx.draining {
             cx.timeouts.front_idle.min(crate::worker::DRAIN_IDLE_GRACE)
@@ -390,7 +411,22 @@ impl H2Conn {
             self.yielded = false;
             return self.linger(wires);
         }
-        if cx.draining && self.goaway.is_none() {
+        if cx.draining && self.goaway.is_none() && self.drain_ping.is_none() {
+            self.put(&Frame::GoAway {
+                last_stream_id: frame::MAX_WINDOW_SIZE,
+                code: ErrorCode::NoError,
+                debug: &[],
+            });
+            self.put(&Frame::Ping {
+                ack: false,
+                data: DRAIN_PING,
+            });
+            self.drain_ping = Some(cx.now);
+        }
+        if self
+            .drain_ping
+            .is_some_and(|since| cx.now >= since + DRAIN_PING_WAIT)
+        {
             self.send_goaway(ErrorCode::NoError);
         }
         for _ in 0..MAX_ROUNDS {
@@ -437,8 +473,11 @@ impl H2Conn {
                 }
                 return Flow::Close;
             }
-            if self.goaway.is_some() && self.streams.is_empty() && self.pending_write() == 0 {
-                return Flow::Close;
+            if self.goaway.is_some() && self.streams.is_empty() {
+                // FIN once the GOAWAY is out, then read what still comes for a moment, as
+                // after an error: a close with unread bytes could reset the GOAWAY away.
+                self.linger_until = Some(cx.now + LINGER);
+                return self.linger(wires);
             }
             if !progress {
                 // A stream whose exchange ended keeps the stale mark of its last drive.
@@ -693,6 +732,10 @@ impl H2Conn {
             Frame::Ping { ack, data } => {
                 if !ack {
                     self.put(&Frame::Ping { ack: true, data });
+                } else if data == DRAIN_PING && self.drain_ping.is_some() {
+                    // A round trip since the first GOAWAY: what the client sent before it
+                    // learnt of the drain has arrived.
+                    self.send_goaway(ErrorCode::NoError);
                 }
                 Ok(())
             }
@@ -795,7 +838,7 @@ impl H2Conn {
                 return Ok(());
             }
         };
-        if self.streams.len() >= MAX_STREAMS {
+        if self.streams.len() >= self.max_streams {
             self.put_rst(stream_id, ErrorCode::RefusedStream);
             return Ok(());
         }
