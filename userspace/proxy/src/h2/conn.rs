@@ -50,6 +50,10 @@ const READ_CAP: usize = 2 * (frame::DEFAULT_MAX_FRAME_SIZE as usize + frame::HEA
 /// A stream's granted window is given back once fewer request bytes than this wait for its
 /// exchange.
 const CREDIT_BELOW: usize = 16 * 1024;
+/// How long a connection with no stream keeps its buffers and spare exchanges.
+const PARK_AFTER: std::time::Duration = crate::session::PARK_AFTER;
+/// Finished streams' exchanges a connection keeps for its next streams.
+const SPARES: usize = 8;
 /// The PING that follows a drain's first GOAWAY (RFC 9113 §6.8).
 const DRAIN_PING: [u8; 8] = *b"kakehi-d";
 /// How long the final GOAWAY waits for that PING's answer.
@@ -202,6 +206,14 @@ pub struct H2Conn {
     peer_max_frame: usize,
     /// GOAWAY was sent with this last stream id: no stream above it is served.
     goaway: Option<u32>,
+    /// Exchanges (with their two pool buffers) and wires of finished streams, ready for the
+    /// next ones: a busy connection does not allocate an exchange per request. Given back
+    /// when the connection goes idle.
+    spare: Vec<(Exchange, StreamWire)>,
+    /// Idle past [`PARK_AFTER`], its buffers given back.
+    parked: bool,
+    /// Streams whose response went out whole.
+    served: u32,
     /// SETTINGS_MAX_CONCURRENT_STREAMS as advertised.
     max_streams: usize,
     /// A drain began: GOAWAY(2^31-1) and this PING went out at that time; the final GOAWAY
@@ -252,6 +264,9 @@ impl H2Conn {
             send_window: DEFAULT_WINDOW,
             recv_window: i64::from(limits.connection_window),
             max_streams: limits.max_concurrent_streams as usize,
+            spare: Vec::new(),
+            parked: false,
+            served: 0,
             drain_ping: None,
             conn_owed: 0,
             peer_initial_window: DEFAULT_WINDOW,
@@ -326,7 +341,8 @@ impl H2Conn {
     }
 
     /// Ends every stream and gives their buffers and backend connections back.
-    pub fn close(self, cx: &mut Cx) {
+    pub fn close(mut self, cx: &mut Cx) {
+        self.drop_spares(cx);
         for s in self.streams {
             release(s, cx);
         }
@@ -345,7 +361,9 @@ impl H2Conn {
         } else {
             cx.timeouts.front_idle
         };
-        let mut at = if self.streams.is_empty() {
+        let mut at = if self.streams.is_empty() && !self.parked {
+            (self.idle_since + idle).min(self.idle_since + PARK_AFTER)
+        } else if self.streams.is_empty() {
             self.idle_since + idle
         } else {
             self.idle_since + cx.timeouts.front_idle.max(cx.timeouts.back_idle)
@@ -367,6 +385,12 @@ impl H2Conn {
         self.now = now;
         if self.linger_until.is_some_and(|until| until <= now) {
             return Flow::Close;
+        }
+        if self.park_due(now) && self.linger_until.is_none() {
+            self.park(cx);
+            if self.deadline(cx) > now {
+                return Flow::Continue;
+            }
         }
         let peer = self.peer;
         let stalled: Vec<u32> = self
@@ -423,12 +447,6 @@ impl H2Conn {
             });
             self.drain_ping = Some(cx.now);
         }
-        if self
-            .drain_ping
-            .is_some_and(|since| cx.now >= since + DRAIN_PING_WAIT)
-        {
-            self.send_goaway(ErrorCode::NoError);
-        }
         for _ in 0..MAX_ROUNDS {
             if !self.flush(wires) {
                 return Flow::Close;
@@ -456,6 +474,15 @@ impl H2Conn {
                     return self.linger(wires);
                 }
             }
+            // No answer to the drain's PING in time: the final GOAWAY, once what the client
+            // sent before it was read (those streams are served, not refused).
+            if self.goaway.is_none()
+                && self
+                    .drain_ping
+                    .is_some_and(|since| cx.now >= since + DRAIN_PING_WAIT)
+            {
+                self.send_goaway(ErrorCode::NoError);
+            }
             progress |= self.serve_streams(cx);
             progress |= self.frame_responses(cx);
             self.grant_windows();
@@ -480,20 +507,23 @@ impl H2Conn {
                 return self.linger(wires);
             }
             if !progress {
+                if self.streams.is_empty() {
+                    // No stream left: the spare exchanges' buffers go back to the pool at
+                    // once (other connections' streams may need them); the exchanges keep
+                    // their allocations until the connection parks.
+                    for (exchange, _) in &mut self.spare {
+                        if !exchange.parked() {
+                            let (front, back) = exchange.lend_buffers();
+                            cx.pool.checkin(front);
+                            cx.pool.checkin(back);
+                        }
+                    }
+                }
                 // A stream whose exchange ended keeps the stale mark of its last drive.
                 self.yielded = self
                     .streams
                     .iter()
                     .any(|s| !s.exchange_done && s.exchange.yielded());
-                if self.streams.is_empty() {
-                    // An idle connection keeps no buffer (see the README's memory figures).
-                    if self.read.is_empty() {
-                        self.read = Vec::new();
-                    }
-                    if self.write.is_empty() {
-                        self.write = Vec::new();
-                    }
-                }
                 return Flow::Continue;
             }
         }
@@ -842,24 +872,54 @@ impl H2Conn {
             self.put_rst(stream_id, ErrorCode::RefusedStream);
             return Ok(());
         }
-        let mut head = Vec::new();
-        let framing = match request::write_head(&list, end_stream, &mut head) {
+        // A finished stream's exchange and wire when there is one (their allocations kept),
+        // else new ones with two buffers from the pool.
+        let spare = match self.spare.pop() {
+            Some((mut exchange, wire)) if exchange.parked() => {
+                match (cx.pool.checkout(), cx.pool.checkout()) {
+                    (Some(front), Some(back)) => {
+                        exchange.unpark(front, back);
+                        Some((exchange, wire))
+                    }
+                    (front, back) => {
+                        front.into_iter().for_each(|b| cx.pool.checkin(b));
+                        back.into_iter().for_each(|b| cx.pool.checkin(b));
+                        self.spare.push((exchange, wire));
+                        self.refuse(stream_id);
+                        return Ok(());
+                    }
+                }
+            }
+            other => other,
+        };
+        let (mut exchange, mut wire) = match spare {
+            Some((mut exchange, wire)) => {
+                exchange.reuse(cx.now);
+                (exchange, wire)
+            }
+            None => {
+                let Some(front_buf) = cx.pool.checkout() else {
+                    self.refuse(stream_id);
+                    return Ok(());
+                };
+                let Some(back_buf) = cx.pool.checkout() else {
+                    cx.pool.checkin(front_buf);
+                    self.refuse(stream_id);
+                    return Ok(());
+                };
+                let exchange = Exchange::new(self.peer, front_buf, back_buf, cx.now);
+                (exchange, StreamWire::default())
+            }
+        };
+        let framing = match request::write_head(&list, end_stream, wire.reset()) {
             Ok(f) => f,
             Err(_) => {
+                self.spare.push((exchange, wire));
                 self.put_rst(stream_id, ErrorCode::ProtocolError);
                 return Ok(());
             }
         };
-        let Some(front_buf) = cx.pool.checkout() else {
-            self.refuse(stream_id);
-            return Ok(());
-        };
-        let Some(back_buf) = cx.pool.checkout() else {
-            cx.pool.checkin(front_buf);
-            self.refuse(stream_id);
-            return Ok(());
-        };
-        let mut wire = StreamWire::new(head);
+        exchange.reuse(cx.now);
         if end_stream {
             wire.end_input();
         }
@@ -870,7 +930,7 @@ impl H2Conn {
         self.streams.push(Stream {
             id: stream_id,
             wires,
-            exchange: Exchange::new(self.peer, front_buf, back_buf, cx.now),
+            exchange,
             framing,
             declared_left: match framing {
                 Framing::Length(n) => n,
@@ -1073,7 +1133,7 @@ impl H2Conn {
                         // Answered before the client finished its request (§8.1).
                         self.put_rst(s.id, ErrorCode::NoError);
                     }
-                    release(s, cx);
+                    self.retire(s, cx);
                 }
                 StreamEnd::Broken => {
                     progress = true;
@@ -1085,6 +1145,9 @@ impl H2Conn {
         }
         if self.streams.is_empty() && progress {
             self.idle_since = cx.now;
+        }
+        if !self.streams.is_empty() {
+            self.parked = false;
         }
         progress
     }
@@ -1187,6 +1250,53 @@ impl H2Conn {
             return StreamEnd::Broken;
         }
         StreamEnd::Going(moved)
+    }
+
+    /// A stream whose response went out whole: its exchange and wire wait for the next
+    /// stream when they can serve it as they are (see [`SPARES`]), else go.
+    fn retire(&mut self, s: Stream, cx: &mut Cx) {
+        self.served = self.served.saturating_add(1);
+        // A connection that served one stream may well serve no other: keeping its exchange
+        // would cost an idle connection (the allocator's holes) for nothing.
+        if self.served < 2 || self.spare.len() >= SPARES || !s.exchange.parkable() {
+            release(s, cx);
+            return;
+        }
+        let Stream {
+            wires, exchange, ..
+        } = s;
+        let wire = wires.release(cx);
+        self.spare.push((exchange, wire));
+    }
+
+    /// Idle for [`PARK_AFTER`]: keeps no buffer (see the README's memory figures). Not at
+    /// once, so that a busy connection does not give back and take again its buffers between
+    /// two bursts of streams.
+    fn park(&mut self, cx: &mut Cx) {
+        self.drop_spares(cx);
+        self.spare = Vec::new();
+        if self.read.is_empty() {
+            self.read = Vec::new();
+        }
+        if self.write.is_empty() {
+            self.write = Vec::new();
+        }
+        self.parked = true;
+    }
+
+    fn park_due(&self, now: Instant) -> bool {
+        self.streams.is_empty() && !self.parked && now >= self.idle_since + PARK_AFTER
+    }
+
+    /// Gives the spare exchanges' buffers back to the pool.
+    fn drop_spares(&mut self, cx: &mut Cx) {
+        for (exchange, _) in self.spare.drain(..) {
+            if !exchange.parked() {
+                let (front, back) = exchange.into_buffers();
+                cx.pool.checkin(front);
+                cx.pool.checkin(back);
+            }
+        }
     }
 
     /// Gives back the windows of the request bytes the exchanges read.

@@ -34,6 +34,17 @@ impl StreamWire {
         }
     }
 
+    /// Made ready for another stream, keeping its allocations: returns the request buffer,
+    /// empty, for the next head.
+    pub fn reset(&mut self) -> &mut Vec<u8> {
+        self.input.clear();
+        self.input_at = 0;
+        self.input_end = false;
+        self.output.clear();
+        self.output_closed = false;
+        &mut self.input
+    }
+
     /// Appends request bytes (`request.rs` wrote them).
     pub fn input(&mut self) -> &mut Vec<u8> {
         if self.input_at > 0 && self.input_at == self.input.len() {

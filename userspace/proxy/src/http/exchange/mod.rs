@@ -223,12 +223,32 @@ impl Exchange {
         (front, back)
     }
 
+    /// Gives back the two buffers but keeps the parser's allocations (an HTTP/2 connection's
+    /// spare exchange between two bursts of streams); [`Exchange::unpark`] before driving.
+    /// Only when [`Exchange::parkable`].
+    pub fn lend_buffers(&mut self) -> (PoolBuf, PoolBuf) {
+        self.front_kawa.storage.clear();
+        self.back_kawa.storage.clear();
+        let front = std::mem::replace(&mut self.front_kawa.storage.buffer, PoolBuf::none());
+        let back = std::mem::replace(&mut self.back_kawa.storage.buffer, PoolBuf::none());
+        (front, back)
+    }
+
     /// Takes two buffers again, after [`Exchange::park`].
     pub fn unpark(&mut self, front: PoolBuf, back: PoolBuf) {
         self.front_kawa.storage.buffer = front;
         self.back_kawa.storage.buffer = back;
         self.front_kawa.storage.clear();
         self.back_kawa.storage.clear();
+    }
+
+    /// Serves another stream of an HTTP/2 connection, from `now`: only when
+    /// [`Exchange::parkable`] (its last exchange ended cleanly, nothing buffered). Its buffers
+    /// and the parser's allocations are kept.
+    pub fn reuse(&mut self, now: Instant) {
+        self.since = now;
+        self.yielded = false;
+        self.close_front_after = false;
     }
 
     /// Gives the two buffers back.
