@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{field, parse_logfmt, run_bounded, wait_until, Lbd, TempDir};
+use common::{field, parse_logfmt, run_bounded, wait_until, Cert, Lbd, TempDir};
 use serde_json::Value;
 
 /// The longest any one external client (python, openssl) may run.
@@ -192,49 +192,6 @@ fn the_worker(lbd: &Lbd) -> Vec<i32> {
 }
 
 // ---- certificates ---------------------------------------------------------------------------
-
-/// A self-signed certificate and its key, as files.
-struct Cert {
-    pem: PathBuf,
-    key: PathBuf,
-}
-
-impl Cert {
-    /// An ECDSA P-256 certificate for `name`, valid for 30 days, made by openssl.
-    fn new(dir: &Path, name: &str) -> Cert {
-        let (pem, key) = (
-            dir.join(format!("{name}.pem")),
-            dir.join(format!("{name}.key")),
-        );
-        let mut cmd = Command::new("openssl");
-        cmd.args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "30",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            &format!("subjectAltName=DNS:{name}"),
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            pem.to_str().unwrap(),
-        ]);
-        let out = run_bounded(cmd, DEADLINE, "openssl req");
-        assert!(
-            out.status.success(),
-            "openssl req failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Cert { pem, key }
-    }
-}
 
 // ---- the gRPC client ------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{curl, digest_line, one_cluster, pattern, run_bounded, Client, Lbd, TempDir};
+use common::{curl, digest_line, one_cluster, pattern, run_bounded, Cert, Client, Lbd, TempDir};
 use lb_testkit::{fnv1a64, Origin};
 use serde_json::Value;
 
@@ -85,49 +85,6 @@ fn the_worker(lbd: &Lbd) -> Vec<i32> {
 }
 
 // ---- certificates ---------------------------------------------------------------------------
-
-/// A self-signed certificate and its key, as files.
-struct Cert {
-    pem: PathBuf,
-    key: PathBuf,
-}
-
-impl Cert {
-    /// An ECDSA P-256 certificate for `name`, valid for 30 days, made by openssl.
-    fn new(dir: &Path, name: &str) -> Cert {
-        let (pem, key) = (
-            dir.join(format!("{name}.pem")),
-            dir.join(format!("{name}.key")),
-        );
-        let mut cmd = Command::new("openssl");
-        cmd.args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "30",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            &format!("subjectAltName=DNS:{name}"),
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            pem.to_str().unwrap(),
-        ]);
-        let out = run_bounded(cmd, DEADLINE, "openssl req");
-        assert!(
-            out.status.success(),
-            "openssl req failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Cert { pem, key }
-    }
-}
 
 // ---- curl -----------------------------------------------------------------------------------
 

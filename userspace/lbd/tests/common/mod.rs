@@ -29,6 +29,7 @@
 )]
 
 mod bodies;
+mod certs;
 mod client;
 mod config;
 mod curl;
@@ -46,6 +47,6 @@ mod wrk;
 // every part.
 #[allow(unused_imports)]
 pub use self::{
-    bodies::*, client::*, config::*, curl::*, lbctl::*, lbd::*, logfmt::*, netns::*, ports::*,
-    procs::*, tempdir::*, wait::*, wrk::*,
+    bodies::*, certs::*, client::*, config::*, curl::*, lbctl::*, lbd::*, logfmt::*, netns::*,
+    ports::*, procs::*, tempdir::*, wait::*, wrk::*,
 };

@@ -16,8 +16,9 @@
 use super::block::{Assembler, BlockLimits};
 use super::error::ErrorCode;
 use super::fields::{BlockKind, HeaderLimits};
-use super::frame::{self, Frame, FrameHeader, Parsed, Settings};
+use super::frame::{self, Frame, Parsed, Settings};
 use super::hpack::{self, Decoder, DEFAULT_TABLE_SIZE};
+use super::request::field;
 use super::response::{self, Piece, ResponseReader};
 use crate::http::exchange::Side;
 use std::io::{self, ErrorKind, IoSlice, Read, Write};
@@ -192,13 +193,7 @@ impl H2Back {
                     let mut block = std::mem::take(&mut self.scratch);
                     block.clear();
                     let mut add = |name: &[u8], value: &[u8]| {
-                        let start = block.len();
-                        block.resize(start + name.len() + value.len() + 16, 0);
-                        let n = block
-                            .get_mut(start..)
-                            .and_then(|o| hpack::encode_field(name, value, o))
-                            .unwrap_or(0);
-                        block.truncate(start + n);
+                        hpack::append_field(&mut block, name, value);
                     };
                     add(b":method", method);
                     add(b":scheme", b"http");
@@ -213,12 +208,18 @@ impl H2Back {
                     }
                     // gRPC servers want it, and trailers are what HTTP/2 is for here.
                     add(b"te", b"trailers");
-                    put_block(&mut self.out, &block, end, self.peer_max_frame);
+                    frame::append_header_block(
+                        &mut self.out,
+                        STREAM,
+                        &block,
+                        end,
+                        self.peer_max_frame,
+                    );
                     self.scratch = block;
                 }
                 Piece::Data(range) => {
                     let data = self.req.get(range).unwrap_or_default();
-                    put_data(&mut self.out, data, end);
+                    frame::append_data(&mut self.out, STREAM, data, end);
                     self.send_window -= data.len() as i64;
                     self.stream_window -= data.len() as i64;
                 }
@@ -226,15 +227,15 @@ impl H2Back {
                     let lines = self.req.get(range).unwrap_or_default();
                     let mut block = Vec::new();
                     for (name, value) in response::fields(lines) {
-                        let start = block.len();
-                        block.resize(start + name.len() + value.len() + 16, 0);
-                        let n = block
-                            .get_mut(start..)
-                            .and_then(|o| hpack::encode_field(name, value, o))
-                            .unwrap_or(0);
-                        block.truncate(start + n);
+                        hpack::append_field(&mut block, name, value);
                     }
-                    put_block(&mut self.out, &block, true, self.peer_max_frame);
+                    frame::append_header_block(
+                        &mut self.out,
+                        STREAM,
+                        &block,
+                        true,
+                        self.peer_max_frame,
+                    );
                 }
             }
             if end {
@@ -243,7 +244,7 @@ impl H2Back {
         }
         self.req.drain(..at);
         if self.reader.done() && !self.end_sent {
-            put_data(&mut self.out, &[], true);
+            frame::append_data(&mut self.out, STREAM, &[], true);
             self.end_sent = true;
         }
         if self.req_blocked && self.req.len() < REQUEST_CAP {
@@ -487,22 +488,8 @@ impl H2Back {
     }
 
     fn put(&mut self, frame: &Frame<'_>) {
-        let start = self.out.len();
-        self.out.resize(start + 64, 0);
-        let n = self
-            .out
-            .get_mut(start..)
-            .and_then(|o| frame::write_frame(frame, o))
-            .unwrap_or(0);
-        self.out.truncate(start + n);
+        frame::append_frame(&mut self.out, frame);
     }
-}
-
-fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// The reason phrase of an HTTP/1.1 status line (HTTP/2 has none).
@@ -527,32 +514,4 @@ fn reason(status: u16) -> &'static str {
         504 => "Gateway Timeout",
         _ => "",
     }
-}
-
-fn put_data(out: &mut Vec<u8>, data: &[u8], end_stream: bool) {
-    let header = FrameHeader {
-        length: data.len() as u32,
-        kind: frame::kind::DATA,
-        flags: if end_stream {
-            frame::flag::END_STREAM
-        } else {
-            0
-        },
-        stream_id: STREAM,
-    };
-    let mut bytes = [0u8; frame::HEADER_LEN];
-    header.write(&mut bytes);
-    out.extend_from_slice(&bytes);
-    out.extend_from_slice(data);
-}
-
-fn put_block(out: &mut Vec<u8>, block: &[u8], end_stream: bool, max_frame: usize) {
-    let start = out.len();
-    let frames = block.len() / max_frame.max(1) + 1;
-    out.resize(start + block.len() + frames * frame::HEADER_LEN, 0);
-    let n = out
-        .get_mut(start..)
-        .and_then(|o| frame::write_header_block(STREAM, block, end_stream, max_frame as u32, o))
-        .unwrap_or(0);
-    out.truncate(start + n);
 }

@@ -26,7 +26,7 @@
 use super::block::{Assembler, BlockLimits};
 use super::error::{ErrorCode, H2Error, Scope};
 use super::fields::{BlockKind, HeaderLimits, HeaderList};
-use super::frame::{self, Frame, FrameHeader, Parsed, Settings};
+use super::frame::{self, Frame, Parsed, Settings};
 use super::hpack::{self, Decoder, DEFAULT_TABLE_SIZE};
 use super::request::{self, Framing};
 use super::response::{self, Piece, ResponseReader};
@@ -1188,11 +1188,17 @@ impl H2Conn {
                         break Err(());
                     };
                     let block = self.scratch.get(..n).unwrap_or_default();
-                    put_block(&mut self.write, s.id, block, end, self.peer_max_frame);
+                    frame::append_header_block(
+                        &mut self.write,
+                        s.id,
+                        block,
+                        end,
+                        self.peer_max_frame,
+                    );
                 }
                 Piece::Data(range) => {
                     let data = wire.output.get(range).unwrap_or_default();
-                    put_data(&mut self.write, s.id, data, end);
+                    frame::append_data(&mut self.write, s.id, data, end);
                     s.send_window -= data.len() as i64;
                     self.send_window -= data.len() as i64;
                     s.sent += data.len() as u64;
@@ -1215,7 +1221,13 @@ impl H2Conn {
                         n += k;
                     }
                     let block = self.scratch.get(..n).unwrap_or_default();
-                    put_block(&mut self.write, s.id, block, true, self.peer_max_frame);
+                    frame::append_header_block(
+                        &mut self.write,
+                        s.id,
+                        block,
+                        true,
+                        self.peer_max_frame,
+                    );
                 }
             }
             if end {
@@ -1239,7 +1251,7 @@ impl H2Conn {
             return StreamEnd::Broken;
         }
         if s.reader.done() && !s.end_sent {
-            put_data(&mut self.write, s.id, &[], true);
+            frame::append_data(&mut self.write, s.id, &[], true);
             s.end_sent = true;
             moved = true;
         }
@@ -1333,14 +1345,7 @@ impl H2Conn {
     // ---- frames out ----------------------------------------------------------------------
 
     fn put(&mut self, frame: &Frame<'_>) {
-        let start = self.write.len();
-        self.write.resize(start + 64, 0);
-        let n = self
-            .write
-            .get_mut(start..)
-            .and_then(|out| frame::write_frame(frame, out))
-            .unwrap_or(0);
-        self.write.truncate(start + n);
+        frame::append_frame(&mut self.write, frame);
     }
 
     /// Notes how a stream closed, for the frames that may still come on it.
@@ -1426,32 +1431,4 @@ fn release(s: Stream, cx: &mut Cx) {
         cx.pool.checkin(front);
         cx.pool.checkin(back);
     }
-}
-
-fn put_data(out: &mut Vec<u8>, stream_id: u32, data: &[u8], end_stream: bool) {
-    let header = FrameHeader {
-        length: data.len() as u32,
-        kind: frame::kind::DATA,
-        flags: if end_stream {
-            frame::flag::END_STREAM
-        } else {
-            0
-        },
-        stream_id,
-    };
-    let mut bytes = [0u8; frame::HEADER_LEN];
-    header.write(&mut bytes);
-    out.extend_from_slice(&bytes);
-    out.extend_from_slice(data);
-}
-
-fn put_block(out: &mut Vec<u8>, stream_id: u32, block: &[u8], end_stream: bool, max_frame: usize) {
-    let start = out.len();
-    let frames = block.len() / max_frame.max(1) + 1;
-    out.resize(start + block.len() + frames * frame::HEADER_LEN, 0);
-    let n = out
-        .get_mut(start..)
-        .and_then(|o| frame::write_header_block(stream_id, block, end_stream, max_frame as u32, o))
-        .unwrap_or(0);
-    out.truncate(start + n);
 }

@@ -805,6 +805,51 @@ pub fn write_frame(frame: &Frame<'_>, out: &mut [u8]) -> Option<usize> {
     Some(o.at)
 }
 
+/// Appends `frame` to `out` (a frame of at most 64 octets of payload: the control frames).
+pub fn append_frame(out: &mut Vec<u8>, frame: &Frame<'_>) {
+    let start = out.len();
+    out.resize(start + HEADER_LEN + 64, 0);
+    let n = out
+        .get_mut(start..)
+        .and_then(|o| write_frame(frame, o))
+        .unwrap_or(0);
+    out.truncate(start + n);
+}
+
+/// Appends a DATA frame of `data` (at most the peer's SETTINGS_MAX_FRAME_SIZE) to `out`.
+pub fn append_data(out: &mut Vec<u8>, stream_id: u32, data: &[u8], end_stream: bool) {
+    let header = FrameHeader {
+        length: u32::try_from(data.len()).unwrap_or(u32::MAX),
+        kind: kind::DATA,
+        flags: if end_stream { flag::END_STREAM } else { 0 },
+        stream_id,
+    };
+    let mut bytes = [0u8; HEADER_LEN];
+    header.write(&mut bytes);
+    out.extend_from_slice(&bytes);
+    out.extend_from_slice(data);
+}
+
+/// Appends a whole header block to `out` as HEADERS and CONTINUATION frames (see
+/// [`write_header_block`]).
+pub fn append_header_block(
+    out: &mut Vec<u8>,
+    stream_id: u32,
+    block: &[u8],
+    end_stream: bool,
+    max_frame_size: usize,
+) {
+    let start = out.len();
+    let frames = block.len() / max_frame_size.max(1) + 1;
+    out.resize(start + block.len() + frames * HEADER_LEN, 0);
+    let max = u32::try_from(max_frame_size).unwrap_or(MAX_MAX_FRAME_SIZE);
+    let n = out
+        .get_mut(start..)
+        .and_then(|o| write_header_block(stream_id, block, end_stream, max, o))
+        .unwrap_or(0);
+    out.truncate(start + n);
+}
+
 /// Writes a whole header block as one HEADERS frame followed by as many CONTINUATION frames
 /// as `max_frame_size` (the peer's SETTINGS_MAX_FRAME_SIZE) requires; returns the length
 /// written, or None if it does not fit in `out`.

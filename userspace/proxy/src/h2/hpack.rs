@@ -389,6 +389,18 @@ pub fn encode_field(name: &[u8], value: &[u8], out: &mut [u8]) -> Option<usize> 
     Some(o.at)
 }
 
+/// Appends one field to a header block being built (see [`encode_field`]).
+pub fn append_field(block: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    let start = block.len();
+    // A field takes at most its name and value and 12 octets of prefixes.
+    block.resize(start + name.len() + value.len() + 16, 0);
+    let n = block
+        .get_mut(start..)
+        .and_then(|o| encode_field(name, value, o))
+        .unwrap_or(0);
+    block.truncate(start + n);
+}
+
 /// Writes a response head: `:status` then `fields`, at the front of `out`; returns the block's
 /// length, or None if it does not fit. Connection-specific fields are the caller's to drop.
 pub fn encode_response<'f>(

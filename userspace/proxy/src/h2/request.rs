@@ -107,7 +107,8 @@ pub fn write_head(
     Ok(framing)
 }
 
-fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// Appends `name: value` and its line end (an HTTP/1.1 field line).
+pub(super) fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
