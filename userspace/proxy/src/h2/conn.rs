@@ -187,7 +187,10 @@ impl From<H2Error> for Failed {
 
 pub struct H2Conn {
     peer: Peer,
+    /// Bytes read from the client: the first `filled` are not parsed yet. Sized once (to
+    /// [`READ_CAP`], or more for what the session read before HTTP/2), not per read.
     read: Vec<u8>,
+    filled: usize,
     write: Vec<u8>,
     written: usize,
     preface: bool,
@@ -222,8 +225,6 @@ pub struct H2Conn {
     drain_ping: Option<Instant>,
     /// The client sent GOAWAY: it opens no more streams.
     peer_goaway: bool,
-    /// A connection error was found: send what is queued (its GOAWAY last) and close.
-    closing: bool,
     /// The client closed its side.
     eof: bool,
     /// No stream since then.
@@ -252,7 +253,8 @@ impl H2Conn {
         };
         let mut conn = H2Conn {
             peer,
-            read: Vec::with_capacity(READ_CAP),
+            read: Vec::new(),
+            filled: 0,
             write: Vec::new(),
             written: 0,
             preface: false,
@@ -273,7 +275,6 @@ impl H2Conn {
             peer_max_frame: frame::DEFAULT_MAX_FRAME_SIZE as usize,
             goaway: None,
             peer_goaway: false,
-            closing: false,
             eof: false,
             idle_since: cx.now,
             yielded: false,
@@ -312,7 +313,9 @@ impl H2Conn {
 
     /// The bytes the session read before it knew the connection speaks HTTP/2.
     pub fn take_input(&mut self, bytes: &[u8]) {
+        self.read.truncate(self.filled);
         self.read.extend_from_slice(bytes);
+        self.filled = self.read.len();
     }
 
     pub fn yielded(&self) -> bool {
@@ -321,7 +324,7 @@ impl H2Conn {
 
     /// No stream open and nothing received unparsed: a draining worker may close it.
     pub fn idle_since(&self) -> Option<Instant> {
-        (self.streams.is_empty() && self.read.is_empty()).then_some(self.idle_since)
+        (self.streams.is_empty() && self.filled == 0).then_some(self.idle_since)
     }
 
     pub fn back_event(&mut self, fd: usize, readable: bool, writable: bool, read_closed: bool) {
@@ -451,15 +454,11 @@ impl H2Conn {
             if !self.flush(wires) {
                 return Flow::Close;
             }
-            if self.closing {
-                return Flow::Close;
-            }
             let mut progress = self.read_front(wires);
             match self.parse_frames(wires.key(), wires.listener(), cx) {
                 Ok(p) => progress |= p,
                 Err(Failed(code)) => {
                     self.send_goaway(code);
-                    self.closing = true;
                     for s in std::mem::take(&mut self.streams) {
                         release(s, cx);
                     }
@@ -489,15 +488,9 @@ impl H2Conn {
             if !self.flush(wires) {
                 return Flow::Close;
             }
-            if self.eof && self.streams.is_empty() {
-                return Flow::Close;
-            }
             if self.eof {
-                // The client cannot read what its streams would get: end them.
-                let streams = std::mem::take(&mut self.streams);
-                for s in streams {
-                    release(s, cx);
-                }
+                // The client cannot read what its streams would get: closing the session ends
+                // them (`close`).
                 return Flow::Close;
             }
             if self.goaway.is_some() && self.streams.is_empty() {
@@ -601,34 +594,30 @@ impl H2Conn {
     fn read_front<F: FrontWire>(&mut self, wires: &mut Wires<F>) -> bool {
         let side: &mut Side = &mut wires.front_side;
         let mut progress = false;
-        while side.readable && !self.eof && self.read.len() < READ_CAP {
-            let start = self.read.len();
+        if self.read.len() < READ_CAP {
             self.read.resize(READ_CAP, 0);
-            let room = READ_CAP - start;
-            let got = match self.read.get_mut(start..) {
+        }
+        while side.readable && !self.eof && self.filled < self.read.len() {
+            let room = self.read.len() - self.filled;
+            let got = match self.read.get_mut(self.filled..) {
                 Some(space) => wires.front.read(space),
                 None => Ok(0),
             };
             match got {
                 Ok(0) => {
-                    self.read.truncate(start);
                     self.eof = true;
                     progress = true;
                 }
                 Ok(n) => {
-                    self.read.truncate(start + n);
+                    self.filled += n;
                     progress = true;
                     if n < room && !side.hup {
                         side.readable = false;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    self.read.truncate(start);
-                    side.readable = false;
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => self.read.truncate(start),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => side.readable = false,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => {
-                    self.read.truncate(start);
                     self.eof = true;
                     progress = true;
                 }
@@ -642,16 +631,16 @@ impl H2Conn {
     /// Handles every whole frame read; true when one was.
     fn parse_frames(&mut self, key: usize, listener: usize, cx: &mut Cx) -> Result<bool, Failed> {
         let input = std::mem::take(&mut self.read);
-        let result = self.parse_from(&input, key, listener, cx);
-        let used = match result {
-            Ok(used) => used,
-            Err(e) => {
-                self.read = input;
-                return Err(e);
-            }
-        };
+        let result = self.parse_from(
+            input.get(..self.filled).unwrap_or_default(),
+            key,
+            listener,
+            cx,
+        );
         self.read = input;
-        self.read.drain(..used);
+        let used = result?;
+        self.read.copy_within(used..self.filled, 0);
+        self.filled -= used;
         Ok(used > 0)
     }
 
@@ -1287,7 +1276,7 @@ impl H2Conn {
     fn park(&mut self, cx: &mut Cx) {
         self.drop_spares(cx);
         self.spare = Vec::new();
-        if self.read.is_empty() {
+        if self.filled == 0 {
             self.read = Vec::new();
         }
         if self.write.is_empty() {

@@ -163,23 +163,15 @@ impl ResponseReader {
                     }));
                 }
                 Phase::Length(left) => {
-                    let take = data_len(rest.len(), left, max_data);
-                    if take == 0 {
-                        return if closed && rest.is_empty() {
-                            Err(Bad)
-                        } else {
-                            Ok(None)
-                        };
-                    }
-                    let left = left - take as u64;
-                    self.phase = if left == 0 {
-                        Phase::Done
-                    } else {
-                        Phase::Length(left)
-                    };
-                    let range = *at..*at + take;
-                    *at += take;
-                    return Ok(Some(Piece::Data(range)));
+                    return self.counted(
+                        rest.len(),
+                        at,
+                        left,
+                        max_data,
+                        closed,
+                        Phase::Length,
+                        Phase::Done,
+                    );
                 }
                 Phase::UntilClose => {
                     let take = rest.len().min(max_data);
@@ -213,23 +205,15 @@ impl ResponseReader {
                     };
                 }
                 Phase::ChunkData(left) => {
-                    let take = data_len(rest.len(), left, max_data);
-                    if take == 0 {
-                        return if closed && rest.is_empty() {
-                            Err(Bad)
-                        } else {
-                            Ok(None)
-                        };
-                    }
-                    let left = left - take as u64;
-                    self.phase = if left == 0 {
-                        Phase::ChunkEnd
-                    } else {
-                        Phase::ChunkData(left)
-                    };
-                    let range = *at..*at + take;
-                    *at += take;
-                    return Ok(Some(Piece::Data(range)));
+                    return self.counted(
+                        rest.len(),
+                        at,
+                        left,
+                        max_data,
+                        closed,
+                        Phase::ChunkData,
+                        Phase::ChunkEnd,
+                    );
                 }
                 Phase::ChunkEnd => {
                     if rest.len() < 2 {
@@ -261,6 +245,35 @@ impl ResponseReader {
                 }
             }
         }
+    }
+
+    /// Body bytes of a counted run (a declared length, or one chunk): `left` of them still due,
+    /// `available` in the buffer from `*at`; `more(n)` is the phase while `n` are still due,
+    /// `then` the one once all came.
+    #[allow(clippy::too_many_arguments)]
+    fn counted(
+        &mut self,
+        available: usize,
+        at: &mut usize,
+        left: u64,
+        max_data: usize,
+        closed: bool,
+        more: fn(u64) -> Phase,
+        then: Phase,
+    ) -> Result<Option<Piece>, Bad> {
+        let take = data_len(available, left, max_data);
+        if take == 0 {
+            return if closed && available == 0 {
+                Err(Bad)
+            } else {
+                Ok(None)
+            };
+        }
+        let left = left - take as u64;
+        self.phase = if left == 0 { then } else { more(left) };
+        let range = *at..*at + take;
+        *at += take;
+        Ok(Some(Piece::Data(range)))
     }
 
     /// What follows a head with `status` and field lines `head`.

@@ -26,14 +26,6 @@ pub struct StreamWire {
 }
 
 impl StreamWire {
-    /// A wire whose request starts with `head`.
-    pub fn new(head: Vec<u8>) -> StreamWire {
-        StreamWire {
-            input: head,
-            ..StreamWire::default()
-        }
-    }
-
     /// Made ready for another stream, keeping its allocations: returns the request buffer,
     /// empty, for the next head.
     pub fn reset(&mut self) -> &mut Vec<u8> {
