@@ -38,7 +38,14 @@ pub fn test(signals: &Signals) -> Result<()> {
     for (name, args) in steps {
         println!("\nxtask test: cargo {}", args.join(" "));
         let step_started = Instant::now();
-        procs::run_step(signals, Command::new("cargo").current_dir(&root).args(args))
+        let mut cargo = Command::new("cargo");
+        cargo.current_dir(&root).args(args);
+        // One full run gains nothing from incremental state, which would double the target
+        // directory on a fresh clone (gigabytes that CI's disk does not have).
+        if std::env::var_os("CARGO_INCREMENTAL").is_none() {
+            cargo.env("CARGO_INCREMENTAL", "0");
+        }
+        procs::run_step(signals, &mut cargo)
             .with_context(|| format!("step `{name}` failed ({} passed before it)", done.len()))?;
         done.push(format!(
             "{name} {:.0}s",
