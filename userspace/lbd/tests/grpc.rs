@@ -27,6 +27,7 @@
 )]
 
 mod common;
+mod scrape;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -35,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{field, parse_logfmt, run_bounded, wait_until, Cert, Lbd, TempDir};
+use common::{field, free_addr, parse_logfmt, run_bounded, wait_until, Cert, Lbd, TempDir};
 use serde_json::Value;
 
 /// The longest any one external client (python, openssl) may run.
@@ -86,8 +87,13 @@ struct GrpcServer {
 }
 
 impl GrpcServer {
-    /// Starts server.py and waits (10 s at most) for the port it writes.
+    /// Starts server.py on a free port and waits (10 s at most) for the port it writes.
     fn start() -> GrpcServer {
+        GrpcServer::start_on(0)
+    }
+
+    /// Starts server.py on `port` (0: any free one).
+    fn start_on(port: u16) -> GrpcServer {
         require_python_grpc();
         let dir = TempDir::new("grpc-server");
         let portfile = dir.path().join("port");
@@ -97,6 +103,7 @@ impl GrpcServer {
             .arg(&portfile)
             // server.py's own bound: it stops by itself after this, should the test not.
             .args(["--lifetime", "300"])
+            .args(["--port", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&stderr).unwrap())
@@ -381,6 +388,113 @@ fn two_hundred_concurrent_unary_calls_on_one_channel() {
     // And lbd serves the next channel.
     let after = client(lbd.addr(), None, &["--calls", "echo"]);
     assert_call_ok(&after["echo"], "Echo after the 200");
+}
+
+/// The connections from `lbd` to `backend` that are open now, as `ss` sees them.
+fn established_to(backend: SocketAddr) -> usize {
+    let mut ss = Command::new("ss");
+    ss.args(["-Htn", "state", "established", "dst", &backend.to_string()]);
+    let out = run_bounded(ss, Duration::from_secs(10), "ss");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// lbd with one http listener in front of `backend` (an `http2 = true` cluster), and its
+/// Prometheus endpoint on `metrics`.
+fn h2c_lbd_with_metrics(backend: SocketAddr, metrics: SocketAddr) -> Lbd {
+    Lbd::start(move |l| {
+        format!(
+            "[metrics]\naddress = \"{metrics}\"\n\n\
+             [[listeners]]\naddress = \"{l}\"\nprotocol = \"http\"\n\n\
+             [clusters.grpc]\nhttp2 = true\n\
+             frontends = [ {{ address = \"{l}\" }} ]\n\
+             backends = [ {{ address = \"{backend}\" }} ]\n"
+        )
+    })
+}
+
+/// New connections kakehi opened to `backend`, by its metrics.
+fn connections_opened(metrics: SocketAddr, backend: SocketAddr) -> f64 {
+    let m = scrape::scrape(metrics);
+    let labels = [("cluster", "grpc"), ("backend", &*backend.to_string())];
+    scrape::value(&m, "kakehi_backend_connections_total", &labels)
+        .expect("no kakehi_backend_connections_total for the backend")
+}
+
+#[test]
+fn calls_share_pooled_backend_connections() {
+    let server = GrpcServer::start();
+    let backend = server.addr();
+    let metrics = free_addr();
+    let lbd = h2c_lbd_with_metrics(backend, metrics);
+    let workers = the_worker(&lbd);
+
+    // 200 calls at once on one client channel, then channels one after another.
+    let n = 200;
+    let report = client(lbd.addr(), None, &["--concurrent", &n.to_string()]);
+    assert_eq!(report["concurrent"]["ok"], n, "{report}");
+    for round in 0..5 {
+        let r = client(lbd.addr(), None, &["--calls", "echo,count,chat,fail"]);
+        assert_call_ok(&r["echo"], &format!("Echo, round {round}"));
+        assert_call_ok(&r["count"], &format!("Count, round {round}"));
+        assert_call_ok(&r["chat"], &format!("Chat, round {round}"));
+        assert_eq!(r["fail"]["code"], "PERMISSION_DENIED", "{r}");
+    }
+
+    // 20 calls of 300 KB each at once: both directions past the streams' 64 KiB windows,
+    // interleaved on the shared connections, every byte back in its place.
+    let big = client(
+        lbd.addr(),
+        None,
+        &["--concurrent", "20", "--size", "300000"],
+    );
+    assert_eq!(big["concurrent"]["ok"], 20, "{big}");
+
+    // 240 exchanges went to the server over a few HTTP/2 connections: one, and one more
+    // per 100 streams opened before the server's SETTINGS said how many it takes.
+    let opened = connections_opened(metrics, backend);
+    eprintln!("240 gRPC calls opened {opened} connections to the backend");
+    assert!(
+        (1.0..=3.0).contains(&opened),
+        "240 calls opened {opened} backend connections: they are not shared"
+    );
+    // The server sees them too, kept open for the next calls.
+    let open = established_to(backend);
+    assert!(
+        open >= 1 && open as f64 <= opened,
+        "{open} connections to the server are open, {opened} were opened"
+    );
+    assert_eq!(lbd.workers(), workers, "the worker was replaced");
+}
+
+#[test]
+fn a_pooled_connection_the_backend_closed_is_not_reused() {
+    let server = GrpcServer::start();
+    let backend = server.addr();
+    let metrics = free_addr();
+    let lbd = h2c_lbd_with_metrics(backend, metrics);
+    let workers = the_worker(&lbd);
+
+    let r = client(lbd.addr(), None, &["--calls", "echo,echo_big"]);
+    assert_call_ok(&r["echo"], "Echo");
+    assert_eq!(r["echo_big"]["reversed_ok"], true, "{r}");
+    assert!(wait_until(Duration::from_secs(5), || established_to(
+        backend
+    ) == 1));
+
+    // The server goes and comes back on the same port: the idle connection kakehi pooled
+    // was closed by the old one, and the first call after must not be sent on it.
+    drop(server);
+    assert!(
+        wait_until(Duration::from_secs(5), || established_to(backend) == 0),
+        "kakehi kept the closed connection to the server open"
+    );
+    let _again = GrpcServer::start_on(backend.port());
+    let r = client(lbd.addr(), None, &["--calls", "echo,count,chat"]);
+    assert_call_ok(&r["echo"], "Echo to the server restarted");
+    assert_call_ok(&r["count"], "Count to the server restarted");
+    assert_call_ok(&r["chat"], "Chat to the server restarted");
+    assert_eq!(connections_opened(metrics, backend), 2.0);
+    assert_eq!(lbd.workers(), workers, "the worker was replaced");
 }
 
 #[test]

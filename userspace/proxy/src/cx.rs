@@ -37,6 +37,8 @@ pub struct Cx {
     /// Pipes for splice(2) in TCP passthrough.
     pub pipes: PipePool,
     pub idle: IdlePool,
+    /// HTTP/2 connections to the backends of `http2 = true` clusters, shared by exchanges.
+    pub upstreams: crate::h2::upstream::Upstreams,
     pub log: AccessLog,
     /// This worker's figures, sent to the supervisor when it asks (see `orders.rs`).
     pub stats: Stats,

@@ -10,8 +10,8 @@
 
 use crate::balancer::{self, ClusterState, Tried};
 use crate::cx::Cx;
-use crate::h2::backend::H2Back;
 use crate::h2::conn::H2Conn;
+use crate::h2::upstream::Shared;
 use crate::http::exchange::{self, Connect, Exchange, FrontWire, Http2, LogEntry, Opened, Side};
 use crate::http::Peer;
 use crate::idle_backends::back_token;
@@ -33,17 +33,28 @@ pub use crate::http::exchange::Flow;
 /// does not give back and take again two buffers per request.
 pub const PARK_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// A backend socket, and what HTTP/2 adds to it for a cluster with `http2 = true`.
-pub(crate) struct BackIo {
-    stream: TcpStream,
-    h2: Option<Box<H2Back>>,
+/// A backend connection: a socket of the exchange's own, or, for a cluster with
+/// `http2 = true`, a stream on a shared HTTP/2 connection (`h2/upstream.rs`).
+pub(crate) enum BackIo {
+    Plain(TcpStream),
+    H2 { up: Shared, id: u32 },
+}
+
+impl BackIo {
+    /// The descriptor number of the socket (its backend token's).
+    fn fd(&self) -> usize {
+        match self {
+            BackIo::Plain(s) => usize::try_from(s.as_raw_fd()).unwrap_or(usize::MAX),
+            BackIo::H2 { up, .. } => up.borrow().fd(),
+        }
+    }
 }
 
 impl Read for BackIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.h2.as_mut() {
-            None => self.stream.read(buf),
-            Some(h2) => h2.read_response(&mut self.stream, buf),
+        match self {
+            BackIo::Plain(s) => s.read(buf),
+            BackIo::H2 { up, id } => up.borrow_mut().read(*id, buf),
         }
     }
 }
@@ -54,9 +65,9 @@ impl Write for BackIo {
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self.h2.as_mut() {
-            None => self.stream.write_vectored(bufs),
-            Some(h2) => h2.write_request(&mut self.stream, bufs),
+        match self {
+            BackIo::Plain(s) => s.write_vectored(bufs),
+            BackIo::H2 { up, id } => up.borrow_mut().write(*id, bufs),
         }
     }
 
@@ -106,14 +117,14 @@ impl<F> Wires<F> {
     pub(crate) fn after_drive(&mut self) -> bool {
         match self.back.as_mut() {
             Some(BackConn {
-                io:
-                    BackIo {
-                        stream,
-                        h2: Some(h2),
-                    },
+                io: BackIo::H2 { up, id },
                 side,
                 ..
-            }) => h2.after_drive(stream, side),
+            }) => {
+                let again = up.borrow_mut().after_drive(*id);
+                side.writable |= again;
+                again
+            }
             _ => false,
         }
     }
@@ -148,7 +159,7 @@ impl<F> Wires<F> {
         read_closed: bool,
     ) -> bool {
         let is = |stream: &TcpStream| usize::try_from(stream.as_raw_fd()) == Ok(fd);
-        if let Some(back) = self.back.as_mut().filter(|b| is(&b.io.stream)) {
+        if let Some(back) = self.back.as_mut().filter(|b| b.io.fd() == fd) {
             back.side.readable |= readable;
             back.side.writable |= writable;
             back.side.hup |= read_closed;
@@ -180,7 +191,7 @@ impl<F> Wires<F> {
             ..
         } = self;
         if let Some(b) = back.as_mut() {
-            cx.idle.forget(&b.io.stream);
+            forget(cx, &b.io);
             if let Some(c) = cx.clusters.get_mut(b.cluster) {
                 c.release(b.backend);
             }
@@ -448,6 +459,15 @@ impl Session {
 
 /// A connection kept for the next request goes to the idle pool, or is closed when an event
 /// came for it while it was kept.
+/// An exchange is done with its backend connection, which is not reused: a socket of its own
+/// is closed (when the caller drops it), a stream on a shared connection ended.
+fn forget(cx: &mut Cx, io: &BackIo) {
+    match io {
+        BackIo::Plain(s) => cx.idle.forget(s),
+        BackIo::H2 { up, id } => cx.upstreams.release(up, *id, cx.now),
+    }
+}
+
 fn put_back(cx: &mut Cx, held: HeldBack) {
     if held.stirred {
         cx.idle.forget(&held.stream);
@@ -468,6 +488,50 @@ impl<F> Real<'_, F> {
     /// from the idle pool. The bool says it was reused (no connect needed).
     /// A connection found is registered already and its events come to this session; a new
     /// one is registered by the caller.
+    /// A stream to `address` on an HTTP/2 connection shared with other exchanges.
+    fn open_h2_stream(
+        &mut self,
+        cluster_idx: usize,
+        backend: usize,
+        address: SocketAddr,
+        attempt: u32,
+    ) -> Opened {
+        let cx = &mut *self.cx;
+        let (up, id, reused) =
+            match cx
+                .upstreams
+                .open(address, self.wires.key, &cx.registry, cx.now)
+            {
+                Ok(opened) => opened,
+                Err(e) => {
+                    log::warn!("connect to {address} failed: {e}");
+                    cx.note_attempt(cluster_idx, address, attempt, true);
+                    cx.backend_failed(cluster_idx, backend, true);
+                    return Opened::Failed;
+                }
+            };
+        cx.note_attempt(cluster_idx, address, attempt, !reused);
+        if let Some(cluster) = cx.clusters.get_mut(cluster_idx) {
+            cluster.acquire(backend);
+        }
+        let established = up.borrow().connect_state() == Some(true);
+        self.wires.back = Some(BackConn {
+            io: BackIo::H2 { up, id },
+            cluster: cluster_idx,
+            backend,
+            address,
+            side: Side {
+                writable: established,
+                ..Side::default()
+            },
+        });
+        if established {
+            Opened::Ready(address)
+        } else {
+            Opened::Connecting(address)
+        }
+    }
+
     fn connection_to(&mut self, address: SocketAddr) -> io::Result<(TcpStream, bool)> {
         let cx = &mut *self.cx;
         let held = self.wires.held.take();
@@ -556,14 +620,10 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         let Some(address) = cluster.address(backend) else {
             return Opened::Unavailable;
         };
-        let http2 = cluster.http2;
-        // An HTTP/2 backend gets a connection of its own (HTTP/1.1 ones are reused).
-        let found = if http2 {
-            TcpStream::connect(address).map(|s| (s, false))
-        } else {
-            self.connection_to(address)
-        };
-        let (stream, reused) = match found {
+        if cluster.http2 {
+            return self.open_h2_stream(cluster_idx, backend, address, attempt);
+        }
+        let (stream, reused) = match self.connection_to(address) {
             Ok(found) => found,
             Err(e) => {
                 log::warn!("connect to {address} failed: {e}");
@@ -575,10 +635,7 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         let cx = &mut *self.cx;
         cx.note_attempt(cluster_idx, address, attempt, !reused);
         let mut back = BackConn {
-            io: BackIo {
-                stream,
-                h2: http2.then(|| Box::new(H2Back::new())),
-            },
+            io: BackIo::Plain(stream),
             cluster: cluster_idx,
             backend,
             address,
@@ -590,16 +647,15 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
             },
         };
         if !reused {
+            let BackIo::Plain(stream) = &mut back.io else {
+                return Opened::Failed;
+            };
             let interest = Interest::READABLE | Interest::WRITABLE;
-            let token = back_token(&back.io.stream);
-            if cx
-                .registry
-                .register(&mut back.io.stream, token, interest)
-                .is_err()
-            {
+            let token = back_token(stream);
+            if cx.registry.register(stream, token, interest).is_err() {
                 return Opened::Failed;
             }
-            cx.idle.own(&back.io.stream, self.wires.key);
+            cx.idle.own(stream, self.wires.key);
         }
         if let Some(cluster) = cx.clusters.get_mut(cluster_idx) {
             cluster.acquire(backend);
@@ -616,12 +672,25 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         let Some(back) = self.wires.back.as_mut() else {
             return Connect::Missing;
         };
+        let stream = match &back.io {
+            BackIo::Plain(stream) => stream,
+            BackIo::H2 { up, .. } => {
+                return match up.borrow().connect_state() {
+                    None => Connect::Pending,
+                    Some(true) => Connect::Established,
+                    Some(false) => {
+                        log::warn!("connect to {} failed", back.address);
+                        Connect::Failed
+                    }
+                }
+            }
+        };
         if !back.side.writable && !back.side.readable {
             return Connect::Pending;
         }
-        let failed = match back.io.stream.take_error() {
+        let failed = match stream.take_error() {
             Ok(Some(_)) | Err(_) => true,
-            Ok(None) => match back.io.stream.peer_addr() {
+            Ok(None) => match stream.peer_addr() {
                 Ok(_) => false,
                 Err(e) if e.kind() == ErrorKind::NotConnected => {
                     back.side.writable = false;
@@ -646,7 +715,7 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
 
     fn drop_backend(&mut self) {
         if let Some(b) = self.wires.back.take() {
-            self.cx.idle.forget(&b.io.stream);
+            forget(self.cx, &b.io);
             if let Some(c) = self.cx.clusters.get_mut(b.cluster) {
                 c.release(b.backend);
             }
@@ -666,10 +735,13 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         if let Some(c) = cx.clusters.get_mut(back.cluster) {
             c.release(back.backend);
         }
-        if !reusable || back.io.h2.is_some() {
-            cx.idle.forget(&back.io.stream);
-            return;
-        }
+        let stream = match back.io {
+            BackIo::Plain(stream) if reusable => stream,
+            io => {
+                forget(cx, &io);
+                return;
+            }
+        };
         // Kept for this client's next request, its events still coming here; past the
         // worker's cap on kept connections, it goes to the pool at once. Either way it stays
         // registered (see idle_backends.rs).
@@ -679,19 +751,24 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         }
         if cx.idle.hold() {
             self.wires.held = Some(HeldBack {
-                stream: back.io.stream,
+                stream,
                 address: back.address,
                 since: cx.now,
                 stirred: false,
             });
         } else {
-            cx.idle.put(back.address, back.io.stream, cx.now);
+            cx.idle.put(back.address, stream, cx.now);
         }
     }
 
     fn shutdown_back_write(&mut self) {
-        if let Some(back) = self.wires.back.as_mut() {
-            let _ = back.io.stream.shutdown(Shutdown::Write);
+        // A stream on an HTTP/2 connection ends with its request's END_STREAM instead.
+        if let Some(BackConn {
+            io: BackIo::Plain(stream),
+            ..
+        }) = self.wires.back.as_mut()
+        {
+            let _ = stream.shutdown(Shutdown::Write);
         }
     }
 

@@ -128,6 +128,10 @@ pub struct Worker {
     buffer_size: usize,
     /// Sessions to drive again at the next turn (see [`Conn::yielded`]).
     again: Vec<usize>,
+    /// Scratch lists: sessions woken by an HTTP/2 backend connection's event, and by its
+    /// streams moving outside one (key, descriptor).
+    woken: Vec<usize>,
+    moved: Vec<(usize, usize)>,
     tls_context: TlsContext,
 }
 
@@ -218,6 +222,7 @@ impl Worker {
             ),
             pipes: PipePool::new(IDLE_PIPES, PIPE_SIZE),
             idle: IdlePool::new(IDLE_PER_BACKEND, config.timeouts.back_idle),
+            upstreams: crate::h2::upstream::Upstreams::new(config.timeouts.back_idle),
             log: AccessLog::new(&config.access_log).map_err(WorkerError::AccessLog)?,
             stats: Stats::default(),
             down: Vec::new(),
@@ -245,6 +250,8 @@ impl Worker {
             access_log: config.access_log.clone(),
             buffer_size: config.buffer_size,
             again: Vec::new(),
+            woken: Vec::new(),
+            moved: Vec::new(),
             tls_context,
         })
     }
@@ -537,6 +544,21 @@ impl Worker {
                 // A backend connection: its owner's, or a pooled one's (then it will not be
                 // reused when the event says bytes came or the backend closed).
                 let fd = idle_backends::token_fd(token);
+                // An HTTP/2 connection shared by streams: it reads and sorts its frames, and
+                // the sessions whose streams moved are driven.
+                let mut woken = std::mem::take(&mut self.woken);
+                woken.clear();
+                if self.cx.upstreams.event(fd, readable, writable, &mut woken) {
+                    for &key in &woken {
+                        if let Some(session) = self.sessions.get_mut(key) {
+                            session.back_event(fd, true, true, false);
+                            touched.push(key);
+                        }
+                    }
+                    self.woken = woken;
+                    continue;
+                }
+                self.woken = woken;
                 let Some(key) = self.cx.idle.event(fd, readable) else {
                     continue;
                 };
@@ -571,8 +593,21 @@ impl Worker {
         }
         self.fire_timers();
 
+        // Streams moved by other sessions' turns (room made on a shared HTTP/2 connection, a
+        // stream that failed): their sessions are driven in the next turn, which comes at once.
+        let mut moved = std::mem::take(&mut self.moved);
+        moved.clear();
+        self.cx.upstreams.woken(&mut moved);
+        for &(key, fd) in &moved {
+            if let Some(session) = self.sessions.get_mut(key) {
+                session.back_event(fd, true, true, false);
+                self.again.push(key);
+            }
+        }
+        self.moved = moved;
         if self.cx.now.saturating_duration_since(self.last_prune) >= Duration::from_secs(1) {
             self.cx.idle.prune(self.cx.now);
+            self.cx.upstreams.prune(self.cx.now);
             self.last_prune = self.cx.now;
         }
         self.cx.log.flush();

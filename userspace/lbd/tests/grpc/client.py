@@ -3,7 +3,7 @@
 
 Run with /usr/bin/python3 (the grpc module is Debian's python3-grpcio). Usage:
 
-    client.py ADDR [--tls CAFILE --name NAME] [--calls LIST] [--concurrent N]
+    client.py ADDR [--tls CAFILE --name NAME] [--calls LIST] [--concurrent N [--size BYTES]]
 
 ADDR is HOST:PORT. Without --tls the channel is `grpc.insecure_channel` (h2c with prior
 knowledge); with it, `grpc.secure_channel` trusting CAFILE, NAME being the name checked in the
@@ -22,7 +22,8 @@ messages (identity serializers: there is no protoc here).
     fail      Fail: the status code and details.
 
 --concurrent N instead makes N Echo calls at once on the channel (futures), each with its
-own payload, and reports how many came back right.
+own payload (padded with a pattern to BYTES when --size is given), and reports how many came
+back right.
 
 Every call has a 10 s timeout, and the whole run a 50 s watchdog (exit 3). The report is one
 JSON object on stdout, a key per call; each call's object has "code" (the status code's
@@ -187,10 +188,13 @@ def fail(channel):
             "secs": time.monotonic() - started}
 
 
-def concurrent(channel, n):
+def concurrent(channel, n, size):
     started = time.monotonic()
     stub = method(channel, "unary_unary", "Echo")
-    payloads = [("call %d of %d" % (i, n)).encode("ascii") for i in range(n)]
+    payloads = []
+    for i in range(n):
+        p = ("call %d of %d|" % (i, n)).encode("ascii")
+        payloads.append(p + bytes((i + k * 13) % 256 for k in range(max(0, size - len(p)))))
     calls = [stub.future(p, timeout=TIMEOUT) for p in payloads]
     ok, codes, bad = 0, {}, []
     for i, (p, f) in enumerate(zip(payloads, calls)):
@@ -207,7 +211,8 @@ def concurrent(channel, n):
         if reply == p[::-1] and trailer == str(len(p)):
             ok += 1
         elif len(bad) < 5:
-            bad.append({"i": i, "reply": reply.decode("latin-1"), "trailer": trailer})
+            bad.append({"i": i, "reply": reply[:64].decode("latin-1"), "reply_len": len(reply),
+                        "trailer": trailer})
     return {"n": n, "ok": ok, "codes": codes, "bad": bad, "secs": time.monotonic() - started}
 
 
@@ -229,9 +234,11 @@ def main(argv):
     name = option("--name")
     calls = (option("--calls") or "echo,echo_big,count,chat,fail").split(",")
     n = option("--concurrent")
+    size = int(option("--size") or 0)
     if len(args) != 1 or (cafile is None) != (name is None) or any(c not in CALLS for c in calls):
         sys.stderr.write(
-            "usage: client.py ADDR [--tls CAFILE --name NAME] [--calls LIST] [--concurrent N]\n"
+            "usage: client.py ADDR [--tls CAFILE --name NAME] [--calls LIST]"
+            " [--concurrent N [--size BYTES]]\n"
         )
         return 2
     addr = args[0]
@@ -258,7 +265,7 @@ def main(argv):
     started = time.monotonic()
     with channel:
         if n is not None:
-            report["concurrent"] = concurrent(channel, int(n))
+            report["concurrent"] = concurrent(channel, int(n), size)
         else:
             for c in calls:
                 report[c] = CALLS[c](channel)

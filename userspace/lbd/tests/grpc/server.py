@@ -86,8 +86,13 @@ def main(argv):
         i = args.index("--lifetime")
         lifetime = float(args[i + 1])
         del args[i : i + 2]
+    want = 0
+    if "--port" in args:
+        i = args.index("--port")
+        want = int(args[i + 1])
+        del args[i : i + 2]
     if len(args) != 1:
-        sys.stderr.write("usage: server.py PORTFILE [--lifetime SECS]\n")
+        sys.stderr.write("usage: server.py PORTFILE [--lifetime SECS] [--port PORT]\n")
         return 2
     portfile = args[0]
 
@@ -97,9 +102,9 @@ def main(argv):
         options=[("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=None,
     )
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port("127.0.0.1:%d" % want)
     if port == 0:
-        sys.stderr.write("server.py: cannot bind 127.0.0.1:0\n")
+        sys.stderr.write("server.py: cannot bind 127.0.0.1:%d\n" % want)
         return 1
     server.start()
     tmp = portfile + ".tmp"

@@ -328,10 +328,9 @@ impl H2Conn {
     }
 
     pub fn back_event(&mut self, fd: usize, readable: bool, writable: bool, read_closed: bool) {
+        // Several streams may share one HTTP/2 backend connection: each is told.
         for s in &mut self.streams {
-            if s.wires.back_event(fd, readable, writable, read_closed) {
-                return;
-            }
+            s.wires.back_event(fd, readable, writable, read_closed);
         }
     }
 

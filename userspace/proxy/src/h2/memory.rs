@@ -244,6 +244,7 @@ fn memory_cx(plan: &Plan, now: Instant) -> io::Result<Cx> {
         pool: BufferPool::new(plan.buffer_size, 0, plan.buffers),
         pipes: PipePool::new(0, 0),
         idle: IdlePool::new(0, config.timeouts.back_idle),
+        upstreams: crate::h2::upstream::Upstreams::new(config.timeouts.back_idle),
         log,
         stats: Stats::default(),
         down: Vec::new(),

@@ -17,7 +17,6 @@
 //! HeaderList <--hpack::encode_response-- ; frames <--frame::write_frame / write_header_block--
 //! ```
 
-pub mod backend;
 pub mod block;
 pub mod conn;
 pub mod error;
@@ -29,6 +28,7 @@ pub mod memory;
 pub mod request;
 pub mod response;
 pub mod stream;
+pub mod upstream;
 
 #[cfg(test)]
 mod tests;
