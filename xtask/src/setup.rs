@@ -33,10 +33,12 @@ pub const RUN: [&str; 1] = ["curl"];
 /// of the TCP passthrough tests, tmux the terminal `lbctl top` draws in, strace counts a
 /// worker's syscalls per request, python3-h2 writes the HTTP/2 frames lb-proxy's h2 tests read
 /// and drives lbd's HTTP/2 end-to-end tests, whose load generator is nghttp2-client's h2load,
-/// and python3-grpcio is the gRPC client and server of lbd's gRPC end-to-end tests.
-pub const TEST: [&str; 8] = [
+/// python3-grpcio is the gRPC client and server of lbd's gRPC end-to-end tests, and nginx the
+/// h2c backend of its HTTP/2-to-backends tests.
+pub const TEST: [&str; 9] = [
     "curl",
     "wrk",
+    "nginx",
     "openssl",
     "tmux",
     "strace",

@@ -31,14 +31,15 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{curl, digest_line, one_cluster, pattern, run_bounded, Cert, Client, Lbd, TempDir};
+use common::{
+    curl, digest_line, h2load_all_ok, one_cluster, pattern, run_bounded, Cert, Client, Lbd, TempDir,
+};
 use lb_testkit::{fnv1a64, Origin};
 use serde_json::Value;
 
@@ -786,70 +787,9 @@ fn rst_stream_from_the_client_leaves_the_connection_usable() {
     assert_eq!(lbd.workers(), workers, "the worker was replaced");
 }
 
-/// h2load's counters: "requests: 2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed,
-/// 0 errored, 0 timeout" and "status codes: 2000 2xx, 0 3xx, 0 4xx, 0 5xx", by their words.
-fn parse_h2load(out: &str) -> HashMap<String, u64> {
-    let mut m = HashMap::new();
-    for (prefix, tag) in [("requests:", ""), ("status codes:", "status ")] {
-        let line = out
-            .lines()
-            .find_map(|l| l.trim().strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} line in h2load's output:\n{out}"));
-        for part in line.split(',') {
-            let mut kv = part.split_whitespace();
-            if let (Some(n), Some(word)) = (kv.next(), kv.next()) {
-                let n = n
-                    .parse()
-                    .unwrap_or_else(|_| panic!("a number in {part:?}:\n{out}"));
-                m.insert(format!("{tag}{word}"), n);
-            }
-        }
-    }
-    m
-}
-
 /// `h2load -n N -c 4 -m 10 URL`: asserts every request succeeded with a 2xx over `proto`.
 fn h2load(url: &str, n: u64, proto: &str) {
-    let installed = std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .any(|d| Path::new(d).join("h2load").is_file());
-    assert!(
-        installed,
-        "this test needs h2load (Debian's nghttp2-client: `cargo xtask setup` or \
-         apt-get install -y nghttp2-client); it is not skipped"
-    );
-    let mut cmd = Command::new("h2load");
-    // -N: a connection quiet for 10 s is given up (and counted as failed requests).
-    cmd.args(["-n", &n.to_string(), "-c", "4", "-m", "10", "-N", "10", url]);
-    let out = run_bounded(cmd, DEADLINE, &format!("h2load {url}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("{text}");
-    assert!(
-        text.contains(&format!("Application protocol: {proto}\n")),
-        "h2load did not use {proto}:\n{text}"
-    );
-    let m = parse_h2load(&text);
-    let get = |k: &str| m.get(k).copied().unwrap_or(u64::MAX);
-    assert_eq!(
-        (
-            get("total"),
-            get("done"),
-            get("succeeded"),
-            get("status 2xx")
-        ),
-        (n, n, n, n),
-        "not every request succeeded with a 2xx:\n{text}"
-    );
-    assert_eq!(
-        (get("failed"), get("errored"), get("timeout")),
-        (0, 0, 0),
-        "failures:\n{text}"
-    );
+    h2load_all_ok(&["-c", "4", "-m", "10"], url, n, proto, DEADLINE);
 }
 
 #[test]

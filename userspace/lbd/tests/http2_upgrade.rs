@@ -47,8 +47,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::{
-    in_fresh_netns, is_alive, lbctl_ok, one_cluster, run_bounded, socket_inodes, tcp_sockets,
-    wait_until, workers_ready, Lbd, TCP_ESTABLISHED,
+    in_fresh_netns, is_alive, lbctl_ok, one_cluster, parse_h2load, require, run_bounded,
+    socket_inodes, tcp_sockets, wait_until, workers_ready, Lbd, TCP_ESTABLISHED,
 };
 use lb_testkit::Origin;
 use nix::sys::signal::{kill, Signal};
@@ -150,40 +150,6 @@ fn seen(origin: &Origin, prefix: &str) -> usize {
 }
 
 // ---- h2load ---------------------------------------------------------------------------------
-
-/// h2load's counters: "requests: 2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed,
-/// 0 errored, 0 timeout" and "status codes: 2000 2xx, 0 3xx, 0 4xx, 0 5xx", by their words.
-fn parse_h2load(out: &str) -> HashMap<String, u64> {
-    let mut m = HashMap::new();
-    for (prefix, tag) in [("requests:", ""), ("status codes:", "status ")] {
-        let line = out
-            .lines()
-            .find_map(|l| l.trim().strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} line in h2load's output:\n{out}"));
-        for part in line.split(',') {
-            let mut kv = part.split_whitespace();
-            if let (Some(n), Some(word)) = (kv.next(), kv.next()) {
-                let n = n
-                    .parse()
-                    .unwrap_or_else(|_| panic!("a number in {part:?}:\n{out}"));
-                m.insert(format!("{tag}{word}"), n);
-            }
-        }
-    }
-    m
-}
-
-fn require(program: &str, package: &str) {
-    let installed = std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .any(|d| Path::new(d).join(program).is_file());
-    assert!(
-        installed,
-        "this test needs {program} (Debian's {package}: `cargo xtask setup` or apt-get install \
-         -y {package}); it is not skipped"
-    );
-}
 
 #[test]
 fn h2load_across_two_upgrades_fails_no_request() {

@@ -37,7 +37,7 @@ pub const PARK_AFTER: std::time::Duration = std::time::Duration::from_millis(50)
 /// `http2 = true`, a stream on a shared HTTP/2 connection (`h2/upstream.rs`).
 pub(crate) enum BackIo {
     Plain(TcpStream),
-    H2 { up: Shared, id: u32 },
+    H2 { up: Shared, handle: u32 },
 }
 
 impl BackIo {
@@ -54,7 +54,7 @@ impl Read for BackIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             BackIo::Plain(s) => s.read(buf),
-            BackIo::H2 { up, id } => up.borrow_mut().read(*id, buf),
+            BackIo::H2 { up, handle } => up.borrow_mut().read(*handle, buf),
         }
     }
 }
@@ -67,7 +67,7 @@ impl Write for BackIo {
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             BackIo::Plain(s) => s.write_vectored(bufs),
-            BackIo::H2 { up, id } => up.borrow_mut().write(*id, bufs),
+            BackIo::H2 { up, handle } => up.borrow_mut().write(*handle, bufs),
         }
     }
 
@@ -113,20 +113,43 @@ pub(crate) struct Wires<F> {
 
 impl<F> Wires<F> {
     /// After the exchange's turn: what an HTTP/2 backend connection must write, and whether
-    /// the exchange should be driven again.
-    pub(crate) fn after_drive(&mut self) -> bool {
-        match self.back.as_mut() {
-            Some(BackConn {
-                io: BackIo::H2 { up, id },
-                side,
-                ..
-            }) => {
-                let again = up.borrow_mut().after_drive(*id);
-                side.writable |= again;
-                again
+    /// the exchange should be driven again. A stream the backend refused unprocessed (a
+    /// GOAWAY before it, REFUSED_STREAM) moves here to another connection, its request sent
+    /// again, without the exchange knowing.
+    pub(crate) fn after_drive(&mut self, cx: &mut Cx) -> bool {
+        let key = self.key;
+        let Some(BackConn {
+            io: BackIo::H2 { up, handle },
+            side,
+            address,
+            cluster,
+            ..
+        }) = self.back.as_mut()
+        else {
+            return false;
+        };
+        let refused = up.borrow_mut().take_refused(*handle);
+        if let Some((request, moves)) = refused {
+            cx.upstreams.release(up, *handle, cx.now);
+            match cx.upstreams.open(*address, key, &cx.registry, cx.now) {
+                Ok((next, next_handle, reused)) => {
+                    log::debug!("a stream refused by {address} goes again on another connection");
+                    cx.note_attempt(*cluster, *address, 1, !reused);
+                    next.borrow_mut().resume(next_handle, request, moves);
+                    *up = next;
+                    *handle = next_handle;
+                }
+                Err(e) => {
+                    // The exchange learns it from its next read (the stream is gone).
+                    log::warn!("connect to {address} failed: {e}");
+                    side.readable = true;
+                    return true;
+                }
             }
-            _ => false,
         }
+        let again = up.borrow_mut().after_drive(*handle);
+        side.writable |= again;
+        again
     }
 
     /// The wires of session `key` (its slab key) on listener `listener`, with no backend.
@@ -385,7 +408,7 @@ impl Session {
         );
         // An HTTP/2 backend may have more to write, or room again for the request.
         for _ in 0..MAX_REDRIVES {
-            if flow != Flow::Continue || !self.wires.after_drive() {
+            if flow != Flow::Continue || !self.wires.after_drive(cx) {
                 break;
             }
             flow = self.exchange.drive(&mut Real {
@@ -464,7 +487,7 @@ impl Session {
 fn forget(cx: &mut Cx, io: &BackIo) {
     match io {
         BackIo::Plain(s) => cx.idle.forget(s),
-        BackIo::H2 { up, id } => cx.upstreams.release(up, *id, cx.now),
+        BackIo::H2 { up, handle } => cx.upstreams.release(up, *handle, cx.now),
     }
 }
 
@@ -497,7 +520,7 @@ impl<F> Real<'_, F> {
         attempt: u32,
     ) -> Opened {
         let cx = &mut *self.cx;
-        let (up, id, reused) =
+        let (up, handle, reused) =
             match cx
                 .upstreams
                 .open(address, self.wires.key, &cx.registry, cx.now)
@@ -516,7 +539,7 @@ impl<F> Real<'_, F> {
         }
         let established = up.borrow().connect_state() == Some(true);
         self.wires.back = Some(BackConn {
-            io: BackIo::H2 { up, id },
+            io: BackIo::H2 { up, handle },
             cluster: cluster_idx,
             backend,
             address,

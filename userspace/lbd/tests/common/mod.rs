@@ -33,6 +33,7 @@ mod certs;
 mod client;
 mod config;
 mod curl;
+mod h2load;
 mod lbctl;
 mod lbd;
 mod logfmt;
@@ -47,6 +48,6 @@ mod wrk;
 // every part.
 #[allow(unused_imports)]
 pub use self::{
-    bodies::*, certs::*, client::*, config::*, curl::*, lbctl::*, lbd::*, logfmt::*, netns::*,
-    ports::*, procs::*, tempdir::*, wait::*, wrk::*,
+    bodies::*, certs::*, client::*, config::*, curl::*, h2load::*, lbctl::*, lbd::*, logfmt::*,
+    netns::*, ports::*, procs::*, tempdir::*, wait::*, wrk::*,
 };

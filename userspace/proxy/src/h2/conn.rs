@@ -1080,7 +1080,7 @@ impl H2Conn {
             });
             // An HTTP/2 backend may have more to write, or room again for the request.
             for _ in 0..4 {
-                if flow != Flow::Continue || !s.wires.after_drive() {
+                if flow != Flow::Continue || !s.wires.after_drive(cx) {
                     break;
                 }
                 flow = s.exchange.drive(&mut Real {

@@ -61,9 +61,15 @@ const ASSUMED_MAX_STREAMS: usize = 100;
 /// Streams on one connection at most, whatever the backend allows.
 const MAX_STREAMS: usize = 1000;
 const MAX_STREAM_ID: u32 = (1 << 31) - 1;
+/// Times a refused stream moves to another connection before it fails.
+const MAX_MOVES: u8 = 3;
 
 #[derive(Debug)]
 struct Stream {
+    /// How its exchange names it.
+    handle: u32,
+    /// Its stream identifier: 0 until its HEADERS are framed, so that identifiers go out in
+    /// increasing order whatever order the exchanges write in (RFC 9113 §5.1.1).
     id: u32,
     /// The key of the session whose exchange this is.
     owner: usize,
@@ -87,12 +93,25 @@ struct Stream {
     stirred: bool,
     /// The request buffer has room again after a write was refused.
     wake_write: bool,
+    /// The request bytes its exchange wrote, kept until the response begins (at most
+    /// [`REQUEST_CAP`]; `None` past it): what goes again on another connection when the
+    /// backend refuses the stream unprocessed.
+    replay: Option<Vec<u8>>,
+    /// The backend will not process it (a GOAWAY before it, REFUSED_STREAM), and `replay`
+    /// holds the whole request so far: its session moves it to another connection.
+    refused: bool,
+    /// Times its request was moved so.
+    moves: u8,
+    /// The backend closed it after a whole response (RST_STREAM NO_ERROR): the rest of the
+    /// request is not wanted.
+    peer_closed: bool,
 }
 
 impl Stream {
-    fn new(id: u32, owner: usize) -> Stream {
+    fn new(handle: u32, owner: usize) -> Stream {
         Stream {
-            id,
+            handle,
+            id: 0,
             owner,
             req: Vec::new(),
             reader: ResponseReader::request(),
@@ -109,6 +128,10 @@ impl Stream {
             failed: false,
             stirred: false,
             wake_write: false,
+            replay: Some(Vec::new()),
+            refused: false,
+            moves: 0,
+            peer_closed: false,
         }
     }
 }
@@ -135,6 +158,7 @@ pub struct Upstream {
     assembler: Assembler,
     streams: Vec<Stream>,
     next_id: u32,
+    next_handle: u32,
     /// Connection window used since the last WINDOW_UPDATE on stream 0.
     conn_owed: u32,
     /// Since when it has had no stream.
@@ -169,6 +193,7 @@ impl Upstream {
             assembler: Assembler::new(BlockLimits::default()),
             streams: Vec::new(),
             next_id: 1,
+            next_handle: 0,
             conn_owed: 0,
             idle_since: now,
             pending_wake: false,
@@ -206,15 +231,22 @@ impl Upstream {
             && self.next_id <= MAX_STREAM_ID
     }
 
+    /// A stream for the session with key `owner`: its handle.
     fn open_stream(&mut self, owner: usize) -> u32 {
-        let id = self.next_id;
-        self.next_id += 2;
-        self.streams.push(Stream::new(id, owner));
-        id
+        let handle = self.next_handle;
+        self.next_handle = self.next_handle.wrapping_add(1);
+        self.streams.push(Stream::new(handle, owner));
+        handle
     }
 
-    fn stream(&mut self, id: u32) -> Option<&mut Stream> {
-        self.streams.iter_mut().find(|s| s.id == id)
+    /// The stream its exchange calls `handle`.
+    fn stream(&mut self, handle: u32) -> Option<&mut Stream> {
+        self.streams.iter_mut().find(|s| s.handle == handle)
+    }
+
+    /// The stream with identifier `id` on the wire (never 0: the connection's).
+    fn wire(&mut self, id: u32) -> Option<&mut Stream> {
+        self.streams.iter_mut().find(|s| s.id == id && id != 0)
     }
 
     fn put(&mut self, frame: &Frame<'_>) {
@@ -307,13 +339,23 @@ impl Upstream {
         }
     }
 
-    /// Takes request bytes for stream `id` from its exchange.
-    pub fn write(&mut self, id: u32, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    /// Takes request bytes for stream `handle` from its exchange.
+    pub fn write(&mut self, handle: u32, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let dead = self.dead;
         let out_full = self.out.len() - self.out_at >= OUT_CAP;
-        let Some(s) = self.stream(id) else {
+        let Some(s) = self.stream(handle) else {
             return Err(ErrorKind::BrokenPipe.into());
         };
+        if s.refused {
+            // Taken again on the connection it moves to.
+            return Err(ErrorKind::WouldBlock.into());
+        }
+        if s.ended && (dead || s.peer_closed) {
+            // The response is whole and the backend wants no more of the request (RFC 9113
+            // §8.1): the rest is dropped, and the exchange goes on to give the response.
+            s.req.clear();
+            return Ok(bufs.iter().map(|b| b.len()).sum());
+        }
         if dead || s.failed {
             return Err(ErrorKind::BrokenPipe.into());
         }
@@ -325,14 +367,22 @@ impl Upstream {
         let mut n = 0;
         for b in bufs {
             let take = b.len().min(room);
-            s.req.extend_from_slice(b.get(..take).unwrap_or_default());
+            let taken = b.get(..take).unwrap_or_default();
+            s.req.extend_from_slice(taken);
+            if let Some(replay) = s.replay.as_mut() {
+                if replay.len() + taken.len() <= REQUEST_CAP {
+                    replay.extend_from_slice(taken);
+                } else {
+                    s.replay = None;
+                }
+            }
             n += take;
             room -= take;
             if room == 0 {
                 break;
             }
         }
-        self.frame_stream(id);
+        self.frame_stream(handle);
         self.flush();
         Ok(n)
     }
@@ -342,48 +392,63 @@ impl Upstream {
         let ids: Vec<u32> = self
             .streams
             .iter()
+            .filter(|s| !s.refused && !s.failed && !s.peer_closed)
             .filter(|s| !s.req.is_empty() || (s.reader.done() && !s.end_sent))
-            .map(|s| s.id)
+            .map(|s| s.handle)
             .collect();
-        for id in ids {
-            self.frame_stream(id);
+        for handle in ids {
+            self.frame_stream(handle);
         }
     }
 
-    /// Frames what stream `id`'s request buffer holds, as far as the windows allow; a
+    /// Frames what stream `handle`'s request buffer holds, as far as the windows allow; a
     /// request that cannot be framed fails the stream.
-    fn frame_stream(&mut self, id: u32) {
-        let Some(index) = self.streams.iter().position(|s| s.id == id) else {
+    fn frame_stream(&mut self, handle: u32) {
+        let Some(index) = self
+            .streams
+            .iter()
+            .position(|s| s.handle == handle && !s.refused && !s.failed && !s.peer_closed)
+        else {
             return;
         };
         let mut scratch = std::mem::take(&mut self.scratch);
         let max_frame = self.peer_max_frame;
         let mut send_window = self.send_window;
+        let mut next_id = self.next_id;
         let Some(s) = self.streams.get_mut(index) else {
             return;
         };
         let out = &mut self.out;
-        let result = frame_request(s, out, &mut scratch, &mut send_window, max_frame);
+        let mut conn = Framing {
+            block: &mut scratch,
+            send_window: &mut send_window,
+            next_id: &mut next_id,
+            max_frame,
+        };
+        let result = frame_request(s, out, &mut conn);
         self.send_window = send_window;
+        self.next_id = next_id;
         self.scratch = scratch;
         if result.is_err() {
             s.failed = true;
             s.stirred = true;
             self.pending_wake = true;
-            frame::append_frame(
-                &mut self.out,
-                &Frame::RstStream {
-                    stream_id: id,
-                    code: ErrorCode::InternalError,
-                },
-            );
+            if s.id != 0 {
+                frame::append_frame(
+                    &mut self.out,
+                    &Frame::RstStream {
+                        stream_id: s.id,
+                        code: ErrorCode::InternalError,
+                    },
+                );
+            }
         }
     }
 
-    /// Gives stream `id`'s exchange response bytes.
-    pub fn read(&mut self, id: u32, buf: &mut [u8]) -> io::Result<usize> {
+    /// Gives stream `handle`'s exchange response bytes.
+    pub fn read(&mut self, handle: u32, buf: &mut [u8]) -> io::Result<usize> {
         let dead = self.dead;
-        let Some(s) = self.stream(id) else {
+        let Some(s) = self.stream(handle) else {
             return Err(ErrorKind::ConnectionReset.into());
         };
         let rest = s.resp.get(s.resp_at..).unwrap_or_default();
@@ -397,11 +462,14 @@ impl Upstream {
                 s.resp.clear();
                 s.resp_at = 0;
             }
-            self.credit(id, n);
+            self.credit(handle, n);
             return Ok(n);
         }
         if s.ended {
             return Ok(0);
+        }
+        if s.refused {
+            return Err(ErrorKind::WouldBlock.into());
         }
         if s.failed || dead {
             return Err(ErrorKind::ConnectionReset.into());
@@ -409,9 +477,9 @@ impl Upstream {
         Err(ErrorKind::WouldBlock.into())
     }
 
-    /// Gives the backend stream `id`'s window back for what its exchange read.
-    fn credit(&mut self, id: u32, n: usize) {
-        let Some(s) = self.stream(id) else {
+    /// Gives the backend stream `handle`'s window back for what its exchange read.
+    fn credit(&mut self, handle: u32, n: usize) {
+        let Some(s) = self.stream(handle) else {
             return;
         };
         s.owed = s.owed.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
@@ -420,31 +488,55 @@ impl Upstream {
         }
         let increment = std::mem::take(&mut s.owed);
         s.recv += i64::from(increment);
+        let stream_id = s.id;
         self.put(&Frame::WindowUpdate {
-            stream_id: id,
+            stream_id,
             increment,
         });
         self.flush();
     }
 
-    /// After stream `id`'s exchange was driven: writes what waits, and says whether the
-    /// exchange may write again (its request buffer made room).
-    pub fn after_drive(&mut self, id: u32) -> bool {
+    /// Stream `handle`, refused by the backend unprocessed, leaves this connection: its
+    /// request so far and how many times it moved, for a stream on another connection.
+    pub fn take_refused(&mut self, handle: u32) -> Option<(Vec<u8>, u8)> {
+        let s = self.stream(handle).filter(|s| s.refused)?;
+        s.failed = true;
+        Some((s.replay.take().unwrap_or_default(), s.moves + 1))
+    }
+
+    /// A new stream `handle` takes over a refused one's request (see [`take_refused`]).
+    ///
+    /// [`take_refused`]: Upstream::take_refused
+    pub fn resume(&mut self, handle: u32, request: Vec<u8>, moves: u8) {
+        let Some(s) = self.stream(handle) else {
+            return;
+        };
+        s.moves = moves;
+        s.req.extend_from_slice(&request);
+        s.replay = Some(request);
+        self.frame_stream(handle);
         self.flush();
-        self.stream(id)
+    }
+
+    /// After stream `handle`'s exchange was driven: writes what waits, and says whether the
+    /// exchange may write again (its request buffer made room).
+    pub fn after_drive(&mut self, handle: u32) -> bool {
+        self.flush();
+        self.stream(handle)
             .is_some_and(|s| std::mem::take(&mut s.wake_write))
     }
 
-    /// Ends stream `id` for its exchange: reset when it did not end both ways.
-    fn close_stream(&mut self, id: u32, now: Instant) {
-        let Some(index) = self.streams.iter().position(|s| s.id == id) else {
+    /// Ends stream `handle` for its exchange: reset when it was opened on the wire and did
+    /// not end both ways (a stream whose HEADERS never went out is not on the wire).
+    fn close_stream(&mut self, handle: u32, now: Instant) {
+        let Some(index) = self.streams.iter().position(|s| s.handle == handle) else {
             return;
         };
         let s = self.streams.swap_remove(index);
         let finished = s.ended && s.end_sent;
-        if !(finished || s.failed || self.dead) {
+        if !(finished || s.failed || s.peer_closed || self.dead || s.id == 0) {
             self.put(&Frame::RstStream {
-                stream_id: id,
+                stream_id: s.id,
                 code: ErrorCode::Cancel,
             });
             self.flush();
@@ -497,7 +589,11 @@ impl Upstream {
         if let Frame::Headers { .. } | Frame::Continuation { .. } = frame {
             let (end_stream, stream_id, list) = match self.assembler.push(frame) {
                 Ok(Some(b)) => {
-                    let kind = match self.streams.iter().find(|s| s.id == b.stream_id) {
+                    let kind = match self
+                        .streams
+                        .iter()
+                        .find(|s| s.id == b.stream_id && s.id != 0)
+                    {
                         Some(s) if s.head_done => BlockKind::Trailers,
                         _ => BlockKind::Response,
                     };
@@ -509,7 +605,7 @@ impl Upstream {
                 Err(e) => return Err(io::Error::new(ErrorKind::InvalidData, e)),
             };
             let list = list.map_err(|e| io::Error::new(ErrorKind::InvalidData, e))?;
-            if let Some(s) = self.stream(stream_id) {
+            if let Some(s) = self.wire(stream_id) {
                 on_head(s, &list, end_stream);
                 s.stirred = true;
             }
@@ -535,7 +631,7 @@ impl Upstream {
                         increment,
                     });
                 }
-                let Some(s) = self.stream(stream_id) else {
+                let Some(s) = self.wire(stream_id) else {
                     // A stream its exchange ended (and reset): dropped.
                     return Ok(());
                 };
@@ -591,15 +687,19 @@ impl Upstream {
             } => {
                 if stream_id == 0 {
                     self.send_window += i64::from(increment);
-                } else if let Some(s) = self.stream(stream_id) {
+                } else if let Some(s) = self.wire(stream_id) {
                     s.window += i64::from(increment);
                 }
                 Ok(())
             }
             Frame::RstStream { stream_id, code } => {
-                if let Some(s) = self.stream(stream_id) {
+                if let Some(s) = self.wire(stream_id) {
                     // NO_ERROR after a whole response: the backend needs no more request.
-                    if !(code == ErrorCode::NoError && s.ended) {
+                    if code == ErrorCode::RefusedStream {
+                        refuse(s);
+                    } else if code == ErrorCode::NoError && s.ended {
+                        s.peer_closed = true;
+                    } else {
                         log::debug!("h2 backend reset stream {stream_id}: {code:?}");
                         s.failed = true;
                     }
@@ -618,9 +718,9 @@ impl Upstream {
                 );
                 self.goaway = Some(last_stream_id);
                 for s in &mut self.streams {
-                    if s.id > last_stream_id && !s.ended {
-                        s.failed = true;
-                        s.stirred = true;
+                    // Past its last stream, or not sent yet: never processed.
+                    if (s.id == 0 || s.id > last_stream_id) && !s.ended {
+                        refuse(s);
                     }
                 }
                 Ok(())
@@ -630,17 +730,43 @@ impl Upstream {
     }
 }
 
+/// The backend will not process stream `s` (RFC 9113 §8.7): it moves to another connection
+/// when its whole request was kept and no response began, else it fails.
+fn refuse(s: &mut Stream) {
+    if s.replay.is_some() && !s.head_done && s.resp.is_empty() && s.moves < MAX_MOVES {
+        s.refused = true;
+    } else {
+        s.failed = true;
+    }
+    s.stirred = true;
+}
+
+/// What framing a stream's request takes from its connection.
+struct Framing<'a> {
+    /// Scratch for a header block.
+    block: &'a mut Vec<u8>,
+    send_window: &'a mut i64,
+    /// The identifier the next stream opened on the wire gets.
+    next_id: &'a mut u32,
+    max_frame: usize,
+}
+
 /// Frames what stream `s`'s request buffer holds into `out`, as far as the windows allow.
 fn frame_request(
     s: &mut Stream,
     out: &mut Vec<u8>,
-    block: &mut Vec<u8>,
-    send_window: &mut i64,
-    max_frame: usize,
+    conn: &mut Framing<'_>,
 ) -> Result<(), response::Bad> {
+    let Framing {
+        block,
+        send_window,
+        next_id,
+        max_frame,
+    } = conn;
+    let max_frame = *max_frame;
     let mut at = 0;
     loop {
-        let window = (*send_window).min(s.window).max(0);
+        let window = (**send_window).min(s.window).max(0);
         let max = usize::try_from(window).unwrap_or(0).min(max_frame);
         let Some(piece) = s.reader.next(&s.req, &mut at, max, false)? else {
             break;
@@ -648,6 +774,11 @@ fn frame_request(
         let end = s.reader.done();
         match piece {
             Piece::Head { line, fields, .. } => {
+                if **next_id > MAX_STREAM_ID {
+                    return Err(response::Bad);
+                }
+                s.id = **next_id;
+                **next_id += 2;
                 let (method, target) = response::request_line(s.req.get(line).unwrap_or_default());
                 let lines = s.req.get(fields).unwrap_or_default();
                 let host = response::fields(lines)
@@ -675,7 +806,7 @@ fn frame_request(
             Piece::Data(range) => {
                 let data = s.req.get(range).unwrap_or_default();
                 frame::append_data(out, s.id, data, end);
-                *send_window -= data.len() as i64;
+                **send_window -= data.len() as i64;
                 s.window -= data.len() as i64;
             }
             Piece::Trailers(range) => {
@@ -718,6 +849,7 @@ fn on_head(s: &mut Stream, list: &super::fields::HeaderList, end_stream: bool) {
         s.ended = true;
         return;
     }
+    s.replay = None;
     let status = list.status().unwrap_or(502);
     let _ = write!(s.resp, "HTTP/1.1 {status} {}\r\n", reason(status));
     let length = list.get(b"content-length").is_some();
@@ -773,15 +905,15 @@ impl Upstreams {
             !up.dead && up.goaway.is_none()
         });
         if let Some(up) = open.iter().find(|up| up.borrow().has_room()) {
-            let id = up.borrow_mut().open_stream(owner);
-            return Ok((Rc::clone(up), id, true));
+            let handle = up.borrow_mut().open_stream(owner);
+            return Ok((Rc::clone(up), handle, true));
         }
         let up = Rc::new(RefCell::new(Upstream::connect(address, registry, now)?));
-        let id = up.borrow_mut().open_stream(owner);
+        let handle = up.borrow_mut().open_stream(owner);
         let fd = up.borrow().fd;
         open.push(Rc::clone(&up));
         self.by_fd.insert(fd, Rc::clone(&up));
-        Ok((up, id, false))
+        Ok((up, handle, false))
     }
 
     /// An event for the backend socket with descriptor number `fd`: false when it is no
