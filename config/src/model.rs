@@ -164,6 +164,32 @@ pub struct H2Limits {
     /// The connection's receive window (default 1 MiB): what all streams' request bodies may
     /// hold together before kakehi grants more.
     pub connection_window: u32,
+    /// Streams the client resets before their response ended (Rapid Reset).
+    pub client_resets: Rate,
+    /// Streams kakehi resets because of what the client sent (MadeYouReset).
+    pub own_resets: Rate,
+    /// PING frames.
+    pub pings: Rate,
+    /// SETTINGS frames.
+    pub settings: Rate,
+    /// PRIORITY frames, empty DATA frames without END_STREAM, frames of unknown types.
+    pub noise: Rate,
+    /// WINDOW_UPDATE frames (a client downloading fast sends many).
+    pub window_updates: Rate,
+}
+
+/// A token bucket: `burst` at once, refilled at `per_second`. Past it, the HTTP/2 connection
+/// ends with GOAWAY(ENHANCE_YOUR_CALM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rate {
+    pub burst: u32,
+    pub per_second: u32,
+}
+
+impl Rate {
+    pub const fn new(burst: u32, per_second: u32) -> Rate {
+        Rate { burst, per_second }
+    }
 }
 
 impl Default for H2Limits {
@@ -172,6 +198,12 @@ impl Default for H2Limits {
             max_concurrent_streams: 100,
             max_header_list_size: 16_384,
             connection_window: 1 << 20,
+            client_resets: Rate::new(100, 10),
+            own_resets: Rate::new(100, 10),
+            pings: Rate::new(50, 10),
+            settings: Rate::new(50, 10),
+            noise: Rate::new(1000, 100),
+            window_updates: Rate::new(10_000, 5_000),
         }
     }
 }

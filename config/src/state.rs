@@ -211,6 +211,28 @@ pub struct H2Def {
     pub max_header_list_size: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_window: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_resets: Option<RateDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub own_resets: Option<RateDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pings: Option<RateDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settings: Option<RateDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub noise: Option<RateDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_updates: Option<RateDef>,
+}
+
+/// A rate budget in a listener's `h2` table: `{ burst = N, per_second = M }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateDef {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_second: Option<i64>,
 }
 
 /// What `lbctl state dump` shows in place of a private key.

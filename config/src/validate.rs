@@ -19,14 +19,14 @@ use std::time::Duration;
 use crate::error::{join_key, ConfigError, Places};
 use crate::model::{
     AccessLog, Backend, Certificate, Cluster, ClusterProtocol, Config, H2Limits, HealthCheck,
-    Listener, ListenerProtocol, LoadBalancing, LogFormat, LogTarget, Metrics, Steering,
+    Listener, ListenerProtocol, LoadBalancing, LogFormat, LogTarget, Metrics, Rate, Steering,
     SteeringPolicy, Timeouts,
 };
 use crate::routes::FrontendChecker;
 use crate::state::{
     AccessLogDef, BackendDef, CertificateDef, ClusterDef, ClusterProtocolDef, H2Def,
-    HealthCheckDef, ListenerDef, ListenerProtocolDef, LoadBalancingDef, LogFormatDef, State,
-    SteeringDef, SteeringPolicyDef, TimeoutsDef,
+    HealthCheckDef, ListenerDef, ListenerProtocolDef, LoadBalancingDef, LogFormatDef, RateDef,
+    State, SteeringDef, SteeringPolicyDef, TimeoutsDef,
 };
 use crate::DEFAULT_COMMAND_SOCKET;
 
@@ -369,6 +369,44 @@ impl Checker<'_> {
                 &format!("{field}.connection_window"),
                 d.connection_window,
                 65_535..=(1 << 30),
+            )?,
+            client_resets: self.rate(
+                def.client_resets.as_ref(),
+                field,
+                "client_resets",
+                d.client_resets,
+            )?,
+            own_resets: self.rate(def.own_resets.as_ref(), field, "own_resets", d.own_resets)?,
+            pings: self.rate(def.pings.as_ref(), field, "pings", d.pings)?,
+            settings: self.rate(def.settings.as_ref(), field, "settings", d.settings)?,
+            noise: self.rate(def.noise.as_ref(), field, "noise", d.noise)?,
+            window_updates: self.rate(
+                def.window_updates.as_ref(),
+                field,
+                "window_updates",
+                d.window_updates,
+            )?,
+        })
+    }
+
+    /// One of the `h2` table's rate budgets, `{ burst, per_second }`; each key absent takes
+    /// its default.
+    fn rate(&self, def: Option<&RateDef>, field: &str, name: &str, d: Rate) -> Result<Rate> {
+        let Some(def) = def else {
+            return Ok(d);
+        };
+        Ok(Rate {
+            burst: self.int(
+                def.burst,
+                &format!("{field}.{name}.burst"),
+                d.burst,
+                1..=1_000_000,
+            )?,
+            per_second: self.int(
+                def.per_second,
+                &format!("{field}.{name}.per_second"),
+                d.per_second,
+                1..=1_000_000,
             )?,
         })
     }

@@ -745,6 +745,31 @@ fn http2_listener_keys_are_checked() {
         "listeners[0].h2",
         "does not speak HTTP/2",
     );
+    check(
+        &[
+            "[[listeners]]",
+            "address = \"127.0.0.1:8080\"",
+            "h2 = { pings = { burst = 0 } }",
+        ],
+        3,
+        "listeners[0].h2.pings.burst",
+        "0 is out of range: allowed 1 to 1000000",
+    );
+    check(
+        &[
+            "[[listeners]]",
+            "address = \"127.0.0.1:8080\"",
+            "h2 = { client_resets = { burst = 10, every = 5 } }",
+        ],
+        3,
+        "listeners[0].h2.client_resets.every",
+        "unknown field `every`, expected `burst` or `per_second`",
+    );
+    let text = "[[listeners]]\naddress = \"127.0.0.1:8080\"\nh2 = { client_resets = { per_second = 3 } }\n";
+    let config = parse_str(text, Path::new(FILE)).unwrap();
+    let h2 = &config.listeners[0].h2;
+    assert_eq!(h2.client_resets, lb_config::Rate::new(100, 3));
+    assert_eq!(h2.pings, lb_config::Rate::new(50, 10));
     let text = "[[listeners]]\naddress = \"127.0.0.1:8080\"\nalpn = [\"http/1.1\"]\n\
                 h2 = { max_concurrent_streams = 8, max_header_list_size = 4096 }\n";
     let config = parse_str(text, Path::new(FILE)).unwrap();

@@ -80,6 +80,24 @@ fn h2c_lbd(origin: &Origin) -> Lbd {
     })
 }
 
+/// lbd as [`h2c_lbd`], its listener with `h2 = { H2 }`.
+fn h2c_lbd_with(origin: &Origin, h2: &str) -> Lbd {
+    let backend = origin.addr();
+    let h2 = h2.to_owned();
+    Lbd::start(move |l| {
+        one_cluster(
+            &format!("max_connections = {MAX_CONNECTIONS}"),
+            l,
+            &[backend],
+        )
+        .replacen(
+            "\n\n[clusters.app]",
+            &format!("\nh2 = {{ {h2} }}\n\n[clusters.app]"),
+            1,
+        )
+    })
+}
+
 /// The pid of lbd's one worker, once it runs (lbd accepts on its listeners, through the
 /// kernel's backlog, before its worker is forked): 10 s at most.
 fn the_worker(lbd: &Lbd) -> Vec<i32> {
@@ -226,8 +244,17 @@ struct Target {
 
 impl Target {
     fn start() -> Target {
+        Target::start_with("")
+    }
+
+    /// With `h2 = { H2 }` on the listener ("": none).
+    fn start_with(h2: &str) -> Target {
         let origin = Origin::start("o");
-        let lbd = h2c_lbd(&origin);
+        let lbd = if h2.is_empty() {
+            h2c_lbd(&origin)
+        } else {
+            h2c_lbd_with(&origin, h2)
+        };
         let workers = the_worker(&lbd);
         let target = Target {
             origin,
@@ -387,6 +414,18 @@ fn ping_flood_gets_goaway() {
     // PINGS: a burst of 50, then 10 a second.
     assert!(acks <= 100, "{acks} PINGs answered: {report}");
     t.assert_survived(before, "PING flood");
+}
+
+#[test]
+fn a_listener_sets_its_own_ping_budget() {
+    // 5 at once and 1 a second instead of 50 and 10.
+    let t = Target::start_with("pings = { burst = 5, per_second = 1 }");
+    let (report, before) = t.under_attack(&["ping", "40"]);
+    assert_goaway(&report, ENHANCE_YOUR_CALM, "40 PINGs");
+    let acks = count(&report["frames"], "PING");
+    println!("40 PINGs against a budget of 5: {acks} PING ACKs before GOAWAY(0xb)");
+    assert!((5..=7).contains(&acks), "{acks} PINGs answered: {report}");
+    t.assert_survived(before, "40 PINGs");
 }
 
 #[test]

@@ -63,27 +63,11 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Rounds of reading, serving and writing one `drive` makes before yielding.
 const MAX_ROUNDS: usize = 16;
 
-/// What a client may do that costs kakehi work and brings it nothing, per connection: so
-/// many at once, so many more each second. Past it the connection ends with GOAWAY
-/// ENHANCE_YOUR_CALM. Rapid Reset (CVE-2023-44487) is streams opened and reset at once;
-/// MadeYouReset (CVE-2025-8671) is frames that make kakehi reset streams itself; the others
-/// are the floods of RFC 9113 §10.5.
-pub mod limits {
-    /// (burst, per second) for streams the client resets before their response ended.
-    pub const CLIENT_RESETS: (u32, u32) = (100, 10);
-    /// Streams kakehi resets because of what the client sent.
-    pub const OWN_RESETS: (u32, u32) = (100, 10);
-    /// PING frames.
-    pub const PINGS: (u32, u32) = (50, 10);
-    /// SETTINGS frames.
-    pub const SETTINGS: (u32, u32) = (50, 10);
-    /// PRIORITY frames, empty DATA frames without END_STREAM, frames of unknown types.
-    pub const NOISE: (u32, u32) = (1000, 100);
-    /// WINDOW_UPDATE frames (a client downloading fast sends many).
-    pub const WINDOW_UPDATES: (u32, u32) = (10_000, 5_000);
-}
-
-/// A token bucket.
+/// A token bucket: what a client may do that costs kakehi work and brings it nothing, per
+/// connection, so many at once and so many more each second (the listener's `h2` rates).
+/// Past it the connection ends with GOAWAY ENHANCE_YOUR_CALM. Rapid Reset (CVE-2023-44487)
+/// is streams opened and reset at once; MadeYouReset (CVE-2025-8671) is frames that make
+/// kakehi reset streams itself; the others are the floods of RFC 9113 §10.5.
 #[derive(Debug, Clone, Copy)]
 struct Budget {
     left: u32,
@@ -93,11 +77,11 @@ struct Budget {
 }
 
 impl Budget {
-    fn new((burst, per_sec): (u32, u32), now: Instant) -> Budget {
+    fn new(rate: lb_config::Rate, now: Instant) -> Budget {
         Budget {
-            left: burst,
-            burst,
-            per_sec,
+            left: rate.burst,
+            burst: rate.burst,
+            per_sec: rate.per_second,
             since: now,
         }
     }
@@ -121,7 +105,7 @@ impl Budget {
     }
 }
 
-/// The connection's budgets (see [`limits`]).
+/// The connection's budgets (the listener's `h2` rates, [`lb_config::H2Limits`]).
 struct Budgets {
     client_resets: Budget,
     own_resets: Budget,
@@ -280,12 +264,12 @@ impl H2Conn {
             yielded: false,
             scratch: Vec::new(),
             budgets: Budgets {
-                client_resets: Budget::new(limits::CLIENT_RESETS, cx.now),
-                own_resets: Budget::new(limits::OWN_RESETS, cx.now),
-                pings: Budget::new(limits::PINGS, cx.now),
-                settings: Budget::new(limits::SETTINGS, cx.now),
-                noise: Budget::new(limits::NOISE, cx.now),
-                window_updates: Budget::new(limits::WINDOW_UPDATES, cx.now),
+                client_resets: Budget::new(limits.client_resets, cx.now),
+                own_resets: Budget::new(limits.own_resets, cx.now),
+                pings: Budget::new(limits.pings, cx.now),
+                settings: Budget::new(limits.settings, cx.now),
+                noise: Budget::new(limits.noise, cx.now),
+                window_updates: Budget::new(limits.window_updates, cx.now),
             },
             calm: false,
             linger_until: None,
