@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 use lb_config::protocol::Verb;
 use lb_config::state::{
-    BackendDef, CertificateDef, ClusterDef, ClusterProtocolDef, Edit, FrontendDef, ListenerDef,
-    ListenerProtocolDef, LoadBalancingDef, PathTypeDef,
+    BackendDef, CertificateDef, ClusterDef, ClusterProtocolDef, Edit, FrontendDef, H2Def,
+    ListenerDef, ListenerProtocolDef, LoadBalancingDef, PathTypeDef,
 };
 
 /// The longest `--timeout`: a day, like every duration in the config (lb-config's
@@ -266,6 +266,26 @@ pub struct ListenerAddArgs {
     /// For https: the private key (PEM); needs --certificate.
     #[arg(long, value_name = "PATH", requires = "certificate")]
     pub key: Option<PathBuf>,
+    /// For http and https: the protocols offered, in order of preference (`h2,http/1.1` by
+    /// default; `http/1.1` alone turns HTTP/2 off).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub alpn: Option<Vec<String>>,
+    /// For http and https: the listener's HTTP/2 limits, as the keys of its `h2` table in the
+    /// config, e.g. `max_concurrent_streams = 50, pings = { burst = 5, per_second = 1 }`.
+    #[arg(long, value_name = "KEYS", value_parser = parse_h2)]
+    pub h2: Option<Box<H2Def>>,
+}
+
+/// `--h2`'s keys, read as the config reads a listener's `h2 = { KEYS }`.
+fn parse_h2(keys: &str) -> Result<Box<H2Def>, String> {
+    let table: toml::Table = format!("h2 = {{ {keys} }}")
+        .parse()
+        .map_err(|e: toml::de::Error| e.message().to_owned())?;
+    let value = table.get("h2").cloned().ok_or("no h2 keys")?;
+    value
+        .try_into()
+        .map(Box::new)
+        .map_err(|e: toml::de::Error| e.message().to_owned())
 }
 
 #[derive(Subcommand, Debug)]
@@ -400,8 +420,8 @@ impl Command {
                         _ => Vec::new(),
                     },
                     accept_proxy: l.accept_proxy.then_some(true),
-                    alpn: None,
-                    h2: None,
+                    alpn: l.alpn.clone(),
+                    h2: l.h2.as_deref().cloned(),
                 },
             }),
             Command::Listener(ListenerCmd::Remove { address }) => {
@@ -483,6 +503,35 @@ mod tests {
             .err()
             .unwrap_or_else(|| panic!("{args:?} parsed"))
             .to_string()
+    }
+
+    #[test]
+    fn listener_add_takes_alpn_and_h2_keys() {
+        let Verb::Change(Edit::AddListener { listener }) = verb(&[
+            "listener",
+            "add",
+            "--address",
+            "127.0.0.1:8080",
+            "--alpn",
+            "http/1.1",
+            "--h2",
+            "max_concurrent_streams = 50, pings = { burst = 5, per_second = 1 }",
+        ]) else {
+            panic!("not a listener add");
+        };
+        assert_eq!(listener.alpn, Some(vec!["http/1.1".to_owned()]));
+        let h2 = listener.h2.unwrap();
+        assert_eq!(h2.max_concurrent_streams, Some(50));
+        assert_eq!(h2.pings.unwrap().burst, Some(5));
+        let e = usage_error(&[
+            "listener",
+            "add",
+            "--address",
+            "127.0.0.1:8080",
+            "--h2",
+            "max_streams = 5",
+        ]);
+        assert!(e.contains("unknown field `max_streams`"), "{e}");
     }
 
     #[test]
