@@ -24,7 +24,9 @@
 //! stream's WINDOW_UPDATEs; 65,535 plus the connection's); no more SETTINGS ACKs than
 //! SETTINGS, every PING ACK echoing a PING; RST_STREAM only on streams the client named;
 //! GOAWAY's last stream id never grows, and nothing after a GOAWAY with an error; nothing
-//! written after the write side is shut; every pool buffer back after `close`.
+//! written after the write side is shut; every pool buffer back after `close`. And the
+//! differential check ([`check_logged`]): each request kakehi routed and logged is what
+//! `httparse` reads in the HTTP/1.1 bytes its exchange was given.
 #![no_main]
 
 use std::collections::{HashMap, HashSet};
@@ -405,4 +407,38 @@ fuzz_target!(|data: &[u8]| {
     };
     let out = drive_connection(&client, &plan).expect("the in-memory worker");
     check(&client, &plan, &out);
+    check_logged(&out);
 });
+
+/// The differential check: every request kakehi routed (its own 301 or 404 here) is, for
+/// `httparse`, the HTTP/1.1 request its exchange read (which `h2/request.rs` wrote from the
+/// client's HEADERS): the same method, target and Host as kakehi parsed, routed on and
+/// logged. What the exchange then forwards to a backend is the HTTP/1.1 machine's, which the
+/// `http_request` target checks the same way.
+fn check_logged(out: &Outcome) {
+    for (i, logged) in out.logged.iter().enumerate() {
+        if !(logged.answered && matches!(logged.status, 301 | 404)) {
+            continue;
+        }
+        let read = logged.read.as_deref().expect("an HTTP/2 stream keeps what it read");
+        let mut headers = [httparse::EMPTY_HEADER; 256];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(read) {
+            Ok(httparse::Status::Complete(_)) => {}
+            other => panic!(
+                "request {i}: httparse cannot read the head kakehi routed ({other:?}): {:?}",
+                String::from_utf8_lossy(read)
+            ),
+        }
+        if let Err(why) = kakehi_fuzz::head_agrees(&logged.req, &req) {
+            panic!(
+                "request {i}: httparse disagrees with what kakehi routed and logged: {why}\n\
+                 logged: {} {} (host {:?})\nread: {:?}",
+                logged.req.method,
+                logged.req.target,
+                logged.req.authority,
+                String::from_utf8_lossy(read)
+            );
+        }
+    }
+}

@@ -155,6 +155,27 @@ pub fn independent_check(info: &RequestInfo, forwarded: &[u8]) -> Result<(), Str
         Ok(httparse::Status::Partial) => return Err("head incomplete".into()),
         Err(e) => return Err(format!("head refused: {e}")),
     };
+    head_agrees(info, &req)?;
+    let named = |name: &'static str| -> Vec<&[u8]> {
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+            .collect()
+    };
+    let lengths = named("content-length");
+    let codings = named("transfer-encoding");
+    let body = forwarded.get(head_len..).unwrap_or_default();
+    if info.upgrade {
+        // Whatever follows a 101 is piped, not parsed: only the head is checked.
+        return Ok(());
+    }
+    body_agrees(&lengths, &codings, body)
+}
+
+/// The head `httparse` read is the request kakehi routed (`info`): same method, same target
+/// (the path of an absolute-form target), one Host whose host is the one routed on.
+pub fn head_agrees(info: &RequestInfo, req: &httparse::Request<'_, '_>) -> Result<(), String> {
     if req.method != Some(info.method.as_str()) {
         return Err(format!("method {:?}", req.method));
     }
@@ -181,21 +202,12 @@ pub fn independent_check(info: &RequestInfo, forwarded: &[u8]) -> Result<(), Str
     {
         return Err(format!("Host {:?}", String::from_utf8_lossy(host.value)));
     }
-    let named = |name: &'static str| -> Vec<&[u8]> {
-        req.headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value)
-            .collect()
-    };
-    let lengths = named("content-length");
-    let codings = named("transfer-encoding");
-    let body = forwarded.get(head_len..).unwrap_or_default();
-    if info.upgrade {
-        // Whatever follows a 101 is piped, not parsed: only the head is checked.
-        return Ok(());
-    }
-    match (lengths.as_slice(), codings.as_slice()) {
+    Ok(())
+}
+
+/// The body ends exactly where the bytes end, as the one framing header says.
+fn body_agrees(lengths: &[&[u8]], codings: &[&[u8]], body: &[u8]) -> Result<(), String> {
+    match (lengths, codings) {
         ([], []) if body.is_empty() => Ok(()),
         ([], []) => Err(format!(
             "{} bytes after a request without a body",

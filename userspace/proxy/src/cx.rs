@@ -17,6 +17,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// A request as kakehi logged it (see [`Cx::transcript`]).
+#[derive(Debug, Clone)]
+pub struct Logged {
+    /// What the exchange parsed and routed on.
+    pub req: crate::http::RequestInfo,
+    pub status: u16,
+    /// kakehi answered itself.
+    pub answered: bool,
+    /// The request bytes its exchange read (an HTTP/2 stream's: the head and body
+    /// `h2/request.rs` wrote), when its front keeps them.
+    pub read: Option<Vec<u8>>,
+}
+
 /// Everything a session may use while it takes a step, apart from its own sockets.
 pub struct Cx {
     pub registry: Registry,
@@ -37,6 +50,9 @@ pub struct Cx {
     /// Pipes for splice(2) in TCP passthrough.
     pub pipes: PipePool,
     pub idle: IdlePool,
+    /// What each logged request was, with the bytes its exchange read: kept only when driven
+    /// in memory for the fuzz target `h2_conn` (its differential check), `None` in a worker.
+    pub transcript: Option<Vec<Logged>>,
     /// HTTP/2 connections to the backends of `http2 = true` clusters, shared by exchanges.
     pub upstreams: crate::h2::upstream::Upstreams,
     pub log: AccessLog,

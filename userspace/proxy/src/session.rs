@@ -803,6 +803,14 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         let record = entry.record(self.peer, cluster);
         self.cx.stats.request(&record, true);
         self.cx.log.log(&record);
+        if let Some(transcript) = self.cx.transcript.as_mut() {
+            transcript.push(crate::cx::Logged {
+                req: entry.req.clone(),
+                status: entry.status,
+                answered: entry.answered,
+                read: self.wires.front.take_tap(),
+            });
+        }
     }
 }
 

@@ -223,6 +223,7 @@ impl Worker {
             pipes: PipePool::new(IDLE_PIPES, PIPE_SIZE),
             idle: IdlePool::new(IDLE_PER_BACKEND, config.timeouts.back_idle),
             upstreams: crate::h2::upstream::Upstreams::new(config.timeouts.back_idle),
+            transcript: None,
             log: AccessLog::new(&config.access_log).map_err(WorkerError::AccessLog)?,
             stats: Stats::default(),
             down: Vec::new(),

@@ -883,6 +883,9 @@ impl H2Conn {
                 (exchange, StreamWire::default())
             }
         };
+        if cx.transcript.is_some() && wire.tap.is_none() {
+            wire.tap = Some(Vec::new());
+        }
         let framing = match request::write_head(&list, end_stream, wire.reset()) {
             Ok(f) => f,
             Err(_) => {

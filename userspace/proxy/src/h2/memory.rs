@@ -102,6 +102,8 @@ pub struct Outcome {
     pub timed_out: bool,
     /// Pool buffers still checked out after `close`.
     pub buffers_in_use: usize,
+    /// Every request kakehi logged, with the HTTP/1.1 bytes its exchange read.
+    pub logged: Vec<crate::cx::Logged>,
     /// Turns driven.
     pub turns: usize,
     /// The connection still moved after [`MAX_TURNS`] turns.
@@ -245,6 +247,7 @@ fn memory_cx(plan: &Plan, now: Instant) -> io::Result<Cx> {
         pipes: PipePool::new(0, 0),
         idle: IdlePool::new(0, config.timeouts.back_idle),
         upstreams: crate::h2::upstream::Upstreams::new(config.timeouts.back_idle),
+        transcript: Some(Vec::new()),
         log,
         stats: Stats::default(),
         down: Vec::new(),
@@ -357,6 +360,7 @@ pub fn drive_connection(client: &[u8], plan: &Plan) -> io::Result<Outcome> {
     out.written = front.out;
     out.marks = front.marks;
     out.buffers_in_use = cx.pool.in_use();
+    out.logged = cx.transcript.take().unwrap_or_default();
     Ok(out)
 }
 
@@ -467,6 +471,39 @@ mod tests {
             })
             .collect();
         assert_eq!(heads, [(1, 404), (3, 301)]);
+
+        // The transcript the fuzz target's differential check reads: each logged request
+        // with the HTTP/1.1 bytes its exchange read.
+        let logged: Vec<(u16, &str, &str, String)> = out
+            .logged
+            .iter()
+            .map(|l| {
+                let read = l.read.as_deref().unwrap_or_default();
+                (
+                    l.status,
+                    l.req.authority.as_str(),
+                    l.req.target.as_str(),
+                    String::from_utf8_lossy(read).into_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(logged.len(), 2, "{logged:?}");
+        assert_eq!(
+            logged[0],
+            (
+                404,
+                "example.com",
+                "/",
+                "GET / HTTP/1.1\r\nhost: example.com\r\n\r\n".to_owned()
+            )
+        );
+        assert_eq!(
+            (logged[1].0, logged[1].1, logged[1].2),
+            (301, "secure.example", "/x")
+        );
+        assert!(logged[1]
+            .3
+            .starts_with("GET /x HTTP/1.1\r\nhost: secure.example\r\n"));
     }
 
     /// A stream whose exchange ended while its answer waits for the client's window does not

@@ -8,7 +8,7 @@
 //! On top of them: the client connection ([`conn`]: streams, flow control, SETTINGS, the
 //! rate limits, GOAWAY), each stream served by one HTTP/1.1 exchange through a [`stream`]
 //! wire (its request written as HTTP/1.1 by [`request`], its response read back by
-//! [`response`]), and h2c to backends ([`backend`]). [`memory`] drives the connection over
+//! [`response`]), and h2c to backends ([`upstream`]). [`memory`] drives the connection over
 //! bytes in memory (the fuzz target `h2_conn`). The first layer's flow:
 //!
 //! ```text

@@ -23,6 +23,9 @@ pub struct StreamWire {
     pub output: Vec<u8>,
     /// The exchange shut its side, or ended: no more output comes.
     pub output_closed: bool,
+    /// Every request byte the exchange read, kept when the worker keeps a transcript
+    /// ([`crate::cx::Cx::transcript`]: the fuzz target's differential check), else `None`.
+    pub tap: Option<Vec<u8>>,
 }
 
 impl StreamWire {
@@ -34,6 +37,9 @@ impl StreamWire {
         self.input_end = false;
         self.output.clear();
         self.output_closed = false;
+        if let Some(tap) = self.tap.as_mut() {
+            tap.clear();
+        }
         &mut self.input
     }
 
@@ -75,6 +81,9 @@ impl Read for StreamWire {
         let n = rest.len().min(buf.len());
         if let (Some(to), Some(from)) = (buf.get_mut(..n), rest.get(..n)) {
             to.copy_from_slice(from);
+            if let Some(tap) = self.tap.as_mut() {
+                tap.extend_from_slice(from);
+            }
         }
         self.input_at += n;
         if self.input_at == self.input.len() {
@@ -123,6 +132,10 @@ impl Write for StreamWire {
 impl FrontWire for StreamWire {
     fn has_pending(&self) -> bool {
         false
+    }
+
+    fn take_tap(&mut self) -> Option<Vec<u8>> {
+        self.tap.as_mut().map(std::mem::take)
     }
 
     fn flush_pending(&mut self) -> io::Result<()> {

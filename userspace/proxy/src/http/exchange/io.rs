@@ -47,6 +47,11 @@ pub trait FrontWire: Read + Write {
     fn proto(&self) -> &'static str {
         "h1"
     }
+    /// The request bytes read since the last call, when this front keeps them (an HTTP/2
+    /// stream of a worker keeping a transcript, see `Cx::transcript`).
+    fn take_tap(&mut self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// Whether a new client connection may turn out to speak HTTP/2.
