@@ -370,15 +370,22 @@ impl Out<'_> {
 /// literal without indexing, with a static-table name index when there is one.
 pub fn encode_field(name: &[u8], value: &[u8], out: &mut [u8]) -> Option<usize> {
     let mut o = Out { out, at: 0 };
-    let same_name = |n: &[u8]| n.eq_ignore_ascii_case(name);
-    let exact = STATIC_TABLE
-        .iter()
-        .position(|&(n, v)| same_name(n) && v == value);
-    if let Some(i) = exact {
-        o.int(0x80, 7, i + 1)?;
-        return Some(o.at);
+    // One pass: the entries of one name are next to each other in the static table.
+    let mut named = None;
+    for (i, &(n, v)) in STATIC_TABLE.iter().enumerate() {
+        if n.len() != name.len() || !n.eq_ignore_ascii_case(name) {
+            if named.is_some() {
+                break;
+            }
+            continue;
+        }
+        if v == value {
+            o.int(0x80, 7, i + 1)?;
+            return Some(o.at);
+        }
+        named.get_or_insert(i);
     }
-    match STATIC_TABLE.iter().position(|&(n, _)| same_name(n)) {
+    match named {
         Some(i) => o.int(0, 4, i + 1)?,
         None => {
             o.byte(0)?;
@@ -424,4 +431,53 @@ pub fn encode_response<'f>(
         at += encode_field(name, value, out.get_mut(at..)?)?;
     }
     Some(at)
+}
+
+#[cfg(test)]
+mod static_table_tests {
+    use super::*;
+
+    /// `encode_field` stops at the end of the first run of entries with the field's name:
+    /// right only if every name's entries are next to each other.
+    #[test]
+    fn each_name_s_entries_are_next_to_each_other() {
+        for (i, (name, _)) in STATIC_TABLE.iter().enumerate() {
+            let last = STATIC_TABLE
+                .iter()
+                .rposition(|(n, _)| n == name)
+                .unwrap_or(i);
+            let first = STATIC_TABLE
+                .iter()
+                .position(|(n, _)| n == name)
+                .unwrap_or(i);
+            assert!(
+                STATIC_TABLE
+                    .get(first..=last)
+                    .is_some_and(|run| run.iter().all(|(n, _)| n == name)),
+                "{:?} is not in one run",
+                String::from_utf8_lossy(name)
+            );
+        }
+    }
+
+    #[test]
+    fn fields_encode_to_the_static_index_or_name() {
+        let mut out = [0u8; 64];
+        // :status 200 is index 8; :status 418 a literal with name index 8; accept-encoding
+        // "gzip, deflate" index 16.
+        assert_eq!(encode_field(b":status", b"200", &mut out), Some(1));
+        assert_eq!(out.first(), Some(&(0x80 | 8)));
+        let n = encode_field(b":status", b"418", &mut out).unwrap();
+        assert_eq!(out.first(), Some(&8));
+        assert!(n > 1);
+        assert_eq!(
+            encode_field(b"Accept-Encoding", b"gzip, deflate", &mut out),
+            Some(1)
+        );
+        assert_eq!(out.first(), Some(&(0x80 | 16)));
+        // No such name: a literal name.
+        let n = encode_field(b"x-kakehi", b"1", &mut out).unwrap();
+        assert_eq!(out.first(), Some(&0));
+        assert!(n > 3);
+    }
 }

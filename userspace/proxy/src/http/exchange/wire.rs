@@ -113,6 +113,11 @@ pub(super) fn read_into(
     }
 }
 
+/// Slices of kawa's output given to one vectored write, at most: a response head is a few
+/// dozen (a slice per name, separator, value and line end); what does not fit goes in the
+/// next write.
+const MAX_SLICES: usize = 256;
+
 /// Converts parsed blocks to HTTP/1.1 bytes and writes as much as the peer takes.
 pub(super) fn write_kawa(
     stream: &mut impl Write,
@@ -129,11 +134,21 @@ pub(super) fn write_kawa(
         return WriteOutcome::Blocked;
     }
     loop {
-        let slices: Vec<IoSlice<'_>> = kawa.as_io_slice();
-        match stream.write_vectored(&slices) {
+        // kawa's `as_io_slice` collects into a new Vec on every write (a malloc, a realloc and
+        // a free per response): the same slices, at most [`MAX_SLICES`], on the stack.
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let buffer = kawa.storage.buffer();
+        let mut count = 0;
+        for block in &kawa.out {
+            let (kawa::OutBlock::Store(store), Some(slot)) = (block, slices.get_mut(count)) else {
+                break;
+            };
+            *slot = IoSlice::new(store.data(buffer));
+            count += 1;
+        }
+        match stream.write_vectored(slices.get(..count).unwrap_or_default()) {
             Ok(0) => return WriteOutcome::Error,
             Ok(n) => {
-                drop(slices);
                 kawa.consume(n);
                 return WriteOutcome::Wrote(n);
             }
