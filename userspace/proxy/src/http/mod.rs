@@ -494,20 +494,27 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
             }
         }
 
-        let client_ip = self.peer.client.ip();
+        // The client's address formatted once, for both headers.
+        let client_ip = self.peer.client.ip().to_string();
         let proto: &'static [u8] = if self.peer.https { b"https" } else { b"http" };
+        let mut element = String::with_capacity(64);
+        element.push_str("for=");
+        if self.peer.client.is_ipv6() {
+            element.push_str("\"[");
+            element.push_str(&client_ip);
+            element.push_str("]\"");
+        } else {
+            element.push_str(&client_ip);
+        }
+        element.push_str(if self.peer.https {
+            ";proto=https"
+        } else {
+            ";proto=http"
+        });
         let xff = match prior_xff {
             Some(p) => format!("{p}, {client_ip}"),
-            None => client_ip.to_string(),
+            None => client_ip,
         };
-        let for_node = match self.peer.client {
-            SocketAddr::V4(a) => a.ip().to_string(),
-            SocketAddr::V6(a) => format!("\"[{}]\"", a.ip()),
-        };
-        let mut element = format!(
-            "for={for_node};proto={}",
-            if self.peer.https { "https" } else { "http" }
-        );
         if !info.authority.is_empty() {
             // A valid host is a token, except an IPv6 literal (brackets, colons).
             element.push_str(";host=");

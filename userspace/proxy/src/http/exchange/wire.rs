@@ -122,8 +122,13 @@ const MAX_SLICES: usize = 64;
 /// slices shorter than this are copied into one piece on the stack; longer ones (bodies) go
 /// as they are.
 const COALESCE_UNDER: usize = 1024;
-/// The stack room for those copies, per write.
+/// The room for those copies, per write.
 const COALESCE_ROOM: usize = 8 * 1024;
+
+thread_local! {
+    static ROOM: std::cell::RefCell<[u8; COALESCE_ROOM]> =
+        const { std::cell::RefCell::new([0; COALESCE_ROOM]) };
+}
 
 /// One slice of a vectored write: a range of the copies, or a slice of kawa's buffer.
 #[derive(Clone, Copy)]
@@ -202,17 +207,21 @@ pub(super) fn write_kawa(
     loop {
         // On the stack, not kawa's `as_io_slice` (a Vec allocated, grown and freed per write),
         // and short slices copied together (see [`COALESCE_UNDER`]).
-        let mut room = [0u8; COALESCE_ROOM];
-        let mut parts = [Part::Whole(&[]); MAX_SLICES];
-        let count = gather(kawa, &mut room, &mut parts);
-        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-        for (slot, part) in slices.iter_mut().zip(parts.iter().take(count)) {
-            *slot = IoSlice::new(match *part {
-                Part::Copied(from, to) => room.get(from..to).unwrap_or_default(),
-                Part::Whole(data) => data,
-            });
-        }
-        match stream.write_vectored(slices.get(..count).unwrap_or_default()) {
+        // The copies' room is the thread's (a worker is one thread): not zeroed per write.
+        let written = ROOM.with(|room| {
+            let mut room = room.borrow_mut();
+            let mut parts = [Part::Whole(&[]); MAX_SLICES];
+            let count = gather(kawa, &mut room, &mut parts);
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            for (slot, part) in slices.iter_mut().zip(parts.iter().take(count)) {
+                *slot = IoSlice::new(match *part {
+                    Part::Copied(from, to) => room.get(from..to).unwrap_or_default(),
+                    Part::Whole(data) => data,
+                });
+            }
+            stream.write_vectored(slices.get(..count).unwrap_or_default())
+        });
+        match written {
             Ok(0) => return WriteOutcome::Error,
             Ok(n) => {
                 kawa.consume(n);
