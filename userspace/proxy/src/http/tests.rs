@@ -16,6 +16,11 @@ fn peer() -> Peer {
 
 /// Parses `input` as one request; returns the info and the bytes that would go to a backend.
 fn request(input: &[u8]) -> (RequestInfo, Result<String, String>) {
+    request_from(peer(), input)
+}
+
+/// [`request`] from the client `peer`.
+fn request_from(peer: Peer, input: &[u8]) -> (RequestInfo, Result<String, String>) {
     let mut pool = BufferPool::new(16384, 1, 1);
     let mut k = Kawa::new(Kind::Request, Buffer::new(pool.checkout().unwrap()));
     let n = input.len().min(k.storage.space().len());
@@ -23,7 +28,7 @@ fn request(input: &[u8]) -> (RequestInfo, Result<String, String>) {
     k.storage.fill(n);
     let mut info = RequestInfo::default();
     let mut cb = RequestCallbacks {
-        peer: peer(),
+        peer,
         request_id: "rid1",
         info: &mut info,
     };
@@ -42,6 +47,21 @@ fn request(input: &[u8]) -> (RequestInfo, Result<String, String>) {
         .flat_map(|s| s.iter().copied())
         .collect();
     (info, Ok(String::from_utf8_lossy(&out).into_owned()))
+}
+
+#[test]
+fn an_ipv6_client_is_quoted_in_forwarded_and_bare_in_x_forwarded_for() {
+    let client = Peer {
+        client: "[2001:db8::7]:5555".parse().unwrap(),
+        ..peer()
+    };
+    let (_, out) = request_from(client, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n");
+    let out = out.unwrap();
+    assert!(out.contains("X-Forwarded-For: 2001:db8::7\r\n"), "{out}");
+    assert!(
+        out.contains("Forwarded: for=\"[2001:db8::7]\";proto=http;host=a.example\r\n"),
+        "{out}"
+    );
 }
 
 #[test]
