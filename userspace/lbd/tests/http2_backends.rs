@@ -105,11 +105,20 @@ impl NginxH2c {
 }
 
 impl Drop for NginxH2c {
+    /// SIGTERM to the master, which stops its worker (a SIGKILL would leave the worker
+    /// running, orphaned, on the port); SIGKILL only if it has not exited within 5 s.
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("nginx's log:\n{}", self.log());
         }
-        let _ = self.child.kill();
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let exited = wait_until(Duration::from_secs(5), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        if !exited {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }
