@@ -599,3 +599,99 @@ fn half_close_after_pipelined_requests_still_gets_every_answer() {
         );
     }
 }
+
+// ---- PROXY protocol from a front load balancer ---------------------------------------------
+
+/// `accept_proxy = true` on an http listener: the PROXY protocol header (v1 or v2, whole or
+/// in pieces, with the request in the same packet or not) gives the client whose address the
+/// backend sees in `X-Forwarded-For`; a `LOCAL` header keeps the socket's own; a connection
+/// without a header is closed without an answer and reaches no backend.
+#[test]
+fn accept_proxy_gives_the_client_of_the_header() {
+    let origin = Origin::start("o");
+    let backend = origin.addr();
+    let lbd = Lbd::start(|l| {
+        format!(
+            "[[listeners]]\naddress = \"{l}\"\naccept_proxy = true\n\n[clusters.app]\n\
+             frontends = [ {{ address = \"{l}\" }} ]\nbackends = [ {{ address = \"{backend}\" }} ]\n"
+        )
+    });
+    let request = b"GET /headers HTTP/1.1\r\nHost: app.example\r\n\r\n";
+    let v2 = |command: u8, family: u8, addresses: &[u8]| {
+        let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        h.push(command);
+        h.push(family);
+        h.extend_from_slice(&u16::try_from(addresses.len()).unwrap().to_be_bytes());
+        h.extend_from_slice(addresses);
+        h
+    };
+    let mut v6 = Vec::new();
+    v6.extend_from_slice(
+        &"2001:db8::5"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    v6.extend_from_slice(
+        &"2001:db8::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    v6.extend_from_slice(&4243u16.to_be_bytes());
+    v6.extend_from_slice(&80u16.to_be_bytes());
+    // A TLV (type 0x04, NOOP, 3 bytes) after the addresses: skipped.
+    let mut v6_tlv = v6.clone();
+    v6_tlv.extend_from_slice(&[0x04, 0, 3, 1, 2, 3]);
+    let cases: [(Vec<u8>, bool, Option<&str>); 4] = [
+        (
+            b"PROXY TCP4 203.0.113.9 198.51.100.1 40000 80\r\n".to_vec(),
+            false,
+            Some("203.0.113.9"),
+        ),
+        (v2(0x21, 0x21, &v6), true, Some("2001:db8::5")),
+        (v2(0x21, 0x21, &v6_tlv), false, Some("2001:db8::5")),
+        // LOCAL: the front load balancer's own health check.
+        (v2(0x20, 0x00, &[]), true, None),
+    ];
+    for (i, (header, in_pieces, want)) in cases.into_iter().enumerate() {
+        let mut c = Client::connect(lbd.addr());
+        if in_pieces {
+            let (a, b) = header.split_at(header.len() / 2);
+            c.send(a);
+            thread::sleep(std::time::Duration::from_millis(50));
+            c.send(b);
+            thread::sleep(std::time::Duration::from_millis(50));
+            c.send(request);
+        } else {
+            let mut all = header.clone();
+            all.extend_from_slice(request);
+            c.send(&all);
+        }
+        let resp = c.response();
+        assert_eq!(resp.status, 200, "case {i}");
+        let own = c.stream.local_addr().unwrap().ip().to_string();
+        let want = want.map_or(own, str::to_owned);
+        let reqs = origin.requests();
+        let seen = reqs.last().unwrap();
+        assert_eq!(
+            seen.header("x-forwarded-for"),
+            Some(want.as_str()),
+            "case {i}: {:?}",
+            seen.headers
+        );
+        // The same connection goes on serving requests after its header.
+        c.send(request);
+        assert_eq!(c.response().status, 200, "case {i}, second request");
+    }
+    // No header: closed without a word, nothing reaches the origin.
+    let before = origin.requests().len();
+    let mut raw = std::net::TcpStream::connect(lbd.addr()).unwrap();
+    raw.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    raw.write_all(request).unwrap();
+    let mut got = Vec::new();
+    let _ = raw.read_to_end(&mut got);
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    assert_eq!(origin.requests().len(), before);
+}

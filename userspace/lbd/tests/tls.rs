@@ -979,3 +979,45 @@ fn an_https_listener_added_at_runtime_serves_its_certificate() {
     assert_served(&curl_https(addr, "a.test", "/", &a), "origin one: GET /\n");
     assert_eq!(served_fingerprint(addr, Some("a.test")), a.fingerprint());
 }
+
+/// `accept_proxy = true` on an https listener: the PROXY protocol header comes before the
+/// ClientHello (curl `--haproxy-protocol` sends a v1 line with its own addresses), is read
+/// and consumed, and the TLS handshake and the request go on after it; a client that starts
+/// with the ClientHello instead is closed.
+#[test]
+fn accept_proxy_reads_the_header_before_the_handshake() {
+    let dir = TempDir::new("tls-proxy");
+    let a = Cert::new(dir.path(), "a", &["a.test"]);
+    let origin = Origin::start("one");
+    let backend = origin.addr();
+    let (pem, key) = (a.pem.display(), a.key.display());
+    let lbd = Lbd::start(move |addr| {
+        format!(
+            "[[listeners]]\naddress = \"{addr}\"\nprotocol = \"https\"\naccept_proxy = true\n\
+             certificates = [ {{ certificate = \"{pem}\", key = \"{key}\" }} ]\n\n\
+             [clusters.app]\nfrontends = [ {{ address = \"{addr}\" }} ]\n\
+             backends = [ {{ address = \"{backend}\" }} ]\n"
+        )
+    });
+    let addr = lbd.addr();
+    let url = format!("https://a.test:{}/", addr.port());
+    let resolve = format!("a.test:{}:{}", addr.port(), addr.ip());
+    let cacert = a.pem.to_str().unwrap();
+    let out = curl(&[
+        "--haproxy-protocol",
+        "--resolve",
+        &resolve,
+        "--cacert",
+        cacert,
+        &url,
+    ]);
+    assert_served(&out, "origin one: GET /\n");
+    let seen = origin.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(seen[0].header("x-forwarded-proto"), Some("https"));
+    // Without the header: the ClientHello is not one, the connection closes, nothing served.
+    let out = curl(&["--resolve", &resolve, "--cacert", cacert, &url]);
+    assert!(!out.status.success(), "served without a PROXY header");
+    assert_eq!(origin.requests().len(), 1);
+}

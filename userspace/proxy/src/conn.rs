@@ -1,8 +1,9 @@
-//! The slab's entry: one client connection, HTTP or TCP passthrough, and the calls the worker
-//! makes on either.
+//! The slab's entry: one client connection, HTTP or TCP passthrough (or an HTTP one still
+//! waiting for its PROXY protocol header), and the calls the worker makes on any.
 
 use crate::balancer::ClusterState;
 use crate::cx::Cx;
+use crate::proxied::AwaitingProxy;
 use crate::session::{Flow, Session};
 use crate::tcp::TcpSession;
 use crate::worker::DRAIN_IDLE_GRACE;
@@ -15,6 +16,9 @@ use std::time::Instant;
 pub enum Conn {
     Http(Session),
     Tcp(TcpSession),
+    /// An `http`/`https` listener's connection with `accept_proxy = true`, until its PROXY
+    /// protocol header is read: then it becomes `Http`.
+    Proxied(AwaitingProxy),
 }
 
 impl Conn {
@@ -22,6 +26,7 @@ impl Conn {
         match self {
             Conn::Http(s) => s.id,
             Conn::Tcp(s) => s.id,
+            Conn::Proxied(p) => p.id,
         }
     }
 
@@ -29,6 +34,7 @@ impl Conn {
         match self {
             Conn::Http(s) => s.deadline,
             Conn::Tcp(s) => s.deadline,
+            Conn::Proxied(p) => p.deadline,
         }
     }
 
@@ -36,6 +42,7 @@ impl Conn {
         match self {
             Conn::Http(s) => &mut s.scheduled,
             Conn::Tcp(s) => &mut s.scheduled,
+            Conn::Proxied(p) => &mut p.scheduled,
         }
     }
 
@@ -43,6 +50,8 @@ impl Conn {
         match self {
             Conn::Http(s) => s.front_event(readable, writable, read_closed),
             Conn::Tcp(s) => s.front_event(readable, writable, read_closed),
+            // It peeks at the socket whenever it is driven.
+            Conn::Proxied(_) => {}
         }
     }
 
@@ -56,6 +65,7 @@ impl Conn {
         match self {
             Conn::Http(s) => s.back_event(fd, readable, writable, read_closed),
             Conn::Tcp(s) => s.back_event(fd, readable, writable, read_closed),
+            Conn::Proxied(_) => {}
         }
     }
 
@@ -65,6 +75,7 @@ impl Conn {
         match self {
             Conn::Http(s) => s.yielded(),
             Conn::Tcp(s) => s.yielded(),
+            Conn::Proxied(_) => false,
         }
     }
 
@@ -76,6 +87,7 @@ impl Conn {
                 .idle_since()
                 .is_some_and(|since| now >= since + DRAIN_IDLE_GRACE),
             Conn::Tcp(s) => s.is_idle(),
+            Conn::Proxied(_) => true,
         }
     }
 
@@ -83,6 +95,7 @@ impl Conn {
         match self {
             Conn::Http(s) => s.remap_clusters(old, new),
             Conn::Tcp(s) => s.remap_clusters(old, new),
+            Conn::Proxied(_) => {}
         }
     }
 
@@ -90,6 +103,14 @@ impl Conn {
         match self {
             Conn::Http(s) => s.drive(cx),
             Conn::Tcp(s) => s.drive(cx),
+            Conn::Proxied(p) => match p.advance(cx) {
+                Ok(None) => Flow::Continue,
+                Ok(Some(session)) => {
+                    *self = Conn::Http(session);
+                    self.drive(cx)
+                }
+                Err(flow) => flow,
+            },
         }
     }
 
@@ -97,6 +118,8 @@ impl Conn {
         match self {
             Conn::Http(s) => s.timeout(cx),
             Conn::Tcp(s) => s.timeout(cx),
+            // Its header did not come within `timeouts.request_header`.
+            Conn::Proxied(_) => Flow::Close,
         }
     }
 
@@ -104,6 +127,7 @@ impl Conn {
         match self {
             Conn::Http(s) => s.close(cx),
             Conn::Tcp(s) => s.close(cx),
+            Conn::Proxied(p) => p.close(cx),
         }
     }
 }

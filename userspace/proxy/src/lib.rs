@@ -27,6 +27,7 @@ pub mod http;
 pub mod idle_backends;
 pub mod orders;
 pub mod pool;
+pub mod proxied;
 pub mod proxy_protocol;
 pub mod router;
 pub mod session;

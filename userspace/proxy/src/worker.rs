@@ -17,6 +17,7 @@ use crate::cx::Cx;
 use crate::http::Peer;
 use crate::idle_backends::{self, IdlePool};
 use crate::pool::BufferPool;
+use crate::proxied::AwaitingProxy;
 use crate::router::Router;
 use crate::session::{front_token, Flow, Session};
 use crate::splice::{PipePool, PIPE_SIZE};
@@ -699,12 +700,12 @@ impl Worker {
             let entry = self.sessions.vacant_entry();
             let key = entry.key();
             self.next_session_id += 1;
+            let accept_proxy = self
+                .cx
+                .tcp_routes
+                .get(index)
+                .is_some_and(TcpRoutes::accept_proxy);
             let mut session = if protocol == ListenerProtocol::Tcp {
-                let accept_proxy = self
-                    .cx
-                    .tcp_routes
-                    .get(index)
-                    .is_some_and(TcpRoutes::accept_proxy);
                 Conn::Tcp(TcpSession::new(
                     self.next_session_id,
                     key,
@@ -716,6 +717,19 @@ impl Worker {
                     front_buf,
                     back_buf,
                     self.cx.now,
+                ))
+            } else if accept_proxy {
+                Conn::Proxied(AwaitingProxy::new(
+                    self.next_session_id,
+                    key,
+                    stream,
+                    client,
+                    index,
+                    listener_addr,
+                    protocol == ListenerProtocol::Https,
+                    front_buf,
+                    back_buf,
+                    self.cx.now + self.cx.timeouts.request_header,
                 ))
             } else {
                 let front = match self.cx.tls.get(index).and_then(Option::as_ref) {
@@ -746,8 +760,13 @@ impl Worker {
                 ))
             };
             let front = match &mut session {
-                Conn::Http(s) => s.front_stream(),
-                Conn::Tcp(s) => s.front_stream(),
+                Conn::Http(s) => Some(s.front_stream()),
+                Conn::Tcp(s) => Some(s.front_stream()),
+                Conn::Proxied(p) => p.front_stream(),
+            };
+            let Some(front) = front else {
+                session.close(&mut self.cx);
+                continue;
             };
             if self
                 .cx
@@ -823,6 +842,7 @@ impl Worker {
             let listener = match &session {
                 Conn::Http(s) => s.listener_addr(),
                 Conn::Tcp(s) => s.listener_addr(),
+                Conn::Proxied(p) => p.listener_addr(),
             };
             self.cx.stats.closed(listener);
             session.close(&mut self.cx);
