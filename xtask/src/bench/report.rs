@@ -289,9 +289,10 @@ pub fn row(proxy: &str, sample: &Sample) -> String {
     )
 }
 
-/// "kakehi/nginx: req/s 1.10×, µs/req 0.80× (goal ≤ 0.65×), p50 0.9×, p99 0.90×,
-/// p99.9 1.00×, RSS 0.50×".
-pub fn ratio_line(other: &str, kakehi: &Sample, theirs: &Sample) -> String {
+/// "kakehi/nginx: req/s 1.10×, µs/req 0.80× (goal ≤ 0.90×: met), p50 0.9×, p99 0.90×,
+/// p99.9 1.00×, RSS 0.50×"; the goal (`goal`: the scenario's CPU ratio to nginx's) is shown
+/// against nginx only.
+pub fn ratio_line(other: &str, kakehi: &Sample, theirs: &Sample, goal: f64) -> String {
     let r = |a: f64, b: f64| {
         if b > 0.0 {
             format!("{:.2}×", a / b)
@@ -299,10 +300,14 @@ pub fn ratio_line(other: &str, kakehi: &Sample, theirs: &Sample) -> String {
             "n/a".into()
         }
     };
-    let goal = if other == "nginx" {
-        " (goal ≤ 0.65×)"
+    let goal = if other == "nginx" && theirs.cpu_us_per_req > 0.0 {
+        let met = kakehi.cpu_us_per_req / theirs.cpu_us_per_req <= goal;
+        format!(
+            " (goal ≤ {goal:.2}×: {})",
+            if met { "met" } else { "short" }
+        )
     } else {
-        ""
+        String::new()
     };
     format!(
         "  kakehi/{other}: req/s {}, µs/req {}{goal} (user {}, kernel {}), p50 {}, p99 {}, \
@@ -458,7 +463,9 @@ mod tests {
         let value = ratios(&base, &other);
         assert_eq!(value["cpu_us_per_req"].as_f64(), Some(0.5));
         assert_eq!(value["rps"].as_f64(), Some(1.0));
-        assert!(ratio_line("nginx", &base, &other).contains("µs/req 0.50× (goal ≤ 0.65×)"));
+        assert!(
+            ratio_line("nginx", &base, &other, 0.65).contains("µs/req 0.50× (goal ≤ 0.65×: met)")
+        );
         let kernel_heavy = Sample {
             kernel_us_per_req: 10.0,
             ..base
@@ -467,8 +474,11 @@ mod tests {
             ratios(&kernel_heavy, &base)["kernel_us_per_req"].as_f64(),
             Some(2.0)
         );
-        assert!(ratio_line("nginx", &kernel_heavy, &base).contains("(user 1.00×, kernel 2.00×)"));
-        assert!(ratio_line("nginx", &base, &other).contains("p99.9 1.00×"));
+        assert!(
+            ratio_line("nginx", &kernel_heavy, &base, 0.9).contains("(user 1.00×, kernel 2.00×)")
+        );
+        assert!(ratio_line("nginx", &kernel_heavy, &base, 0.9).contains("(goal ≤ 0.90×: short)"));
+        assert!(ratio_line("nginx", &base, &other, 0.9).contains("p99.9 1.00×"));
     }
 
     #[test]
