@@ -20,6 +20,17 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+/// Opens a connection to a backend (non-blocking, in progress) with TCP_NODELAY, as every
+/// backend connection is made: a request's head and the body that follows it later go out as
+/// they are written. With Nagle's algorithm the body waited for the backend to acknowledge the
+/// head, which a Linux backend delays by 40 ms: every request whose body came after its head
+/// took 40 ms more through kakehi than straight to the backend.
+pub fn connect_backend(address: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect(address)?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
 /// The token of a backend connection: odd, from its descriptor number (sessions' client
 /// sockets have even tokens). A descriptor number is unique among open sockets; when a closed
 /// connection's number is taken again by a new backend connection, the new one's owner is
@@ -225,6 +236,13 @@ mod tests {
 
     fn fd(stream: &TcpStream) -> usize {
         token_fd(back_token(stream).0)
+    }
+
+    #[test]
+    fn backend_connections_are_made_with_nodelay() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = connect_backend(listener.local_addr().unwrap()).unwrap();
+        assert!(stream.nodelay().unwrap());
     }
 
     #[test]

@@ -578,7 +578,7 @@ impl<F> Real<'_, F> {
         };
         match found {
             Some(s) => Ok((s, true)),
-            None => TcpStream::connect(address).map(|s| (s, false)),
+            None => crate::idle_backends::connect_backend(address).map(|s| (s, false)),
         }
     }
 }

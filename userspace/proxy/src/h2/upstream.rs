@@ -171,7 +171,7 @@ pub struct Upstream {
 impl Upstream {
     /// Connects to `address` and registers the socket; the preface and SETTINGS wait for it.
     fn connect(address: SocketAddr, registry: &Registry, now: Instant) -> io::Result<Upstream> {
-        let mut socket = TcpStream::connect(address)?;
+        let mut socket = crate::idle_backends::connect_backend(address)?;
         let token = back_token(&socket);
         registry.register(&mut socket, token, Interest::READABLE | Interest::WRITABLE)?;
         let fd = usize::try_from(socket.as_raw_fd()).unwrap_or(usize::MAX);
