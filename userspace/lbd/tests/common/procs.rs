@@ -227,3 +227,38 @@ pub fn run_bounded(mut cmd: Command, deadline: Duration, what: &str) -> Output {
         }
     }
 }
+
+/// The TCP sockets of process `pid` connected to `peer`, each duplicated into this process
+/// with pidfd_getfd(2) (it takes the right to ptrace `pid`: root here), so a test can read
+/// their socket options; fds 0..4096 are looked at.
+pub fn sockets_to(pid: i32, peer: std::net::SocketAddr) -> Vec<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let Ok(pidfd) = i32::try_from(pidfd) else {
+        return Vec::new();
+    };
+    if pidfd < 0 {
+        return Vec::new();
+    }
+    // SAFETY: pidfd is a descriptor this process just opened and owns alone.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) };
+    let mut found = Vec::new();
+    for target in 0..4096 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_getfd takes a pidfd, the other process's fd number and flags, and
+        // returns a new descriptor of this process (or -1).
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+        let Ok(fd) = i32::try_from(fd) else { continue };
+        if fd < 0 {
+            continue;
+        }
+        // SAFETY: fd was just returned to this process and nothing else owns it.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let stream = std::net::TcpStream::from(owned);
+        if stream.peer_addr().ok() == Some(peer) {
+            found.push(stream);
+        }
+    }
+    found
+}
