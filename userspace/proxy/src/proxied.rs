@@ -4,8 +4,7 @@
 //! The header is read with `MSG_PEEK` and then consumed to its exact length, so whatever
 //! follows it (the HTTP request, or the TLS ClientHello) stays in the socket for the
 //! [`Session`] the connection becomes: the session is made with the header's source address as
-//! the client (in `X-Forwarded-For`, `Forwarded`, the access log and the balancing by source
-//! address), then driven at once. A connection whose first bytes are not a header, or whose
+//! the client (in `X-Forwarded-For`, `Forwarded` and the access log), then driven at once. A connection whose first bytes are not a header, or whose
 //! header does not arrive within `timeouts.request_header`, is closed without a word; a
 //! `LOCAL` header (a health check of the front load balancer) keeps the socket's own address.
 
@@ -126,9 +125,8 @@ impl AwaitingProxy {
         else {
             return Err(Flow::Close);
         };
-        let front = match cx.tls.get(self.listener).and_then(Option::as_ref) {
-            None => Front::Plain(stream),
-            Some(config) => match Front::tls(stream, config) {
+        let front =
+            match Front::accepted(stream, cx.tls.get(self.listener).and_then(Option::as_ref)) {
                 Ok(front) => front,
                 Err(e) => {
                     log::warn!("TLS connection from {client} refused: {e}");
@@ -136,8 +134,7 @@ impl AwaitingProxy {
                     cx.pool.checkin(back_buf);
                     return Err(Flow::Close);
                 }
-            },
-        };
+            };
         let mut session = Session::new(
             self.id,
             self.key,

@@ -182,6 +182,18 @@ pub struct TlsFront {
 }
 
 impl Front {
+    /// The front of a connection accepted on a listener: TLS with `tls`, the listener's
+    /// configuration, when it has one (https), plain otherwise.
+    pub fn accepted(
+        sock: TcpStream,
+        tls: Option<&Arc<ServerConfig>>,
+    ) -> Result<Front, rustls::Error> {
+        match tls {
+            None => Ok(Front::Plain(sock)),
+            Some(config) => Front::tls(sock, config),
+        }
+    }
+
     pub fn tls(sock: TcpStream, config: &Arc<ServerConfig>) -> Result<Front, rustls::Error> {
         let mut conn = ServerConnection::new(Arc::clone(config))?;
         conn.set_buffer_limit(Some(SEND_BUFFER_LIMIT));

@@ -732,17 +732,15 @@ impl Worker {
                     self.cx.now + self.cx.timeouts.request_header,
                 ))
             } else {
-                let front = match self.cx.tls.get(index).and_then(Option::as_ref) {
-                    None => Front::Plain(stream),
-                    Some(config) => match Front::tls(stream, config) {
-                        Ok(front) => front,
-                        Err(e) => {
-                            log::warn!("TLS connection from {client} refused: {e}");
-                            self.cx.pool.checkin(front_buf);
-                            self.cx.pool.checkin(back_buf);
-                            continue;
-                        }
-                    },
+                let tls = self.cx.tls.get(index).and_then(Option::as_ref);
+                let front = match Front::accepted(stream, tls) {
+                    Ok(front) => front,
+                    Err(e) => {
+                        log::warn!("TLS connection from {client} refused: {e}");
+                        self.cx.pool.checkin(front_buf);
+                        self.cx.pool.checkin(back_buf);
+                        continue;
+                    }
                 };
                 Conn::Http(Session::new(
                     self.next_session_id,
