@@ -502,6 +502,9 @@ fn plain_http_garbage_and_stalled_handshakes_are_closed_cleanly() {
         "[timeouts]\nrequest_header = \"1s\"\n[access_log]\ntarget = \"stdout\"\n",
     );
     let addr = lbd.addr();
+    // lbd answers on its listeners (main holds them) a moment before its worker shows in the
+    // process tree: wait for it (a fresh-clone CI run once read the tree too early).
+    common::wait_until(DEADLINE, || worker_pids(&lbd).len() == 1);
     let workers = worker_pids(&lbd);
     assert_eq!(workers.len(), 1, "one worker");
 
