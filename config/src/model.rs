@@ -152,6 +152,12 @@ pub struct Listener {
     /// Its HTTP/2 limits.
     #[serde(default)]
     pub h2: H2Limits,
+    /// `max_connections_per_ip` (0: no limit).
+    #[serde(default)]
+    pub max_connections_per_ip: u32,
+    /// `max_connection_rate_per_ip`, in connections per second (0: no limit).
+    #[serde(default)]
+    pub max_connection_rate_per_ip: u32,
 }
 
 /// The HTTP/2 limits of a listener (`h2 = { ... }`).

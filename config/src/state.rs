@@ -199,6 +199,14 @@ pub struct ListenerDef {
     /// HTTP/2 limits of the listener (see [`H2Def`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub h2: Option<H2Def>,
+    /// The most connections one client address may have open on this listener; more are
+    /// refused in the kernel, at the SYN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_ip: Option<i64>,
+    /// The most connections one client address may open per second (`"R/s"`, a burst of R);
+    /// more are refused in the kernel, at the SYN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connection_rate_per_ip: Option<String>,
 }
 
 /// A listener's `h2 = { ... }`: the HTTP/2 limits it advertises and enforces.

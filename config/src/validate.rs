@@ -80,6 +80,24 @@ pub(crate) fn validate(file: &State, places: &Places<'_>, source: &Path) -> Resu
     let timeouts = c.timeouts(&file.timeouts.clone().unwrap_or_default())?;
     let access_log = c.access_log(&file.access_log.clone().unwrap_or_default())?;
     let listeners = c.listeners(&file.listeners)?;
+    if steering == Steering::Kernel {
+        let limited = listeners.iter().enumerate().find_map(|(i, l)| {
+            if l.max_connections_per_ip != 0 {
+                Some(format!("listeners[{i}].max_connections_per_ip"))
+            } else if l.max_connection_rate_per_ip != 0 {
+                Some(format!("listeners[{i}].max_connection_rate_per_ip"))
+            } else {
+                None
+            }
+        });
+        if let Some(field) = limited {
+            return Err(c.err(
+                &field,
+                "per-client limits are enforced by the eBPF steering program: they need \
+                 steering = \"ebpf\" (the default), and steering is \"kernel\"",
+            ));
+        }
+    }
     let metrics = match &file.metrics {
         None => None,
         Some(m) => {
@@ -325,6 +343,17 @@ impl Checker<'_> {
             let certificates = self.certificates(l, &field, protocol)?;
             let http2 = self.alpn(l.alpn.as_deref(), &format!("{field}.alpn"), protocol)?;
             let h2 = self.h2_limits(l.h2.as_ref(), &format!("{field}.h2"), protocol)?;
+            let max_connections_per_ip = self.int(
+                l.max_connections_per_ip,
+                &format!("{field}.max_connections_per_ip"),
+                0,
+                1..=1_000_000,
+            )?;
+            let rate_field = format!("{field}.max_connection_rate_per_ip");
+            let max_connection_rate_per_ip = match &l.max_connection_rate_per_ip {
+                None => 0,
+                Some(text) => self.per_second(text, &rate_field)?,
+            };
             out.push(Listener {
                 address,
                 protocol,
@@ -332,9 +361,27 @@ impl Checker<'_> {
                 accept_proxy: l.accept_proxy.unwrap_or(false),
                 http2,
                 h2,
+                max_connections_per_ip,
+                max_connection_rate_per_ip,
             });
         }
         Ok(out)
+    }
+
+    /// A rate written `"R/s"`: R connections per second, 1 to 1,000,000.
+    fn per_second(&self, text: &str, field: &str) -> Result<u32> {
+        let bad = || {
+            self.err(
+                field,
+                format!("{text:?} is not a rate: write \"R/s\", R connections per second from 1 to 1000000 (e.g. \"20/s\")"),
+            )
+        };
+        let count = text.trim().strip_suffix("/s").ok_or_else(bad)?;
+        let count: u32 = count.trim().parse().map_err(|_| bad())?;
+        if !(1..=1_000_000).contains(&count) {
+            return Err(bad());
+        }
+        Ok(count)
     }
 
     /// A listener's `h2 = { ... }` limits.

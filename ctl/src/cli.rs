@@ -260,6 +260,13 @@ pub struct ListenerAddArgs {
     /// Expect a PROXY protocol header from clients.
     #[arg(long)]
     pub accept_proxy: bool,
+    /// The most connections one client address may have open (refused in the kernel).
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<i64>,
+    /// The most connections one client address may open per second, as "R/s" (refused in
+    /// the kernel).
+    #[arg(long, value_name = "R/s")]
+    pub max_connection_rate_per_ip: Option<String>,
     /// For https: the certificate chain (PEM); needs --key.
     #[arg(long, value_name = "PATH", requires = "key")]
     pub certificate: Option<PathBuf>,
@@ -422,6 +429,8 @@ impl Command {
                     accept_proxy: l.accept_proxy.then_some(true),
                     alpn: l.alpn.clone(),
                     h2: l.h2.as_deref().cloned(),
+                    max_connections_per_ip: l.max_connections_per_ip,
+                    max_connection_rate_per_ip: l.max_connection_rate_per_ip.clone(),
                 },
             }),
             Command::Listener(ListenerCmd::Remove { address }) => {
@@ -692,6 +701,8 @@ mod tests {
                     accept_proxy: None,
                     alpn: None,
                     h2: None,
+                    max_connections_per_ip: None,
+                    max_connection_rate_per_ip: None,
                 }
             })
         );

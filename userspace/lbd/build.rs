@@ -43,10 +43,12 @@ fn main() -> anyhow::Result<()> {
         println!("cargo:rerun-if-changed={}", linker.display());
     }
 
-    // aya-ebpf enables `asm_experimental_arch` on the BPF target: allow unstable features for
-    // that crate alone. Not "1": aya-build would then add -Zbuild-std, which needs rust-src.
+    // aya-ebpf enables `asm_experimental_arch` on the BPF target, and the program itself
+    // `core_intrinsics` (an atomic add: BPF's `core` has no compare-and-swap, so AtomicU64 has
+    // no fetch_add there): allow unstable features for those two crates alone. Not "1":
+    // aya-build would then add -Zbuild-std, which needs rust-src.
     // (set_var is safe on edition 2021, and nothing else runs in this process yet.)
-    std::env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf");
+    std::env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf,lb_ebpf");
 
     let steer_dir = steer
         .to_str()

@@ -291,6 +291,8 @@ fn listeners_are_added_and_removed() {
         accept_proxy: None,
         alpn: None,
         h2: None,
+        max_connections_per_ip: None,
+        max_connection_rate_per_ip: None,
     };
     let next = state.add_listener(listener.clone(), source()).unwrap();
     assert_eq!(
@@ -308,6 +310,8 @@ fn listeners_are_added_and_removed() {
         accept_proxy: None,
         alpn: None,
         h2: None,
+        max_connections_per_ip: None,
+        max_connection_rate_per_ip: None,
     };
     let e = state.add_listener(https, source()).unwrap_err();
     assert!(
@@ -595,6 +599,8 @@ fn an_added_https_listener_carries_its_certificates_as_text() {
         accept_proxy: None,
         alpn: None,
         h2: None,
+        max_connections_per_ip: None,
+        max_connection_rate_per_ip: None,
     };
     let next = state
         .apply(&Edit::AddListener { listener }, source())

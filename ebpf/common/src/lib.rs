@@ -15,6 +15,7 @@
 #[cfg(feature = "mmap")]
 extern crate std;
 
+pub mod client;
 #[cfg(feature = "mmap")]
 pub mod mmap;
 pub mod pick;
@@ -40,6 +41,15 @@ pub mod names {
     pub const CONTROL: &str = "CONTROL";
     /// Per-CPU array of `u64`, indexed by [`crate::counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// The `sock_ops` program that counts each client's open connections.
+    pub const TRACK: &str = "track";
+    /// Array of one [`crate::client::Limits`].
+    pub const LIMITS: &str = "LIMITS";
+    /// LRU hash: [`crate::client::ClientKey`] -> open connections (`u64`).
+    pub const CONNS: &str = "CONNS";
+    /// LRU hash: [`crate::client::ClientKey`] -> the client's rate state (`u64`, see
+    /// [`crate::client::admit`]).
+    pub const RATES: &str = "RATES";
 }
 
 /// How the program picks a worker for a new connection (`Control::policy`).
@@ -176,8 +186,14 @@ pub mod counter {
     /// SK_PASS without a selection: `bpf_sk_select_reuseport` failed (an empty slot, or a
     /// socket of another group), so the kernel picked by its own hash.
     pub const SELECT_FAILED: u32 = MAX_WORKERS + 2;
+    /// SK_DROP: the client already had `max_connections_per_ip` connections open.
+    pub const DROPS_PER_IP_CONNECTIONS: u32 = MAX_WORKERS + 3;
+    /// SK_DROP: the client opened connections faster than `max_connection_rate_per_ip`.
+    pub const DROPS_PER_IP_RATE: u32 = MAX_WORKERS + 4;
+    /// The counters of an lbd before per-client limits (its COUNTERS map is this long).
+    pub const LEN_WITHOUT_PER_IP: u32 = MAX_WORKERS + 3;
     /// The number of counters.
-    pub const LEN: u32 = MAX_WORKERS + 3;
+    pub const LEN: u32 = MAX_WORKERS + 5;
 }
 
 #[cfg(test)]

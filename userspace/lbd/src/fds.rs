@@ -210,6 +210,8 @@ pub enum FdKind {
     BpfProgram(u32),
     /// A BPF map of this type (BPF_MAP_TYPE_*).
     BpfMap(u32),
+    /// A BPF link of this type, as /proc names it ("cgroup", ...).
+    BpfLink(String),
     /// Anything else.
     Other(String),
 }
@@ -249,6 +251,9 @@ pub fn kind_of(fd: std::os::fd::BorrowedFd<'_>) -> FdKind {
     }
     if let Some(t) = field("map_type:") {
         return FdKind::BpfMap(t);
+    }
+    if let Some(t) = info.lines().find_map(|l| l.strip_prefix("link_type:")) {
+        return FdKind::BpfLink(t.trim().to_owned());
     }
     FdKind::Other("not a socket nor a BPF object".into())
 }

@@ -358,7 +358,7 @@ pub(crate) fn change_listeners(
                 continue;
             }
             let group = workers.sockets().get(k).map_or(&[][..], Vec::as_slice);
-            match listeners::load_group(config, listener.address, group) {
+            match listeners::load_group(config, listener, group) {
                 Ok(mut st) => {
                     // Connections to the new listener wait in the new workers' queues.
                     for w in 0..u32::try_from(config.workers).unwrap_or(0) {
@@ -458,12 +458,28 @@ fn describe<'a>(
         roles.push(FdRole::SteeringProgram { listener });
         descriptors.push(fds.program);
         use lb_ebpf_common::names;
-        for (map, fd) in [
+        let mut maps = vec![
             (names::SOCKETS, fds.sockets),
             (names::WORKERS, fds.workers),
             (names::CONTROL, fds.control),
             (names::COUNTERS, fds.counters),
-        ] {
+        ];
+        if let Some(per_ip) = fds.per_ip {
+            if let Some(track) = per_ip.track {
+                roles.push(FdRole::TrackProgram { listener });
+                descriptors.push(track);
+            }
+            if let Some(link) = per_ip.link {
+                roles.push(FdRole::TrackLink { listener });
+                descriptors.push(link);
+            }
+            maps.extend([
+                (names::LIMITS, per_ip.limits),
+                (names::CONNS, per_ip.conns),
+                (names::RATES, per_ip.rates),
+            ]);
+        }
+        for (map, fd) in maps {
             roles.push(FdRole::SteeringMap {
                 listener,
                 map: map.to_owned(),

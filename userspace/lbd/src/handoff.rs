@@ -59,6 +59,15 @@ pub enum FdRole {
         listener: usize,
         map: String,
     },
+    /// The `sock_ops` program that counts each client's connections (an lbd from before
+    /// per-client limits hands none over).
+    TrackProgram {
+        listener: usize,
+    },
+    /// That program's link to lbd's cgroup, once a connection limit made it.
+    TrackLink {
+        listener: usize,
+    },
 }
 
 /// The new main's answer.
@@ -168,20 +177,38 @@ pub const STEERING_MAPS: [&str; 4] = [
     lb_ebpf_common::names::COUNTERS,
 ];
 
+/// The maps of the per-client limits: handed over with `track`, all or none.
+pub const PER_IP_MAPS: [&str; 3] = [
+    lb_ebpf_common::names::LIMITS,
+    lb_ebpf_common::names::CONNS,
+    lb_ebpf_common::names::RATES,
+];
+
 /// Checks that `roles` are exactly the descriptors `config` needs, each once: the command
 /// socket, a socket per listener and worker (at the listener's address), and with eBPF
-/// steering a program and its maps per listener.
+/// steering a program and its maps per listener, plus (from an lbd that has per-client
+/// limits) `track`, its maps and its cgroup link.
 pub fn check_roles(roles: &[FdRole], config: &Config) -> Result<(), CheckError> {
     let listeners = config.listeners.len();
     let workers = config.workers;
     let ebpf = config.steering == lb_config::Steering::Ebpf;
     let per_listener = workers.saturating_add(if ebpf { 1 + STEERING_MAPS.len() } else { 0 });
     let expected = listeners.saturating_mul(per_listener).saturating_add(1);
-    if roles.len() != expected {
+    let optional = if ebpf {
+        listeners.saturating_mul(2 + PER_IP_MAPS.len())
+    } else {
+        0
+    };
+    if roles.len() < expected || roles.len() > expected.saturating_add(optional) {
         return Err(CheckError::Roles(format!(
-            "{} descriptors handed over; {listeners} listeners × {workers} workers{} need {expected}",
+            "{} descriptors handed over; {listeners} listeners × {workers} workers{} need {expected}{}",
             roles.len(),
-            if ebpf { " with eBPF steering" } else { "" }
+            if ebpf { " with eBPF steering" } else { "" },
+            if ebpf {
+                format!(" (and up to {optional} more for per-client limits)")
+            } else {
+                String::new()
+            }
         )));
     }
     let mut seen = HashSet::new();
@@ -233,9 +260,17 @@ pub fn check_roles(roles: &[FdRole], config: &Config) -> Result<(), CheckError> 
                         "descriptor {index}: a steering map, but steering is not eBPF"
                     )));
                 }
-                if !STEERING_MAPS.contains(&map.as_str()) {
+                if !STEERING_MAPS.contains(&map.as_str()) && !PER_IP_MAPS.contains(&map.as_str()) {
                     return Err(CheckError::Roles(format!(
                         "descriptor {index}: unknown map {map:?}"
+                    )));
+                }
+            }
+            FdRole::TrackProgram { listener } | FdRole::TrackLink { listener } => {
+                in_range(*listener)?;
+                if !ebpf {
+                    return Err(CheckError::Roles(format!(
+                        "descriptor {index}: a per-client limits program, but steering is not eBPF"
                     )));
                 }
             }
@@ -249,8 +284,8 @@ pub fn check_roles(roles: &[FdRole], config: &Config) -> Result<(), CheckError> 
     Ok(())
 }
 
-/// What a role fills: two roles for one slot are one descriptor too many. (With the count
-/// checked, no duplicate also means nothing is missing.)
+/// What a role fills: two roles for one slot are one descriptor too many. (What is missing
+/// is found when the descriptors are sorted: `upgrade.rs` needs each one by its role.)
 fn slot(role: &FdRole) -> (u8, usize, usize, &str) {
     match role {
         FdRole::CommandSocket => (0, 0, 0, ""),
@@ -259,6 +294,8 @@ fn slot(role: &FdRole) -> (u8, usize, usize, &str) {
         } => (1, *listener, *worker, ""),
         FdRole::SteeringProgram { listener } => (2, *listener, 0, ""),
         FdRole::SteeringMap { listener, map } => (3, *listener, 0, map.as_str()),
+        FdRole::TrackProgram { listener } => (4, *listener, 0, ""),
+        FdRole::TrackLink { listener } => (5, *listener, 0, ""),
     }
 }
 

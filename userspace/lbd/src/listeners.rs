@@ -5,8 +5,8 @@
 //! are `steering.rs`'s). Who holds the sockets, and when workers start on them, is
 //! `workers.rs`'s.
 
-use crate::steering::{Steering, SteeringError};
-use lb_config::{Config, SteeringPolicy};
+use crate::steering::{ClientLimits, Steering, SteeringError};
+use lb_config::{Config, Listener, SteeringPolicy};
 use lb_ebpf_common::Policy;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::{SocketAddr, TcpListener};
@@ -83,17 +83,26 @@ pub fn load_steering(
         .listeners
         .iter()
         .zip(sockets)
-        .map(|(listener, group)| load_group(config, listener.address, group))
+        .map(|(listener, group)| load_group(config, listener, group))
         .collect()
 }
 
-/// Loads the steering program of one listener's group, fills its socket slots and attaches
-/// it. Workers stay inactive until they start.
+/// The per-client limits `listener` asks for.
+pub fn client_limits(listener: &Listener) -> ClientLimits {
+    ClientLimits {
+        max_connections: listener.max_connections_per_ip,
+        rate_per_second: listener.max_connection_rate_per_ip,
+    }
+}
+
+/// Loads the steering program of one listener's group, fills its socket slots, sets its
+/// per-client limits and attaches it. Workers stay inactive until they start.
 pub fn load_group(
     config: &Config,
-    address: SocketAddr,
+    listener: &Listener,
     group: &[TcpListener],
 ) -> Result<Steering, ListenerError> {
+    let address = listener.address;
     let policy = policy_of(config.steering_policy);
     let too_many = || ListenerError::TooManyWorkers {
         address,
@@ -110,8 +119,17 @@ pub fn load_group(
         steering.set_worker_socket(index, socket).map_err(what)?;
     }
     let first = group.first().ok_or(ListenerError::NoSockets { address })?;
+    let limits = client_limits(listener);
+    steering.set_limits(limits, first).map_err(what)?;
     steering.attach(first).map_err(what)?;
     log::info!("listener {address}: eBPF steering attached ({policy:?}, {workers} workers)");
+    if limits != ClientLimits::default() {
+        log::info!(
+            "listener {address}: per-client limits in the kernel: {} connections, {}/s (0: none)",
+            limits.max_connections,
+            limits.rate_per_second
+        );
+    }
     Ok(steering)
 }
 

@@ -34,6 +34,8 @@ pub enum SupervisorError {
     Signals(#[source] std::io::Error),
     #[error("duplicating the command socket: {0}")]
     CommandSocket(#[source] std::io::Error),
+    #[error("per-client limits: {0}")]
+    ClientLimits(String),
 }
 
 /// Why the supervisor leaves its loop.
@@ -115,6 +117,12 @@ impl Supervisor {
             generation + 1,
         )?;
         supervisor.observer.seed_health(&supervisor.config, &down);
+        // The handed-over programs carry the previous lbd's limits; this state's win.
+        let config = supervisor.config.clone();
+        supervisor
+            .workers
+            .set_client_limits(&config, &config)
+            .map_err(SupervisorError::ClientLimits)?;
         Ok((supervisor, command))
     }
 
@@ -287,6 +295,16 @@ impl Supervisor {
     /// Carries a new steering policy and connection limit into the eBPF programs.
     pub(crate) fn update_steering(&mut self, config: &Config) {
         self.workers.update_steering(config);
+    }
+
+    /// Sets the per-client limits of `config` on the running listeners (see
+    /// [`Workers::set_client_limits`]).
+    pub(crate) fn set_client_limits(
+        &mut self,
+        running: &Config,
+        config: &Config,
+    ) -> Result<(), String> {
+        self.workers.set_client_limits(running, config)
     }
 
     /// Makes `state` the running state; workers started from now on get `config`, what it

@@ -28,7 +28,7 @@
 use crate::fds::{self, FdKind};
 use crate::handoff::{self, CheckError, Checked};
 pub use crate::handoff::{FdRole, Handoff, Reply, HANDOFF_VERSION};
-use crate::steering::{self, OwnedSteeringFds, Steering, SteeringError};
+use crate::steering::{self, OwnedPerIpFds, OwnedSteeringFds, Steering, SteeringError};
 use lb_config::protocol::frame;
 use lb_config::state::State;
 use lb_config::Config;
@@ -268,7 +268,8 @@ fn sort(
     let workers = config.workers;
     let ebpf = config.steering == lb_config::Steering::Ebpf;
     let expected = 1 + listeners * workers + if ebpf { listeners * 5 } else { 0 };
-    if roles.len() != expected {
+    let optional = if ebpf { listeners * 5 } else { 0 };
+    if roles.len() < expected || roles.len() > expected + optional {
         return Err(refuse(format!(
             "{} descriptors handed over; {listeners} listeners × {workers} workers{} need {expected}",
             roles.len(),
@@ -280,6 +281,8 @@ fn sort(
         .map(|_| (0..workers).map(|_| None).collect())
         .collect();
     let mut programs: Vec<Option<OwnedFd>> = (0..listeners).map(|_| None).collect();
+    let mut tracks: Vec<Option<OwnedFd>> = (0..listeners).map(|_| None).collect();
+    let mut links: Vec<Option<OwnedFd>> = (0..listeners).map(|_| None).collect();
     let mut maps: Vec<std::collections::HashMap<String, OwnedFd>> =
         (0..listeners).map(|_| Default::default()).collect();
     for (index, (role, fd)) in roles.iter().zip(descriptors).enumerate() {
@@ -347,6 +350,23 @@ fn sort(
                     )));
                 }
             }
+            FdRole::TrackProgram { listener } | FdRole::TrackLink { listener } => {
+                let (slots, wanted) = match role {
+                    FdRole::TrackProgram { .. } => (&mut tracks, "the sock_ops program track"),
+                    _ => (&mut links, "the cgroup link of track"),
+                };
+                if !role_matches(role, &kind) {
+                    return Err(wrong(wanted));
+                }
+                let slot = slots
+                    .get_mut(*listener)
+                    .ok_or_else(|| refuse(format!("descriptor {index}: no listener {listener}")))?;
+                if slot.replace(fd).is_some() {
+                    return Err(refuse(format!(
+                        "descriptor {index}: {wanted} of listener {listener} given twice"
+                    )));
+                }
+            }
             FdRole::SteeringMap { listener, map } => {
                 let wanted = map_type(map)
                     .ok_or_else(|| refuse(format!("descriptor {index}: unknown map {map:?}")))?;
@@ -380,11 +400,38 @@ fn sort(
         .collect::<Result<Vec<_>, _>>()?;
     let mut steering = Vec::new();
     if ebpf {
-        for (listener, (program, mut group)) in programs.into_iter().zip(maps).enumerate() {
+        let per_listener = programs
+            .into_iter()
+            .zip(maps)
+            .zip(tracks.into_iter().zip(links));
+        for (listener, ((program, mut group), (track, link))) in per_listener.enumerate() {
+            let has_per_ip = group.contains_key(lb_ebpf_common::names::LIMITS);
             let mut take = |name: &str| {
                 group.remove(name).ok_or_else(|| {
                     refuse(format!("listener {listener}: no map {name} handed over"))
                 })
+            };
+            if link.is_some() && track.is_none() {
+                return Err(refuse(format!(
+                    "listener {listener}: the link of track, without track"
+                )));
+            }
+            // An lbd from before per-client limits hands none of these over.
+            let per_ip = if has_per_ip {
+                Some(OwnedPerIpFds {
+                    track,
+                    limits: take(lb_ebpf_common::names::LIMITS)?,
+                    conns: take(lb_ebpf_common::names::CONNS)?,
+                    rates: take(lb_ebpf_common::names::RATES)?,
+                    link,
+                })
+            } else if track.is_some() {
+                return Err(refuse(format!(
+                    "listener {listener}: track without map {} handed over",
+                    lb_ebpf_common::names::LIMITS
+                )));
+            } else {
+                None
             };
             let fds = OwnedSteeringFds {
                 program: program
@@ -393,7 +440,13 @@ fn sort(
                 workers: take(lb_ebpf_common::names::WORKERS)?,
                 control: take(lb_ebpf_common::names::CONTROL)?,
                 counters: take(lb_ebpf_common::names::COUNTERS)?,
+                per_ip,
             };
+            if let Some(name) = group.keys().next() {
+                return Err(refuse(format!(
+                    "listener {listener}: map {name} handed over without the program that uses it"
+                )));
+            }
             let adopted =
                 Steering::adopt(fds).map_err(|source| HandoffError::Adopt { listener, source })?;
             if adopted.control().workers as usize != workers {
@@ -421,6 +474,8 @@ fn role_matches(role: &FdRole, kind: &FdKind) -> bool {
             *t == steering::PROG_TYPE_SK_REUSEPORT
         }
         (FdRole::SteeringMap { map, .. }, FdKind::BpfMap(t)) => map_type(map) == Some(*t),
+        (FdRole::TrackProgram { .. }, FdKind::BpfProgram(t)) => *t == steering::PROG_TYPE_SOCK_OPS,
+        (FdRole::TrackLink { .. }, FdKind::BpfLink(t)) => t == "cgroup",
         _ => false,
     }
 }
@@ -429,7 +484,10 @@ fn map_type(name: &str) -> Option<u32> {
     use lb_ebpf_common::names;
     match name {
         n if n == names::SOCKETS => Some(steering::MAP_TYPE_REUSEPORT_SOCKARRAY),
-        n if n == names::WORKERS || n == names::CONTROL => Some(steering::MAP_TYPE_ARRAY),
+        n if n == names::WORKERS || n == names::CONTROL || n == names::LIMITS => {
+            Some(steering::MAP_TYPE_ARRAY)
+        }
+        n if n == names::CONNS || n == names::RATES => Some(steering::MAP_TYPE_LRU_HASH),
         n if n == names::COUNTERS => Some(steering::MAP_TYPE_PERCPU_ARRAY),
         _ => None,
     }

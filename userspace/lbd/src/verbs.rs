@@ -51,6 +51,8 @@ pub enum VerbError {
     Upgrade(#[from] Box<UpgradeError>),
     #[error(transparent)]
     LogLevel(#[from] LogLevelError),
+    #[error("{0}")]
+    ClientLimits(String),
 }
 
 impl crate::command::Handler for Supervisor {
@@ -155,9 +157,20 @@ fn apply_state(sup: &mut Supervisor, checked: Checked) -> Result<Payload, VerbEr
             workers: Vec::new(),
         }));
     }
+    // Per-client limits live in the kernel: set them first, so that a listener that cannot
+    // have them refuses the change before anything else moves.
+    let running = sup.config().clone();
+    sup.set_client_limits(&running, &config)
+        .map_err(VerbError::ClientLimits)?;
     let workers = if listeners_changed {
         // New sockets: the workers are replaced by ones that hold them (no restart).
-        sup.change_listeners(&config)?
+        match sup.change_listeners(&config) {
+            Ok(workers) => workers,
+            Err(e) => {
+                let _ = sup.set_client_limits(&running, &running);
+                return Err(e.into());
+            }
+        }
     } else {
         push_to_workers(sup, &config)
     };

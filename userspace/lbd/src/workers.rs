@@ -296,6 +296,8 @@ impl Workers {
             for (reason, index) in [
                 ("all_full", counter::DROPS_ALL_FULL),
                 ("no_worker", counter::DROPS_NO_WORKER),
+                ("per_ip_connections", counter::DROPS_PER_IP_CONNECTIONS),
+                ("per_ip_rate", counter::DROPS_PER_IP_RATE),
             ] {
                 out.push(sample(
                     "kakehi_steering_drops_total",
@@ -305,6 +307,36 @@ impl Workers {
             }
         }
         out
+    }
+
+    /// Sets the per-client limits `config` gives the listeners that are running now (those of
+    /// `running`, the config the steering list follows; a listener `config` drops is left
+    /// alone, one it adds gets its limits when its program is loaded). Stops at the first
+    /// failure, with the listener's address in the message.
+    pub(crate) fn set_client_limits(
+        &mut self,
+        running: &Config,
+        config: &Config,
+    ) -> Result<(), String> {
+        for (index, listener) in running.listeners.iter().enumerate() {
+            let Some(wanted) = config
+                .listeners
+                .iter()
+                .find(|l| l.address == listener.address)
+            else {
+                continue;
+            };
+            let (Some(steering), Some(socket)) = (
+                self.steering.get_mut(index),
+                self.sockets.get(index).and_then(|group| group.first()),
+            ) else {
+                continue;
+            };
+            steering
+                .set_limits(listeners::client_limits(wanted), socket)
+                .map_err(|e| format!("listener {}: {e}", listener.address))?;
+        }
+        Ok(())
     }
 
     /// Carries a new steering policy and connection limit into the eBPF programs.
@@ -676,12 +708,14 @@ impl Workers {
                 .map(|w| get(counter::DECISIONS + w).to_string())
                 .collect();
             log::info!(
-                "steering {}: decisions per worker [{}], dropped all-full {}, dropped no-worker {}, select failed {}",
+                "steering {}: decisions per worker [{}], dropped all-full {}, dropped no-worker {}, select failed {}, dropped per-ip-connections {}, dropped per-ip-rate {}",
                 listener.address,
                 decisions.join(", "),
                 get(counter::DROPS_ALL_FULL),
                 get(counter::DROPS_NO_WORKER),
-                get(counter::SELECT_FAILED)
+                get(counter::SELECT_FAILED),
+                get(counter::DROPS_PER_IP_CONNECTIONS),
+                get(counter::DROPS_PER_IP_RATE)
             );
         }
     }

@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 /// What one `lbctl --socket SOCKET ARGS` said (40 s timeout, killed after 60 s).
+#[derive(Debug)]
 pub struct Ctl {
     pub code: Option<i32>,
     pub stdout: String,
