@@ -257,6 +257,9 @@ pub struct Frontend {
     /// `redirect_https = true` (http listeners only): the request is answered with a 301 to
     /// the same host and target in https, and never reaches the cluster.
     pub redirect_https: bool,
+    /// `rate_limit`: requests per client address per second, across all workers (0: none).
+    #[serde(default)]
+    pub rate_limit: u32,
 }
 
 /// How a frontend matches the request's host (port removed, compared case-insensitively).

@@ -54,6 +54,7 @@ impl<'c, 'a> FrontendChecker<'c, 'a> {
                 ("path", f.path.is_some()),
                 ("path_type", f.path_type.is_some()),
                 ("method", f.method.is_some()),
+                ("rate_limit", f.rate_limit.is_some()),
             ];
             if let Some((key, _)) = http_only.into_iter().find(|(_, given)| *given) {
                 return Err(self.c.err(
@@ -104,12 +105,18 @@ impl<'c, 'a> FrontendChecker<'c, 'a> {
             _ => false,
         };
 
+        let rate_limit = match &f.rate_limit {
+            None => 0,
+            Some(text) => self.c.per_second(text, &format!("{field}.rate_limit"))?,
+        };
+
         Ok(Frontend {
             address,
             hostname,
             path,
             method,
             redirect_https,
+            rate_limit,
         })
     }
 

@@ -380,6 +380,9 @@ pub struct FrontendDef {
     /// On an http listener: 301 to the same URL in https.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redirect_https: Option<bool>,
+    /// Requests per client address per second (`"R/s"`, a burst of R); over it, 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
 }
 
 /// One entry of a cluster's `backends`.
@@ -1141,6 +1144,9 @@ impl fmt::Display for FrontendDef {
         }
         if let Some(m) = &self.method {
             write!(f, " method={m}")?;
+        }
+        if let Some(r) = &self.rate_limit {
+            write!(f, " rate_limit={r}")?;
         }
         Ok(())
     }

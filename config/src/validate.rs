@@ -368,12 +368,12 @@ impl Checker<'_> {
         Ok(out)
     }
 
-    /// A rate written `"R/s"`: R connections per second, 1 to 1,000,000.
-    fn per_second(&self, text: &str, field: &str) -> Result<u32> {
+    /// A rate written `"R/s"`: R per second, 1 to 1,000,000.
+    pub(crate) fn per_second(&self, text: &str, field: &str) -> Result<u32> {
         let bad = || {
             self.err(
                 field,
-                format!("{text:?} is not a rate: write \"R/s\", R connections per second from 1 to 1000000 (e.g. \"20/s\")"),
+                format!("{text:?} is not a rate: write \"R/s\", R per second from 1 to 1000000 (e.g. \"20/s\")"),
             )
         };
         let count = text.trim().strip_suffix("/s").ok_or_else(bad)?;

@@ -235,6 +235,9 @@ pub struct FrontendArgs {
     /// On an http listener: answer 301 to the same URL in https instead of proxying.
     #[arg(long)]
     pub redirect_https: bool,
+    /// Requests per client address per second, as "R/s"; over it, 429 (frontend add only).
+    #[arg(long, value_name = "R/s")]
+    pub rate_limit: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -493,6 +496,7 @@ impl FrontendArgs {
             path_type: self.path_type,
             method: self.method.clone(),
             redirect_https: self.redirect_https.then_some(true),
+            rate_limit: self.rate_limit.clone(),
         }
     }
 }
@@ -676,6 +680,7 @@ mod tests {
                     path_type: Some(PathTypeDef::Exact),
                     method: Some("GET".into()),
                     redirect_https: None,
+                    rate_limit: None,
                 }
             })
         );

@@ -86,6 +86,68 @@ impl Drop for WorkerStates {
     }
 }
 
+/// A shared, read-write mapping of `u64` words from any mappable fd (a memfd): lbd's table of
+/// request rates, which every worker maps (lb-proxy's `rate_limit`). Only atomic accesses.
+#[derive(Debug)]
+pub struct SharedWords {
+    base: NonNull<u8>,
+    len: usize,
+    words: usize,
+}
+
+// SAFETY: as for WorkerStates: plain shared memory, every access an atomic one on an aligned
+// u64.
+unsafe impl Send for SharedWords {}
+// SAFETY: as for Send: only `&AtomicU64` is handed out.
+unsafe impl Sync for SharedWords {}
+
+impl SharedWords {
+    /// Maps `words` words of the file behind `fd`, which must be at least that long (a
+    /// shorter one is refused: touching a page past its end would be SIGBUS; the mapping is
+    /// rounded up to whole pages, but no word past the file's end is ever handed out).
+    pub fn map(fd: BorrowedFd<'_>, words: usize) -> io::Result<Self> {
+        let bytes = words
+            .checked_mul(8)
+            .ok_or_else(|| io::Error::other("too many words"))?;
+        let page = page_size()?;
+        let len = bytes.div_ceil(page).max(1) * page;
+        let size = file_size(fd)?;
+        if size < bytes as u64 {
+            return Err(io::Error::other(std::format!(
+                "the file is {size} bytes, {bytes} are needed"
+            )));
+        }
+        let base = mmap_shared(fd, len)?;
+        Ok(Self { base, len, words })
+    }
+
+    /// Word `index`, if it is mapped.
+    pub fn word(&self, index: usize) -> Option<&core::sync::atomic::AtomicU64> {
+        if index >= self.words {
+            return None;
+        }
+        // SAFETY: index < words and words * 8 <= len, so the 8 bytes are inside the live
+        // mapping, which lasts as long as `&self`; the base is page-aligned and the offset a
+        // multiple of 8, so the pointer is aligned for AtomicU64; every process sharing the
+        // memory accesses it only atomically.
+        Some(unsafe {
+            core::sync::atomic::AtomicU64::from_ptr(self.base.as_ptr().add(index * 8).cast::<u64>())
+        })
+    }
+}
+
+impl Drop for SharedWords {
+    fn drop(&mut self) {
+        munmap(self.base, self.len);
+    }
+}
+
+fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(std::fs::File::from(fd.try_clone_to_owned()?)
+        .metadata()?
+        .len())
+}
+
 /// The byte length to map: every entry, rounded up to whole pages (the kernel refuses less).
 fn mapping_len(page: usize) -> usize {
     let bytes = MAX_WORKERS as usize * WorkerState::SIZE;

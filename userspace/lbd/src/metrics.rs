@@ -224,6 +224,7 @@ fn help(family: &str) -> &'static str {
         }
         (_, "connect_errors_total") => "Failed connections to backends",
         (_, "retries_total") => "Connection attempts after a failed one, for the same request",
+        (_, "rate_limited_total") => "Requests answered 429 for a frontend's rate_limit",
         _ => "kakehi metric",
     }
 }

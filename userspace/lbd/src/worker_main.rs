@@ -32,6 +32,19 @@ pub struct WorkerArgs {
     /// worker publishes its live connection count.
     #[arg(long = "workers-map-fd")]
     pub workers_map_fds: Vec<i32>,
+    /// Inherited memfd of the request rates shared by every worker (frontends'
+    /// `rate_limit`), of `lb_proxy::rate_limit::WORDS` words.
+    #[arg(long)]
+    pub rates_fd: Option<i32>,
+}
+
+/// The shared table of request rates, as lb-proxy reads it.
+struct Rates(lb_ebpf_common::mmap::SharedWords);
+
+impl lb_proxy::rate_limit::SharedSlots for Rates {
+    fn word(&self, index: usize) -> Option<&std::sync::atomic::AtomicU64> {
+        self.0.word(index)
+    }
 }
 
 /// Publishes the live count into every steering program's WORKERS map (shared memory).
@@ -77,7 +90,23 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("mapping the steering WORKERS map (fd {fd})"))?,
         );
     }
+    let rates = match args.rates_fd {
+        None => None,
+        Some(fd) => {
+            let owned = fds::owned_from_fd(fd)?;
+            Some(
+                lb_ebpf_common::mmap::SharedWords::map(
+                    std::os::fd::AsFd::as_fd(&owned),
+                    lb_proxy::rate_limit::WORDS,
+                )
+                .with_context(|| format!("mapping the table of request rates (fd {fd})"))?,
+            )
+        }
+    };
     let mut worker = lb_proxy::Worker::new(&config, listeners)?;
+    if let Some(rates) = rates {
+        worker.set_rates(lb_proxy::rate_limit::RateTable::new(Box::new(Rates(rates))));
+    }
     if let Some(fd) = args.channel_fd {
         let channel = std::os::unix::net::UnixStream::from(fds::owned_from_fd(fd)?);
         worker.set_control(channel)?;

@@ -145,6 +145,8 @@ pub(crate) struct Workers {
     binary: fds::Binary,
     /// What workers are started with (`lbctl log-level` changes it).
     pub(crate) log_level: log::LevelFilter,
+    /// The table of request rates every worker maps (`lb_proxy::rate_limit`).
+    rates_file: File,
 }
 
 impl Workers {
@@ -156,6 +158,7 @@ impl Workers {
         steering: Vec<Steering>,
     ) -> Result<Workers, WorkersError> {
         let config_file = config_memfd(config)?;
+        let rates_file = rates_memfd()?;
         let binary = fds::Binary::current().map_err(WorkersError::Binary)?;
         let slots = (0..config.workers)
             .map(|_| Slot {
@@ -177,6 +180,7 @@ impl Workers {
             config_file,
             binary,
             log_level,
+            rates_file,
         })
     }
 
@@ -468,10 +472,14 @@ impl Workers {
         command
             .arg("--trace-fd")
             .arg(fds::raw(&trace_end).to_string());
+        command
+            .arg("--rates-fd")
+            .arg(fds::raw(&self.rates_file).to_string());
         let mut inherited = vec![
             fds::raw(&self.config_file),
             fds::raw(&theirs),
             fds::raw(&trace_end),
+            fds::raw(&self.rates_file),
         ];
         for group in &self.sockets {
             let socket = group.get(index).ok_or(StartError::NoSocket { index })?;
@@ -840,6 +848,17 @@ fn probe<'a>(
 
 /// A memfd holding `config` as a worker reads it at start (`channel::decode_config`): the
 /// checked configuration, which the worker neither parses nor validates again.
+/// The table of request rates: `lb_proxy::rate_limit::WORDS` zeroed words, but the first,
+/// a seed drawn for this lbd (so that no client can tell which clients share its slots).
+fn rates_memfd() -> Result<File, fds::FdError> {
+    use std::hash::BuildHasher as _;
+    let seed = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    let file = fds::memfd_with(&seed.to_ne_bytes())?;
+    let bytes = u64::try_from(lb_proxy::rate_limit::WORDS * 8).unwrap_or(u64::MAX);
+    file.set_len(bytes).map_err(fds::FdError::Memfd)?;
+    Ok(file)
+}
+
 pub(crate) fn config_memfd(config: &Config) -> Result<File, fds::FdError> {
     let bytes = lb_config::protocol::channel::encode_config(config)
         .map_err(|e| fds::FdError::Memfd(std::io::Error::other(e)))?;

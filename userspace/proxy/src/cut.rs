@@ -100,6 +100,8 @@ cuts! {
     RedirectToHttps => "redirect to https", "redirect_to_https";
     /// No frontend of the listener matches the request's host and path.
     NoRoute => "no route", "no_route";
+    /// The client is over its frontend's `rate_limit` (429).
+    RateLimited => "over the frontend's rate limit", "rate_limited";
     /// The TCP listener has no frontend for a connection without server name.
     NoFrontendOnListener => "no frontend on this listener", "no_frontend_on_listener";
     /// The TCP listener has no frontend for the ClientHello's server name.

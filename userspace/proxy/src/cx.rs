@@ -73,9 +73,33 @@ pub struct Cx {
     pub close_idle: bool,
     pub(crate) id_prefix: u32,
     pub(crate) requests: u64,
+    /// The request rates of the frontends' `rate_limit`, shared with the other workers
+    /// (`Worker::set_rates`); made in this process's memory, on first use, without one.
+    pub rates: Option<crate::rate_limit::RateTable>,
 }
 
 impl Cx {
+    /// Whether a request from `client` is within the frontend's `limit` (and counts it).
+    pub fn admit_rate(
+        &mut self,
+        limit: &crate::rate_limit::RateLimit,
+        client: std::net::IpAddr,
+    ) -> bool {
+        let seed = self.id_prefix.into();
+        let table = self.rates.get_or_insert_with(|| {
+            crate::rate_limit::RateTable::new(Box::new(crate::rate_limit::LocalSlots::new(seed)))
+        });
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| {
+                u64::try_from(t.tv_sec())
+                    .unwrap_or(0)
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(u64::try_from(t.tv_nsec()).unwrap_or(0))
+            })
+            .unwrap_or(1);
+        table.admit(limit, client, now)
+    }
+
     /// A fresh request id: 8 hex digits for the worker, 16 for the request.
     pub fn next_request_id(&mut self, out: &mut String) {
         self.requests += 1;

@@ -29,6 +29,7 @@ pub mod orders;
 pub mod pool;
 pub mod proxied;
 pub mod proxy_protocol;
+pub mod rate_limit;
 pub mod router;
 pub mod session;
 pub mod sni;

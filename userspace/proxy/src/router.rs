@@ -6,6 +6,7 @@
 //! method before one without), and the first match wins, so the answer never depends on the
 //! order of the config file.
 
+use crate::rate_limit::RateLimit;
 use lb_config::{Config, HostMatch, PathMatch};
 use std::net::SocketAddr;
 
@@ -17,6 +18,8 @@ struct Route {
     cluster: usize,
     /// Answer a 301 to https instead of proxying (`redirect_https`).
     redirect_https: bool,
+    /// The frontend's `rate_limit`, if it has one.
+    rate: Option<RateLimit>,
 }
 
 impl Route {
@@ -70,6 +73,8 @@ impl Route {
 #[derive(Debug, Clone, Default)]
 pub struct Router {
     routes: Vec<Route>,
+    /// Some route has a `rate_limit` (otherwise [`Router::rate_limit`] is not even looked up).
+    rate_limited: bool,
 }
 
 impl Router {
@@ -82,18 +87,38 @@ impl Router {
             .flat_map(|(cluster, c)| {
                 c.frontends
                     .iter()
-                    .filter(move |f| f.address == address)
-                    .map(move |f| Route {
+                    .enumerate()
+                    .filter(move |(_, f)| f.address == address)
+                    .map(move |(index, f)| Route {
                         host: f.hostname.clone(),
                         path: f.path.clone(),
                         method: f.method.clone(),
                         cluster,
                         redirect_https: f.redirect_https,
+                        rate: RateLimit::per_second(frontend_id(cluster, index), f.rate_limit),
                     })
             })
             .collect();
         routes.sort_by_key(Route::rank);
-        Router { routes }
+        let rate_limited = routes.iter().any(|r| r.rate.is_some());
+        Router {
+            routes,
+            rate_limited,
+        }
+    }
+
+    /// The `rate_limit` of the frontend a request matches, if it has one. Free when no
+    /// frontend of the listener has a limit.
+    pub fn rate_limit(&self, authority: &[u8], target: &[u8], method: &[u8]) -> Option<RateLimit> {
+        if !self.rate_limited {
+            return None;
+        }
+        let host = normalize_host(authority);
+        let path = std::str::from_utf8(path_of(target)).ok()?;
+        self.routes
+            .iter()
+            .find(|r| r.matches(&host, path, method))
+            .and_then(|r| r.rate)
     }
 
     /// The cluster for a request. `authority` is the Host header or the request target's
@@ -122,6 +147,13 @@ impl Router {
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }
+}
+
+/// A frontend's key in the rate table: its cluster and its place in the cluster's list.
+fn frontend_id(cluster: usize, index: usize) -> u32 {
+    let cluster = u32::try_from(cluster).unwrap_or(u32::MAX);
+    let index = u32::try_from(index).unwrap_or(u32::MAX);
+    cluster.wrapping_shl(16) ^ index
 }
 
 /// Lower-case host without port and without a trailing dot; IPv6 literals keep their brackets.

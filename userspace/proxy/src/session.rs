@@ -630,6 +630,18 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
             .and_then(|r| r.lookup_route(host, path, method))
     }
 
+    fn over_rate(&mut self, host: &[u8], path: &[u8], method: &[u8]) -> bool {
+        let Some(limit) = self
+            .cx
+            .routers
+            .get(self.wires.listener)
+            .and_then(|r| r.rate_limit(host, path, method))
+        else {
+            return false;
+        };
+        !self.cx.admit_rate(&limit, self.peer.client.ip())
+    }
+
     fn open_backend(&mut self, cluster_idx: usize, tried: &mut Tried, attempt: u32) -> Opened {
         let cx = &mut *self.cx;
         let Some(cluster) = cx.clusters.get_mut(cluster_idx) else {

@@ -193,6 +193,8 @@ pub struct BackendStats {
 pub struct ClusterStats {
     pub traffic: Traffic,
     pub connect_errors: u64,
+    /// Requests answered 429 for a frontend's `rate_limit`.
+    pub rate_limited: u64,
     pub retries: u64,
     pub backends: FastMap<SocketAddr, BackendStats>,
 }
@@ -229,6 +231,9 @@ impl Stats {
             return;
         };
         cluster.traffic.record(r, http);
+        if r.error == Some(crate::cut::Cut::RateLimited) {
+            cluster.rate_limited += 1;
+        }
         if let Some(address) = r.backend {
             let backend = cluster.backends.entry(address).or_default();
             backend.traffic.record(r, http);
@@ -354,6 +359,11 @@ impl Stats {
                 "kakehi_cluster_retries_total",
                 &labels,
                 c.retries as f64,
+            ));
+            out.push(sample(
+                "kakehi_cluster_rate_limited_total",
+                &labels,
+                c.rate_limited as f64,
             ));
             let mut backends: Vec<(&SocketAddr, &BackendStats)> = c.backends.iter().collect();
             backends.sort_by_key(|(a, _)| **a);

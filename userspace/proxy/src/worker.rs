@@ -229,6 +229,7 @@ impl Worker {
             stats: Stats::default(),
             down: Vec::new(),
             id_prefix: rng.next_u64() as u32,
+            rates: None,
             rng,
             timeouts: config.timeouts,
             max_request_body: config.max_request_body,
@@ -443,6 +444,11 @@ impl Worker {
     }
 
     /// Publishes the live connection count to `gauge` from now on.
+    /// The table of request rates shared with the other workers (see `rate_limit.rs`).
+    pub fn set_rates(&mut self, rates: crate::rate_limit::RateTable) {
+        self.cx.rates = Some(rates);
+    }
+
     pub fn set_gauge(&mut self, gauge: Box<dyn LiveGauge>) {
         self.gauge = Some(gauge);
         self.publish_live();

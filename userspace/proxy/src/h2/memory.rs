@@ -258,6 +258,7 @@ fn memory_cx(plan: &Plan, now: Instant) -> io::Result<Cx> {
         draining: false,
         close_idle: false,
         id_prefix: 0x6832,
+        rates: None,
         requests: 0,
     })
 }

@@ -11,6 +11,9 @@ pub enum Answer {
     PayloadTooLarge,
     UriTooLong,
     HeaderTooLarge,
+    /// 429 with `Retry-After: 1`: a frontend's `rate_limit` (a rate of R per second with a
+    /// burst of R always has room again within a second).
+    TooManyRequests,
     BadGateway,
     ServiceUnavailable,
     GatewayTimeout,
@@ -48,6 +51,7 @@ impl Answer {
             Answer::PayloadTooLarge => 413,
             Answer::UriTooLong => 414,
             Answer::HeaderTooLarge => 431,
+            Answer::TooManyRequests => 429,
             Answer::BadGateway => 502,
             Answer::ServiceUnavailable => 503,
             Answer::GatewayTimeout => 504,
@@ -62,6 +66,7 @@ impl Answer {
             Answer::PayloadTooLarge => "Content Too Large",
             Answer::UriTooLong => "URI Too Long",
             Answer::HeaderTooLarge => "Request Header Fields Too Large",
+            Answer::TooManyRequests => "Too Many Requests",
             Answer::BadGateway => "Bad Gateway",
             Answer::ServiceUnavailable => "Service Unavailable",
             Answer::GatewayTimeout => "Gateway Timeout",
@@ -76,6 +81,7 @@ impl Answer {
             Answer::PayloadTooLarge => "The request body is too large.",
             Answer::UriTooLong => "The request target is too long.",
             Answer::HeaderTooLarge => "The request header is too large.",
+            Answer::TooManyRequests => "Too many requests from this address: try again later.",
             Answer::BadGateway => "The backend could not be reached or sent an invalid answer.",
             Answer::ServiceUnavailable => "No backend is available to serve this request.",
             Answer::GatewayTimeout => "The backend did not answer in time.",
@@ -100,6 +106,9 @@ impl Answer {
             out.push_str("X-Request-Id: ");
             out.push_str(request_id);
             out.push_str("\r\n");
+        }
+        if self == Answer::TooManyRequests {
+            out.push_str("Retry-After: 1\r\n");
         }
         if !keep_alive {
             out.push_str("Connection: close\r\n");

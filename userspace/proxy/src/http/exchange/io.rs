@@ -156,6 +156,11 @@ pub trait Io {
     }
     /// The cluster a request goes to, and whether the frontend redirects it to https.
     fn route(&self, host: &[u8], path: &[u8], method: &[u8]) -> Option<(usize, bool)>;
+    /// Whether the client is over the `rate_limit` of the frontend the request matches (a
+    /// request within it is counted).
+    fn over_rate(&mut self, _host: &[u8], _path: &[u8], _method: &[u8]) -> bool {
+        false
+    }
 
     /// Picks a backend of `cluster` not in `tried` (adding it), and opens a connection to it
     /// (a kept or pooled one, or a new one): `attempt` counts from 1 for the request.

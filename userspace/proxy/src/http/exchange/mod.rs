@@ -450,6 +450,17 @@ impl Exchange {
             return Step::Progress;
         };
         self.ex.cluster = Some(cluster);
+        if io.over_rate(
+            self.req.authority.as_bytes(),
+            self.req.target.as_bytes(),
+            self.req.method.as_bytes(),
+        ) {
+            self.ex.error = Some(Cut::RateLimited);
+            // As for no route: the body is not read.
+            let close = !self.front_kawa.is_terminated() || self.req.close;
+            self.start_answer(io, Answer::TooManyRequests, close);
+            return Step::Progress;
+        }
         if self.body_too_large(io.max_request_body(), false) {
             self.ex.error = Some(Cut::RequestBodyTooLarge);
             self.start_answer(io, Answer::PayloadTooLarge, true);
