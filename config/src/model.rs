@@ -260,6 +260,9 @@ pub struct Frontend {
     /// `rate_limit`: requests per client address per second, across all workers (0: none).
     #[serde(default)]
     pub rate_limit: u32,
+    /// `hsts` (https listeners only): the `Strict-Transport-Security` value of its responses.
+    #[serde(default)]
+    pub hsts: Option<String>,
 }
 
 /// How a frontend matches the request's host (port removed, compared case-insensitively).

@@ -55,6 +55,7 @@ impl<'c, 'a> FrontendChecker<'c, 'a> {
                 ("path_type", f.path_type.is_some()),
                 ("method", f.method.is_some()),
                 ("rate_limit", f.rate_limit.is_some()),
+                ("hsts", f.hsts.is_some()),
             ];
             if let Some((key, _)) = http_only.into_iter().find(|(_, given)| *given) {
                 return Err(self.c.err(
@@ -109,6 +110,10 @@ impl<'c, 'a> FrontendChecker<'c, 'a> {
             None => 0,
             Some(text) => self.c.per_second(text, &format!("{field}.rate_limit"))?,
         };
+        let hsts = match &f.hsts {
+            None => None,
+            Some(value) => Some(self.hsts(value, address, &format!("{field}.hsts"))?),
+        };
 
         Ok(Frontend {
             address,
@@ -117,7 +122,33 @@ impl<'c, 'a> FrontendChecker<'c, 'a> {
             method,
             redirect_https,
             rate_limit,
+            hsts,
         })
+    }
+
+    /// A frontend's `hsts`: on an https listener, a header value with `max-age=`.
+    fn hsts(&self, value: &str, address: SocketAddr, field: &str) -> Result<String> {
+        let on_https = self
+            .listeners
+            .iter()
+            .any(|l| l.address == address && l.protocol == ListenerProtocol::Https);
+        if !on_https {
+            return Err(self.c.err(
+                field,
+                "hsts only applies to frontends of https listeners (browsers ignore the header over plain HTTP)",
+            ));
+        }
+        let value = value.trim();
+        let printable = value
+            .bytes()
+            .all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic());
+        if !printable || !value.to_ascii_lowercase().contains("max-age=") {
+            return Err(self.c.err(
+                field,
+                format!("{value:?} is not a Strict-Transport-Security value: it needs max-age=SECONDS (e.g. \"max-age=31536000; includeSubDomains\"), in printable ASCII"),
+            ));
+        }
+        Ok(value.to_owned())
     }
 
     /// The frontend's address: a listener's, whose protocol fits the cluster's.

@@ -383,6 +383,9 @@ pub struct FrontendDef {
     /// Requests per client address per second (`"R/s"`, a burst of R); over it, 429.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<String>,
+    /// On an https listener: the `Strict-Transport-Security` value added to responses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsts: Option<String>,
 }
 
 /// One entry of a cluster's `backends`.
@@ -1147,6 +1150,9 @@ impl fmt::Display for FrontendDef {
         }
         if let Some(r) = &self.rate_limit {
             write!(f, " rate_limit={r}")?;
+        }
+        if let Some(h) = &self.hsts {
+            write!(f, " hsts={h:?}")?;
         }
         Ok(())
     }

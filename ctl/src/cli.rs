@@ -238,6 +238,10 @@ pub struct FrontendArgs {
     /// Requests per client address per second, as "R/s"; over it, 429 (frontend add only).
     #[arg(long, value_name = "R/s")]
     pub rate_limit: Option<String>,
+    /// On an https listener: the Strict-Transport-Security value added to responses, e.g.
+    /// "max-age=31536000; includeSubDomains" (frontend add only).
+    #[arg(long, value_name = "VALUE")]
+    pub hsts: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -497,6 +501,7 @@ impl FrontendArgs {
             method: self.method.clone(),
             redirect_https: self.redirect_https.then_some(true),
             rate_limit: self.rate_limit.clone(),
+            hsts: self.hsts.clone(),
         }
     }
 }
@@ -681,6 +686,7 @@ mod tests {
                     method: Some("GET".into()),
                     redirect_https: None,
                     rate_limit: None,
+                    hsts: None,
                 }
             })
         );

@@ -1024,3 +1024,77 @@ fn accept_proxy_reads_the_header_before_the_handshake() {
     assert!(!out.status.success(), "served without a PROXY header");
     assert_eq!(origin.requests().len(), 1);
 }
+
+#[test]
+fn hsts_is_added_to_https_responses_of_its_frontend() {
+    let dir = TempDir::new("tls-hsts");
+    let cert = Cert::new(dir.path(), "a", &["a.test", "b.test"]);
+    let origin = Origin::start("one");
+    let backend = origin.addr();
+    let (pem, key) = (cert.pem.clone(), cert.key.clone());
+    let lbd = Lbd::start(move |addr| {
+        format!(
+            "[[listeners]]\naddress = \"{addr}\"\nprotocol = \"https\"\n\
+             certificates = [ {{ certificate = \"{}\", key = \"{}\" }} ]\n\n\
+             [clusters.app]\nfrontends = [\n\
+             {{ address = \"{addr}\", hostname = \"a.test\", hsts = \"max-age=31536000; includeSubDomains\" }},\n\
+             {{ address = \"{addr}\", hostname = \"b.test\" }},\n]\n\
+             backends = [ {{ address = \"{backend}\" }} ]\n",
+            pem.display(),
+            key.display()
+        )
+    });
+    let addr = lbd.addr();
+    for http in ["--http1.1", "--http2"] {
+        let out = curl(&[
+            http,
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "--resolve",
+            &format!("a.test:{}:{}", addr.port(), addr.ip()),
+            "--cacert",
+            cert.pem.to_str().unwrap(),
+            &format!("https://a.test:{}/x", addr.port()),
+        ]);
+        let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        assert!(
+            head.contains("\r\nstrict-transport-security: max-age=31536000; includesubdomains\r\n"),
+            "{http}: {head}"
+        );
+        let out = curl(&[
+            http,
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "--resolve",
+            &format!("b.test:{}:{}", addr.port(), addr.ip()),
+            "--cacert",
+            cert.pem.to_str().unwrap(),
+            &format!("https://b.test:{}/x", addr.port()),
+        ]);
+        let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        assert!(head.contains(" 200"), "{http}: {head}");
+        assert!(
+            !head.contains("strict-transport-security"),
+            "{http}: a frontend without hsts: {head}"
+        );
+    }
+    // On an http listener the key is refused, naming it.
+    let config = dir.write(
+        "bad.toml",
+        "[[listeners]]\naddress = \"127.0.0.1:1\"\n\n[clusters.app]\n\
+         frontends = [ { address = \"127.0.0.1:1\", hsts = \"max-age=60\" } ]\n\
+         backends = [ { address = \"127.0.0.1:2\" } ]\n",
+    );
+    let out = common::run_lbd(&["--config".as_ref(), config.as_os_str(), "--check".as_ref()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("clusters.app.frontends[0].hsts")
+            && err.contains("only applies to frontends of https listeners"),
+        "{err}"
+    );
+}

@@ -9,6 +9,7 @@
 use crate::rate_limit::RateLimit;
 use lb_config::{Config, HostMatch, PathMatch};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 struct Route {
@@ -20,6 +21,8 @@ struct Route {
     redirect_https: bool,
     /// The frontend's `rate_limit`, if it has one.
     rate: Option<RateLimit>,
+    /// The frontend's `hsts` value, if it has one.
+    hsts: Option<Arc<str>>,
 }
 
 impl Route {
@@ -75,6 +78,8 @@ pub struct Router {
     routes: Vec<Route>,
     /// Some route has a `rate_limit` (otherwise [`Router::rate_limit`] is not even looked up).
     rate_limited: bool,
+    /// Some route has `hsts` (likewise for [`Router::hsts`]).
+    with_hsts: bool,
 }
 
 impl Router {
@@ -96,15 +101,32 @@ impl Router {
                         cluster,
                         redirect_https: f.redirect_https,
                         rate: RateLimit::per_second(frontend_id(cluster, index), f.rate_limit),
+                        hsts: f.hsts.as_deref().map(Arc::from),
                     })
             })
             .collect();
         routes.sort_by_key(Route::rank);
         let rate_limited = routes.iter().any(|r| r.rate.is_some());
+        let with_hsts = routes.iter().any(|r| r.hsts.is_some());
         Router {
             routes,
             rate_limited,
+            with_hsts,
         }
+    }
+
+    /// The `hsts` value of the frontend a request matches, if it has one. Free when no
+    /// frontend of the listener has one.
+    pub fn hsts(&self, authority: &[u8], target: &[u8], method: &[u8]) -> Option<Arc<str>> {
+        if !self.with_hsts {
+            return None;
+        }
+        let host = normalize_host(authority);
+        let path = std::str::from_utf8(path_of(target)).ok()?;
+        self.routes
+            .iter()
+            .find(|r| r.matches(&host, path, method))
+            .and_then(|r| r.hsts.clone())
     }
 
     /// The `rate_limit` of the frontend a request matches, if it has one. Free when no

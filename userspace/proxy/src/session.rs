@@ -642,6 +642,16 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         !self.cx.admit_rate(&limit, self.peer.client.ip())
     }
 
+    fn hsts(&self, host: &[u8], path: &[u8], method: &[u8]) -> Option<std::sync::Arc<str>> {
+        if !self.peer.https {
+            return None;
+        }
+        self.cx
+            .routers
+            .get(self.wires.listener)
+            .and_then(|r| r.hsts(host, path, method))
+    }
+
     fn open_backend(&mut self, cluster_idx: usize, tried: &mut Tried, attempt: u32) -> Opened {
         let cx = &mut *self.cx;
         let Some(cluster) = cx.clusters.get_mut(cluster_idx) else {

@@ -569,6 +569,8 @@ pub struct ResponseCallbacks<'a> {
     /// The proxy will close the client connection after this response.
     pub close_front: bool,
     pub request_id: &'a str,
+    /// `Strict-Transport-Security` to set (the backend's own is replaced).
+    pub hsts: Option<&'a str>,
     pub info: &'a mut ResponseInfo,
 }
 
@@ -601,7 +603,8 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for ResponseCallbacks<'_> {
                     }
                 }
                 let keep = info.switching && (eq(name, b"upgrade") || eq(name, b"connection"));
-                if is_hop_by_hop(name) && !keep {
+                let replaced = self.hsts.is_some() && eq(name, b"strict-transport-security");
+                if (is_hop_by_hop(name) && !keep) || replaced {
                     pair.elide();
                 }
             }
@@ -623,6 +626,12 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for ResponseCallbacks<'_> {
             key: Store::Static(b"X-Request-Id"),
             val: Store::from_slice(self.request_id.as_bytes()),
         }));
+        if let Some(hsts) = self.hsts {
+            kawa.blocks.push_back(Block::Header(Pair {
+                key: Store::Static(b"Strict-Transport-Security"),
+                val: Store::from_slice(hsts.as_bytes()),
+            }));
+        }
         if self.close_front || info.close_delimited {
             info.close_front = true;
             kawa.blocks.push_back(Block::Header(Pair {

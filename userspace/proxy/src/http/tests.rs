@@ -201,6 +201,7 @@ fn response(req: &RequestInfo, input: &[u8]) -> (ResponseInfo, Kawa<crate::pool:
         request: req,
         close_front: false,
         request_id: "rid",
+        hsts: None,
         info: &mut info,
     };
     kawa::h1::parse(&mut k, &mut cb);

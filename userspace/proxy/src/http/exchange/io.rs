@@ -161,6 +161,11 @@ pub trait Io {
     fn over_rate(&mut self, _host: &[u8], _path: &[u8], _method: &[u8]) -> bool {
         false
     }
+    /// The `Strict-Transport-Security` value for the response, if the request came over TLS
+    /// and its frontend has `hsts`.
+    fn hsts(&self, _host: &[u8], _path: &[u8], _method: &[u8]) -> Option<std::sync::Arc<str>> {
+        None
+    }
 
     /// Picks a backend of `cluster` not in `tried` (adding it), and opens a connection to it
     /// (a kept or pooled one, or a new one): `attempt` counts from 1 for the request.

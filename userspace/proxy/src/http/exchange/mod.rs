@@ -92,6 +92,8 @@ struct Progress {
     /// Bytes of the response already written to the client.
     response_sent: bool,
     error: Option<Cut>,
+    /// The `Strict-Transport-Security` value the response gets (frontend `hsts`, over TLS).
+    hsts: Option<std::sync::Arc<str>>,
 }
 
 /// The HTTP/1.1 side of one client connection.
@@ -461,6 +463,11 @@ impl Exchange {
             self.start_answer(io, Answer::TooManyRequests, close);
             return Step::Progress;
         }
+        self.ex.hsts = io.hsts(
+            self.req.authority.as_bytes(),
+            self.req.target.as_bytes(),
+            self.req.method.as_bytes(),
+        );
         if self.body_too_large(io.max_request_body(), false) {
             self.ex.error = Some(Cut::RequestBodyTooLarge);
             self.start_answer(io, Answer::PayloadTooLarge, true);
@@ -773,6 +780,7 @@ impl Exchange {
             request: &self.req,
             close_front: self.close_front_after,
             request_id: &self.request_id,
+            hsts: self.ex.hsts.as_deref(),
             info: &mut self.resp,
         };
         kawa::h1::parse(&mut self.back_kawa, &mut callbacks);
