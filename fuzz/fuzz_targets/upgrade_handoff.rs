@@ -66,6 +66,19 @@ fuzz_target!(|data: &[u8]| {
             let this = |r: &FdRole| matches!(r, FdRole::SteeringMap { listener: l, map: m } if *l == listener && m == map);
             assert_eq!(count(&this), usize::from(ebpf), "{roles:?}");
         }
+        // The per-client maps: all or none, once each; track only with them, its link only
+        // with track.
+        let per_ip: Vec<usize> = handoff::PER_IP_MAPS
+            .iter()
+            .map(|map| {
+                count(&|r: &FdRole| matches!(r, FdRole::SteeringMap { listener: l, map: m } if *l == listener && m == map))
+            })
+            .collect();
+        let first = per_ip.first().copied().unwrap_or(0);
+        assert!(per_ip.iter().all(|n| *n == first && *n <= 1), "{roles:?}");
+        let track = count(&|r: &FdRole| matches!(r, FdRole::TrackProgram { listener: l } if *l == listener));
+        let link = count(&|r: &FdRole| matches!(r, FdRole::TrackLink { listener: l } if *l == listener));
+        assert!(track <= first && link <= track, "{roles:?}");
     }
     for role in roles {
         match role {
@@ -73,7 +86,10 @@ fuzz_target!(|data: &[u8]| {
             FdRole::Listener {
                 listener, worker, ..
             } => assert!(*listener < listeners && *worker < workers, "{role:?}"),
-            FdRole::SteeringProgram { listener } | FdRole::SteeringMap { listener, .. } => {
+            FdRole::SteeringProgram { listener }
+            | FdRole::SteeringMap { listener, .. }
+            | FdRole::TrackProgram { listener }
+            | FdRole::TrackLink { listener } => {
                 assert!(ebpf && *listener < listeners, "{role:?}")
             }
         }

@@ -281,6 +281,37 @@ pub fn check_roles(roles: &[FdRole], config: &Config) -> Result<(), CheckError> 
             )));
         }
     }
+    // Nothing needed is missing: with no duplicate and the count in range, an extra
+    // per-client role could still stand in for a missing steering one.
+    if ebpf {
+        for listener in 0..listeners {
+            let missing = |what: String| {
+                CheckError::Roles(format!("listener {listener}: no {what} handed over"))
+            };
+            if !seen.contains(&(2, listener, 0, "")) {
+                return Err(missing("steering program".into()));
+            }
+            for map in STEERING_MAPS {
+                if !seen.contains(&(3, listener, 0, map)) {
+                    return Err(missing(format!("map {map}")));
+                }
+            }
+            let per_ip = PER_IP_MAPS
+                .iter()
+                .filter(|map| seen.contains(&(3, listener, 0, **map)))
+                .count();
+            let track = seen.contains(&(4, listener, 0, ""));
+            let link = seen.contains(&(5, listener, 0, ""));
+            if per_ip != 0 && per_ip != PER_IP_MAPS.len() {
+                return Err(missing("whole set of per-client maps".into()));
+            }
+            if (track && per_ip == 0) || (link && !track) {
+                return Err(CheckError::Roles(format!(
+                    "listener {listener}: the per-client program or its link, without what it needs"
+                )));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -326,6 +357,64 @@ mod tests {
             listener: 0,
             worker,
             address: "127.0.0.1:4000".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn per_client_roles_come_all_together_or_not_at_all() {
+        let state = "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n";
+        let message = |fds: Vec<FdRole>| {
+            serde_json::to_vec(&Handoff {
+                version: HANDOFF_VERSION,
+                from_version: "test".into(),
+                from_pid: 1,
+                generation: 1,
+                source: "/etc/kakehi/config.toml".into(),
+                state: state.into(),
+                log_level: "info".into(),
+                down: Vec::new(),
+                fds,
+            })
+            .unwrap()
+        };
+        let map = |name: &str| FdRole::SteeringMap {
+            listener: 0,
+            map: name.into(),
+        };
+        let base = || {
+            let mut roles = vec![
+                FdRole::CommandSocket,
+                listener(0),
+                FdRole::SteeringProgram { listener: 0 },
+            ];
+            roles.extend(STEERING_MAPS.iter().map(|m| map(m)));
+            roles
+        };
+        let full = || {
+            let mut roles = base();
+            roles.extend(PER_IP_MAPS.iter().map(|m| map(m)));
+            roles.push(FdRole::TrackProgram { listener: 0 });
+            roles.push(FdRole::TrackLink { listener: 0 });
+            roles
+        };
+        assert!(check(&message(base())).is_ok(), "an lbd from before them");
+        assert!(check(&message(full())).is_ok());
+        let mut no_link = full();
+        no_link.pop();
+        assert!(check(&message(no_link)).is_ok(), "no connection limit yet");
+        let mut one_map = base();
+        one_map.push(map("LIMITS"));
+        let mut link_only = full();
+        link_only.retain(|r| !matches!(r, FdRole::TrackProgram { .. }));
+        let mut instead = full();
+        instead.retain(|r| *r != map("COUNTERS"));
+        for (bad, why) in [
+            (one_map, "whole set of per-client maps"),
+            (link_only, "without what it needs"),
+            (instead, "no map COUNTERS"),
+        ] {
+            let err = check(&message(bad)).err().unwrap().to_string();
+            assert!(err.contains(why), "{err}");
         }
     }
 
