@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use crate::procs::{self, Signals};
 
 /// Everything `cargo xtask setup` installs.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     "curl",
     "wrk",
     "nginx",
@@ -26,6 +26,7 @@ pub const ALL: [&str; 10] = [
     "python3-h2",
     "nghttp2-client",
     "python3-grpcio",
+    "libcap2-bin",
 ];
 /// What `cargo xtask run` needs (for the curl commands it prints).
 pub const RUN: [&str; 1] = ["curl"];
@@ -33,9 +34,10 @@ pub const RUN: [&str; 1] = ["curl"];
 /// of the TCP passthrough tests, tmux the terminal `lbctl top` draws in, strace counts a
 /// worker's syscalls per request, python3-h2 writes the HTTP/2 frames lb-proxy's h2 tests read
 /// and drives lbd's HTTP/2 end-to-end tests, whose load generator is nghttp2-client's h2load,
-/// python3-grpcio is the gRPC client and server of lbd's gRPC end-to-end tests, and nginx the
-/// h2c backend of its HTTP/2-to-backends tests.
-pub const TEST: [&str; 9] = [
+/// python3-grpcio is the gRPC client and server of lbd's gRPC end-to-end tests, nginx the h2c
+/// backend of its HTTP/2-to-backends tests, and libcap2-bin's capsh runs lbd without
+/// CAP_NET_ADMIN in a per-client limits test.
+pub const TEST: [&str; 10] = [
     "curl",
     "wrk",
     "nginx",
@@ -45,6 +47,7 @@ pub const TEST: [&str; 9] = [
     "python3-h2",
     "nghttp2-client",
     "python3-grpcio",
+    "libcap2-bin",
 ];
 /// The HTTP/2 conformance suite the tests run against an h2c listener (h2spec's cases in
 /// Rust), from crates.io. `--locked`: its own lockfile's dependencies, the ones it builds

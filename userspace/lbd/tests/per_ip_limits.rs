@@ -516,3 +516,61 @@ fn a_frontend_rate_limit_answers_429_across_workers_and_protocols() {
         lbd.shutdown();
     });
 }
+
+#[test]
+fn without_cap_net_admin_a_connection_limit_fails_to_start_saying_why() {
+    common::require("capsh", "libcap2-bin");
+    in_fresh_netns(|| {
+        let dir = common::TempDir::new("per-ip-caps");
+        let run = |limits: &str| {
+            let port = common::free_addr().port();
+            let config = dir.write(
+                "lbd.toml",
+                format!(
+                    "workers = 1\nsteering = \"ebpf\"\ncommand_socket = \"{}\"\n\n\
+                     [[listeners]]\naddress = \"127.0.0.1:{port}\"\n{limits}\n\n\
+                     [clusters.app]\nfrontends = [ {{ address = \"127.0.0.1:{port}\" }} ]\n\
+                     backends = [ {{ address = \"127.0.0.1:1\" }} ]\n",
+                    dir.path().join("lbd.sock").display()
+                ),
+            );
+            // capsh drops the capabilities from the bounding set, so the lbd it execs (as
+            // root) runs without them, as the appliance's unit runs it without CAP_SYS_ADMIN
+            // (which the kernel also accepts for sock_ops); lbd is stopped by SIGTERM if it
+            // starts.
+            let mut child = std::process::Command::new("capsh")
+                .args([
+                    "--drop=cap_net_admin,cap_sys_admin",
+                    "--",
+                    "-c",
+                    &format!("exec {} --config {}", common::lbd_bin(), config.display()),
+                ])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("capsh (libcap2-bin) runs lbd");
+            let exited = wait_until(Duration::from_secs(5), || {
+                child.try_wait().unwrap().is_some()
+            });
+            if !exited {
+                let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            }
+            let out = child.wait_with_output().unwrap();
+            (exited, String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        let (exited, log) = run("max_connections_per_ip = 10");
+        assert!(
+            exited,
+            "lbd with a connection limit and no CAP_NET_ADMIN started:\n{log}"
+        );
+        assert!(
+            log.contains("CAP_NET_ADMIN") && log.contains("127.0.0.1:"),
+            "the error names the listener and the capability:\n{log}"
+        );
+        // Steering and the rate limit need no CAP_NET_ADMIN: lbd serves (until stopped).
+        let (exited, log) = run("max_connection_rate_per_ip = \"10/s\"");
+        assert!(!exited, "lbd with a rate limit only stopped:\n{log}");
+    });
+}
