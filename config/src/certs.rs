@@ -159,3 +159,34 @@ pub fn selects(cert: &Certificate, selector: &str) -> bool {
     let name = selector.to_ascii_lowercase();
     cert.names.contains(&name)
 }
+
+/// The CA certificates of a listener's `client_ca` (PEM, one or more): the roots client
+/// certificates are verified against.
+pub fn client_roots(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let roots = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not PEM certificates: {e}"))?;
+    if roots.is_empty() {
+        return Err("no certificate in it (a PEM \"BEGIN CERTIFICATE\" block)".into());
+    }
+    for (i, der) in roots.iter().enumerate() {
+        x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| format!("certificate {i}: {e}"))?;
+    }
+    Ok(roots)
+}
+
+/// What the backend is told of a verified client certificate: its subject (RFC 4514-like, as
+/// x509-parser prints it) and its SHA-256 fingerprint.
+pub fn describe_client(der: &[u8]) -> (String, String) {
+    let subject = x509_parser::parse_x509_certificate(der)
+        .map(|(_, cert)| cert.subject().to_string())
+        .unwrap_or_default();
+    // A header value: no control character may reach the backend (a CR or LF would end the
+    // header); anything else is kept, UTF-8 included.
+    let subject = subject
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    (subject, fingerprint(der))
+}

@@ -158,6 +158,19 @@ pub struct Listener {
     /// `max_connection_rate_per_ip`, in connections per second (0: no limit).
     #[serde(default)]
     pub max_connection_rate_per_ip: u32,
+    /// `client_ca`/`client_auth` (https only): client certificates verified against these.
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// The client certificates an https listener asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientAuth {
+    /// The CA certificates (DER).
+    #[serde(with = "wire::chain")]
+    pub roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// A client without a certificate is refused (`client_auth = "required"`, the default).
+    pub required: bool,
 }
 
 /// The HTTP/2 limits of a listener (`h2 = { ... }`).

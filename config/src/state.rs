@@ -207,6 +207,25 @@ pub struct ListenerDef {
     /// more are refused in the kernel, at the SYN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connection_rate_per_ip: Option<String>,
+    /// https: the CA certificates (PEM file) client certificates are verified against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<String>,
+    /// The same as PEM text (what `state save` writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_pem: Option<String>,
+    /// With `client_ca`: whether a client must present a certificate (default required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuthDef>,
+}
+
+/// A listener's `client_auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthDef {
+    /// The handshake fails without a certificate the CA signed.
+    Required,
+    /// A client without a certificate is served; one with a bad certificate is not.
+    Optional,
 }
 
 /// A listener's `h2 = { ... }`: the HTTP/2 limits it advertises and enforces.

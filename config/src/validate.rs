@@ -354,6 +354,7 @@ impl Checker<'_> {
                 None => 0,
                 Some(text) => self.per_second(text, &rate_field)?,
             };
+            let client_auth = self.client_auth(l, &field, protocol)?;
             out.push(Listener {
                 address,
                 protocol,
@@ -363,9 +364,50 @@ impl Checker<'_> {
                 h2,
                 max_connections_per_ip,
                 max_connection_rate_per_ip,
+                client_auth,
             });
         }
         Ok(out)
+    }
+
+    /// A listener's `client_ca` (or `client_ca_pem`) and `client_auth`.
+    fn client_auth(
+        &self,
+        l: &ListenerDef,
+        field: &str,
+        protocol: ListenerProtocol,
+    ) -> Result<Option<crate::model::ClientAuth>> {
+        let ca_field = format!("{field}.client_ca");
+        let pem = match (&l.client_ca_pem, &l.client_ca) {
+            (Some(pem), _) => Some(pem.clone()),
+            (None, Some(path)) => {
+                let path = self.path(path, &ca_field)?;
+                Some(std::fs::read_to_string(&path).map_err(|e| {
+                    self.err(&ca_field, format!("cannot read {}: {e}", path.display()))
+                })?)
+            }
+            (None, None) => None,
+        };
+        let Some(pem) = pem else {
+            if l.client_auth.is_some() {
+                return Err(self.err(
+                    &format!("{field}.client_auth"),
+                    "client_auth needs client_ca = \"ca.pem\", the CA that signs the client certificates",
+                ));
+            }
+            return Ok(None);
+        };
+        if protocol != ListenerProtocol::Https {
+            return Err(self.err(
+                &ca_field,
+                "client certificates are asked for in the TLS handshake: client_ca only applies to https listeners",
+            ));
+        }
+        let roots = crate::certs::client_roots(&pem).map_err(|e| self.err(&ca_field, e))?;
+        Ok(Some(crate::model::ClientAuth {
+            roots,
+            required: l.client_auth != Some(crate::state::ClientAuthDef::Optional),
+        }))
     }
 
     /// A rate written `"R/s"`: R per second, 1 to 1,000,000.

@@ -438,6 +438,9 @@ impl Command {
                     h2: l.h2.as_deref().cloned(),
                     max_connections_per_ip: l.max_connections_per_ip,
                     max_connection_rate_per_ip: l.max_connection_rate_per_ip.clone(),
+                    client_ca: None,
+                    client_ca_pem: None,
+                    client_auth: None,
                 },
             }),
             Command::Listener(ListenerCmd::Remove { address }) => {
@@ -714,6 +717,9 @@ mod tests {
                     h2: None,
                     max_connections_per_ip: None,
                     max_connection_rate_per_ip: None,
+                    client_ca: None,
+                    client_ca_pem: None,
+                    client_auth: None,
                 }
             })
         );

@@ -293,6 +293,9 @@ fn listeners_are_added_and_removed() {
         h2: None,
         max_connections_per_ip: None,
         max_connection_rate_per_ip: None,
+        client_ca: None,
+        client_ca_pem: None,
+        client_auth: None,
     };
     let next = state.add_listener(listener.clone(), source()).unwrap();
     assert_eq!(
@@ -312,6 +315,9 @@ fn listeners_are_added_and_removed() {
         h2: None,
         max_connections_per_ip: None,
         max_connection_rate_per_ip: None,
+        client_ca: None,
+        client_ca_pem: None,
+        client_auth: None,
     };
     let e = state.add_listener(https, source()).unwrap_err();
     assert!(
@@ -601,6 +607,9 @@ fn an_added_https_listener_carries_its_certificates_as_text() {
         h2: None,
         max_connections_per_ip: None,
         max_connection_rate_per_ip: None,
+        client_ca: None,
+        client_ca_pem: None,
+        client_auth: None,
     };
     let next = state
         .apply(&Edit::AddListener { listener }, source())

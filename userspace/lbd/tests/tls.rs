@@ -1098,3 +1098,214 @@ fn hsts_is_added_to_https_responses_of_its_frontend() {
         "{err}"
     );
 }
+
+/// A CA (`NAME-ca.pem`, `NAME-ca.key`) and a client certificate it signed for `subject`
+/// (`NAME-client.pem`, `NAME-client.key`), made with openssl in `dir`.
+fn client_ca(dir: &Path, name: &str, subject: &str) {
+    let s = |suffix: &str| format!("{name}-{suffix}");
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &s("ca.key"),
+            "-out",
+            &s("ca.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name} client CA"),
+        ],
+        dir,
+    );
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &s("client.key"),
+            "-out",
+            &s("client.csr"),
+            "-subj",
+            subject,
+        ],
+        dir,
+    );
+    std::fs::write(
+        dir.join(s("ext.cnf")),
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &s("client.csr"),
+            "-CA",
+            &s("ca.pem"),
+            "-CAkey",
+            &s("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &s("client.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &s("ext.cnf"),
+        ],
+        dir,
+    );
+}
+
+#[test]
+fn client_certificates_are_verified_and_told_to_the_backend() {
+    let dir = TempDir::new("tls-mtls");
+    let server = Cert::new(dir.path(), "server", &["a.test"]);
+    client_ca(dir.path(), "good", "/CN=alice/O=Acme");
+    client_ca(dir.path(), "other", "/CN=mallory");
+    let origin = Origin::start("one");
+    let backend = origin.addr();
+    let start = |auth: &str| {
+        let (pem, key, ca) = (
+            server.pem.clone(),
+            server.key.clone(),
+            dir.path().join("good-ca.pem"),
+        );
+        let auth = auth.to_owned();
+        Lbd::start(move |addr| {
+            format!(
+                "[[listeners]]\naddress = \"{addr}\"\nprotocol = \"https\"\n\
+                 certificates = [ {{ certificate = \"{}\", key = \"{}\" }} ]\n\
+                 client_ca = \"{}\"\n{auth}\n\n[clusters.app]\n\
+                 frontends = [ {{ address = \"{addr}\" }} ]\n\
+                 backends = [ {{ address = \"{backend}\" }} ]\n",
+                pem.display(),
+                key.display(),
+                ca.display()
+            )
+        })
+    };
+    let get = |addr: SocketAddr, http: &str, client: Option<&str>| -> Output {
+        let mut args = vec![
+            http.to_owned(),
+            "--resolve".to_owned(),
+            format!("a.test:{}:{}", addr.port(), addr.ip()),
+            "--cacert".to_owned(),
+            server.pem.display().to_string(),
+            "-H".to_owned(),
+            "X-Client-Cert-Subject: CN=forged".to_owned(),
+        ];
+        if let Some(name) = client {
+            args.extend([
+                "--cert".to_owned(),
+                dir.path()
+                    .join(format!("{name}-client.pem"))
+                    .display()
+                    .to_string(),
+                "--key".to_owned(),
+                dir.path()
+                    .join(format!("{name}-client.key"))
+                    .display()
+                    .to_string(),
+            ]);
+        }
+        args.push(format!("https://a.test:{}/headers", addr.port()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(&args)
+    };
+    let fingerprint = {
+        let out = openssl(
+            &[
+                "x509",
+                "-in",
+                "good-client.pem",
+                "-noout",
+                "-fingerprint",
+                "-sha256",
+            ],
+            dir.path(),
+        );
+        parse_fingerprint(&String::from_utf8_lossy(&out.stdout))
+    };
+
+    // Required (the default): the CA's client is served, over HTTP/1.1 and HTTP/2, and the
+    // backend is told who it is (a header the client forged is not passed on).
+    let lbd = start("");
+    for http in ["--http1.1", "--http2"] {
+        let out = get(lbd.addr(), http, Some("good"));
+        assert!(
+            out.status.success(),
+            "{http}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seen = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        assert!(
+            seen.contains("x-client-cert-subject: cn=alice, o=acme"),
+            "{http}: {seen}"
+        );
+        assert!(
+            seen.contains(&format!("x-client-cert-fingerprint: {fingerprint}")),
+            "{http}: {seen}"
+        );
+        assert!(!seen.contains("cn=forged"), "{http}: {seen}");
+    }
+    // No certificate, or one another CA signed: the handshake fails, nothing reaches the
+    // origin.
+    let before = origin.requests().len();
+    for (client, why) in [(None, "no certificate"), (Some("other"), "another CA's")] {
+        let out = get(lbd.addr(), "--http1.1", client);
+        assert!(
+            !out.status.success(),
+            "{why}: served: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert_eq!(
+        origin.requests().len(),
+        before,
+        "refused clients reach no backend"
+    );
+    drop(lbd);
+
+    // Optional: a client without a certificate is served and nothing is claimed for it; a
+    // bad certificate is still refused.
+    let lbd = start("client_auth = \"optional\"");
+    let out = get(lbd.addr(), "--http1.1", None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(!seen.contains("x-client-cert"), "{seen}");
+    assert!(!get(lbd.addr(), "--http1.1", Some("other")).status.success());
+    drop(lbd);
+
+    // client_ca on an http listener is refused, naming the key.
+    let config = dir.write(
+        "bad.toml",
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:1\"\nclient_ca = \"{}\"\n\n[clusters.app]\n\
+             frontends = [ {{ address = \"127.0.0.1:1\" }} ]\n\
+             backends = [ {{ address = \"127.0.0.1:2\" }} ]\n",
+            dir.path().join("good-ca.pem").display()
+        ),
+    );
+    let out = common::run_lbd(&["--config".as_ref(), config.as_os_str(), "--check".as_ref()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("listeners[0].client_ca") && err.contains("only applies to https listeners"),
+        "{err}"
+    );
+}

@@ -388,6 +388,7 @@ impl Session {
             .copied()
             .unwrap_or_default();
         let mut h2 = Box::new(H2Conn::new(self.peer, limits, cx));
+        h2.client_cert = self.wires.front.client_cert();
         h2.take_input(self.exchange.unparsed_input());
         let (front, back) = self.exchange.park();
         cx.pool.checkin(front);
@@ -863,6 +864,10 @@ impl FrontWire for Front {
 
     fn is_tls(&self) -> bool {
         matches!(self, Front::Tls(_))
+    }
+
+    fn client_cert(&self) -> Option<std::sync::Arc<crate::tls::ClientCert>> {
+        Front::client_cert(self)
     }
 
     fn http2(&self) -> Http2 {

@@ -42,6 +42,17 @@ pub enum TlsError {
     Config(#[source] rustls::Error),
     #[error("an https listener needs a certificate")]
     NoCertificate,
+    #[error("client_ca: {0}")]
+    ClientCa(String),
+}
+
+/// A verified client certificate, as the backend is told of it (`X-Client-Cert-Subject`,
+/// `X-Client-Cert-Fingerprint`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    pub subject: String,
+    /// SHA-256 of the certificate, lower-case hex.
+    pub fingerprint: String,
 }
 
 /// What every https listener of a worker shares: the crypto provider, the ticket keys (rotated
@@ -68,13 +79,17 @@ impl TlsContext {
         &self,
         certificates: &[Certificate],
         http2: bool,
+        client_auth: Option<&lb_config::ClientAuth>,
     ) -> Result<Arc<ServerConfig>, TlsError> {
         let resolver = SniResolver::new(certificates, &self.provider)?;
-        let mut config = ServerConfig::builder_with_provider(Arc::clone(&self.provider))
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&self.provider))
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(TlsError::Config)?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(resolver));
+            .map_err(TlsError::Config)?;
+        let builder = match client_auth {
+            None => builder.with_no_client_auth(),
+            Some(auth) => builder.with_client_cert_verifier(self.client_verifier(auth)?),
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(resolver));
         config.alpn_protocols = vec![b"http/1.1".to_vec(), b"http/1.0".to_vec()];
         if http2 {
             config.alpn_protocols.insert(0, b"h2".to_vec());
@@ -83,6 +98,35 @@ impl TlsContext {
         config.session_storage = self.cache.clone();
         config.send_tls13_tickets = 1;
         Ok(Arc::new(config))
+    }
+}
+
+impl TlsContext {
+    /// Verifies client certificates against `auth.roots` (the handshake fails with the alert
+    /// rustls picks: certificate_required without one when it is required, unknown_ca for a
+    /// certificate no root signed, ...).
+    fn client_verifier(
+        &self,
+        auth: &lb_config::ClientAuth,
+    ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for der in &auth.roots {
+            roots
+                .add(der.clone())
+                .map_err(|e| TlsError::ClientCa(e.to_string()))?;
+        }
+        let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(&self.provider),
+        );
+        let builder = if auth.required {
+            builder
+        } else {
+            builder.allow_unauthenticated()
+        };
+        builder
+            .build()
+            .map_err(|e| TlsError::ClientCa(e.to_string()))
     }
 }
 
@@ -253,6 +297,20 @@ impl Front {
             Front::Plain(_) => false,
             Front::Tls(t) => t.conn.alpn_protocol() == Some(b"h2"),
         }
+    }
+
+    /// The certificate the client presented and the listener's `client_ca` verified (rustls
+    /// completes no handshake with a certificate that fails verification).
+    pub fn client_cert(&self) -> Option<Arc<ClientCert>> {
+        let Front::Tls(t) = self else {
+            return None;
+        };
+        let leaf = t.conn.peer_certificates()?.first()?;
+        let (subject, fingerprint) = lb_config::certs::describe_client(leaf.as_ref());
+        Some(Arc::new(ClientCert {
+            subject,
+            fingerprint,
+        }))
     }
 
     /// The server name the client asked for, on TLS.
@@ -491,9 +549,9 @@ mod tests {
     fn a_listener_config_speaks_http11_with_both_versions() {
         let context = TlsContext::new().unwrap();
         let config = context
-            .server_config(&[example("site.pem", "site.key")], false)
+            .server_config(&[example("site.pem", "site.key")], false, None)
             .unwrap();
         assert_eq!(config.alpn_protocols[0], b"http/1.1");
-        assert!(context.server_config(&[], true).is_err());
+        assert!(context.server_config(&[], true, None).is_err());
     }
 }

@@ -145,7 +145,7 @@ fn tls_config(
         return Ok(None);
     }
     context
-        .server_config(&spec.certificates, spec.http2)
+        .server_config(&spec.certificates, spec.http2, spec.client_auth.as_ref())
         .map(Some)
 }
 

@@ -197,6 +197,8 @@ pub struct H2Conn {
     /// next ones: a busy connection does not allocate an exchange per request. Given back
     /// when the connection goes idle.
     spare: Vec<(Exchange, StreamWire)>,
+    /// The connection's verified client certificate, given to every stream's exchange.
+    pub client_cert: Option<std::sync::Arc<crate::tls::ClientCert>>,
     /// Idle past [`PARK_AFTER`], its buffers given back.
     parked: bool,
     /// Streams whose response went out whole.
@@ -238,6 +240,7 @@ impl H2Conn {
         let mut conn = H2Conn {
             peer,
             read: Vec::new(),
+            client_cert: None,
             filled: 0,
             write: Vec::new(),
             written: 0,
@@ -886,6 +889,7 @@ impl H2Conn {
         if cx.transcript.is_some() && wire.tap.is_none() {
             wire.tap = Some(Vec::new());
         }
+        wire.client_cert.clone_from(&self.client_cert);
         let framing = match request::write_head(&list, end_stream, wire.reset()) {
             Ok(f) => f,
             Err(_) => {

@@ -26,6 +26,8 @@ pub struct StreamWire {
     /// Every request byte the exchange read, kept when the worker keeps a transcript
     /// ([`crate::cx::Cx::transcript`]: the fuzz target's differential check), else `None`.
     pub tap: Option<Vec<u8>>,
+    /// The connection's verified client certificate.
+    pub client_cert: Option<std::sync::Arc<crate::tls::ClientCert>>,
 }
 
 impl StreamWire {
@@ -132,6 +134,10 @@ impl Write for StreamWire {
 impl FrontWire for StreamWire {
     fn has_pending(&self) -> bool {
         false
+    }
+
+    fn client_cert(&self) -> Option<std::sync::Arc<crate::tls::ClientCert>> {
+        self.client_cert.clone()
     }
 
     fn take_tap(&mut self) -> Option<Vec<u8>> {

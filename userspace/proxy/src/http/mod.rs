@@ -191,6 +191,8 @@ pub struct Peer {
 pub struct RequestCallbacks<'a> {
     pub peer: Peer,
     pub request_id: &'a str,
+    /// The client certificate the TLS handshake verified, told to the backend.
+    pub client_cert: Option<&'a crate::tls::ClientCert>,
     pub info: &'a mut RequestInfo,
 }
 
@@ -242,6 +244,8 @@ fn is_forwarding_header(name: &[u8]) -> bool {
         b"x-forwarded-port",
         b"x-forwarded-host",
         b"x-request-id",
+        b"x-client-cert-subject",
+        b"x-client-cert-fingerprint",
     ]
     .iter()
     .any(|h| eq(name, h))
@@ -539,6 +543,16 @@ impl<T: AsBuffer> kawa::h1::ParserCallbacks<T> for RequestCallbacks<'_> {
             b"X-Request-Id",
             Store::from_slice(self.request_id.as_bytes()),
         );
+        if let Some(cert) = self.client_cert {
+            add(
+                b"X-Client-Cert-Subject",
+                Store::from_slice(cert.subject.as_bytes()),
+            );
+            add(
+                b"X-Client-Cert-Fingerprint",
+                Store::from_slice(cert.fingerprint.as_bytes()),
+            );
+        }
         if upgrade {
             add(b"Connection", Store::Static(b"Upgrade"));
         } else if info.version_10 {

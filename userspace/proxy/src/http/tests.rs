@@ -30,6 +30,7 @@ fn request_from(peer: Peer, input: &[u8]) -> (RequestInfo, Result<String, String
     let mut cb = RequestCallbacks {
         peer,
         request_id: "rid1",
+        client_cert: None,
         info: &mut info,
     };
     kawa::h1::parse(&mut k, &mut cb);
@@ -374,6 +375,7 @@ fn unfinished_head_over_the_caps() {
         let mut cb = RequestCallbacks {
             peer: peer(),
             request_id: "rid1",
+            client_cert: None,
             info: &mut info,
         };
         kawa::h1::parse(&mut k, &mut cb);
@@ -450,6 +452,7 @@ fn trailer_name_must_be_a_token() {
     let mut cb = RequestCallbacks {
         peer: peer(),
         request_id: "rid1",
+        client_cert: None,
         info: &mut info,
     };
     kawa::h1::parse(&mut k, &mut cb);

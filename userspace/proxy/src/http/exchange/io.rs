@@ -43,6 +43,10 @@ pub trait FrontWire: Read + Write {
     fn http2(&self) -> Http2 {
         Http2::Off
     }
+    /// The client certificate verified in the TLS handshake, if any.
+    fn client_cert(&self) -> Option<std::sync::Arc<crate::tls::ClientCert>> {
+        None
+    }
     /// The protocol the client speaks, for the log: `h1` unless an HTTP/2 stream.
     fn proto(&self) -> &'static str {
         "h1"

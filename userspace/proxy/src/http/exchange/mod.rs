@@ -117,6 +117,9 @@ pub struct Exchange {
     since: Instant,
     /// No request began on this connection yet: it may still turn out to be HTTP/2.
     fresh: bool,
+    /// The client certificate of the connection, once looked up (`cert_known`).
+    client_cert: Option<std::sync::Arc<crate::tls::ClientCert>>,
+    cert_known: bool,
 }
 
 impl Exchange {
@@ -137,6 +140,8 @@ impl Exchange {
             yielded: false,
             since: now,
             fresh: true,
+            client_cert: None,
+            cert_known: false,
         }
     }
 
@@ -396,9 +401,16 @@ impl Exchange {
             };
             io.next_request_id(&mut self.request_id);
         }
+        if !self.cert_known && self.peer.https {
+            // Looked up once per connection (a parse and a hash): the handshake is over by the
+            // time a request head is parsed.
+            self.client_cert = io.front().0.client_cert();
+            self.cert_known = true;
+        }
         let mut callbacks = RequestCallbacks {
             peer: self.peer,
             request_id: &self.request_id,
+            client_cert: self.client_cert.as_deref(),
             info: &mut self.req,
         };
         kawa::h1::parse(&mut self.front_kawa, &mut callbacks);

@@ -388,6 +388,7 @@ mod tests {
                 https: false,
             },
             request_id: "rid1",
+            client_cert: None,
             info: &mut info,
         };
         kawa::h1::parse(&mut k, &mut cb);
