@@ -246,14 +246,21 @@ fn the_counts_survive_an_upgrade() {
         let mut lbd = start("max_connections_per_ip = 2", origin.addr());
         let to = lbd.addr();
         let a = source(2);
-        // Two connections with a request in flight for 3 s: the old generation keeps them
+        // Everything the upgrade needs first (the binary's copy, lbctl, which the harness
+        // builds when it is older than its sources): the upgrade must come while the slow
+        // requests below are in flight.
+        let sock = socket(&lbd);
+        let binary = common::fresh_binary(lbd.dir().path(), 1);
+        let before: serde_json::Value =
+            serde_json::from_str(&lbctl_ok(&sock, &["status", "--json"])).unwrap();
+        // Two connections with a request in flight for 5 s: the old generation keeps them
         // open through the upgrade, until it has answered.
         let slow: Vec<TcpStream> = (0..2)
             .map(|i| {
                 let stream =
                     connect_from(a, to).unwrap_or_else(|e| panic!("slow connection {i}: {e}"));
                 (&stream)
-                    .write_all(b"GET /sleep/3000 HTTP/1.1\r\nHost: app\r\n\r\n")
+                    .write_all(b"GET /sleep/5000 HTTP/1.1\r\nHost: app\r\n\r\n")
                     .unwrap();
                 stream
             })
@@ -268,10 +275,6 @@ fn the_counts_survive_an_upgrade() {
             "a third connection is refused before the upgrade"
         );
 
-        let sock = socket(&lbd);
-        let binary = common::fresh_binary(lbd.dir().path(), 1);
-        let before: serde_json::Value =
-            serde_json::from_str(&lbctl_ok(&sock, &["status", "--json"])).unwrap();
         let out = lbctl_ok(&sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
         let after: serde_json::Value =
             serde_json::from_str(&lbctl_ok(&sock, &["status", "--json"])).unwrap();
