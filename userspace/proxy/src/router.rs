@@ -121,11 +121,7 @@ impl Router {
         if !self.with_hsts {
             return None;
         }
-        let host = normalize_host(authority);
-        let path = std::str::from_utf8(path_of(target)).ok()?;
-        self.routes
-            .iter()
-            .find(|r| r.matches(&host, path, method))
+        self.matched(authority, target, method)
             .and_then(|r| r.hsts.clone())
     }
 
@@ -135,12 +131,7 @@ impl Router {
         if !self.rate_limited {
             return None;
         }
-        let host = normalize_host(authority);
-        let path = std::str::from_utf8(path_of(target)).ok()?;
-        self.routes
-            .iter()
-            .find(|r| r.matches(&host, path, method))
-            .and_then(|r| r.rate)
+        self.matched(authority, target, method).and_then(|r| r.rate)
     }
 
     /// The cluster for a request. `authority` is the Host header or the request target's
@@ -157,13 +148,15 @@ impl Router {
         target: &[u8],
         method: &[u8],
     ) -> Option<(usize, bool)> {
-        let host = normalize_host(authority);
-        let path = path_of(target);
-        let path = std::str::from_utf8(path).ok()?;
-        self.routes
-            .iter()
-            .find(|r| r.matches(&host, path, method))
+        self.matched(authority, target, method)
             .map(|r| (r.cluster, r.redirect_https))
+    }
+
+    /// The route a request matches: the first, most specific one.
+    fn matched(&self, authority: &[u8], target: &[u8], method: &[u8]) -> Option<&Route> {
+        let host = normalize_host(authority);
+        let path = std::str::from_utf8(path_of(target)).ok()?;
+        self.routes.iter().find(|r| r.matches(&host, path, method))
     }
 
     pub fn is_empty(&self) -> bool {
