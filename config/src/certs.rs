@@ -160,9 +160,9 @@ pub fn selects(cert: &Certificate, selector: &str) -> bool {
     cert.names.contains(&name)
 }
 
-/// The CA certificates of a listener's `client_ca` (PEM, one or more): the roots client
-/// certificates are verified against.
-pub fn client_roots(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The CA certificates of a listener's `client_ca` or a cluster's `backend_ca` (PEM, one or
+/// more): the roots certificates are verified against.
+pub fn ca_roots(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let roots = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("not PEM certificates: {e}"))?;
@@ -189,4 +189,25 @@ pub fn describe_client(der: &[u8]) -> (String, String) {
         .map(|c| if c.is_control() { '?' } else { c })
         .collect();
     (subject, fingerprint(der))
+}
+
+/// Where the system's CA certificates are: the file `SSL_CERT_FILE` names, else Debian's
+/// bundle (from the `ca-certificates` package).
+pub fn system_roots_path() -> std::path::PathBuf {
+    std::env::var_os("SSL_CERT_FILE")
+        .map_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into(), Into::into)
+}
+
+/// The system's CA certificates, the roots of a cluster with `backend_tls` and no
+/// `backend_ca` (see [`system_roots_path`]). Blocks that are not certificates are skipped.
+pub fn system_roots() -> Result<Vec<CertificateDer<'static>>, String> {
+    let path = system_roots_path();
+    let pem = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let roots: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .filter_map(Result::ok)
+        .collect();
+    if roots.is_empty() {
+        return Err(format!("{}: no certificate in it", path.display()));
+    }
+    Ok(roots)
 }

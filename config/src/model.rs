@@ -257,6 +257,20 @@ pub struct Cluster {
     /// The backends speak h2c (HTTP/2 with prior knowledge).
     #[serde(default)]
     pub http2: bool,
+    /// `backend_tls`: the backends are reached over TLS and verified.
+    #[serde(default)]
+    pub backend_tls: Option<BackendTls>,
+}
+
+/// How a cluster's backends are verified over TLS (`backend_tls = true`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendTls {
+    /// The CA certificates (DER) of `backend_ca`; empty: the system's roots
+    /// ([`crate::certs::system_roots`]), which each process reads itself.
+    #[serde(with = "wire::chain")]
+    pub roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// `backend_server_name`: SNI and the name checked; None: each backend's IP address.
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -356,6 +356,12 @@ impl ListenerDef {
                 ..CertificateDef::default()
             };
         }
+        if let Some(pem) = out.client_ca_pem.as_mut() {
+            *pem = format!(
+                "(PEM, sha256 {})",
+                crate::certs::fingerprint(pem.as_bytes())
+            );
+        }
         out
     }
 }
@@ -380,6 +386,21 @@ pub struct ClusterDef {
     /// servers do. Only for http clusters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http2: Option<bool>,
+    /// `backend_tls = true`: connections to the backends (and their health checks) are TLS,
+    /// and the backends' certificates are verified. Only for http clusters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_tls: Option<bool>,
+    /// With `backend_tls`: the CA certificates (PEM file) backends are verified against;
+    /// default: the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_ca: Option<String>,
+    /// The same as PEM text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_ca_pem: Option<String>,
+    /// With `backend_tls`: the name sent in SNI and that the backends' certificates must be
+    /// valid for; default: each backend's IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_server_name: Option<String>,
 }
 
 /// One entry of a cluster's `frontends`.
@@ -507,6 +528,14 @@ pub enum Edit {
         address: String,
         certificate: String,
     },
+    /// Sets the CA client certificates of an https listener are verified against (a PEM file,
+    /// read now and kept as text) and `client_auth`; `ca = None` stops asking for them.
+    /// Handshakes from then on use it; established connections keep theirs.
+    SetClientCa {
+        address: String,
+        ca: Option<String>,
+        auth: Option<ClientAuthDef>,
+    },
 }
 
 impl Edit {
@@ -525,6 +554,7 @@ impl Edit {
             Edit::AddCertificate { .. } => "certificate add",
             Edit::ReplaceCertificate { .. } => "certificate replace",
             Edit::RemoveCertificate { .. } => "certificate remove",
+            Edit::SetClientCa { .. } => "listener client-ca",
         }
     }
 }
@@ -943,6 +973,26 @@ impl State {
                 if let Some(slot) = self.https_listener(address)?.certificates.get_mut(i) {
                     *slot = certificate;
                 }
+            }
+            Edit::SetClientCa { address, ca, auth } => {
+                let pem = match ca {
+                    Some(path) => {
+                        let pem = std::fs::read_to_string(path).map_err(|e| {
+                            StateError::BadCertificate {
+                                reason: format!("client CA {path}: {e}"),
+                            }
+                        })?;
+                        crate::certs::ca_roots(&pem).map_err(|e| StateError::BadCertificate {
+                            reason: format!("client CA {path}: {e}"),
+                        })?;
+                        Some(pem)
+                    }
+                    None => None,
+                };
+                let listener = self.https_listener(address)?;
+                listener.client_auth = pem.as_ref().and(*auth);
+                listener.client_ca = None;
+                listener.client_ca_pem = pem;
             }
             Edit::RemoveCertificate {
                 address,

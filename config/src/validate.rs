@@ -403,7 +403,7 @@ impl Checker<'_> {
                 "client certificates are asked for in the TLS handshake: client_ca only applies to https listeners",
             ));
         }
-        let roots = crate::certs::client_roots(&pem).map_err(|e| self.err(&ca_field, e))?;
+        let roots = crate::certs::ca_roots(&pem).map_err(|e| self.err(&ca_field, e))?;
         Ok(Some(crate::model::ClientAuth {
             roots,
             required: l.client_auth != Some(crate::state::ClientAuthDef::Optional),
@@ -676,9 +676,75 @@ impl Checker<'_> {
                 health_check,
                 send_proxy: file.send_proxy.unwrap_or(false),
                 http2: file.http2.unwrap_or(false),
+                backend_tls: self.backend_tls(file, &field, protocol)?,
             });
         }
         Ok(out)
+    }
+
+    /// A cluster's `backend_tls`, `backend_ca` (or `backend_ca_pem`) and
+    /// `backend_server_name`.
+    fn backend_tls(
+        &self,
+        file: &ClusterDef,
+        field: &str,
+        protocol: ClusterProtocol,
+    ) -> Result<Option<crate::model::BackendTls>> {
+        if file.backend_tls != Some(true) {
+            let stray = [
+                ("backend_ca", file.backend_ca.is_some()),
+                ("backend_ca_pem", file.backend_ca_pem.is_some()),
+                ("backend_server_name", file.backend_server_name.is_some()),
+            ];
+            if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+                return Err(self.err(
+                    &format!("{field}.{key}"),
+                    format!("{key} applies to TLS backends: add backend_tls = true"),
+                ));
+            }
+            return Ok(None);
+        }
+        let tls_field = format!("{field}.backend_tls");
+        if protocol != ClusterProtocol::Http {
+            return Err(self.err(
+                &tls_field,
+                "backend_tls applies to http clusters (a tcp cluster passes the client's bytes through, TLS or not)",
+            ));
+        }
+        if file.http2 == Some(true) {
+            return Err(self.err(
+                &tls_field,
+                "HTTP/2 to backends over TLS is not supported yet: backend_tls needs http2 = false (HTTP/1.1 backends)",
+            ));
+        }
+        let ca_field = format!("{field}.backend_ca");
+        let pem = match (&file.backend_ca_pem, &file.backend_ca) {
+            (Some(pem), _) => Some(pem.clone()),
+            (None, Some(path)) => {
+                let path = self.path(path, &ca_field)?;
+                Some(std::fs::read_to_string(&path).map_err(|e| {
+                    self.err(&ca_field, format!("cannot read {}: {e}", path.display()))
+                })?)
+            }
+            (None, None) => None,
+        };
+        let roots = match pem {
+            Some(pem) => crate::certs::ca_roots(&pem).map_err(|e| self.err(&ca_field, e))?,
+            None => Vec::new(),
+        };
+        let server_name = match &file.backend_server_name {
+            Some(name) => {
+                rustls_pki_types::ServerName::try_from(name.as_str()).map_err(|_| {
+                    self.err(
+                        &format!("{field}.backend_server_name"),
+                        format!("{name:?} is not a DNS name or an IP address"),
+                    )
+                })?;
+                Some(name.clone())
+            }
+            None => None,
+        };
+        Ok(Some(crate::model::BackendTls { roots, server_name }))
     }
 
     fn backends(&self, name: &str, cluster: &ClusterDef, field: &str) -> Result<Vec<Backend>> {

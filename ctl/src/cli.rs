@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 use lb_config::protocol::Verb;
 use lb_config::state::{
-    BackendDef, CertificateDef, ClusterDef, ClusterProtocolDef, Edit, FrontendDef, H2Def,
-    ListenerDef, ListenerProtocolDef, LoadBalancingDef, PathTypeDef,
+    BackendDef, CertificateDef, ClientAuthDef, ClusterDef, ClusterProtocolDef, Edit, FrontendDef,
+    H2Def, ListenerDef, ListenerProtocolDef, LoadBalancingDef, PathTypeDef,
 };
 
 /// The longest `--timeout`: a day, like every duration in the config (lb-config's
@@ -170,6 +170,17 @@ pub struct ClusterAddArgs {
     /// Send a PROXY protocol v2 header to the backends.
     #[arg(long)]
     pub send_proxy: bool,
+    /// Connect to the backends over TLS, verifying their certificates.
+    #[arg(long)]
+    pub backend_tls: bool,
+    /// With --backend-tls: the CA certificates (PEM file) backends are verified against
+    /// (default: the system's).
+    #[arg(long, value_name = "FILE", requires = "backend_tls")]
+    pub backend_ca: Option<PathBuf>,
+    /// With --backend-tls: the name the backends' certificates must be valid for, sent in
+    /// SNI (default: each backend's IP address).
+    #[arg(long, value_name = "NAME", requires = "backend_tls")]
+    pub backend_server_name: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -254,6 +265,22 @@ pub enum ListenerCmd {
         #[arg(long, value_name = "ADDR")]
         address: String,
     },
+    /// Set or replace the CA that client certificates of an https listener are verified
+    /// against (new handshakes use it at once), or stop asking for them (--none).
+    ClientCa {
+        /// The listener's IP:PORT.
+        #[arg(long, value_name = "ADDR")]
+        address: String,
+        /// The CA certificates (PEM file).
+        #[arg(long, value_name = "FILE", required_unless_present = "none")]
+        ca: Option<PathBuf>,
+        /// Stop asking clients for certificates.
+        #[arg(long, conflicts_with_all = ["ca", "auth"])]
+        none: bool,
+        /// required (default) | optional: whether a client without a certificate is served.
+        #[arg(long, value_parser = ["required", "optional"])]
+        auth: Option<String>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -280,6 +307,12 @@ pub struct ListenerAddArgs {
     /// For https: the private key (PEM); needs --certificate.
     #[arg(long, value_name = "PATH", requires = "certificate")]
     pub key: Option<PathBuf>,
+    /// For https: the CA certificates (PEM file) client certificates must be signed by.
+    #[arg(long, value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
+    /// With --client-ca: required (default) | optional.
+    #[arg(long, value_parser = ["required", "optional"], requires = "client_ca")]
+    pub client_auth: Option<String>,
     /// For http and https: the protocols offered, in order of preference (`h2,http/1.1` by
     /// default; `http/1.1` alone turns HTTP/2 off).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
@@ -347,6 +380,14 @@ fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
+/// `--auth`/`--client-auth`, as clap checked it.
+fn client_auth(word: Option<&str>) -> Option<ClientAuthDef> {
+    match word? {
+        "optional" => Some(ClientAuthDef::Optional),
+        _ => Some(ClientAuthDef::Required),
+    }
+}
+
 fn absolute_text(path: &Path) -> String {
     absolute(path).to_string_lossy().into_owned()
 }
@@ -392,6 +433,13 @@ impl Command {
                     health_check: None,
                     send_proxy: add.send_proxy.then_some(true),
                     http2: None,
+                    backend_tls: add.backend_tls.then_some(true),
+                    backend_ca: add
+                        .backend_ca
+                        .as_deref()
+                        .map(|p| absolute(p).display().to_string()),
+                    backend_ca_pem: None,
+                    backend_server_name: add.backend_server_name.clone(),
                 },
             }),
             Command::Cluster(ClusterCmd::Remove { name }) => {
@@ -438,10 +486,17 @@ impl Command {
                     h2: l.h2.as_deref().cloned(),
                     max_connections_per_ip: l.max_connections_per_ip,
                     max_connection_rate_per_ip: l.max_connection_rate_per_ip.clone(),
-                    client_ca: None,
+                    client_ca: l.client_ca.as_deref().map(absolute_text),
                     client_ca_pem: None,
-                    client_auth: None,
+                    client_auth: client_auth(l.client_auth.as_deref()),
                 },
+            }),
+            Command::Listener(ListenerCmd::ClientCa {
+                address, ca, auth, ..
+            }) => Verb::Change(Edit::SetClientCa {
+                address: address.clone(),
+                ca: ca.as_deref().map(absolute_text),
+                auth: client_auth(auth.as_deref()),
             }),
             Command::Listener(ListenerCmd::Remove { address }) => {
                 Verb::Change(Edit::RemoveListener {

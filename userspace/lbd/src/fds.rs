@@ -24,6 +24,8 @@ pub enum FdError {
     },
     #[error("cannot create the config memfd: {0}")]
     Memfd(#[source] std::io::Error),
+    #[error("cannot set up the session ticket keys: {0}")]
+    Tickets(String),
 }
 
 /// Makes `fds` survive the exec of `command` (in the child only: the parent's flags are

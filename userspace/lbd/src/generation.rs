@@ -122,6 +122,8 @@ pub(crate) struct Running<'a> {
     pub source: &'a Path,
     /// The backends found down.
     pub down: Vec<(String, SocketAddr)>,
+    /// The session ticket keys (`lb_proxy::tickets::Keys::to_bytes`).
+    pub ticket_keys: Vec<u8>,
 }
 
 impl Generation {
@@ -206,6 +208,7 @@ impl Generation {
             state: running.state.to_toml(),
             log_level: workers.log_level.as_str().to_owned(),
             down: running.down,
+            ticket_keys: Some(running.ticket_keys),
             fds: roles,
         };
         let (mut ours, theirs) = UnixStream::pair().map_err(UpgradeError::Channel)?;

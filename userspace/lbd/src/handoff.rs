@@ -38,6 +38,10 @@ pub struct Handoff {
     /// with them down instead of sending them requests until its own checks agree.
     #[serde(default)]
     pub down: Vec<(String, SocketAddr)>,
+    /// The session ticket keys (`lb_proxy::tickets::Keys::to_bytes`): the new workers open
+    /// the tickets the old ones issued. None from an lbd before them: new keys are drawn.
+    #[serde(default)]
+    pub ticket_keys: Option<Vec<u8>>,
     /// What each descriptor that follows is, in order.
     pub fds: Vec<FdRole>,
 }
@@ -347,6 +351,7 @@ mod tests {
             state: STATE.into(),
             log_level: "info".into(),
             down: Vec::new(),
+            ticket_keys: None,
             fds,
         })
         .unwrap()
@@ -373,6 +378,7 @@ mod tests {
                 state: state.into(),
                 log_level: "info".into(),
                 down: Vec::new(),
+                ticket_keys: None,
                 fds,
             })
             .unwrap()

@@ -14,6 +14,10 @@
 //! backend starts up; `fall` failed probes in a row put it down, `rise` good ones bring it
 //! back. [`Health::poll`] collects the results; [`Health::sync`] starts and stops threads
 //! when the clusters change.
+//!
+//! A cluster with `backend_tls` is checked over TLS, verified as the workers verify its
+//! backends (same roots, same name): a TCP check is then a TLS handshake, and an HTTP check
+//! goes inside it. A backend whose certificate does not verify is down, saying why.
 
 use lb_config::protocol::{BackendHealth, HealthState, Sample};
 use lb_config::{Config, HealthCheck};
@@ -42,6 +46,7 @@ struct Outcome {
 
 struct Check {
     spec: HealthCheck,
+    tls: Option<lb_config::BackendTls>,
     id: u64,
     stop: Arc<AtomicBool>,
     up: bool,
@@ -87,28 +92,45 @@ impl Health {
     /// Starts the checks `config` asks for that do not run yet, with the same settings, and
     /// stops those it no longer has.
     pub fn sync(&mut self, config: &Config) {
-        let mut wanted: HashMap<Key, &HealthCheck> = HashMap::new();
+        let mut wanted: HashMap<Key, (&HealthCheck, Option<&lb_config::BackendTls>)> =
+            HashMap::new();
         for cluster in &config.clusters {
             let Some(spec) = &cluster.health_check else {
                 continue;
             };
             for b in &cluster.backends {
-                wanted.insert((cluster.name.clone(), b.address), spec);
+                wanted.insert(
+                    (cluster.name.clone(), b.address),
+                    (spec, cluster.backend_tls.as_ref()),
+                );
             }
         }
         let before = self.checks.len();
         let mut removed_down = false;
         self.checks.retain(|key, check| {
-            let keep = wanted.get(key).is_some_and(|spec| **spec == check.spec);
+            let keep = wanted
+                .get(key)
+                .is_some_and(|(spec, tls)| **spec == check.spec && *tls == check.tls.as_ref());
             if !keep && !check.up {
                 removed_down = true;
             }
             keep
         });
-        for (key, spec) in wanted {
+        for (key, (spec, tls_spec)) in wanted {
             if self.checks.contains_key(&key) {
                 continue;
             }
+            let tls = match tls_spec.map(client_tls).transpose() {
+                Ok(tls) => tls,
+                Err(e) => {
+                    log::error!(
+                        "cluster {}: cannot start the health check of {}: {e}",
+                        key.0,
+                        key.1
+                    );
+                    continue;
+                }
+            };
             self.next_id += 1;
             let stop = Arc::new(AtomicBool::new(false));
             let spawned = std::thread::Builder::new()
@@ -122,7 +144,7 @@ impl Health {
                         self.sender.clone(),
                         self.next_id,
                     );
-                    move || probe_loop(key, spec, id, &stop, &sender)
+                    move || probe_loop(key, spec, tls, id, &stop, &sender)
                 });
             if let Err(e) = spawned {
                 log::error!(
@@ -136,6 +158,7 @@ impl Health {
                 key,
                 Check {
                     spec: spec.clone(),
+                    tls: tls_spec.cloned(),
                     id: self.next_id,
                     stop,
                     up: true,
@@ -327,9 +350,34 @@ fn describe(h: &HealthCheck) -> String {
     format!("{what} every {}", humantime::format_duration(h.interval))
 }
 
+/// How a check reaches a `backend_tls` cluster's backend: the rustls configuration the
+/// workers use for it, and the name it must prove.
+pub struct ProbeTls {
+    config: Arc<rustls::ClientConfig>,
+    spec: lb_config::BackendTls,
+}
+
+/// The TLS side of the checks of a `backend_tls` cluster.
+fn client_tls(spec: &lb_config::BackendTls) -> Result<ProbeTls, String> {
+    static SYSTEM: std::sync::OnceLock<(Arc<rustls::RootCertStore>, Option<String>)> =
+        std::sync::OnceLock::new();
+    let system = SYSTEM.get_or_init(lb_proxy::back_stream::system_store);
+    if let (true, Some(why)) = (spec.roots.is_empty(), &system.1) {
+        return Err(format!(
+            "the system's CA certificates cannot be read: {why}"
+        ));
+    }
+    let provider = Arc::new(lb_config::certs::provider());
+    Ok(ProbeTls {
+        config: lb_proxy::back_stream::client_config(spec, &provider, &system.0)?,
+        spec: spec.clone(),
+    })
+}
+
 fn probe_loop(
     key: Key,
     spec: HealthCheck,
+    tls: Option<ProbeTls>,
     id: u64,
     stop: &AtomicBool,
     sender: &mpsc::Sender<Outcome>,
@@ -352,7 +400,7 @@ fn probe_loop(
             status: spec.status,
             host: spec.host.as_deref(),
         });
-        let result = probe(key.1, http, spec.timeout);
+        let result = probe(key.1, http, tls.as_ref(), spec.timeout);
         let outcome = Outcome {
             key: key.clone(),
             id,
@@ -374,16 +422,70 @@ pub struct HttpCheck<'a> {
     pub host: Option<&'a str>,
 }
 
-/// One probe within `timeout`: a connect, and for an HTTP check the request and a status in
-/// its range.
+/// A probe's connection: a socket, or TLS over it.
+trait Probed: Read + Write {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Probed for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Probed for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
+/// One probe within `timeout`: a connect (and the TLS handshake, with `tls`), and for an HTTP
+/// check the request and a status in its range.
 pub fn probe(
     address: SocketAddr,
     http: Option<HttpCheck<'_>>,
+    tls: Option<&ProbeTls>,
     timeout: Duration,
 ) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
-    let mut stream = TcpStream::connect_timeout(&address, timeout)
+    let stream = TcpStream::connect_timeout(&address, timeout)
         .map_err(|e| format!("connect: {}", short(&e)))?;
+    let Some(tls) = tls else {
+        return ask(stream, address, http, deadline);
+    };
+    let name = lb_proxy::back_stream::server_name(&tls.spec, address);
+    let conn = rustls::ClientConnection::new(Arc::clone(&tls.config), name)
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut stream = rustls::StreamOwned::new(conn, stream);
+    let left = deadline.saturating_duration_since(Instant::now());
+    let timeouts = stream
+        .sock
+        .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+        .and_then(|()| {
+            stream
+                .sock
+                .set_write_timeout(Some(left.max(Duration::from_millis(1))))
+        });
+    timeouts.map_err(|e| format!("TLS handshake: {e}"))?;
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).map_err(|e| {
+            let detail = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .map_or_else(|| short(&e), ToString::to_string);
+            format!("TLS handshake: {detail}")
+        })?;
+    }
+    ask(stream, address, http, deadline)
+}
+
+/// The HTTP part of a probe, over a connection made.
+fn ask<S: Probed>(
+    mut stream: S,
+    address: SocketAddr,
+    http: Option<HttpCheck<'_>>,
+    deadline: Instant,
+) -> Result<(), String> {
     let Some(HttpCheck {
         method,
         path,
@@ -403,6 +505,7 @@ pub fn probe(
         }
     };
     stream
+        .tcp()
         .set_write_timeout(Some(left("send")?))
         .map_err(|e| format!("send: {e}"))?;
     let request = format!(
@@ -421,6 +524,7 @@ pub fn probe(
             return Err("answer: no status line".into());
         }
         stream
+            .tcp()
             .set_read_timeout(Some(left("answer")?))
             .map_err(|e| format!("answer: {e}"))?;
         match stream.read(&mut chunk) {
@@ -495,15 +599,17 @@ mod tests {
             host: None,
         });
         let ok = serve_once(b"HTTP/1.1 204 No Content\r\n\r\n");
-        assert_eq!(probe(ok, get, t), Ok(()));
+        assert_eq!(probe(ok, get, None, t), Ok(()));
         let redirect = serve_once(b"HTTP/1.0 302 Found\r\nLocation: /\r\n\r\n");
-        assert_eq!(probe(redirect, get, t), Ok(()));
+        assert_eq!(probe(redirect, get, None, t), Ok(()));
         let bad = serve_once(b"HTTP/1.1 503 Service Unavailable\r\n\r\n");
-        assert_eq!(probe(bad, get, t), Err("status 503".into()));
+        assert_eq!(probe(bad, get, None, t), Err("status 503".into()));
         let garbage = serve_once(b"SSH-2.0-OpenSSH\r\n");
-        assert!(probe(garbage, get, t).unwrap_err().contains("not HTTP"));
+        assert!(probe(garbage, get, None, t)
+            .unwrap_err()
+            .contains("not HTTP"));
         let closed = serve_once(b"");
-        assert!(probe(closed, get, t).unwrap_err().contains("closed"));
+        assert!(probe(closed, get, None, t).unwrap_err().contains("closed"));
         // A narrower range: only 204 means up.
         let only_204 = Some(HttpCheck {
             method: "HEAD",
@@ -512,14 +618,14 @@ mod tests {
             host: Some("app.example"),
         });
         let (ok, seen) = serve_once_seen(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-        assert_eq!(probe(ok, only_204, t), Err("status 200".into()));
+        assert_eq!(probe(ok, only_204, None, t), Err("status 200".into()));
         assert_eq!(
             seen.recv().unwrap(),
             "HEAD /ping HTTP/1.1\r\nHost: app.example\r\nUser-Agent: kakehi-health-check\r\n\
              Connection: close\r\n\r\n"
         );
         let (ok, seen) = serve_once_seen(b"HTTP/1.1 200 OK\r\n\r\n");
-        assert_eq!(probe(ok, get, t), Ok(()));
+        assert_eq!(probe(ok, get, None, t), Ok(()));
         assert!(seen
             .recv()
             .unwrap()
@@ -537,7 +643,7 @@ mod tests {
             status: (200, 399),
             host: None,
         });
-        let e = probe(silent, get, Duration::from_millis(200)).unwrap_err();
+        let e = probe(silent, get, None, Duration::from_millis(200)).unwrap_err();
         assert!(e.contains("timed out"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(2));
         drop(l);
@@ -549,7 +655,7 @@ mod tests {
         held.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
             .unwrap();
         let closed = held.local_addr().unwrap().as_socket().unwrap();
-        let e = probe(closed, None, Duration::from_millis(200)).unwrap_err();
+        let e = probe(closed, None, None, Duration::from_millis(200)).unwrap_err();
         assert_eq!(e, "connect: Connection refused");
     }
 }

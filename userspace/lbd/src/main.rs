@@ -25,6 +25,7 @@ mod sandbox;
 mod steering;
 mod supervisor;
 mod test_hooks;
+mod tickets;
 mod upgrade;
 mod verbs;
 mod worker_main;

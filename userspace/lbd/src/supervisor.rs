@@ -87,7 +87,7 @@ impl Supervisor {
             lb_config::Steering::Kernel => Vec::new(),
             lb_config::Steering::Ebpf => listeners::load_steering(&config, &sockets)?,
         };
-        Supervisor::assemble(config, state, source, log_level, sockets, steering, 1)
+        Supervisor::assemble(config, state, source, log_level, sockets, steering, 1, None)
     }
 
     /// Takes over what the previous lbd handed over (its sockets and steering program, its
@@ -105,6 +105,7 @@ impl Supervisor {
             sockets,
             steering,
             down,
+            ticket_keys,
             ..
         } = handed;
         let mut supervisor = Supervisor::assemble(
@@ -115,6 +116,7 @@ impl Supervisor {
             sockets,
             steering,
             generation + 1,
+            ticket_keys,
         )?;
         supervisor.observer.seed_health(&supervisor.config, &down);
         // The handed-over programs carry the previous lbd's limits; this state's win.
@@ -126,6 +128,9 @@ impl Supervisor {
         Ok((supervisor, command))
     }
 
+    // What a new supervisor is made of, fresh or handed over: a struct for it would only be
+    // taken apart again here.
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         config: Config,
         state: State,
@@ -134,12 +139,13 @@ impl Supervisor {
         sockets: Vec<Vec<TcpListener>>,
         mut steering: Vec<Steering>,
         generation: u64,
+        ticket_keys: Option<lb_proxy::tickets::Keys>,
     ) -> Result<Supervisor, SupervisorError> {
         for st in &mut steering {
             // Informational (the program ignores it): which generation drives the maps.
             let _ = st.set_generation(u32::try_from(generation).unwrap_or(u32::MAX));
         }
-        let workers = Workers::new(&config, log_level, sockets, steering)?;
+        let workers = Workers::new(&config, log_level, sockets, steering, ticket_keys)?;
         Ok(Supervisor {
             config,
             state,
@@ -201,6 +207,7 @@ impl Supervisor {
                 None => {}
             }
             self.workers.start_due(&self.config);
+            self.workers.tickets.rotate_if_due(Instant::now());
             self.observer
                 .turn(&mut self.workers, &self.config, self.stop.is_some());
             commands.poll_timeout(self, Duration::from_millis(20));
@@ -278,6 +285,7 @@ impl Supervisor {
             state: &self.state,
             source: &self.source,
             down: self.observer.health_down(),
+            ticket_keys: self.workers.tickets.keys().to_bytes(),
         };
         let done = self.generation.hand_over(&mut self.workers, exe, running)?;
         self.stop = Some(Stop::HandedOver);

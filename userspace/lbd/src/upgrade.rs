@@ -211,6 +211,7 @@ pub struct Handed {
     pub state: State,
     pub config: Config,
     pub down: Vec<(String, SocketAddr)>,
+    pub ticket_keys: Option<lb_proxy::tickets::Keys>,
     pub command: UnixListener,
     /// `sockets[listener][worker]`.
     pub sockets: Vec<Vec<TcpListener>>,
@@ -244,6 +245,10 @@ pub fn receive(stream: &mut UnixStream, timeout: Duration) -> Result<Handed, Han
         state,
         config,
         down: message.down,
+        ticket_keys: message
+            .ticket_keys
+            .as_deref()
+            .and_then(lb_proxy::tickets::Keys::from_bytes),
         command: parts.command,
         sockets: parts.sockets,
         steering: parts.steering,
@@ -546,6 +551,7 @@ mod tests {
             state: "workers = 1\n".into(),
             log_level: "info".into(),
             down: Vec::new(),
+            ticket_keys: None,
             fds: vec![
                 FdRole::CommandSocket,
                 FdRole::Listener {
@@ -588,6 +594,7 @@ mod tests {
             state: String::new(),
             log_level: "info".into(),
             down: Vec::new(),
+            ticket_keys: None,
             fds: vec![
                 FdRole::Listener {
                     listener: 0,

@@ -36,15 +36,10 @@ pub struct WorkerArgs {
     /// `rate_limit`), of `lb_proxy::rate_limit::WORDS` words.
     #[arg(long)]
     pub rates_fd: Option<i32>,
-}
-
-/// The shared table of request rates, as lb-proxy reads it.
-struct Rates(lb_ebpf_common::mmap::SharedWords);
-
-impl lb_proxy::rate_limit::SharedSlots for Rates {
-    fn word(&self, index: usize) -> Option<&std::sync::atomic::AtomicU64> {
-        self.0.word(index)
-    }
+    /// Inherited memfd of the session ticket keys every worker shares
+    /// (`lb_proxy::tickets::WORDS` words).
+    #[arg(long)]
+    pub tickets_fd: Option<i32>,
 }
 
 /// Publishes the live count into every steering program's WORKERS map (shared memory).
@@ -103,9 +98,24 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
             )
         }
     };
-    let mut worker = lb_proxy::Worker::new(&config, listeners)?;
+    let tickets: Option<Box<dyn lb_proxy::rate_limit::SharedSlots + Sync>> = match args.tickets_fd {
+        None => None,
+        Some(fd) => {
+            let owned = fds::owned_from_fd(fd)?;
+            Some(Box::new(crate::tickets::Mapped(
+                lb_ebpf_common::mmap::SharedWords::map(
+                    std::os::fd::AsFd::as_fd(&owned),
+                    lb_proxy::tickets::WORDS,
+                )
+                .with_context(|| format!("mapping the session ticket keys (fd {fd})"))?,
+            )))
+        }
+    };
+    let mut worker = lb_proxy::Worker::with_tickets(&config, listeners, tickets)?;
     if let Some(rates) = rates {
-        worker.set_rates(lb_proxy::rate_limit::RateTable::new(Box::new(Rates(rates))));
+        worker.set_rates(lb_proxy::rate_limit::RateTable::new(Box::new(
+            crate::tickets::Mapped(rates),
+        )));
     }
     if let Some(fd) = args.channel_fd {
         let channel = std::os::unix::net::UnixStream::from(fds::owned_from_fd(fd)?);

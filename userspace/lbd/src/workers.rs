@@ -147,6 +147,8 @@ pub(crate) struct Workers {
     pub(crate) log_level: log::LevelFilter,
     /// The table of request rates every worker maps (`lb_proxy::rate_limit`).
     rates_file: File,
+    /// The session ticket keys every worker maps.
+    pub(crate) tickets: crate::tickets::TicketKeys,
 }
 
 impl Workers {
@@ -156,9 +158,11 @@ impl Workers {
         log_level: log::LevelFilter,
         sockets: Vec<Vec<TcpListener>>,
         steering: Vec<Steering>,
+        tickets: Option<lb_proxy::tickets::Keys>,
     ) -> Result<Workers, WorkersError> {
         let config_file = config_memfd(config)?;
         let rates_file = rates_memfd()?;
+        let tickets = crate::tickets::TicketKeys::new(tickets)?;
         let binary = fds::Binary::current().map_err(WorkersError::Binary)?;
         let slots = (0..config.workers)
             .map(|_| Slot {
@@ -181,6 +185,7 @@ impl Workers {
             binary,
             log_level,
             rates_file,
+            tickets,
         })
     }
 
@@ -474,12 +479,15 @@ impl Workers {
             .arg(fds::raw(&trace_end).to_string());
         command
             .arg("--rates-fd")
-            .arg(fds::raw(&self.rates_file).to_string());
+            .arg(fds::raw(&self.rates_file).to_string())
+            .arg("--tickets-fd")
+            .arg(fds::raw(self.tickets.file()).to_string());
         let mut inherited = vec![
             fds::raw(&self.config_file),
             fds::raw(&theirs),
             fds::raw(&trace_end),
             fds::raw(&self.rates_file),
+            fds::raw(self.tickets.file()),
         ];
         for group in &self.sockets {
             let socket = group.get(index).ok_or(StartError::NoSocket { index })?;

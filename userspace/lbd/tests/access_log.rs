@@ -19,7 +19,7 @@ use common::{field, parse_logfmt, Client, Lbd, Response};
 use lb_testkit::Origin;
 
 /// The fields of a line, in the order lbd writes them.
-const FIELDS: [&str; 16] = [
+const FIELDS: [&str; 18] = [
     "time",
     "request_id",
     "client",
@@ -36,6 +36,8 @@ const FIELDS: [&str; 16] = [
     "duration_ms",
     "backend_ms",
     "error",
+    "client_subject",
+    "client_fingerprint",
 ];
 
 fn config(top: &str, l: SocketAddr, backend: SocketAddr) -> String {

@@ -1259,6 +1259,10 @@ fn client_certificates_are_verified_and_told_to_the_backend() {
         );
         assert!(!seen.contains("cn=forged"), "{http}: {seen}");
     }
+    // And the access log says who it was, for both requests (h1 and h2).
+    let log = lbd.wait_stdout_lines(2).join("\n");
+    let who = format!("client_subject=\"CN=alice, O=Acme\" client_fingerprint={fingerprint}");
+    assert_eq!(log.matches(&who).count(), 2, "{log}");
     // No certificate, or one another CA signed: the handshake fails, nothing reaches the
     // origin.
     let before = origin.requests().len();
@@ -1308,4 +1312,258 @@ fn client_certificates_are_verified_and_told_to_the_backend() {
         err.contains("listeners[0].client_ca") && err.contains("only applies to https listeners"),
         "{err}"
     );
+}
+
+/// Session tickets open in every worker, and in the next generation's after `lbctl upgrade`:
+/// the keys are lbd's, shared by its workers and handed over. A session made on one
+/// connection is resumed by 20 more, spread by the eBPF flow hash over 4 workers (their
+/// request ids say which), TLS 1.3 and 1.2.
+#[test]
+fn session_tickets_resume_on_every_worker_and_across_an_upgrade() {
+    const WORKERS: usize = 4;
+    const AGAIN: usize = 20;
+    let dir = TempDir::new("tls-tickets");
+    let a = Cert::new(dir.path(), "a", &["a.test"]);
+    let origin = Origin::start("one");
+    let backend = origin.addr();
+    let (pem, key) = (a.pem.clone(), a.key.clone());
+    let mut lbd = Lbd::start_until(
+        move |addr| {
+            format!(
+                "workers = {WORKERS}\nsteering = \"ebpf\"\nsteering_policy = \"flow-hash\"\n\
+                 [[listeners]]\naddress = \"{addr}\"\nprotocol = \"https\"\n\
+                 certificates = [ {{ certificate = \"{}\", key = \"{}\" }} ]\n\n\
+                 [clusters.app]\nfrontends = [ {{ address = \"{addr}\" }} ]\n\
+                 backends = [ {{ address = \"{backend}\" }} ]\n",
+                pem.display(),
+                key.display()
+            )
+        },
+        common::workers_ready(WORKERS),
+    );
+    let addr = lbd.addr();
+    let request = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
+    let sock = lbd.dir().path().join("lbd.sock");
+    let binary = common::fresh_binary(dir.path(), 1);
+    let lines_before = |lbd: &Lbd| lbd.stdout().lines().count();
+
+    for (round, flag) in ["-tls1_3", "-tls1_2"].into_iter().enumerate() {
+        let sess = dir.path().join(format!("sess{flag}"));
+        let sess = sess.to_str().unwrap();
+        let first = s_client(
+            addr,
+            &[flag, "-servername", "a.test", "-sess_out", sess, "-ign_eof"],
+            request,
+        );
+        assert!(first.contains("New, "), "{first}");
+        let skip = lines_before(&lbd);
+        let mut reused = 0;
+        for _ in 0..AGAIN {
+            let again = s_client(
+                addr,
+                &[flag, "-servername", "a.test", "-sess_in", sess, "-ign_eof"],
+                request,
+            );
+            assert!(again.contains("origin one: GET /"), "{again}");
+            reused += usize::from(again.contains("Reused, "));
+        }
+        let log = lbd.stdout();
+        let workers: std::collections::HashSet<String> = log
+            .lines()
+            .skip(skip)
+            .filter_map(|l| l.split("request_id=").nth(1))
+            .map(|id| id.chars().take(8).collect())
+            .collect();
+        eprintln!(
+            "{flag}: {reused}/{AGAIN} resumed, served by {} workers",
+            workers.len()
+        );
+        assert!(
+            workers.len() >= 2,
+            "{flag}: the connections reached several workers: {workers:?}"
+        );
+        assert_eq!(reused, AGAIN, "{flag}: every connection resumed");
+
+        // Across an upgrade: the new generation's workers open the old one's tickets.
+        if round == 0 {
+            let before: serde_json::Value =
+                serde_json::from_str(&common::lbctl_ok(&sock, &["status", "--json"])).unwrap();
+            common::lbctl_ok(&sock, &["upgrade", "--binary", binary.to_str().unwrap()]);
+            let after: serde_json::Value =
+                serde_json::from_str(&common::lbctl_ok(&sock, &["status", "--json"])).unwrap();
+            assert_ne!(after["pid"], before["pid"]);
+            lbd.follow_main(after["pid"].as_i64().unwrap() as i32);
+            let mut resumed = 0;
+            for _ in 0..AGAIN / 2 {
+                let again = s_client(
+                    addr,
+                    &[flag, "-servername", "a.test", "-sess_in", sess, "-ign_eof"],
+                    request,
+                );
+                resumed += usize::from(again.contains("Reused, "));
+            }
+            eprintln!("{flag}: after the upgrade {resumed}/{} resumed", AGAIN / 2);
+            assert_eq!(resumed, AGAIN / 2, "tickets resume after lbctl upgrade");
+        }
+    }
+}
+
+/// `lbctl listener client-ca` replaces the CA client certificates are verified against, and
+/// `client_auth`, at runtime: the next handshakes follow it. A file that is not a CA is
+/// refused and changes nothing. `lbctl listener add --client-ca` starts a listener asking for
+/// them.
+#[test]
+fn the_client_ca_is_replaced_at_runtime() {
+    let dir = TempDir::new("tls-client-ca");
+    let server = Cert::new(dir.path(), "server", &["a.test"]);
+    client_ca(dir.path(), "good", "/CN=alice");
+    client_ca(dir.path(), "other", "/CN=bob");
+    let origin = Origin::start("one");
+    let backend = origin.addr();
+    let (pem, key, ca) = (
+        server.pem.clone(),
+        server.key.clone(),
+        dir.path().join("good-ca.pem"),
+    );
+    let lbd = Lbd::start(move |addr| {
+        format!(
+            "[[listeners]]\naddress = \"{addr}\"\nprotocol = \"https\"\n\
+             certificates = [ {{ certificate = \"{}\", key = \"{}\" }} ]\n\
+             client_ca = \"{}\"\n\n[clusters.app]\n\
+             frontends = [ {{ address = \"{addr}\" }} ]\n\
+             backends = [ {{ address = \"{backend}\" }} ]\n",
+            pem.display(),
+            key.display(),
+            ca.display()
+        )
+    });
+    let sock = lbd.dir().path().join("lbd.sock");
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    // The subject the backend was told, or None when the handshake failed.
+    let who = |addr: SocketAddr, client: Option<&str>| -> Option<String> {
+        let mut args = vec![
+            "--http1.1".to_owned(),
+            "--resolve".to_owned(),
+            format!("a.test:{}:{}", addr.port(), addr.ip()),
+            "--cacert".to_owned(),
+            server.pem.display().to_string(),
+        ];
+        if let Some(name) = client {
+            args.extend([
+                "--cert".to_owned(),
+                file(&format!("{name}-client.pem")),
+                "--key".to_owned(),
+                file(&format!("{name}-client.key")),
+            ]);
+        }
+        args.push(format!("https://a.test:{}/headers", addr.port()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = curl(&args);
+        out.status.success().then(|| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("x-client-cert-subject: ")
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default()
+        })
+    };
+    let addr = lbd.addr();
+    let a = addr.to_string();
+    assert_eq!(who(addr, Some("good")).as_deref(), Some("cn=alice"));
+    assert_eq!(who(addr, Some("other")), None);
+
+    // Replaced by the other CA: bob is served, alice is refused.
+    common::lbctl_ok(
+        &sock,
+        &[
+            "listener",
+            "client-ca",
+            "--address",
+            &a,
+            "--ca",
+            &file("other-ca.pem"),
+        ],
+    );
+    assert_eq!(who(addr, Some("other")).as_deref(), Some("cn=bob"));
+    assert_eq!(who(addr, Some("good")), None);
+    assert_eq!(who(addr, None), None, "still required");
+
+    // A file that is not a CA: refused, nothing changes.
+    let bad = dir.write("bad.pem", "not a certificate\n");
+    let before = common::lbctl_ok(&sock, &["state", "dump"]);
+    let refused = common::lbctl_at(
+        &sock,
+        &[
+            "listener",
+            "client-ca",
+            "--address",
+            &a,
+            "--ca",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert_ne!(refused.code, Some(0));
+    assert!(refused.stderr.contains("client CA"), "{}", refused.stderr);
+    assert_eq!(common::lbctl_ok(&sock, &["state", "dump"]), before);
+    assert_eq!(who(addr, Some("other")).as_deref(), Some("cn=bob"));
+
+    // Optional, then none at all.
+    common::lbctl_ok(
+        &sock,
+        &[
+            "listener",
+            "client-ca",
+            "--address",
+            &a,
+            "--ca",
+            &file("other-ca.pem"),
+            "--auth",
+            "optional",
+        ],
+    );
+    assert_eq!(who(addr, None).as_deref(), Some(""));
+    assert_eq!(
+        who(addr, Some("good")),
+        None,
+        "a bad certificate still fails"
+    );
+    common::lbctl_ok(&sock, &["listener", "client-ca", "--address", &a, "--none"]);
+    assert_eq!(who(addr, None).as_deref(), Some(""));
+
+    // A listener added with --client-ca asks for certificates from its first connection.
+    let added = common::free_addr();
+    let added_text = added.to_string();
+    common::lbctl_ok(
+        &sock,
+        &[
+            "listener",
+            "add",
+            "--address",
+            &added_text,
+            "--protocol",
+            "https",
+            "--certificate",
+            server.pem.to_str().unwrap(),
+            "--key",
+            server.key.to_str().unwrap(),
+            "--client-ca",
+            &file("good-ca.pem"),
+        ],
+    );
+    common::lbctl_ok(
+        &sock,
+        &[
+            "frontend",
+            "add",
+            "--cluster",
+            "app",
+            "--address",
+            &added_text,
+        ],
+    );
+    assert_eq!(who(added, Some("good")).as_deref(), Some("cn=alice"));
+    assert_eq!(who(added, None), None);
 }

@@ -31,6 +31,8 @@ pub struct Record<'a> {
     pub backend_time: Option<Duration>,
     /// Why kakehi answered itself or cut the exchange short, if it did.
     pub error: Option<Cut>,
+    /// The client certificate the listener's `client_ca` verified, if any.
+    pub client_cert: Option<&'a crate::tls::ClientCert>,
 }
 
 pub struct AccessLog {
@@ -74,7 +76,10 @@ impl AccessLog {
         let backend = r.backend.map(|b| b.to_string()).unwrap_or_default();
         let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1000.0);
         let backend_ms = r.backend_time.map(ms).unwrap_or_default();
-        let fields: [(&str, Value<'_>); 16] = [
+        let (subject, fingerprint) = r
+            .client_cert
+            .map_or(("", ""), |c| (c.subject.as_str(), c.fingerprint.as_str()));
+        let fields: [(&str, Value<'_>); 18] = [
             ("time", Value::Str(&time)),
             ("request_id", Value::Str(r.request_id)),
             ("client", Value::Owned(r.client.to_string())),
@@ -91,6 +96,8 @@ impl AccessLog {
             ("duration_ms", Value::Raw(ms(r.duration))),
             ("backend_ms", Value::Raw(backend_ms)),
             ("error", Value::Str(r.error.map_or("", Cut::as_str))),
+            ("client_subject", Value::Str(subject)),
+            ("client_fingerprint", Value::Str(fingerprint)),
         ];
         match self.format {
             LogFormat::Logfmt => {

@@ -99,6 +99,9 @@ pub struct ClusterState {
     pub passive: Option<Passive>,
     /// The backends speak h2c (`http2 = true`).
     pub http2: bool,
+    /// `backend_tls`: the client side of TLS to the backends (set by the worker, which holds
+    /// the crypto provider and the system's roots).
+    pub tls: Option<std::sync::Arc<crate::back_stream::BackendTls>>,
     /// Some backend is ejected (so [`ClusterState::revive`] has something to do).
     any_ejected: bool,
 }
@@ -128,6 +131,7 @@ impl ClusterState {
             name: cluster.name.clone(),
             policy: cluster.load_balancing,
             http2: cluster.http2,
+            tls: None,
             backends: cluster
                 .backends
                 .iter()
@@ -363,6 +367,7 @@ mod tests {
             health_check: None,
             send_proxy: false,
             http2: false,
+            backend_tls: None,
         })
     }
 

@@ -133,6 +133,18 @@ cuts! {
     /// A chunk-size or trailer line of the response is longer than the whole buffer.
     ResponseBodyLineTooLong => "response body line longer than the buffer",
         "response_body_line_too_long";
+    /// A TLS backend's certificate is not signed by a CA of `backend_ca` (or the system's).
+    BackendTlsUntrusted => "backend TLS: certificate not signed by a trusted CA",
+        "backend_tls_untrusted";
+    /// A TLS backend's certificate is not valid for `backend_server_name` (or its address).
+    BackendTlsWrongName => "backend TLS: certificate not valid for the backend's name",
+        "backend_tls_wrong_name";
+    /// A TLS backend's certificate is expired or not yet valid.
+    BackendTlsExpired => "backend TLS: certificate expired or not yet valid",
+        "backend_tls_expired";
+    /// The TLS handshake with the backend failed otherwise (not TLS, an alert, no common
+    /// version or cipher).
+    BackendTlsHandshake => "backend TLS handshake failed", "backend_tls_handshake";
     /// The TCP backend connection went away.
     BackendConnectionLost => "backend connection lost", "backend_connection_lost";
 

@@ -12,7 +12,12 @@
 //! ask to close. An event while it waits there (bytes, the backend closing, an error) marks it
 //! stirred: it is closed instead of reused. A connection that had no event is reused as it is,
 //! without a probe (an empty `recv(MSG_PEEK)` per request was what the probe cost).
+//!
+//! Connections are pooled per backend address and TLS configuration ([`BackStream::tls_id`]:
+//! 0 for plain TCP): a TLS connection verified for one cluster's roots and name is reused only
+//! by a cluster with the same.
 
+use crate::back_stream::BackStream;
 use mio::net::TcpStream;
 use mio::Token;
 use std::collections::HashMap;
@@ -35,7 +40,7 @@ pub fn connect_backend(address: SocketAddr) -> std::io::Result<TcpStream> {
 /// sockets have even tokens). A descriptor number is unique among open sockets; when a closed
 /// connection's number is taken again by a new backend connection, the new one's owner is
 /// recorded when it is registered.
-pub fn back_token(stream: &TcpStream) -> Token {
+pub fn back_token(stream: &impl AsRawFd) -> Token {
     Token(fd_index(stream.as_raw_fd()) << 1 | 1)
 }
 
@@ -60,8 +65,11 @@ enum Owner {
     Pooled { stirred: bool },
 }
 
+/// Where idle connections wait: the backend's address and the TLS configuration's id.
+type PoolKey = (SocketAddr, u64);
+
 pub struct IdlePool {
-    conns: HashMap<SocketAddr, Vec<(TcpStream, Instant)>>,
+    conns: HashMap<PoolKey, Vec<(BackStream, Instant)>>,
     /// By descriptor number.
     owners: Vec<Owner>,
     per_backend: usize,
@@ -82,7 +90,7 @@ impl IdlePool {
         }
     }
 
-    fn set_owner(&mut self, stream: &TcpStream, owner: Owner) {
+    fn set_owner(&mut self, stream: &impl AsRawFd, owner: Owner) {
         let fd = fd_index(stream.as_raw_fd());
         if fd >= self.owners.len() {
             if owner == Owner::Nobody {
@@ -97,7 +105,7 @@ impl IdlePool {
 
     /// The session with key `key` uses `stream` (just opened and registered under
     /// [`back_token`], or taken back): its events go to that session.
-    pub fn own(&mut self, stream: &TcpStream, key: usize) {
+    pub fn own(&mut self, stream: &impl AsRawFd, key: usize) {
         self.set_owner(stream, Owner::Session(key));
     }
 
@@ -117,11 +125,11 @@ impl IdlePool {
     }
 
     /// Forgets `stream`, which is about to be closed.
-    pub fn forget(&mut self, stream: &TcpStream) {
+    pub fn forget(&mut self, stream: &impl AsRawFd) {
         self.set_owner(stream, Owner::Nobody);
     }
 
-    fn stirred(&self, stream: &TcpStream) -> bool {
+    fn stirred(&self, stream: &impl AsRawFd) -> bool {
         let fd = fd_index(stream.as_raw_fd());
         matches!(
             self.owners.get(fd),
@@ -129,11 +137,18 @@ impl IdlePool {
         )
     }
 
-    /// A live idle connection to `addr`, most recently used first; its events go to the
-    /// session with key `key` from now on.
-    pub fn take(&mut self, addr: SocketAddr, now: Instant, key: usize) -> Option<TcpStream> {
+    /// A live idle connection to `addr` (made with the TLS configuration `tls_id`, 0 for
+    /// plain TCP), most recently used first; its events go to the session with key `key` from
+    /// now on.
+    pub fn take(
+        &mut self,
+        addr: SocketAddr,
+        tls_id: u64,
+        now: Instant,
+        key: usize,
+    ) -> Option<BackStream> {
         loop {
-            let (stream, since) = self.conns.get_mut(&addr)?.pop()?;
+            let (stream, since) = self.conns.get_mut(&(addr, tls_id))?.pop()?;
             if now.saturating_duration_since(since) >= self.max_idle || self.stirred(&stream) {
                 // Closed, sent unsolicited bytes, failed, or too old: not reusable.
                 self.forget(&stream);
@@ -163,16 +178,16 @@ impl IdlePool {
     /// limit and, when an event came for it while idle (`stirred`), still silent and open.
     pub fn revive(
         &mut self,
-        stream: TcpStream,
+        stream: BackStream,
         since: Instant,
         stirred: bool,
         now: Instant,
-    ) -> Option<TcpStream> {
+    ) -> Option<BackStream> {
         let usable = now.saturating_duration_since(since) < self.max_idle
             && (!stirred
                 || {
                     let mut probe = [0u8; 1];
-                    matches!(stream.peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                    matches!(stream.sock().peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
                 });
         if usable {
             Some(stream)
@@ -183,10 +198,11 @@ impl IdlePool {
     }
 
     /// Keeps `stream` for reuse; closes it when the backend already has enough idle ones.
-    pub fn put(&mut self, addr: SocketAddr, stream: TcpStream, now: Instant) {
-        if self.conns.get(&addr).map_or(0, Vec::len) < self.per_backend {
+    pub fn put(&mut self, addr: SocketAddr, stream: BackStream, now: Instant) {
+        let key = (addr, stream.tls_id());
+        if self.conns.get(&key).map_or(0, Vec::len) < self.per_backend {
             self.set_owner(&stream, Owner::Pooled { stirred: false });
-            self.conns.entry(addr).or_default().push((stream, now));
+            self.conns.entry(key).or_default().push((stream, now));
         } else {
             self.forget(&stream);
         }
@@ -227,14 +243,14 @@ impl IdlePool {
 mod tests {
     use super::*;
 
-    fn pair(listener: &std::net::TcpListener) -> (TcpStream, std::net::TcpStream) {
+    fn pair(listener: &std::net::TcpListener) -> (BackStream, std::net::TcpStream) {
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
         client.set_nonblocking(true).unwrap();
-        (TcpStream::from_std(client), server)
+        (BackStream::plain(TcpStream::from_std(client)), server)
     }
 
-    fn fd(stream: &TcpStream) -> usize {
+    fn fd(stream: &BackStream) -> usize {
         token_fd(back_token(stream).0)
     }
 
@@ -266,11 +282,11 @@ mod tests {
         assert_eq!(pool.event(fa, false), None, "a writable edge does not stir");
         assert_eq!(pool.event(fa, true), None);
         // b (most recent) is taken first and now belongs to session 3.
-        let taken = pool.take(addr, now, 3).unwrap();
+        let taken = pool.take(addr, 0, now, 3).unwrap();
         assert_eq!(fd(&taken), fb);
         assert_eq!(pool.event(fb, true), Some(3));
         // a was stirred: closed instead of reused.
-        assert!(pool.take(addr, now, 3).is_none());
+        assert!(pool.take(addr, 0, now, 3).is_none());
         assert_eq!(pool.event(fa, true), None, "forgotten once closed");
         assert!(pool.is_empty());
     }
@@ -291,7 +307,7 @@ mod tests {
         pool.event(fa, true);
         pool.prune(now);
         assert_eq!(pool.len(), 1);
-        let kept = pool.take(addr, now, 1).unwrap();
+        let kept = pool.take(addr, 0, now, 1).unwrap();
         assert_eq!(fd(&kept), fc);
     }
 

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
+pub mod back_stream;
 pub mod balancer;
 pub mod conn;
 pub mod cut;
@@ -37,6 +38,7 @@ pub mod splice;
 pub mod stats;
 pub mod tcp;
 pub mod tcp_routes;
+pub mod tickets;
 pub mod timer;
 pub mod tls;
 pub mod worker;

@@ -8,6 +8,7 @@
 //! the worker's idle pool: see `idle_backends.rs`), the time and the worker's shared state.
 //! The worker (`worker.rs`) owns the sockets' registration, the slab and the timers.
 
+use crate::back_stream::{BackStream, BackendTls};
 use crate::balancer::{self, ClusterState, Tried};
 use crate::cx::Cx;
 use crate::h2::conn::H2Conn;
@@ -21,7 +22,7 @@ use lb_config::model::Timeouts;
 use mio::net::TcpStream;
 use mio::{Interest, Token};
 use std::io::{self, ErrorKind, IoSlice, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
@@ -36,15 +37,19 @@ pub const PARK_AFTER: std::time::Duration = std::time::Duration::from_millis(50)
 /// A backend connection: a socket of the exchange's own, or, for a cluster with
 /// `http2 = true`, a stream on a shared HTTP/2 connection (`h2/upstream.rs`).
 pub(crate) enum BackIo {
-    Plain(TcpStream),
-    H2 { up: Shared, handle: u32 },
+    /// Plain TCP, or TLS for a cluster with `backend_tls`.
+    Socket(BackStream),
+    H2 {
+        up: Shared,
+        handle: u32,
+    },
 }
 
 impl BackIo {
     /// The descriptor number of the socket (its backend token's).
     fn fd(&self) -> usize {
         match self {
-            BackIo::Plain(s) => usize::try_from(s.as_raw_fd()).unwrap_or(usize::MAX),
+            BackIo::Socket(s) => usize::try_from(s.as_raw_fd()).unwrap_or(usize::MAX),
             BackIo::H2 { up, .. } => up.borrow().fd(),
         }
     }
@@ -53,7 +58,7 @@ impl BackIo {
 impl Read for BackIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            BackIo::Plain(s) => s.read(buf),
+            BackIo::Socket(s) => s.read(buf),
             BackIo::H2 { up, handle } => up.borrow_mut().read(*handle, buf),
         }
     }
@@ -66,7 +71,7 @@ impl Write for BackIo {
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
-            BackIo::Plain(s) => s.write_vectored(bufs),
+            BackIo::Socket(s) => s.write_vectored(bufs),
             BackIo::H2 { up, handle } => up.borrow_mut().write(*handle, bufs),
         }
     }
@@ -93,7 +98,7 @@ struct BackConn {
 /// meanwhile. It goes to the shared idle pool when the next request goes elsewhere or
 /// the client connection ends.
 struct HeldBack {
-    stream: TcpStream,
+    stream: BackStream,
     address: SocketAddr,
     since: Instant,
     /// An event came while it was idle (bytes, or the backend closing): probe before reuse.
@@ -117,6 +122,26 @@ impl<F> Wires<F> {
     /// GOAWAY before it, REFUSED_STREAM) moves here to another connection, its request sent
     /// again, without the exchange knowing.
     pub(crate) fn after_drive(&mut self, cx: &mut Cx) -> bool {
+        if let Some(BackConn {
+            io: BackIo::Socket(stream),
+            side,
+            ..
+        }) = self.back.as_mut()
+        {
+            // TLS records rustls could not write yet (the socket was full), or the handshake's
+            // next flight: out now, since the exchange may have nothing more to write.
+            if stream.has_pending() {
+                match stream.flush_pending() {
+                    Err(e) if e.kind() != ErrorKind::WouldBlock => {
+                        // The exchange learns it from its next read.
+                        side.readable = true;
+                        return true;
+                    }
+                    _ => {}
+                }
+            }
+            return false;
+        }
         let key = self.key;
         let Some(BackConn {
             io: BackIo::H2 { up, handle },
@@ -181,7 +206,7 @@ impl<F> Wires<F> {
         writable: bool,
         read_closed: bool,
     ) -> bool {
-        let is = |stream: &TcpStream| usize::try_from(stream.as_raw_fd()) == Ok(fd);
+        let is = |stream: &BackStream| usize::try_from(stream.as_raw_fd()) == Ok(fd);
         if let Some(back) = self.back.as_mut().filter(|b| b.io.fd() == fd) {
             back.side.readable |= readable;
             back.side.writable |= writable;
@@ -487,7 +512,7 @@ impl Session {
 /// is closed (when the caller drops it), a stream on a shared connection ended.
 fn forget(cx: &mut Cx, io: &BackIo) {
     match io {
-        BackIo::Plain(s) => cx.idle.forget(s),
+        BackIo::Socket(s) => cx.idle.forget(s),
         BackIo::H2 { up, handle } => cx.upstreams.release(up, *handle, cx.now),
     }
 }
@@ -556,17 +581,21 @@ impl<F> Real<'_, F> {
         }
     }
 
-    fn connection_to(&mut self, address: SocketAddr) -> io::Result<(TcpStream, bool)> {
+    fn connection_to(
+        &mut self,
+        address: SocketAddr,
+        tls: Option<&BackendTls>,
+    ) -> io::Result<(BackStream, bool)> {
         let cx = &mut *self.cx;
+        let tls_id = tls.map_or(0, |t| t.id);
         let held = self.wires.held.take();
         if held.is_some() {
             cx.idle.unhold();
         }
         let kept = match held {
-            Some(held) if held.address == address => {
-                cx.idle
-                    .revive(held.stream, held.since, held.stirred, cx.now)
-            }
+            Some(held) if held.address == address && held.stream.tls_id() == tls_id => cx
+                .idle
+                .revive(held.stream, held.since, held.stirred, cx.now),
             Some(held) => {
                 put_back(cx, held);
                 None
@@ -575,12 +604,17 @@ impl<F> Real<'_, F> {
         };
         let found = match kept {
             Some(s) => Some(s),
-            None => cx.idle.take(address, cx.now, self.wires.key),
+            None => cx.idle.take(address, tls_id, cx.now, self.wires.key),
         };
-        match found {
-            Some(s) => Ok((s, true)),
-            None => crate::idle_backends::connect_backend(address).map(|s| (s, false)),
+        if let Some(s) = found {
+            return Ok((s, true));
         }
+        let sock = crate::idle_backends::connect_backend(address)?;
+        let stream = match tls {
+            Some(tls) => tls.connect(sock, address)?,
+            None => BackStream::plain(sock),
+        };
+        Ok((stream, false))
     }
 }
 
@@ -669,7 +703,8 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         if cluster.http2 {
             return self.open_h2_stream(cluster_idx, backend, address, attempt);
         }
-        let (stream, reused) = match self.connection_to(address) {
+        let tls = cluster.tls.clone();
+        let (stream, reused) = match self.connection_to(address, tls.as_deref()) {
             Ok(found) => found,
             Err(e) => {
                 log::warn!("connect to {address} failed: {e}");
@@ -681,7 +716,7 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         let cx = &mut *self.cx;
         cx.note_attempt(cluster_idx, address, attempt, !reused);
         let mut back = BackConn {
-            io: BackIo::Plain(stream),
+            io: BackIo::Socket(stream),
             cluster: cluster_idx,
             backend,
             address,
@@ -693,12 +728,16 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
             },
         };
         if !reused {
-            let BackIo::Plain(stream) = &mut back.io else {
+            let BackIo::Socket(stream) = &mut back.io else {
                 return Opened::Failed;
             };
             let interest = Interest::READABLE | Interest::WRITABLE;
             let token = back_token(stream);
-            if cx.registry.register(stream, token, interest).is_err() {
+            if cx
+                .registry
+                .register(stream.sock_mut(), token, interest)
+                .is_err()
+            {
                 return Opened::Failed;
             }
             cx.idle.own(stream, self.wires.key);
@@ -719,7 +758,7 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
             return Connect::Missing;
         };
         let stream = match &back.io {
-            BackIo::Plain(stream) => stream,
+            BackIo::Socket(stream) => stream,
             BackIo::H2 { up, .. } => {
                 return match up.borrow().connect_state() {
                     None => Connect::Pending,
@@ -734,9 +773,9 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
         if !back.side.writable && !back.side.readable {
             return Connect::Pending;
         }
-        let failed = match stream.take_error() {
+        let failed = match stream.sock().take_error() {
             Ok(Some(_)) | Err(_) => true,
-            Ok(None) => match stream.peer_addr() {
+            Ok(None) => match stream.sock().peer_addr() {
                 Ok(_) => false,
                 Err(e) if e.kind() == ErrorKind::NotConnected => {
                     back.side.writable = false;
@@ -782,7 +821,7 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
             c.release(back.backend);
         }
         let stream = match back.io {
-            BackIo::Plain(stream) if reusable => stream,
+            BackIo::Socket(stream) if reusable => stream,
             io => {
                 forget(cx, &io);
                 return;
@@ -810,11 +849,18 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
     fn shutdown_back_write(&mut self) {
         // A stream on an HTTP/2 connection ends with its request's END_STREAM instead.
         if let Some(BackConn {
-            io: BackIo::Plain(stream),
+            io: BackIo::Socket(stream),
             ..
         }) = self.wires.back.as_mut()
         {
-            let _ = stream.shutdown(Shutdown::Write);
+            stream.shutdown_write();
+        }
+    }
+
+    fn back_failure(&self) -> Option<crate::cut::Cut> {
+        match self.wires.back.as_ref().map(|b| &b.io) {
+            Some(BackIo::Socket(stream)) => stream.failure(),
+            _ => None,
         }
     }
 

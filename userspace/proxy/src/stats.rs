@@ -468,6 +468,7 @@ mod tests {
             duration: Duration::from_millis(ms),
             backend_time: Some(Duration::from_millis(ms)),
             error: None,
+            client_cert: None,
         }
     }
 

@@ -61,16 +61,47 @@ pub struct TlsContext {
     provider: Arc<rustls::crypto::CryptoProvider>,
     ticketer: Arc<dyn ProducesTickets>,
     cache: Arc<ServerSessionMemoryCache>,
+    /// The system's CA certificates, for `backend_tls` clusters without `backend_ca`; empty,
+    /// with why, when they could not be read.
+    system_roots: (Arc<rustls::RootCertStore>, Option<String>),
 }
 
 impl TlsContext {
-    /// Needs randomness (the ticket keys): create it before the sandbox.
-    pub fn new() -> Result<TlsContext, TlsError> {
+    /// Needs randomness (the ticket keys) and reads the system's CA certificates: create it
+    /// before the sandbox. With `tickets`, the keys every worker shares (`tickets.rs`);
+    /// without, keys of this worker's own, rotated by rustls.
+    pub fn new(
+        tickets: Option<Box<dyn crate::rate_limit::SharedSlots + Sync>>,
+    ) -> Result<TlsContext, TlsError> {
+        let ticketer: Arc<dyn ProducesTickets> = match tickets {
+            Some(words) => Arc::new(crate::tickets::SharedTicketer::new(words)),
+            None => rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Ticketer)?,
+        };
+        // AWS-LC sets its random generator up on first use, with syscalls the sandbox refuses
+        // (newfstatat): use it once now.
+        aws_lc_rs::rand::fill(&mut [0u8; 16])
+            .map_err(|_| TlsError::Ticketer(rustls::Error::FailedToGetRandomBytes))?;
         Ok(TlsContext {
             provider: Arc::new(lb_config::certs::provider()),
-            ticketer: rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Ticketer)?,
+            ticketer,
             cache: ServerSessionMemoryCache::new(SESSION_CACHE),
+            system_roots: crate::back_stream::system_store(),
         })
+    }
+
+    /// The client side of TLS to a cluster's backends (`backend_tls`).
+    pub fn backend_tls(
+        &self,
+        spec: &lb_config::BackendTls,
+    ) -> Result<crate::back_stream::BackendTls, String> {
+        if spec.roots.is_empty() {
+            if let Some(why) = &self.system_roots.1 {
+                return Err(format!(
+                    "backend_tls without backend_ca verifies backends against the system's CA certificates, which cannot be read: {why}"
+                ));
+            }
+        }
+        crate::back_stream::BackendTls::new(spec, &self.provider, &self.system_roots.0)
     }
 
     /// The rustls configuration of a listener serving `certificates` (the first is the
@@ -346,14 +377,7 @@ impl Front {
 
 impl TlsFront {
     fn flush_tls(&mut self) -> io::Result<()> {
-        while self.conn.wants_write() {
-            match self.conn.write_tls(&mut self.sock) {
-                Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        flush_tls_to(&mut self.sock, &mut self.conn)?;
         if self.shutdown_after_flush {
             let _ = self.sock.shutdown(Shutdown::Write);
             self.shutdown_after_flush = false;
@@ -388,9 +412,6 @@ impl TlsFront {
         Ok(true)
     }
 
-    /// Reads plaintext: fills `buf` as far as the socket allows, so that a short read means
-    /// the socket is drained (the session relies on it with edge-triggered readiness). A short
-    /// read from the socket says the same here: then no read is spent on `EAGAIN`.
     fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.plain_http {
             return Err(ErrorKind::InvalidData.into());
@@ -398,77 +419,119 @@ impl TlsFront {
         if !self.sniffed {
             self.sniff()?;
         }
-        let mut filled = 0;
-        let mut drained = false;
-        loop {
-            let Some(rest) = buf.get_mut(filled..) else {
-                return Ok(filled);
-            };
-            if rest.is_empty() {
-                return Ok(filled);
-            }
-            match self.conn.reader().read(rest) {
-                // close_notify: the end of the stream.
-                Ok(0) => return Ok(filled),
-                Ok(n) => {
-                    filled += n;
-                    continue;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                // The client closed without close_notify: an end all the same for HTTP/1.1,
-                // whose messages delimit themselves.
-                Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(filled),
-                Err(e) => return if filled > 0 { Ok(filled) } else { Err(e) },
-            }
-            if self.eof {
-                return Ok(filled);
-            }
-            if drained {
-                return if filled > 0 {
-                    Ok(filled)
-                } else {
-                    Err(ErrorKind::WouldBlock.into())
-                };
-            }
-            let mut probe = ShortReadProbe {
-                sock: &mut self.sock,
-                short: false,
-            };
-            match self.conn.read_tls(&mut probe) {
-                Ok(0) => self.eof = true,
-                Ok(_) => {
-                    drained = probe.short;
-                    if let Err(e) = self.conn.process_new_packets() {
-                        // rustls queued an alert: send it, then report the failure.
-                        let _ = self.flush_tls();
-                        return Err(io::Error::new(ErrorKind::InvalidData, e));
-                    }
-                    match self.flush_tls() {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if filled > 0 && e.kind() == ErrorKind::WouldBlock => return Ok(filled),
-                Err(e) => return Err(e),
-            }
-        }
+        read_plain_from(&mut self.sock, &mut self.conn, &mut self.eof, buf)
     }
 
     fn write_plain(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.flush_tls()?;
-        let n = self.conn.writer().write_vectored(bufs)?;
-        match self.flush_tls() {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+        write_plain_to(&mut self.sock, &mut self.conn, bufs)
+    }
+}
+
+/// Writes what rustls holds for the socket; `WouldBlock` when the socket is full.
+pub(crate) fn flush_tls_to<D>(
+    sock: &mut TcpStream,
+    conn: &mut rustls::ConnectionCommon<D>,
+) -> io::Result<()> {
+    while conn.wants_write() {
+        match conn.write_tls(sock) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-        if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
-            return Err(ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
     }
+    Ok(())
+}
+
+/// Reads plaintext from a TLS connection over `sock` (client or backend side): fills `buf` as
+/// far as the socket allows, so that a short read means the socket is drained (the session
+/// relies on it with edge-triggered readiness). A short read from the socket says the same
+/// here: then no read is spent on `EAGAIN`. `eof`: the socket's end was read. A TLS failure
+/// is an `InvalidData` error carrying the `rustls::Error`, after the alert was sent.
+pub(crate) fn read_plain_from<D>(
+    sock: &mut TcpStream,
+    conn: &mut rustls::ConnectionCommon<D>,
+    eof: &mut bool,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let mut filled = 0;
+    let mut drained = false;
+    loop {
+        let Some(rest) = buf.get_mut(filled..) else {
+            return Ok(filled);
+        };
+        if rest.is_empty() {
+            return Ok(filled);
+        }
+        match conn.reader().read(rest) {
+            // close_notify: the end of the stream.
+            Ok(0) => return Ok(filled),
+            Ok(n) => {
+                filled += n;
+                continue;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            // The peer closed without close_notify: an end all the same for HTTP/1.1,
+            // whose messages delimit themselves.
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(filled),
+            Err(e) => return if filled > 0 { Ok(filled) } else { Err(e) },
+        }
+        if *eof {
+            return Ok(filled);
+        }
+        if drained {
+            return if filled > 0 {
+                Ok(filled)
+            } else {
+                Err(ErrorKind::WouldBlock.into())
+            };
+        }
+        let mut probe = ShortReadProbe {
+            sock: &mut *sock,
+            short: false,
+        };
+        match conn.read_tls(&mut probe) {
+            Ok(0) => *eof = true,
+            Ok(_) => {
+                drained = probe.short;
+                if let Err(e) = conn.process_new_packets() {
+                    // rustls queued an alert: send it, then report the failure.
+                    let _ = flush_tls_to(sock, conn);
+                    return Err(io::Error::new(ErrorKind::InvalidData, e));
+                }
+                match flush_tls_to(sock, conn) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if filled > 0 && e.kind() == ErrorKind::WouldBlock => return Ok(filled),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes plaintext to a TLS connection over `sock`: what rustls already holds goes first
+/// (`WouldBlock` while the socket cannot take it); then as much of `bufs` as rustls takes,
+/// flushed as far as the socket allows (the rest goes at the next write or
+/// [`flush_tls_to`]).
+pub(crate) fn write_plain_to<D>(
+    sock: &mut TcpStream,
+    conn: &mut rustls::ConnectionCommon<D>,
+    bufs: &[IoSlice<'_>],
+) -> io::Result<usize> {
+    flush_tls_to(sock, conn)?;
+    let n = conn.writer().write_vectored(bufs)?;
+    match flush_tls_to(sock, conn) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e),
+    }
+    if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
+        return Err(ErrorKind::WouldBlock.into());
+    }
+    Ok(n)
 }
 
 /// The socket as rustls reads it, noting whether a read came back shorter than asked: the
@@ -529,7 +592,7 @@ mod tests {
     fn sni_picks_exact_then_wildcard_then_the_first_certificate() {
         let site = example("site.pem", "site.key");
         let other = example("other.pem", "other.key");
-        let context = TlsContext::new().unwrap();
+        let context = TlsContext::new(None).unwrap();
         let resolver = SniResolver::new(&[site.clone(), other.clone()], &context.provider).unwrap();
         let schemes = [rustls::SignatureScheme::ECDSA_NISTP256_SHA256];
         let leaf = |name: Option<&str>| resolver.pick(name, &schemes).cert[0].clone();
@@ -547,7 +610,7 @@ mod tests {
 
     #[test]
     fn a_listener_config_speaks_http11_with_both_versions() {
-        let context = TlsContext::new().unwrap();
+        let context = TlsContext::new(None).unwrap();
         let config = context
             .server_config(&[example("site.pem", "site.key")], false, None)
             .unwrap();

@@ -74,6 +74,8 @@ pub enum WorkerError {
     },
     #[error("cannot set up TLS: {0}")]
     TlsContext(#[source] crate::tls::TlsError),
+    #[error("{0}")]
+    Clusters(String),
     #[error("no listener in the config at index {0}")]
     NoSuchListener(usize),
     #[error("cannot open the access log: {0}")]
@@ -149,12 +151,55 @@ fn tls_config(
         .map(Some)
 }
 
+/// The clusters of `config`, with the TLS client side of those with `backend_tls`: kept from
+/// `old` where a cluster of the same name has the same settings (its pooled connections and
+/// TLS sessions stay usable), built anew otherwise.
+fn cluster_states(
+    config: &Config,
+    context: &TlsContext,
+    old: &[ClusterState],
+) -> Result<Vec<ClusterState>, String> {
+    config
+        .clusters
+        .iter()
+        .map(|cluster| {
+            let mut state = ClusterState::new(cluster);
+            if let Some(spec) = &cluster.backend_tls {
+                let kept = old
+                    .iter()
+                    .find(|o| o.name == cluster.name)
+                    .and_then(|o| o.tls.as_ref())
+                    .filter(|t| t.spec == *spec);
+                state.tls = Some(match kept {
+                    Some(tls) => Arc::clone(tls),
+                    None => Arc::new(
+                        context
+                            .backend_tls(spec)
+                            .map_err(|e| format!("cluster {}: {e}", cluster.name))?,
+                    ),
+                });
+            }
+            Ok(state)
+        })
+        .collect()
+}
+
 impl Worker {
     /// A worker over already-bound listeners: each is given with the index of its entry in
     /// `config.listeners` (its routes are that entry's frontends, whatever port it got).
     pub fn new(
         config: &Config,
         listeners: Vec<(usize, std::net::TcpListener)>,
+    ) -> Result<Worker, WorkerError> {
+        Worker::with_tickets(config, listeners, None)
+    }
+
+    /// [`Worker::new`], with the session ticket keys every worker shares (`tickets.rs`)
+    /// when `tickets` is given.
+    pub fn with_tickets(
+        config: &Config,
+        listeners: Vec<(usize, std::net::TcpListener)>,
+        tickets: Option<Box<dyn crate::rate_limit::SharedSlots + Sync>>,
     ) -> Result<Worker, WorkerError> {
         let poll = Poll::new().map_err(WorkerError::Poll)?;
         let registry = poll.registry().try_clone().map_err(WorkerError::Poll)?;
@@ -167,7 +212,7 @@ impl Worker {
         let mut listener_specs = Vec::new();
         // Created up front, before the sandbox: the ticket keys need randomness, and the
         // crypto library initialises itself on first use.
-        let tls_context = TlsContext::new().map_err(WorkerError::TlsContext)?;
+        let tls_context = TlsContext::new(tickets).map_err(WorkerError::TlsContext)?;
         for (i, (index, std_listener)) in listeners.into_iter().enumerate() {
             let spec = config
                 .listeners
@@ -210,7 +255,7 @@ impl Worker {
         let now = Instant::now();
         let cx = Cx {
             registry,
-            clusters: config.clusters.iter().map(ClusterState::new).collect(),
+            clusters: cluster_states(config, &tls_context, &[]).map_err(WorkerError::Clusters)?,
             routers,
             tcp_routes,
             tls,
@@ -312,8 +357,7 @@ impl Worker {
             .map(|spec| tls_config(&self.tls_context, spec))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
-        let mut clusters: Vec<ClusterState> =
-            config.clusters.iter().map(ClusterState::new).collect();
+        let mut clusters = cluster_states(config, &self.tls_context, &self.cx.clusters)?;
         for cluster in &mut clusters {
             let Some(old) = self.cx.clusters.iter().find(|o| o.name == cluster.name) else {
                 continue;

@@ -632,6 +632,7 @@ impl TcpSession {
             duration: cx.now.saturating_duration_since(self.course.started),
             backend_time: self.course.connect_time,
             error: self.course.error.or(self.course.note),
+            client_cert: None,
         };
         cx.stats.request(&record, false);
         cx.log.log(&record);

@@ -111,6 +111,8 @@ pub struct LogEntry<'a> {
     pub error: Option<Cut>,
     /// The client's protocol: `h1` or `h2`.
     pub proto: &'static str,
+    /// The verified client certificate (https listeners with `client_ca`).
+    pub client_cert: Option<&'a crate::tls::ClientCert>,
 }
 
 impl LogEntry<'_> {
@@ -132,6 +134,7 @@ impl LogEntry<'_> {
             duration: self.duration,
             backend_time: self.backend_time,
             error: self.error,
+            client_cert: self.client_cert,
         }
     }
 }
@@ -186,6 +189,11 @@ pub trait Io {
     fn release_backend(&mut self, ok: bool, reusable: bool);
     /// After a 101, the client finished sending: shut the backend's write side.
     fn shutdown_back_write(&mut self);
+    /// Why the backend connection failed, when its TLS layer knows (a certificate not
+    /// trusted, ...): the access log says that rather than a connection error.
+    fn back_failure(&self) -> Option<Cut> {
+        None
+    }
 
     /// One exchange ended (with a response or not): the access log and the statistics.
     fn log(&mut self, entry: &LogEntry<'_>);

@@ -714,7 +714,8 @@ impl Exchange {
                     }
                     ReadOutcome::Error => {
                         if !self.ex.response_sent {
-                            self.ex.error = Some(Cut::BackendConnectionError);
+                            self.ex.error =
+                                Some(io.back_failure().unwrap_or(Cut::BackendConnectionError));
                             return self.fail_exchange(io, Answer::BadGateway);
                         }
                         self.ex.error = Some(Cut::BackendConnectionErrorMidResponse);
@@ -986,6 +987,7 @@ impl Exchange {
                 .map(|(a, b)| b.saturating_duration_since(a)),
             error: self.ex.error,
             proto,
+            client_cert: self.client_cert.as_deref(),
         });
     }
 }
