@@ -176,6 +176,22 @@ pub fn ca_roots(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(roots)
 }
 
+/// The revocation lists of a listener's `client_crl` (PEM, one or more), each parsed.
+pub fn crls(
+    pem: &str,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, String> {
+    let crls = rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not PEM revocation lists: {e}"))?;
+    if crls.is_empty() {
+        return Err("no revocation list in it (a PEM \"BEGIN X509 CRL\" block)".into());
+    }
+    for (i, der) in crls.iter().enumerate() {
+        x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| format!("list {i}: {e}"))?;
+    }
+    Ok(crls)
+}
+
 /// What the backend is told of a verified client certificate: its subject (RFC 4514-like, as
 /// x509-parser prints it) and its SHA-256 fingerprint.
 pub fn describe_client(der: &[u8]) -> (String, String) {

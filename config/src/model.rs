@@ -171,6 +171,9 @@ pub struct ClientAuth {
     pub roots: Vec<rustls_pki_types::CertificateDer<'static>>,
     /// A client without a certificate is refused (`client_auth = "required"`, the default).
     pub required: bool,
+    /// `client_crl`: the revocation lists (DER); a certificate they list is refused.
+    #[serde(default, with = "wire::crls")]
+    pub crls: Vec<rustls_pki_types::CertificateRevocationListDer<'static>>,
 }
 
 /// The HTTP/2 limits of a listener (`h2 = { ... }`).
@@ -414,6 +417,28 @@ mod wire {
             Vec::<String>::deserialize(d)?
                 .iter()
                 .map(|t| unhex(t).map(CertificateDer::from))
+                .collect()
+        }
+    }
+
+    pub(super) mod crls {
+        use super::*;
+        use rustls_pki_types::CertificateRevocationListDer;
+
+        pub(crate) fn serialize<S: Serializer>(
+            crls: &[CertificateRevocationListDer<'static>],
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            let texts: Vec<String> = crls.iter().map(|c| hex(c.as_ref())).collect();
+            texts.serialize(s)
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Vec<CertificateRevocationListDer<'static>>, D::Error> {
+            Vec::<String>::deserialize(d)?
+                .iter()
+                .map(|t| unhex(t).map(CertificateRevocationListDer::from))
                 .collect()
         }
     }

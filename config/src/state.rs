@@ -216,6 +216,13 @@ pub struct ListenerDef {
     /// With `client_ca`: whether a client must present a certificate (default required).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_auth: Option<ClientAuthDef>,
+    /// With `client_ca`: certificate revocation lists (PEM file): a client certificate they
+    /// list is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_crl: Option<String>,
+    /// The same as PEM text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_crl_pem: Option<String>,
 }
 
 /// A listener's `client_auth`.
@@ -356,7 +363,10 @@ impl ListenerDef {
                 ..CertificateDef::default()
             };
         }
-        if let Some(pem) = out.client_ca_pem.as_mut() {
+        for pem in [out.client_ca_pem.as_mut(), out.client_crl_pem.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             *pem = format!(
                 "(PEM, sha256 {})",
                 crate::certs::fingerprint(pem.as_bytes())
@@ -535,6 +545,9 @@ pub enum Edit {
         address: String,
         ca: Option<String>,
         auth: Option<ClientAuthDef>,
+        /// Revocation lists (a PEM file, read now), with `ca`.
+        #[serde(default)]
+        crl: Option<String>,
     },
 }
 
@@ -974,24 +987,37 @@ impl State {
                     *slot = certificate;
                 }
             }
-            Edit::SetClientCa { address, ca, auth } => {
+            Edit::SetClientCa {
+                address,
+                ca,
+                auth,
+                crl,
+            } => {
+                let read = |what: &str, path: &str, check: fn(&str) -> Result<(), String>| {
+                    let bad = |e: String| StateError::BadCertificate {
+                        reason: format!("{what} {path}: {e}"),
+                    };
+                    let pem = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+                    check(&pem).map_err(bad)?;
+                    Ok::<String, StateError>(pem)
+                };
                 let pem = match ca {
-                    Some(path) => {
-                        let pem = std::fs::read_to_string(path).map_err(|e| {
-                            StateError::BadCertificate {
-                                reason: format!("client CA {path}: {e}"),
-                            }
-                        })?;
-                        crate::certs::ca_roots(&pem).map_err(|e| StateError::BadCertificate {
-                            reason: format!("client CA {path}: {e}"),
-                        })?;
-                        Some(pem)
-                    }
+                    Some(path) => Some(read("client CA", path, |pem| {
+                        crate::certs::ca_roots(pem).map(drop)
+                    })?),
+                    None => None,
+                };
+                let crl_pem = match crl {
+                    Some(path) => Some(read("client CRL", path, |pem| {
+                        crate::certs::crls(pem).map(drop)
+                    })?),
                     None => None,
                 };
                 let listener = self.https_listener(address)?;
                 listener.client_auth = pem.as_ref().and(*auth);
                 listener.client_ca = None;
+                listener.client_crl = None;
+                listener.client_crl_pem = pem.as_ref().and(crl_pem);
                 listener.client_ca_pem = pem;
             }
             Edit::RemoveCertificate {

@@ -389,6 +389,12 @@ impl Checker<'_> {
             (None, None) => None,
         };
         let Some(pem) = pem else {
+            if l.client_crl.is_some() || l.client_crl_pem.is_some() {
+                return Err(self.err(
+                    &format!("{field}.client_crl"),
+                    "client_crl needs client_ca = \"ca.pem\", the CA whose revoked certificates it lists",
+                ));
+            }
             if l.client_auth.is_some() {
                 return Err(self.err(
                     &format!("{field}.client_auth"),
@@ -404,9 +410,25 @@ impl Checker<'_> {
             ));
         }
         let roots = crate::certs::ca_roots(&pem).map_err(|e| self.err(&ca_field, e))?;
+        let crl_field = format!("{field}.client_crl");
+        let crl_pem = match (&l.client_crl_pem, &l.client_crl) {
+            (Some(pem), _) => Some(pem.clone()),
+            (None, Some(path)) => {
+                let path = self.path(path, &crl_field)?;
+                Some(std::fs::read_to_string(&path).map_err(|e| {
+                    self.err(&crl_field, format!("cannot read {}: {e}", path.display()))
+                })?)
+            }
+            (None, None) => None,
+        };
+        let crls = match crl_pem {
+            Some(pem) => crate::certs::crls(&pem).map_err(|e| self.err(&crl_field, e))?,
+            None => Vec::new(),
+        };
         Ok(Some(crate::model::ClientAuth {
             roots,
             required: l.client_auth != Some(crate::state::ClientAuthDef::Optional),
+            crls,
         }))
     }
 

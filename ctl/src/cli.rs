@@ -275,11 +275,14 @@ pub enum ListenerCmd {
         #[arg(long, value_name = "FILE", required_unless_present = "none")]
         ca: Option<PathBuf>,
         /// Stop asking clients for certificates.
-        #[arg(long, conflicts_with_all = ["ca", "auth"])]
+        #[arg(long, conflicts_with_all = ["ca", "auth", "crl"])]
         none: bool,
         /// required (default) | optional: whether a client without a certificate is served.
         #[arg(long, value_parser = ["required", "optional"])]
         auth: Option<String>,
+        /// Certificate revocation lists (PEM file): the certificates they list are refused.
+        #[arg(long, value_name = "FILE", requires = "ca")]
+        crl: Option<PathBuf>,
     },
 }
 
@@ -488,15 +491,22 @@ impl Command {
                     max_connection_rate_per_ip: l.max_connection_rate_per_ip.clone(),
                     client_ca: l.client_ca.as_deref().map(absolute_text),
                     client_ca_pem: None,
+                    client_crl: None,
+                    client_crl_pem: None,
                     client_auth: client_auth(l.client_auth.as_deref()),
                 },
             }),
             Command::Listener(ListenerCmd::ClientCa {
-                address, ca, auth, ..
+                address,
+                ca,
+                auth,
+                crl,
+                ..
             }) => Verb::Change(Edit::SetClientCa {
                 address: address.clone(),
                 ca: ca.as_deref().map(absolute_text),
                 auth: client_auth(auth.as_deref()),
+                crl: crl.as_deref().map(absolute_text),
             }),
             Command::Listener(ListenerCmd::Remove { address }) => {
                 Verb::Change(Edit::RemoveListener {
@@ -774,6 +784,8 @@ mod tests {
                     max_connection_rate_per_ip: None,
                     client_ca: None,
                     client_ca_pem: None,
+                    client_crl: None,
+                    client_crl_pem: None,
                     client_auth: None,
                 }
             })

@@ -295,6 +295,8 @@ fn listeners_are_added_and_removed() {
         max_connection_rate_per_ip: None,
         client_ca: None,
         client_ca_pem: None,
+        client_crl: None,
+        client_crl_pem: None,
         client_auth: None,
     };
     let next = state.add_listener(listener.clone(), source()).unwrap();
@@ -317,6 +319,8 @@ fn listeners_are_added_and_removed() {
         max_connection_rate_per_ip: None,
         client_ca: None,
         client_ca_pem: None,
+        client_crl: None,
+        client_crl_pem: None,
         client_auth: None,
     };
     let e = state.add_listener(https, source()).unwrap_err();
@@ -609,6 +613,8 @@ fn an_added_https_listener_carries_its_certificates_as_text() {
         max_connection_rate_per_ip: None,
         client_ca: None,
         client_ca_pem: None,
+        client_crl: None,
+        client_crl_pem: None,
         client_auth: None,
     };
     let next = state

@@ -1439,37 +1439,8 @@ fn the_client_ca_is_replaced_at_runtime() {
     });
     let sock = lbd.dir().path().join("lbd.sock");
     let file = |name: &str| dir.path().join(name).display().to_string();
-    // The subject the backend was told, or None when the handshake failed.
-    let who = |addr: SocketAddr, client: Option<&str>| -> Option<String> {
-        let mut args = vec![
-            "--http1.1".to_owned(),
-            "--resolve".to_owned(),
-            format!("a.test:{}:{}", addr.port(), addr.ip()),
-            "--cacert".to_owned(),
-            server.pem.display().to_string(),
-        ];
-        if let Some(name) = client {
-            args.extend([
-                "--cert".to_owned(),
-                file(&format!("{name}-client.pem")),
-                "--key".to_owned(),
-                file(&format!("{name}-client.key")),
-            ]);
-        }
-        args.push(format!("https://a.test:{}/headers", addr.port()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = curl(&args);
-        out.status.success().then(|| {
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("x-client-cert-subject: ")
-                        .map(str::to_owned)
-                })
-                .unwrap_or_default()
-        })
-    };
+    let who =
+        |addr: SocketAddr, client: Option<&str>| client_subject(addr, &server, dir.path(), client);
     let addr = lbd.addr();
     let a = addr.to_string();
     assert_eq!(who(addr, Some("good")).as_deref(), Some("cn=alice"));
@@ -1566,4 +1537,196 @@ fn the_client_ca_is_replaced_at_runtime() {
     );
     assert_eq!(who(added, Some("good")).as_deref(), Some("cn=alice"));
     assert_eq!(who(added, None), None);
+}
+
+/// The subject the backend was told for a request to `addr` with client certificate
+/// `dir/NAME-client.pem` (None: none), or None when the handshake failed.
+fn client_subject(
+    addr: SocketAddr,
+    server: &Cert,
+    dir: &Path,
+    client: Option<&str>,
+) -> Option<String> {
+    let file = |name: &str| dir.join(name).display().to_string();
+    let mut args = vec![
+        "--http1.1".to_owned(),
+        "--resolve".to_owned(),
+        format!("a.test:{}:{}", addr.port(), addr.ip()),
+        "--cacert".to_owned(),
+        server.pem.display().to_string(),
+    ];
+    if let Some(name) = client {
+        args.extend([
+            "--cert".to_owned(),
+            file(&format!("{name}-client.pem")),
+            "--key".to_owned(),
+            file(&format!("{name}-client.key")),
+        ]);
+    }
+    args.push(format!("https://a.test:{}/headers", addr.port()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = curl(&args);
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("x-client-cert-subject: ")
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// A client certificate `dir/NAME-client.pem` (key `NAME-client.key`) for `subject`, signed
+/// by the CA `ca` of [`client_ca`].
+fn client_cert(dir: &Path, ca: &str, name: &str, subject: &str) {
+    let s = |suffix: &str| format!("{name}-{suffix}");
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &s("client.key"),
+            "-out",
+            &s("client.csr"),
+            "-subj",
+            subject,
+        ],
+        dir,
+    );
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &s("client.csr"),
+            "-CA",
+            &format!("{ca}-ca.pem"),
+            "-CAkey",
+            &format!("{ca}-ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &s("client.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{ca}-ext.cnf"),
+        ],
+        dir,
+    );
+}
+
+/// Revocation lists from `openssl ca`: `client_crl` in the file refuses the certificates it
+/// lists and serves the CA's others; `lbctl listener client-ca --crl` replaces it; a file
+/// that is not a CRL is refused and changes nothing.
+#[test]
+fn revoked_client_certificates_are_refused() {
+    let dir = TempDir::new("tls-crl");
+    let server = Cert::new(dir.path(), "server", &["a.test"]);
+    client_ca(dir.path(), "good", "/CN=alice");
+    client_cert(dir.path(), "good", "carol", "/CN=carol");
+    dir.write(
+        "ca.cnf",
+        "[ca]\ndefault_ca = own\n[own]\ndatabase = index.txt\ncrlnumber = crlnumber\n\
+         default_md = sha256\ndefault_crl_days = 2\n",
+    );
+    dir.write("index.txt", "");
+    dir.write("crlnumber", "1000\n");
+    let ca_args = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "ca",
+            "-config",
+            "ca.cnf",
+            "-keyfile",
+            "good-ca.key",
+            "-cert",
+            "good-ca.pem",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    };
+    let run = |extra: &[&str]| {
+        let args = ca_args(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        openssl(&args, dir.path());
+    };
+    run(&["-gencrl", "-out", "empty-crl.pem"]);
+    run(&["-revoke", "good-client.pem"]);
+    run(&["-gencrl", "-out", "crl.pem"]);
+
+    let origin = Origin::start("one");
+    let backend = origin.addr();
+    let (pem, key, ca, crl) = (
+        server.pem.clone(),
+        server.key.clone(),
+        dir.path().join("good-ca.pem"),
+        dir.path().join("crl.pem"),
+    );
+    let lbd = Lbd::start(move |addr| {
+        format!(
+            "[[listeners]]\naddress = \"{addr}\"\nprotocol = \"https\"\n\
+             certificates = [ {{ certificate = \"{}\", key = \"{}\" }} ]\n\
+             client_ca = \"{}\"\nclient_crl = \"{}\"\n\n[clusters.app]\n\
+             frontends = [ {{ address = \"{addr}\" }} ]\n\
+             backends = [ {{ address = \"{backend}\" }} ]\n",
+            pem.display(),
+            key.display(),
+            ca.display(),
+            crl.display()
+        )
+    });
+    let addr = lbd.addr();
+    let who = |client: Option<&str>| client_subject(addr, &server, dir.path(), client);
+    assert_eq!(who(Some("good")), None, "alice is revoked");
+    assert_eq!(who(Some("carol")).as_deref(), Some("cn=carol"));
+
+    let sock = lbd.dir().path().join("lbd.sock");
+    let a = addr.to_string();
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    let bad = dir.write("bad-crl.pem", "not a list\n");
+    let before = common::lbctl_ok(&sock, &["state", "dump"]);
+    let refused = common::lbctl_at(
+        &sock,
+        &[
+            "listener",
+            "client-ca",
+            "--address",
+            &a,
+            "--ca",
+            &file("good-ca.pem"),
+            "--crl",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert_ne!(refused.code, Some(0));
+    assert!(refused.stderr.contains("client CRL"), "{}", refused.stderr);
+    assert_eq!(common::lbctl_ok(&sock, &["state", "dump"]), before);
+
+    common::lbctl_ok(
+        &sock,
+        &[
+            "listener",
+            "client-ca",
+            "--address",
+            &a,
+            "--ca",
+            &file("good-ca.pem"),
+            "--crl",
+            &file("empty-crl.pem"),
+        ],
+    );
+    assert_eq!(
+        who(Some("good")).as_deref(),
+        Some("cn=alice"),
+        "the new list"
+    );
+    assert_eq!(who(Some("carol")).as_deref(), Some("cn=carol"));
 }

@@ -146,10 +146,18 @@ impl TlsContext {
                 .add(der.clone())
                 .map_err(|e| TlsError::ClientCa(e.to_string()))?;
         }
-        let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        let mut builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
             Arc::clone(&self.provider),
         );
+        if !auth.crls.is_empty() {
+            // A certificate a list names is refused (alert certificate_revoked); one whose
+            // issuer has no list here is judged by its chain alone.
+            builder = builder
+                .with_crls(auth.crls.iter().cloned())
+                .only_check_end_entity_revocation()
+                .allow_unknown_revocation_status();
+        }
         let builder = if auth.required {
             builder
         } else {
