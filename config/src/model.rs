@@ -246,6 +246,20 @@ pub enum LoadBalancing {
     Random,
     LeastConnections,
     PowerOfTwo,
+    /// Consistent hashing of the cluster's `hash_key` (Maglev).
+    Maglev,
+}
+
+/// What a `maglev` cluster hashes to pick a backend (`hash_key`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum HashKey {
+    /// The client's address (the default; a tcp cluster's only key).
+    #[default]
+    SourceIp,
+    /// `header:NAME`: the value of that request header (name lower-case).
+    Header(String),
+    /// `cookie:NAME`: the value of that cookie.
+    Cookie(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -263,6 +277,9 @@ pub struct Cluster {
     /// `backend_tls`: the backends are reached over TLS and verified.
     #[serde(default)]
     pub backend_tls: Option<BackendTls>,
+    /// `hash_key` of a `maglev` cluster. A request without it falls back to the source IP.
+    #[serde(default)]
+    pub hash_key: HashKey,
 }
 
 /// How a cluster's backends are verified over TLS (`backend_tls = true`).

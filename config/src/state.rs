@@ -103,6 +103,7 @@ word_enum!(
         Random = "random",
         LeastConnections = "least-connections",
         PowerOfTwo = "power-of-two",
+        Maglev = "maglev",
     }
 );
 word_enum!(
@@ -411,6 +412,10 @@ pub struct ClusterDef {
     /// valid for; default: each backend's IP address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_server_name: Option<String>,
+    /// With `load_balancing = "maglev"`: `"source-ip"` (default), `"header:NAME"` or
+    /// `"cookie:NAME"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_key: Option<String>,
 }
 
 /// One entry of a cluster's `frontends`.

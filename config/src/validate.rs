@@ -677,6 +677,7 @@ impl Checker<'_> {
                 Some(LoadBalancingDef::Random) => LoadBalancing::Random,
                 Some(LoadBalancingDef::LeastConnections) => LoadBalancing::LeastConnections,
                 Some(LoadBalancingDef::PowerOfTwo) => LoadBalancing::PowerOfTwo,
+                Some(LoadBalancingDef::Maglev) => LoadBalancing::Maglev,
             };
             let fronts = file
                 .frontends
@@ -699,9 +700,55 @@ impl Checker<'_> {
                 send_proxy: file.send_proxy.unwrap_or(false),
                 http2: file.http2.unwrap_or(false),
                 backend_tls: self.backend_tls(file, &field, protocol)?,
+                hash_key: self.hash_key(file, &field, protocol, load_balancing)?,
             });
         }
         Ok(out)
+    }
+
+    /// A cluster's `hash_key`.
+    fn hash_key(
+        &self,
+        file: &ClusterDef,
+        field: &str,
+        protocol: ClusterProtocol,
+        policy: LoadBalancing,
+    ) -> Result<crate::model::HashKey> {
+        use crate::model::HashKey;
+        let Some(text) = &file.hash_key else {
+            return Ok(HashKey::SourceIp);
+        };
+        let key_field = format!("{field}.hash_key");
+        if policy != LoadBalancing::Maglev {
+            return Err(self.err(
+                &key_field,
+                "hash_key applies to load_balancing = \"maglev\"",
+            ));
+        }
+        let token = |name: &str| {
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        let key = match text.split_once(':') {
+            None if text == "source-ip" => HashKey::SourceIp,
+            Some(("header", name)) if token(name) => HashKey::Header(name.to_ascii_lowercase()),
+            Some(("cookie", name)) if token(name) => HashKey::Cookie(name.to_owned()),
+            _ => {
+                return Err(self.err(
+                    &key_field,
+                    format!("{text:?} is not a hash key: write \"source-ip\", \"header:NAME\" or \"cookie:NAME\""),
+                ))
+            }
+        };
+        if protocol == ClusterProtocol::Tcp && key != HashKey::SourceIp {
+            return Err(self.err(
+                &key_field,
+                "a tcp cluster sees no header or cookie: its hash key is the source IP",
+            ));
+        }
+        Ok(key)
     }
 
     /// A cluster's `backend_tls`, `backend_ca` (or `backend_ca_pem`) and

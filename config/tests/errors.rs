@@ -785,3 +785,52 @@ fn http2_listener_keys_are_checked() {
     .unwrap();
     assert!(config.listeners[0].http2);
 }
+
+#[test]
+fn hash_keys_and_backend_tls_are_checked() {
+    let cluster = |extra: &str| {
+        vec![
+            "[[listeners]]".to_owned(),
+            "address = \"127.0.0.1:8080\"".to_owned(),
+            "[clusters.app]".to_owned(),
+            extra.to_owned(),
+            "frontends = [ { address = \"127.0.0.1:8080\" } ]".to_owned(),
+            "backends = [ { address = \"127.0.0.1:9001\" } ]".to_owned(),
+        ]
+    };
+    let run = |extra: &str, line: usize, field: &str, phrase: &str| {
+        let lines = cluster(extra);
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        check(&lines, line, field, phrase);
+    };
+    run(
+        "hash_key = \"source-ip\"",
+        4,
+        "clusters.app.hash_key",
+        "applies to load_balancing = \"maglev\"",
+    );
+    run(
+        "load_balancing = \"maglev\"\nhash_key = \"header:\"",
+        5,
+        "clusters.app.hash_key",
+        "is not a hash key",
+    );
+    run(
+        "backend_ca = \"ca.pem\"",
+        4,
+        "clusters.app.backend_ca",
+        "add backend_tls = true",
+    );
+    run(
+        "backend_tls = true\nhttp2 = true",
+        4,
+        "clusters.app.backend_tls",
+        "HTTP/2 to backends over TLS is not supported yet",
+    );
+    run(
+        "backend_tls = true\nbackend_server_name = \"not a name!\"",
+        5,
+        "clusters.app.backend_server_name",
+        "is not a DNS name or an IP address",
+    );
+}

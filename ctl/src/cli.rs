@@ -170,6 +170,9 @@ pub struct ClusterAddArgs {
     /// Send a PROXY protocol v2 header to the backends.
     #[arg(long)]
     pub send_proxy: bool,
+    /// With --load-balancing maglev: source-ip (default), header:NAME or cookie:NAME.
+    #[arg(long, value_name = "KEY")]
+    pub hash_key: Option<String>,
     /// Connect to the backends over TLS, verifying their certificates.
     #[arg(long)]
     pub backend_tls: bool,
@@ -443,6 +446,7 @@ impl Command {
                         .map(|p| absolute(p).display().to_string()),
                     backend_ca_pem: None,
                     backend_server_name: add.backend_server_name.clone(),
+                    hash_key: add.hash_key.clone(),
                 },
             }),
             Command::Cluster(ClusterCmd::Remove { name }) => {

@@ -1,8 +1,9 @@
 //! Load balancing: which backend of a cluster gets the next request.
 //!
 //! Policies: smooth weighted round-robin (as nginx's), weighted random, least connections
-//! (active requests divided by weight) and power of two choices (two weighted random picks, the
-//! less loaded wins). Backup backends are used only when no other backend can be tried. A
+//! (active requests divided by weight), power of two choices (two weighted random picks, the
+//! less loaded wins) and Maglev consistent hashing of a key (`maglev.rs`; the key is the
+//! cluster's `hash_key`, the client's address by default). Backup backends are used only when no other backend can be tried. A
 //! backend already tried for this request is excluded, so a connect failure retries elsewhere.
 //!
 //! Health: a backend that the supervisor's active checks found down (`down`), or that this
@@ -104,6 +105,39 @@ pub struct ClusterState {
     pub tls: Option<std::sync::Arc<crate::back_stream::BackendTls>>,
     /// Some backend is ejected (so [`ClusterState::revive`] has something to do).
     any_ejected: bool,
+    /// `maglev`: the lookup tables of the primary backends and of the backups.
+    maglev: Option<std::sync::Arc<[MaglevTable; 2]>>,
+    /// `maglev`: what it hashes.
+    pub hash_key: lb_config::HashKey,
+}
+
+/// A Maglev table over some of a cluster's backends: slot → position in `members` →
+/// backend index.
+#[derive(Debug, Default)]
+struct MaglevTable {
+    slots: Vec<u16>,
+    members: Vec<usize>,
+}
+
+impl MaglevTable {
+    fn over(cluster: &Cluster, backup: bool) -> MaglevTable {
+        let members: Vec<usize> = cluster
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.backup == backup)
+            .map(|(i, _)| i)
+            .collect();
+        let list: Vec<(String, u32)> = members
+            .iter()
+            .filter_map(|&i| cluster.backends.get(i))
+            .map(|b| (b.address.to_string(), b.weight.max(1)))
+            .collect();
+        MaglevTable {
+            slots: crate::maglev::build(&list),
+            members,
+        }
+    }
 }
 
 /// Backends already tried for one request (bit i = backend i; clusters over 64 backends treat
@@ -153,6 +187,13 @@ impl ClusterState {
                 backoff: h.interval,
             }),
             any_ejected: false,
+            maglev: (cluster.load_balancing == LoadBalancing::Maglev).then(|| {
+                std::sync::Arc::new([
+                    MaglevTable::over(cluster, false),
+                    MaglevTable::over(cluster, true),
+                ])
+            }),
+            hash_key: cluster.hash_key.clone(),
         }
     }
 
@@ -222,8 +263,32 @@ impl ClusterState {
 
     /// The next backend, skipping those in `tried`; None when none is left.
     pub fn pick(&mut self, tried: Tried, rng: &mut Rng) -> Option<usize> {
+        self.pick_keyed(tried, rng, 0)
+    }
+
+    /// [`ClusterState::pick`], with the request's key for a `maglev` cluster (see
+    /// [`ClusterState::hash_key`]).
+    pub fn pick_keyed(&mut self, tried: Tried, rng: &mut Rng, key: u64) -> Option<usize> {
+        if let Some(tables) = self.maglev.clone() {
+            return tables
+                .iter()
+                .find_map(|table| self.maglev_lookup(table, tried, key));
+        }
         let primary = self.pick_among(false, tried, rng);
         primary.or_else(|| self.pick_among(true, tried, rng))
+    }
+
+    fn maglev_lookup(&self, table: &MaglevTable, tried: Tried, key: u64) -> Option<usize> {
+        let usable = |i: usize| {
+            !tried.contains(i) && self.backends.get(i).is_some_and(BackendState::available)
+        };
+        if !table.members.iter().any(|&i| usable(i)) {
+            return None;
+        }
+        crate::maglev::lookup(&table.slots, key, |m| {
+            table.members.get(m).is_some_and(|&i| usable(i))
+        })
+        .and_then(|m| table.members.get(m).copied())
     }
 
     fn candidates(&self, backup: bool, tried: Tried) -> impl Iterator<Item = usize> + '_ {
@@ -239,6 +304,8 @@ impl ClusterState {
             LoadBalancing::RoundRobin => self.smooth_round_robin(backup, tried),
             LoadBalancing::Random => self.weighted_random(backup, tried, rng),
             LoadBalancing::LeastConnections => self.least_loaded(self.candidates(backup, tried)),
+            // Handled by `pick_keyed` (a table per cluster); as random if it has none.
+            LoadBalancing::Maglev => self.weighted_random(backup, tried, rng),
             LoadBalancing::PowerOfTwo => {
                 let a = self.weighted_random(backup, tried, rng)?;
                 let b = self.weighted_random(backup, tried, rng)?;
@@ -368,6 +435,7 @@ mod tests {
             send_proxy: false,
             http2: false,
             backend_tls: None,
+            hash_key: lb_config::HashKey::SourceIp,
         })
     }
 

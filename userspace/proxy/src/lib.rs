@@ -26,6 +26,7 @@ pub mod cx;
 pub mod h2;
 pub mod http;
 pub mod idle_backends;
+pub mod maglev;
 pub mod orders;
 pub mod pool;
 pub mod proxied;

@@ -687,13 +687,34 @@ impl<F: FrontWire> exchange::Io for Real<'_, F> {
             .and_then(|r| r.hsts(host, path, method))
     }
 
-    fn open_backend(&mut self, cluster_idx: usize, tried: &mut Tried, attempt: u32) -> Opened {
+    fn hash_key(&self, cluster: usize) -> Option<lb_config::HashKey> {
+        self.cx
+            .clusters
+            .get(cluster)
+            .map(|c| &c.hash_key)
+            .filter(|k| **k != lb_config::HashKey::SourceIp)
+            .cloned()
+    }
+
+    fn open_backend(
+        &mut self,
+        cluster_idx: usize,
+        tried: &mut Tried,
+        attempt: u32,
+        key: Option<u64>,
+    ) -> Opened {
         let cx = &mut *self.cx;
         let Some(cluster) = cx.clusters.get_mut(cluster_idx) else {
             return Opened::Unavailable;
         };
         cluster.revive(cx.now);
-        let Some(backend) = cluster.pick(*tried, &mut cx.rng) else {
+        let key = match (cluster.policy, key) {
+            (lb_config::LoadBalancing::Maglev, None) => {
+                crate::maglev::ip_key(self.peer.client.ip())
+            }
+            (_, key) => key.unwrap_or(0),
+        };
+        let Some(backend) = cluster.pick_keyed(*tried, &mut cx.rng, key) else {
             return Opened::Unavailable;
         };
         tried.insert(backend);

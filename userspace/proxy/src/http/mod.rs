@@ -198,6 +198,28 @@ pub struct RequestCallbacks<'a> {
 
 /// The bytes of a kawa store; an elided or empty store gives an empty slice (kawa's own
 /// `Store::data` panics on `Store::Empty`, which elided headers hold).
+/// The Maglev key of a request whose cluster hashes a header or a cookie: the hash of its
+/// value (the first header of that name, the first cookie of that name); None when the
+/// request has none, or the key is the source IP.
+pub fn hash_key_of<T: AsBuffer>(kawa: &Kawa<T>, key: &lb_config::HashKey) -> Option<u64> {
+    let buf = kawa.storage.buffer();
+    match key {
+        lb_config::HashKey::SourceIp => None,
+        lb_config::HashKey::Header(name) => kawa.blocks.iter().find_map(|block| match block {
+            Block::Header(Pair { key, val }) if eq(bytes(key, buf), name.as_bytes()) => {
+                Some(crate::maglev::hash(3, bytes(val, buf)))
+            }
+            _ => None,
+        }),
+        lb_config::HashKey::Cookie(name) => kawa
+            .detached
+            .jar
+            .iter()
+            .find(|crumb| bytes(&crumb.key, buf) == name.as_bytes())
+            .map(|crumb| crate::maglev::hash(4, bytes(&crumb.val, buf))),
+    }
+}
+
 fn bytes<'a>(store: &'a Store, buf: &'a [u8]) -> &'a [u8] {
     store.data_opt(buf).unwrap_or_default()
 }

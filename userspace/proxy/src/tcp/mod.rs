@@ -452,7 +452,12 @@ impl TcpSession {
                 break;
             };
             cluster.revive(cx.now);
-            let Some(backend) = cluster.pick(self.course.tried, &mut cx.rng) else {
+            let key = if cluster.policy == lb_config::LoadBalancing::Maglev {
+                crate::maglev::ip_key(self.accepted.client.ip())
+            } else {
+                0
+            };
+            let Some(backend) = cluster.pick_keyed(self.course.tried, &mut cx.rng, key) else {
                 break;
             };
             self.course.tried.insert(backend);

@@ -176,7 +176,19 @@ pub trait Io {
 
     /// Picks a backend of `cluster` not in `tried` (adding it), and opens a connection to it
     /// (a kept or pooled one, or a new one): `attempt` counts from 1 for the request.
-    fn open_backend(&mut self, cluster: usize, tried: &mut Tried, attempt: u32) -> Opened;
+    /// `key`: the request's Maglev key when its cluster hashes a header or cookie it carries
+    /// (otherwise a `maglev` cluster hashes the client's address).
+    fn open_backend(
+        &mut self,
+        cluster: usize,
+        tried: &mut Tried,
+        attempt: u32,
+        key: Option<u64>,
+    ) -> Opened;
+    /// What a `maglev` cluster hashes, when it is a header or a cookie.
+    fn hash_key(&self, _cluster: usize) -> Option<lb_config::HashKey> {
+        None
+    }
     /// Whether the connection being established is up.
     fn check_connect(&mut self) -> Connect;
     /// Counts a failure of the current backend for passive health (`connect`: it failed to

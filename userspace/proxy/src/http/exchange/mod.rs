@@ -551,8 +551,11 @@ impl Exchange {
             self.start_answer(io, Answer::BadGateway, true);
             return;
         };
+        let key = io
+            .hash_key(cluster)
+            .and_then(|k| crate::http::hash_key_of(&self.front_kawa, &k));
         while self.ex.attempts < MAX_ATTEMPTS {
-            let opened = io.open_backend(cluster, &mut self.ex.tried, self.ex.attempts + 1);
+            let opened = io.open_backend(cluster, &mut self.ex.tried, self.ex.attempts + 1, key);
             let (address, ready) = match opened {
                 Opened::Unavailable => break,
                 Opened::Failed => {

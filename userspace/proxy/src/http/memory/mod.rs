@@ -518,7 +518,13 @@ impl<'a> exchange::Io for Memory<'a> {
         Some((0, false))
     }
 
-    fn open_backend(&mut self, _cluster: usize, tried: &mut Tried, _attempt: u32) -> Opened {
+    fn open_backend(
+        &mut self,
+        _cluster: usize,
+        tried: &mut Tried,
+        _attempt: u32,
+        _key: Option<u64>,
+    ) -> Opened {
         if tried.contains(0) {
             return Opened::Unavailable;
         }
