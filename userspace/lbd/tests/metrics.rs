@@ -550,3 +550,93 @@ fn slow_clients_neither_hold_the_exporter_nor_stay_forever() {
         "a client trickling its request head was never cut off: {cut:?}"
     );
 }
+
+/// The Grafana dashboard in `config/grafana/kakehi.json` asks only for what lbd exports: every
+/// metric its queries name is in a real scrape (lbd with eBPF steering, in a fresh network
+/// namespace, after some requests), and every label a query groups or filters by is one those
+/// samples carry.
+#[test]
+fn the_grafana_dashboard_asks_for_what_lbd_exports() {
+    common::in_fresh_netns(dashboard_queries_exported_metrics);
+}
+
+fn dashboard_queries_exported_metrics() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../config/grafana/kakehi.json"
+    ))
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+
+    let origin = Origin::start("o");
+    let backend = origin.addr();
+    let metrics = free_addr();
+    let lbd = Lbd::start(|l| {
+        format!(
+            "workers = 2\n[metrics]\naddress = \"{metrics}\"\n\n[[listeners]]\naddress = \"{l}\"\n\n\
+             [clusters.app]\nfrontends = [ {{ address = \"{l}\" }} ]\n\
+             backends = [ {{ address = \"{backend}\" }} ]\n\
+             health_check = {{ interval = \"200ms\", timeout = \"100ms\" }}\n"
+        )
+    });
+    for _ in 0..5 {
+        exchange(lbd.addr(), &get_request("app", "/"));
+    }
+    let mut seen = scrape(metrics);
+    wait_until(Duration::from_secs(5), || {
+        seen = scrape(metrics);
+        seen.samples.iter().any(|s| s.metric == "kakehi_backend_up")
+    });
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    for expr in &exprs {
+        // Every metric named, and the labels its `by (...)` and `{...}` use.
+        let mut names = Vec::new();
+        let mut rest = expr.as_str();
+        while let Some(at) = rest.find("kakehi_") {
+            let tail = &rest[at..];
+            let end = tail.find(|c: char| !ident(c)).unwrap_or(tail.len());
+            names.push(&tail[..end]);
+            rest = &tail[end..];
+        }
+        let mut labels: Vec<&str> = Vec::new();
+        for part in expr.split("by (").skip(1) {
+            let list = part.split(')').next().unwrap();
+            labels.extend(list.split(',').map(str::trim).filter(|l| *l != "le"));
+        }
+        for part in expr.split('{').skip(1) {
+            let inside = part.split('}').next().unwrap();
+            labels.extend(
+                inside
+                    .split(',')
+                    .filter_map(|m| m.split(['=', '!', '~']).next())
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty()),
+            );
+        }
+        assert!(!names.is_empty(), "{expr}");
+        for name in names {
+            // The parser keeps a histogram's series under its base name.
+            let base = name.strip_suffix("_bucket").unwrap_or(name);
+            let samples: Vec<_> = seen
+                .samples
+                .iter()
+                .filter(|s| s.metric == name || s.metric == base)
+                .collect();
+            assert!(!samples.is_empty(), "{name} (in {expr}) is not exported");
+            for label in &labels {
+                assert!(
+                    samples.iter().any(|s| s.labels.contains_key(*label)),
+                    "{name} has no label {label} (in {expr})"
+                );
+            }
+        }
+    }
+}
