@@ -378,16 +378,7 @@ impl Checker<'_> {
         protocol: ListenerProtocol,
     ) -> Result<Option<crate::model::ClientAuth>> {
         let ca_field = format!("{field}.client_ca");
-        let pem = match (&l.client_ca_pem, &l.client_ca) {
-            (Some(pem), _) => Some(pem.clone()),
-            (None, Some(path)) => {
-                let path = self.path(path, &ca_field)?;
-                Some(std::fs::read_to_string(&path).map_err(|e| {
-                    self.err(&ca_field, format!("cannot read {}: {e}", path.display()))
-                })?)
-            }
-            (None, None) => None,
-        };
+        let pem = self.pem_text(&l.client_ca_pem, &l.client_ca, &ca_field)?;
         let Some(pem) = pem else {
             if l.client_crl.is_some() || l.client_crl_pem.is_some() {
                 return Err(self.err(
@@ -411,16 +402,7 @@ impl Checker<'_> {
         }
         let roots = crate::certs::ca_roots(&pem).map_err(|e| self.err(&ca_field, e))?;
         let crl_field = format!("{field}.client_crl");
-        let crl_pem = match (&l.client_crl_pem, &l.client_crl) {
-            (Some(pem), _) => Some(pem.clone()),
-            (None, Some(path)) => {
-                let path = self.path(path, &crl_field)?;
-                Some(std::fs::read_to_string(&path).map_err(|e| {
-                    self.err(&crl_field, format!("cannot read {}: {e}", path.display()))
-                })?)
-            }
-            (None, None) => None,
-        };
+        let crl_pem = self.pem_text(&l.client_crl_pem, &l.client_crl, &crl_field)?;
         let crls = match crl_pem {
             Some(pem) => crate::certs::crls(&pem).map_err(|e| self.err(&crl_field, e))?,
             None => Vec::new(),
@@ -430,6 +412,26 @@ impl Checker<'_> {
             required: l.client_auth != Some(crate::state::ClientAuthDef::Optional),
             crls,
         }))
+    }
+
+    /// PEM given as text (`..._pem`, as `state save` writes it) or as a file (resolved
+    /// against the config's folder), for `field`; None when neither is set.
+    fn pem_text(
+        &self,
+        text: &Option<String>,
+        file: &Option<String>,
+        field: &str,
+    ) -> Result<Option<String>> {
+        match (text, file) {
+            (Some(pem), _) => Ok(Some(pem.clone())),
+            (None, Some(path)) => {
+                let path = self.path(path, field)?;
+                std::fs::read_to_string(&path)
+                    .map(Some)
+                    .map_err(|e| self.err(field, format!("cannot read {}: {e}", path.display())))
+            }
+            (None, None) => Ok(None),
+        }
     }
 
     /// A rate written `"R/s"`: R per second, 1 to 1,000,000.
@@ -787,16 +789,7 @@ impl Checker<'_> {
             ));
         }
         let ca_field = format!("{field}.backend_ca");
-        let pem = match (&file.backend_ca_pem, &file.backend_ca) {
-            (Some(pem), _) => Some(pem.clone()),
-            (None, Some(path)) => {
-                let path = self.path(path, &ca_field)?;
-                Some(std::fs::read_to_string(&path).map_err(|e| {
-                    self.err(&ca_field, format!("cannot read {}: {e}", path.display()))
-                })?)
-            }
-            (None, None) => None,
-        };
+        let pem = self.pem_text(&file.backend_ca_pem, &file.backend_ca, &ca_field)?;
         let roots = match pem {
             Some(pem) => crate::certs::ca_roots(&pem).map_err(|e| self.err(&ca_field, e))?,
             None => Vec::new(),

@@ -1123,48 +1123,12 @@ fn client_ca(dir: &Path, name: &str, subject: &str) {
         ],
         dir,
     );
-    openssl(
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &s("client.key"),
-            "-out",
-            &s("client.csr"),
-            "-subj",
-            subject,
-        ],
-        dir,
-    );
     std::fs::write(
         dir.join(s("ext.cnf")),
         "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
     )
     .unwrap();
-    openssl(
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &s("client.csr"),
-            "-CA",
-            &s("ca.pem"),
-            "-CAkey",
-            &s("ca.key"),
-            "-CAcreateserial",
-            "-out",
-            &s("client.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            &s("ext.cnf"),
-        ],
-        dir,
-    );
+    client_cert(dir, name, name, subject);
 }
 
 #[test]
