@@ -95,14 +95,19 @@ fn tracer_pid(pid: i32) -> i32 {
 fn keepalive_round_robin_makes_no_epoll_ctl_and_no_empty_read_per_request() {
     let a = Origin::start("a");
     let b = Origin::start("b");
-    let lbd = Lbd::start(|l| {
-        format!(
-            "workers = 1\n[access_log]\ntarget = \"off\"\n\n[[listeners]]\naddress = \"{l}\"\n\n\
-             [clusters.app]\nload_balancing = \"round-robin\"\n\
-             frontends = [ {{ address = \"{l}\" }} ]\nbackends = {}\n",
-            common::backends(&[a.addr(), b.addr()])
-        )
-    });
+    // Ready when the worker is started, not when the listener answers (main binds it before
+    // it forks the worker: a CI run looked for the worker in between and found none).
+    let lbd = Lbd::start_until(
+        |l| {
+            format!(
+                "workers = 1\n[access_log]\ntarget = \"off\"\n\n[[listeners]]\naddress = \"{l}\"\n\n\
+                 [clusters.app]\nload_balancing = \"round-robin\"\n\
+                 frontends = [ {{ address = \"{l}\" }} ]\nbackends = {}\n",
+                common::backends(&[a.addr(), b.addr()])
+            )
+        },
+        common::workers_ready(1),
+    );
     let url = format!("http://{}/", lbd.addr());
     let main = lbd.pid();
     let workers: Vec<i32> = lbd.pids().into_iter().filter(|&p| p != main).collect();
