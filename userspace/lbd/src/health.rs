@@ -19,9 +19,11 @@
 //! backends (same roots, same name): a TCP check is then a TLS handshake, and an HTTP check
 //! goes inside it. A backend whose certificate does not verify is down, saying why.
 
-use lb_config::protocol::{BackendHealth, HealthState, Sample};
+use lb_config::protocol::{BackendHealth, HealthState};
 use lb_config::{Config, HealthCheck};
-use std::collections::{BTreeMap, HashMap};
+use lb_proxy::recorder::Recorder;
+use metrics::{counter, gauge, Counter, Gauge};
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,8 +58,41 @@ struct Check {
     checks: u64,
     failed: u64,
     last_error: Option<String>,
+    figures: Figures,
+}
+
+/// A checked backend's metrics, registered when its check starts.
+struct Figures {
+    up: Gauge,
+    ok: Counter,
+    failed: Counter,
     /// State changes.
-    transitions: u64,
+    transitions: Counter,
+}
+
+impl Figures {
+    fn new(recorder: &Recorder, (cluster, address): &Key) -> Figures {
+        let (cluster, backend) = (cluster.clone(), address.to_string());
+        recorder.register(|| {
+            let up = gauge!("kakehi_backend_up", "cluster" => cluster.clone(), "backend" => backend.clone());
+            up.set(1.0);
+            let checks = |result: &'static str| {
+                counter!(
+                    "kakehi_health_checks_total",
+                    "cluster" => cluster.clone(), "backend" => backend.clone(), "result" => result
+                )
+            };
+            Figures {
+                up,
+                ok: checks("ok"),
+                failed: checks("failed"),
+                transitions: counter!(
+                    "kakehi_backend_health_transitions_total",
+                    "cluster" => cluster.clone(), "backend" => backend.clone()
+                ),
+            }
+        })
+    }
 }
 
 impl Drop for Check {
@@ -73,10 +108,12 @@ pub struct Health {
     next_id: u64,
     /// Bumped whenever the set of down backends changes.
     version: u64,
+    /// Main's recorder, which the checks' figures are registered with.
+    recorder: Arc<Recorder>,
 }
 
-impl Default for Health {
-    fn default() -> Health {
+impl Health {
+    pub fn new(recorder: Arc<Recorder>) -> Health {
         let (sender, results) = mpsc::channel();
         Health {
             checks: HashMap::new(),
@@ -84,11 +121,10 @@ impl Default for Health {
             results,
             next_id: 0,
             version: 0,
+            recorder,
         }
     }
-}
 
-impl Health {
     /// Starts the checks `config` asks for that do not run yet, with the same settings, and
     /// stops those it no longer has.
     pub fn sync(&mut self, config: &Config) {
@@ -154,6 +190,7 @@ impl Health {
                 );
                 continue;
             }
+            let figures = Figures::new(&self.recorder, &key);
             self.checks.insert(
                 key,
                 Check {
@@ -167,7 +204,7 @@ impl Health {
                     checks: 0,
                     failed: 0,
                     last_error: None,
-                    transitions: 0,
+                    figures,
                 },
             );
         }
@@ -191,8 +228,12 @@ impl Health {
             }
             check.checks += 1;
             let ok = outcome.result.is_ok();
+            if ok {
+                check.figures.ok.increment(1);
+            }
             if let Err(e) = outcome.result {
                 check.failed += 1;
+                check.figures.failed.increment(1);
                 check.last_error = Some(e);
             }
             if ok == check.up {
@@ -207,7 +248,8 @@ impl Health {
             check.up = ok;
             check.streak = 0;
             check.since = Instant::now();
-            check.transitions += 1;
+            check.figures.transitions.increment(1);
+            check.figures.up.set(if ok { 1.0 } else { 0.0 });
             changed = true;
             let (cluster, address) = &outcome.key;
             if ok {
@@ -236,6 +278,7 @@ impl Health {
             if let Some(check) = self.checks.get_mut(key) {
                 if check.up {
                     check.up = false;
+                    check.figures.up.set(0.0);
                     check.streak = 0;
                     check.since = Instant::now();
                     check.last_error = Some("down when lbd was upgraded".into());
@@ -293,47 +336,6 @@ impl Health {
                     ejected_by: 0,
                 });
             }
-        }
-        out
-    }
-
-    /// `kakehi_backend_up`, probes and state changes, per checked backend.
-    pub fn samples(&self) -> Vec<Sample> {
-        let sorted: BTreeMap<&Key, &Check> = self.checks.iter().collect();
-        let mut out = Vec::new();
-        for ((cluster, address), c) in sorted {
-            let labels: BTreeMap<String, String> = [
-                ("cluster".to_string(), cluster.clone()),
-                ("backend".to_string(), address.to_string()),
-            ]
-            .into();
-            let mut push = |name: &str, value: f64, result: Option<&str>| {
-                let mut labels = labels.clone();
-                if let Some(r) = result {
-                    labels.insert("result".into(), r.into());
-                }
-                out.push(Sample {
-                    name: name.into(),
-                    labels,
-                    value,
-                });
-            };
-            push("kakehi_backend_up", if c.up { 1.0 } else { 0.0 }, None);
-            push(
-                "kakehi_health_checks_total",
-                (c.checks - c.failed) as f64,
-                Some("ok"),
-            );
-            push(
-                "kakehi_health_checks_total",
-                c.failed as f64,
-                Some("failed"),
-            );
-            push(
-                "kakehi_backend_health_transitions_total",
-                c.transitions as f64,
-                None,
-            );
         }
         out
     }

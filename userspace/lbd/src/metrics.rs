@@ -1,12 +1,13 @@
 //! Prometheus exposition: merging the workers' samples and rendering the text format, and the
 //! small HTTP responder that serves it on `[metrics] address`.
 //!
-//! Why not the `metrics` facade with metrics-exporter-prometheus here: the figures are made
-//! in the workers, where they are plain integers of a single-threaded loop (lb-proxy's
-//! `stats.rs`), and they reach main as already-bucketed histograms; a facade recorder takes
-//! observations one by one and cannot import bucket counts. What is left is summing samples
-//! key by key and writing the text format (version 0.0.4), which this file does, checked in
-//! the tests against a real parser (prometheus-parse).
+//! The figures are recorded through the `metrics` facade, into kakehi's own recorder
+//! (lb-proxy's `recorder.rs`): each worker has one, and main has one for its own figures
+//! (steering, health checks, worker restarts). They reach this file as samples, histograms
+//! already bucketed; what is left is summing them key by key across processes and writing the
+//! text format (version 0.0.4), checked in the tests against a real parser (prometheus-parse).
+//! (metrics-exporter-prometheus is not used: it keeps one process's observations, and cannot
+//! take in the bucket counts of other processes.)
 //!
 //! The responder runs in a thread of its own and never touches the workers: for each
 //! `GET /metrics` it asks the supervisor's loop for the text over a channel and waits for it

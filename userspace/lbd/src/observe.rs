@@ -20,8 +20,11 @@ use crate::workers::{Unanswered, Workers};
 use lb_config::protocol::channel::{Order, Reply};
 use lb_config::protocol::{BackendHealth, Payload, Sample};
 use lb_config::Config;
+use lb_proxy::recorder::{Recorder, Writers};
+use metrics::{counter, Counter};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a worker gets to answer a metrics request (and a log level).
@@ -57,8 +60,13 @@ enum Unexpected {
 }
 
 /// The health checks, the metrics exporter, and what the workers were told and answered.
-#[derive(Default)]
 pub struct Observer {
+    /// Main's own figures (steering, health checks, worker restarts), recorded through the
+    /// `metrics` facade.
+    recorder: Arc<Recorder>,
+    /// The handles of figures read from elsewhere at each scrape (the eBPF program's counters,
+    /// the worker slots' restarts), held until the next one.
+    polled: Vec<Counter>,
     health: Health,
     exporter: Option<Exporter>,
     /// The last failed bind: (address, when), to retry and to log once.
@@ -70,6 +78,22 @@ pub struct Observer {
     /// The counters of worker processes that are gone (restarted, upgraded), as of their
     /// last answer: kept in the sums, so that a restart does not make them go backwards.
     retired: Merged,
+}
+
+impl Default for Observer {
+    fn default() -> Observer {
+        let recorder = Recorder::new(Writers::Many);
+        Observer {
+            health: Health::new(Arc::clone(&recorder)),
+            recorder,
+            polled: Vec::new(),
+            exporter: None,
+            bind_failed: None,
+            pushed: HashMap::new(),
+            last: HashMap::new(),
+            retired: Merged::default(),
+        }
+    }
 }
 
 impl Observer {
@@ -240,16 +264,19 @@ impl Observer {
 
     /// Every sample: steering, health, worker slots, and the workers' own.
     fn gather(&mut self, workers: &mut Workers, config: &Config, stopping: bool) -> Vec<Sample> {
+        let mut polled = workers.steering_figures(config, &self.recorder);
+        self.recorder.register(|| {
+            for row in workers.rows(stopping) {
+                let c = counter!("kakehi_worker_restarts_total", "worker" => row.index.to_string());
+                c.absolute(row.restarts);
+                polled.push(c);
+            }
+        });
+        // The previous scrape's handles go only now, so that a figure read again keeps its
+        // value in the registry.
+        self.polled = polled;
         let mut merged = Merged::default();
-        merged.add(workers.steering_samples(config));
-        merged.add(self.health.samples());
-        for row in workers.rows(stopping) {
-            merged.add([Sample {
-                name: "kakehi_worker_restarts_total".into(),
-                labels: [("worker".to_string(), row.index.to_string())].into(),
-                value: row.restarts as f64,
-            }]);
-        }
+        merged.add(self.recorder.samples());
         let live: HashMap<usize, u32> = workers
             .channels()
             .into_iter()

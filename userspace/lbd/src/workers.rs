@@ -18,9 +18,11 @@ use crate::listeners;
 use crate::steering::{Steering, SteeringError};
 use crate::test_hooks;
 use lb_config::protocol::channel::{Order, Reply};
-use lb_config::protocol::{Sample, WorkerStatus};
+use lb_config::protocol::WorkerStatus;
 use lb_config::Config;
 use lb_ebpf_common::{counter, WorkerState};
+use lb_proxy::recorder::Recorder;
+use metrics::Counter;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -278,42 +280,40 @@ impl Workers {
             .collect()
     }
 
-    /// Steering decisions and drops as metric samples, per listener of `config`.
-    pub(crate) fn steering_samples(&self, config: &Config) -> Vec<Sample> {
+    /// Steering decisions and drops, per listener of `config`, read from the eBPF program's
+    /// counters into counters of `recorder`; the handles are returned to be held until the
+    /// next scrape (a listener `config` no longer has is then forgotten).
+    pub(crate) fn steering_figures(&self, config: &Config, recorder: &Recorder) -> Vec<Counter> {
         let mut out = Vec::new();
         for (steering, listener) in self.steering.iter().zip(&config.listeners) {
             let Ok(counters) = steering.counters() else {
                 continue;
             };
-            let get = |i: u32| counters.get(i as usize).copied().unwrap_or(0) as f64;
-            let sample = |name: &str, labels: &[(&str, String)], value: f64| Sample {
-                name: name.into(),
-                labels: labels
-                    .iter()
-                    .map(|(k, v)| ((*k).to_string(), v.clone()))
-                    .collect(),
-                value,
-            };
+            let get = |i: u32| counters.get(i as usize).copied().unwrap_or(0);
             let address = listener.address.to_string();
-            for w in 0..self.slots.len() as u32 {
-                out.push(sample(
-                    "kakehi_steering_decisions_total",
-                    &[("listener", address.clone()), ("worker", w.to_string())],
-                    get(counter::DECISIONS + w),
-                ));
-            }
-            for (reason, index) in [
-                ("all_full", counter::DROPS_ALL_FULL),
-                ("no_worker", counter::DROPS_NO_WORKER),
-                ("per_ip_connections", counter::DROPS_PER_IP_CONNECTIONS),
-                ("per_ip_rate", counter::DROPS_PER_IP_RATE),
-            ] {
-                out.push(sample(
-                    "kakehi_steering_drops_total",
-                    &[("listener", address.clone()), ("reason", reason.into())],
-                    get(index),
-                ));
-            }
+            recorder.register(|| {
+                for w in 0..self.slots.len() as u32 {
+                    let c = metrics::counter!(
+                        "kakehi_steering_decisions_total",
+                        "listener" => address.clone(), "worker" => w.to_string()
+                    );
+                    c.absolute(get(counter::DECISIONS + w));
+                    out.push(c);
+                }
+                for (reason, index) in [
+                    ("all_full", counter::DROPS_ALL_FULL),
+                    ("no_worker", counter::DROPS_NO_WORKER),
+                    ("per_ip_connections", counter::DROPS_PER_IP_CONNECTIONS),
+                    ("per_ip_rate", counter::DROPS_PER_IP_RATE),
+                ] {
+                    let c = metrics::counter!(
+                        "kakehi_steering_drops_total",
+                        "listener" => address.clone(), "reason" => reason
+                    );
+                    c.absolute(get(index));
+                    out.push(c);
+                }
+            });
         }
         out
     }

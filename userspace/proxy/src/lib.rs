@@ -32,6 +32,7 @@ pub mod pool;
 pub mod proxied;
 pub mod proxy_protocol;
 pub mod rate_limit;
+pub mod recorder;
 pub mod router;
 pub mod session;
 pub mod sni;

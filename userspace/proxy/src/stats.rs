@@ -1,19 +1,23 @@
-//! The worker's own figures: per listener, cluster and backend counters and histograms, kept
-//! as plain integers by the single-threaded event loop (no atomics, no locks, no allocation
-//! per request once a key has been seen).
+//! The worker's own figures: per listener, cluster and backend counters and histograms,
+//! recorded through the `metrics` facade into the worker's [`Recorder`].
 //!
-//! Sessions report what happened (a request ended, a connect failed, a TLS handshake ended);
-//! [`Stats::samples`] turns everything into Prometheus-named samples when the supervisor asks
-//! for them over the worker's channel. Summing the samples of every worker, key by key, gives
-//! the process-wide figures: counters and histogram buckets add up, which is why histograms
-//! are fixed-bucket here. Rendering the text format and serving it belong to lbd.
+//! Sessions report what happened (a request ended, a connect failed, a TLS handshake ended).
+//! The handles for a listener, cluster or backend are registered the first time it is seen and
+//! kept here, so a request costs a map lookup by key and an add per figure, no registration
+//! and no allocation. [`Stats::samples`] asks the recorder for everything as Prometheus-named
+//! samples when the supervisor asks over the worker's channel. Summing the samples of every
+//! worker, key by key, gives the process-wide figures: counters and histogram buckets add up,
+//! which is why histograms are fixed-bucket. Rendering the text format and serving it belong
+//! to lbd.
 
 use crate::accesslog::Record;
+use crate::recorder::{Recorder, Writers};
 use lb_config::protocol::Sample;
-use std::collections::{BTreeMap, HashMap};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram, Label};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
 
 /// A fast multiplicative hasher (FxHash's) for the maps below, looked up several times per
 /// request: their keys are cluster names and addresses from the configuration, not client
@@ -59,344 +63,366 @@ impl Hasher for FxHasher {
 
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
-/// Upper bounds of the histogram buckets, in seconds (Prometheus' defaults, from 1 ms).
-pub const BUCKETS: [f64; 13] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// A fixed-bucket histogram of durations. `counts[i]` holds the observations in bucket `i`
-/// only (not cumulative); the last slot holds those above every bound.
-#[derive(Debug, Clone, Default)]
-pub struct Histogram {
-    counts: [u64; BUCKETS.len() + 1],
-    sum: f64,
-    count: u64,
+/// The level a [`Traffic`] is kept at, which names its metrics.
+#[derive(Debug, Clone, Copy)]
+enum Level {
+    Listener,
+    Cluster,
+    Backend,
 }
 
-impl Histogram {
-    pub fn observe(&mut self, d: Duration) {
-        let secs = d.as_secs_f64();
-        // The first bucket whose bound is at least `secs` (BUCKETS.len(): none).
-        let slot = BUCKETS.partition_point(|&b| b < secs);
-        if let Some(c) = self.counts.get_mut(slot) {
-            *c += 1;
-        }
-        self.sum += secs;
-        self.count += 1;
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    /// The `_bucket` (cumulative, `le` label), `_sum` and `_count` samples.
-    fn push(&self, out: &mut Vec<Sample>, name: &str, labels: &[(&str, &str)]) {
-        let mut cumulative = 0;
-        for (i, count) in self.counts.iter().enumerate() {
-            cumulative += count;
-            let le = match BUCKETS.get(i) {
-                Some(b) => b.to_string(),
-                None => "+Inf".to_string(),
-            };
-            let mut l = labels.to_vec();
-            l.push(("le", &le));
-            out.push(sample(&format!("{name}_bucket"), &l, cumulative as f64));
-        }
-        out.push(sample(&format!("{name}_sum"), labels, self.sum));
-        out.push(sample(&format!("{name}_count"), labels, self.count as f64));
+impl Level {
+    fn name(self, figure: &str) -> String {
+        let level = match self {
+            Level::Listener => "listener",
+            Level::Cluster => "cluster",
+            Level::Backend => "backend",
+        };
+        format!("kakehi_{level}_{figure}")
     }
 }
 
 /// What requests did at one level (listener, cluster or backend).
-#[derive(Debug, Clone, Default)]
-pub struct Traffic {
-    /// Requests by status class: index 1 to 5 for 1xx to 5xx, 0 for anything else.
-    pub requests: [u64; 6],
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub duration: Histogram,
+struct Traffic {
+    level: Level,
+    labels: Vec<Label>,
+    /// Requests by status class: index 1 to 5 for 1xx to 5xx, 0 for anything else. Registered
+    /// when the first request of the class ends (a class never seen is not exported).
+    requests: [Option<Counter>; 6],
+    bytes_in: Counter,
+    bytes_out: Counter,
+    duration: Histogram,
 }
 
 impl Traffic {
-    fn record(&mut self, r: &Record<'_>, http: bool) {
+    fn new(recorder: &Recorder, level: Level, labels: Vec<Label>) -> Traffic {
+        recorder.register(|| Traffic {
+            level,
+            requests: Default::default(),
+            bytes_in: counter!(level.name("received_bytes_total"), labels.iter()),
+            bytes_out: counter!(level.name("sent_bytes_total"), labels.iter()),
+            duration: histogram!(level.name("request_duration_seconds"), labels.iter()),
+            labels,
+        })
+    }
+
+    fn record(&mut self, recorder: &Recorder, r: &Record<'_>, http: bool) {
         if http {
             let class = usize::from(r.status / 100);
             let slot = if (1..=5).contains(&class) { class } else { 0 };
             if let Some(c) = self.requests.get_mut(slot) {
-                *c += 1;
+                let c = c.get_or_insert_with(|| {
+                    let class = match slot {
+                        1..=5 => format!("{slot}xx"),
+                        _ => "other".to_string(),
+                    };
+                    let mut labels = self.labels.clone();
+                    labels.push(Label::new("class", class));
+                    recorder.register(|| counter!(self.level.name("requests_total"), labels))
+                });
+                c.increment(1);
             }
-            self.duration.observe(r.duration);
+            self.duration.record(r.duration.as_secs_f64());
         }
-        self.bytes_in += r.bytes_in;
-        self.bytes_out += r.bytes_out;
-    }
-
-    fn push(&self, out: &mut Vec<Sample>, level: &str, labels: &[(&str, &str)]) {
-        for (slot, count) in self.requests.iter().enumerate() {
-            if *count == 0 {
-                continue;
-            }
-            let class = match slot {
-                1..=5 => format!("{slot}xx"),
-                _ => "other".to_string(),
-            };
-            let mut l = labels.to_vec();
-            l.push(("class", &class));
-            out.push(sample(
-                &format!("kakehi_{level}_requests_total"),
-                &l,
-                *count as f64,
-            ));
-        }
-        out.push(sample(
-            &format!("kakehi_{level}_received_bytes_total"),
-            labels,
-            self.bytes_in as f64,
-        ));
-        out.push(sample(
-            &format!("kakehi_{level}_sent_bytes_total"),
-            labels,
-            self.bytes_out as f64,
-        ));
-        self.duration.push(
-            out,
-            &format!("kakehi_{level}_request_duration_seconds"),
-            labels,
-        );
+        self.bytes_in.increment(r.bytes_in);
+        self.bytes_out.increment(r.bytes_out);
     }
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct ListenerStats {
-    pub traffic: Traffic,
-    pub accepted: u64,
-    pub closed: u64,
-    pub tls_handshakes: u64,
-    pub tls_failures: u64,
+fn labels(pairs: &[(&'static str, String)]) -> Vec<Label> {
+    pairs
+        .iter()
+        .map(|(k, v)| Label::new(*k, v.clone()))
+        .collect()
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct BackendStats {
-    pub traffic: Traffic,
+struct ListenerStats {
+    traffic: Traffic,
+    accepted: Counter,
+    active: Gauge,
+    tls_handshakes: Counter,
+    tls_failures: Counter,
+}
+
+impl ListenerStats {
+    fn new(recorder: &Recorder, address: SocketAddr) -> ListenerStats {
+        let l = labels(&[("listener", address.to_string())]);
+        recorder.register(|| ListenerStats {
+            accepted: counter!("kakehi_listener_connections_total", l.iter()),
+            active: gauge!("kakehi_listener_connections_active", l.iter()),
+            tls_handshakes: counter!("kakehi_listener_tls_handshakes_total", l.iter()),
+            tls_failures: counter!("kakehi_listener_tls_handshake_failures_total", l.iter()),
+            traffic: Traffic::new(recorder, Level::Listener, l.clone()),
+        })
+    }
+}
+
+struct BackendStats {
+    traffic: Traffic,
     /// From the backend connection being ready to the first response byte.
-    pub response_time: Histogram,
+    response_time: Histogram,
     /// New connections opened to it (reused idle ones not counted).
-    pub connections: u64,
-    pub connect_errors: u64,
+    connections: Counter,
+    connect_errors: Counter,
     /// Attempts that came to this backend after another one failed.
-    pub retries: u64,
+    retries: Counter,
     /// Times this worker took it out of rotation after consecutive errors.
-    pub ejections: u64,
+    ejections: Counter,
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct ClusterStats {
-    pub traffic: Traffic,
-    pub connect_errors: u64,
+impl BackendStats {
+    fn new(recorder: &Recorder, cluster: &str, address: SocketAddr) -> BackendStats {
+        let l = labels(&[
+            ("cluster", cluster.to_string()),
+            ("backend", address.to_string()),
+        ]);
+        recorder.register(|| BackendStats {
+            response_time: histogram!("kakehi_backend_response_time_seconds", l.iter()),
+            connections: counter!("kakehi_backend_connections_total", l.iter()),
+            connect_errors: counter!("kakehi_backend_connect_errors_total", l.iter()),
+            retries: counter!("kakehi_backend_retries_total", l.iter()),
+            ejections: counter!("kakehi_backend_ejections_total", l.iter()),
+            traffic: Traffic::new(recorder, Level::Backend, l.clone()),
+        })
+    }
+}
+
+struct ClusterStats {
+    name: String,
+    traffic: Traffic,
+    connect_errors: Counter,
     /// Requests answered 429 for a frontend's `rate_limit`.
-    pub rate_limited: u64,
-    pub retries: u64,
-    pub backends: FastMap<SocketAddr, BackendStats>,
+    rate_limited: Counter,
+    retries: Counter,
+    backends: FastMap<SocketAddr, BackendStats>,
+}
+
+impl ClusterStats {
+    fn new(recorder: &Recorder, name: &str) -> ClusterStats {
+        let l = labels(&[("cluster", name.to_string())]);
+        recorder.register(|| ClusterStats {
+            name: name.to_string(),
+            connect_errors: counter!("kakehi_cluster_connect_errors_total", l.iter()),
+            rate_limited: counter!("kakehi_cluster_rate_limited_total", l.iter()),
+            retries: counter!("kakehi_cluster_retries_total", l.iter()),
+            traffic: Traffic::new(recorder, Level::Cluster, l.clone()),
+            backends: FastMap::default(),
+        })
+    }
+
+    fn backend(&mut self, recorder: &Recorder, address: SocketAddr) -> &mut BackendStats {
+        let name = &self.name;
+        self.backends
+            .entry(address)
+            .or_insert_with(|| BackendStats::new(recorder, name, address))
+    }
+}
+
+/// A configured backend's gauges, set from its balancer when the supervisor scrapes.
+struct BackendGauges {
+    active: Gauge,
+    ejected: Gauge,
+}
+
+/// The worker's own gauges, set when the supervisor scrapes.
+struct WorkerGauges {
+    connections: Gauge,
+    buffers_in_use: Gauge,
+    buffers_max: Gauge,
 }
 
 /// Every figure of one worker.
-#[derive(Debug, Default)]
 pub struct Stats {
-    pub listeners: FastMap<SocketAddr, ListenerStats>,
-    pub clusters: FastMap<String, ClusterStats>,
+    recorder: Arc<Recorder>,
+    listeners: FastMap<SocketAddr, ListenerStats>,
+    clusters: FastMap<String, ClusterStats>,
+    worker: WorkerGauges,
+    backends: FastMap<(String, SocketAddr), BackendGauges>,
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        let recorder = Recorder::new(Writers::One);
+        let worker = recorder.register(|| WorkerGauges {
+            connections: gauge!("kakehi_worker_connections"),
+            buffers_in_use: gauge!("kakehi_worker_buffers_in_use"),
+            buffers_max: gauge!("kakehi_worker_buffers_max"),
+        });
+        Stats {
+            recorder,
+            listeners: FastMap::default(),
+            clusters: FastMap::default(),
+            worker,
+            backends: FastMap::default(),
+        }
+    }
+}
+
+/// The cluster's figures, registered on first use (the name is copied only then: this runs
+/// for every request). Never None in practice.
+fn cluster<'a>(
+    clusters: &'a mut FastMap<String, ClusterStats>,
+    recorder: &Recorder,
+    name: &str,
+) -> Option<&'a mut ClusterStats> {
+    if !clusters.contains_key(name) {
+        clusters.insert(name.to_string(), ClusterStats::new(recorder, name));
+    }
+    clusters.get_mut(name)
+}
+
+fn listener<'a>(
+    listeners: &'a mut FastMap<SocketAddr, ListenerStats>,
+    recorder: &Recorder,
+    address: SocketAddr,
+) -> &'a mut ListenerStats {
+    listeners
+        .entry(address)
+        .or_insert_with(|| ListenerStats::new(recorder, address))
 }
 
 impl Stats {
-    /// The cluster's figures, created on first use (the name is copied only then: this runs
-    /// for every request). Never None in practice.
-    fn cluster(&mut self, name: &str) -> Option<&mut ClusterStats> {
-        if !self.clusters.contains_key(name) {
-            self.clusters
-                .insert(name.to_string(), ClusterStats::default());
-        }
-        self.clusters.get_mut(name)
-    }
-
     /// One request (or, with `http` false, one TCP passthrough connection) ended.
     pub fn request(&mut self, r: &Record<'_>, http: bool) {
-        self.listeners
-            .entry(r.listener)
-            .or_default()
+        let Stats {
+            recorder,
+            listeners,
+            clusters,
+            ..
+        } = self;
+        listener(listeners, recorder, r.listener)
             .traffic
-            .record(r, http);
+            .record(recorder, r, http);
         if r.cluster.is_empty() {
             return;
         }
-        let Some(cluster) = self.cluster(r.cluster) else {
+        let Some(cluster) = cluster(clusters, recorder, r.cluster) else {
             return;
         };
-        cluster.traffic.record(r, http);
+        cluster.traffic.record(recorder, r, http);
         if r.error == Some(crate::cut::Cut::RateLimited) {
-            cluster.rate_limited += 1;
+            cluster.rate_limited.increment(1);
         }
         if let Some(address) = r.backend {
-            let backend = cluster.backends.entry(address).or_default();
-            backend.traffic.record(r, http);
+            let backend = cluster.backend(recorder, address);
+            backend.traffic.record(recorder, r, http);
             if let Some(t) = r.backend_time {
-                backend.response_time.observe(t);
+                backend.response_time.record(t.as_secs_f64());
             }
         }
     }
 
-    pub fn accepted(&mut self, listener: SocketAddr) {
-        self.listeners.entry(listener).or_default().accepted += 1;
+    pub fn accepted(&mut self, address: SocketAddr) {
+        let l = listener(&mut self.listeners, &self.recorder, address);
+        l.accepted.increment(1);
+        l.active.increment(1.0);
     }
 
-    pub fn closed(&mut self, listener: SocketAddr) {
-        self.listeners.entry(listener).or_default().closed += 1;
+    pub fn closed(&mut self, address: SocketAddr) {
+        listener(&mut self.listeners, &self.recorder, address)
+            .active
+            .decrement(1.0);
     }
 
-    /// A TLS handshake on `listener` ended, well or not.
-    pub fn tls_handshake(&mut self, listener: SocketAddr, ok: bool) {
-        let l = self.listeners.entry(listener).or_default();
+    /// A TLS handshake on `address` ended, well or not.
+    pub fn tls_handshake(&mut self, address: SocketAddr, ok: bool) {
+        let l = listener(&mut self.listeners, &self.recorder, address);
         if ok {
-            l.tls_handshakes += 1;
+            l.tls_handshakes.increment(1);
         } else {
-            l.tls_failures += 1;
+            l.tls_failures.increment(1);
         }
     }
 
     /// A connection to a backend was attempted: `retry` when another backend failed before
     /// for the same request, `new` when it is a fresh connection (not an idle one reused).
-    pub fn attempt(&mut self, cluster: &str, address: SocketAddr, retry: bool, new: bool) {
-        let Some(c) = self.cluster(cluster) else {
+    pub fn attempt(&mut self, name: &str, address: SocketAddr, retry: bool, new: bool) {
+        let Some(c) = cluster(&mut self.clusters, &self.recorder, name) else {
             return;
         };
         if retry {
-            c.retries += 1;
+            c.retries.increment(1);
         }
-        let b = c.backends.entry(address).or_default();
+        let b = c.backend(&self.recorder, address);
         if retry {
-            b.retries += 1;
+            b.retries.increment(1);
         }
         if new {
-            b.connections += 1;
+            b.connections.increment(1);
         }
     }
 
-    pub fn connect_error(&mut self, cluster: &str, address: SocketAddr) {
-        let Some(c) = self.cluster(cluster) else {
+    pub fn connect_error(&mut self, name: &str, address: SocketAddr) {
+        let Some(c) = cluster(&mut self.clusters, &self.recorder, name) else {
             return;
         };
-        c.connect_errors += 1;
-        c.backends.entry(address).or_default().connect_errors += 1;
+        c.connect_errors.increment(1);
+        c.backend(&self.recorder, address)
+            .connect_errors
+            .increment(1);
     }
 
-    pub fn ejected(&mut self, cluster: &str, address: SocketAddr) {
-        if let Some(c) = self.cluster(cluster) {
-            c.backends.entry(address).or_default().ejections += 1;
+    pub fn ejected(&mut self, name: &str, address: SocketAddr) {
+        if let Some(c) = cluster(&mut self.clusters, &self.recorder, name) {
+            c.backend(&self.recorder, address).ejections.increment(1);
         }
     }
 
-    /// Forgets the clusters and backends that are no longer configured.
+    /// Forgets the clusters and backends that are no longer configured: their handles are
+    /// dropped, and the recorder leaves them out of the next scrape.
     pub fn retain(&mut self, clusters: &[crate::balancer::ClusterState]) {
+        let configured = |name: &str, address: SocketAddr| {
+            clusters
+                .iter()
+                .any(|c| c.name == name && c.backends.iter().any(|b| b.address == address))
+        };
         self.clusters.retain(|name, stats| {
-            let Some(c) = clusters.iter().find(|c| &c.name == name) else {
+            if !clusters.iter().any(|c| &c.name == name) {
                 return false;
-            };
-            stats
-                .backends
-                .retain(|a, _| c.backends.iter().any(|b| b.address == *a));
+            }
+            stats.backends.retain(|a, _| configured(name, *a));
             true
         });
+        self.backends.retain(|(name, a), _| configured(name, *a));
     }
 
     /// Every figure as samples. `live` and `buffers` (in use, limit) are the worker's gauges;
     /// the backends' in-flight requests come from the balancers.
     pub fn samples(
-        &self,
+        &mut self,
         clusters: &[crate::balancer::ClusterState],
         live: usize,
         buffers: (usize, usize),
     ) -> Vec<Sample> {
-        let mut out = Vec::new();
-        out.push(sample("kakehi_worker_connections", &[], live as f64));
-        out.push(sample(
-            "kakehi_worker_buffers_in_use",
-            &[],
-            buffers.0 as f64,
-        ));
-        out.push(sample("kakehi_worker_buffers_max", &[], buffers.1 as f64));
-        let listeners: BTreeMap<String, &ListenerStats> = self
-            .listeners
-            .iter()
-            .map(|(a, s)| (a.to_string(), s))
-            .collect();
-        for (address, l) in &listeners {
-            let labels = [("listener", address.as_str())];
-            l.traffic.push(&mut out, "listener", &labels);
-            let n = |name: &str, v: u64| sample(name, &labels, v as f64);
-            out.push(n("kakehi_listener_connections_total", l.accepted));
-            out.push(n(
-                "kakehi_listener_connections_active",
-                l.accepted.saturating_sub(l.closed),
-            ));
-            out.push(n("kakehi_listener_tls_handshakes_total", l.tls_handshakes));
-            out.push(n(
-                "kakehi_listener_tls_handshake_failures_total",
-                l.tls_failures,
-            ));
-        }
-        let mut names: Vec<&String> = self.clusters.keys().collect();
-        names.sort();
-        for name in names {
-            let Some(c) = self.clusters.get(name) else {
-                continue;
-            };
-            let labels = [("cluster", name.as_str())];
-            c.traffic.push(&mut out, "cluster", &labels);
-            out.push(sample(
-                "kakehi_cluster_connect_errors_total",
-                &labels,
-                c.connect_errors as f64,
-            ));
-            out.push(sample(
-                "kakehi_cluster_retries_total",
-                &labels,
-                c.retries as f64,
-            ));
-            out.push(sample(
-                "kakehi_cluster_rate_limited_total",
-                &labels,
-                c.rate_limited as f64,
-            ));
-            let mut backends: Vec<(&SocketAddr, &BackendStats)> = c.backends.iter().collect();
-            backends.sort_by_key(|(a, _)| **a);
-            for (address, b) in backends {
-                let address = address.to_string();
-                let labels = [("cluster", name.as_str()), ("backend", address.as_str())];
-                b.traffic.push(&mut out, "backend", &labels);
-                b.response_time
-                    .push(&mut out, "kakehi_backend_response_time_seconds", &labels);
-                let n = |name: &str, v: u64| sample(name, &labels, v as f64);
-                out.push(n("kakehi_backend_connections_total", b.connections));
-                out.push(n("kakehi_backend_connect_errors_total", b.connect_errors));
-                out.push(n("kakehi_backend_retries_total", b.retries));
-                out.push(n("kakehi_backend_ejections_total", b.ejections));
-            }
-        }
+        self.worker.connections.set(live as f64);
+        self.worker.buffers_in_use.set(buffers.0 as f64);
+        self.worker.buffers_max.set(buffers.1 as f64);
         for c in clusters {
             for b in &c.backends {
-                let address = b.address.to_string();
-                let labels = [("cluster", c.name.as_str()), ("backend", address.as_str())];
-                out.push(sample(
-                    "kakehi_backend_active_requests",
-                    &labels,
-                    f64::from(b.active),
-                ));
-                out.push(sample(
-                    "kakehi_backend_ejected",
-                    &labels,
-                    if b.is_ejected() { 1.0 } else { 0.0 },
-                ));
+                let key = (c.name.clone(), b.address);
+                let recorder = &self.recorder;
+                let g = self.backends.entry(key).or_insert_with(|| {
+                    let l = labels(&[
+                        ("cluster", c.name.clone()),
+                        ("backend", b.address.to_string()),
+                    ]);
+                    recorder.register(|| BackendGauges {
+                        active: gauge!("kakehi_backend_active_requests", l.iter()),
+                        ejected: gauge!("kakehi_backend_ejected", l.iter()),
+                    })
+                });
+                g.active.set(f64::from(b.active));
+                g.ejected.set(if b.is_ejected() { 1.0 } else { 0.0 });
             }
         }
-        out
+        // Backends no longer configured lose their gauges (their traffic figures go when the
+        // worker applies the configuration, in `retain`).
+        self.backends.retain(|(name, address), _| {
+            clusters
+                .iter()
+                .any(|c| &c.name == name && c.backends.iter().any(|b| b.address == *address))
+        });
+        self.recorder.samples()
     }
 }
 
@@ -436,20 +462,10 @@ impl crate::cx::Cx {
     }
 }
 
-fn sample(name: &str, labels: &[(&str, &str)], value: f64) -> Sample {
-    Sample {
-        name: name.to_string(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-            .collect(),
-        value,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn record<'a>(status: u16, cluster: &'a str, ms: u64) -> Record<'a> {
         Record {
@@ -527,6 +543,38 @@ mod tests {
             Some(3.0)
         );
         assert_eq!(value(&s, "kakehi_worker_buffers_in_use", &[]), Some(4.0));
+    }
+
+    #[test]
+    fn handles_are_registered_once_not_per_request() {
+        let mut stats = Stats::default();
+        let listener: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let backend: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let one = |stats: &mut Stats| {
+            stats.accepted(listener);
+            stats.attempt("app", backend, false, true);
+            stats.request(&record(200, "app", 3), true);
+            stats.closed(listener);
+        };
+        one(&mut stats);
+        let after_first = stats.recorder.registrations();
+        for _ in 0..1000 {
+            one(&mut stats);
+        }
+        assert_eq!(stats.recorder.registrations(), after_first);
+        let s = stats.samples(&[], 0, (0, 0));
+        assert_eq!(
+            value(&s, "kakehi_backend_requests_total", &[("class", "2xx")]),
+            Some(1001.0)
+        );
+        assert_eq!(
+            value(&s, "kakehi_listener_connections_total", &[]),
+            Some(1001.0)
+        );
+        assert_eq!(
+            value(&s, "kakehi_listener_connections_active", &[]),
+            Some(0.0)
+        );
     }
 
     #[test]
