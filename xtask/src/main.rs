@@ -16,6 +16,7 @@
 )]
 
 mod bench;
+mod dashboard;
 mod dist;
 mod ebpf;
 mod procs;
@@ -69,6 +70,10 @@ enum Command {
     /// Build the package, install it with apt into a Debian 12 tree (the appliance's, chroot)
     /// and see the installed lbd serve.
     DistTest(dist::Args),
+    /// Draw the Grafana dashboard (config/grafana/kakehi.json) fed by a real run: lbd with
+    /// eBPF steering and Debian's Prometheus in a fresh network namespace, 100 s of scripted
+    /// traffic; writes config/grafana/kakehi.png.
+    Dashboard(dashboard::Args),
 }
 
 fn main() -> ExitCode {
@@ -86,6 +91,9 @@ fn main() -> ExitCode {
         Command::VmTest(args) => vm::vm_test(&signals, &args).map(|()| ExitCode::SUCCESS),
         Command::Dist(args) => dist::dist(&signals, &args).map(|_| ExitCode::SUCCESS),
         Command::DistTest(args) => dist::dist_test(&signals, &args).map(|()| ExitCode::SUCCESS),
+        Command::Dashboard(args) => {
+            dashboard::dashboard(&signals, &args).map(|()| ExitCode::SUCCESS)
+        }
     });
     match result {
         Ok(code) => code,
