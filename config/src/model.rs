@@ -37,6 +37,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub access_log: AccessLog,
     pub metrics: Option<Metrics>,
+    /// `[sync]`: etcd shared with other appliances (lbd's main process alone uses it).
+    pub sync: Option<Sync>,
     pub listeners: Vec<Listener>,
     /// Clusters in name order.
     pub clusters: Vec<Cluster>,
@@ -94,6 +96,18 @@ pub enum LogTarget {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Metrics {
     pub address: SocketAddr,
+}
+
+/// `[sync]`, checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sync {
+    /// etcd members' client addresses (`http://IP:PORT`; names are not resolved).
+    pub etcd: Vec<SocketAddr>,
+    /// The keys' prefix, without a trailing `/`: changes under `PREFIX/changes/`, health
+    /// verdicts under `PREFIX/health/`.
+    pub prefix: String,
+    /// This appliance's name: where its changes and verdicts say they come from.
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -140,6 +140,8 @@ pub struct State {
     pub access_log: Option<AccessLogDef>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncDef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<ListenerDef>,
     /// By name, the order the file's tables are read in.
@@ -179,6 +181,20 @@ pub struct AccessLogDef {
 #[serde(deny_unknown_fields)]
 pub struct MetricsDef {
     pub address: String,
+}
+
+/// `[sync]`: the etcd cluster several appliances share their changes and health verdicts
+/// through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncDef {
+    /// Client URLs of etcd members, `http://IP:PORT`.
+    pub etcd: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// This appliance's name among the others (default: the host name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// One `[[listeners]]` entry.

@@ -111,6 +111,10 @@ pub(crate) fn validate(file: &State, places: &Places<'_>, source: &Path) -> Resu
             Some(Metrics { address })
         }
     };
+    let sync = match &file.sync {
+        None => None,
+        Some(s) => Some(c.sync(s)?),
+    };
     let clusters = c.clusters(&file.clusters, &listeners)?;
 
     Ok(Config {
@@ -127,6 +131,7 @@ pub(crate) fn validate(file: &State, places: &Places<'_>, source: &Path) -> Resu
         timeouts,
         access_log,
         metrics,
+        sync,
         listeners,
         clusters,
     })
@@ -140,6 +145,62 @@ pub(crate) struct Checker<'a> {
 }
 
 impl Checker<'_> {
+    /// `[sync]`: etcd's client URLs, the key prefix, this appliance's name.
+    fn sync(&self, s: &crate::state::SyncDef) -> Result<crate::model::Sync> {
+        if s.etcd.is_empty() {
+            return Err(self.err(
+                "sync.etcd",
+                "no etcd member: give at least one client URL, such as [\"http://10.0.0.5:2379\"]",
+            ));
+        }
+        let mut etcd = Vec::new();
+        for url in &s.etcd {
+            let text = url.trim();
+            let Some(rest) = text.strip_prefix("http://") else {
+                return Err(self.err(
+                    "sync.etcd",
+                    format!(
+                        "\"{text}\" is not an http:// URL: kakehi speaks to etcd's client port over plain HTTP (http://IP:PORT)"
+                    ),
+                ));
+            };
+            etcd.push(self.socket_addr(rest.trim_end_matches('/'), "sync.etcd")?);
+        }
+        let prefix = s.prefix.as_deref().unwrap_or("/kakehi").trim();
+        if !prefix.starts_with('/')
+            || prefix.len() < 2
+            || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(self.err(
+                "sync.prefix",
+                format!(
+                    "\"{prefix}\" is not a key prefix: expected a path such as \"/kakehi/prod\""
+                ),
+            ));
+        }
+        let name = match &s.name {
+            Some(n) => n.trim().to_string(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
+        };
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+        if name.is_empty() || name.len() > 64 || !name.chars().all(allowed) {
+            return Err(self.err_near(
+                if s.name.is_some() { "sync.name" } else { "sync" },
+                "sync.name",
+                format!(
+                    "\"{name}\" is not an appliance name: 1 to 64 letters, digits, '.', '-' or '_' (the default is the host name)"
+                ),
+            ));
+        }
+        Ok(crate::model::Sync {
+            etcd,
+            prefix: prefix.trim_end_matches('/').to_string(),
+            name,
+        })
+    }
+
     /// An error about `field`, placed where it is written.
     pub(crate) fn err(&self, field: &str, message: impl Into<String>) -> ConfigError {
         self.err_near(field, field, message)

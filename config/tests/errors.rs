@@ -787,6 +787,48 @@ fn http2_listener_keys_are_checked() {
 }
 
 #[test]
+fn sync_is_checked() {
+    let run = |body: &str, line: usize, field: &str, phrase: &str| {
+        let mut lines = vec!["[[listeners]]", "address = \"127.0.0.1:8080\"", "[sync]"];
+        lines.extend(body.lines());
+        check(&lines, line, field, phrase);
+    };
+    run("etcd = []", 4, "sync.etcd", "no etcd member");
+    run(
+        "etcd = [\"https://10.0.0.5:2379\"]",
+        4,
+        "sync.etcd",
+        "is not an http:// URL",
+    );
+    run(
+        "etcd = [\"http://etcd.example:2379\"]",
+        4,
+        "sync.etcd",
+        "is not a socket address",
+    );
+    run(
+        "etcd = [\"http://10.0.0.5:2379\"]\nprefix = \"kakehi\"",
+        5,
+        "sync.prefix",
+        "is not a key prefix",
+    );
+    run(
+        "etcd = [\"http://10.0.0.5:2379\"]\nname = \"lb 1\"",
+        5,
+        "sync.name",
+        "is not an appliance name",
+    );
+    let config = parse_str(
+        "[sync]\netcd = [\"http://10.0.0.5:2379/\"]\nname = \"lb1\"\n",
+        Path::new(FILE),
+    )
+    .unwrap();
+    let sync = config.sync.unwrap();
+    assert_eq!(sync.prefix, "/kakehi");
+    assert_eq!(sync.etcd, vec!["10.0.0.5:2379".parse().unwrap()]);
+}
+
+#[test]
 fn hash_keys_and_backend_tls_are_checked() {
     let cluster = |extra: &str| {
         vec![

@@ -58,6 +58,17 @@ fn full_example_sets_every_key() {
     assert!(config.source.is_absolute());
     assert_eq!(config.workers, 2);
     assert_eq!(config.max_connections, 20_000);
+    assert_eq!(
+        config.sync,
+        Some(lb_config::Sync {
+            etcd: vec![
+                "10.0.0.5:2379".parse().unwrap(),
+                "10.0.0.6:2379".parse().unwrap()
+            ],
+            prefix: "/kakehi/prod".into(),
+            name: "lb1".into(),
+        })
+    );
     assert_eq!(config.steering, Steering::Ebpf);
     assert_eq!(config.steering_policy, SteeringPolicy::LeastConnections);
     assert_eq!(config.user.as_deref(), Some("kakehi"));

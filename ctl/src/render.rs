@@ -144,6 +144,52 @@ fn status_text(s: &Status) -> String {
         }
         out.push_str(&backends.render());
     }
+    if let Some(sync) = &s.sync {
+        out.push('\n');
+        out.push_str(&sync_text(sync));
+    }
+    out
+}
+
+fn sync_text(s: &lb_config::protocol::SyncStatus) -> String {
+    let state = if s.connected {
+        format!("connected for {}", duration(s.since_secs))
+    } else {
+        format!(
+            "UNREACHABLE for {} ({}); serving the last state",
+            duration(s.since_secs),
+            s.last_error.as_deref().unwrap_or("not reached yet")
+        )
+    };
+    let mut out = format!(
+        "sync: appliance {} via etcd {} under {}: {state}
+\
+         read up to revision {}, {} change(s) of this appliance waiting; other appliances: {}\n",
+        s.name,
+        s.etcd.join(", "),
+        s.prefix,
+        s.revision,
+        s.pending,
+        if s.appliances.is_empty() {
+            "none seen".to_owned()
+        } else {
+            s.appliances.join(", ")
+        }
+    );
+    if !s.changes.is_empty() {
+        let mut table = Table::new(&["REVISION", "FROM", "CHANGE", "RESULT"]);
+        for c in &s.changes {
+            table.row(vec![
+                c.revision.map_or_else(|| "-".to_owned(), |r| r.to_string()),
+                c.origin.clone(),
+                c.change.clone(),
+                c.error
+                    .as_ref()
+                    .map_or_else(|| "applied".to_owned(), |e| format!("refused: {e}")),
+            ]);
+        }
+        out.push_str(&table.render());
+    }
     out
 }
 
@@ -303,6 +349,7 @@ mod tests {
                 last_error: Some("connect: Connection refused".into()),
                 ejected_by: 2,
             }],
+            sync: None,
         };
         assert_eq!(
             human(&Payload::Status(status)),

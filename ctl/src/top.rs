@@ -287,6 +287,7 @@ mod tests {
             }],
             listeners: vec![],
             backends: vec![],
+            sync: None,
         };
         let view = View::next(status, &after, &before, Duration::from_secs(2));
         assert_eq!(view.clusters.get("app"), Some(&(100.0, 304)));

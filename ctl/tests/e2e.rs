@@ -71,6 +71,7 @@ fn answer(verb: &Verb) -> Result<Payload, String> {
                 frontends: 1,
             }],
             backends: Vec::new(),
+            sync: None,
         })),
         Verb::StateDump => Ok(Payload::State(Box::new(state()))),
         Verb::Change(Edit::RemoveCluster { name }) => Err(format!(

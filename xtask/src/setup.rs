@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use crate::procs::{self, Signals};
 
 /// Everything `cargo xtask setup` installs.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     "curl",
     "wrk",
     "nginx",
@@ -27,6 +27,7 @@ pub const ALL: [&str; 11] = [
     "nghttp2-client",
     "python3-grpcio",
     "libcap2-bin",
+    "etcd-server",
 ];
 /// What `cargo xtask run` needs (for the curl commands it prints).
 pub const RUN: [&str; 1] = ["curl"];
@@ -36,8 +37,9 @@ pub const RUN: [&str; 1] = ["curl"];
 /// and drives lbd's HTTP/2 end-to-end tests, whose load generator is nghttp2-client's h2load,
 /// python3-grpcio is the gRPC client and server of lbd's gRPC end-to-end tests, nginx the h2c
 /// backend of its HTTP/2-to-backends tests, and libcap2-bin's capsh runs lbd without
-/// CAP_NET_ADMIN in a per-client limits test.
-pub const TEST: [&str; 10] = [
+/// CAP_NET_ADMIN in a per-client limits test, and etcd-server the etcd that the `[sync]` test
+/// shares between two lbd processes.
+pub const TEST: [&str; 11] = [
     "curl",
     "wrk",
     "nginx",
@@ -48,6 +50,7 @@ pub const TEST: [&str; 10] = [
     "nghttp2-client",
     "python3-grpcio",
     "libcap2-bin",
+    "etcd-server",
 ];
 /// The HTTP/2 conformance suite the tests run against an h2c listener (h2spec's cases in
 /// Rust), from crates.io. `--locked`: its own lockfile's dependencies, the ones it builds

@@ -146,6 +146,43 @@ pub struct Status {
     /// Every backend with what the health checks say of it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendHealth>,
+    /// `[sync]`: etcd and the changes shared with other appliances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<Box<SyncStatus>>,
+}
+
+/// `lbctl status`'s sync part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncStatus {
+    /// This appliance's name.
+    pub name: String,
+    pub prefix: String,
+    pub etcd: Vec<String>,
+    pub connected: bool,
+    /// Seconds since etcd was last reached or lost.
+    pub since_secs: u64,
+    pub last_error: Option<String>,
+    /// etcd's revision up to which changes were read.
+    pub revision: u64,
+    /// Changes made here and not yet known written to etcd.
+    pub pending: usize,
+    /// The other appliances with health verdicts in etcd.
+    pub appliances: Vec<String>,
+    /// The latest changes, oldest first.
+    pub changes: Vec<SyncChange>,
+}
+
+/// A change in `lbctl status`: where it came from and how it went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncChange {
+    /// etcd's revision (None: made here).
+    pub revision: Option<u64>,
+    pub origin: String,
+    pub change: String,
+    /// Why it was refused here.
+    pub error: Option<String>,
 }
 
 /// One backend in `lbctl status`: its cluster's health check and what it found.

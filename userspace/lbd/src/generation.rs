@@ -124,6 +124,8 @@ pub(crate) struct Running<'a> {
     pub down: Vec<(String, SocketAddr)>,
     /// The session ticket keys (`lb_proxy::tickets::Keys::to_bytes`).
     pub ticket_keys: Vec<u8>,
+    /// With `[sync]`: the etcd revision up to which changes were read and applied.
+    pub sync_revision: Option<u64>,
 }
 
 impl Generation {
@@ -209,6 +211,7 @@ impl Generation {
             log_level: workers.log_level.as_str().to_owned(),
             down: running.down,
             ticket_keys: Some(running.ticket_keys),
+            sync_revision: running.sync_revision,
             fds: roles,
         };
         let (mut ours, theirs) = UnixStream::pair().map_err(UpgradeError::Channel)?;

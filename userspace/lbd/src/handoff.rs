@@ -42,6 +42,10 @@ pub struct Handoff {
     /// the tickets the old ones issued. None from an lbd before them: new keys are drawn.
     #[serde(default)]
     pub ticket_keys: Option<Vec<u8>>,
+    /// With `[sync]`: the etcd revision up to which the sender read and applied the other
+    /// appliances' changes; the new lbd reads on from there (none: from the start).
+    #[serde(default)]
+    pub sync_revision: Option<u64>,
     /// What each descriptor that follows is, in order.
     pub fds: Vec<FdRole>,
 }
@@ -352,6 +356,7 @@ mod tests {
             log_level: "info".into(),
             down: Vec::new(),
             ticket_keys: None,
+            sync_revision: None,
             fds,
         })
         .unwrap()
@@ -379,6 +384,7 @@ mod tests {
                 log_level: "info".into(),
                 down: Vec::new(),
                 ticket_keys: None,
+                sync_revision: None,
                 fds,
             })
             .unwrap()

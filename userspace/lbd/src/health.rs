@@ -106,8 +106,6 @@ pub struct Health {
     sender: mpsc::Sender<Outcome>,
     results: mpsc::Receiver<Outcome>,
     next_id: u64,
-    /// Bumped whenever the set of down backends changes.
-    version: u64,
     /// Main's recorder, which the checks' figures are registered with.
     recorder: Arc<Recorder>,
 }
@@ -120,7 +118,6 @@ impl Health {
             sender,
             results,
             next_id: 0,
-            version: 0,
             recorder,
         }
     }
@@ -142,15 +139,10 @@ impl Health {
             }
         }
         let before = self.checks.len();
-        let mut removed_down = false;
         self.checks.retain(|key, check| {
-            let keep = wanted
+            wanted
                 .get(key)
-                .is_some_and(|(spec, tls)| **spec == check.spec && *tls == check.tls.as_ref());
-            if !keep && !check.up {
-                removed_down = true;
-            }
-            keep
+                .is_some_and(|(spec, tls)| **spec == check.spec && *tls == check.tls.as_ref())
         });
         for (key, (spec, tls_spec)) in wanted {
             if self.checks.contains_key(&key) {
@@ -208,9 +200,6 @@ impl Health {
                 },
             );
         }
-        if removed_down {
-            self.version += 1;
-        }
         if before != self.checks.len() {
             log::debug!("{} backends health-checked", self.checks.len());
         }
@@ -263,9 +252,6 @@ impl Health {
                 );
             }
         }
-        if changed {
-            self.version += 1;
-        }
         changed
     }
 
@@ -273,7 +259,6 @@ impl Health {
     /// over), for the backends checked here; their probes go on and bring them back after
     /// `rise` good ones.
     pub fn assume_down(&mut self, keys: &[Key]) {
-        let mut changed = false;
         for key in keys {
             if let Some(check) = self.checks.get_mut(key) {
                 if check.up {
@@ -282,18 +267,14 @@ impl Health {
                     check.streak = 0;
                     check.since = Instant::now();
                     check.last_error = Some("down when lbd was upgraded".into());
-                    changed = true;
                 }
             }
         }
-        if changed {
-            self.version += 1;
-        }
     }
 
-    /// Changes with every change of [`Health::down`].
-    pub fn version(&self) -> u64 {
-        self.version
+    /// Every checked backend's verdict: up or not.
+    pub fn verdicts(&self) -> std::collections::BTreeMap<Key, bool> {
+        self.checks.iter().map(|(k, c)| (k.clone(), c.up)).collect()
     }
 
     /// The backends found down, sorted.

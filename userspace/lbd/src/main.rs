@@ -24,6 +24,7 @@ mod sandbox;
 #[allow(dead_code)] // The fd handoff of `lbctl upgrade` and tests/steering.rs use the rest.
 mod steering;
 mod supervisor;
+mod sync;
 mod test_hooks;
 mod tickets;
 mod upgrade;

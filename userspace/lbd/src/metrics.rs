@@ -189,6 +189,11 @@ fn help(family: &str) -> &'static str {
         ("kakehi_worker_restarts_total", _) => {
             "Times each worker slot was restarted after its process died"
         }
+        ("kakehi_sync_connected", _) => "1 while etcd answers lbd's [sync] requests, 0 when not",
+        ("kakehi_sync_revision", _) => "etcd's revision up to which other appliances' changes were read",
+        ("kakehi_sync_changes_total", _) => {
+            "Changes written to etcd (origin local) and other appliances' changes applied or refused"
+        }
         ("kakehi_backend_up", _) => {
             "1 when the active health check finds the backend up, 0 when down"
         }

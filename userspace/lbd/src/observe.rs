@@ -16,6 +16,7 @@
 
 use crate::health::Health;
 use crate::metrics::{Exporter, Merged};
+use crate::sync::{Remote, Sync};
 use crate::workers::{Unanswered, Workers};
 use lb_config::protocol::channel::{Order, Reply};
 use lb_config::protocol::{BackendHealth, Payload, Sample};
@@ -68,6 +69,12 @@ pub struct Observer {
     /// the worker slots' restarts), held until the next one.
     polled: Vec<Counter>,
     health: Health,
+    /// `[sync]`: the other appliances' changes and verdicts, through etcd.
+    sync: Option<Sync>,
+    /// The down set last computed (local verdicts, or every appliance's with `[sync]`), and
+    /// a number bumped whenever it changes: what the workers are told.
+    down: Vec<(String, SocketAddr)>,
+    down_version: u64,
     exporter: Option<Exporter>,
     /// The last failed bind: (address, when), to retry and to log once.
     bind_failed: Option<(SocketAddr, Instant)>,
@@ -80,11 +87,16 @@ pub struct Observer {
     retired: Merged,
 }
 
-impl Default for Observer {
-    fn default() -> Observer {
+impl Observer {
+    /// With `[sync]`, its thread starts reading etcd from `revision` (what the previous lbd
+    /// read; 0 for every change).
+    pub(crate) fn new(sync: Option<&lb_config::Sync>, revision: u64) -> Observer {
         let recorder = Recorder::new(Writers::Many);
         Observer {
             health: Health::new(Arc::clone(&recorder)),
+            sync: sync.map(|s| Sync::start(s, revision, &recorder)),
+            down: Vec::new(),
+            down_version: 0,
             recorder,
             polled: Vec::new(),
             exporter: None,
@@ -93,6 +105,34 @@ impl Default for Observer {
             last: HashMap::new(),
             retired: Merged::default(),
         }
+    }
+
+    /// The changes other appliances made, to apply in order (none without `[sync]`).
+    pub(crate) fn remote_changes(&mut self) -> Vec<Remote> {
+        self.sync.as_mut().map(Sync::poll).unwrap_or_default()
+    }
+
+    /// Another appliance's change was applied (`error` None) or refused.
+    pub(crate) fn remote_applied(&mut self, change: &Remote, error: Option<String>) {
+        if let Some(sync) = &mut self.sync {
+            sync.applied(change, error);
+        }
+    }
+
+    /// A change lbctl made here: to etcd, with `[sync]`.
+    pub(crate) fn publish(&mut self, edit: &lb_config::state::Edit) {
+        if let Some(sync) = &mut self.sync {
+            sync.publish(edit);
+        }
+    }
+
+    pub(crate) fn sync_status(&self) -> Option<Box<lb_config::protocol::SyncStatus>> {
+        self.sync.as_ref().map(|s| Box::new(s.status()))
+    }
+
+    /// The etcd revision read so far, for the next lbd.
+    pub(crate) fn sync_revision(&self) -> Option<u64> {
+        self.sync.as_ref().map(Sync::revision)
     }
 }
 
@@ -206,8 +246,16 @@ impl Observer {
     }
 
     fn push_health(&mut self, workers: &mut Workers) {
-        let version = self.health.version();
-        let down = self.health.down();
+        let down = match &mut self.sync {
+            Some(sync) => sync.down(&self.health.verdicts()),
+            None => self.health.down(),
+        };
+        if down != self.down {
+            self.down = down;
+            self.down_version += 1;
+        }
+        let version = self.down_version;
+        let down = self.down.clone();
         let mut live = Vec::new();
         for (index, pid, channel) in workers.channels() {
             live.push(index);

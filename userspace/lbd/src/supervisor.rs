@@ -87,7 +87,9 @@ impl Supervisor {
             lb_config::Steering::Kernel => Vec::new(),
             lb_config::Steering::Ebpf => listeners::load_steering(&config, &sockets)?,
         };
-        Supervisor::assemble(config, state, source, log_level, sockets, steering, 1, None)
+        Supervisor::assemble(
+            config, state, source, log_level, sockets, steering, 1, None, 0,
+        )
     }
 
     /// Takes over what the previous lbd handed over (its sockets and steering program, its
@@ -106,6 +108,7 @@ impl Supervisor {
             steering,
             down,
             ticket_keys,
+            sync_revision,
             ..
         } = handed;
         let mut supervisor = Supervisor::assemble(
@@ -117,6 +120,7 @@ impl Supervisor {
             steering,
             generation + 1,
             ticket_keys,
+            sync_revision.unwrap_or(0),
         )?;
         supervisor.observer.seed_health(&supervisor.config, &down);
         // The handed-over programs carry the previous lbd's limits; this state's win.
@@ -140,12 +144,14 @@ impl Supervisor {
         mut steering: Vec<Steering>,
         generation: u64,
         ticket_keys: Option<lb_proxy::tickets::Keys>,
+        sync_revision: u64,
     ) -> Result<Supervisor, SupervisorError> {
         for st in &mut steering {
             // Informational (the program ignores it): which generation drives the maps.
             let _ = st.set_generation(u32::try_from(generation).unwrap_or(u32::MAX));
         }
         let workers = Workers::new(&config, log_level, sockets, steering, ticket_keys)?;
+        let observer = Observer::new(config.sync.as_ref(), sync_revision);
         Ok(Supervisor {
             config,
             state,
@@ -154,7 +160,7 @@ impl Supervisor {
             stop: None,
             workers,
             generation: Generation::new(generation).map_err(SupervisorError::Exe)?,
-            observer: Observer::default(),
+            observer,
         })
     }
 
@@ -210,6 +216,12 @@ impl Supervisor {
             self.workers.tickets.rotate_if_due(Instant::now());
             self.observer
                 .turn(&mut self.workers, &self.config, self.stop.is_some());
+            for change in self.observer.remote_changes() {
+                let error = crate::verbs::apply_change(self, &change.edit)
+                    .err()
+                    .map(|e| e.to_string());
+                self.observer.remote_applied(&change, error);
+            }
             commands.poll_timeout(self, Duration::from_millis(20));
         }
     }
@@ -261,6 +273,16 @@ impl Supervisor {
         self.observer.health_rows(&mut self.workers, &self.config)
     }
 
+    /// A change lbctl made here (written to etcd with `[sync]`).
+    pub(crate) fn publish(&mut self, edit: &lb_config::state::Edit) {
+        self.observer.publish(edit);
+    }
+
+    /// `lbctl status`'s sync part.
+    pub(crate) fn sync_status(&self) -> Option<Box<lb_config::protocol::SyncStatus>> {
+        self.observer.sync_status()
+    }
+
     /// `lbctl metrics`.
     pub(crate) fn all_samples(&mut self) -> Vec<Sample> {
         self.observer
@@ -286,6 +308,7 @@ impl Supervisor {
             source: &self.source,
             down: self.observer.health_down(),
             ticket_keys: self.workers.tickets.keys().to_bytes(),
+            sync_revision: self.observer.sync_revision(),
         };
         let done = self.generation.hand_over(&mut self.workers, exe, running)?;
         self.stop = Some(Stop::HandedOver);

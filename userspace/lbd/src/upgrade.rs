@@ -212,6 +212,7 @@ pub struct Handed {
     pub config: Config,
     pub down: Vec<(String, SocketAddr)>,
     pub ticket_keys: Option<lb_proxy::tickets::Keys>,
+    pub sync_revision: Option<u64>,
     pub command: UnixListener,
     /// `sockets[listener][worker]`.
     pub sockets: Vec<Vec<TcpListener>>,
@@ -249,6 +250,7 @@ pub fn receive(stream: &mut UnixStream, timeout: Duration) -> Result<Handed, Han
             .ticket_keys
             .as_deref()
             .and_then(lb_proxy::tickets::Keys::from_bytes),
+        sync_revision: message.sync_revision,
         command: parts.command,
         sockets: parts.sockets,
         steering: parts.steering,
@@ -552,6 +554,7 @@ mod tests {
             log_level: "info".into(),
             down: Vec::new(),
             ticket_keys: None,
+            sync_revision: None,
             fds: vec![
                 FdRole::CommandSocket,
                 FdRole::Listener {
@@ -595,6 +598,7 @@ mod tests {
             log_level: "info".into(),
             down: Vec::new(),
             ticket_keys: None,
+            sync_revision: None,
             fds: vec![
                 FdRole::Listener {
                     listener: 0,

@@ -99,8 +99,9 @@ impl crate::command::Handler for Supervisor {
                 workers_only: false,
             } => Ok(self.hand_over(binary).map_err(Box::new)?),
             Verb::Change(edit) => {
-                let checked = self.state().apply(&edit, self.source())?;
-                apply_state(self, checked)
+                let done = apply_change(self, &edit)?;
+                self.publish(&edit);
+                Ok(done)
             }
         }
     }
@@ -120,6 +121,16 @@ fn save(text: &str, path: &std::path::Path) -> std::io::Result<()> {
     file.write_all(text.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// One change, from lbctl or from another appliance (`sync.rs`): applied to a copy of the
+/// running state, validated whole, pushed to the workers; refused, it changes nothing.
+pub(crate) fn apply_change(
+    sup: &mut Supervisor,
+    edit: &lb_config::state::Edit,
+) -> Result<Payload, VerbError> {
+    let checked = sup.state().apply(edit, sup.source())?;
+    apply_state(sup, checked)
 }
 
 /// Pushes `checked` to every worker and makes it the running state.
@@ -145,6 +156,7 @@ fn apply_state(sup: &mut Supervisor, checked: Checked) -> Result<Payload, VerbEr
             "access_log.target",
             config.access_log.target == sup.config().access_log.target,
         ),
+        ("sync", config.sync == sup.config().sync),
     ] {
         if !same {
             return Err(VerbError::Fixed { what });
@@ -226,5 +238,6 @@ fn status(sup: &mut Supervisor) -> Status {
             })
             .collect(),
         backends: sup.health_rows(),
+        sync: sup.sync_status(),
     }
 }
