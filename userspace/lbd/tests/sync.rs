@@ -5,7 +5,10 @@
 //! - etcd stopped: both serve, a takes a change and holds it; etcd back: b applies it, once;
 //! - `lbctl upgrade` of b: the new lbd reads on from the revision the old one reached, so
 //!   nothing is applied twice, and it still follows a;
-//! - the health verdicts: a backend killed is down on both, b sees a's verdicts.
+//! - the health verdicts: a backend killed is down on both, b sees a's verdicts;
+//! - a majority decides: with a's check failing and b's passing, both serve through the
+//!   backend; a third appliance failing it too takes it out on b as well; once it stops, the
+//!   backend serves everywhere again (fails with the verdicts not combined: tried).
 
 #![allow(
     clippy::unwrap_used,
@@ -94,6 +97,22 @@ impl Drop for Etcd {
 }
 
 fn appliance(name: &str, etcd: SocketAddr, prefix: &str, backends: &[SocketAddr]) -> Lbd {
+    appliance_checking(name, etcd, prefix, backends, "")
+}
+
+/// An appliance whose health check asks for `path` (none: a TCP connect check).
+fn appliance_checking(
+    name: &str,
+    etcd: SocketAddr,
+    prefix: &str,
+    backends: &[SocketAddr],
+    path: &str,
+) -> Lbd {
+    let path = if path.is_empty() {
+        String::new()
+    } else {
+        format!("path = \"{path}\", ")
+    };
     let backends: Vec<String> = backends
         .iter()
         .map(|b| format!("{{ address = \"{b}\" }}"))
@@ -104,7 +123,7 @@ fn appliance(name: &str, etcd: SocketAddr, prefix: &str, backends: &[SocketAddr]
         format!(
             "[[listeners]]\naddress = \"{l}\"\n\n\
              [clusters.app]\nfrontends = [ {{ address = \"{l}\" }} ]\nbackends = [ {backends} ]\n\
-             health_check = {{ interval = \"200ms\", timeout = \"150ms\", rise = 2, fall = 2 }}\n\n\
+             health_check = {{ {path}interval = \"200ms\", timeout = \"150ms\", rise = 2, fall = 2 }}\n\n\
              [sync]\netcd = [\"http://{etcd}\"]\nprefix = \"{prefix}\"\nname = \"{name}\"\n"
         )
     })
@@ -296,4 +315,66 @@ fn changes_and_verdicts_travel_through_etcd_and_survive_its_outage() {
             lbctl_ok(s, &["status"])
         );
     }
+}
+
+/// The status line of a GET through `lbd`.
+fn status_through(lbd: &Lbd) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5"])
+        .arg(format!("http://{}/", lbd.addr()))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_backend_is_down_where_a_majority_of_appliances_says_so() {
+    let etcd = Etcd::start();
+    let o = Origin::start("o");
+    let prefix = format!("/kakehi/majority-{}", std::process::id());
+    // a's check asks for /status/500, so a finds the backend down; b's finds it up.
+    let a = appliance_checking("a", etcd.client, &prefix, &[o.addr()], "/status/500");
+    let b = appliance_checking("b", etcd.client, &prefix, &[o.addr()], "/health");
+    let (sa, sb) = (socket(&a), socket(&b));
+    let o_text = o.addr().to_string();
+    let local_state = |s: &Path| {
+        lbctl_ok(s, &["status"])
+            .lines()
+            .find(|l| l.contains(&o_text))
+            .map(|l| l.contains(" down "))
+    };
+    assert!(wait_until(Duration::from_secs(10), || local_state(&sa)
+        == Some(true)
+        && sync_status(&sb)["appliances"] == serde_json::json!(["a"])
+        && sync_status(&sa)["appliances"] == serde_json::json!(["b"])));
+    assert_eq!(local_state(&sb), Some(false));
+    // One of two says down: no majority, both serve through it (a too, against its own check).
+    std::thread::sleep(Duration::from_secs(1));
+    for _ in 0..5 {
+        assert_eq!(status_through(&a), "200");
+        assert_eq!(status_through(&b), "200");
+    }
+
+    // c agrees with a: two of three, and b takes it out too although its own check finds it up.
+    let mut c = appliance_checking("c", etcd.client, &prefix, &[o.addr()], "/status/500");
+    assert!(
+        wait_until(Duration::from_secs(10), || status_through(&b) == "503"),
+        "b follows the majority: {}",
+        sync_status(&sb)
+    );
+    assert_eq!(
+        local_state(&sb),
+        Some(false),
+        "b's own check still finds it up"
+    );
+    assert_eq!(status_through(&a), "503");
+
+    // c stops (its lease is revoked): one of two again, and it serves everywhere.
+    c.shutdown();
+    assert!(
+        wait_until(Duration::from_secs(10), || status_through(&b) == "200"
+            && status_through(&a) == "200"),
+        "{}",
+        sync_status(&sb)
+    );
 }
