@@ -82,7 +82,8 @@ enum ToEtcd {
 }
 
 enum FromEtcd {
-    Connected,
+    /// A round went well; this lbd's changes written so far.
+    Connected(u64),
     Failed(String),
     Change(Box<Remote>),
     /// Everything up to this revision has been read.
@@ -98,13 +99,15 @@ pub struct Sync {
     to_etcd: mpsc::Sender<ToEtcd>,
     from_etcd: mpsc::Receiver<FromEtcd>,
     stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
     connected: bool,
     /// When `connected` last changed.
     since: Instant,
     last_error: Option<String>,
     revision: u64,
-    /// Local changes not yet known written.
-    pending: usize,
+    /// Local changes sent to the thread, and known written to etcd.
+    published: u64,
+    written: u64,
     recent: VecDeque<SyncChange>,
     /// The other appliances' verdicts.
     others: BTreeMap<String, BTreeMap<Key, bool>>,
@@ -138,9 +141,9 @@ impl Sync {
             health: format!("{}/health/", settings.prefix),
             name: settings.name.clone(),
             instance: instance.clone(),
-            seq: 0,
             revision,
             queue: VecDeque::new(),
+            changes_written: 0,
             verdicts: BTreeMap::new(),
             verdicts_written: false,
             written: BTreeMap::new(),
@@ -152,9 +155,9 @@ impl Sync {
         let spawned = std::thread::Builder::new()
             .name("sync".into())
             .spawn(move || thread.run());
-        if let Err(e) = spawned {
-            log::error!("sync: cannot start its thread: {e}");
-        }
+        let thread = spawned
+            .map_err(|e| log::error!("sync: cannot start its thread: {e}"))
+            .ok();
         let figures = recorder.register(|| Figures {
             connected: gauge!("kakehi_sync_connected"),
             revision: gauge!("kakehi_sync_revision"),
@@ -174,11 +177,13 @@ impl Sync {
             to_etcd,
             from_etcd,
             stop,
+            thread,
             connected: false,
             since: Instant::now(),
             last_error: None,
             revision,
-            pending: 0,
+            published: 0,
+            written: 0,
             recent: VecDeque::new(),
             others: BTreeMap::new(),
             sent: None,
@@ -197,14 +202,14 @@ impl Sync {
         let mut remote = Vec::new();
         while let Ok(event) = self.from_etcd.try_recv() {
             match event {
-                FromEtcd::Connected => {
+                FromEtcd::Connected(written) => {
                     if !self.connected {
                         log::warn!("sync: etcd reached");
                         self.connected = true;
                         self.since = Instant::now();
                         self.figures.connected.set(1.0);
                     }
-                    self.pending = 0;
+                    self.written = written;
                 }
                 FromEtcd::Failed(e) => {
                     if self.connected || self.last_error.is_none() {
@@ -243,7 +248,7 @@ impl Sync {
                 .map_or(0, |d| d.as_secs()),
             edit: edit.clone(),
         };
-        self.pending += 1;
+        self.published += 1;
         self.figures.local.increment(1);
         self.record(SyncChange {
             revision: None,
@@ -320,7 +325,8 @@ impl Sync {
             since_secs: self.since.elapsed().as_secs(),
             last_error: self.last_error.clone(),
             revision: self.revision,
-            pending: self.pending,
+            pending: usize::try_from(self.published.saturating_sub(self.written))
+                .unwrap_or(usize::MAX),
             appliances: self.others.keys().cloned().collect(),
             changes: self.recent.iter().cloned().collect(),
         }
@@ -328,8 +334,13 @@ impl Sync {
 }
 
 impl Drop for Sync {
+    /// Stops the thread and waits for it: it revokes the lease, so this appliance's verdicts
+    /// leave etcd now rather than after the lease's TTL.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -401,9 +412,10 @@ struct Thread {
     health: String,
     name: String,
     instance: String,
-    seq: u64,
     revision: u64,
     queue: VecDeque<Stored>,
+    /// Changes of this lbd written to etcd.
+    changes_written: u64,
     verdicts: BTreeMap<Key, bool>,
     verdicts_written: bool,
     /// The verdicts etcd holds, as this thread wrote them.
@@ -432,7 +444,7 @@ impl Thread {
             }
             let wait = match self.step() {
                 Ok(()) => {
-                    let _ = self.events.send(FromEtcd::Connected);
+                    let _ = self.events.send(FromEtcd::Connected(self.changes_written));
                     POLL
                 }
                 Err(e) => {
@@ -454,14 +466,19 @@ impl Thread {
     /// One round: write what waits, keep the lease, read what changed.
     fn step(&mut self) -> Result<(), String> {
         while let Some(stored) = self.queue.front() {
-            self.seq += 1;
+            // The change's key is fixed by its place in this lbd's sequence, and it is only
+            // created, never overwritten: a write retried after a lost answer adds nothing.
             let key = format!(
                 "{}{}-{}-{:010}",
-                self.changes, self.name, self.instance, self.seq
+                self.changes,
+                self.name,
+                self.instance,
+                self.changes_written + 1
             );
             let value = serde_json::to_string(stored).map_err(|e| e.to_string())?;
-            self.client.put(&key, &value, None)?;
+            self.client.create(&key, &value)?;
             self.queue.pop_front();
+            self.changes_written += 1;
         }
         self.keep_lease()?;
         if !self.verdicts_written {
@@ -650,6 +667,16 @@ impl Client {
             None => json!({ "key": B64.encode(key), "value": B64.encode(value) }),
         };
         self.call("/v3/kv/put", &body).map(|_| ())
+    }
+
+    /// Puts `key` unless it exists (a transaction on its creation revision).
+    fn create(&self, key: &str, value: &str) -> Result<(), String> {
+        let key = B64.encode(key);
+        let body = json!({
+            "compare": [{ "key": key, "result": "EQUAL", "target": "CREATE", "create_revision": "0" }],
+            "success": [{ "request_put": { "key": key, "value": B64.encode(value) } }],
+        });
+        self.call("/v3/kv/txn", &body).map(|_| ())
     }
 
     fn delete(&self, key: &str) -> Result<(), String> {
