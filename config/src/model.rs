@@ -39,6 +39,8 @@ pub struct Config {
     pub metrics: Option<Metrics>,
     /// `[sync]`: etcd shared with other appliances (lbd's main process alone uses it).
     pub sync: Option<Sync>,
+    /// `[bgp]`: the VIP bird2 announces while lbd serves (lbd's main process alone uses it).
+    pub bgp: Option<Bgp>,
     pub listeners: Vec<Listener>,
     /// Clusters in name order.
     pub clusters: Vec<Cluster>,
@@ -108,6 +110,18 @@ pub struct Sync {
     pub prefix: String,
     /// This appliance's name: where its changes and verdicts say they come from.
     pub name: String,
+}
+
+/// `[bgp]`, checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bgp {
+    pub vip: std::net::IpAddr,
+    pub local_as: u32,
+    pub router_id: std::net::Ipv4Addr,
+    /// (address, AS) of each neighbour.
+    pub peers: Vec<(std::net::IpAddr, u32)>,
+    pub bird_socket: PathBuf,
+    pub bird_config: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

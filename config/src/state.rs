@@ -142,6 +142,8 @@ pub struct State {
     pub metrics: Option<MetricsDef>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpDef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<ListenerDef>,
     /// By name, the order the file's tables are read in.
@@ -195,6 +197,30 @@ pub struct SyncDef {
     /// This appliance's name among the others (default: the host name).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+}
+
+/// `[bgp]`: the virtual IP bird2 announces while this appliance serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BgpDef {
+    pub vip: String,
+    pub local_as: i64,
+    pub router_id: String,
+    pub peers: Vec<BgpPeerDef>,
+    /// bird's control socket (default "/run/bird/bird.ctl").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bird_socket: Option<String>,
+    /// Where lbd writes bird's configuration.
+    pub bird_config: String,
+}
+
+/// One BGP neighbour of `[bgp]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BgpPeerDef {
+    pub address: String,
+    #[serde(rename = "as")]
+    pub asn: i64,
 }
 
 /// One `[[listeners]]` entry.

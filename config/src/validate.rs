@@ -115,6 +115,10 @@ pub(crate) fn validate(file: &State, places: &Places<'_>, source: &Path) -> Resu
         None => None,
         Some(s) => Some(c.sync(s)?),
     };
+    let bgp = match &file.bgp {
+        None => None,
+        Some(b) => Some(c.bgp(b)?),
+    };
     let clusters = c.clusters(&file.clusters, &listeners)?;
 
     Ok(Config {
@@ -132,6 +136,7 @@ pub(crate) fn validate(file: &State, places: &Places<'_>, source: &Path) -> Resu
         access_log,
         metrics,
         sync,
+        bgp,
         listeners,
         clusters,
     })
@@ -145,6 +150,53 @@ pub(crate) struct Checker<'a> {
 }
 
 impl Checker<'_> {
+    /// `[bgp]`: the VIP, this router's AS and id, its neighbours, and bird's files.
+    fn bgp(&self, b: &crate::state::BgpDef) -> Result<crate::model::Bgp> {
+        let ip = |text: &str, field: &str| {
+            text.trim()
+                .parse::<std::net::IpAddr>()
+                .map_err(|_| self.err(field, format!("\"{text}\" is not an IP address")))
+        };
+        let asn = |n: i64, field: &str| {
+            u32::try_from(n)
+                .ok()
+                .filter(|&a| a > 0)
+                .ok_or_else(|| self.err(field, format!("{n} is not an AS number: 1 to 4294967295")))
+        };
+        let vip = ip(&b.vip, "bgp.vip")?;
+        let local_as = asn(b.local_as, "bgp.local_as")?;
+        let router_id = match ip(&b.router_id, "bgp.router_id")? {
+            std::net::IpAddr::V4(v4) => v4,
+            std::net::IpAddr::V6(_) => {
+                return Err(self.err("bgp.router_id", "a router id is an IPv4 address"))
+            }
+        };
+        if b.peers.is_empty() {
+            return Err(self.err(
+                "bgp.peers",
+                "no peer: give at least one, such as [ { address = \"10.0.0.1\", as = 65000 } ]",
+            ));
+        }
+        let mut peers = Vec::new();
+        for (i, p) in b.peers.iter().enumerate() {
+            peers.push((
+                ip(&p.address, &format!("bgp.peers[{i}].address"))?,
+                asn(p.asn, &format!("bgp.peers[{i}].as"))?,
+            ));
+        }
+        Ok(crate::model::Bgp {
+            vip,
+            local_as,
+            router_id,
+            peers,
+            bird_socket: self.path(
+                b.bird_socket.as_deref().unwrap_or("/run/bird/bird.ctl"),
+                "bgp.bird_socket",
+            )?,
+            bird_config: self.path(&b.bird_config, "bgp.bird_config")?,
+        })
+    }
+
     /// `[sync]`: etcd's client URLs, the key prefix, this appliance's name.
     fn sync(&self, s: &crate::state::SyncDef) -> Result<crate::model::Sync> {
         if s.etcd.is_empty() {

@@ -787,6 +787,49 @@ fn http2_listener_keys_are_checked() {
 }
 
 #[test]
+fn bgp_is_checked() {
+    let run = |body: &str, line: usize, field: &str, phrase: &str| {
+        let mut lines = vec!["[bgp]"];
+        lines.extend(body.lines());
+        check(&lines, line, field, phrase);
+    };
+    let rest = "local_as = 65001\nrouter_id = \"10.0.0.2\"\n\
+                peers = [ { address = \"10.0.0.1\", as = 65000 } ]\nbird_config = \"bird.conf\"";
+    run(
+        &format!("vip = \"192.0.2\"\n{rest}"),
+        2,
+        "bgp.vip",
+        "is not an IP address",
+    );
+    run(
+        "vip = \"192.0.2.10\"\nlocal_as = 0\nrouter_id = \"10.0.0.2\"\npeers = []\nbird_config = \"b\"",
+        3,
+        "bgp.local_as",
+        "is not an AS number",
+    );
+    run(
+        "vip = \"192.0.2.10\"\nlocal_as = 65001\nrouter_id = \"::1\"\npeers = []\nbird_config = \"b\"",
+        4,
+        "bgp.router_id",
+        "a router id is an IPv4 address",
+    );
+    run(
+        "vip = \"192.0.2.10\"\nlocal_as = 65001\nrouter_id = \"10.0.0.2\"\npeers = []\nbird_config = \"b\"",
+        5,
+        "bgp.peers",
+        "no peer",
+    );
+    let config = parse_str(
+        &format!("[bgp]\nvip = \"192.0.2.10\"\n{rest}\n"),
+        Path::new(FILE),
+    )
+    .unwrap();
+    let bgp = config.bgp.unwrap();
+    assert_eq!(bgp.bird_socket, Path::new("/run/bird/bird.ctl"));
+    assert_eq!(bgp.peers, vec![("10.0.0.1".parse().unwrap(), 65000)]);
+}
+
+#[test]
 fn sync_is_checked() {
     let run = |body: &str, line: usize, field: &str, phrase: &str| {
         let mut lines = vec!["[[listeners]]", "address = \"127.0.0.1:8080\"", "[sync]"];

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use crate::procs::{self, Signals};
 
 /// Everything `cargo xtask setup` installs.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     "curl",
     "wrk",
     "nginx",
@@ -28,6 +28,7 @@ pub const ALL: [&str; 12] = [
     "python3-grpcio",
     "libcap2-bin",
     "etcd-server",
+    "bird2",
 ];
 /// What `cargo xtask run` needs (for the curl commands it prints).
 pub const RUN: [&str; 1] = ["curl"];
@@ -38,8 +39,8 @@ pub const RUN: [&str; 1] = ["curl"];
 /// python3-grpcio is the gRPC client and server of lbd's gRPC end-to-end tests, nginx the h2c
 /// backend of its HTTP/2-to-backends tests, and libcap2-bin's capsh runs lbd without
 /// CAP_NET_ADMIN in a per-client limits test, and etcd-server the etcd that the `[sync]` test
-/// shares between two lbd processes.
-pub const TEST: [&str; 11] = [
+/// shares between two lbd processes, and bird2 the BGP routers of the `[bgp]` test.
+pub const TEST: [&str; 12] = [
     "curl",
     "wrk",
     "nginx",
@@ -51,6 +52,7 @@ pub const TEST: [&str; 11] = [
     "python3-grpcio",
     "libcap2-bin",
     "etcd-server",
+    "bird2",
 ];
 /// The HTTP/2 conformance suite the tests run against an h2c listener (h2spec's cases in
 /// Rust), from crates.io. `--locked`: its own lockfile's dependencies, the ones it builds

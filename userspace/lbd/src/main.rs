@@ -10,6 +10,7 @@
 #![deny(unsafe_code)]
 
 mod answers;
+mod bgp;
 mod channel;
 mod command;
 mod fds;

@@ -130,6 +130,11 @@ impl Observer {
         self.sync.as_ref().map(|s| Box::new(s.status()))
     }
 
+    /// The backends the workers are told are down.
+    pub(crate) fn down(&self) -> &[(String, SocketAddr)] {
+        &self.down
+    }
+
     /// The etcd revision read so far, for the next lbd.
     pub(crate) fn sync_revision(&self) -> Option<u64> {
         self.sync.as_ref().map(Sync::revision)

@@ -69,6 +69,8 @@ pub struct Supervisor {
     workers: Workers,
     generation: Generation,
     observer: Observer,
+    /// `[bgp]`: tells bird2 whether to announce the VIP.
+    bgp: Option<crate::bgp::Announcer>,
 }
 
 impl Supervisor {
@@ -152,6 +154,10 @@ impl Supervisor {
         }
         let workers = Workers::new(&config, log_level, sockets, steering, ticket_keys)?;
         let observer = Observer::new(config.sync.as_ref(), sync_revision);
+        let bgp = config
+            .bgp
+            .as_ref()
+            .map(|b| crate::bgp::Announcer::new(b, source));
         Ok(Supervisor {
             config,
             state,
@@ -161,6 +167,7 @@ impl Supervisor {
             workers,
             generation: Generation::new(generation).map_err(SupervisorError::Exe)?,
             observer,
+            bgp,
         })
     }
 
@@ -207,6 +214,10 @@ impl Supervisor {
                     return Exit::HandedOver;
                 }
                 Some(stop) => {
+                    // Routers move new flows to the other appliances while this one drains.
+                    if let Some(bgp) = &mut self.bgp {
+                        bgp.want(false);
+                    }
                     self.workers.shutdown(stop == Stop::Hard, &self.config);
                     return Exit::Stopped;
                 }
@@ -222,8 +233,31 @@ impl Supervisor {
                     .map(|e| e.to_string());
                 self.observer.remote_applied(&change, error);
             }
+            if self.bgp.is_some() {
+                let announce = self.serves();
+                if let Some(bgp) = &mut self.bgp {
+                    bgp.want(announce);
+                }
+            }
             commands.poll_timeout(self, Duration::from_millis(20));
         }
+    }
+
+    /// Whether this appliance should be announced: a worker runs and some cluster has a
+    /// backend up (by the health checks, every appliance's with `[sync]`).
+    fn serves(&self) -> bool {
+        let running = self
+            .workers
+            .rows(false)
+            .iter()
+            .any(|w| w.state == lb_config::protocol::WorkerState::Running);
+        let down = self.observer.down();
+        let up = self.config.clusters.iter().any(|c| {
+            c.backends
+                .iter()
+                .any(|b| !down.iter().any(|(n, a)| *n == c.name && *a == b.address))
+        });
+        running && up
     }
 
     /// Starts every worker and waits until each answers on its channel (it is then in its

@@ -157,6 +157,7 @@ fn apply_state(sup: &mut Supervisor, checked: Checked) -> Result<Payload, VerbEr
             config.access_log.target == sup.config().access_log.target,
         ),
         ("sync", config.sync == sup.config().sync),
+        ("bgp", config.bgp == sup.config().bgp),
     ] {
         if !same {
             return Err(VerbError::Fixed { what });
