@@ -16,6 +16,7 @@
 )]
 
 mod bench;
+mod cluster_demo;
 mod dashboard;
 mod dist;
 mod ebpf;
@@ -74,6 +75,10 @@ enum Command {
     /// eBPF steering and Debian's Prometheus in a fresh network namespace, 100 s of scripted
     /// traffic; writes config/grafana/kakehi.png.
     Dashboard(dashboard::Args),
+    /// Three appliances behind one BGP router on this machine: network namespaces, bird2 with
+    /// ECMP, lbd with Maglev, [sync] through one etcd and [bgp] on each; checks that a source
+    /// keeps its backend, an appliance stopping is withdrawn, changes travel (issue 17).
+    ClusterDemo,
 }
 
 fn main() -> ExitCode {
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
         Command::VmTest(args) => vm::vm_test(&signals, &args).map(|()| ExitCode::SUCCESS),
         Command::Dist(args) => dist::dist(&signals, &args).map(|_| ExitCode::SUCCESS),
         Command::DistTest(args) => dist::dist_test(&signals, &args).map(|()| ExitCode::SUCCESS),
+        Command::ClusterDemo => cluster_demo::cluster_demo(&signals).map(|()| ExitCode::SUCCESS),
         Command::Dashboard(args) => {
             dashboard::dashboard(&signals, &args).map(|()| ExitCode::SUCCESS)
         }
