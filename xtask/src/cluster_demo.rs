@@ -17,26 +17,12 @@ pub const PACKAGES: [&str; 4] = ["bird2", "etcd-server", "curl", "iproute2"];
 
 pub fn cluster_demo(signals: &Signals) -> Result<()> {
     crate::setup::setup(signals, &PACKAGES)?;
-    let root = crate::root();
-    println!("\nxtask cluster-demo: cargo build --release -p lbd -p lbctl -p lb-testkit");
-    procs::run_step(
-        signals,
-        Command::new("cargo").current_dir(&root).args([
-            "build",
-            "--release",
-            "-p",
-            "lbd",
-            "-p",
-            "lbctl",
-            "-p",
-            "lb-testkit",
-        ]),
-    )?;
+    let bin = crate::build_release(signals, "cluster-demo", &["lbd", "lbctl", "lb-testkit"])?;
     procs::run_step(
         signals,
         Command::new("/usr/bin/python3")
-            .arg(root.join("xtask/cluster_demo.py"))
+            .arg(crate::root().join("xtask/cluster_demo.py"))
             .arg("--bin")
-            .arg(crate::target_dir().join("release")),
+            .arg(&bin),
     )
 }

@@ -30,18 +30,7 @@ pub struct Args {
 pub fn dashboard(signals: &Signals, args: &Args) -> Result<()> {
     crate::setup::setup(signals, &PACKAGES)?;
     let root = crate::root();
-    println!("\nxtask dashboard: cargo build --release -p lbd -p lb-testkit");
-    procs::run_step(
-        signals,
-        Command::new("cargo").current_dir(&root).args([
-            "build",
-            "--release",
-            "-p",
-            "lbd",
-            "-p",
-            "lb-testkit",
-        ]),
-    )?;
+    let bin = crate::build_release(signals, "dashboard", &["lbd", "lb-testkit"])?;
     let out = if args.out.is_absolute() {
         args.out.clone()
     } else {
@@ -53,7 +42,7 @@ pub fn dashboard(signals: &Signals, args: &Args) -> Result<()> {
             .args(["--net", "--", "/usr/bin/python3"])
             .arg(root.join("config/grafana/render.py"))
             .arg("--bin")
-            .arg(crate::target_dir().join("release"))
+            .arg(&bin)
             .arg("--out")
             .arg(&out)
             .arg("--seconds")

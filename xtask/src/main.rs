@@ -140,6 +140,27 @@ fn release_binaries(
     Ok((release.join("lbd"), release.join("lbctl")))
 }
 
+/// `cargo build --release -p P...` of `packages`, said first as `xtask {what}: ...`; the
+/// directory of the binaries.
+fn build_release(
+    signals: &procs::Signals,
+    what: &str,
+    packages: &[&str],
+) -> anyhow::Result<PathBuf> {
+    let mut args = vec!["build", "--release"];
+    for p in packages {
+        args.extend(["-p", p]);
+    }
+    println!("\nxtask {what}: cargo {}", args.join(" "));
+    procs::run_step(
+        signals,
+        std::process::Command::new("cargo")
+            .current_dir(root())
+            .args(&args),
+    )?;
+    Ok(target_dir().join("release"))
+}
+
 /// Cargo's target directory: `CARGO_TARGET_DIR` when set, else `<root>/target`.
 fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
