@@ -220,7 +220,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "{}:2:1: wokers: unknown field `wokers`, expected one of `workers`, `max_connections`, `command_socket`, `steering`, `steering_policy`, `user`, `group`, `buffer_size`, `max_request_body`, `timeouts`, `access_log`, `metrics`, `listeners`, `clusters`",
+                "{}:2:1: wokers: unknown field `wokers`, expected one of `workers`, `max_connections`, `command_socket`, `steering`, `steering_policy`, `user`, `group`, `buffer_size`, `max_request_body`, `timeouts`, `access_log`, `metrics`, `sync`, `bgp`, `listeners`, `clusters`",
                 file.display()
             )
         );
