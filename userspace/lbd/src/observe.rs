@@ -260,7 +260,7 @@ impl Observer {
             self.down_version += 1;
         }
         let version = self.down_version;
-        let down = self.down.clone();
+        let down = &self.down;
         let mut live = Vec::new();
         for (index, pid, channel) in workers.channels() {
             live.push(index);

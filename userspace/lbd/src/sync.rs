@@ -145,7 +145,6 @@ impl Sync {
             queue: VecDeque::new(),
             changes_written: 0,
             verdicts: BTreeMap::new(),
-            verdicts_written: false,
             written: BTreeMap::new(),
             lease: None,
             commands,
@@ -417,7 +416,6 @@ struct Thread {
     /// Changes of this lbd written to etcd.
     changes_written: u64,
     verdicts: BTreeMap<Key, bool>,
-    verdicts_written: bool,
     /// The verdicts etcd holds, as this thread wrote them.
     written: BTreeMap<Key, bool>,
     /// The lease id and when it was last renewed.
@@ -435,7 +433,6 @@ impl Thread {
                     Ok(ToEtcd::Publish(s)) => self.queue.push_back(*s),
                     Ok(ToEtcd::Verdicts(v)) => {
                         self.verdicts = v;
-                        self.verdicts_written = false;
                     }
                     Err(mpsc::TryRecvError::Empty) => break,
                     // lbd main is gone.
@@ -481,9 +478,7 @@ impl Thread {
             self.changes_written += 1;
         }
         self.keep_lease()?;
-        if !self.verdicts_written {
-            self.write_verdicts()?;
-        }
+        self.write_verdicts()?;
         self.read_changes()?;
         self.read_health()
     }
@@ -513,7 +508,6 @@ impl Thread {
             self.lease = Some((id as i64, Instant::now()));
             // The verdicts of the lost lease are gone from etcd.
             self.written.clear();
-            self.verdicts_written = false;
         }
         Ok(())
     }
@@ -542,7 +536,6 @@ impl Thread {
             self.client.delete(&key(&backend))?;
             self.written.remove(&backend);
         }
-        self.verdicts_written = true;
         Ok(())
     }
 
