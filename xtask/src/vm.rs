@@ -401,6 +401,8 @@ fn assemble(
         "kakehi-selftest.service",
         "systemd-networkd.service",
         "systemd-resolved.service",
+        // bird2: announces the VIP of a [bgp] section (it announces nothing without one).
+        "bird.service",
     ])?;
     // First boot must not wait for someone to type a locale and a root password on the
     // console: the appliance has no interactive setup.

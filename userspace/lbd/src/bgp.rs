@@ -46,7 +46,15 @@ impl Announcer {
     /// Writes bird's configuration; bird is asked to load it at the first turn.
     pub fn new(settings: &Bgp, source: &std::path::Path) -> Announcer {
         let text = bird_config(settings, source);
-        if let Err(e) = std::fs::write(&settings.bird_config, text) {
+        // bird reads it as its own user, and lbd's umask may be 0077 (the appliance's unit):
+        // the file says which routes are announced and holds no secret.
+        let written = std::fs::write(&settings.bird_config, text).and_then(|()| {
+            std::fs::set_permissions(
+                &settings.bird_config,
+                std::os::unix::fs::PermissionsExt::from_mode(0o644),
+            )
+        });
+        if let Err(e) = written {
             log::error!(
                 "bgp: cannot write bird's configuration {}: {e}",
                 settings.bird_config.display()

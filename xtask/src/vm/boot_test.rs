@@ -144,14 +144,28 @@ pub fn vm_test(signals: &Signals, args: &TestArgs) -> Result<()> {
 /// the self-test's worker count shows the `kakehi.config` credential was applied.
 const TEST_WORKERS: u32 = 3;
 
-/// The image's default config with `workers = TEST_WORKERS`, base64-encoded for the
-/// `kakehi.config` credential (kakehi.service installs it as /etc/kakehi/config.toml).
+/// The `[bgp]` section of the test's config: the image's bird2 announces the VIP while lbd
+/// serves (the self-test watches `kakehi_vip` in bird). The peer is qemu's user-network
+/// gateway, where no BGP speaker answers: the session stays down, which is not checked.
+const TEST_BGP: &str = "
+[bgp]
+vip = \"192.0.2.10\"
+local_as = 65010
+router_id = \"10.0.2.15\"
+peers = [ { address = \"10.0.2.2\", as = 65000 } ]
+bird_config = \"/var/lib/kakehi/bird.conf\"
+";
+
+/// The image's default config with `workers = TEST_WORKERS` and [`TEST_BGP`],
+/// base64-encoded for the `kakehi.config` credential (kakehi.service installs it as
+/// /etc/kakehi/config.toml).
 fn config_credential(dir: &Path) -> Result<String> {
     let default = crate::root().join("vm-images/rootfs/etc/kakehi/config.toml");
     let text =
         fs::read_to_string(&default).with_context(|| format!("reading {}", default.display()))?;
     let config = with_workers(&text, TEST_WORKERS)
-        .with_context(|| format!("{} has no `workers = N` line", default.display()))?;
+        .with_context(|| format!("{} has no `workers = N` line", default.display()))?
+        + TEST_BGP;
     let path = dir.join("config.toml");
     fs::write(&path, config)?;
     let out = procs::output(Command::new("base64").arg("-w0").arg(&path))?;
@@ -231,6 +245,11 @@ fn drive(
         "ok lbctl-status",
         "ok upgrade ",
         "ok upgrade-proxy",
+        "ok bgp-announced",
+        "ok bgp-upgrade",
+        "ok bgp-stop",
+        "ok bgp-start",
+        "ok bgp-killed",
     ];
     for check in needed {
         let wanted = format!("kakehi-selftest: {check}");
