@@ -59,12 +59,32 @@ pub enum Exit {
     HandedOver,
 }
 
+/// How often lbd's main process gives its heap's free pages back to the kernel.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// Gives the free pages inside the heap back to the kernel. lbd's main process allocates
+/// much at a few moments (loading a steering program parses the kernel's BTF, 5.5 MB, at
+/// start and for each listener added; a reload parses a config) and little in between; glibc
+/// returns only the free memory at the top of the heap by itself, so what those moments left
+/// in the middle stayed resident: measured after a start, 2.9 MB of anonymous memory before,
+/// 1.1 MB after. A walk over the heap's free chunks, every [`TRIM_EVERY`].
+#[allow(unsafe_code)]
+fn trim_heap() {
+    // SAFETY: malloc_trim takes no pointer and only releases memory the allocator holds free;
+    // every live allocation stays where it is.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 pub struct Supervisor {
     config: Config,
     /// The running configuration as a document: the file plus every lbctl change since.
     state: State,
     source: PathBuf,
     started: Instant,
+    /// When the heap's free memory was last given back to the kernel ([`trim_heap`]).
+    trimmed: Instant,
     stop: Option<Stop>,
     workers: Workers,
     generation: Generation,
@@ -163,6 +183,7 @@ impl Supervisor {
             state,
             source: source.to_path_buf(),
             started: Instant::now(),
+            trimmed: Instant::now(),
             stop: None,
             workers,
             generation: Generation::new(generation).map_err(SupervisorError::Exe)?,
@@ -238,6 +259,10 @@ impl Supervisor {
                 if let Some(bgp) = &mut self.bgp {
                     bgp.want(announce);
                 }
+            }
+            if self.trimmed.elapsed() >= TRIM_EVERY {
+                trim_heap();
+                self.trimmed = Instant::now();
             }
             commands.poll_timeout(self, Duration::from_millis(20));
         }
