@@ -3,7 +3,9 @@
 //! lbd does not speak BGP: bird2 does. At start, lbd writes bird's configuration from `[bgp]`
 //! (`bird_config`): the router id, a BGP session to each peer that exports only the VIP, and
 //! the VIP itself as a static route in a protocol named `kakehi_vip`, **disabled**; then it
-//! asks bird to load it (`configure`) through bird's control socket. From then on, lbd enables
+//! asks bird to load it (`configure`) through bird's control socket, unless the file held
+//! that text already and bird has `kakehi_vip` (after `lbctl upgrade`: a `configure` would
+//! reset `kakehi_vip` to the file's `disabled` and withdraw the VIP until the next `enable`). From then on, lbd enables
 //! `kakehi_vip` while it serves and disables it when it should not be announced, which
 //! withdraws the route from every peer at once:
 //!
@@ -35,6 +37,11 @@ pub struct Announcer {
     settings: Bgp,
     /// bird loaded lbd's configuration.
     configured: bool,
+    /// The file already held this configuration, as after `lbctl upgrade`: the lbd that wrote
+    /// it had bird load it, so bird is not asked to load it again when it has `kakehi_vip`.
+    /// A `configure` resets every protocol to the file's state, `kakehi_vip` to disabled,
+    /// which withdrew the VIP from the routers for the moment until the next `enable`.
+    unchanged: bool,
     /// What bird was last told, and when.
     told: Option<(bool, Instant)>,
     /// After a failed talk: not before then.
@@ -43,9 +50,11 @@ pub struct Announcer {
 }
 
 impl Announcer {
-    /// Writes bird's configuration; bird is asked to load it at the first turn.
+    /// Writes bird's configuration; bird is asked to load it at the first turn, unless the
+    /// file held it already.
     pub fn new(settings: &Bgp, source: &std::path::Path) -> Announcer {
         let text = bird_config(settings, source);
+        let unchanged = std::fs::read_to_string(&settings.bird_config).is_ok_and(|t| t == text);
         // bird reads it as its own user, and lbd's umask may be 0077 (the appliance's unit):
         // the file says which routes are announced and holds no secret.
         let written = std::fs::write(&settings.bird_config, text).and_then(|()| {
@@ -63,6 +72,7 @@ impl Announcer {
         Announcer {
             settings: settings.clone(),
             configured: false,
+            unchanged,
             told: None,
             retry_at: None,
             last_error: None,
@@ -114,7 +124,12 @@ impl Announcer {
 
     fn tell(&mut self, announce: bool) -> Result<(), String> {
         if !self.configured {
-            command(&self.settings.bird_socket, "configure")?;
+            let socket = &self.settings.bird_socket;
+            let loaded =
+                self.unchanged && command(socket, &format!("show protocols {PROTOCOL}")).is_ok();
+            if !loaded {
+                command(socket, "configure")?;
+            }
             self.configured = true;
         }
         let verb = if announce { "enable" } else { "disable" };

@@ -116,6 +116,18 @@ impl Routers {
         String::from_utf8_lossy(&out.stdout).contains("via 10.99.0.2")
     }
 
+    /// The appliance bird's line for kakehi_vip: its state and since when (in ms), which
+    /// changes with any down and up however short.
+    fn vip_protocol(&self) -> String {
+        self.birdc("appliance", "show protocols kakehi_vip")
+            .lines()
+            .find(|l| l.starts_with("kakehi_vip "))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     fn birdc(&self, name: &str, command: &str) -> String {
         let out = Command::new("birdc")
             .arg("-s")
@@ -190,7 +202,11 @@ fn the_vip_is_announced_while_lbd_serves() {
         "announced again when the backend is back"
     );
 
-    // lbctl upgrade keeps it: never withdrawn meanwhile.
+    // lbctl upgrade keeps it: never withdrawn meanwhile, not even for a moment in the
+    // appliance's bird (the next lbd must not have bird load the same configuration again:
+    // that resets kakehi_vip to the file's `disabled` until lbd enables it again).
+    let before = routers.vip_protocol();
+    assert!(before.contains(" up "), "{before}");
     let socket = lbd.dir().path().join("lbd.sock");
     let binary = common::fresh_binary(lbd.dir().path(), 1);
     let watching = std::thread::spawn({
@@ -219,6 +235,12 @@ fn the_vip_is_announced_while_lbd_serves() {
         watching.join().unwrap(),
         0,
         "the VIP stays announced across the upgrade"
+    );
+    assert_eq!(
+        routers.vip_protocol(),
+        before,
+        "kakehi_vip stays up in the appliance's bird across the upgrade:\n{}",
+        lbd.stderr()
     );
 
     // lbd stops: withdrawn.
