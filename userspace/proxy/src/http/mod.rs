@@ -114,6 +114,12 @@ const RETAINED_STRING: usize = 1024;
 const RETAINED_BLOCKS: usize = 64;
 const RETAINED_OUT: usize = 256;
 const RETAINED_CRUMBS: usize = 32;
+/// Capacity of kawa's block and output queues an exchange starts with (a new connection, or
+/// one taken out of parking): one allocation each for an ordinary head, where growing to it by
+/// doubling took four or five reallocations per queue. Measured with uprobes on glibc under
+/// `Connection: close` load: 16 reallocs per request before.
+const INITIAL_BLOCKS: usize = 16;
+const INITIAL_OUT: usize = 64;
 
 /// After a parse of a request head: the status to refuse it with and why, or None to go on.
 /// A head still arriving is checked against the caps here (each parse adds at most one
@@ -168,6 +174,13 @@ pub fn forget_head<T: AsBuffer>(kawa: &mut Kawa<T>) {
     kawa.out.clear();
     kawa.detached.jar.clear();
     shrink(kawa);
+}
+
+/// Gives kawa's queues the capacity an ordinary head needs at once ([`INITIAL_BLOCKS`],
+/// [`INITIAL_OUT`]).
+pub fn presize<T: AsBuffer>(kawa: &mut Kawa<T>) {
+    kawa.blocks.reserve(INITIAL_BLOCKS);
+    kawa.out.reserve(INITIAL_OUT);
 }
 
 /// Gives back the queue capacity a large message grew, down to what an ordinary one needs

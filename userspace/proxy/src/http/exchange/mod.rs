@@ -124,10 +124,14 @@ pub struct Exchange {
 
 impl Exchange {
     pub fn new(peer: Peer, front_buf: PoolBuf, back_buf: PoolBuf, now: Instant) -> Exchange {
+        let mut front_kawa = Kawa::new(kawa::Kind::Request, kawa::Buffer::new(front_buf));
+        let mut back_kawa = Kawa::new(kawa::Kind::Response, kawa::Buffer::new(back_buf));
+        crate::http::presize(&mut front_kawa);
+        crate::http::presize(&mut back_kawa);
         Exchange {
             peer,
-            front_kawa: Kawa::new(kawa::Kind::Request, kawa::Buffer::new(front_buf)),
-            back_kawa: Kawa::new(kawa::Kind::Response, kawa::Buffer::new(back_buf)),
+            front_kawa,
+            back_kawa,
             state: State::Idle,
             req: RequestInfo::default(),
             resp: ResponseInfo::default(),
@@ -247,6 +251,8 @@ impl Exchange {
         self.back_kawa.storage.buffer = back;
         self.front_kawa.storage.clear();
         self.back_kawa.storage.clear();
+        crate::http::presize(&mut self.front_kawa);
+        crate::http::presize(&mut self.back_kawa);
     }
 
     /// Serves another stream of an HTTP/2 connection, from `now`: only when
