@@ -21,6 +21,7 @@ mod listeners;
 mod logger;
 mod metrics;
 mod observe;
+mod pages;
 mod sandbox;
 #[allow(dead_code)] // The fd handoff of `lbctl upgrade` and tests/steering.rs use the rest.
 mod steering;

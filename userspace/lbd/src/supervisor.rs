@@ -75,6 +75,9 @@ fn trim_heap() {
     unsafe {
         libc::malloc_trim(0);
     }
+    if let Err(e) = crate::pages::FilePages::find().and_then(|pages| pages.drop()) {
+        log::debug!("unmapping the binary's pages: {e}");
+    }
 }
 
 pub struct Supervisor {

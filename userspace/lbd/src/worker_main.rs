@@ -128,12 +128,24 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
         }));
     }
     let probe = test_hooks::seccomp_probe();
+    // Read before the sandbox closes /proc; unmapped once inside it, after the filter's own
+    // set-up code has run.
+    let startup_pages = crate::pages::FilePages::find()
+        .map_err(|e| log::warn!("reading /proc/self/smaps: {e}"))
+        .unwrap_or_default();
     sandbox::enter(
         config.user.as_deref(),
         config.group.as_deref(),
         args.trace_fd,
     )
     .context("entering the sandbox")?;
+    match startup_pages.drop() {
+        Ok(()) => log::debug!(
+            "unmapped {} KiB of the binary's start-up pages",
+            startup_pages.resident_kib()
+        ),
+        Err(e) => log::warn!("unmapping the start-up pages: {e}"),
+    }
     log::info!("worker {} sandboxed and serving", args.index);
     if let Some(probe) = probe {
         // Test-only: prove that the filter is on in a real worker. The call is not in the
