@@ -15,10 +15,11 @@ use anyhow::{bail, Context, Result};
 use crate::procs::{self, Signals};
 
 /// Everything `cargo xtask setup` installs.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 14] = [
     "curl",
     "wrk",
     "nginx",
+    "libnginx-mod-stream",
     "haproxy",
     "openssl",
     "tmux",
@@ -88,11 +89,13 @@ pub fn httpwg() -> Result<()> {
     Ok(())
 }
 
-/// What `cargo xtask bench` needs: the load generator and the proxies to compare with.
-pub const BENCH: [&str; 6] = [
+/// What `cargo xtask bench` needs: the load generator and the proxies to compare with (nginx
+/// with its stream module, for TCP passthrough).
+pub const BENCH: [&str; 7] = [
     "curl",
     "wrk",
     "nginx",
+    "libnginx-mod-stream",
     "haproxy",
     "strace",
     "nghttp2-client",

@@ -65,8 +65,8 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_enum)]
     proxies: Vec<ProxyKind>,
     /// Only these scenarios (comma-separated): keepalive-c50, keepalive-c200, 64k-c50,
-    /// close-c50, https-keepalive-c50, https-newconn-c50, idle8k-c50, h2-tls-c10m10,
-    /// h2-tls-64k-c10m10.
+    /// close-c50, https-keepalive-c50, https-newconn-c50, tcp-c50, idle8k-c50,
+    /// h2-tls-c10m10, h2-tls-64k-c10m10.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// HAProxy's `http-reuse` mode. "always" lets it reuse origin connections across clients,
@@ -96,6 +96,9 @@ struct Scenario {
     idle: u32,
     /// HTTP/2 (h2load, [`H2_STREAMS`] streams per connection) rather than HTTP/1.1 (wrk).
     h2: bool,
+    /// Through the proxy's TCP passthrough listener: wrk speaks HTTP/1.1 to the origin and the
+    /// proxy forwards the bytes untouched.
+    tcp: bool,
     /// The goal for kakehi's CPU time per request, as a ratio to nginx's (issue 16's table;
     /// issue 15's "at most nginx's" for HTTP/2).
     goal: f64,
@@ -105,7 +108,7 @@ struct Scenario {
 /// Concurrent streams per connection in the HTTP/2 scenarios.
 const H2_STREAMS: u32 = 10;
 
-const SCENARIOS: [Scenario; 9] = [
+const SCENARIOS: [Scenario; 10] = [
     Scenario {
         name: "keepalive-c50",
         path: "/",
@@ -114,6 +117,7 @@ const SCENARIOS: [Scenario; 9] = [
         tls: false,
         idle: 0,
         h2: false,
+        tcp: false,
         goal: 0.90,
         about: "GET / (20 B), keep-alive, 50 connections",
     },
@@ -125,6 +129,7 @@ const SCENARIOS: [Scenario; 9] = [
         tls: false,
         idle: 0,
         h2: false,
+        tcp: false,
         goal: 0.90,
         about: "GET / (20 B), keep-alive, 200 connections",
     },
@@ -136,6 +141,7 @@ const SCENARIOS: [Scenario; 9] = [
         tls: false,
         idle: 0,
         h2: false,
+        tcp: false,
         goal: 0.85,
         about: "GET /bytes/65536 (64 KiB), keep-alive, 50 connections",
     },
@@ -147,6 +153,7 @@ const SCENARIOS: [Scenario; 9] = [
         tls: false,
         idle: 0,
         h2: false,
+        tcp: false,
         goal: 0.95,
         about: "GET / with Connection: close (a new client connection per request), 50 connections",
     },
@@ -158,6 +165,7 @@ const SCENARIOS: [Scenario; 9] = [
         tls: true,
         idle: 0,
         h2: false,
+        tcp: false,
         goal: 0.80,
         about: "GET / (20 B) over TLS 1.3 (ECDSA P-256, X25519), keep-alive, 50 connections",
     },
@@ -169,10 +177,25 @@ const SCENARIOS: [Scenario; 9] = [
         tls: true,
         idle: 0,
         h2: false,
+        tcp: false,
         goal: 0.60,
         about: "GET / over TLS 1.3 with Connection: close: a TLS handshake per request, mostly \
                 resumed (wrk offers the session it last got: PSK + X25519, no certificate \
                 signature), 50 connections",
+    },
+    Scenario {
+        name: "tcp-c50",
+        path: "/",
+        connections: 50,
+        close: false,
+        tls: false,
+        idle: 0,
+        h2: false,
+        tcp: true,
+        goal: 0.90,
+        about: "GET / (20 B) through TCP passthrough (the proxy forwards bytes to the origin \
+                untouched: kakehi's tcp listener, nginx's stream module, HAProxy's mode tcp), \
+                keep-alive, 50 connections",
     },
     Scenario {
         name: "idle8k-c50",
@@ -182,6 +205,7 @@ const SCENARIOS: [Scenario; 9] = [
         tls: false,
         idle: IDLE_CONNECTIONS,
         h2: false,
+        tcp: false,
         goal: 0.90,
         about: "GET / (20 B), keep-alive, 50 busy connections while 8,000 idle keep-alive \
                 connections stay open (each served one request first); memory per idle \
@@ -195,6 +219,7 @@ const SCENARIOS: [Scenario; 9] = [
         tls: true,
         idle: 0,
         h2: true,
+        tcp: false,
         goal: 1.0,
         about: "GET / (20 B) over HTTP/2 and TLS 1.3 (ALPN h2), h2load: 10 connections x 10 \
                 concurrent streams",
@@ -207,6 +232,7 @@ const SCENARIOS: [Scenario; 9] = [
         tls: true,
         idle: 0,
         h2: true,
+        tcp: false,
         goal: 1.0,
         about: "GET /bytes/65536 (64 KiB) over HTTP/2 and TLS 1.3, h2load: 10 connections x 10 \
                 concurrent streams",
@@ -227,6 +253,8 @@ struct Proxy {
     port: u16,
     /// Its https listener (the same routes, TLS terminated by the proxy).
     tls_port: u16,
+    /// Its TCP passthrough listener (bytes forwarded to the origin untouched).
+    tcp_port: u16,
     proc: Proc,
     settings: String,
     version: String,
@@ -326,29 +354,33 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
         }
     }
 
-    let ports = procs::free_ports(1 + 2 * kinds.len())?;
+    let ports = procs::free_ports(1 + 3 * kinds.len())?;
     let origin_port = ports[0];
     let _origin = start::start_origin(signals, &plan, origin_port)?;
     start::verify(origin_port).context("the origin nginx does not serve its files")?;
     start::make_certificate(&plan).context("making the bench's TLS certificate")?;
 
     let mut proxies: Vec<Proxy> = Vec::new();
-    for (&kind, pair) in kinds.iter().zip(ports[1..].chunks(2)) {
+    for (&kind, three) in kinds.iter().zip(ports[1..].chunks(3)) {
         if failed.iter().any(|(k, _)| *k == kind) {
             continue;
         }
-        let &[port, tls_port] = pair else {
+        let &[port, tls_port, tcp_port] = three else {
             bail!("free_ports gave too few ports");
         };
         let ports = start::Ports {
-            http: port,
-            https: tls_port,
+            proxy: configs::Ports {
+                http: port,
+                https: tls_port,
+                tcp: tcp_port,
+            },
             origin: origin_port,
         };
         let started = start::start_proxy(signals, &plan, kind, ports, &args.haproxy_reuse)
             .and_then(|proxy| {
                 start::verify(proxy.port)?;
                 start::verify_tls(proxy.tls_port)?;
+                start::verify(proxy.tcp_port)?;
                 Ok(proxy)
             });
         match started {
@@ -666,6 +698,11 @@ fn wrk_command(plan: &Plan, scenario: &Scenario, proxy: &Proxy, seconds: u64) ->
             "https://127.0.0.1:{}{}",
             proxy.tls_port, scenario.path
         ));
+    } else if scenario.tcp {
+        cmd.arg(format!(
+            "http://127.0.0.1:{}{}",
+            proxy.tcp_port, scenario.path
+        ));
     } else {
         cmd.arg(format!("http://127.0.0.1:{}{}", proxy.port, scenario.path));
     }
@@ -856,6 +893,7 @@ fn summarize(
             "connections": scenario.connections,
             "connection_close": scenario.close,
             "tls": scenario.tls,
+            "tcp": scenario.tcp,
             "idle_connections": scenario.idle,
             "results": results,
             "ratios": ratios,

@@ -58,8 +58,7 @@ pub fn start_origin(signals: &Signals, plan: &Plan, port: u16) -> Result<Proc> {
 /// The ports of one proxy under test, and the origin's.
 #[derive(Clone, Copy)]
 pub struct Ports {
-    pub http: u16,
-    pub https: u16,
+    pub proxy: configs::Ports,
     pub origin: u16,
 }
 
@@ -103,10 +102,14 @@ pub fn start_proxy(
     haproxy_reuse: &str,
 ) -> Result<Proxy> {
     let Ports {
-        http: port,
-        https: tls_port,
+        proxy: listen,
         origin,
     } = ports;
+    let configs::Ports {
+        http: port,
+        https: tls_port,
+        tcp: tcp_port,
+    } = listen;
     let tls = configs::Tls::new(&plan.dir);
     let name = kind.name();
     let dir = program_dir(plan, name)?;
@@ -116,7 +119,7 @@ pub fn start_proxy(
             let config = dir.join("lbd.toml");
             std::fs::write(
                 &config,
-                configs::kakehi(&dir, (port, tls_port), origin, plan.workers, &tls),
+                configs::kakehi(&dir, listen, origin, plan.workers, &tls),
             )?;
             let _ = std::fs::remove_file(dir.join("lbd.sock"));
             let lbd = plan.lbd.clone();
@@ -142,7 +145,7 @@ pub fn start_proxy(
         ProxyKind::Nginx => {
             std::fs::write(
                 dir.join("nginx.conf"),
-                configs::nginx_proxy(&dir, (port, tls_port), origin, plan.workers, &tls),
+                configs::nginx_proxy(&dir, listen, origin, plan.workers, &tls),
             )?;
             let version = version_of(Command::new(NGINX).arg("-v"));
             (
@@ -155,7 +158,7 @@ pub fn start_proxy(
             let config = dir.join("haproxy.cfg");
             std::fs::write(
                 &config,
-                configs::haproxy((port, tls_port), origin, haproxy_reuse, plan.workers, &tls),
+                configs::haproxy(listen, origin, haproxy_reuse, plan.workers, &tls),
             )?;
             let mut cmd = Command::new(HAPROXY);
             cmd.arg("-db").arg("-f").arg(&config);
@@ -176,18 +179,20 @@ pub fn start_proxy(
         std::slice::from_mut(&mut proc),
     )
     .with_context(|| log_tail(&log))?;
-    let tls_addr = ([127, 0, 0, 1], tls_port).into();
-    procs::wait_for_accept(
-        signals,
-        tls_addr,
-        START_TIMEOUT,
-        std::slice::from_mut(&mut proc),
-    )
-    .with_context(|| log_tail(&log))?;
+    for other in [tls_port, tcp_port] {
+        procs::wait_for_accept(
+            signals,
+            ([127, 0, 0, 1], other).into(),
+            START_TIMEOUT,
+            std::slice::from_mut(&mut proc),
+        )
+        .with_context(|| log_tail(&log))?;
+    }
     Ok(Proxy {
         kind,
         port,
         tls_port,
+        tcp_port,
         proc,
         settings,
         version,
