@@ -477,3 +477,46 @@ fn trailer_name_must_be_a_token() {
         out[0].end
     );
 }
+
+/// A connection that ends hands its parser's queues to the next one, emptied and with their
+/// capacity: the next exchange's `presize` allocates nothing. A pair grown by a large head is
+/// freed instead, and a worker keeps at most `SPARE_QUEUES` pairs.
+#[test]
+fn ended_exchanges_hand_their_queues_to_the_next() {
+    let mut pool = BufferPool::new(16384, 2, 2);
+    let head = b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n\r\n";
+    let mut k = Kawa::new(Kind::Request, Buffer::new(pool.checkout().unwrap()));
+    presize(&mut k);
+    k.storage.space()[..head.len()].copy_from_slice(head);
+    k.storage.fill(head.len());
+    kawa::h1::parse(&mut k, &mut kawa::h1::NoCallbacks);
+    assert!(!k.blocks.is_empty());
+    assert_eq!(spare_queues(), 0);
+    recycle(&mut k);
+    assert_eq!((k.blocks.capacity(), k.out.capacity()), (0, 0));
+    assert_eq!(spare_queues(), 1);
+
+    let mut next = Kawa::new(Kind::Request, Buffer::new(pool.checkout().unwrap()));
+    presize(&mut next);
+    assert_eq!(spare_queues(), 0);
+    assert!(next.blocks.is_empty() && next.out.is_empty());
+    assert!(next.blocks.capacity() >= INITIAL_BLOCKS && next.out.capacity() >= INITIAL_OUT);
+
+    // Grown past what a connection keeps between requests: freed, not kept.
+    next.blocks.reserve(RETAINED_BLOCKS * 4);
+    recycle(&mut next);
+    assert_eq!(spare_queues(), 0);
+
+    // Bounded, however many connections end at once.
+    let mut many: Vec<_> = (0..SPARE_QUEUES + 10)
+        .map(|_| {
+            let mut k = Kawa::new(Kind::Request, Buffer::new(crate::pool::PoolBuf::none()));
+            presize(&mut k);
+            k
+        })
+        .collect();
+    for k in &mut many {
+        recycle(k);
+    }
+    assert_eq!(spare_queues(), SPARE_QUEUES);
+}

@@ -122,6 +122,15 @@ pub struct Exchange {
     cert_known: bool,
 }
 
+/// An exchange that ends (its connection closed) hands its parser's queues to the next one
+/// (`http::recycle`).
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        crate::http::recycle(&mut self.front_kawa);
+        crate::http::recycle(&mut self.back_kawa);
+    }
+}
+
 impl Exchange {
     pub fn new(peer: Peer, front_buf: PoolBuf, back_buf: PoolBuf, now: Instant) -> Exchange {
         let mut front_kawa = Kawa::new(kawa::Kind::Request, kawa::Buffer::new(front_buf));
@@ -222,8 +231,7 @@ impl Exchange {
         for kawa in [&mut self.front_kawa, &mut self.back_kawa] {
             kawa.clear();
             kawa.storage.clear();
-            kawa.blocks = Default::default();
-            kawa.out = Default::default();
+            crate::http::recycle(kawa);
             kawa.detached.jar = Default::default();
         }
         self.req.release();
@@ -265,10 +273,10 @@ impl Exchange {
     }
 
     /// Gives the two buffers back.
-    pub fn into_buffers(self) -> (PoolBuf, PoolBuf) {
+    pub fn into_buffers(mut self) -> (PoolBuf, PoolBuf) {
         (
-            self.front_kawa.storage.buffer,
-            self.back_kawa.storage.buffer,
+            std::mem::replace(&mut self.front_kawa.storage.buffer, PoolBuf::none()),
+            std::mem::replace(&mut self.back_kawa.storage.buffer, PoolBuf::none()),
         )
     }
 
