@@ -7,7 +7,7 @@
 //! counted 7.2 MB of file pages in its RSS (4.4 of text, 1.5 of read-only data, 1.3 of libc
 //! and the loader), where a forked nginx worker counts the 2.7 MB it touched itself. The
 //! pages are one copy in the page cache, shared with lbd's main process; what the worker
-//! holds is the mapping. Once it has started, [`FilePages::drop`] zaps those mappings
+//! holds is the mapping. Once it has started, [`FilePages::unmap`] zaps those mappings
 //! (`MADV_DONTNEED`): the pages stay in the page cache, and the event loop faults back in
 //! only what it runs.
 //!
@@ -28,7 +28,7 @@ pub struct FilePages {
 impl FilePages {
     /// Reads this process's mappings of its own executable and of libc: files that stay
     /// mapped for the life of the process, so no other mapping can take a range's place
-    /// between this reading and [`FilePages::drop`] (a library another thread might unload
+    /// between this reading and [`FilePages::unmap`] (a library another thread might unload
     /// could leave its range to, say, an allocator's arena).
     pub fn find() -> io::Result<FilePages> {
         let exe = std::fs::read_link("/proc/self/exe")?;
@@ -49,7 +49,7 @@ impl FilePages {
 
     /// Zaps the ranges. Runs under the sandbox, which allows `madvise`.
     #[allow(unsafe_code)]
-    pub fn drop(&self) -> io::Result<()> {
+    pub fn unmap(&self) -> io::Result<()> {
         for &(start, end) in &self.ranges {
             // SAFETY: the range is a whole private, read-only mapping of a file with no
             // anonymous page (see `droppable`), so MADV_DONTNEED only removes page table
@@ -222,7 +222,7 @@ Anonymous:             0 kB
     fn this_process_runs_on_after_dropping_its_pages() {
         let before = FilePages::find().unwrap();
         assert!(before.resident_kib() > 0);
-        before.drop().unwrap();
+        before.unmap().unwrap();
         let after = FilePages::find().unwrap();
         assert!(
             after.resident_kib() < before.resident_kib(),

@@ -75,7 +75,7 @@ fn trim_heap() {
     unsafe {
         libc::malloc_trim(0);
     }
-    if let Err(e) = crate::pages::FilePages::find().and_then(|pages| pages.drop()) {
+    if let Err(e) = crate::pages::FilePages::find().and_then(|pages| pages.unmap()) {
         log::debug!("unmapping the binary's pages: {e}");
     }
 }

@@ -139,7 +139,7 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
         args.trace_fd,
     )
     .context("entering the sandbox")?;
-    match startup_pages.drop() {
+    match startup_pages.unmap() {
         Ok(()) => log::debug!(
             "unmapped {} KiB of the binary's start-up pages",
             startup_pages.resident_kib()
