@@ -43,6 +43,7 @@ pub mod tcp_routes;
 pub mod tickets;
 pub mod timer;
 pub mod tls;
+mod tls_front;
 pub mod worker;
 
 #[cfg(test)]

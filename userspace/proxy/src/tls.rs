@@ -12,12 +12,12 @@
 //! (`session.rs`) drives it like a socket, plus [`Front::flush_pending`] for TLS bytes that the
 //! socket could not take yet. Plain HTTP sent to a TLS port gets a clear-text 400.
 
-use crate::http::answers::PLAIN_HTTP_TO_TLS;
+use crate::tls_front::TlsFront;
 use lb_config::Certificate;
 use mio::net::TcpStream;
 use rustls::server::{ClientHello, ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
-use rustls::{ServerConfig, ServerConnection};
+use rustls::ServerConfig;
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, IoSlice, Read, Write};
 use std::net::Shutdown;
@@ -25,8 +25,6 @@ use std::sync::Arc;
 
 /// TLS 1.2 sessions kept for resumption by session id, per worker.
 const SESSION_CACHE: usize = 20_000;
-/// Plaintext rustls may hold for the client before `write` pushes back (bounded memory).
-const SEND_BUFFER_LIMIT: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -251,19 +249,6 @@ pub enum Front {
     Tls(Box<TlsFront>),
 }
 
-/// A TLS connection over its socket.
-pub struct TlsFront {
-    sock: TcpStream,
-    conn: ServerConnection,
-    /// The first byte was looked at (TLS or plain HTTP?).
-    sniffed: bool,
-    /// Plain HTTP arrived: answered in clear with 400; the session closes.
-    plain_http: bool,
-    /// Shut the socket's write side once rustls's pending bytes are out.
-    shutdown_after_flush: bool,
-    eof: bool,
-}
-
 impl Front {
     /// The front of a connection accepted on a listener: TLS with `tls`, the listener's
     /// configuration, when it has one (https), plain otherwise.
@@ -278,23 +263,14 @@ impl Front {
     }
 
     pub fn tls(sock: TcpStream, config: &Arc<ServerConfig>) -> Result<Front, rustls::Error> {
-        let mut conn = ServerConnection::new(Arc::clone(config))?;
-        conn.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
-        Ok(Front::Tls(Box::new(TlsFront {
-            sock,
-            conn,
-            sniffed: false,
-            plain_http: false,
-            shutdown_after_flush: false,
-            eof: false,
-        })))
+        Ok(Front::Tls(Box::new(TlsFront::new(sock, config)?)))
     }
 
     /// The socket, for registration.
     pub fn stream_mut(&mut self) -> &mut TcpStream {
         match self {
             Front::Plain(s) => s,
-            Front::Tls(t) => &mut t.sock,
+            Front::Tls(t) => t.sock_mut(),
         }
     }
 
@@ -302,7 +278,7 @@ impl Front {
     pub fn has_pending(&self) -> bool {
         match self {
             Front::Plain(_) => false,
-            Front::Tls(t) => t.conn.wants_write() || t.shutdown_after_flush,
+            Front::Tls(t) => t.has_pending(),
         }
     }
 
@@ -310,7 +286,7 @@ impl Front {
     pub fn flush_pending(&mut self) -> io::Result<()> {
         match self {
             Front::Plain(_) => Ok(()),
-            Front::Tls(t) => t.flush_tls(),
+            Front::Tls(t) => t.flush(),
         }
     }
 
@@ -318,7 +294,7 @@ impl Front {
     pub fn handshaking(&self) -> bool {
         match self {
             Front::Plain(_) => false,
-            Front::Tls(t) => t.conn.is_handshaking(),
+            Front::Tls(t) => t.handshaking(),
         }
     }
 
@@ -326,7 +302,7 @@ impl Front {
     pub fn refused_plain_http(&self) -> bool {
         match self {
             Front::Plain(_) => false,
-            Front::Tls(t) => t.plain_http,
+            Front::Tls(t) => t.refused_plain_http(),
         }
     }
 
@@ -334,7 +310,7 @@ impl Front {
     pub fn alpn_h2(&self) -> bool {
         match self {
             Front::Plain(_) => false,
-            Front::Tls(t) => t.conn.alpn_protocol() == Some(b"h2"),
+            Front::Tls(t) => t.alpn_protocol() == Some(b"h2"),
         }
     }
 
@@ -344,20 +320,12 @@ impl Front {
         let Front::Tls(t) = self else {
             return None;
         };
-        let leaf = t.conn.peer_certificates()?.first()?;
+        let leaf = t.peer_certificates()?.first()?;
         let (subject, fingerprint) = lb_config::certs::describe_client(leaf.as_ref());
         Some(Arc::new(ClientCert {
             subject,
             fingerprint,
         }))
-    }
-
-    /// The server name the client asked for, on TLS.
-    pub fn server_name(&self) -> Option<&str> {
-        match self {
-            Front::Plain(_) => None,
-            Front::Tls(t) => t.conn.server_name(),
-        }
     }
 
     /// Ends the sending side: close_notify then FIN on TLS (the FIN once rustls's bytes are
@@ -367,71 +335,13 @@ impl Front {
             Front::Plain(s) => {
                 let _ = s.shutdown(Shutdown::Write);
             }
-            Front::Tls(t) => {
-                if !t.plain_http {
-                    t.conn.send_close_notify();
-                }
-                t.shutdown_after_flush = true;
-                let _ = t.flush_tls();
-            }
+            Front::Tls(t) => t.shutdown_write(),
         }
     }
 
     /// Reads and throws away what the client still sends (a lingering close), below TLS.
     pub fn discard(&mut self, scratch: &mut [u8]) -> io::Result<usize> {
         self.stream_mut().read(scratch)
-    }
-}
-
-impl TlsFront {
-    fn flush_tls(&mut self) -> io::Result<()> {
-        flush_tls_to(&mut self.sock, &mut self.conn)?;
-        if self.shutdown_after_flush {
-            let _ = self.sock.shutdown(Shutdown::Write);
-            self.shutdown_after_flush = false;
-        }
-        Ok(())
-    }
-
-    /// Looks at the first byte: a TLS record starts with 22 (handshake); an upper-case letter
-    /// is an HTTP method, answered in clear. `Ok(false)`: nothing arrived yet.
-    fn sniff(&mut self) -> io::Result<bool> {
-        let mut first = [0u8; 1];
-        let n = loop {
-            match self.sock.peek(&mut first) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        };
-        if n == 0 {
-            return Ok(true);
-        }
-        self.sniffed = true;
-        if first.first().is_some_and(u8::is_ascii_uppercase) {
-            self.plain_http = true;
-            let _ = self.sock.write(PLAIN_HTTP_TO_TLS);
-            let _ = self.sock.shutdown(Shutdown::Write);
-            return Err(io::Error::new(
-                ErrorKind::InvalidData,
-                "plain HTTP sent to the TLS port",
-            ));
-        }
-        Ok(true)
-    }
-
-    fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.plain_http {
-            return Err(ErrorKind::InvalidData.into());
-        }
-        if !self.sniffed {
-            self.sniff()?;
-        }
-        read_plain_from(&mut self.sock, &mut self.conn, &mut self.eof, buf)
-    }
-
-    fn write_plain(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        write_plain_to(&mut self.sock, &mut self.conn, bufs)
     }
 }
 

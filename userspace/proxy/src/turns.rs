@@ -157,7 +157,7 @@ impl ServerCertVerifier for AnyCertificate {
 }
 
 /// A TLS 1.3 client connection that keeps its session tickets for the next one.
-fn client_config() -> Arc<ClientConfig> {
+pub(crate) fn client_config() -> Arc<ClientConfig> {
     let provider = Arc::new(lb_config::certs::provider());
     let config = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -169,7 +169,7 @@ fn client_config() -> Arc<ClientConfig> {
 }
 
 /// Moves what the socket holds into the client connection; true when something came.
-fn receive(sock: &mut TcpStream, conn: &mut ClientConnection) -> bool {
+pub(crate) fn receive(sock: &mut TcpStream, conn: &mut ClientConnection) -> bool {
     let mut got = false;
     loop {
         match conn.read_tls(sock) {
@@ -184,7 +184,7 @@ fn receive(sock: &mut TcpStream, conn: &mut ClientConnection) -> bool {
 }
 
 /// Everything the client connection has to send, as one buffer.
-fn pending(conn: &mut ClientConnection) -> Vec<u8> {
+pub(crate) fn pending(conn: &mut ClientConnection) -> Vec<u8> {
     let mut out = Vec::new();
     while conn.wants_write() {
         conn.write_tls(&mut out).unwrap();
@@ -193,7 +193,7 @@ fn pending(conn: &mut ClientConnection) -> Vec<u8> {
 }
 
 /// The plaintext the client has received so far.
-fn plaintext(conn: &mut ClientConnection) -> Vec<u8> {
+pub(crate) fn plaintext(conn: &mut ClientConnection) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
