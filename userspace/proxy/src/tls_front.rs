@@ -29,6 +29,8 @@ use std::sync::Arc;
 /// (16 KiB of plaintext plus 2 KiB of expansion and the header), so that a buffer holding a
 /// partial record always has room for the rest of it.
 const READ_BUFFER: usize = 20 * 1024;
+/// The most a connection keeps of a partial record while the client sends nothing more.
+const PARKED: usize = 4 * 1024;
 /// A handshake message may span records (a ClientHello with many extensions, a client
 /// certificate chain): the read buffer grows to hold it, up to this.
 const HANDSHAKE_BUFFER_LIMIT: usize = 80 * 1024;
@@ -262,6 +264,9 @@ impl TlsFront {
         filled: &mut usize,
         mut on_writable: impl FnMut(&mut Outgoing, WriteTraffic<'_, ServerConnectionData>),
     ) -> io::Result<Stop> {
+        // After a failure rustls is not called again: it may still hold offsets into records
+        // that were given up.
+        self.failure()?;
         loop {
             // The record buffer is moved out while rustls borrows it, so that the state can be
             // handed `self`.
@@ -354,14 +359,17 @@ impl TlsFront {
         }
     }
 
-    /// Encodes the alert rustls queued when it failed. One call only: rustls hands queued
-    /// records out before it looks at the buffer again, and looking at the failed records
-    /// again would fail (and queue an alert) twice. The buffer is the one rustls saw (it
-    /// keeps offsets into it).
+    /// Encodes what rustls queued when it failed (its alert, when the failure has one). Only
+    /// while it has queued records: rustls hands those out before it looks at the buffer
+    /// again, and looking at the failed records again would fail twice. The buffer is the one
+    /// rustls saw (it keeps offsets into it).
     fn encode_alert(&mut self) {
-        let records = self.incoming.get_mut(..self.in_len).unwrap_or_default();
-        let status = self.conn.process_tls_records(records);
-        if let Ok(ConnectionState::EncodeTlsData(mut e)) = status.state {
+        while self.conn.wants_write() {
+            let records = self.incoming.get_mut(..self.in_len).unwrap_or_default();
+            let status = self.conn.process_tls_records(records);
+            let Ok(ConnectionState::EncodeTlsData(mut e)) = status.state else {
+                return;
+            };
             self.outgoing.encode_with(|out| match e.encode(out) {
                 Ok(n) => Ok(n),
                 Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
@@ -370,6 +378,22 @@ impl TlsFront {
                 Err(_) => Err(None),
             });
         }
+    }
+
+    /// The socket is drained with part of a record read: a small part moves to a buffer of its
+    /// size, and the read buffer goes back to the spares, so that a client that stalls in
+    /// the middle of a record holds [`PARKED`] bytes, not [`READ_BUFFER`].
+    fn park_partial(&mut self) {
+        if self.in_len == 0 || self.in_len > PARKED || self.incoming.len() <= PARKED {
+            return;
+        }
+        let mut parked = vec![0u8; PARKED];
+        copy_into(
+            &mut parked,
+            self.incoming.get(..self.in_len).unwrap_or_default(),
+        );
+        Spares::give(&mut self.incoming);
+        self.incoming = parked;
     }
 
     /// Hands out plaintext kept in `plain` first.
@@ -429,6 +453,7 @@ impl TlsFront {
         if !self.sniffed {
             self.sniff()?;
         }
+        self.failure()?;
         let mut filled = self.take_plain(buf);
         let mut drained = false;
         loop {
@@ -450,6 +475,7 @@ impl TlsFront {
                 return Ok(filled);
             }
             if drained {
+                self.park_partial();
                 return if filled > 0 {
                     Ok(filled)
                 } else {
@@ -458,7 +484,10 @@ impl TlsFront {
             }
             match self.fill() {
                 Ok(d) => drained = d,
-                Err(e) if filled > 0 && e.kind() == ErrorKind::WouldBlock => return Ok(filled),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.park_partial();
+                    return if filled > 0 { Ok(filled) } else { Err(e) };
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -468,24 +497,29 @@ impl TlsFront {
         self.failure()?;
         self.flush()?;
         let mut accepted = 0;
-        let mut stopped_at = Stop::NeedInput;
-        self.process(&mut [], &mut 0, |out, mut w| {
+        let stop = self.process(&mut [], &mut 0, |out, mut w| {
             accepted = out.encrypt(bufs, |data, o| w.encrypt(data, o).map_err(encrypt_size));
-        })
-        .map(|stop| stopped_at = stop)?;
+        });
         if let Some(e) = self.outgoing.refused.take() {
+            // rustls refused to encrypt more (its keys are used up) and queued close_notify.
             self.failed = Some(e);
-            return self.failure().map(|()| 0);
+            self.encode_alert();
         }
-        if !matches!(stopped_at, Stop::Writable) {
+        // What was encrypted, and an alert if rustls failed, go out before any error.
+        let flushed = self.flush_some();
+        if accepted > 0 {
+            return Ok(accepted);
+        }
+        if !matches!(stop?, Stop::Writable) {
             // The handshake is not done: nothing can be encrypted yet.
             return Err(ErrorKind::WouldBlock.into());
         }
-        self.flush_some()?;
-        if accepted == 0 && bufs.iter().any(|b| !b.is_empty()) {
+        self.failure()?;
+        flushed?;
+        if bufs.iter().any(|b| !b.is_empty()) {
             return Err(ErrorKind::WouldBlock.into());
         }
-        Ok(accepted)
+        Ok(0)
     }
 }
 
@@ -555,6 +589,7 @@ impl Outgoing {
             gathered.clear();
             let mut taken = 0;
             let mut sealed = 0;
+            let mut refused = false;
             for slice in bufs {
                 let slice = slice.get(..WRITE_LIMIT - taken).unwrap_or(slice);
                 if slice.len() < GATHER_BELOW {
@@ -562,12 +597,14 @@ impl Outgoing {
                 } else {
                     if !gathered.is_empty() {
                         if !self.encode_with(|out| encrypt(&gathered, out)) {
+                            refused = true;
                             break;
                         }
                         sealed += gathered.len();
                         gathered.clear();
                     }
                     if !self.encode_with(|out| encrypt(slice, out)) {
+                        refused = true;
                         break;
                     }
                     sealed += slice.len();
@@ -577,13 +614,17 @@ impl Outgoing {
                     break;
                 }
             }
-            if !gathered.is_empty() && self.encode_with(|out| encrypt(&gathered, out)) {
-                sealed += gathered.len();
+            if !refused && !gathered.is_empty() {
+                if self.encode_with(|out| encrypt(&gathered, out)) {
+                    sealed += gathered.len();
+                } else {
+                    refused = true;
+                }
             }
             if gathered.capacity() > 4 * GATHER_BELOW {
                 *gathered = Vec::new();
             }
-            if sealed < taken {
+            if refused {
                 self.refused = Some(rustls::Error::EncryptError);
             }
             sealed
@@ -622,6 +663,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         client.set_nonblocking(true).unwrap();
+        // Writes in parts go out at once (Nagle would hold the second for the first's ACK).
+        client.set_nodelay(true).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         accepted.set_nonblocking(true).unwrap();
         let front = TlsFront::new(TcpStream::from_std(accepted), &server_config()).unwrap();
@@ -836,5 +879,121 @@ mod tests {
             conn.process_new_packets().unwrap_err(),
             rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac)
         );
+    }
+
+    /// A ClientHello whose header claims more than rustls accepts: the read fails, and so does
+    /// every read after it, without rustls being run again over records it gave up (it kept
+    /// offsets into them: a second run panicked on an empty buffer).
+    #[test]
+    fn a_failed_handshake_stays_failed() {
+        let (mut client, _conn, mut front) = pair();
+        client
+            .write_all(&[0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0x01, 0x00, 0x00])
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut buf = [0u8; 100];
+        for _ in 0..3 {
+            let err = front.read_plain(&mut buf).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidData, "{err}");
+        }
+        assert_eq!(
+            front.write_plain(&[IoSlice::new(b"x")]).unwrap_err().kind(),
+            ErrorKind::InvalidData
+        );
+    }
+
+    /// One TLS 1.3 record sealed with the client's traffic keys (`seq`: its sequence number).
+    fn seal(
+        secrets: &rustls::ConnectionTrafficSecrets,
+        seq: u64,
+        inner: &[u8],
+        typ: u8,
+    ) -> Vec<u8> {
+        use aws_lc_rs::aead::CHACHA20_POLY1305;
+        use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
+        use rustls::ConnectionTrafficSecrets::{Aes128Gcm, Aes256Gcm, Chacha20Poly1305};
+        let (alg, key, iv) = match secrets {
+            Aes128Gcm { key, iv } => (&AES_128_GCM, key, iv),
+            Aes256Gcm { key, iv } => (&AES_256_GCM, key, iv),
+            Chacha20Poly1305 { key, iv } => (&CHACHA20_POLY1305, key, iv),
+            _ => panic!("a cipher suite this test does not seal"),
+        };
+        let key = LessSafeKey::new(UnboundKey::new(alg, key.as_ref()).unwrap());
+        let mut nonce: [u8; 12] = iv.as_ref().try_into().unwrap();
+        for (n, s) in nonce[4..].iter_mut().zip(seq.to_be_bytes()) {
+            *n ^= s;
+        }
+        let mut data = inner.to_vec();
+        data.push(typ);
+        let len = data.len() + 16;
+        let header = [0x17, 0x03, 0x03, (len >> 8) as u8, len as u8];
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(header),
+            &mut data,
+        )
+        .unwrap();
+        let mut record = header.to_vec();
+        record.extend(data);
+        record
+    }
+
+    /// A request then, in the same read, a handshake record rustls refuses (a KeyUpdate whose
+    /// header claims 64 KiB): the request is read, then the failure is reported at the next
+    /// read, and no read runs rustls again.
+    #[test]
+    fn a_failure_after_a_request_in_the_same_read_is_reported_next() {
+        let provider = Arc::new(lb_config::certs::provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(crate::turns::AnyCertificate(provider)))
+            .with_no_client_auth();
+        config.enable_secret_extraction = true;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client.set_nonblocking(true).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        let mut front = TlsFront::new(TcpStream::from_std(accepted), &server_config()).unwrap();
+        let name = ServerName::try_from("site.example.com").unwrap();
+        let mut conn = ClientConnection::new(Arc::new(config), name).unwrap();
+        handshake(&mut client, &mut conn, &mut front);
+        let (seq, keys) = conn.dangerous_extract_secrets().unwrap().tx;
+        let mut wire = seal(&keys, seq, b"GET / HTTP/1.1\r\n\r\n", 0x17);
+        wire.extend(seal(&keys, seq + 1, &[0x18, 0x01, 0x00, 0x00], 0x16));
+        client.write_all(&wire).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut buf = [0u8; 4096];
+        let n = front.read_plain(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
+        for _ in 0..2 {
+            let err = front.read_plain(&mut buf).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidData, "{err}");
+        }
+    }
+
+    /// A client that stops in the middle of a record: the connection keeps 4 KiB for the part
+    /// it has, not a whole read buffer; the record completes when the rest comes.
+    #[test]
+    fn a_stalled_partial_record_holds_a_small_buffer() {
+        let (mut client, mut conn, mut front) = pair();
+        handshake(&mut client, &mut conn, &mut front);
+        conn.writer().write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let record = pending(&mut conn);
+        client.write_all(&record[..10]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut buf = [0u8; 4096];
+        let err = front.read_plain(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::WouldBlock);
+        assert_eq!(front.held(), PARKED);
+        client.write_all(&record[10..]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(
+            read_all(&mut front, 4096).unwrap(),
+            b"GET / HTTP/1.1\r\n\r\n"
+        );
+        assert_eq!(front.held(), 0);
     }
 }

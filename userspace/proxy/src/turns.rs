@@ -119,7 +119,7 @@ fn a_burst_of_new_connections_is_admitted_a_few_per_turn_behind_requests_in_flig
 
 /// Accepts any server certificate: the example one is self-signed.
 #[derive(Debug)]
-struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+pub(crate) struct AnyCertificate(pub(crate) Arc<rustls::crypto::CryptoProvider>);
 
 impl ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(
