@@ -996,4 +996,83 @@ mod tests {
         );
         assert_eq!(front.held(), 0);
     }
+
+    /// Reads until the front blocks, fails or ends; panics only if the front does.
+    fn read_until_stopped(front: &mut TlsFront) {
+        let mut buf = [0u8; 700];
+        for _ in 0..1000 {
+            match front.read_plain(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Never a panic, whatever bytes come: client flights (a ClientHello; after a handshake,
+    /// requests and a close_notify) with bytes flipped, cut or added, written in pieces of
+    /// random sizes, each piece read at once, for 300 seeded cases. A failed connection
+    /// stays failed.
+    #[test]
+    fn mangled_client_flights_never_panic() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |bound: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % bound as u64) as usize
+        };
+        for case in 0..300 {
+            let (mut client, mut conn, mut front) = pair();
+            let mut flight = if case % 2 == 0 {
+                pending(&mut conn)
+            } else {
+                handshake(&mut client, &mut conn, &mut front);
+                for _ in 0..1 + next(3) {
+                    conn.writer()
+                        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                        .unwrap();
+                }
+                if next(2) == 0 {
+                    conn.send_close_notify();
+                }
+                pending(&mut conn)
+            };
+            for _ in 0..1 + next(4) {
+                match next(3) {
+                    0 => {
+                        let at = next(flight.len());
+                        flight[at] ^= 1 << next(8);
+                    }
+                    1 => flight.truncate(next(flight.len() + 1)),
+                    _ => {
+                        let at = next(flight.len() + 1);
+                        let junk: Vec<u8> = (0..1 + next(40)).map(|_| next(256) as u8).collect();
+                        flight.splice(at..at, junk);
+                    }
+                }
+            }
+            let mut at = 0;
+            while at < flight.len() {
+                let n = (1 + next(600)).min(flight.len() - at);
+                if client.write_all(&flight[at..at + n]).is_err() {
+                    break;
+                }
+                at += n;
+                std::thread::sleep(std::time::Duration::from_micros(300));
+                read_until_stopped(&mut front);
+            }
+            if next(2) == 0 {
+                let _ = client.shutdown(std::net::Shutdown::Write);
+                std::thread::sleep(std::time::Duration::from_micros(300));
+            }
+            read_until_stopped(&mut front);
+            let _ = front.write_plain(&[IoSlice::new(b"HTTP/1.1 400 Bad Request\r\n\r\n")]);
+            front.shutdown_write();
+            if front.failed.is_some() {
+                let mut buf = [0u8; 10];
+                assert!(front.read_plain(&mut buf).is_err(), "case {case}");
+            }
+        }
+    }
 }
