@@ -660,6 +660,13 @@ mod tests {
 
     /// A client socket and connection, and the server's front over the accepted socket.
     fn pair() -> (std::net::TcpStream, ClientConnection, TlsFront) {
+        pair_with(client_config())
+    }
+
+    /// [`pair`] with the client's configuration.
+    fn pair_with(
+        config: Arc<rustls::ClientConfig>,
+    ) -> (std::net::TcpStream, ClientConnection, TlsFront) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         client.set_nonblocking(true).unwrap();
@@ -669,7 +676,7 @@ mod tests {
         accepted.set_nonblocking(true).unwrap();
         let front = TlsFront::new(TcpStream::from_std(accepted), &server_config()).unwrap();
         let name = ServerName::try_from("site.example.com").unwrap();
-        let conn = ClientConnection::new(client_config(), name).unwrap();
+        let conn = ClientConnection::new(config, name).unwrap();
         (client, conn, front)
     }
 
@@ -951,14 +958,7 @@ mod tests {
             .with_custom_certificate_verifier(Arc::new(crate::turns::AnyCertificate(provider)))
             .with_no_client_auth();
         config.enable_secret_extraction = true;
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        client.set_nonblocking(true).unwrap();
-        let (accepted, _) = listener.accept().unwrap();
-        accepted.set_nonblocking(true).unwrap();
-        let mut front = TlsFront::new(TcpStream::from_std(accepted), &server_config()).unwrap();
-        let name = ServerName::try_from("site.example.com").unwrap();
-        let mut conn = ClientConnection::new(Arc::new(config), name).unwrap();
+        let (mut client, mut conn, mut front) = pair_with(Arc::new(config));
         handshake(&mut client, &mut conn, &mut front);
         let (seq, keys) = conn.dangerous_extract_secrets().unwrap().tx;
         let mut wire = seal(&keys, seq, b"GET / HTTP/1.1\r\n\r\n", 0x17);
