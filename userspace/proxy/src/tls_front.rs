@@ -16,8 +16,8 @@ use crate::http::answers::PLAIN_HTTP_TO_TLS;
 use mio::net::TcpStream;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
-    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
-    WriteTraffic,
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError,
+    UnbufferedStatus, WriteTraffic,
 };
 use rustls::ServerConfig;
 use std::cell::RefCell;
@@ -281,13 +281,7 @@ impl TlsFront {
                     Some(Stop::NeedInput)
                 }
                 Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                    self.outgoing.encode_with(|out| match e.encode(out) {
-                        Ok(n) => Ok(n),
-                        Err(EncodeError::InsufficientSize(InsufficientSizeError {
-                            required_size,
-                        })) => Err(Some(required_size)),
-                        Err(_) => Err(None),
-                    });
+                    self.outgoing.encode_handshake(&mut e);
                     None
                 }
                 // The records are in `outgoing`, ahead of anything encrypted later.
@@ -339,6 +333,8 @@ impl TlsFront {
                     None
                 }
             };
+            // rustls never discards more than it was given; bounded all the same.
+            let discard = discard.min(self.in_len);
             if discard > 0 {
                 incoming.copy_within(discard..self.in_len, 0);
                 self.in_len -= discard;
@@ -370,13 +366,7 @@ impl TlsFront {
             let Ok(ConnectionState::EncodeTlsData(mut e)) = status.state else {
                 return;
             };
-            self.outgoing.encode_with(|out| match e.encode(out) {
-                Ok(n) => Ok(n),
-                Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                    Err(Some(required_size))
-                }
-                Err(_) => Err(None),
-            });
+            self.outgoing.encode_handshake(&mut e);
         }
     }
 
@@ -574,6 +564,17 @@ impl Outgoing {
                 Err(None) => return false,
             }
         }
+    }
+
+    /// Encodes the handshake (or alert) record rustls hands out.
+    fn encode_handshake(&mut self, record: &mut EncodeTlsData<'_, ServerConnectionData>) {
+        self.encode_with(|out| match record.encode(out) {
+            Ok(n) => Ok(n),
+            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                Err(Some(required_size))
+            }
+            Err(_) => Err(None),
+        });
     }
 
     /// Encrypts up to [`WRITE_LIMIT`] bytes of `bufs` with `encrypt` after the pending
