@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use crate::procs::{self, Signals};
 
 /// Everything `cargo xtask setup` installs.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     "curl",
     "wrk",
     "nginx",
@@ -30,6 +30,7 @@ pub const ALL: [&str; 14] = [
     "libcap2-bin",
     "etcd-server",
     "bird2",
+    "tcpdump",
 ];
 /// What `cargo xtask run` needs (for the curl commands it prints).
 pub const RUN: [&str; 1] = ["curl"];
@@ -90,8 +91,9 @@ pub fn httpwg() -> Result<()> {
 }
 
 /// What `cargo xtask bench` needs: the load generator and the proxies to compare with (nginx
-/// with its stream module, for TCP passthrough).
-pub const BENCH: [&str; 7] = [
+/// with its stream module, for TCP passthrough), strace (syscalls per request) and tcpdump
+/// (where a scenario's connections wait).
+pub const BENCH: [&str; 8] = [
     "curl",
     "wrk",
     "nginx",
@@ -99,6 +101,7 @@ pub const BENCH: [&str; 7] = [
     "haproxy",
     "strace",
     "nghttp2-client",
+    "tcpdump",
 ];
 
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";

@@ -16,6 +16,7 @@ mod extras;
 mod procfs;
 mod report;
 mod start;
+mod wire;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -242,6 +243,11 @@ const SCENARIOS: [Scenario; 10] = [
 /// Idle connections of the `idle8k-c50` scenario. Not 10,000: HAProxy wants about two file
 /// descriptors per `maxconn`, and the hard open-file limit here is 20,000.
 const IDLE_CONNECTIONS: u32 = 8_000;
+
+/// The scenario captured on the wire (where its connections wait: on the proxy or on wrk), and
+/// for how long.
+const WIRE_SCENARIO: &str = "https-newconn-c50";
+const WIRE_SECONDS: u64 = 3;
 
 /// The scenario whose syscalls are counted, and for how long.
 const SYSCALL_SCENARIO: &str = "keepalive-c50";
@@ -476,17 +482,69 @@ pub fn bench(signals: &Signals, args: &Args) -> Result<()> {
          under strace -c -f)"
     );
     let syscalls = count_syscalls(signals, &plan, &proxies, &mut notes)?;
+    println!(
+        "xtask bench: capturing {WIRE_SCENARIO} on the wire ({WIRE_SECONDS}s under tcpdump on lo)"
+    );
+    let wire = watch_wire(signals, &plan, &proxies, &mut notes)?;
     for proxy in &mut proxies {
         proxy.proc.stop();
     }
+    let extras = Extras { syscalls, wire };
     let results = summarize(
-        &plan, &scenarios, &proxies, &failed, &samples, &notes, &syscalls,
+        &plan, &scenarios, &proxies, &failed, &samples, &notes, &extras,
     );
     let path = plan.dir.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
     println!("\nxtask bench: results written to {}", path.display());
     Ok(())
+}
+
+/// Prints where the connections of [`WIRE_SCENARIO`] waited, and returns it as JSON.
+fn print_wire(wire: &[(ProxyKind, Wire)]) -> serde_json::Map<String, Value> {
+    let mut out = serde_json::Map::new();
+    if wire.is_empty() {
+        return out;
+    }
+    println!(
+        "  on the wire ({WIRE_SCENARIO}, {WIRE_SECONDS}s under tcpdump on lo; the proxy's answer \
+         runs from the client's last segment to the proxy's last before the client's next, wrk's \
+         reaction from there to its next segment; wrk's own p50 and p99 in the same run):"
+    );
+    for (kind, w) in wire {
+        let t = &w.times;
+        let dropped = match w.dropped {
+            Some(0) | None => String::new(),
+            Some(n) => format!(" ({n} packets dropped by the kernel)"),
+        };
+        println!(
+            "    {:<9} proxy answers p50 {:.2} p99 {:.2} ms, wrk reacts p50 {:.2} p99 {:.2} ms; \
+             connections waited {:.0}% of their time on the proxy; wrk p50 {:.2} p99 {:.2} ms; \
+             {} connections{dropped}",
+            kind.name(),
+            t.proxy.p50_ms,
+            t.proxy.p99_ms,
+            t.client.p50_ms,
+            t.client.p99_ms,
+            t.proxy_share * 100.0,
+            w.wrk_p50_ms,
+            w.wrk_p99_ms,
+            t.connections
+        );
+        out.insert(
+            kind.name().into(),
+            json!({
+                "proxy_answer_ms": { "p50": t.proxy.p50_ms, "p99": t.proxy.p99_ms, "count": t.proxy.count },
+                "client_reaction_ms": { "p50": t.client.p50_ms, "p99": t.client.p99_ms, "count": t.client.count },
+                "proxy_share_of_time": t.proxy_share,
+                "connections": t.connections,
+                "wrk_p50_ms": w.wrk_p50_ms,
+                "wrk_p99_ms": w.wrk_p99_ms,
+                "dropped_packets": w.dropped,
+            }),
+        );
+    }
+    out
 }
 
 /// The CPUs this process may run on, in order; empty when they cannot be read.
@@ -693,20 +751,98 @@ fn wrk_command(plan: &Plan, scenario: &Scenario, proxy: &Proxy, seconds: u64) ->
     if scenario.close {
         cmd.args(["-H", "Connection: close"]);
     }
-    if scenario.tls {
-        cmd.arg(format!(
-            "https://127.0.0.1:{}{}",
-            proxy.tls_port, scenario.path
-        ));
-    } else if scenario.tcp {
-        cmd.arg(format!(
-            "http://127.0.0.1:{}{}",
-            proxy.tcp_port, scenario.path
-        ));
-    } else {
-        cmd.arg(format!("http://127.0.0.1:{}{}", proxy.port, scenario.path));
-    }
+    let scheme = if scenario.tls { "https" } else { "http" };
+    cmd.arg(format!(
+        "{scheme}://127.0.0.1:{}{}",
+        client_port(scenario, proxy),
+        scenario.path
+    ));
     cmd
+}
+
+/// The proxy's listener the load generator speaks to in `scenario`.
+fn client_port(scenario: &Scenario, proxy: &Proxy) -> u16 {
+    if scenario.tls {
+        proxy.tls_port
+    } else if scenario.tcp {
+        proxy.tcp_port
+    } else {
+        proxy.port
+    }
+}
+
+/// Where the connections of [`WIRE_SCENARIO`] wait, for each proxy: a short run of its own
+/// captured by tcpdump on loopback (the proxy's listener only, headers only; tcpdump on the load
+/// generator's CPU), cut by [`wire::wire_times`] into the proxy's answers and wrk's reactions.
+/// tcpdump costs CPU: the run's own figures are not compared with the measured runs'.
+fn watch_wire(
+    signals: &Signals,
+    plan: &Plan,
+    proxies: &[Proxy],
+    notes: &mut Vec<String>,
+) -> Result<Vec<(ProxyKind, Wire)>> {
+    let Some(scenario) = SCENARIOS.iter().find(|s| s.name == WIRE_SCENARIO) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for proxy in proxies {
+        let name = proxy.kind.name();
+        let port = client_port(scenario, proxy);
+        let capture = plan.dir.join("logs").join(format!("wire-{name}.pcap"));
+        let _ = std::fs::remove_file(&capture);
+        let mut tcpdump = Command::new("tcpdump");
+        tcpdump
+            .args(["-i", "lo", "-n", "-s", "96", "-B", "32768", "-w"])
+            .arg(&capture)
+            .arg(format!("tcp port {port}"));
+        let log = plan.dir.join("logs").join(format!("tcpdump-{name}.log"));
+        // On the load generator's CPU: the proxy's answers are what is measured.
+        let mut tcpdump = Proc::spawn_logged("tcpdump", &mut tcpdump, plan.client, &log)?;
+        // tcpdump opens its socket within milliseconds; let it before the load starts.
+        std::thread::sleep(Duration::from_millis(500));
+        let run = run_wrk(signals, plan, scenario, proxy, WIRE_SECONDS)?.and_then(|output| {
+            let no_cpu = procfs::CpuTicks::default();
+            Sample::from_wrk(&output, no_cpu, procfs::ticks_per_second(), 0)
+        });
+        tcpdump.interrupt();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tcpdump.try_exited()?.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        tcpdump.stop();
+        let dropped = wire::dropped(&std::fs::read_to_string(&log).unwrap_or_default());
+        let seen = run.and_then(|wrk| {
+            let bytes = std::fs::read(&capture)
+                .with_context(|| format!("reading {}", capture.display()))?;
+            let times = wire::wire_times(&bytes, port)?;
+            Ok(Wire {
+                times,
+                wrk_p50_ms: wrk.p50_ms,
+                wrk_p99_ms: wrk.p99_ms,
+                dropped,
+            })
+        });
+        match seen {
+            Ok(wire) => out.push((proxy.kind, wire)),
+            Err(error) => notes.push(format!("{name} not captured on the wire: {error:#}")),
+        }
+    }
+    Ok(out)
+}
+
+/// One proxy's capture: where its connections waited, and what wrk said of the same run.
+struct Wire {
+    times: wire::WireTimes,
+    wrk_p50_ms: f64,
+    wrk_p99_ms: f64,
+    /// Packets the kernel dropped from the capture, as tcpdump said.
+    dropped: Option<u64>,
+}
+
+/// The figures measured in runs of their own, after the measured ones.
+struct Extras {
+    syscalls: Vec<(ProxyKind, extras::Syscalls)>,
+    wire: Vec<(ProxyKind, Wire)>,
 }
 
 /// Syscalls per request of each proxy in [`SYSCALL_SCENARIO`], in a short run of its own
@@ -806,8 +942,9 @@ fn summarize(
     failed: &[(ProxyKind, String)],
     samples: &[Vec<Vec<Sample>>],
     notes: &[String],
-    syscalls: &[(ProxyKind, extras::Syscalls)],
+    extras: &Extras,
 ) -> Value {
+    let syscalls = &extras.syscalls;
     println!(
         "\nkakehi benchmark: {} worker(s) per proxy; median of {} run(s) of {}s; proxy CPU = \
          utime+stime of its whole process tree (every worker and thread) over the run, per \
@@ -954,6 +1091,7 @@ fn summarize(
             );
         }
     }
+    let wire_json = print_wire(&extras.wire);
     let mut notes = notes.to_vec();
     for proxy in proxies.iter().filter(|p| !p.rss_per_run) {
         notes.push(format!(
@@ -1002,6 +1140,11 @@ fn summarize(
             "scenario": SYSCALL_SCENARIO,
             "seconds": SYSCALL_SECONDS,
             "proxies": syscall_json,
+        },
+        "wire": {
+            "scenario": WIRE_SCENARIO,
+            "seconds": WIRE_SECONDS,
+            "proxies": wire_json,
         },
         "notes": notes,
     })
