@@ -186,6 +186,9 @@ fn help(family: &str) -> &'static str {
         ("kakehi_worker_connections", _) => "Live client connections of each worker",
         ("kakehi_worker_buffers_in_use", _) => "I/O buffers of each worker's pool in use",
         ("kakehi_worker_buffers_max", _) => "The limit of each worker's buffer pool",
+        ("kakehi_worker_loop_turn_seconds", _) => {
+            "Turns of each worker's event loop, from the poll's return to the end of its work"
+        }
         ("kakehi_worker_restarts_total", _) => {
             "Times each worker slot was restarted after its process died"
         }

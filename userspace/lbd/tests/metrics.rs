@@ -18,7 +18,7 @@ mod scrape;
 
 use common::{curl, free_addr, lbctl_bin, run_bounded, wait_until, ClosedPort, Lbd};
 use lb_testkit::Origin;
-use scrape::{get_metrics, histogram_count, scrape, value};
+use scrape::{get_metrics, histogram_bucket, histogram_count, scrape, value};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -321,6 +321,15 @@ fn scraped_counters_equal_the_workload() {
         assert!(
             value(&m, "kakehi_worker_buffers_max", &[("worker", w)]).is_some_and(|x| x > 0.0),
             "worker {w} answered"
+        );
+        // Each worker's loop turns: it turned at least once per request it served, and turns
+        // are not each a millisecond long (the waits for events are not in them).
+        let of_worker = [("worker", w)];
+        let turns = histogram_count(&m, "kakehi_worker_loop_turn_seconds", &of_worker);
+        let quick = histogram_bucket(&m, "kakehi_worker_loop_turn_seconds", &of_worker, 0.001);
+        assert!(
+            turns.is_some_and(|t| t > 0.0) && quick.is_some_and(|q| q > 0.0),
+            "worker {w}: {turns:?} turns, {quick:?} under 1 ms"
         );
     }
 

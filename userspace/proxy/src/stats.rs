@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A fast multiplicative hasher (FxHash's) for the maps below, looked up several times per
 /// request: their keys are cluster names and addresses from the configuration, not client
@@ -224,11 +225,15 @@ struct BackendGauges {
     ejected: Gauge,
 }
 
-/// The worker's own gauges, set when the supervisor scrapes.
+/// The worker's own figures: gauges set when the supervisor scrapes, and its loop's turns.
 struct WorkerGauges {
     connections: Gauge,
     buffers_in_use: Gauge,
     buffers_max: Gauge,
+    /// How long each turn of the event loop took, from the poll's return to the end of its
+    /// work: every connection with something to do waited through the turn, so a long one is
+    /// a stall all of them paid for.
+    turns: Histogram,
 }
 
 /// Every figure of one worker.
@@ -247,6 +252,7 @@ impl Default for Stats {
             connections: gauge!("kakehi_worker_connections"),
             buffers_in_use: gauge!("kakehi_worker_buffers_in_use"),
             buffers_max: gauge!("kakehi_worker_buffers_max"),
+            turns: histogram!("kakehi_worker_loop_turn_seconds"),
         });
         Stats {
             recorder,
@@ -310,6 +316,11 @@ impl Stats {
                 backend.response_time.record(t.as_secs_f64());
             }
         }
+    }
+
+    /// One turn of the worker's event loop took `took`.
+    pub fn turn(&self, took: Duration) {
+        self.worker.turns.record(took.as_secs_f64());
     }
 
     pub fn accepted(&mut self, address: SocketAddr) {
@@ -574,6 +585,24 @@ mod tests {
         assert_eq!(
             value(&s, "kakehi_listener_connections_active", &[]),
             Some(0.0)
+        );
+    }
+
+    #[test]
+    fn loop_turns_are_counted_in_buckets() {
+        let mut stats = Stats::default();
+        for micros in [200, 900, 3_000, 40_000] {
+            stats.turn(Duration::from_micros(micros));
+        }
+        let s = stats.samples(&[], 0, (0, 0));
+        let le = |b: &str| value(&s, "kakehi_worker_loop_turn_seconds_bucket", &[("le", b)]);
+        assert_eq!(le("0.001"), Some(2.0));
+        assert_eq!(le("0.0025"), Some(2.0));
+        assert_eq!(le("0.005"), Some(3.0));
+        assert_eq!(le("0.05"), Some(4.0));
+        assert_eq!(
+            value(&s, "kakehi_worker_loop_turn_seconds_count", &[]),
+            Some(4.0)
         );
     }
 

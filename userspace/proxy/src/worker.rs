@@ -664,6 +664,7 @@ impl Worker {
         }
         self.cx.log.flush();
         self.publish_live();
+        self.cx.stats.turn(self.cx.now.elapsed());
         Ok(())
     }
 
@@ -931,5 +932,45 @@ mod tests {
         assert!(e.contains("listeners changed"), "{e}");
         // Refused: nothing changed.
         assert!(worker.cx.tcp_routes[0].lookup(None).is_some());
+    }
+
+    /// Issue 19: a stall of the loop is every busy connection's wait, so each turn's length is
+    /// kept (`kakehi_worker_loop_turn_seconds`), from the poll's return to the end of its work:
+    /// the time spent waiting for events is not in it.
+    #[test]
+    fn every_turn_of_the_loop_is_counted_without_its_wait() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let one = "{ address = \"127.0.0.1:2\" }";
+        let mut worker = Worker::new(&config("http", one), vec![(0, listener)]).unwrap();
+        let mut client = std::net::TcpStream::connect(address).unwrap();
+        std::io::Write::write_all(&mut client, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut events = Events::with_capacity(64);
+        let mut touched = Vec::new();
+        let started = Instant::now();
+        for _ in 0..5 {
+            worker
+                .turn(&mut events, &mut touched, Duration::from_millis(40))
+                .unwrap();
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let samples = worker.cx.stats.samples(&[], 0, (0, 0));
+        let value = |name: &str| {
+            samples
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.value)
+                .unwrap()
+        };
+        assert_eq!(value("kakehi_worker_loop_turn_seconds_count"), 5.0);
+        let sum = value("kakehi_worker_loop_turn_seconds_sum");
+        // The turns after the first ones waited up to 40 ms each for events that never came
+        // (the backend refuses, the client waits): at least one did, and that wait is not
+        // counted.
+        assert!(elapsed >= 0.04, "{elapsed}");
+        assert!(
+            sum > 0.0 && sum < elapsed - 0.03,
+            "turns {sum} s of {elapsed} s"
+        );
     }
 }

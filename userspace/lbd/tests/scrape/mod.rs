@@ -64,6 +64,29 @@ pub fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64
     found
 }
 
+/// The observations at most `bound` of the histograms `name` whose labels include `labels`
+/// (that bucket, summed).
+pub fn histogram_bucket(
+    scrape: &Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+    bound: f64,
+) -> Option<f64> {
+    let mut found = None;
+    for s in &scrape.samples {
+        if s.metric != name || !labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)) {
+            continue;
+        }
+        let Value::Histogram(buckets) = &s.value else {
+            continue;
+        };
+        if let Some(b) = buckets.iter().find(|b| b.less_than == bound) {
+            *found.get_or_insert(0.0) += b.count;
+        }
+    }
+    found
+}
+
 /// The observations of the histograms `name` whose labels include `labels` (their +Inf
 /// buckets, summed), after checking that each one's buckets are cumulative.
 pub fn histogram_count(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
