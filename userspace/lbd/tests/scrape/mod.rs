@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use prometheus_parse::{Scrape, Value};
+use prometheus_parse::{HistogramCount, Scrape, Value};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -64,6 +64,22 @@ pub fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64
     found
 }
 
+/// The buckets of each histogram `name` whose labels include `labels`.
+fn histograms<'a>(
+    scrape: &'a Scrape,
+    name: &'a str,
+    labels: &'a [(&str, &str)],
+) -> impl Iterator<Item = &'a [HistogramCount]> {
+    scrape.samples.iter().filter_map(move |s| match &s.value {
+        Value::Histogram(buckets)
+            if s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)) =>
+        {
+            Some(buckets.as_slice())
+        }
+        _ => None,
+    })
+}
+
 /// The observations at most `bound` of the histograms `name` whose labels include `labels`
 /// (that bucket, summed).
 pub fn histogram_bucket(
@@ -73,13 +89,7 @@ pub fn histogram_bucket(
     bound: f64,
 ) -> Option<f64> {
     let mut found = None;
-    for s in &scrape.samples {
-        if s.metric != name || !labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)) {
-            continue;
-        }
-        let Value::Histogram(buckets) = &s.value else {
-            continue;
-        };
+    for buckets in histograms(scrape, name, labels) {
         if let Some(b) = buckets.iter().find(|b| b.less_than == bound) {
             *found.get_or_insert(0.0) += b.count;
         }
@@ -91,13 +101,7 @@ pub fn histogram_bucket(
 /// buckets, summed), after checking that each one's buckets are cumulative.
 pub fn histogram_count(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let mut found = None;
-    for s in &scrape.samples {
-        if s.metric != name || !labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)) {
-            continue;
-        }
-        let Value::Histogram(buckets) = &s.value else {
-            continue;
-        };
+    for buckets in histograms(scrape, name, labels) {
         let mut last = 0.0;
         for b in buckets {
             assert!(b.count >= last, "buckets are cumulative: {buckets:?}");
